@@ -1,0 +1,55 @@
+//! The one error type: every mistake a caller can make, and every driver failure, with the
+//! offending value in the message.
+use cudarc::driver::DriverError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no CUDA driver found (libcuda could not be loaded); ferrinfer needs an NVIDIA driver for CUDA 12 or newer"
+    )]
+    NoDriver,
+    #[error("CUDA driver error while {context}: {source}")]
+    Driver { context: &'static str, source: DriverError },
+    #[error("GPU {name} has compute capability {major}.{minor}; ferrinfer needs 8.0 (Ampere) or newer")]
+    UnsupportedDevice { name: String, major: i32, minor: i32 },
+
+    #[error("page_size must be at least 1, got 0")]
+    ZeroPageSize,
+    #[error("{what} must be at least 1, got 0")]
+    ZeroDimension { what: &'static str },
+    #[error("head_dim {head_dim} of {dtype} is {bytes} bytes per row, not a multiple of 16 bytes")]
+    UnalignedHeadDim { head_dim: usize, dtype: &'static str, bytes: usize },
+    #[error("{what} = {value} exceeds the supported maximum {max}")]
+    TooLarge { what: &'static str, value: usize, max: usize },
+
+    #[error("kv_indptr has {got} entries; a batch of {batch} sequences needs {}", batch + 1)]
+    IndptrLength { got: usize, batch: usize },
+    #[error("kv_indptr is empty; it needs batch_size + 1 entries")]
+    EmptyIndptr,
+    #[error("kv_indptr[0] is {0}; it must be 0")]
+    IndptrStart(u32),
+    #[error("kv_indptr decreases at index {index}: {prev} then {next}")]
+    IndptrNotMonotone { index: usize, prev: u32, next: u32 },
+    #[error("kv_indptr ends at {end} but kv_indices has {len} entries")]
+    IndptrEnd { end: u32, len: usize },
+    #[error("kv_indices[{index}] = {page} is out of range for a cache of {num_pages} pages")]
+    PageOutOfRange { index: usize, page: u32, num_pages: usize },
+    #[error("kv_last_page_len[{seq}] = {len}: a sequence with pages needs 1..={page_size}")]
+    LastPageLen { seq: usize, len: u32, page_size: usize },
+    #[error("kv_last_page_len[{seq}] = {len} but sequence {seq} has no pages; it must be 0")]
+    LastPageLenOfEmpty { seq: usize, len: u32 },
+
+    #[error("the cache has shape {got:?} but the plan was made for {planned:?}")]
+    ShapeMismatch { planned: crate::layout::CacheShape, got: crate::layout::CacheShape },
+    #[error("{what} holds {got} elements; the shapes need {expected}")]
+    BufferLength { what: &'static str, got: usize, expected: usize },
+}
+
+impl Error {
+    /// Wraps a driver error with what ferrinfer was doing.
+    pub(crate) fn driver(context: &'static str) -> impl FnOnce(DriverError) -> Error {
+        move |source| Error::Driver { context, source }
+    }
+}

@@ -1,0 +1,137 @@
+//! The shape of a paged KV cache and where each element lives in it.
+use crate::abi::{FastDiv, PageLayout};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Order of a page's dimensions (FlashInfer's `kv_layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvLayout {
+    /// `[page][slot][head][dim]`: a token's heads are contiguous.
+    Nhd,
+    /// `[page][head][slot][dim]`: a head's tokens are contiguous.
+    Hnd,
+}
+
+/// Dimensions of one K (or V) page pool: `num_pages × page_size × num_kv_heads × head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub layout: KvLayout,
+}
+
+/// Positions, page indices and vector offsets inside a kernel are 32-bit (and run-time
+/// division is exact below 2^31), so counts that feed them stay under this.
+pub const MAX_INDEX: usize = FastDiv::MAX_DIVIDEND as usize;
+
+impl CacheShape {
+    /// Checks the dimensions for element type `dtype`: all non-zero, rows a whole number of
+    /// 16-byte vectors, and every count within the kernels' 32-bit indexing.
+    pub fn validate(&self, dtype: DType) -> Result<()> {
+        if self.page_size == 0 {
+            return Err(Error::ZeroPageSize);
+        }
+        for (what, v) in
+            [("num_pages", self.num_pages), ("num_kv_heads", self.num_kv_heads), ("head_dim", self.head_dim)]
+        {
+            if v == 0 {
+                return Err(Error::ZeroDimension { what });
+            }
+        }
+        let bytes = self.head_dim * dtype.size_bytes();
+        if !bytes.is_multiple_of(16) {
+            return Err(Error::UnalignedHeadDim { head_dim: self.head_dim, dtype: dtype.name(), bytes });
+        }
+        let checks = [
+            ("num_pages", self.num_pages),
+            ("page_size", self.page_size),
+            ("num_kv_heads × head_dim", self.num_kv_heads * self.head_dim),
+            ("page_size × num_kv_heads × head_dim", self.page_elems()),
+        ];
+        for (what, value) in checks {
+            if value > MAX_INDEX {
+                return Err(Error::TooLarge { what, value, max: MAX_INDEX });
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements in one token's `[head][dim]` row.
+    pub fn token_elems(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Elements in one page.
+    pub fn page_elems(&self) -> usize {
+        self.page_size * self.token_elems()
+    }
+
+    /// Elements in the whole pool.
+    pub fn pool_elems(&self) -> usize {
+        self.num_pages * self.page_elems()
+    }
+
+    /// Element index of `(page, slot, head, d)` in the pool.
+    pub fn element_index(&self, page: usize, slot: usize, head: usize, d: usize) -> usize {
+        let within = match self.layout {
+            KvLayout::Nhd => (slot * self.num_kv_heads + head) * self.head_dim,
+            KvLayout::Hnd => (head * self.page_size + slot) * self.head_dim,
+        };
+        page * self.page_elems() + within + d
+    }
+
+    /// The kernels' view, in 16-byte vectors of `dtype`. Call after `validate`.
+    pub(crate) fn page_layout(&self, dtype: DType) -> PageLayout {
+        let head_vecs = (self.head_dim * dtype.size_bytes() / 16) as u32;
+        let (slot_stride, head_stride) = match self.layout {
+            KvLayout::Nhd => (self.num_kv_heads as u32 * head_vecs, head_vecs),
+            KvLayout::Hnd => (head_vecs, self.page_size as u32 * head_vecs),
+        };
+        PageLayout {
+            page_stride: self.page_size as u64 * self.num_kv_heads as u64 * head_vecs as u64,
+            slot_stride,
+            head_stride,
+            page_size: FastDiv::new(self.page_size as u32),
+            head_vecs: FastDiv::new(head_vecs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_division_is_exact() {
+        let divisors = (1..=1100u32).chain([4095, 4096, 4097, 65535, 65536, 1 << 20, (1 << 31) - 1]);
+        for d in divisors {
+            let f = FastDiv::new(d);
+            let dividends = (0..3000u32).chain([d - 1, d, d + 1, 2 * d + 1, MAX_INDEX as u32, MAX_INDEX as u32 - 1]);
+            for n in dividends.filter(|&n| n <= FastDiv::MAX_DIVIDEND) {
+                assert_eq!(f.divmod(n), (n / d, n % d), "{n} / {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn vector_layout_matches_element_index() {
+        for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+            let s = CacheShape { num_pages: 3, page_size: 5, num_kv_heads: 2, head_dim: 16, layout };
+            let p = s.page_layout(DType::F16); // 2 vectors per head row
+            for (page, slot, head, vec) in [(0, 0, 0, 0), (2, 4, 1, 1), (1, 3, 0, 1)] {
+                let v =
+                    p.page_stride as usize * page + p.slot_stride as usize * slot + p.head_stride as usize * head + vec;
+                assert_eq!(v * 8, s.element_index(page, slot, head, vec * 8), "{layout:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_rows_that_are_not_whole_vectors() {
+        let s = CacheShape { num_pages: 1, page_size: 1, num_kv_heads: 1, head_dim: 12, layout: KvLayout::Nhd };
+        assert!(matches!(s.validate(DType::F16), Err(Error::UnalignedHeadDim { head_dim: 12, .. })));
+        assert!(s.validate(DType::F32).is_ok());
+    }
+}

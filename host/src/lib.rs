@@ -1,0 +1,32 @@
+//! ferrinfer: FlashInfer-class attention kernels over a paged KV cache, for Rust inference
+//! stacks. Kernels are Rust compiled to PTX (embedded in this crate); the host side runs them
+//! through the CUDA driver API via cudarc, loaded at run time, so building needs no CUDA.
+//!
+//! Every kernel takes `page_size` at run time, any value from 1 up, and every page table is
+//! validated on the host before a launch: a malformed table is an [`Error`], never an
+//! out-of-bounds access on the GPU.
+//!
+//! Layers, from the bottom: [`abi`] (the parameter blocks shared with the kernels), [`device`]
+//! (context, module, streams, launches), then the typed, validated API: [`PageTable`],
+//! [`PagedKvCache`] and its operations. [`reference`] is the CPU reference every kernel is
+//! tested against.
+
+pub mod abi;
+pub mod cache;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod page_copy;
+pub use page_copy::PagedCopyPlan;
+pub mod page_table;
+mod ptx;
+pub mod reference;
+
+pub use cache::PagedKvCache;
+pub use device::Device;
+pub use dtype::{DType, KvDType};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};
+pub use layout::{CacheShape, KvLayout};
+pub use page_table::PageTable;

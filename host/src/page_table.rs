@@ -1,0 +1,181 @@
+//! A batch's page table in FlashInfer's format, validated before anything reaches the GPU.
+use crate::error::{Error, Result};
+use crate::layout::MAX_INDEX;
+
+/// Sequence `i` of the batch holds pages `kv_indices[kv_indptr[i]..kv_indptr[i + 1]]`, in
+/// order; its last page holds `kv_last_page_len[i]` tokens, so
+/// `kv_len = (pages − 1) · page_size + last_page_len`. An empty sequence has no pages and a
+/// `last_page_len` of 0. The same page may appear in several sequences (a shared prefix).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageTable {
+    pub kv_indptr: Vec<u32>,
+    pub kv_indices: Vec<u32>,
+    pub kv_last_page_len: Vec<u32>,
+}
+
+impl PageTable {
+    pub fn batch_size(&self) -> usize {
+        self.kv_last_page_len.len()
+    }
+
+    /// Checks the table against a cache of `num_pages` pages of `page_size` tokens. After this,
+    /// every position `< kv_len(i)` of every sequence maps to a slot inside the pool.
+    pub fn validate(&self, page_size: usize, num_pages: usize) -> Result<()> {
+        if page_size == 0 {
+            return Err(Error::ZeroPageSize);
+        }
+        let batch = self.kv_last_page_len.len();
+        if self.kv_indptr.is_empty() {
+            return Err(Error::EmptyIndptr);
+        }
+        if self.kv_indptr.len() != batch + 1 {
+            return Err(Error::IndptrLength { got: self.kv_indptr.len(), batch });
+        }
+        if self.kv_indptr[0] != 0 {
+            return Err(Error::IndptrStart(self.kv_indptr[0]));
+        }
+        for (index, w) in self.kv_indptr.windows(2).enumerate() {
+            if w[1] < w[0] {
+                return Err(Error::IndptrNotMonotone { index: index + 1, prev: w[0], next: w[1] });
+            }
+        }
+        let end = self.kv_indptr[batch];
+        if end as usize != self.kv_indices.len() {
+            return Err(Error::IndptrEnd { end, len: self.kv_indices.len() });
+        }
+        if let Some((index, &page)) = self.kv_indices.iter().enumerate().find(|(_, &p)| p as usize >= num_pages) {
+            return Err(Error::PageOutOfRange { index, page, num_pages });
+        }
+        for (seq, &len) in self.kv_last_page_len.iter().enumerate() {
+            let pages = self.kv_indptr[seq + 1] - self.kv_indptr[seq];
+            if pages == 0 && len != 0 {
+                return Err(Error::LastPageLenOfEmpty { seq, len });
+            }
+            if pages > 0 && (len == 0 || len as usize > page_size) {
+                return Err(Error::LastPageLen { seq, len, page_size });
+            }
+            let kv_len = self.kv_len_unchecked(seq, page_size);
+            if kv_len > MAX_INDEX {
+                return Err(Error::TooLarge { what: "kv_len", value: kv_len, max: MAX_INDEX });
+            }
+        }
+        let total = self.total_tokens_unchecked(page_size);
+        if total > MAX_INDEX {
+            return Err(Error::TooLarge { what: "total tokens in the batch", value: total, max: MAX_INDEX });
+        }
+        Ok(())
+    }
+
+    fn kv_len_unchecked(&self, seq: usize, page_size: usize) -> usize {
+        let pages = (self.kv_indptr[seq + 1] - self.kv_indptr[seq]) as usize;
+        match pages {
+            0 => 0,
+            n => (n - 1) * page_size + self.kv_last_page_len[seq] as usize,
+        }
+    }
+
+    fn total_tokens_unchecked(&self, page_size: usize) -> usize {
+        (0..self.batch_size()).map(|s| self.kv_len_unchecked(s, page_size)).sum()
+    }
+
+    /// Tokens in each sequence. Call on a validated table.
+    pub fn kv_lens(&self, page_size: usize) -> Vec<usize> {
+        (0..self.batch_size()).map(|s| self.kv_len_unchecked(s, page_size)).collect()
+    }
+
+    /// Ragged row offsets of the batch's tokens laid end to end (`batch + 1` entries; FlashInfer's
+    /// `kv_indptr` of a ragged KV tensor). Call on a validated table.
+    pub fn token_indptr(&self, page_size: usize) -> Vec<u32> {
+        std::iter::once(0)
+            .chain(self.kv_lens(page_size).into_iter().scan(0u32, |acc, n| {
+                *acc += n as u32;
+                Some(*acc)
+            }))
+            .collect()
+    }
+
+    /// The page and slot of position `pos` of sequence `seq`.
+    pub fn locate(&self, seq: usize, pos: usize, page_size: usize) -> (usize, usize) {
+        let page = self.kv_indices[self.kv_indptr[seq] as usize + pos / page_size] as usize;
+        (page, pos % page_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(indptr: &[u32], indices: &[u32], last: &[u32]) -> PageTable {
+        PageTable { kv_indptr: indptr.into(), kv_indices: indices.into(), kv_last_page_len: last.into() }
+    }
+
+    #[test]
+    fn accepts_shared_pages_and_empty_sequences() {
+        let t = table(&[0, 2, 2, 4], &[3, 1, 3, 0], &[5, 0, 1]);
+        t.validate(7, 4).unwrap();
+        assert_eq!(t.kv_lens(7), vec![12, 0, 8]);
+        assert_eq!(t.token_indptr(7), vec![0, 12, 12, 20]);
+        assert_eq!(t.locate(2, 7, 7), (0, 0));
+    }
+
+    #[test]
+    fn rejects_zero_page_size() {
+        assert!(matches!(table(&[0], &[], &[]).validate(0, 1), Err(Error::ZeroPageSize)));
+    }
+
+    #[test]
+    fn rejects_empty_indptr() {
+        assert!(matches!(table(&[], &[], &[]).validate(1, 1), Err(Error::EmptyIndptr)));
+    }
+
+    #[test]
+    fn rejects_indptr_of_wrong_length() {
+        let e = table(&[0, 1], &[0], &[1, 1]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::IndptrLength { got: 2, batch: 2 }), "{e}");
+    }
+
+    #[test]
+    fn rejects_indptr_not_starting_at_zero() {
+        let e = table(&[1, 2], &[0, 0], &[1]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::IndptrStart(1)), "{e}");
+    }
+
+    #[test]
+    fn rejects_decreasing_indptr() {
+        let e = table(&[0, 2, 1], &[0, 0], &[1, 1]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::IndptrNotMonotone { index: 2, prev: 2, next: 1 }), "{e}");
+    }
+
+    #[test]
+    fn rejects_indptr_end_not_matching_indices() {
+        let e = table(&[0, 1], &[0, 0], &[1]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::IndptrEnd { end: 1, len: 2 }), "{e}");
+    }
+
+    #[test]
+    fn rejects_page_index_out_of_range() {
+        let e = table(&[0, 2], &[0, 9], &[1]).validate(4, 9).unwrap_err();
+        assert!(matches!(e, Error::PageOutOfRange { index: 1, page: 9, num_pages: 9 }), "{e}");
+        assert!(e.to_string().contains("kv_indices[1] = 9"));
+    }
+
+    #[test]
+    fn rejects_last_page_len_zero_or_over_page_size() {
+        let zero = table(&[0, 1], &[0], &[0]).validate(4, 1).unwrap_err();
+        assert!(matches!(zero, Error::LastPageLen { seq: 0, len: 0, page_size: 4 }), "{zero}");
+        let over = table(&[0, 1], &[0], &[5]).validate(4, 1).unwrap_err();
+        assert!(matches!(over, Error::LastPageLen { seq: 0, len: 5, page_size: 4 }), "{over}");
+    }
+
+    #[test]
+    fn rejects_last_page_len_of_empty_sequence() {
+        let e = table(&[0, 0], &[], &[3]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::LastPageLenOfEmpty { seq: 0, len: 3 }), "{e}");
+    }
+
+    #[test]
+    fn rejects_last_page_len_length_mismatch_as_indptr_length() {
+        let e = table(&[0, 1, 2], &[0, 0], &[1]).validate(4, 1).unwrap_err();
+        assert!(matches!(e, Error::IndptrLength { got: 3, batch: 1 }), "{e}");
+    }
+}

@@ -1,0 +1,36 @@
+//! f16/bf16 ⇄ f32 through PTX `cvt` (core has no half types on this target: values travel as
+//! their bit patterns in `u16`).
+use core::arch::asm;
+
+#[inline(always)]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let r: f32;
+    // SAFETY: pure register conversion.
+    unsafe { asm!("cvt.f32.f16 {r}, {h};", r = out(reg32) r, h = in(reg16) bits, options(pure, nomem, nostack)) }
+    r
+}
+
+/// Round to nearest even.
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    let r: u16;
+    // SAFETY: pure register conversion.
+    unsafe { asm!("cvt.rn.f16.f32 {r}, {x};", r = out(reg16) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// bf16 is the top half of an f32, so widening is exact and needs no `cvt` (whose bf16 source
+/// form requires sm_90).
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Round to nearest even (`cvt.rn.bf16.f32`, sm_80+).
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let r: u16;
+    // SAFETY: pure register conversion.
+    unsafe { asm!("cvt.rn.bf16.f32 {r}, {x};", r = out(reg16) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}

@@ -1,0 +1,30 @@
+//! Fast transcendentals from the special-function unit (core has none for this target).
+//! Flush-to-zero approximations, ~2 ulp: the online softmax accumulates in f32 and tolerates it.
+use core::arch::asm;
+
+/// 2^x.
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure register arithmetic.
+    unsafe { asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// log2(x).
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure register arithmetic.
+    unsafe { asm!("lg2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// 1/x.
+#[inline(always)]
+pub fn rcp(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure register arithmetic.
+    unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}

@@ -1,0 +1,52 @@
+//! Warp shuffles and reductions over all 32 lanes.
+use core::arch::asm;
+
+const FULL_MASK: u32 = 0xffff_ffff;
+
+/// Value of `x` held by lane `lane ^ mask`.
+#[inline(always)]
+pub fn shfl_xor_f32(x: f32, mask: u32) -> f32 {
+    let r: f32;
+    // SAFETY: all 32 lanes execute the shuffle (full member mask).
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {r}, {x}, {m}, 31, {full};",
+             r = out(reg32) r, x = in(reg32) x, m = in(reg32) mask, full = in(reg32) FULL_MASK,
+             options(pure, nomem, nostack))
+    }
+    r
+}
+
+/// Value of `x` held by lane `src`.
+#[inline(always)]
+pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {
+    let r: u32;
+    // SAFETY: all 32 lanes execute the shuffle (full member mask).
+    unsafe {
+        asm!("shfl.sync.idx.b32 {r}, {x}, {s}, 31, {full};",
+             r = out(reg32) r, x = in(reg32) x, s = in(reg32) src, full = in(reg32) FULL_MASK,
+             options(pure, nomem, nostack))
+    }
+    r
+}
+
+/// Sum over the warp; every lane gets the result.
+#[inline(always)]
+pub fn reduce_sum_f32(mut x: f32) -> f32 {
+    let mut mask = 16;
+    while mask > 0 {
+        x += shfl_xor_f32(x, mask);
+        mask /= 2;
+    }
+    x
+}
+
+/// Maximum over the warp; every lane gets the result.
+#[inline(always)]
+pub fn reduce_max_f32(mut x: f32) -> f32 {
+    let mut mask = 16;
+    while mask > 0 {
+        x = x.max(shfl_xor_f32(x, mask));
+        mask /= 2;
+    }
+    x
+}

@@ -1,0 +1,23 @@
+//! ferrinfer's GPU kernels, compiled to PTX for `nvptx64-nvidia-cuda` by `cargo xtask build-kernels`.
+//!
+//! `gpu` holds the device helpers every kernel shares (the role `cuda_std` plays in rust-cuda);
+//! each algorithm has its own file; `abi` (owned by the host crate) defines the parameter
+//! blocks both sides agree on.
+#![no_std]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)]
+#![allow(clippy::missing_safety_doc)]
+
+pub mod gpu;
+pub mod paged;
+
+#[path = "../../host/src/abi.rs"]
+pub mod abi;
+
+pub mod page_copy;
+
+/// A kernel that panics has a bug the host checks should have caught: stop the grid loudly
+/// (the launch returns an error) instead of writing garbage.
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    gpu::trap()
+}

@@ -1,0 +1,5 @@
+//! Shared pieces of ferrinfer's GPU tests and benchmark: the GPU test harness, random paged
+//! workloads, and comparisons against the CPU reference.
+
+pub mod harness;
+pub mod workload;

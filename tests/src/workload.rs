@@ -1,0 +1,61 @@
+//! Random paged workloads: sequences of given lengths on pages drawn from a shuffled pool,
+//! random element values, and bitwise comparison helpers.
+use ferrinfer::{CacheShape, KvDType, PageTable};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Pages needed for `kv_lens` at `page_size`.
+pub fn pages_needed(kv_lens: &[usize], page_size: usize) -> usize {
+    kv_lens.iter().map(|n| n.div_ceil(page_size)).sum()
+}
+
+/// A page table for sequences of `kv_lens` tokens whose pages are a random permutation of a
+/// pool of `num_pages` pages (so pages are scattered and out of order).
+pub fn random_table(rng: &mut impl Rng, kv_lens: &[usize], page_size: usize, num_pages: usize) -> PageTable {
+    let mut pool: Vec<u32> = (0..num_pages as u32).collect();
+    pool.shuffle(rng);
+    let mut table = PageTable { kv_indptr: vec![0], ..Default::default() };
+    let mut next = pool.into_iter();
+    for &len in kv_lens {
+        let pages = len.div_ceil(page_size);
+        table.kv_indices.extend(next.by_ref().take(pages));
+        table.kv_indptr.push(table.kv_indices.len() as u32);
+        table.kv_last_page_len.push(if len == 0 { 0 } else { (len - 1) % page_size + 1 } as u32);
+    }
+    assert_eq!(table.kv_indices.len(), pages_needed(kv_lens, page_size), "pool of {num_pages} pages too small");
+    table
+}
+
+/// Uniform values in [-1, 1) of any element type.
+pub fn random_values<T: KvDType>(rng: &mut impl Rng, n: usize) -> Vec<T> {
+    (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
+}
+
+/// A value no random input produces (NaN), written into outputs before a kernel runs so that
+/// an element the kernel skipped cannot match the reference.
+pub fn poison<T: KvDType>() -> T {
+    T::from_f64(f64::NAN)
+}
+
+/// Index and values of the first element where `got` and `want` differ bit for bit (through
+/// f64, which represents every f16/bf16/f32 value exactly, signed zeros included).
+pub fn first_bitwise_mismatch<T: KvDType>(got: &[T], want: &[T]) -> Option<(usize, T, T)> {
+    let bits = |x: T| x.to_f64().to_bits();
+    got.iter().zip(want).enumerate().find(|(_, (g, w))| bits(**g) != bits(**w)).map(|(i, (g, w))| (i, *g, *w))
+}
+
+/// A cache shape sized for `kv_lens` plus some unused pages.
+pub fn shape_for(
+    kv_lens: &[usize],
+    page_size: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    layout: ferrinfer::KvLayout,
+) -> CacheShape {
+    CacheShape { num_pages: pages_needed(kv_lens, page_size) + 3, page_size, num_kv_heads, head_dim, layout }
+}

@@ -1,0 +1,75 @@
+//! `cargo xtask gpu-bundle`: the GPU tests and the benchmark, built in release mode, with the
+//! PTX and a run script, in one folder that runs on a GPU machine with an NVIDIA driver and no
+//! Rust toolchain.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::workspace_root;
+
+const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
+const MAX_BUNDLE_BYTES: u64 = 60 << 20;
+
+/// Builds with `cargo <args> --message-format=json` and returns the executables it produced.
+fn build_executables(args: &[&str]) -> crate::Result<Vec<PathBuf>> {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(args)
+        .args(["--release", "--message-format=json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cargo {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo {args:?} failed"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| m.get("executable")?.as_str().map(PathBuf::from))
+        .collect())
+}
+
+fn copy(from: &Path, to: &Path) -> crate::Result {
+    std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("copy {} → {}: {e}", from.display(), to.display()))
+}
+
+pub fn build(out: &Path) -> crate::Result {
+    let root = workspace_root();
+    let out = if out.is_absolute() { out.to_path_buf() } else { root.join(out) };
+    let tests = build_executables(&["test", "-p", "ferrinfer-tests", "--test", "gpu", "--no-run"])?;
+    let bench = build_executables(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench"])?;
+    let (Some(tests), Some(bench)) = (tests.first(), bench.first()) else {
+        return Err("cargo produced no test or bench executable".into());
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    std::fs::create_dir_all(out.join("ptx")).map_err(|e| format!("{}: {e}", out.display()))?;
+    copy(tests, &out.join("gpu-tests"))?;
+    copy(bench, &out.join("ferrinfer-bench"))?;
+    for (_, file) in crate::source_hash::TARGETS {
+        copy(&root.join("host/ptx").join(file), &out.join("ptx").join(file))?;
+    }
+    let script = out.join("run.sh");
+    std::fs::write(&script, RUN_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    }
+    let size: u64 = std::fs::read_dir(&out)
+        .map_err(|e| e.to_string())?
+        .chain(std::fs::read_dir(out.join("ptx")).map_err(|e| e.to_string())?)
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    if size > MAX_BUNDLE_BYTES {
+        return Err(format!("bundle is {size} bytes, over the {MAX_BUNDLE_BYTES}-byte limit"));
+    }
+    eprintln!(
+        "bundle: {} ({:.1} MiB); on a GPU machine run {}/run.sh",
+        out.display(),
+        size as f64 / 1048576.0,
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# ferrinfer GPU bundle: runs every GPU test against the CPU reference, then (optionally) the
+# benchmark. Needs an NVIDIA driver (CUDA 12+) and an sm_80+ GPU; no Rust toolchain.
+#
+#   ./run.sh                         GPU tests
+#   ./run.sh --sanitize memcheck     GPU tests under compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
+#   ./run.sh --bench [ARGS...]       GPU tests, then ferrinfer-bench ARGS
+#   ./run.sh --filter NAME           only tests whose name contains NAME
+#
+# The last line is always "N passed, N failed".
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+tool="" filter="" bench=0 bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sanitize) tool="$2"; shift 2 ;;
+    --filter) filter="$2"; shift 2 ;;
+    --bench) bench=1; shift; bench_args=("$@"); break ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+cmd=("$here/gpu-tests" --test-threads=1)
+[ -n "$filter" ] && cmd+=("$filter")
+if [ -n "$tool" ]; then
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
+  [ -n "$sanitizer" ] || { echo "compute-sanitizer not found"; echo "0 passed, 1 failed"; exit 1; }
+  cmd=("$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 20 "${cmd[@]}")
+fi
+
+log=$(mktemp)
+"${cmd[@]}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+summary=$(grep -E '^test result:' "$log" | tail -n1)
+passed=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")
+failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")
+ignored=$(sed -nE 's/.* ([0-9]+) ignored.*/\1/p' <<<"$summary")
+passed=${passed:-0} failed=${failed:-0} ignored=${ignored:-0}
+if [ "$status" -eq 86 ]; then
+  echo "compute-sanitizer ($tool) reported errors"; failed=$((failed + 1))
+elif [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  echo "gpu-tests exited with status $status"; failed=$((failed + 1))
+fi
+if [ "$ignored" -gt 0 ]; then
+  echo "$ignored GPU tests were skipped (see the reason above): they did not run"; failed=$((failed + ignored))
+fi
+rm -f "$log"
+
+if [ "$bench" -eq 1 ]; then
+  "$here/ferrinfer-bench" "${bench_args[@]}" || { echo "ferrinfer-bench failed"; failed=$((failed + 1)); }
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,91 @@
+//! Developer chores for ferrinfer: `cargo xtask <command>`.
+//!
+//! `build-kernels` turns the `kernels-gpu` crate into committed PTX (one module per target
+//! architecture), `gpu-bundle` packs the GPU tests and benchmark for a GPU runner, `demo` runs
+//! the main job.
+
+mod bundle;
+mod kernels;
+mod ptxas;
+mod source_hash;
+mod toolchain;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ferrinfer developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compile kernels-gpu to PTX for every target, assemble it with ptxas and write host/ptx/.
+    BuildKernels {
+        /// Rebuild into a scratch folder and fail unless it equals the committed PTX.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Assemble the committed PTX with ptxas and print each kernel's resources.
+    Ptxas,
+    /// Build the GPU tests and benchmark (release) into a folder that runs on a GPU machine.
+    GpuBundle {
+        #[arg(long, default_value = "bundle")]
+        out: PathBuf,
+    },
+    /// The main job: run the kernels on a generated paged workload (the CPU reference where
+    /// there is no GPU). Arguments go to the benchmark binary.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+pub type Result<T = ()> = std::result::Result<T, String>;
+
+/// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
+pub fn run(cmd: &mut Command) -> Result {
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+fn main() -> ExitCode {
+    // rustc runs us as the nvptx "linker": see kernels::link_shim.
+    if std::env::var_os(kernels::LINK_SHIM_ENV).is_some() {
+        return report(kernels::link_shim(std::env::args().skip(1).collect()));
+    }
+    let cli = Cli::parse();
+    report(match cli.command {
+        Cmd::BuildKernels { check } => kernels::build(check),
+        Cmd::Ptxas => ptxas::assemble_committed().map(|_| ()),
+        Cmd::GpuBundle { out } => bundle::build(&out),
+        Cmd::Demo { args } => run(Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["run", "--quiet", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
+            .args(args)),
+    })
+}
+
+fn report(r: Result) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

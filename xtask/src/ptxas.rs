@@ -1,0 +1,167 @@
+//! Assembling PTX with NVIDIA's `ptxas`, which needs no GPU. It catches what rustc cannot
+//! (unresolved symbols, invalid PTX) and reports each kernel's registers, shared memory, stack
+//! frame and spills. A stack frame or spill fails the build unless
+//! `kernels-gpu/ptxas-allowance.txt` allows it.
+//!
+//! ptxas comes from `FERRINFER_PTXAS`, else the copy xtask installs under `target/tools/` from
+//! PyPI's `nvidia-cuda-nvcc-cu12` (pinned), else `ptxas` on PATH.
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::source_hash::TARGETS;
+use crate::{run, workspace_root};
+
+const NVCC_WHEEL: &str = "nvidia-cuda-nvcc-cu12==12.9.86";
+const ALLOWANCE: &str = "kernels-gpu/ptxas-allowance.txt";
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub smem_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_bytes: u32,
+}
+
+fn tools_dir() -> PathBuf {
+    workspace_root().join("target/tools")
+}
+
+fn find_or_install() -> crate::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRINFER_PTXAS") {
+        return Ok(p.into());
+    }
+    let dir = tools_dir().join("nvcc");
+    let local = dir.join("nvidia/cuda_nvcc/bin/ptxas");
+    if local.exists() {
+        return Ok(local);
+    }
+    if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok("ptxas".into());
+    }
+    eprintln!("installing ptxas ({NVCC_WHEEL} from PyPI) into {}", dir.display());
+    let wheels = tools_dir().join("wheels");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d"])
+        .arg(&wheels)
+        .arg(NVCC_WHEEL))
+    .map_err(|e| format!("{e}\nptxas needs python3 with pip and access to PyPI, or FERRINFER_PTXAS"))?;
+    // A wheel is a zip; take ptxas alone out of it with Python's zipfile (no unzip needed).
+    let extract = "import sys, zipfile, glob, os\n\
+        w = glob.glob(os.path.join(sys.argv[1], 'nvidia_cuda_nvcc_cu12-*.whl'))[0]\n\
+        zipfile.ZipFile(w).extract('nvidia/cuda_nvcc/bin/ptxas', sys.argv[2])\n\
+        os.chmod(os.path.join(sys.argv[2], 'nvidia/cuda_nvcc/bin/ptxas'), 0o755)\n";
+    run(Command::new("python3").args(["-c", extract]).arg(&wheels).arg(&dir))?;
+    Ok(local)
+}
+
+/// Parses `ptxas -v` output into one record per kernel.
+pub fn parse_report(text: &str) -> Vec<KernelResources> {
+    let number_before = |line: &str, unit: &str| -> u32 {
+        line.split(',')
+            .find_map(|part| part.trim().strip_suffix(unit).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
+            .unwrap_or(0)
+    };
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources { kernel, ..Default::default() });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_bytes = number_before(line, "bytes stack frame");
+                k.spill_bytes = number_before(line, "bytes spill stores") + number_before(line, "bytes spill loads");
+            } else if line.contains("Used ") && line.contains("registers") {
+                k.registers = line.split("Used ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
+                k.smem_bytes = number_before(line, "bytes smem");
+            }
+        }
+    }
+    out
+}
+
+/// Allowance lines: `<arch> <kernel> stack=<bytes> spill=<bytes>`; `#` starts a comment.
+fn allowance(arch: &str, kernel: &str) -> (u32, u32) {
+    let text = std::fs::read_to_string(workspace_root().join(ALLOWANCE)).unwrap_or_default();
+    let mut allowed = (0, 0);
+    for line in text.lines().map(|l| l.split('#').next().unwrap_or("")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 4 && f[0] == arch && f[1] == kernel {
+            let val = |s: &str, key: &str| s.strip_prefix(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+            allowed = (val(f[2], "stack="), val(f[3], "spill="));
+        }
+    }
+    allowed
+}
+
+/// Assembles each `(arch, ptx file)`, prints the resource table and enforces the allowance.
+pub fn assemble(files: &[(String, PathBuf)]) -> crate::Result<Vec<(String, KernelResources)>> {
+    let ptxas = find_or_install()?;
+    let mut all = Vec::new();
+    let mut problems = Vec::new();
+    println!("{:<8} {:<32} {:>5} {:>10} {:>7} {:>7}", "arch", "kernel", "regs", "smem(B)", "stack", "spill");
+    for (arch, ptx) in files {
+        let out = Command::new(&ptxas)
+            .args(["-v", "-O3", &format!("-arch={arch}"), "-o"])
+            .arg(tools_dir().join(format!("{arch}.cubin")))
+            .arg(ptx)
+            .output()
+            .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
+        let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!("ptxas rejected {} for {arch}:\n{text}", ptx.display()));
+        }
+        let kernels = parse_report(&text);
+        if kernels.is_empty() {
+            return Err(format!("ptxas reported no kernels for {}:\n{text}", ptx.display()));
+        }
+        for k in kernels {
+            println!(
+                "{:<8} {:<32} {:>5} {:>10} {:>7} {:>7}",
+                arch, k.kernel, k.registers, k.smem_bytes, k.stack_bytes, k.spill_bytes
+            );
+            let (stack, spill) = allowance(arch, &k.kernel);
+            if k.stack_bytes > stack || k.spill_bytes > spill {
+                problems.push(format!(
+                    "{arch} {}: {} B stack, {} B spills (allowed {stack}, {spill} in {ALLOWANCE})",
+                    k.kernel, k.stack_bytes, k.spill_bytes
+                ));
+            }
+            all.push((arch.clone(), k));
+        }
+    }
+    if problems.is_empty() {
+        Ok(all)
+    } else {
+        Err(format!("unexpected stack frames or spills:\n  {}", problems.join("\n  ")))
+    }
+}
+
+pub fn assemble_committed() -> crate::Result<Vec<(String, KernelResources)>> {
+    let dir = workspace_root().join("host/ptx");
+    let files: Vec<_> = TARGETS.iter().map(|(arch, file)| (arch.to_string(), dir.join(file))).collect();
+    assemble(&files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_verbose_report() {
+        let text = "ptxas info    : Compiling entry function 'paged_kv_gather' for 'sm_90'\n\
+            ptxas info    : Function properties for paged_kv_gather\n\
+            \x20   16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+            ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem\n";
+        assert_eq!(
+            parse_report(text),
+            vec![KernelResources {
+                kernel: "paged_kv_gather".into(),
+                registers: 40,
+                smem_bytes: 2048,
+                stack_bytes: 16,
+                spill_bytes: 12
+            }]
+        );
+    }
+}
