@@ -87,3 +87,19 @@ pub struct PagedCopyParams {
     /// Rows per block; the block's dynamic shared memory holds one `u64` per row.
     pub rows_per_block: u32,
 }
+
+/// Exercises the device helpers (`kernels-gpu/src/gpu`) so tests can compare them with the
+/// host: thread `i` reads `input[i]` and writes `HELPER_OUTPUTS` values at `output[i * 10..]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HelperCheckParams {
+    /// `*const f32`, one entry per thread.
+    pub input: u64,
+    /// `*mut f32`, `HELPER_OUTPUTS` entries per thread.
+    pub output: u64,
+    pub divisor: FastDiv,
+}
+
+/// Per input: exp2, log2(|x| + 1), rcp, f16 round trip, bf16 round trip, warp sum, warp max,
+/// the value of lane `lane ^ 5`, `(i · 7919) / divisor` and its remainder.
+pub const HELPER_OUTPUTS: usize = 10;

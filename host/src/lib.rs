@@ -22,6 +22,7 @@ pub use page_copy::PagedCopyPlan;
 pub mod page_table;
 mod ptx;
 pub mod reference;
+pub mod selftest;
 
 pub use cache::PagedKvCache;
 pub use device::Device;

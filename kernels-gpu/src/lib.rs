@@ -13,6 +13,7 @@ pub mod paged;
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
 
+pub mod helper_check;
 pub mod page_copy;
 
 /// A kernel that panics has a bug the host checks should have caught: stop the grid loudly

@@ -91,6 +91,16 @@ pub fn build(check: bool) -> crate::Result {
         for (arch, file) in TARGETS {
             let fresh = std::fs::read_to_string(scratch.join(file)).map_err(|e| e.to_string())?;
             let committed = std::fs::read_to_string(ptx_dir.join(file)).unwrap_or_default();
+            let toolchain = |ptx: &str| ptx.lines().find(|l| l.starts_with("// toolchain:")).unwrap_or("").to_string();
+            if toolchain(&fresh) != toolchain(&committed) {
+                return Err(format!(
+                    "host/ptx/{file} was built by a different kernel toolchain ({:?}; this check used \
+                     {:?}); PTX is compared only between builds of one toolchain: rebuild with that one \
+                     (FERRINFER_KERNEL_RUSTC) or commit a rebuild",
+                    toolchain(&committed),
+                    toolchain(&fresh)
+                ));
+            }
             if fresh != committed {
                 return Err(format!(
                     "host/ptx/{file} ({arch}) differs from a fresh build (see {}): run `cargo xtask \
