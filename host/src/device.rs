@@ -11,6 +11,7 @@ use crate::ptx;
 /// Every kernel entry point in the PTX module.
 pub(crate) struct Kernels {
     pub paged_kv_gather: CudaFunction,
+    pub paged_kv_scatter: CudaFunction,
     pub helper_check: CudaFunction,
 }
 
@@ -44,8 +45,11 @@ impl Device {
         })?;
         let module = ctx.load_module(Ptx::from_src(ptx)).map_err(Error::driver("loading the PTX module"))?;
         let function = |n: &str| module.load_function(n).map_err(Error::driver("looking up a kernel"));
-        let kernels =
-            Kernels { paged_kv_gather: function("paged_kv_gather")?, helper_check: function("helper_check")? };
+        let kernels = Kernels {
+            paged_kv_gather: function("paged_kv_gather")?,
+            paged_kv_scatter: function("paged_kv_scatter")?,
+            helper_check: function("helper_check")?,
+        };
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
         Ok(Device { ctx, stream, name, compute_capability: (major, minor), kernels })

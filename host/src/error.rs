@@ -24,14 +24,14 @@ pub enum Error {
     #[error("{what} = {value} exceeds the supported maximum {max}")]
     TooLarge { what: &'static str, value: usize, max: usize },
 
-    #[error("kv_indptr has {got} entries; a batch of {batch} sequences needs {}", batch + 1)]
-    IndptrLength { got: usize, batch: usize },
-    #[error("kv_indptr is empty; it needs batch_size + 1 entries")]
-    EmptyIndptr,
-    #[error("kv_indptr[0] is {0}; it must be 0")]
-    IndptrStart(u32),
-    #[error("kv_indptr decreases at index {index}: {prev} then {next}")]
-    IndptrNotMonotone { index: usize, prev: u32, next: u32 },
+    #[error("{what} has {got} entries; a batch of {batch} sequences needs {}", batch + 1)]
+    IndptrLength { what: &'static str, got: usize, batch: usize },
+    #[error("{what} is empty; it needs batch_size + 1 entries")]
+    EmptyIndptr { what: &'static str },
+    #[error("{what}[0] is {first}; it must be 0")]
+    IndptrStart { what: &'static str, first: u32 },
+    #[error("{what} decreases at index {index}: {prev} then {next}")]
+    IndptrNotMonotone { what: &'static str, index: usize, prev: u32, next: u32 },
     #[error("kv_indptr ends at {end} but kv_indices has {len} entries")]
     IndptrEnd { end: u32, len: usize },
     #[error("kv_indices[{index}] = {page} is out of range for a cache of {num_pages} pages")]
@@ -43,6 +43,16 @@ pub enum Error {
 
     #[error("the cache has shape {got:?} but the plan was made for {planned:?}")]
     ShapeMismatch { planned: crate::layout::CacheShape, got: crate::layout::CacheShape },
+    #[error("sequences {first_seq} and {second_seq} would both write slot {slot} of page {page}")]
+    OverlappingWrites { page: u32, slot: usize, first_seq: usize, second_seq: usize },
+    #[error("sequence {seq} appends {append_len} tokens but holds only {kv_len}")]
+    AppendLongerThanSequence { seq: usize, append_len: usize, kv_len: usize },
+    #[error("layer {layer} does not exist; the cache has {num_layers} layers")]
+    LayerOutOfRange { layer: usize, num_layers: usize },
+    #[error("out of pages: {needed} needed, {free} free")]
+    OutOfPages { needed: usize, free: usize },
+    #[error("sequence {0:?} does not exist (never created, or freed)")]
+    UnknownSequence(crate::allocator::SeqId),
     #[error("{what} holds {got} elements; the shapes need {expected}")]
     BufferLength { what: &'static str, got: usize, expected: usize },
 }

@@ -12,22 +12,24 @@
 //! tested against.
 
 pub mod abi;
+pub mod allocator;
 pub mod cache;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod page_copy;
-pub use page_copy::PagedCopyPlan;
 pub mod page_table;
 mod ptx;
 pub mod reference;
 pub mod selftest;
 
-pub use cache::PagedKvCache;
+pub use allocator::{PageCopy, SeqId, SequenceAllocator};
+pub use cache::{LayerPools, PagedKvCache};
 pub use device::Device;
 pub use dtype::{DType, KvDType};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use layout::{CacheShape, KvLayout};
+pub use page_copy::{GatherPlan, ScatterPlan};
 pub use page_table::PageTable;

@@ -1,5 +1,7 @@
 //! Copies between the paged cache and contiguous ragged K/V (`[token][head][dim]`, FlashInfer's
-//! ragged KV layout): the raw launch of the `paged_kv_*` kernels, and plan-then-run.
+//! ragged KV layout): gather (pages → ragged), scatter (ragged → pages) and append (FlashInfer's
+//! `append_paged_kv_cache`: a ragged batch of new tokens written after each sequence's earlier
+//! tokens). Planning validates and uploads the metadata; running only launches.
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
 use crate::abi::{FastDiv, PagedCopyParams};
@@ -8,30 +10,35 @@ use crate::device::{launch_config, Device};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
-use crate::page_table::PageTable;
+use crate::page_table::{validate_indptr, PageTable};
 
 // SAFETY: plain `#[repr(C)]` data, laid out identically in the kernel crate (shared source).
 unsafe impl DeviceRepr for PagedCopyParams {}
 
 const THREADS: u32 = 256;
-/// 16-byte vectors a block moves: 8 per thread, so each thread has several loads in flight.
+/// 16-byte vectors a block moves at most: 8 per thread, several loads in flight each.
 const VECS_PER_BLOCK: u32 = 2048;
+/// Blocks to aim for when a batch is small (about two per SM of a large GPU), so a short
+/// append spreads over the chip instead of queueing behind a few blocks.
+const MIN_BLOCKS: u32 = 256;
 
-/// Launches a paged copy kernel over `params.total_rows` rows.
+/// Rows per block: as many as fill `VECS_PER_BLOCK`, fewer when that would leave SMs idle.
+fn rows_per_block(total_rows: u32, row_vecs: u32) -> u32 {
+    let full = (VECS_PER_BLOCK / row_vecs).clamp(1, 256);
+    full.min(total_rows.div_ceil(MIN_BLOCKS)).max(1)
+}
+
+/// Launches a paged copy kernel over `params.total_rows` rows, K and V.
 ///
 /// # Safety
 /// Every pointer in `params` is a live device allocation on `stream`'s context, and the page
 /// table, ragged offsets and first positions address only inside those allocations (what
-/// [`PageTable::validate`] and the callers' length checks establish).
-pub(crate) unsafe fn launch_paged_copy(
-    stream: &CudaStream,
-    function: &CudaFunction,
-    mut params: PagedCopyParams,
-) -> Result<()> {
+/// [`PageTable::validate`] and the plans' length checks establish).
+unsafe fn launch_paged_copy(stream: &CudaStream, function: &CudaFunction, mut params: PagedCopyParams) -> Result<()> {
     if params.total_rows == 0 {
         return Ok(());
     }
-    params.rows_per_block = (VECS_PER_BLOCK / params.row_vecs.divisor).clamp(1, 256);
+    params.rows_per_block = rows_per_block(params.total_rows, params.row_vecs.divisor);
     let blocks = params.total_rows.div_ceil(params.rows_per_block);
     let cfg = launch_config((blocks, 2), THREADS, params.rows_per_block * 8);
     stream
@@ -42,9 +49,8 @@ pub(crate) unsafe fn launch_paged_copy(
         .map_err(Error::driver("launching a paged K/V copy"))
 }
 
-/// A validated batch, its metadata on the device, ready to copy tokens between a cache of
-/// `shape` and ragged K/V buffers. Planning validates and uploads; running only launches.
-pub struct PagedCopyPlan {
+/// What gather and scatter plans share: the batch's metadata on the device.
+struct CopyPlan {
     shape: CacheShape,
     batch_size: u32,
     total_rows: u32,
@@ -54,16 +60,10 @@ pub struct PagedCopyPlan {
     first_pos: CudaSlice<u32>,
 }
 
-impl PagedCopyPlan {
-    /// Plans copying every token of every sequence of `table` (gather, or its reverse).
-    pub fn whole_sequences(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
-        table.validate(shape.page_size, shape.num_pages)?;
-        let ragged_indptr = table.token_indptr(shape.page_size);
-        let first_pos = vec![0u32; table.batch_size()];
-        Self::upload(device, shape, table, &ragged_indptr, &first_pos)
-    }
-
-    fn upload(
+impl CopyPlan {
+    /// Sequence `i` copies its positions `first_pos[i]..kv_len(i)` to or from ragged rows
+    /// `ragged_indptr[i]..ragged_indptr[i + 1]`. `table` is already validated.
+    fn new(
         device: &Device,
         shape: &CacheShape,
         table: &PageTable,
@@ -72,7 +72,7 @@ impl PagedCopyPlan {
     ) -> Result<Self> {
         // cudarc cannot allocate zero elements; an empty list still needs a valid pointer.
         let nonempty = |v: &[u32]| if v.is_empty() { vec![0] } else { v.to_vec() };
-        Ok(PagedCopyPlan {
+        Ok(CopyPlan {
             shape: *shape,
             batch_size: table.batch_size() as u32,
             total_rows: ragged_indptr.last().copied().unwrap_or(0),
@@ -83,20 +83,15 @@ impl PagedCopyPlan {
         })
     }
 
-    /// Tokens the plan copies.
-    pub fn total_rows(&self) -> usize {
-        self.total_rows as usize
+    fn ragged_elems(&self) -> usize {
+        self.total_rows as usize * self.shape.token_elems()
     }
 
-    /// Elements of one ragged K (or V) buffer: `total_rows × num_kv_heads × head_dim`.
-    pub fn ragged_elems(&self) -> usize {
-        self.total_rows() * self.shape.token_elems()
-    }
-
-    fn check<T: KvDType>(&self, cache: &PagedKvCache<T>, k: usize, v: usize) -> Result<()> {
+    fn check<T: KvDType>(&self, cache: &PagedKvCache<T>, layer: usize, k: usize, v: usize) -> Result<()> {
         if *cache.shape() != self.shape {
             return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
         }
+        cache.layer(layer)?;
         for (what, got) in [("ragged K", k), ("ragged V", v)] {
             if got != self.ragged_elems() {
                 return Err(Error::BufferLength { what, got, expected: self.ragged_elems() });
@@ -105,31 +100,10 @@ impl PagedCopyPlan {
         Ok(())
     }
 
-    /// Copies the planned tokens out of `cache` into `k_out` and `v_out` on `stream`.
-    pub fn gather<T: KvDType>(
-        &self,
-        device: &Device,
-        stream: &CudaStream,
-        cache: &PagedKvCache<T>,
-        k_out: &mut CudaSlice<T>,
-        v_out: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        self.check(cache, k_out.len(), v_out.len())?;
-        let (k_pages, _g0) = cache.k().device_ptr(stream);
-        let (v_pages, _g1) = cache.v().device_ptr(stream);
-        let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
-        let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
-        self.launch::<T>(stream, &device.kernels.paged_kv_gather, [k_pages, v_pages, k_ragged, v_ragged])
-    }
-
-    /// Launches `function` over the planned rows for pools and ragged buffers
-    /// `[k_pages, v_pages, k_ragged, v_ragged]`, which the caller checked and keeps alive.
-    fn launch<T: KvDType>(
-        &self,
-        stream: &CudaStream,
-        function: &CudaFunction,
-        [k_pages, v_pages, k_ragged, v_ragged]: [u64; 4],
-    ) -> Result<()> {
+    /// Launches `function` for pools and ragged buffers `[k_pages, v_pages, k_ragged, v_ragged]`,
+    /// which the caller checked against the plan and keeps alive.
+    fn launch<T: KvDType>(&self, stream: &CudaStream, function: &CudaFunction, buffers: [u64; 4]) -> Result<()> {
+        let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
         let layout = self.shape.page_layout(T::DTYPE);
         let (kv_indptr, _g0) = self.kv_indptr.device_ptr(stream);
         let (kv_indices, _g1) = self.kv_indices.device_ptr(stream);
@@ -156,17 +130,100 @@ impl PagedCopyPlan {
     }
 }
 
-impl<T: KvDType> PagedKvCache<T> {
-    /// Copies every token of the batch in `table` out of the cache into `k_out` and `v_out`,
-    /// sequence after sequence (`[token][head][dim]`, rows at `table.token_indptr(page_size)`),
-    /// on the device's stream. Plans and runs in one call; keep a [`PagedCopyPlan`] to repeat it.
-    pub fn gather(
+/// Copies every token of a batch out of the cache into ragged `[token][head][dim]` buffers,
+/// sequence after sequence (rows at `table.token_indptr(page_size)`).
+pub struct GatherPlan(CopyPlan);
+
+impl GatherPlan {
+    pub fn new(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        let first_pos = vec![0; table.batch_size()];
+        Ok(GatherPlan(CopyPlan::new(device, shape, table, &table.token_indptr(shape.page_size), &first_pos)?))
+    }
+
+    /// Elements of each ragged output: `total tokens × num_kv_heads × head_dim`.
+    pub fn ragged_elems(&self) -> usize {
+        self.0.ragged_elems()
+    }
+
+    /// Gathers layer `layer` of `cache` into `k_out` and `v_out` (cudarc slices or views) on
+    /// `stream`.
+    pub fn run<T: KvDType>(
         &self,
         device: &Device,
-        table: &PageTable,
-        k_out: &mut CudaSlice<T>,
-        v_out: &mut CudaSlice<T>,
+        stream: &CudaStream,
+        cache: &PagedKvCache<T>,
+        layer: usize,
+        k_out: &mut impl DevicePtrMut<T>,
+        v_out: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        PagedCopyPlan::whole_sequences(device, self.shape(), table)?.gather(device, device.stream(), self, k_out, v_out)
+        self.0.check(cache, layer, k_out.len(), v_out.len())?;
+        let pools = cache.layer(layer)?;
+        let (k_pages, _g0) = pools.k.device_ptr(stream);
+        let (v_pages, _g1) = pools.v.device_ptr(stream);
+        let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
+        let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
+        self.0.launch::<T>(stream, &device.kernels.paged_kv_gather, [k_pages, v_pages, k_ragged, v_ragged])
+    }
+}
+
+/// Writes ragged `[token][head][dim]` K/V into the cache: whole sequences (the reverse of
+/// gather) or appended tokens. Planning rejects any batch in which two tokens would land in
+/// one slot.
+pub struct ScatterPlan(CopyPlan);
+
+impl ScatterPlan {
+    /// Every token of every sequence, rows at `table.token_indptr(page_size)`.
+    pub fn whole_sequences(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        let first_pos = vec![0; table.batch_size()];
+        table.validate_disjoint_writes(shape.page_size, &vec![0; table.batch_size()])?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &table.token_indptr(shape.page_size), &first_pos)?))
+    }
+
+    /// FlashInfer's `append_paged_kv_cache`: sequence `i` appends rows
+    /// `append_indptr[i]..append_indptr[i + 1]` of the ragged input as its last tokens. `table`
+    /// describes the sequences after the append (pages already reserved), so the new tokens
+    /// take positions `kv_len(i) − append_len(i)..kv_len(i)`.
+    pub fn append(device: &Device, shape: &CacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        validate_indptr("append_indptr", append_indptr, table.batch_size())?;
+        let kv_lens = table.kv_lens(shape.page_size);
+        let mut first_pos = Vec::with_capacity(kv_lens.len());
+        for (seq, (w, &kv_len)) in append_indptr.windows(2).zip(&kv_lens).enumerate() {
+            let append_len = (w[1] - w[0]) as usize;
+            if append_len > kv_len {
+                return Err(Error::AppendLongerThanSequence { seq, append_len, kv_len });
+            }
+            first_pos.push((kv_len - append_len) as u32);
+        }
+        let starts: Vec<usize> = first_pos.iter().map(|&p| p as usize).collect();
+        table.validate_disjoint_writes(shape.page_size, &starts)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, append_indptr, &first_pos)?))
+    }
+
+    /// Elements of each ragged input: `tokens written × num_kv_heads × head_dim`.
+    pub fn ragged_elems(&self) -> usize {
+        self.0.ragged_elems()
+    }
+
+    /// Writes `k_in` and `v_in` (cudarc slices or views) into layer `layer` of `cache` on
+    /// `stream`.
+    pub fn run<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: &CudaStream,
+        cache: &mut PagedKvCache<T>,
+        layer: usize,
+        k_in: &impl DevicePtr<T>,
+        v_in: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        self.0.check(cache, layer, k_in.len(), v_in.len())?;
+        let pools = cache.layer_mut(layer)?;
+        let (k_pages, _g0) = pools.k.device_ptr_mut(stream);
+        let (v_pages, _g1) = pools.v.device_ptr_mut(stream);
+        let (k_ragged, _g2) = k_in.device_ptr(stream);
+        let (v_ragged, _g3) = v_in.device_ptr(stream);
+        self.0.launch::<T>(stream, &device.kernels.paged_kv_scatter, [k_pages, v_pages, k_ragged, v_ragged])
     }
 }

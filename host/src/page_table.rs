@@ -25,20 +25,7 @@ impl PageTable {
             return Err(Error::ZeroPageSize);
         }
         let batch = self.kv_last_page_len.len();
-        if self.kv_indptr.is_empty() {
-            return Err(Error::EmptyIndptr);
-        }
-        if self.kv_indptr.len() != batch + 1 {
-            return Err(Error::IndptrLength { got: self.kv_indptr.len(), batch });
-        }
-        if self.kv_indptr[0] != 0 {
-            return Err(Error::IndptrStart(self.kv_indptr[0]));
-        }
-        for (index, w) in self.kv_indptr.windows(2).enumerate() {
-            if w[1] < w[0] {
-                return Err(Error::IndptrNotMonotone { index: index + 1, prev: w[0], next: w[1] });
-            }
-        }
+        validate_indptr("kv_indptr", &self.kv_indptr, batch)?;
         let end = self.kv_indptr[batch];
         if end as usize != self.kv_indices.len() {
             return Err(Error::IndptrEnd { end, len: self.kv_indices.len() });
@@ -62,6 +49,33 @@ impl PageTable {
         let total = self.total_tokens_unchecked(page_size);
         if total > MAX_INDEX {
             return Err(Error::TooLarge { what: "total tokens in the batch", value: total, max: MAX_INDEX });
+        }
+        Ok(())
+    }
+
+    /// Checks that no two writes land in the same slot when each sequence `i` writes its
+    /// positions `starts[i]..kv_len(i)`: sequences may share pages they only read (a prefix),
+    /// but a slot written twice in one launch is a race. Call on a validated table.
+    pub fn validate_disjoint_writes(&self, page_size: usize, starts: &[usize]) -> Result<()> {
+        // Each sequence writes a contiguous slot range in each page it touches.
+        let mut ranges: Vec<(u32, usize, usize, usize)> = Vec::new();
+        for (seq, (kv_len, &start)) in self.kv_lens(page_size).into_iter().zip(starts).enumerate() {
+            if start >= kv_len {
+                continue;
+            }
+            for j in start / page_size..=(kv_len - 1) / page_size {
+                let page = self.kv_indices[self.kv_indptr[seq] as usize + j];
+                let lo = start.max(j * page_size) - j * page_size;
+                let hi = kv_len.min((j + 1) * page_size) - j * page_size;
+                ranges.push((page, lo, hi, seq));
+            }
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            let ((page, _, hi, first_seq), (next_page, lo, _, second_seq)) = (w[0], w[1]);
+            if page == next_page && lo < hi {
+                return Err(Error::OverlappingWrites { page, slot: lo, first_seq, second_seq });
+            }
         }
         Ok(())
     }
@@ -101,6 +115,25 @@ impl PageTable {
     }
 }
 
+/// Checks a CSR offset array of `batch + 1` entries: starts at 0, never decreases.
+pub(crate) fn validate_indptr(what: &'static str, indptr: &[u32], batch: usize) -> Result<()> {
+    if indptr.is_empty() {
+        return Err(Error::EmptyIndptr { what });
+    }
+    if indptr.len() != batch + 1 {
+        return Err(Error::IndptrLength { what, got: indptr.len(), batch });
+    }
+    if indptr[0] != 0 {
+        return Err(Error::IndptrStart { what, first: indptr[0] });
+    }
+    for (index, w) in indptr.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::IndptrNotMonotone { what, index: index + 1, prev: w[0], next: w[1] });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,25 +158,25 @@ mod tests {
 
     #[test]
     fn rejects_empty_indptr() {
-        assert!(matches!(table(&[], &[], &[]).validate(1, 1), Err(Error::EmptyIndptr)));
+        assert!(matches!(table(&[], &[], &[]).validate(1, 1), Err(Error::EmptyIndptr { .. })));
     }
 
     #[test]
     fn rejects_indptr_of_wrong_length() {
         let e = table(&[0, 1], &[0], &[1, 1]).validate(4, 1).unwrap_err();
-        assert!(matches!(e, Error::IndptrLength { got: 2, batch: 2 }), "{e}");
+        assert!(matches!(e, Error::IndptrLength { what: "kv_indptr", got: 2, batch: 2 }), "{e}");
     }
 
     #[test]
     fn rejects_indptr_not_starting_at_zero() {
         let e = table(&[1, 2], &[0, 0], &[1]).validate(4, 1).unwrap_err();
-        assert!(matches!(e, Error::IndptrStart(1)), "{e}");
+        assert!(matches!(e, Error::IndptrStart { what: "kv_indptr", first: 1 }), "{e}");
     }
 
     #[test]
     fn rejects_decreasing_indptr() {
         let e = table(&[0, 2, 1], &[0, 0], &[1, 1]).validate(4, 1).unwrap_err();
-        assert!(matches!(e, Error::IndptrNotMonotone { index: 2, prev: 2, next: 1 }), "{e}");
+        assert!(matches!(e, Error::IndptrNotMonotone { index: 2, prev: 2, next: 1, .. }), "{e}");
     }
 
     #[test]
@@ -176,6 +209,27 @@ mod tests {
     #[test]
     fn rejects_last_page_len_length_mismatch_as_indptr_length() {
         let e = table(&[0, 1, 2], &[0, 0], &[1]).validate(4, 1).unwrap_err();
-        assert!(matches!(e, Error::IndptrLength { got: 3, batch: 1 }), "{e}");
+        assert!(matches!(e, Error::IndptrLength { got: 3, batch: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn writes_to_a_shared_page_overlap() {
+        // Both sequences hold page 3 as their first page: reading is fine, writing it twice is not.
+        let t = table(&[0, 2, 4], &[3, 1, 3, 0], &[2, 2]);
+        t.validate(4, 4).unwrap();
+        let e = t.validate_disjoint_writes(4, &[0, 0]).unwrap_err();
+        assert!(matches!(e, Error::OverlappingWrites { page: 3, slot: 0, first_seq: 0, second_seq: 1 }), "{e}");
+        // Appending only past the shared page touches pages 1 and 0: disjoint.
+        t.validate_disjoint_writes(4, &[4, 4]).unwrap();
+    }
+
+    #[test]
+    fn a_page_listed_twice_in_one_sequence_overlaps_itself() {
+        // One sequence that lists page 5 twice: positions 0 and 2 both land in slot 0 of it.
+        let t = table(&[0, 2], &[5, 5], &[1]);
+        t.validate(2, 6).unwrap();
+        let e = t.validate_disjoint_writes(2, &[0]).unwrap_err();
+        assert!(matches!(e, Error::OverlappingWrites { page: 5, first_seq: 0, second_seq: 0, .. }), "{e}");
+        t.validate_disjoint_writes(2, &[2]).unwrap();
     }
 }

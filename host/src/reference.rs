@@ -21,6 +21,27 @@ pub fn gather<T: Copy>(shape: &CacheShape, pool: &[T], table: &PageTable) -> Vec
     out
 }
 
+/// Writes ragged rows into `pool` as FlashInfer's `append_paged_kv_cache` does: sequence `i`'s
+/// rows `append_indptr[i]..append_indptr[i + 1]` of `ragged` become its last tokens (positions
+/// `kv_len(i) − append_len(i)..kv_len(i)`). With `append_indptr = table.token_indptr(..)` this
+/// is the reverse of [`gather`]. The plan's validation must hold.
+pub fn append<T: Copy>(shape: &CacheShape, pool: &mut [T], table: &PageTable, append_indptr: &[u32], ragged: &[T]) {
+    let mut row = 0;
+    for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+        let append_len = (append_indptr[seq + 1] - append_indptr[seq]) as usize;
+        for pos in kv_len - append_len..kv_len {
+            let (page, slot) = table.locate(seq, pos, shape.page_size);
+            for head in 0..shape.num_kv_heads {
+                for d in 0..shape.head_dim {
+                    pool[shape.element_index(page, slot, head, d)] =
+                        ragged[(row * shape.num_kv_heads + head) * shape.head_dim + d];
+                }
+            }
+            row += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +56,16 @@ mod tests {
             let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![1, 0], kv_last_page_len: vec![1] };
             assert_eq!(gather(&shape, &pool, &table), want, "{layout:?}");
         }
+    }
+
+    #[test]
+    fn append_writes_the_last_positions_and_gather_reads_them_back() {
+        let shape = CacheShape { num_pages: 3, page_size: 2, num_kv_heads: 1, head_dim: 1, layout: KvLayout::Nhd };
+        let mut pool = vec![0u32; 6];
+        // Sequence 0: pages [2, 0], 3 tokens, the last 2 appended; sequence 1: page [1], 1 token.
+        let table = PageTable { kv_indptr: vec![0, 2, 3], kv_indices: vec![2, 0, 1], kv_last_page_len: vec![1, 1] };
+        append(&shape, &mut pool, &table, &[0, 2, 3], &[7, 8, 9]);
+        assert_eq!(pool, vec![8, 0, 9, 0, 0, 7]);
+        assert_eq!(gather(&shape, &pool, &table), vec![0, 7, 8, 9]);
     }
 }

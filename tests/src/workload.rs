@@ -59,3 +59,35 @@ pub fn shape_for(
 ) -> CacheShape {
     CacheShape { num_pages: pages_needed(kv_lens, page_size) + 3, page_size, num_kv_heads, head_dim, layout }
 }
+
+/// A cache of `num_layers` layers filled with random values, and the host copy of each layer's
+/// `(K, V)` pools.
+#[allow(clippy::type_complexity)]
+pub fn random_cache<T: KvDType>(
+    dev: &ferrinfer::Device,
+    rng: &mut impl Rng,
+    shape: CacheShape,
+    num_layers: usize,
+) -> ferrinfer::Result<(ferrinfer::PagedKvCache<T>, Vec<(Vec<T>, Vec<T>)>)> {
+    let host: Vec<(Vec<T>, Vec<T>)> = (0..num_layers)
+        .map(|_| (random_values(rng, shape.pool_elems()), random_values(rng, shape.pool_elems())))
+        .collect();
+    let layers = host
+        .iter()
+        .map(|(k, v)| Ok(ferrinfer::LayerPools { k: dev.upload(k)?, v: dev.upload(v)? }))
+        .collect::<ferrinfer::Result<_>>()?;
+    Ok((ferrinfer::PagedKvCache::from_layers(shape, layers)?, host))
+}
+
+/// Fails with the first element where `got` and `want` differ bit for bit.
+pub fn expect_bitwise_eq<T: KvDType>(what: &str, got: &[T], want: &[T], row_elems: usize) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} elements, reference has {}", got.len(), want.len()));
+    }
+    match first_bitwise_mismatch(got, want) {
+        None => Ok(()),
+        Some((i, g, w)) => {
+            Err(format!("{what}[{i}] (row {}, element {}): GPU {g:?}, reference {w:?}", i / row_elems, i % row_elems))
+        }
+    }
+}

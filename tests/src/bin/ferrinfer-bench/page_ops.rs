@@ -1,0 +1,154 @@
+//! Gather and append over the paged cache: time, bytes moved per second (read plus written) and
+//! the fraction of the device-to-device copy, each result checked against the CPU reference.
+use cudarc::driver::CudaSlice;
+use ferrinfer::{f16, reference, CacheShape, Device, GatherPlan, KvLayout, PagedKvCache, ScatterPlan};
+use ferrinfer_tests::workload::{expect_bitwise_eq, random_cache, random_table, random_values, rng};
+use serde_json::{json, Value};
+
+use crate::timing::{BoxResult, Timer};
+
+pub struct Shapes {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layout: KvLayout,
+}
+
+/// A pool 25% larger than `kv_lens` needs, so pages come from a random permutation of it.
+fn shape(shapes: &Shapes, kv_lens: &[usize], page_size: usize) -> CacheShape {
+    let pages: usize = kv_lens.iter().map(|n| n.div_ceil(page_size)).sum();
+    CacheShape {
+        num_pages: pages + pages / 4 + 1,
+        page_size,
+        num_kv_heads: shapes.kv_heads,
+        head_dim: shapes.head_dim,
+        layout: shapes.layout,
+    }
+}
+
+fn row(kernel: &str, page_size: usize, batch: usize, tokens: usize, bytes: f64, us: f64, copy_gbs: f64) -> Value {
+    let gbs = bytes / us / 1e3;
+    println!(
+        "| {kernel} | {page_size} | {batch} | {tokens} | {:.1} | {us:.1} | {gbs:.0} | {:.1} |",
+        bytes / 1e6,
+        100.0 * gbs / copy_gbs
+    );
+    json!({"kernel": kernel, "page_size": page_size, "batch": batch, "tokens_per_sequence": tokens, "bytes": bytes,
+           "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / copy_gbs})
+}
+
+pub fn header() {
+    println!("| kernel | page_size | batch | tokens/seq | MB moved | median us | GB/s | % copy |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+}
+
+/// Gathers `batch` sequences of `kv_len` tokens into ragged K and V.
+pub fn gather(
+    dev: &Device,
+    timer: &mut Timer,
+    s: &Shapes,
+    batch: usize,
+    kv_len: usize,
+    page_size: usize,
+    copy_gbs: f64,
+) -> BoxResult<Value> {
+    let mut r = rng(page_size as u64);
+    let kv_lens = vec![kv_len; batch];
+    let shape = shape(s, &kv_lens, page_size);
+    let table = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
+    let (cache, host) = random_cache::<f16>(dev, &mut r, shape, 1)?;
+    let plan = GatherPlan::new(dev, &shape, &table)?;
+    let (mut k, mut v) = (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
+    let us = timer.median_us(|| plan.run(dev, dev.stream(), &cache, 0, &mut k, &mut v))?;
+    expect_bitwise_eq(
+        "gathered K",
+        &dev.download(&k)?,
+        &reference::gather(&shape, &host[0].0, &table),
+        shape.token_elems(),
+    )?;
+    expect_bitwise_eq(
+        "gathered V",
+        &dev.download(&v)?,
+        &reference::gather(&shape, &host[0].1, &table),
+        shape.token_elems(),
+    )?;
+    // K and V: each element read from a page and written to the ragged output.
+    Ok(row("gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us, copy_gbs))
+}
+
+/// Appends `tokens` new tokens to each of `batch` sequences that hold `seq_after` tokens after
+/// the append (FlashInfer's `append_paged_kv_cache` benchmark).
+#[allow(clippy::too_many_arguments)]
+pub fn append(
+    dev: &Device,
+    timer: &mut Timer,
+    s: &Shapes,
+    batch: usize,
+    tokens: usize,
+    seq_after: usize,
+    page_size: usize,
+    copy_gbs: f64,
+) -> BoxResult<Value> {
+    let mut r = rng(7 + page_size as u64);
+    let kv_lens = vec![seq_after; batch];
+    let shape = shape(s, &kv_lens, page_size);
+    let table = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
+    let mut cache = PagedKvCache::<f16>::new(dev, shape, 1)?;
+    let append_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * tokens as u32).collect();
+    let plan = ScatterPlan::append(dev, &shape, &table, &append_indptr)?;
+    let (k_in, v_in): (Vec<f16>, Vec<f16>) =
+        (random_values(&mut r, plan.ragged_elems()), random_values(&mut r, plan.ragged_elems()));
+    let (k_dev, v_dev) = (dev.upload(&k_in)?, dev.upload(&v_in)?);
+    let us = timer.median_us(|| plan.run(dev, dev.stream(), &mut cache, 0, &k_dev, &v_dev))?;
+    // Check the appended tokens by reading back just the pages they landed in.
+    let pools = cache.layer(0)?;
+    for (what, pool, input) in [("K", &pools.k, &k_in), ("V", &pools.v, &v_in)] {
+        check_appended(dev, &shape, &table, tokens, pool, input).map_err(|e| format!("appended {what}: {e}"))?;
+    }
+    Ok(row(
+        &format!("append ({tokens} tok/seq)"),
+        page_size,
+        batch,
+        tokens,
+        2.0 * 2.0 * (plan.ragged_elems() * 2) as f64,
+        us,
+        copy_gbs,
+    ))
+}
+
+fn check_appended(
+    dev: &Device,
+    shape: &CacheShape,
+    table: &ferrinfer::PageTable,
+    tokens: usize,
+    pool: &CudaSlice<f16>,
+    input: &[f16],
+) -> BoxResult<()> {
+    let n = shape.page_elems();
+    let mut pages: Vec<usize> = Vec::new();
+    for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+        for pos in kv_len - tokens..kv_len {
+            pages.push(table.locate(seq, pos, shape.page_size).0);
+        }
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    // A host pool holding only the touched pages (others stay zero): reference-append into it
+    // and compare those pages.
+    let mut host = vec![f16::ZERO; shape.pool_elems()];
+    for &p in &pages {
+        let page = dev.stream().clone_dtoh(&pool.slice(p * n..(p + 1) * n))?;
+        host[p * n..(p + 1) * n].copy_from_slice(&page);
+    }
+    let mut want = host.clone();
+    let indptr: Vec<u32> = (0..=table.batch_size() as u32).map(|i| i * tokens as u32).collect();
+    reference::append(shape, &mut want, table, &indptr, input);
+    for &p in &pages {
+        expect_bitwise_eq(
+            &format!("page {p}"),
+            &host[p * n..(p + 1) * n],
+            &want[p * n..(p + 1) * n],
+            shape.token_elems(),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! The device helpers (`kernels-gpu/src/gpu`) against the host.
+use ferrinfer::{bf16, f16, Device};
+use ferrinfer_tests::harness::{GpuTest, TestResult};
+use ferrinfer_tests::workload::rng;
+
+/// Each device helper against the host's exact or f64 result.
+fn device_helpers_match_the_host(dev: &Device) -> TestResult {
+    use ferrinfer::selftest::{helper_outputs, HELPER_OUTPUTS};
+    let mut r = rng(5);
+    let mut input: Vec<f32> = (0..4096).map(|_| rand::Rng::random_range(&mut r, -20.0f32..20.0)).collect();
+    input[..4].copy_from_slice(&[0.5, -0.0, 65504.0, 1e-8]);
+    let divisor = 613;
+    let out = helper_outputs(dev, &input, divisor)?;
+    for (i, (&x, got)) in input.iter().zip(out.chunks(HELPER_OUTPUTS)).enumerate() {
+        let warp = &input[i / 32 * 32..][..32];
+        let close = |g: f32, want: f64, rel: f64| (g as f64 - want).abs() <= rel * want.abs().max(1e-30);
+        let checks = [
+            ("exp2", close(got[0], (x as f64).exp2(), 1e-6)),
+            ("log2", (got[1] as f64 - (x.abs() as f64 + 1.0).log2()).abs() <= 1e-6),
+            ("rcp", x == 0.0 || close(got[2], 1.0 / x as f64, 1e-6)),
+            ("f16", got[3] == f16::from_f32(x).to_f32()),
+            ("bf16", got[4] == bf16::from_f32(x).to_f32()),
+            // 32 f32 additions of values up to 20 in magnitude: absolute error well under 1e-4.
+            ("warp sum", (got[5] as f64 - warp.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-4),
+            ("warp max", got[6] == warp.iter().copied().fold(f32::MIN, f32::max)),
+            ("shuffle", got[7].to_bits() == warp[(i % 32) ^ 5].to_bits()),
+            ("fast div", got[8] == ((i * 7919) as u32 / divisor) as f32),
+            ("fast rem", got[9] == ((i * 7919) as u32 % divisor) as f32),
+        ];
+        if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
+            return Err(format!("{name} of input {i} ({x}): GPU gave {:?}", got).into());
+        }
+    }
+    Ok(())
+}
+
+pub fn tests() -> Vec<GpuTest> {
+    vec![GpuTest::new("device_helpers_match_the_host", device_helpers_match_the_host)]
+}

@@ -1,0 +1,11 @@
+//! GPU kernels against the CPU reference. Run with `cargo test -p ferrinfer-tests --test gpu`
+//! (or the GPU bundle's run.sh); where there is no GPU every test is reported as ignored, after
+//! a line saying why.
+mod allocator;
+mod helpers;
+mod page_copy;
+
+fn main() {
+    let tests = helpers::tests().into_iter().chain(page_copy::tests()).chain(allocator::tests()).collect();
+    ferrinfer_tests::harness::run(tests)
+}
