@@ -42,28 +42,32 @@ impl FastDiv {
     }
 }
 
-/// Where the 16-byte vectors of one page-table entry live, for either layout. Units are
-/// 16-byte vectors, so every offset is a vector index into the page pool.
-///
-/// NHD: `[page][slot][head][dim]`: `slot_stride = heads·head_vecs`, `head_stride = head_vecs`.
-/// HND: `[page][head][slot][dim]`: `slot_stride = head_vecs`, `head_stride = page_size·head_vecs`.
+/// Where the 16-byte vectors of a token's `[head][dim]` row sit, relative to its first element,
+/// in either layout: head `h` starts `h · head_stride` vectors in (NHD: `head_vecs`, the heads
+/// are adjacent; HND: `page_size · head_vecs`, the page's other tokens lie between).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageLayout {
-    pub page_stride: u64,
-    pub slot_stride: u32,
+pub struct TokenLayout {
     pub head_stride: u32,
-    pub page_size: FastDiv,
     /// 16-byte vectors in one head's row of `head_dim` elements.
     pub head_vecs: FastDiv,
 }
 
+impl TokenLayout {
+    /// Vector offset of vector `v` of a token's `[head][dim]` row from the token's first element.
+    #[inline(always)]
+    pub const fn vec_offset(&self, v: u32) -> u32 {
+        let (head, d) = self.head_vecs.divmod(v);
+        head * self.head_stride + d
+    }
+}
+
 /// Copy between paged K/V and contiguous ragged K/V (`[row][head][dim]`), in either direction.
 ///
-/// Sequence `i` owns ragged rows `ragged_indptr[i]..ragged_indptr[i + 1]`; row `r` of it is
-/// the token at position `first_pos[i] + r - ragged_indptr[i]` of the sequence, found through
-/// `kv_indptr`/`kv_indices`. Gather: all positions, `first_pos = 0`. Append: the new tokens,
-/// `first_pos = kv_len − append_len`. `blockIdx.y` picks K (0) or V (1).
+/// The plan resolved each ragged row to its token's place in the page pool on the host
+/// (`row_offsets[r]`: the element index of the token's first element), so a thread's whole
+/// address chain is one cached load: no page-table walk, no division by `page_size`.
+/// `blockIdx.y` picks K (0) or V (1).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PagedCopyParams {
@@ -71,25 +75,21 @@ pub struct PagedCopyParams {
     pub v_pages: u64,
     pub k_ragged: u64,
     pub v_ragged: u64,
-    /// `*const u32`, `batch_size + 1` entries.
-    pub kv_indptr: u64,
-    /// `*const u32`.
-    pub kv_indices: u64,
-    /// `*const u32`, `batch_size + 1` entries; the last is `total_rows`.
-    pub ragged_indptr: u64,
-    /// `*const u32`, `batch_size` entries.
-    pub first_pos: u64,
-    pub layout: PageLayout,
+    /// `*const u64`, `total_rows` entries, in elements (a multiple of a vector's elements).
+    pub row_offsets: u64,
+    /// log2 of the elements in a 16-byte vector (3 for f16/bf16, 2 for f32).
+    pub vec_shift: u32,
+    pub layout: TokenLayout,
     /// 16-byte vectors per ragged row (`num_heads · head_vecs`).
     pub row_vecs: FastDiv,
-    pub batch_size: u32,
     pub total_rows: u32,
-    /// Rows per block; the block's dynamic shared memory holds one `u64` per row.
+    /// Rows per block.
     pub rows_per_block: u32,
 }
 
 /// Exercises the device helpers (`kernels-gpu/src/gpu`) so tests can compare them with the
-/// host: thread `i` reads `input[i]` and writes `HELPER_OUTPUTS` values at `output[i * 10..]`.
+/// host: thread `i` reads `input[i]` and writes `HELPER_OUTPUTS` values at
+/// `output[i * HELPER_OUTPUTS..]`. Launched with 32 · 4 bytes of dynamic shared memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HelperCheckParams {
@@ -101,5 +101,6 @@ pub struct HelperCheckParams {
 }
 
 /// Per input: exp2, log2(|x| + 1), rcp, f16 round trip, bf16 round trip, warp sum, warp max,
-/// the value of lane `lane ^ 5`, `(i · 7919) / divisor` and its remainder.
-pub const HELPER_OUTPUTS: usize = 10;
+/// the value of lane `lane ^ 5` (by shuffle), `(i · 7919) / divisor` and its remainder, and the
+/// value of thread `tid ^ 1` passed through dynamic shared memory across a barrier.
+pub const HELPER_OUTPUTS: usize = 11;

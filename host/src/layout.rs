@@ -1,5 +1,5 @@
 //! The shape of a paged KV cache and where each element lives in it.
-use crate::abi::{FastDiv, PageLayout};
+use crate::abi::{FastDiv, TokenLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -82,20 +82,14 @@ impl CacheShape {
         page * self.page_elems() + within + d
     }
 
-    /// The kernels' view, in 16-byte vectors of `dtype`. Call after `validate`.
-    pub(crate) fn page_layout(&self, dtype: DType) -> PageLayout {
+    /// The kernels' view of a token's row, in 16-byte vectors of `dtype`. Call after `validate`.
+    pub(crate) fn token_layout(&self, dtype: DType) -> TokenLayout {
         let head_vecs = (self.head_dim * dtype.size_bytes() / 16) as u32;
-        let (slot_stride, head_stride) = match self.layout {
-            KvLayout::Nhd => (self.num_kv_heads as u32 * head_vecs, head_vecs),
-            KvLayout::Hnd => (head_vecs, self.page_size as u32 * head_vecs),
+        let head_stride = match self.layout {
+            KvLayout::Nhd => head_vecs,
+            KvLayout::Hnd => self.page_size as u32 * head_vecs,
         };
-        PageLayout {
-            page_stride: self.page_size as u64 * self.num_kv_heads as u64 * head_vecs as u64,
-            slot_stride,
-            head_stride,
-            page_size: FastDiv::new(self.page_size as u32),
-            head_vecs: FastDiv::new(head_vecs),
-        }
+        TokenLayout { head_stride, head_vecs: FastDiv::new(head_vecs) }
     }
 }
 
@@ -119,11 +113,14 @@ mod tests {
     fn vector_layout_matches_element_index() {
         for layout in [KvLayout::Nhd, KvLayout::Hnd] {
             let s = CacheShape { num_pages: 3, page_size: 5, num_kv_heads: 2, head_dim: 16, layout };
-            let p = s.page_layout(DType::F16); // 2 vectors per head row
+            let t = s.token_layout(DType::F16); // 2 vectors per head row
             for (page, slot, head, vec) in [(0, 0, 0, 0), (2, 4, 1, 1), (1, 3, 0, 1)] {
-                let v =
-                    p.page_stride as usize * page + p.slot_stride as usize * slot + p.head_stride as usize * head + vec;
-                assert_eq!(v * 8, s.element_index(page, slot, head, vec * 8), "{layout:?}");
+                let v = t.vec_offset(head as u32 * 2 + vec as u32) as usize;
+                assert_eq!(
+                    s.element_index(page, slot, 0, 0) + v * 8,
+                    s.element_index(page, slot, head, vec * 8),
+                    "{layout:?}"
+                );
             }
         }
     }

@@ -49,40 +49,32 @@ unsafe fn launch_paged_copy(stream: &CudaStream, function: &CudaFunction, mut pa
         .map_err(Error::driver("launching a paged K/V copy"))
 }
 
-/// What gather and scatter plans share: the batch's metadata on the device.
+/// What gather and scatter plans share: where each ragged row's token lives in the pool.
 struct CopyPlan {
     shape: CacheShape,
-    batch_size: u32,
     total_rows: u32,
-    kv_indptr: CudaSlice<u32>,
-    kv_indices: CudaSlice<u32>,
-    ragged_indptr: CudaSlice<u32>,
-    first_pos: CudaSlice<u32>,
+    /// Per ragged row, its token's vector offset in a page pool.
+    row_offsets: CudaSlice<u64>,
 }
 
 impl CopyPlan {
-    /// Sequence `i` copies its positions `first_pos[i]..kv_len(i)` to or from ragged rows
-    /// `ragged_indptr[i]..ragged_indptr[i + 1]`. `table` is already validated.
-    fn new(
-        device: &Device,
-        shape: &CacheShape,
-        table: &PageTable,
-        ragged_indptr: &[u32],
-        first_pos: &[u32],
-    ) -> Result<Self> {
-        // cudarc cannot allocate zero elements; an empty list still needs a valid pointer.
-        let nonempty = |v: &[u32]| if v.is_empty() { vec![0] } else { v.to_vec() };
-        Ok(CopyPlan {
-            shape: *shape,
-            batch_size: table.batch_size() as u32,
-            total_rows: ragged_indptr.last().copied().unwrap_or(0),
-            kv_indptr: device.upload(&table.kv_indptr)?,
-            kv_indices: device.upload(&nonempty(&table.kv_indices))?,
-            ragged_indptr: device.upload(ragged_indptr)?,
-            first_pos: device.upload(&nonempty(first_pos))?,
-        })
+    /// Sequence `i` copies its positions `first_pos[i]..kv_len(i)`, in order, to or from the
+    /// next ragged rows. `table` is already validated for `shape`.
+    fn new(device: &Device, shape: &CacheShape, table: &PageTable, first_pos: &[usize]) -> Result<Self> {
+        let mut row_offsets = Vec::new();
+        for (seq, (kv_len, &first)) in table.kv_lens(shape.page_size).into_iter().zip(first_pos).enumerate() {
+            for pos in first..kv_len {
+                let (page, slot) = table.locate(seq, pos, shape.page_size);
+                row_offsets.push(shape.element_index(page, slot, 0, 0) as u64);
+            }
+        }
+        let total_rows = row_offsets.len() as u32;
+        // cudarc cannot allocate zero elements; an empty batch still gets a valid pointer.
+        if row_offsets.is_empty() {
+            row_offsets.push(0);
+        }
+        Ok(CopyPlan { shape: *shape, total_rows, row_offsets: device.upload(&row_offsets)? })
     }
-
     fn ragged_elems(&self) -> usize {
         self.total_rows as usize * self.shape.token_elems()
     }
@@ -104,23 +96,17 @@ impl CopyPlan {
     /// which the caller checked against the plan and keeps alive.
     fn launch<T: KvDType>(&self, stream: &CudaStream, function: &CudaFunction, buffers: [u64; 4]) -> Result<()> {
         let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
-        let layout = self.shape.page_layout(T::DTYPE);
-        let (kv_indptr, _g0) = self.kv_indptr.device_ptr(stream);
-        let (kv_indices, _g1) = self.kv_indices.device_ptr(stream);
-        let (ragged_indptr, _g2) = self.ragged_indptr.device_ptr(stream);
-        let (first_pos, _g3) = self.first_pos.device_ptr(stream);
+        let layout = self.shape.token_layout(T::DTYPE);
+        let (row_offsets, _g) = self.row_offsets.device_ptr(stream);
         let params = PagedCopyParams {
             k_pages,
             v_pages,
             k_ragged,
             v_ragged,
-            kv_indptr,
-            kv_indices,
-            ragged_indptr,
-            first_pos,
+            row_offsets,
+            vec_shift: (16 / T::DTYPE.size_bytes()).trailing_zeros(),
             layout,
             row_vecs: FastDiv::new(self.shape.num_kv_heads as u32 * layout.head_vecs.divisor),
-            batch_size: self.batch_size,
             total_rows: self.total_rows,
             rows_per_block: 0,
         };
@@ -137,8 +123,7 @@ pub struct GatherPlan(CopyPlan);
 impl GatherPlan {
     pub fn new(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
         table.validate(shape.page_size, shape.num_pages)?;
-        let first_pos = vec![0; table.batch_size()];
-        Ok(GatherPlan(CopyPlan::new(device, shape, table, &table.token_indptr(shape.page_size), &first_pos)?))
+        Ok(GatherPlan(CopyPlan::new(device, shape, table, &vec![0; table.batch_size()])?))
     }
 
     /// Elements of each ragged output: `total tokens × num_kv_heads × head_dim`.
@@ -177,8 +162,8 @@ impl ScatterPlan {
     pub fn whole_sequences(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
         table.validate(shape.page_size, shape.num_pages)?;
         let first_pos = vec![0; table.batch_size()];
-        table.validate_disjoint_writes(shape.page_size, &vec![0; table.batch_size()])?;
-        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &table.token_indptr(shape.page_size), &first_pos)?))
+        table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos)?))
     }
 
     /// FlashInfer's `append_paged_kv_cache`: sequence `i` appends rows
@@ -195,11 +180,10 @@ impl ScatterPlan {
             if append_len > kv_len {
                 return Err(Error::AppendLongerThanSequence { seq, append_len, kv_len });
             }
-            first_pos.push((kv_len - append_len) as u32);
+            first_pos.push(kv_len - append_len);
         }
-        let starts: Vec<usize> = first_pos.iter().map(|&p| p as usize).collect();
-        table.validate_disjoint_writes(shape.page_size, &starts)?;
-        Ok(ScatterPlan(CopyPlan::new(device, shape, table, append_indptr, &first_pos)?))
+        table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos)?))
     }
 
     /// Elements of each ragged input: `tokens written × num_kv_heads × head_dim`.

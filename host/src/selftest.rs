@@ -38,7 +38,7 @@ pub fn helper_outputs(device: &Device, input: &[f32], divisor: u32) -> Result<Ve
         let (input_ptr, _g0) = input_dev.device_ptr(stream);
         let (output_ptr, _g1) = output.device_ptr_mut(stream);
         let params = HelperCheckParams { input: input_ptr, output: output_ptr, divisor: FastDiv::new(divisor) };
-        let cfg = launch_config(((input.len() / 32) as u32, 1), 32, 0);
+        let cfg = launch_config(((input.len() / 32) as u32, 1), 32, 32 * 4);
         // SAFETY: one thread per input element, each writing its own HELPER_OUTPUTS outputs.
         unsafe { stream.launch_builder(&device.kernels.helper_check).arg(&params).launch(cfg) }
             .map_err(Error::driver("launching the helper check"))?;

@@ -8,7 +8,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod gpu;
-pub mod paged;
 
 #[path = "../../host/src/abi.rs"]
 pub mod abi;

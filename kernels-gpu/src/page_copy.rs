@@ -1,16 +1,13 @@
 //! Copies between the paged KV cache and contiguous ragged K/V: gather (pages → ragged) and
 //! scatter/append (ragged → pages). `page_size` and the layout are run-time values.
 //!
-//! A block owns `rows_per_block` consecutive ragged rows. First each row's page-pool offset is
-//! found once (a binary search for its sequence, one fast division by `page_size`, one page
-//! table read) and parked in shared memory; then the block streams the rows' 16-byte vectors
-//! as one flat, coalesced range, `UNROLL` loads in flight per thread.
+//! A block owns `rows_per_block` consecutive ragged rows and streams their 16-byte vectors as
+//! one flat, coalesced range, `UNROLL` loads in flight per thread. Each vector's place in the
+//! pool is its row's offset (resolved from the page table when the host planned the copy, one
+//! load that neighbouring threads share) plus its head's stride in the layout.
 use crate::abi::PagedCopyParams;
 use crate::gpu::index::{block_dim_x, block_x, block_y, thread_x};
 use crate::gpu::mem::{load_readonly, store, Vec16};
-use crate::gpu::shared::dynamic_smem;
-use crate::gpu::sync::sync_threads;
-use crate::paged::{sequence_of_row, PageTable};
 
 const UNROLL: u32 = 4;
 
@@ -21,28 +18,12 @@ unsafe fn paged_copy<const TO_PAGES: bool>(p: &PagedCopyParams) {
     } else {
         (p.v_pages as *mut Vec16, p.v_ragged as *mut Vec16)
     };
-    let ragged_indptr = p.ragged_indptr as *const u32;
-    let first_pos = p.first_pos as *const u32;
-    let table = PageTable { indptr: p.kv_indptr as *const u32, indices: p.kv_indices as *const u32 };
-    let layout = &p.layout;
-
     let row0 = block_x() * p.rows_per_block;
     let rows = p.rows_per_block.min(p.total_rows - row0);
-    let row_offset = dynamic_smem::<u64>();
-
-    let mut r = thread_x();
-    while r < rows {
-        let row = row0 + r;
-        let seq = sequence_of_row(ragged_indptr, p.batch_size + 1, row);
-        let pos = *first_pos.add(seq as usize) + (row - *ragged_indptr.add(seq as usize));
-        let (page, slot) = table.locate(layout, seq, pos);
-        *row_offset.add(r as usize) = layout.token_offset(page, slot);
-        r += block_dim_x();
-    }
-    sync_threads();
+    let row_offsets = (p.row_offsets as *const u64).add(row0 as usize);
+    let ragged = ragged.add(row0 as usize * p.row_vecs.divisor as usize);
 
     let n = rows * p.row_vecs.divisor;
-    let ragged = ragged.add(row0 as usize * p.row_vecs.divisor as usize);
     let stride = block_dim_x();
     let mut e0 = thread_x();
     while e0 < n {
@@ -52,7 +33,8 @@ unsafe fn paged_copy<const TO_PAGES: bool>(p: &PagedCopyParams) {
             let e = e0 + u * stride;
             if e < n {
                 let (r, v) = p.row_vecs.divmod(e);
-                let paged = pages.add((*row_offset.add(r as usize) + layout.vec_offset(v) as u64) as usize);
+                let row = *row_offsets.add(r as usize) >> p.vec_shift;
+                let paged = pages.add((row + p.layout.vec_offset(v) as u64) as usize);
                 let flat = ragged.add(e as usize);
                 let (src, dst) = if TO_PAGES { (flat, paged) } else { (paged, flat) };
                 vals[u as usize] = load_readonly(src);
@@ -74,8 +56,7 @@ pub unsafe extern "ptx-kernel" fn paged_kv_gather(p: PagedCopyParams) {
     paged_copy::<false>(&p)
 }
 
-/// Ragged K/V → paged K/V (scatter, and append with `first_pos = kv_len − append_len`).
-/// Grid: `(ceil(total_rows / rows_per_block), 2)`.
+/// Ragged K/V → paged K/V (scatter, and append). Grid: `(ceil(total_rows / rows_per_block), 2)`.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn paged_kv_scatter(p: PagedCopyParams) {
     paged_copy::<true>(&p)
