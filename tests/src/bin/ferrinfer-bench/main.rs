@@ -34,9 +34,18 @@ struct Args {
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 30)]
     runs: usize,
+    /// Kernels to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append])]
+    kernels: Vec<Kernel>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kernel {
+    Gather,
+    Append,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -75,10 +84,12 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     let shapes = args.shapes();
     let mut results = Vec::new();
     page_ops::header();
-    for &ps in &args.page_sizes {
+    let gather_sizes = if args.kernels.contains(&Kernel::Gather) { &args.page_sizes[..] } else { &[] };
+    let append_sizes = if args.kernels.contains(&Kernel::Append) { &args.page_sizes[..] } else { &[] };
+    for &ps in gather_sizes {
         results.push(page_ops::gather(dev, &mut timer, &shapes, args.batch, args.kv_len, ps, copy_gbs)?);
     }
-    for &ps in &args.page_sizes {
+    for &ps in append_sizes {
         for (batch, tokens) in [(8, 4096), (256, 1)] {
             results.push(page_ops::append(dev, &mut timer, &shapes, batch, tokens, 4096, ps, copy_gbs)?);
         }
