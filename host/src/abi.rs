@@ -104,3 +104,16 @@ pub struct HelperCheckParams {
 /// the value of lane `lane ^ 5` (by shuffle), `(i · 7919) / divisor` and its remainder, and the
 /// value of thread `tid ^ 1` passed through dynamic shared memory across a barrier.
 pub const HELPER_OUTPUTS: usize = 11;
+
+/// Reads `vecs` 16-byte vectors from `data` and nothing else of note: the bandwidth of a pure
+/// read stream (the ceiling for decode, which only reads K/V), and a clean way to evict the L2.
+/// Each warp writes the XOR of what it read to `sink[its global index]`, so the loads stay live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ReadStreamParams {
+    /// `*const [u32; 4]`.
+    pub data: u64,
+    /// `*mut u32`, one entry per warp of the grid.
+    pub sink: u64,
+    pub vecs: u64,
+}

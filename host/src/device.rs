@@ -13,6 +13,7 @@ pub(crate) struct Kernels {
     pub paged_kv_gather: CudaFunction,
     pub paged_kv_scatter: CudaFunction,
     pub helper_check: CudaFunction,
+    pub read_stream: CudaFunction,
 }
 
 pub struct Device {
@@ -49,6 +50,7 @@ impl Device {
             paged_kv_gather: function("paged_kv_gather")?,
             paged_kv_scatter: function("paged_kv_scatter")?,
             helper_check: function("helper_check")?,
+            read_stream: function("read_stream")?,
         };
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;

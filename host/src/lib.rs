@@ -20,6 +20,7 @@ pub mod error;
 pub mod layout;
 pub mod page_copy;
 pub mod page_table;
+pub mod probe;
 mod ptx;
 pub mod reference;
 pub mod selftest;

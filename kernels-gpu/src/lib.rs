@@ -14,6 +14,7 @@ pub mod abi;
 
 pub mod helper_check;
 pub mod page_copy;
+pub mod read_stream;
 
 /// A kernel that panics has a bug the host checks should have caught: stop the grid loudly
 /// (the launch returns an error) instead of writing garbage.

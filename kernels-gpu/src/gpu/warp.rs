@@ -16,6 +16,12 @@ pub fn shfl_xor_f32(x: f32, mask: u32) -> f32 {
     r
 }
 
+/// Value of `x` held by lane `lane ^ mask`.
+#[inline(always)]
+pub fn shfl_xor_u32(x: u32, mask: u32) -> u32 {
+    f32::to_bits(shfl_xor_f32(f32::from_bits(x), mask))
+}
+
 /// Value of `x` held by lane `src`.
 #[inline(always)]
 pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {

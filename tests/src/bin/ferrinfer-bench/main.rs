@@ -76,10 +76,13 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     })?;
     let copy_gbs = 2.0 * bytes as f64 / copy_us / 1e3;
     drop((src, dst));
-    println!(
-        "device-to-device copy: {copy_gbs:.0} GB/s (read + write), {} runs each, L2 flushed before each\n",
-        args.runs
-    );
+    // ferrinfer's own pure read stream (16-byte loads), the ceiling for kernels that only read.
+    let mut read = ferrinfer::probe::ReadStream::new(dev, 4 << 30)?;
+    let read_us = timer.median_us(|| read.run(dev, dev.stream()))?;
+    let read_gbs = read.bytes() as f64 / read_us / 1e3;
+    drop(read);
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write); read stream: {read_gbs:.0} GB/s");
+    println!("{} timed runs each; before each, the L2 is flushed (a buffer written, another read)\n", args.runs);
 
     let shapes = args.shapes();
     let mut results = Vec::new();
@@ -96,7 +99,7 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     }
     println!("\nEvery result above matched the CPU reference bit for bit.");
     if let Some(path) = &args.json {
-        let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "runs": args.runs, "results": results});
+        let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "read_stream_gbs": read_gbs, "runs": args.runs, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())

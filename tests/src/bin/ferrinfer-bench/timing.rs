@@ -1,24 +1,37 @@
-//! GPU timing as FlashInfer's benchmark does it: the L2 flushed before each call, CUDA events
-//! around the call, warm-up calls first, the median of many. The flush also keeps the GPU busy
-//! while the host enqueues the call, so the events time the kernel, not the launch.
+//! GPU timing: the L2 flushed before each call, CUDA events around the call, warm-up calls
+//! first, the median of many. The flush writes a buffer larger than the L2 (evicting whatever a
+//! call left) and then reads another one, so the timed call starts with a cold L2 holding only
+//! clean lines: no write-back of the flush's dirty lines is charged to it. The flush also keeps
+//! the GPU busy while the host enqueues the call, so the events time the kernel, not the launch.
 use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
+use ferrinfer::probe::ReadStream;
 use ferrinfer::Device;
 
 pub type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-pub struct Timer {
+pub struct Timer<'d> {
+    device: &'d Device,
     stream: Arc<CudaStream>,
-    flush: CudaSlice<u8>,
+    flush_write: CudaSlice<u8>,
+    flush_read: ReadStream,
     runs: usize,
 }
 
-impl Timer {
-    pub fn new(dev: &Device, runs: usize) -> BoxResult<Self> {
-        // Larger than any L2 (50 MB on H100, 60 MB on H200): writing it evicts what a call left.
-        let flush = dev.alloc_zeros::<u8>(256 << 20)?;
-        Ok(Timer { stream: dev.stream().clone(), flush, runs: runs.max(1) })
+impl<'d> Timer<'d> {
+    pub fn new(device: &'d Device, runs: usize) -> BoxResult<Self> {
+        // Larger than any L2 (50 MB on H100, 60 MB on H200).
+        let flush_write = device.alloc_zeros::<u8>(256 << 20)?;
+        let flush_read = ReadStream::new(device, 256 << 20)?;
+        Ok(Timer { device, stream: device.stream().clone(), flush_write, flush_read, runs: runs.max(1) })
+    }
+
+    /// Writes one buffer and reads another, both larger than the L2.
+    fn flush(&mut self) -> BoxResult<()> {
+        self.stream.memset_zeros(&mut self.flush_write)?;
+        self.flush_read.run(self.device, &self.stream)?;
+        Ok(())
     }
 
     /// Median microseconds of `f` over the configured runs, after 3 warm-up calls.
@@ -31,7 +44,7 @@ impl Timer {
         for _ in 0..self.runs {
             let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            self.stream.memset_zeros(&mut self.flush)?;
+            self.flush()?;
             start.record(&self.stream)?;
             f()?;
             end.record(&self.stream)?;

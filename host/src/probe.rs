@@ -1,0 +1,56 @@
+//! Bandwidth probes: ferrinfer's own pure-read stream, the ceiling for kernels that only read
+//! (decode), and a way for benchmarks to leave the L2 holding clean lines of an unrelated buffer.
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+
+use crate::abi::ReadStreamParams;
+use crate::device::{launch_config, Device};
+use crate::error::{Error, Result};
+
+// SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
+unsafe impl DeviceRepr for ReadStreamParams {}
+
+const THREADS: u32 = 256;
+
+/// A buffer to read and the sink its reads are folded into.
+pub struct ReadStream {
+    data: CudaSlice<u8>,
+    sink: CudaSlice<u32>,
+    blocks: u32,
+}
+
+impl ReadStream {
+    /// A stream over `bytes` (rounded down to 16) of zeroed device memory.
+    pub fn new(device: &Device, bytes: usize) -> Result<Self> {
+        let bytes = bytes / 16 * 16;
+        if bytes == 0 {
+            return Err(Error::ZeroDimension { what: "read stream bytes" });
+        }
+        let data = device.alloc_zeros::<u8>(bytes)?;
+        let sms = device
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("reading the multiprocessor count"))?;
+        // Eight blocks of 256 threads per SM fill every SM's thread slots once.
+        let blocks = (sms.max(1) as u32) * 8;
+        let sink = device.alloc_zeros::<u32>((blocks * THREADS / 32) as usize)?;
+        Ok(ReadStream { data, sink, blocks })
+    }
+
+    /// Bytes one [`run`](Self::run) reads.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Reads the whole buffer once on `stream`.
+    pub fn run(&mut self, device: &Device, stream: &CudaStream) -> Result<()> {
+        let (data, _g0) = self.data.device_ptr(stream);
+        let (sink, _g1) = self.sink.device_ptr_mut(stream);
+        let params = ReadStreamParams { data, sink, vecs: (self.data.len() / 16) as u64 };
+        let cfg = launch_config((self.blocks, 1), THREADS, 0);
+        // SAFETY: reads `vecs` whole vectors of `data`; writes one word per warp of the grid
+        // into `sink`, which has exactly that many.
+        unsafe { stream.launch_builder(&device.kernels.read_stream).arg(&params).launch(cfg) }
+            .map(|_| ())
+            .map_err(Error::driver("launching the read stream"))
+    }
+}
