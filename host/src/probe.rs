@@ -21,11 +21,18 @@ pub struct ReadStream {
 impl ReadStream {
     /// A stream over `bytes` (rounded down to 16) of zeroed device memory.
     pub fn new(device: &Device, bytes: usize) -> Result<Self> {
-        let bytes = bytes / 16 * 16;
-        if bytes == 0 {
-            return Err(Error::ZeroDimension { what: "read stream bytes" });
+        Self::over(device, device.alloc_zeros::<u8>(bytes / 16 * 16)?)
+    }
+
+    /// A stream over `data`, whose length must be a non-zero multiple of 16 bytes.
+    pub fn over(device: &Device, data: CudaSlice<u8>) -> Result<Self> {
+        if data.is_empty() || !data.len().is_multiple_of(16) {
+            return Err(Error::BufferLength {
+                what: "read stream data (whole 16-byte vectors)",
+                got: data.len(),
+                expected: data.len().next_multiple_of(16).max(16),
+            });
         }
-        let data = device.alloc_zeros::<u8>(bytes)?;
         let sms = device
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -39,6 +46,11 @@ impl ReadStream {
     /// Bytes one [`run`](Self::run) reads.
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// XOR of every 32-bit word read by the last run (waits for the device's stream).
+    pub fn checksum(&self, device: &Device) -> Result<u32> {
+        Ok(device.download(&self.sink)?.into_iter().fold(0, |a, w| a ^ w))
     }
 
     /// Reads the whole buffer once on `stream`.

@@ -1,4 +1,5 @@
 //! The device helpers (`kernels-gpu/src/gpu`) against the host.
+use ferrinfer::probe::ReadStream;
 use ferrinfer::{bf16, f16, Device};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::rng;
@@ -44,6 +45,22 @@ fn device_helpers_match_the_host(dev: &Device) -> TestResult {
     Ok(())
 }
 
+/// The read stream reads every vector exactly once: its XOR of all words matches the host's.
+fn read_stream_reads_every_word(dev: &Device) -> TestResult {
+    let mut r = rng(11);
+    // Not a multiple of the grid's stride, so the last round is partial.
+    let bytes: Vec<u8> = (0..(48 << 20) + 16 * 37).map(|_| rand::Rng::random(&mut r)).collect();
+    let want = bytes.chunks(4).fold(0u32, |a, w| a ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    let mut stream = ReadStream::over(dev, dev.upload(&bytes)?)?;
+    stream.run(dev, dev.stream())?;
+    let got = stream.checksum(dev)?;
+    ferrinfer_tests::ensure!(got == want, "XOR of the words read: GPU {got:#010x}, host {want:#010x}");
+    Ok(())
+}
+
 pub fn tests() -> Vec<GpuTest> {
-    vec![GpuTest::new("device_helpers_match_the_host", device_helpers_match_the_host)]
+    vec![
+        GpuTest::new("device_helpers_match_the_host", device_helpers_match_the_host),
+        GpuTest::new("read_stream_reads_every_word", read_stream_reads_every_word),
+    ]
 }
