@@ -1,4 +1,9 @@
 //! Warp shuffles and reductions over all 32 lanes.
+//!
+//! A shuffle is a collective: every lane must execute it together. Its `asm!` is therefore
+//! deliberately not `pure`: a pure asm block may be sunk into the branch that uses its result
+//! (seen: a reduction whose result only lane 0 stores was moved under `if lane == 0`, leaving
+//! 31 lanes out of a full-mask shuffle). Side-effecting asm stays where it is written.
 use core::arch::asm;
 
 const FULL_MASK: u32 = 0xffff_ffff;
@@ -6,31 +11,31 @@ const FULL_MASK: u32 = 0xffff_ffff;
 /// Value of `x` held by lane `lane ^ mask`.
 #[inline(always)]
 pub fn shfl_xor_f32(x: f32, mask: u32) -> f32 {
-    let r: f32;
-    // SAFETY: all 32 lanes execute the shuffle (full member mask).
-    unsafe {
-        asm!("shfl.sync.bfly.b32 {r}, {x}, {m}, 31, {full};",
-             r = out(reg32) r, x = in(reg32) x, m = in(reg32) mask, full = in(reg32) FULL_MASK,
-             options(pure, nomem, nostack))
-    }
-    r
+    f32::from_bits(shfl_xor_u32(x.to_bits(), mask))
 }
 
 /// Value of `x` held by lane `lane ^ mask`.
 #[inline(always)]
 pub fn shfl_xor_u32(x: u32, mask: u32) -> u32 {
-    f32::to_bits(shfl_xor_f32(f32::from_bits(x), mask))
+    let r: u32;
+    // SAFETY: all 32 lanes execute the shuffle (full member mask); see the module note.
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {r}, {x}, {m}, 31, {full};",
+             r = out(reg32) r, x = in(reg32) x, m = in(reg32) mask, full = in(reg32) FULL_MASK,
+             options(nostack))
+    }
+    r
 }
 
 /// Value of `x` held by lane `src`.
 #[inline(always)]
 pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {
     let r: u32;
-    // SAFETY: all 32 lanes execute the shuffle (full member mask).
+    // SAFETY: all 32 lanes execute the shuffle (full member mask); see the module note.
     unsafe {
         asm!("shfl.sync.idx.b32 {r}, {x}, {s}, 31, {full};",
              r = out(reg32) r, x = in(reg32) x, s = in(reg32) src, full = in(reg32) FULL_MASK,
-             options(pure, nomem, nostack))
+             options(nostack))
     }
     r
 }
