@@ -117,3 +117,72 @@ pub struct ReadStreamParams {
     pub sink: u64,
     pub vecs: u64,
 }
+
+/// Batch decode over the paged cache: one query token per request and query head.
+///
+/// A block runs one work item (a request's token range `work_start..work_end`) for one KV head
+/// (`blockIdx.y`) and `heads_per_block` of its query heads (tile `blockIdx.z`). Threads are
+/// `(tx, ty, tz)`: `tx` one 16-byte slice of `head_dim`, `ty` a query head, `tz` one of
+/// `token_lanes` interleaved token streams. Item `i` writes the final output and LSE when
+/// `work_partial[i] == NO_PARTIAL`, otherwise a normalised f32 partial output and its LSE into
+/// slot `work_partial[i]`, for the merge kernel. LSE is base 2: `log2 Σ exp(s)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeParams {
+    /// `[batch][num_qo_heads][head_dim]`.
+    pub q: u64,
+    pub k_pages: u64,
+    pub v_pages: u64,
+    /// `*const u32`, `batch + 1` entries.
+    pub kv_indptr: u64,
+    /// `*const u32`.
+    pub kv_indices: u64,
+    /// `*const u32` per work item: request, first and end token position, partial slot.
+    pub work_request: u64,
+    pub work_start: u64,
+    pub work_end: u64,
+    pub work_partial: u64,
+    /// `[batch][num_qo_heads][head_dim]`, the query's dtype.
+    pub out: u64,
+    /// `*mut f32`, `[batch][num_qo_heads]`; 0 when not wanted.
+    pub lse: u64,
+    /// `*mut f32`, `[slots][num_qo_heads][head_dim]`.
+    pub partial_out: u64,
+    /// `*mut f32`, `[slots][num_qo_heads]`.
+    pub partial_lse: u64,
+    pub page_size: FastDiv,
+    /// Elements per page, between tokens of a page, and between heads of a token.
+    pub page_elems: u32,
+    pub slot_stride: u32,
+    pub head_stride: u32,
+    pub num_qo_heads: u32,
+    /// Query heads per KV head.
+    pub group_size: u32,
+    pub heads_per_block: u32,
+    pub token_lanes: u32,
+    /// Multiplies `q · k` before the soft cap; logits are then kept in base 2.
+    pub sm_scale: f32,
+    /// `cap` of `cap · tanh(s / cap)`, 0 for none.
+    pub logits_soft_cap: f32,
+}
+
+pub const NO_PARTIAL: u32 = u32::MAX;
+
+/// Merges normalised partial attention states: output row `r` (request `merge_request[r]`)
+/// combines partial slots `merge_indptr[r]..merge_indptr[r + 1]` by their base-2 LSE.
+/// Grid: `(rows, num_qo_heads)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MergeParams {
+    pub partial_out: u64,
+    pub partial_lse: u64,
+    /// `*const u32`, `rows + 1` entries.
+    pub merge_indptr: u64,
+    /// `*const u32`, `rows` entries.
+    pub merge_request: u64,
+    pub out: u64,
+    /// `*mut f32`, 0 when not wanted.
+    pub lse: u64,
+    pub num_qo_heads: u32,
+    pub head_dim: u32,
+}

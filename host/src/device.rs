@@ -14,6 +14,10 @@ pub(crate) struct Kernels {
     pub paged_kv_scatter: CudaFunction,
     pub helper_check: CudaFunction,
     pub read_stream: CudaFunction,
+    /// `[f16, bf16][head_dim 64, 128, 256]`.
+    pub decode: [[CudaFunction; 3]; 2],
+    /// `[f16, bf16]`.
+    pub merge_states: [CudaFunction; 2],
 }
 
 pub struct Device {
@@ -51,6 +55,11 @@ impl Device {
             paged_kv_scatter: function("paged_kv_scatter")?,
             helper_check: function("helper_check")?,
             read_stream: function("read_stream")?,
+            decode: [
+                [function("decode_f16_64")?, function("decode_f16_128")?, function("decode_f16_256")?],
+                [function("decode_bf16_64")?, function("decode_bf16_128")?, function("decode_bf16_256")?],
+            ],
+            merge_states: [function("merge_states_f16")?, function("merge_states_bf16")?],
         };
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
@@ -100,6 +109,15 @@ impl Device {
     /// Copies a device buffer to the host (waits for the stream).
     pub fn download<T: DeviceRepr>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(src).map_err(Error::driver("copying to the host"))
+    }
+
+    /// Streaming multiprocessors on the GPU.
+    pub fn multiprocessor_count(&self) -> Result<usize> {
+        let n = self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("reading the multiprocessor count"))?;
+        Ok(n.max(1) as usize)
     }
 
     pub fn synchronize(&self) -> Result<()> {

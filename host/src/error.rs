@@ -53,6 +53,14 @@ pub enum Error {
     OutOfPages { needed: usize, free: usize },
     #[error("sequence {0:?} does not exist (never created, or freed)")]
     UnknownSequence(crate::allocator::SeqId),
+    #[error("head_dim {head_dim} is not supported here; supported: {supported:?}")]
+    UnsupportedHeadDim { head_dim: usize, supported: &'static [usize] },
+    #[error("{what} does not take {dtype}")]
+    UnsupportedDType { what: &'static str, dtype: &'static str },
+    #[error("num_qo_heads {num_qo_heads} is not a positive multiple of num_kv_heads {num_kv_heads}")]
+    GroupSize { num_qo_heads: usize, num_kv_heads: usize },
+    #[error("bad option: {what}")]
+    BadOption { what: &'static str },
     #[error("{what} holds {got} elements; the shapes need {expected}")]
     BufferLength { what: &'static str, got: usize, expected: usize },
 }

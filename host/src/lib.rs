@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod allocator;
 pub mod cache;
+pub mod decode;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod selftest;
 
 pub use allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::{LayerPools, PagedKvCache};
+pub use decode::{BatchDecodePlan, DecodeOptions};
 pub use device::Device;
 pub use dtype::{DType, KvDType};
 pub use error::{Error, Result};

@@ -33,12 +33,8 @@ impl ReadStream {
                 expected: data.len().next_multiple_of(16).max(16),
             });
         }
-        let sms = device
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(Error::driver("reading the multiprocessor count"))?;
         // Eight blocks of 256 threads per SM fill every SM's thread slots once.
-        let blocks = (sms.max(1) as u32) * 8;
+        let blocks = device.multiprocessor_count()? as u32 * 8;
         let sink = device.alloc_zeros::<u32>((blocks * THREADS / 32) as usize)?;
         Ok(ReadStream { data, sink, blocks })
     }

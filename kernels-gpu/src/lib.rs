@@ -8,10 +8,12 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod gpu;
+pub mod state;
 
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
 
+pub mod decode;
 pub mod helper_check;
 pub mod page_copy;
 pub mod read_stream;

@@ -24,6 +24,11 @@ pub fn block_y() -> u32 {
     unsafe { nvptx::_block_idx_y() as u32 }
 }
 #[inline(always)]
+pub fn block_z() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_z() as u32 }
+}
+#[inline(always)]
 pub fn grid_dim_x() -> u32 {
     // SAFETY: reads a special register.
     unsafe { nvptx::_grid_dim_x() as u32 }

@@ -2,10 +2,16 @@
 //! (or the GPU bundle's run.sh); where there is no GPU every test is reported as ignored, after
 //! a line saying why.
 mod allocator;
+mod decode;
 mod helpers;
 mod page_copy;
 
 fn main() {
-    let tests = helpers::tests().into_iter().chain(page_copy::tests()).chain(allocator::tests()).collect();
+    let tests = helpers::tests()
+        .into_iter()
+        .chain(page_copy::tests())
+        .chain(allocator::tests())
+        .chain(decode::tests())
+        .collect();
     ferrinfer_tests::harness::run(tests)
 }

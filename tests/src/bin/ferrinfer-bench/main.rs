@@ -2,6 +2,7 @@
 //! each result against the CPU reference, and reports bandwidth as a fraction of a
 //! device-to-device copy measured in the same run. Without a GPU it runs the CPU reference on
 //! the same kind of workload and says so.
+mod decode;
 mod page_ops;
 mod timing;
 
@@ -27,7 +28,7 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
     /// Page sizes to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 512, 7, 100])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 512, 7, 100])]
     page_sizes: Vec<usize>,
     #[arg(long, value_enum, default_value = "nhd")]
     layout: Layout,
@@ -35,8 +36,14 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     runs: usize,
     /// Kernels to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode])]
     kernels: Vec<Kernel>,
+    /// Decode batches (32 query heads over the KV heads).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 256])]
+    decode_batches: Vec<usize>,
+    /// Decode sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![512, 4096, 32768])]
+    decode_kv_lens: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -46,6 +53,7 @@ struct Args {
 enum Kernel {
     Gather,
     Append,
+    Decode,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -97,7 +105,22 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
             results.push(page_ops::append(dev, &mut timer, &shapes, batch, tokens, 4096, ps, copy_gbs)?);
         }
     }
-    println!("\nEvery result above matched the CPU reference bit for bit.");
+    if args.kernels.contains(&Kernel::Decode) {
+        println!();
+        decode::header();
+        for &ps in &args.page_sizes {
+            for &batch in &args.decode_batches {
+                for &kv_len in &args.decode_kv_lens {
+                    // K and V of the batch; skip what exceeds 40 GB.
+                    if 2 * batch * kv_len * args.kv_heads * args.head_dim * 2 > 40_000_000_000 {
+                        continue;
+                    }
+                    results.push(decode::decode(dev, &mut timer, &shapes, batch, kv_len, ps, copy_gbs, read_gbs)?);
+                }
+            }
+        }
+    }
+    println!("\nGather and append results matched the CPU reference bit for bit (decode: see the GPU tests).");
     if let Some(path) = &args.json {
         let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "read_stream_gbs": read_gbs, "runs": args.runs, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;

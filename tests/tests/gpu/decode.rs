@@ -1,0 +1,200 @@
+//! Batch decode against the f64 CPU reference: run-time page sizes, head dims, group sizes,
+//! dtypes, layouts, soft cap and window, batches that split long sequences (and merge), empty
+//! sequences, validation errors, and replay from a CUDA graph.
+//!
+//! Error bound: |out − ref| ≤ atol + rtol·|ref| per element, with (atol, rtol) = (2e-3, 1e-2)
+//! for f16 and (1e-2, 2e-2) for bf16 outputs (the output rounding dominates); the base-2 LSE
+//! within 1e-3 + 1e-4·|ref|. NaN never passes.
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use ferrinfer::{
+    bf16, f16, reference, BatchDecodePlan, CacheShape, DType, DecodeOptions, Device, Error, KvDType, KvLayout,
+    PageTable, PagedKvCache,
+};
+use ferrinfer_tests::ensure;
+use ferrinfer_tests::harness::{GpuTest, TestResult};
+use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
+
+#[derive(Clone, Debug)]
+struct Case {
+    kv_lens: Vec<usize>,
+    page_size: usize,
+    num_kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    layout: KvLayout,
+    options: DecodeOptions,
+    seed: u64,
+}
+
+impl Case {
+    fn new(kv_lens: &[usize], page_size: usize) -> Self {
+        Case {
+            kv_lens: kv_lens.to_vec(),
+            page_size,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            layout: KvLayout::Nhd,
+            options: DecodeOptions::default(),
+            seed: page_size as u64,
+        }
+    }
+}
+
+fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F16 => (2e-3, 1e-2),
+        _ => (1e-2, 2e-2),
+    }
+}
+
+fn decode_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
+    let mut r = rng(c.seed);
+    let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let (cache, host) = random_cache::<T>(dev, &mut r, shape, 1)?;
+    let heads = c.num_kv_heads * c.group;
+    let q: Vec<T> = random_values(&mut r, c.kv_lens.len() * heads * c.head_dim);
+    let plan = BatchDecodePlan::new(dev, &shape, heads, &table, c.options)?;
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; c.kv_lens.len() * heads])?;
+    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &table, &q, heads, &c.options);
+    let (atol, rtol) = tolerance(T::DTYPE);
+    for (i, (g, w)) in dev.download(&out)?.iter().zip(&want).enumerate() {
+        let g = g.to_f64();
+        ensure!(
+            (g - w).abs() <= atol + rtol * w.abs(),
+            "out[{i}] (request {}, head {}): GPU {g}, reference {w}",
+            i / (heads * c.head_dim),
+            i / c.head_dim % heads
+        );
+    }
+    for (i, (&g, &w)) in dev.download(&lse)?.iter().zip(&want_lse).enumerate() {
+        let ok =
+            if w == f64::NEG_INFINITY { g == f32::NEG_INFINITY } else { (g as f64 - w).abs() <= 1e-3 + 1e-4 * w.abs() };
+        ensure!(ok, "lse[{i}] (request {}, head {}): GPU {g}, reference {w}", i / heads, i % heads);
+    }
+    Ok(())
+}
+
+fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    tests.push(GpuTest::new(name, move |d| decode_case::<T>(d, &case)));
+}
+
+fn case_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    for ps in [1usize, 2, 7, 16, 64, 100, 512, 1000] {
+        // Below a page, on and past page boundaries, and one long sequence that gets split.
+        let lens = [1, ps.saturating_sub(1).max(1), ps, ps + 1, 3 * ps + 5, 2000];
+        add::<f16>(&mut t, format!("decode_page_size_{ps}_group_4_f16"), Case::new(&lens, ps));
+        let c = Case { layout: KvLayout::Hnd, seed: 100 + ps as u64, ..Case::new(&lens, ps) };
+        add::<bf16>(&mut t, format!("decode_page_size_{ps}_group_4_hnd_bf16"), c);
+    }
+    for (group, head_dim) in [(1, 64), (2, 256), (5, 128), (7, 64), (8, 128), (16, 128), (16, 256), (3, 256)] {
+        let c = Case { group, head_dim, seed: 7 * group as u64 + head_dim as u64, ..Case::new(&[37, 1, 700, 129], 7) };
+        add::<f16>(&mut t, format!("decode_page_size_7_group_{group}_head_dim_{head_dim}_f16"), c.clone());
+        add::<bf16>(
+            &mut t,
+            format!("decode_page_size_7_group_{group}_head_dim_{head_dim}_hnd_bf16"),
+            Case { layout: KvLayout::Hnd, ..c },
+        );
+    }
+    let capped = DecodeOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..Default::default() };
+    add::<f16>(&mut t, "decode_soft_cap_30_f16".into(), Case { options: capped, ..Case::new(&[300, 5, 1200], 16) });
+    let window = DecodeOptions { window_left: 100, ..Default::default() };
+    add::<bf16>(
+        &mut t,
+        "decode_window_left_100_bf16".into(),
+        Case { options: window, ..Case::new(&[300, 5, 101, 102, 1200], 3) },
+    );
+    let both = DecodeOptions { window_left: 0, logits_soft_cap: 5.0, ..Default::default() };
+    add::<f16>(
+        &mut t,
+        "decode_window_left_0_soft_cap_5_f16".into(),
+        Case { options: both, ..Case::new(&[300, 1, 64], 64) },
+    );
+    add::<f16>(&mut t, "decode_kv_len_33000_among_short_f16".into(), Case::new(&[33000, 3, 17, 1], 100));
+    add::<bf16>(
+        &mut t,
+        "decode_empty_sequences_yield_zeros_and_minus_infinity_bf16".into(),
+        Case::new(&[0, 5, 0, 40], 16),
+    );
+    let many: Vec<usize> = (0..300).map(|i| 1 + (i * 13) % 90).collect();
+    add::<f16>(&mut t, "decode_batch_300_without_split_f16".into(), Case { num_kv_heads: 8, ..Case::new(&many, 16) });
+    t
+}
+
+/// Captures `run` in a CUDA graph and replays it: the same output as a direct run, bit for bit.
+fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
+    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
+    let dev = Device::new(0)?;
+    // SAFETY: this context object is used by this test alone, on one stream.
+    unsafe { dev.context().disable_event_tracking() };
+    let c = Case::new(&[5000, 7, 300], 16);
+    let mut r = rng(3);
+    let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
+    let heads = c.num_kv_heads * c.group;
+    let plan = BatchDecodePlan::new(&dev, &shape, heads, &table, c.options)?;
+    ensure!(plan.launch_shape().1 > 0, "the case should split and merge");
+    let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
+    let (mut direct, mut replayed) =
+        (dev.alloc_zeros::<f16>(plan.qo_elems())?, dev.alloc_zeros::<f16>(plan.qo_elems())?);
+    plan.run(&dev, dev.stream(), &q, &cache, 0, &mut direct, None)?;
+    dev.synchronize()?;
+    let stream = dev.stream();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = plan.run(&dev, stream, &q, &cache, 0, &mut replayed, None);
+    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?;
+    captured?;
+    let graph = graph.ok_or("capture produced no graph")?;
+    for _ in 0..3 {
+        graph.launch()?;
+    }
+    dev.synchronize()?;
+    ensure!(dev.download(&direct)? == dev.download(&replayed)?, "graph replay differs from the direct run");
+    Ok(())
+}
+
+fn validation_tests() -> Vec<GpuTest> {
+    let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
+    let table = PageTable { kv_indptr: vec![0, 1], kv_indices: vec![2], kv_last_page_len: vec![3] };
+    let (t1, t2, t3) = (table.clone(), table.clone(), table.clone());
+    vec![
+        GpuTest::new("decode_rejects_query_heads_not_a_multiple_of_kv_heads", move |d| {
+            let e = BatchDecodePlan::new(d, &shape, 5, &t1, DecodeOptions::default())
+                .err()
+                .ok_or("accepted 5 / 2 heads")?;
+            ensure!(matches!(e, Error::GroupSize { num_qo_heads: 5, num_kv_heads: 2 }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("decode_rejects_unsupported_head_dim", move |d| {
+            let s = CacheShape { head_dim: 96, ..shape };
+            let e =
+                BatchDecodePlan::new(d, &s, 4, &t2, DecodeOptions::default()).err().ok_or("accepted head_dim 96")?;
+            ensure!(matches!(e, Error::UnsupportedHeadDim { head_dim: 96, .. }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("decode_rejects_query_of_wrong_length_and_f32", move |d| {
+            let plan = BatchDecodePlan::new(d, &shape, 4, &t3, DecodeOptions::default())?;
+            let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
+            let (q, mut out) = (d.alloc_zeros::<f16>(4 * 128 - 8)?, d.alloc_zeros::<f16>(4 * 128)?);
+            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
+            ensure!(matches!(e, Error::BufferLength { what: "q", .. }), "wrong error: {e}");
+            let cache = PagedKvCache::<f32>::new(d, shape, 1)?;
+            let (q, mut out) = (d.alloc_zeros::<f32>(4 * 128)?, d.alloc_zeros::<f32>(4 * 128)?);
+            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            Ok(())
+        }),
+    ]
+}
+
+pub fn tests() -> Vec<GpuTest> {
+    let mut t = case_tests();
+    t.push(GpuTest::new("decode_replays_from_a_cuda_graph", decode_replays_from_a_cuda_graph));
+    t.extend(validation_tests());
+    t
+}
