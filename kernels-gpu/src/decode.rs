@@ -17,6 +17,7 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::warp::shfl_xor_f32;
 use crate::state::{AttentionState, SLICE};
 
+/// Tokens each thread has in flight per step; `unroll!` below lists their indices.
 const TOKENS_IN_FLIGHT: u32 = 4;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -70,29 +71,29 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32>(p: &DecodeParams) {
     for step in 0..steps {
         let mut k = [Vec16::default(); TOKENS_IN_FLIGHT as usize];
         let mut v = [Vec16::default(); TOKENS_IN_FLIGHT as usize];
-        for u in 0..TOKENS_IN_FLIGHT {
-            let pos = start + step * per_step + u * p.token_lanes + tz;
+        let first = start + step * per_step + tz;
+        crate::unroll!(u in [0, 1, 2, 3] {
+            let pos = first + u as u32 * p.token_lanes;
             if pos < end {
                 let (page_in_seq, slot) = p.page_size.divmod(pos);
                 let page = *kv_indices.add((page_base + page_in_seq) as usize);
                 let elem = page as u64 * p.page_elems as u64 + (slot * p.slot_stride) as u64 + head_offset;
-                k[u as usize] = load_readonly(k_pages.add((elem / SLICE as u64) as usize));
-                v[u as usize] = load_readonly(v_pages.add((elem / SLICE as u64) as usize));
+                k[u] = load_readonly(k_pages.add((elem / SLICE as u64) as usize));
+                v[u] = load_readonly(v_pages.add((elem / SLICE as u64) as usize));
             }
-        }
-        for u in 0..TOKENS_IN_FLIGHT {
-            let kf = unpack::<H>(k[u as usize]);
+        });
+        crate::unroll!(u in [0, 1, 2, 3] {
+            let kf = unpack::<H>(k[u]);
             let mut dot = 0.0;
             for i in 0..SLICE {
                 dot += q[i] * kf[i];
             }
             // Every lane joins the shuffles, valid token or not.
             let dot = segment_sum(dot, lanes);
-            let pos = start + step * per_step + u * p.token_lanes + tz;
-            if pos < end {
-                state.push(logit(dot, p), &unpack::<H>(v[u as usize]));
+            if first + (u as u32) * p.token_lanes < end {
+                state.push(logit(dot, p), &unpack::<H>(v[u]));
             }
-        }
+        });
     }
 
     // Merge the token streams: every thread parks its state, the tz = 0 threads combine.

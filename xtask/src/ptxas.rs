@@ -63,12 +63,17 @@ pub fn parse_report(text: &str) -> Vec<KernelResources> {
             .unwrap_or(0)
     };
     let mut out: Vec<KernelResources> = Vec::new();
+    // "Function properties for F" heads the stack line of F, which may be a device function the
+    // kernel calls rather than the kernel: only the kernel's own lines count.
+    let mut properties_of = String::new();
     for line in text.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let kernel = rest.split('\'').next().unwrap_or_default().to_string();
             out.push(KernelResources { kernel, ..Default::default() });
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            properties_of = rest.trim().to_string();
         } else if let Some(k) = out.last_mut() {
-            if line.contains("bytes stack frame") {
+            if line.contains("bytes stack frame") && properties_of == k.kernel {
                 k.stack_bytes = number_before(line, "bytes stack frame");
                 k.spill_bytes = number_before(line, "bytes spill stores") + number_before(line, "bytes spill loads");
             } else if line.contains("Used ") && line.contains("registers") {
@@ -146,6 +151,17 @@ pub fn assemble_committed() -> crate::Result<Vec<(String, KernelResources)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_called_function_does_not_hide_the_kernel_stack_frame() {
+        let text = "ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+            ptxas info    : Function properties for k\n\
+            \x20   128 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Function properties for panic_helper\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 56 registers, used 1 barriers, 128 bytes cumulative stack size\n";
+        assert_eq!(parse_report(text)[0].stack_bytes, 128);
+    }
 
     #[test]
     fn parses_ptxas_verbose_report() {

@@ -14,6 +14,16 @@ pub mod warp;
 /// Division by a run-time divisor; shared with the host, which precomputes it.
 pub use crate::abi::FastDiv;
 
+/// Repeats `$body` once per listed index, `$i` bound to each as a `usize` constant. Loops over
+/// register arrays must be unrolled or LLVM keeps the arrays in local memory; its unroller
+/// gives up on bodies with much inline asm, so kernels unroll such loops with this.
+#[macro_export]
+macro_rules! unroll {
+    ($i:ident in [$($n:literal),*] $body:block) => {{
+        $( { #[allow(non_upper_case_globals)] const $i: usize = $n; $body } )*
+    }};
+}
+
 /// Abort the whole grid; the host sees `CUDA_ERROR_ILLEGAL_INSTRUCTION` on the next sync.
 #[inline(always)]
 pub fn trap() -> ! {
