@@ -3,12 +3,12 @@
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
 //! on the values, and the sweep's pools reach tens of GB.
 use cudarc::driver::CudaSlice;
-use ferrinfer::{f16, BatchDecodePlan, CacheShape, DecodeOptions, Device, LayerPools, PagedKvCache};
+use ferrinfer::{f16, BatchDecodePlan, DecodeOptions, Device, LayerPools, PagedKvCache};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
-use crate::page_ops::Shapes;
-use crate::timing::{BoxResult, Timer};
+use crate::page_ops::{pool_shape, Bench};
+use crate::timing::BoxResult;
 
 /// Query heads per KV head in the benchmark (32 query heads over 8 KV heads).
 const GROUP: usize = 4;
@@ -31,26 +31,10 @@ pub fn header() {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn decode(
-    dev: &Device,
-    timer: &mut Timer,
-    s: &Shapes,
-    batch: usize,
-    kv_len: usize,
-    page_size: usize,
-    copy_gbs: f64,
-    read_gbs: f64,
-) -> BoxResult<Value> {
+pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> BoxResult<Value> {
+    let (dev, s) = (b.dev, &b.shapes);
     let kv_lens = vec![kv_len; batch];
-    let pages: usize = kv_lens.iter().map(|n| n.div_ceil(page_size)).sum();
-    let shape = CacheShape {
-        num_pages: pages + pages / 4 + 1,
-        page_size,
-        num_kv_heads: s.kv_heads,
-        head_dim: s.head_dim,
-        layout: s.layout,
-    };
+    let shape = pool_shape(s, &kv_lens, page_size);
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
     let layer = LayerPools { k: filled_pool(dev, shape.pool_elems(), 1)?, v: filled_pool(dev, shape.pool_elems(), 2)? };
     let cache = PagedKvCache::from_layers(shape, vec![layer])?;
@@ -58,17 +42,17 @@ pub fn decode(
     let plan = BatchDecodePlan::new(dev, &shape, heads, &table, DecodeOptions::default())?;
     let q = dev.upload(&random_values::<f16>(&mut rng(3), plan.qo_elems()))?;
     let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
-    let us = timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
     let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * 2) as f64;
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
     println!(
         "| decode | {page_size} | {batch} | {kv_len} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} |",
         bytes / 1e6,
-        100.0 * gbs / copy_gbs,
-        100.0 * gbs / read_gbs,
+        100.0 * gbs / b.copy_gbs,
+        100.0 * gbs / b.read_gbs,
         items * kv_heads * tiles
     );
     Ok(json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "kv_bytes": bytes,
-              "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / copy_gbs, "pct_read_stream": 100.0 * gbs / read_gbs}))
+              "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs, "pct_read_stream": 100.0 * gbs / b.read_gbs}))
 }

@@ -11,11 +11,11 @@ use std::time::Instant;
 use clap::Parser;
 use ferrinfer::{f16, reference, CacheShape, Device, KvLayout};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
-use page_ops::Shapes;
+use page_ops::{Bench, Shapes};
 use timing::{BoxResult, Timer};
 
 #[derive(Parser)]
-#[command(about = "ferrinfer benchmark: paged KV gather and append against a device-to-device copy")]
+#[command(about = "ferrinfer benchmark: paged KV gather, append and batch decode against a device-to-device copy")]
 struct Args {
     /// Sequences in the gather batch.
     #[arg(long, default_value_t = 64)]
@@ -92,17 +92,17 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write); read stream: {read_gbs:.0} GB/s");
     println!("{} timed runs each; before each, the L2 is flushed (a buffer written, another read)\n", args.runs);
 
-    let shapes = args.shapes();
+    let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs };
     let mut results = Vec::new();
     page_ops::header();
     let gather_sizes = if args.kernels.contains(&Kernel::Gather) { &args.page_sizes[..] } else { &[] };
     let append_sizes = if args.kernels.contains(&Kernel::Append) { &args.page_sizes[..] } else { &[] };
     for &ps in gather_sizes {
-        results.push(page_ops::gather(dev, &mut timer, &shapes, args.batch, args.kv_len, ps, copy_gbs)?);
+        results.push(page_ops::gather(&mut b, args.batch, args.kv_len, ps)?);
     }
     for &ps in append_sizes {
         for (batch, tokens) in [(8, 4096), (256, 1)] {
-            results.push(page_ops::append(dev, &mut timer, &shapes, batch, tokens, 4096, ps, copy_gbs)?);
+            results.push(page_ops::append(&mut b, batch, tokens, 4096, ps)?);
         }
     }
     if args.kernels.contains(&Kernel::Decode) {
@@ -115,7 +115,7 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
                     if 2 * batch * kv_len * args.kv_heads * args.head_dim * 2 > 40_000_000_000 {
                         continue;
                     }
-                    results.push(decode::decode(dev, &mut timer, &shapes, batch, kv_len, ps, copy_gbs, read_gbs)?);
+                    results.push(decode::decode(&mut b, batch, kv_len, ps)?);
                 }
             }
         }
@@ -150,6 +150,15 @@ fn run_cpu(args: &Args) -> BoxResult<()> {
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let checksum: f64 = out.iter().map(|x| x.to_f64()).sum();
         println!("cpu reference gather: page_size {page_size:>4}, {batch} × {kv_len} tokens: {ms:.1} ms, checksum {checksum:.4}");
+        let v_pool: Vec<f16> = random_values(&mut r, shape.pool_elems());
+        let heads = 4 * s.kv_heads;
+        let q: Vec<f16> = random_values(&mut r, batch * heads * s.head_dim);
+        let t = Instant::now();
+        let (out, _) =
+            reference::decode(&shape, &pool, &v_pool, &table, &q, heads, &ferrinfer::DecodeOptions::default());
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let checksum: f64 = out.iter().sum();
+        println!("cpu reference decode: page_size {page_size:>4}, {batch} × {kv_len} tokens, {heads} query heads: {ms:.1} ms, checksum {checksum:.4}");
     }
     Ok(())
 }

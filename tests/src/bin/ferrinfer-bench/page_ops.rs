@@ -13,8 +13,17 @@ pub struct Shapes {
     pub layout: KvLayout,
 }
 
+/// What every measurement needs: the GPU, the timer, the shapes and the run's two ceilings.
+pub struct Bench<'d> {
+    pub dev: &'d Device,
+    pub timer: Timer<'d>,
+    pub shapes: Shapes,
+    pub copy_gbs: f64,
+    pub read_gbs: f64,
+}
+
 /// A pool 25% larger than `kv_lens` needs, so pages come from a random permutation of it.
-fn shape(shapes: &Shapes, kv_lens: &[usize], page_size: usize) -> CacheShape {
+pub fn pool_shape(shapes: &Shapes, kv_lens: &[usize], page_size: usize) -> CacheShape {
     let pages: usize = kv_lens.iter().map(|n| n.div_ceil(page_size)).sum();
     CacheShape {
         num_pages: pages + pages / 4 + 1,
@@ -42,23 +51,16 @@ pub fn header() {
 }
 
 /// Gathers `batch` sequences of `kv_len` tokens into ragged K and V.
-pub fn gather(
-    dev: &Device,
-    timer: &mut Timer,
-    s: &Shapes,
-    batch: usize,
-    kv_len: usize,
-    page_size: usize,
-    copy_gbs: f64,
-) -> BoxResult<Value> {
+pub fn gather(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> BoxResult<Value> {
+    let dev = b.dev;
     let mut r = rng(page_size as u64);
     let kv_lens = vec![kv_len; batch];
-    let shape = shape(s, &kv_lens, page_size);
+    let shape = pool_shape(&b.shapes, &kv_lens, page_size);
     let table = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
     let (cache, host) = random_cache::<f16>(dev, &mut r, shape, 1)?;
     let plan = GatherPlan::new(dev, &shape, &table)?;
     let (mut k, mut v) = (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
-    let us = timer.median_us(|| plan.run(dev, dev.stream(), &cache, 0, &mut k, &mut v))?;
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &cache, 0, &mut k, &mut v))?;
     expect_bitwise_eq(
         "gathered K",
         &dev.download(&k)?,
@@ -72,25 +74,16 @@ pub fn gather(
         shape.token_elems(),
     )?;
     // K and V: each element read from a page and written to the ragged output.
-    Ok(row("gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us, copy_gbs))
+    Ok(row("gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us, b.copy_gbs))
 }
 
 /// Appends `tokens` new tokens to each of `batch` sequences that hold `seq_after` tokens after
 /// the append (FlashInfer's `append_paged_kv_cache` benchmark).
-#[allow(clippy::too_many_arguments)]
-pub fn append(
-    dev: &Device,
-    timer: &mut Timer,
-    s: &Shapes,
-    batch: usize,
-    tokens: usize,
-    seq_after: usize,
-    page_size: usize,
-    copy_gbs: f64,
-) -> BoxResult<Value> {
+pub fn append(b: &mut Bench, batch: usize, tokens: usize, seq_after: usize, page_size: usize) -> BoxResult<Value> {
+    let dev = b.dev;
     let mut r = rng(7 + page_size as u64);
     let kv_lens = vec![seq_after; batch];
-    let shape = shape(s, &kv_lens, page_size);
+    let shape = pool_shape(&b.shapes, &kv_lens, page_size);
     let table = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
     let mut cache = PagedKvCache::<f16>::new(dev, shape, 1)?;
     let append_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * tokens as u32).collect();
@@ -98,7 +91,7 @@ pub fn append(
     let (k_in, v_in): (Vec<f16>, Vec<f16>) =
         (random_values(&mut r, plan.ragged_elems()), random_values(&mut r, plan.ragged_elems()));
     let (k_dev, v_dev) = (dev.upload(&k_in)?, dev.upload(&v_in)?);
-    let us = timer.median_us(|| plan.run(dev, dev.stream(), &mut cache, 0, &k_dev, &v_dev))?;
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &mut cache, 0, &k_dev, &v_dev))?;
     // Check the appended tokens by reading back just the pages they landed in.
     let pools = cache.layer(0)?;
     for (what, pool, input) in [("K", &pools.k, &k_in), ("V", &pools.v, &v_in)] {
@@ -111,7 +104,7 @@ pub fn append(
         tokens,
         2.0 * 2.0 * (plan.ragged_elems() * 2) as f64,
         us,
-        copy_gbs,
+        b.copy_gbs,
     ))
 }
 
