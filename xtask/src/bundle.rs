@@ -9,8 +9,10 @@ use crate::workspace_root;
 const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
 const MAX_BUNDLE_BYTES: u64 = 60 << 20;
 
-/// Builds with `cargo <args> --message-format=json` and returns the executables it produced.
-fn build_executables(args: &[&str]) -> crate::Result<Vec<PathBuf>> {
+/// Builds with `cargo <args> --message-format=json` and returns the executable of target `name`
+/// of kind `kind` (`test` or `bin`): building an integration test also builds the package's
+/// binaries, so the messages name several executables.
+fn build_executable(args: &[&str], name: &str, kind: &str) -> crate::Result<PathBuf> {
     let out = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
         .args(args)
@@ -21,11 +23,16 @@ fn build_executables(args: &[&str]) -> crate::Result<Vec<PathBuf>> {
     if !out.status.success() {
         return Err(format!("cargo {args:?} failed"));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let is_wanted = |m: &serde_json::Value| {
+        let target = &m["target"];
+        target["name"] == name && target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind))
+    };
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|m| m.get("executable")?.as_str().map(PathBuf::from))
-        .collect())
+        .filter(is_wanted)
+        .find_map(|m| m.get("executable")?.as_str().map(PathBuf::from))
+        .ok_or_else(|| format!("cargo {args:?} produced no {kind} executable named {name}"))
 }
 
 fn copy(from: &Path, to: &Path) -> crate::Result {
@@ -35,17 +42,15 @@ fn copy(from: &Path, to: &Path) -> crate::Result {
 pub fn build(out: &Path) -> crate::Result {
     let root = workspace_root();
     let out = if out.is_absolute() { out.to_path_buf() } else { root.join(out) };
-    let tests = build_executables(&["test", "-p", "ferrinfer-tests", "--test", "gpu", "--no-run"])?;
-    let bench = build_executables(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench"])?;
-    let (Some(tests), Some(bench)) = (tests.first(), bench.first()) else {
-        return Err("cargo produced no test or bench executable".into());
-    };
+    let tests = build_executable(&["test", "-p", "ferrinfer-tests", "--test", "gpu", "--no-run"], "gpu", "test")?;
+    let bench =
+        build_executable(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench"], "ferrinfer-bench", "bin")?;
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("ptx")).map_err(|e| format!("{}: {e}", out.display()))?;
-    copy(tests, &out.join("gpu-tests"))?;
-    copy(bench, &out.join("ferrinfer-bench"))?;
+    copy(&tests, &out.join("gpu-tests"))?;
+    copy(&bench, &out.join("ferrinfer-bench"))?;
     for (_, file) in crate::source_hash::TARGETS {
         copy(&root.join("host/ptx").join(file), &out.join("ptx").join(file))?;
     }
