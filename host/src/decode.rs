@@ -22,7 +22,7 @@ unsafe impl DeviceRepr for MergeParams {}
 /// Head dimensions the decode kernels are built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Work items shorter than this are never split further.
-const MIN_CHUNK: usize = 256;
+const MIN_CHUNK: usize = 64;
 /// Threads a block aims for.
 const BLOCK_THREADS: usize = 128;
 

@@ -5,8 +5,9 @@
 //! Threads are `(tx, ty, tz)` (see `abi::DecodeParams`): a query head's dot product is split
 //! over the `HEAD_DIM / 8` lanes `tx` and reduced by shuffles; the `ty` threads of a group read
 //! the same K/V vectors (one DRAM read, the rest from L1); the `tz` streams take interleaved
-//! tokens, `TOKENS_IN_FLIGHT` each per step with all their loads issued before the math, and
-//! merge their states through shared memory at the end.
+//! tokens, `TOKENS_IN_FLIGHT` each per step with all their loads issued before the math and the
+//! next step's loads issued before this step's math (a two-deep software pipeline), and merge
+//! their states through shared memory at the end.
 use crate::abi::{DecodeParams, MergeParams, NO_PARTIAL};
 use crate::gpu::half::{pack, unpack, Bf16, Half, F16};
 use crate::gpu::index::{block_dim_x, block_x, block_y, block_z, thread_x};
@@ -68,7 +69,8 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32>(p: &DecodeParams) {
     let mut state = AttentionState::empty();
     let per_step = p.token_lanes * TOKENS_IN_FLIGHT;
     let steps = (end - start).div_ceil(per_step);
-    for step in 0..steps {
+    // A step's K/V loads, issued together (positions past `end` load nothing).
+    let load_step = |step: u32| {
         let mut k = [Vec16::default(); TOKENS_IN_FLIGHT as usize];
         let mut v = [Vec16::default(); TOKENS_IN_FLIGHT as usize];
         let first = start + step * per_step + tz;
@@ -82,6 +84,16 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32>(p: &DecodeParams) {
                 v[u] = load_readonly(v_pages.add((elem / SLICE as u64) as usize));
             }
         });
+        (k, v)
+    };
+    // Software pipeline: the next step's loads are in flight while this step computes.
+    let mut next = load_step(0);
+    for step in 0..steps {
+        let (k, v) = next;
+        if step + 1 < steps {
+            next = load_step(step + 1);
+        }
+        let first = start + step * per_step + tz;
         crate::unroll!(u in [0, 1, 2, 3] {
             let kf = unpack::<H>(k[u]);
             let mut dot = 0.0;
