@@ -236,4 +236,53 @@ mod tests {
     fn zero_page_size_is_rejected() {
         assert!(matches!(SequenceAllocator::new(4, 0), Err(Error::ZeroPageSize)));
     }
+
+    /// Random create/reserve/fork/free sequences against the invariants: every page's count is
+    /// the number of sequences holding it, free pages are exactly the unreferenced ones, each
+    /// sequence holds ceil(len / page_size) pages, and the pages a reserve will write are held
+    /// by that sequence alone.
+    #[test]
+    fn random_operations_keep_the_books_straight() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(3);
+        for round in 0..200 {
+            let page_size = r.random_range(1..6);
+            let mut a = SequenceAllocator::new(r.random_range(1..24), page_size).unwrap();
+            let mut live: Vec<SeqId> = Vec::new();
+            for _ in 0..60 {
+                match r.random_range(0..4) {
+                    0 => live.push(a.create()),
+                    1 if !live.is_empty() => {
+                        let s = live[r.random_range(0..live.len())];
+                        let (before, n) = (a.len(s).unwrap(), r.random_range(0..9));
+                        if a.reserve(s, n).is_ok() {
+                            let table = a.page_table(&[s]).unwrap();
+                            for pos in before..before + n {
+                                let (page, _) = table.locate(0, pos, page_size);
+                                assert_eq!(a.page_refcount(page as u32), 1, "round {round}: write to a shared page");
+                            }
+                        }
+                    }
+                    2 if !live.is_empty() => live.push(a.fork(live[r.random_range(0..live.len())]).unwrap()),
+                    3 if !live.is_empty() => a.free(live.swap_remove(r.random_range(0..live.len()))).unwrap(),
+                    _ => {}
+                }
+                let table = a.page_table(&live).unwrap();
+                table.validate(page_size, a.refcount.len()).unwrap();
+                let mut held = vec![0u32; a.refcount.len()];
+                for &p in &table.kv_indices {
+                    held[p as usize] += 1;
+                }
+                assert_eq!(held, a.refcount, "round {round}");
+                let mut free = a.free.clone();
+                free.sort_unstable();
+                let unreferenced: Vec<u32> = (0..held.len() as u32).filter(|&p| held[p as usize] == 0).collect();
+                assert_eq!(free, unreferenced, "round {round}");
+                for (i, &s) in live.iter().enumerate() {
+                    let pages = table.kv_indptr[i + 1] - table.kv_indptr[i];
+                    assert_eq!(pages as usize, a.len(s).unwrap().div_ceil(page_size), "round {round}");
+                }
+            }
+        }
+    }
 }

@@ -232,4 +232,58 @@ mod tests {
         assert!(matches!(e, Error::OverlappingWrites { page: 5, first_seq: 0, second_seq: 0, .. }), "{e}");
         t.validate_disjoint_writes(2, &[2]).unwrap();
     }
+
+    /// Random tables, many malformed: whatever `validate` accepts, an independent model finds
+    /// in bounds, and whatever `validate_disjoint_writes` accepts writes no slot twice.
+    #[test]
+    fn accepted_tables_stay_in_bounds_and_accepted_writes_are_disjoint() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(17);
+        let (mut accepted, mut disjoint) = (0, 0);
+        for _ in 0..20_000 {
+            let (page_size, num_pages) = (r.random_range(1..6usize), r.random_range(1..6usize));
+            let batch = r.random_range(0..4usize);
+            let mut indptr = vec![0u32];
+            for _ in 0..batch {
+                let step = r.random_range(0..3u32);
+                indptr.push(indptr[indptr.len() - 1] + step);
+            }
+            if r.random_bool(0.1) {
+                let i = r.random_range(0..indptr.len());
+                indptr[i] = r.random_range(0..6);
+            }
+            let n = if r.random_bool(0.9) { indptr[indptr.len() - 1] as usize } else { r.random_range(0..6) };
+            let t = PageTable {
+                kv_indices: (0..n).map(|_| r.random_range(0..num_pages as u32 + 1)).collect(),
+                kv_last_page_len: (0..batch + r.random_range(0..2) * r.random_range(0..2))
+                    .map(|_| r.random_range(0..page_size as u32 + 2))
+                    .collect(),
+                kv_indptr: indptr,
+            };
+            if t.validate(page_size, num_pages).is_err() {
+                continue;
+            }
+            accepted += 1;
+            let starts: Vec<usize> = t.kv_lens(page_size).iter().map(|&l| r.random_range(0..=l)).collect();
+            let mut written = std::collections::HashSet::new();
+            let mut overlap = false;
+            for (seq, &len) in t.kv_lens(page_size).iter().enumerate() {
+                let pages = (t.kv_indptr[seq + 1] - t.kv_indptr[seq]) as usize;
+                assert!(len <= pages * page_size && (pages == 0 || len > (pages - 1) * page_size), "{t:?}");
+                for pos in 0..len {
+                    let index = t.kv_indptr[seq] as usize + pos / page_size;
+                    assert!(index < t.kv_indices.len(), "{t:?}");
+                    let (page, slot) = t.locate(seq, pos, page_size);
+                    assert!(page < num_pages && slot < page_size, "{t:?}");
+                    if pos >= starts[seq] {
+                        overlap |= !written.insert((page, slot));
+                    }
+                }
+            }
+            let verdict = t.validate_disjoint_writes(page_size, &starts);
+            assert_eq!(verdict.is_ok(), !overlap, "{t:?} starts {starts:?}: {verdict:?}");
+            disjoint += verdict.is_ok() as usize;
+        }
+        assert!(accepted > 1000 && disjoint > 500, "too few accepted cases: {accepted}, {disjoint}");
+    }
 }
