@@ -11,7 +11,7 @@ use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
 use crate::dtype::{DType, KvDType};
 use crate::error::{Error, Result};
-use crate::layout::{CacheShape, KvLayout};
+use crate::layout::CacheShape;
 use crate::page_table::PageTable;
 
 // SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
@@ -210,10 +210,7 @@ impl BatchDecodePlan {
             return Ok(());
         }
         let s = &self.shape;
-        let (slot_stride, head_stride) = match s.layout {
-            KvLayout::Nhd => (s.num_kv_heads * s.head_dim, s.head_dim),
-            KvLayout::Hnd => (s.head_dim, s.page_size * s.head_dim),
-        };
+        let (slot_stride, head_stride) = s.strides();
         let (q_ptr, _g0) = q.device_ptr(stream);
         let (k_pages, _g1) = pools.k.device_ptr(stream);
         let (v_pages, _g2) = pools.v.device_ptr(stream);

@@ -73,23 +73,26 @@ impl CacheShape {
         self.num_pages * self.page_elems()
     }
 
+    /// Elements between consecutive slots of a page, and between consecutive heads of a token:
+    /// the layout, written once for the reference, the plans and the kernels' parameters.
+    pub fn strides(&self) -> (usize, usize) {
+        match self.layout {
+            KvLayout::Nhd => (self.num_kv_heads * self.head_dim, self.head_dim),
+            KvLayout::Hnd => (self.head_dim, self.page_size * self.head_dim),
+        }
+    }
+
     /// Element index of `(page, slot, head, d)` in the pool.
     pub fn element_index(&self, page: usize, slot: usize, head: usize, d: usize) -> usize {
-        let within = match self.layout {
-            KvLayout::Nhd => (slot * self.num_kv_heads + head) * self.head_dim,
-            KvLayout::Hnd => (head * self.page_size + slot) * self.head_dim,
-        };
-        page * self.page_elems() + within + d
+        let (slot_stride, head_stride) = self.strides();
+        page * self.page_elems() + slot * slot_stride + head * head_stride + d
     }
 
     /// The kernels' view of a token's row, in 16-byte vectors of `dtype`. Call after `validate`.
     pub(crate) fn token_layout(&self, dtype: DType) -> TokenLayout {
-        let head_vecs = (self.head_dim * dtype.size_bytes() / 16) as u32;
-        let head_stride = match self.layout {
-            KvLayout::Nhd => head_vecs,
-            KvLayout::Hnd => self.page_size as u32 * head_vecs,
-        };
-        TokenLayout { head_stride, head_vecs: FastDiv::new(head_vecs) }
+        let elems_per_vec = 16 / dtype.size_bytes();
+        let head_stride = (self.strides().1 / elems_per_vec) as u32;
+        TokenLayout { head_stride, head_vecs: FastDiv::new((self.head_dim / elems_per_vec) as u32) }
     }
 }
 
