@@ -120,12 +120,16 @@ pub struct ReadStreamParams {
 
 /// Batch decode over the paged cache: one query token per request and query head.
 ///
-/// A block runs one work item (a request's token range `work_start..work_end`) for one KV head
-/// (`blockIdx.y`) and `heads_per_block` of its query heads (tile `blockIdx.z`). Threads are
-/// `(tx, ty, tz)`: `tx` one 16-byte slice of `head_dim`, `ty` a query head, `tz` one of
-/// `token_lanes` interleaved token streams. Item `i` writes the final output and LSE when
-/// `work_partial[i] == NO_PARTIAL`, otherwise a normalised f32 partial output and its LSE into
-/// slot `work_partial[i]`, for the merge kernel. LSE is base 2: `log2 Σ exp(s)`.
+/// A block runs one work item (a request's key range) for one KV head and up to
+/// [`DECODE_ROWS`] of its group's query heads (a row tile): `blockIdx.x` is
+/// `(kv_head · row_tiles + row_tile) · num_items + item`. It works on tensor cores: the heads are the rows of an m16n8k16 tile, so K and V are read once per
+/// block however large the group. [`decode_threads`] threads stream [`DECODE_TILE_TOKENS`]-key
+/// tiles through a [`decode_stages`]-deep shared-memory ring.
+///
+/// A request split over several items (flash-decoding) has each write a normalised f32 partial
+/// output and its LSE to its slot; the last of them to finish (counted per request, KV head and
+/// row tile in `merge_counters`, which it resets to zero) merges the slots into the output, so
+/// one launch does the whole job. LSE is base 2: `log2 Σ exp(s)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeParams {
@@ -133,15 +137,10 @@ pub struct DecodeParams {
     pub q: u64,
     pub k_pages: u64,
     pub v_pages: u64,
-    /// `*const u32`, `batch + 1` entries.
-    pub kv_indptr: u64,
     /// `*const u32`.
     pub kv_indices: u64,
-    /// `*const u32` per work item: request, first and end token position, partial slot.
-    pub work_request: u64,
-    pub work_start: u64,
-    pub work_end: u64,
-    pub work_partial: u64,
+    /// `*const DecodeWorkItem`, one per `blockIdx.x`.
+    pub work: u64,
     /// `[batch][num_qo_heads][head_dim]`, the query's dtype.
     pub out: u64,
     /// `*mut f32`, `[batch][num_qo_heads]`; 0 when not wanted.
@@ -150,39 +149,74 @@ pub struct DecodeParams {
     pub partial_out: u64,
     /// `*mut f32`, `[slots][num_qo_heads]`.
     pub partial_lse: u64,
+    /// `*mut u32`, zero between launches.
+    pub merge_counters: u64,
     pub page_size: FastDiv,
     /// Elements per page, between tokens of a page, and between heads of a token.
     pub page_elems: u32,
     pub slot_stride: u32,
     pub head_stride: u32,
     pub num_qo_heads: u32,
+    /// Work items (entries of `work`).
+    pub num_items: u32,
     /// Query heads per KV head.
     pub group_size: u32,
-    pub heads_per_block: u32,
-    pub token_lanes: u32,
     /// Multiplies `q · k` before the soft cap; logits are then kept in base 2.
     pub sm_scale: f32,
     /// `cap` of `cap · tanh(s / cap)`, 0 for none.
     pub logits_soft_cap: f32,
 }
 
-pub const NO_PARTIAL: u32 = u32::MAX;
-
-/// Merges normalised partial attention states: output row `r` (request `merge_request[r]`)
-/// combines partial slots `merge_indptr[r]..merge_indptr[r + 1]` by their base-2 LSE.
-/// Grid: `(rows, num_qo_heads)`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct MergeParams {
-    pub partial_out: u64,
-    pub partial_lse: u64,
-    /// `*const u32`, `rows + 1` entries.
-    pub merge_indptr: u64,
-    /// `*const u32`, `rows` entries.
-    pub merge_request: u64,
-    pub out: u64,
-    /// `*mut f32`, 0 when not wanted.
-    pub lse: u64,
-    pub num_qo_heads: u32,
-    pub head_dim: u32,
+/// One decode block's share of a request, resolved by `plan` (two 16-byte loads).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeWorkItem {
+    /// The request's first entry in `kv_indices` (`kv_indptr[request]`).
+    pub pages: u32,
+    /// Key positions `start..end` of the request.
+    pub start: u32,
+    pub end: u32,
+    pub request: u32,
+    /// This item's partial slot, or [`NO_PARTIAL`] when the request is not split.
+    pub slot: u32,
+    /// The request's partial slots are `first_slot..first_slot + parts`.
+    pub first_slot: u32,
+    pub parts: u32,
+    /// The request's first merge counter; one per (KV head, row tile) follows.
+    pub counters: u32,
 }
+
+/// Warps of a decode block that split a tile's keys, 16 each.
+pub const DECODE_KEY_WARPS: u32 = 4;
+/// Output dimensions one decode warp accumulates: wider heads split their dims over more
+/// warps (which share the tile's keys) so the f32 accumulators stay in registers.
+pub const DECODE_WARP_DIMS: u32 = 128;
+
+/// Threads of a decode block: [`DECODE_KEY_WARPS`] warps per 128 output dimensions.
+pub const fn decode_threads(head_dim: u32) -> u32 {
+    32 * DECODE_KEY_WARPS * head_dim.div_ceil(DECODE_WARP_DIMS)
+}
+/// Query heads per decode block: the M of the mma tile.
+pub const DECODE_ROWS: u32 = 16;
+/// Keys per pipeline stage (16 per warp: the K of the P·V mma).
+pub const DECODE_TILE_TOKENS: u32 = 64;
+
+/// Pipeline depth of the decode ring: about 64 KiB of K/V in flight per block and two blocks
+/// per SM where the shared memory allows.
+pub const fn decode_stages(head_dim: u32) -> u32 {
+    match head_dim {
+        0..=64 => 4,
+        65..=128 => 3,
+        _ => 2,
+    }
+}
+
+/// Dynamic shared memory of a decode block: the query tile, the K and V rings, and the key
+/// warps' softmax statistics (the rings are reused for the warps' outputs at the end).
+pub const fn decode_smem_bytes(head_dim: u32) -> u32 {
+    let q = DECODE_ROWS * head_dim * 2;
+    let ring = 2 * decode_stages(head_dim) * DECODE_TILE_TOKENS * head_dim * 2;
+    q + ring + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+}
+
+pub const NO_PARTIAL: u32 = u32::MAX;

@@ -6,7 +6,10 @@
 //! everything; `run` only launches, so it can be captured in a CUDA graph.
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
-use crate::abi::{DecodeParams, FastDiv, MergeParams, NO_PARTIAL};
+use crate::abi::{
+    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, FastDiv, DECODE_ROWS, DECODE_TILE_TOKENS,
+    NO_PARTIAL,
+};
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
 use crate::dtype::{DType, KvDType};
@@ -17,14 +20,10 @@ use crate::page_table::PageTable;
 // SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
 unsafe impl DeviceRepr for DecodeParams {}
 // SAFETY: as above.
-unsafe impl DeviceRepr for MergeParams {}
+unsafe impl DeviceRepr for DecodeWorkItem {}
 
 /// Head dimensions the decode kernels are built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
-/// Work items shorter than this are never split further.
-const MIN_CHUNK: usize = 64;
-/// Threads a block aims for.
-const BLOCK_THREADS: usize = 128;
 
 /// Run-time options, as FlashInfer's `plan` takes them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,36 +43,54 @@ impl Default for DecodeOptions {
 }
 
 /// A validated decode batch with its work split and metadata on the device.
+///
+/// The plan owns the split's scratch space (partial outputs and merge counters), so runs of one
+/// plan must not overlap on the GPU: use one stream per plan or order the streams (cudarc's
+/// event tracking, on by default, does that for you). Plan per stream for concurrent batches.
 pub struct BatchDecodePlan {
     shape: CacheShape,
     batch_size: usize,
     num_qo_heads: usize,
     sm_scale: f32,
     logits_soft_cap: f32,
-    /// Blocks: work items × KV heads × head tiles.
+    /// Blocks: work items × KV heads × row tiles (16 query heads each).
     grid: (u32, u32, u32),
-    heads_per_block: u32,
-    token_lanes: u32,
-    kv_indptr: CudaSlice<u32>,
+    /// Requests split across several work items.
+    split_requests: usize,
+    /// Read-only metadata, uploaded and synchronised in `new`; `run` passes their addresses
+    /// (`metadata`) without a driver call per buffer.
     kv_indices: CudaSlice<u32>,
-    work: [CudaSlice<u32>; 4],
-    merge_rows: u32,
-    merge_indptr: CudaSlice<u32>,
-    merge_request: CudaSlice<u32>,
+    work: CudaSlice<DecodeWorkItem>,
+    metadata: (u64, u64),
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
+    merge_counters: CudaSlice<u32>,
 }
 
-/// Thread layout for `head_dim` and a group of `group_size` query heads:
-/// `(heads_per_block, token_lanes)`, with whole warps.
-fn thread_layout(head_dim: usize, group_size: usize) -> (usize, usize) {
-    let lanes = head_dim / 8;
-    let heads = group_size.min((256 / lanes).max(1));
-    let mut token_lanes = (BLOCK_THREADS / (lanes * heads)).max(1);
-    while !(lanes * heads * token_lanes).is_multiple_of(32) {
-        token_lanes += 1;
+/// The shortest chunk (a multiple of the kernel's key tile) that splits the sequences of
+/// `lens` into at most `capacity / blocks_per_item` work items and no sequence into more than
+/// `max_parts`, or `None` when the unsplit batch already fills `capacity` blocks. One full
+/// wave of equal blocks is what a bandwidth-bound kernel wants: more items only add merge
+/// work, fewer leave SMs idle.
+fn split_chunk(lens: &[usize], blocks_per_item: usize, capacity: usize, max_parts: usize) -> Option<usize> {
+    let tile = DECODE_TILE_TOKENS as usize;
+    let items_for = |chunk: usize| lens.iter().map(|&len| len.div_ceil(chunk).max(1)).sum::<usize>();
+    let max_items = capacity / blocks_per_item;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    if lens.is_empty() || items_for(longest.max(1)) >= max_items {
+        return None;
     }
-    (heads, token_lanes)
+    // items_for falls as the chunk grows: binary search the smallest chunk (in tiles) that fits.
+    let (mut lo, mut hi) = (longest.div_ceil(tile).div_ceil(max_parts).max(1), longest.div_ceil(tile).max(1));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if items_for(mid * tile) <= max_items {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo * tile)
 }
 
 impl BatchDecodePlan {
@@ -102,8 +119,7 @@ impl BatchDecodePlan {
             return Err(Error::BadOption { what: "window_left must be −1 (none) or ≥ 0" });
         }
         let group_size = num_qo_heads / shape.num_kv_heads;
-        let (heads_per_block, token_lanes) = thread_layout(shape.head_dim, group_size);
-        let head_tiles = group_size.div_ceil(heads_per_block);
+        let row_tiles = group_size.div_ceil(DECODE_ROWS as usize);
 
         // Each request's key range, then the split: enough items to give every SM several blocks.
         let ranges: Vec<(usize, usize)> = table
@@ -114,50 +130,62 @@ impl BatchDecodePlan {
                 w => (len.saturating_sub(w as usize + 1), len),
             })
             .collect();
-        let sms = device.multiprocessor_count()?;
-        let blocks_per_item = shape.num_kv_heads * head_tiles;
-        let target_items = (sms * 16).div_ceil(blocks_per_item).max(1);
-        let total: usize = ranges.iter().map(|(lo, hi)| hi - lo).sum();
-        let chunk = if ranges.len() >= target_items { usize::MAX } else { total.div_ceil(target_items).max(MIN_CHUNK) };
+        let capacity = device.multiprocessor_count()? * device.decode_blocks_per_sm(shape.head_dim)?;
+        let lens: Vec<usize> = ranges.iter().map(|(lo, hi)| hi - lo).collect();
+        // The merging block stages (parts + 1) · 16 weights and a flag in its shared memory.
+        let max_parts = (decode_smem_bytes(shape.head_dim as u32) as usize / 4 - 1) / DECODE_ROWS as usize - 1;
+        let chunk = split_chunk(&lens, shape.num_kv_heads * row_tiles, capacity, max_parts).unwrap_or(usize::MAX);
 
-        let mut work: [Vec<u32>; 4] = Default::default();
-        let (mut merge_indptr, mut merge_request) = (vec![0u32], Vec::new());
+        let heads_blocks = (shape.num_kv_heads * row_tiles) as u32;
+        let (mut work, mut slots, mut split_requests) = (Vec::new(), 0u32, 0usize);
         for (request, &(lo, hi)) in ranges.iter().enumerate() {
             let parts = (hi - lo).div_ceil(chunk).max(1);
             for part in 0..parts {
-                let start = lo + part * (hi - lo) / parts;
-                let end = lo + (part + 1) * (hi - lo) / parts;
-                let slot = if parts == 1 { NO_PARTIAL } else { merge_indptr[merge_indptr.len() - 1] + part as u32 };
-                for (list, value) in work.iter_mut().zip([request as u32, start as u32, end as u32, slot]) {
-                    list.push(value);
-                }
+                work.push(DecodeWorkItem {
+                    pages: table.kv_indptr[request],
+                    start: (lo + part * (hi - lo) / parts) as u32,
+                    end: (lo + (part + 1) * (hi - lo) / parts) as u32,
+                    request: request as u32,
+                    slot: if parts == 1 { NO_PARTIAL } else { slots + part as u32 },
+                    first_slot: slots,
+                    parts: parts as u32,
+                    counters: split_requests as u32 * heads_blocks,
+                });
             }
             if parts > 1 {
-                merge_indptr.push(merge_indptr[merge_indptr.len() - 1] + parts as u32);
-                merge_request.push(request as u32);
+                slots += parts as u32;
+                split_requests += 1;
             }
         }
-        let slots = merge_indptr[merge_indptr.len() - 1] as usize;
+        let slots = slots as usize;
+        let blocks = work.len() * heads_blocks as usize;
+        if blocks > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "decode blocks (work items × KV heads × row tiles)",
+                value: blocks,
+                max: i32::MAX as usize,
+            });
+        }
         let nonempty = |v: &[u32]| if v.is_empty() { vec![0] } else { v.to_vec() };
-        let [w0, w1, w2, w3] = &work;
-        Ok(BatchDecodePlan {
+        let plan = BatchDecodePlan {
             shape: *shape,
             batch_size: table.batch_size(),
             num_qo_heads,
             sm_scale,
             logits_soft_cap: options.logits_soft_cap,
-            grid: (work[0].len() as u32, shape.num_kv_heads as u32, head_tiles as u32),
-            heads_per_block: heads_per_block as u32,
-            token_lanes: token_lanes as u32,
-            kv_indptr: device.upload(&table.kv_indptr)?,
+            grid: (work.len() as u32, shape.num_kv_heads as u32, row_tiles as u32),
+            split_requests,
             kv_indices: device.upload(&nonempty(&table.kv_indices))?,
-            work: [device.upload(w0)?, device.upload(w1)?, device.upload(w2)?, device.upload(w3)?],
-            merge_rows: merge_request.len() as u32,
-            merge_indptr: device.upload(&merge_indptr)?,
-            merge_request: device.upload(&nonempty(&merge_request))?,
+            work: device.upload(&if work.is_empty() { vec![DecodeWorkItem::default()] } else { work })?,
             partial_out: device.alloc_zeros((slots * num_qo_heads * shape.head_dim).max(1))?,
             partial_lse: device.alloc_zeros((slots * num_qo_heads).max(1))?,
-        })
+            merge_counters: device.alloc_zeros((split_requests * heads_blocks as usize).max(1))?,
+            metadata: (0, 0),
+        };
+        // `run` may launch on any stream: the uploads must be complete before it reads them.
+        device.synchronize()?;
+        let addresses = (plan.kv_indices.device_ptr(device.stream()).0, plan.work.device_ptr(device.stream()).0);
+        Ok(BatchDecodePlan { metadata: addresses, ..plan })
     }
 
     /// Elements of `q` and `out`: `batch × num_qo_heads × head_dim`.
@@ -165,9 +193,10 @@ impl BatchDecodePlan {
         self.batch_size * self.num_qo_heads * self.shape.head_dim
     }
 
-    /// Blocks of the decode launch and rows of the merge launch (0: nothing was split).
-    pub fn launch_shape(&self) -> ((u32, u32, u32), u32) {
-        (self.grid, self.merge_rows)
+    /// Blocks of the decode launch (work items, KV heads, row tiles) and the number of
+    /// requests split across several items (their parts are merged in the same launch).
+    pub fn launch_shape(&self) -> ((u32, u32, u32), usize) {
+        (self.grid, self.split_requests)
     }
 
     /// Attention of `q` (`[batch][num_qo_heads][head_dim]`) over layer `layer` of `cache`, into
@@ -214,80 +243,50 @@ impl BatchDecodePlan {
         let (q_ptr, _g0) = q.device_ptr(stream);
         let (k_pages, _g1) = pools.k.device_ptr(stream);
         let (v_pages, _g2) = pools.v.device_ptr(stream);
-        let (kv_indptr, _g3) = self.kv_indptr.device_ptr(stream);
-        let (kv_indices, _g4) = self.kv_indices.device_ptr(stream);
-        let (w0, _g5) = self.work[0].device_ptr(stream);
-        let (w1, _g6) = self.work[1].device_ptr(stream);
-        let (w2, _g7) = self.work[2].device_ptr(stream);
-        let (w3, _g8) = self.work[3].device_ptr(stream);
-        let (out_ptr, _g9) = out.device_ptr_mut(stream);
-        let (lse_ptr, _g10) = match lse {
+        let (out_ptr, _g3) = out.device_ptr_mut(stream);
+        let (lse_ptr, _g4) = match lse {
             Some(l) => {
                 let (p, g) = l.device_ptr_mut(stream);
                 (p, Some(g))
             }
             None => (0, None),
         };
-        let (partial_out, _g11) = self.partial_out.device_ptr(stream);
-        let (partial_lse, _g12) = self.partial_lse.device_ptr(stream);
+        // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
+        let (partial_out, _g5) = self.partial_out.device_ptr(stream);
+        let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
+        let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
         let params = DecodeParams {
             q: q_ptr,
             k_pages,
             v_pages,
-            kv_indptr,
-            kv_indices,
-            work_request: w0,
-            work_start: w1,
-            work_end: w2,
-            work_partial: w3,
+            kv_indices: self.metadata.0,
+            work: self.metadata.1,
             out: out_ptr,
             lse: lse_ptr,
             partial_out,
             partial_lse,
+            merge_counters,
             page_size: FastDiv::new(s.page_size as u32),
             page_elems: s.page_elems() as u32,
             slot_stride: slot_stride as u32,
             head_stride: head_stride as u32,
             num_qo_heads: self.num_qo_heads as u32,
+            num_items: self.grid.0,
             group_size: (self.num_qo_heads / s.num_kv_heads) as u32,
-            heads_per_block: self.heads_per_block,
-            token_lanes: self.token_lanes,
             sm_scale: self.sm_scale,
             logits_soft_cap: self.logits_soft_cap,
         };
-        let lanes = (s.head_dim / 8) as u32;
-        let threads = lanes * self.heads_per_block * self.token_lanes;
-        let slots = self.heads_per_block * self.token_lanes;
-        let smem = slots * (2 + s.head_dim as u32) * 4;
+        let head_dim = s.head_dim as u32;
         let dim_index = HEAD_DIMS.iter().position(|&d| d == s.head_dim).unwrap_or(0);
-        let mut cfg = launch_config((self.grid.0, self.grid.1), threads, smem);
-        cfg.grid_dim.2 = self.grid.2;
+        let blocks = self.grid.0 * self.grid.1 * self.grid.2;
+        let cfg = launch_config((blocks, 1), decode_threads(head_dim), decode_smem_bytes(head_dim));
         // SAFETY: the table was validated against this shape when planning; q, out and lse were
         // checked against the plan's batch and heads; the work items address only positions
-        // below each request's kv_len; partial slots were sized by the plan; every buffer lives
-        // until after the launch (guards above).
+        // below each request's kv_len; partial slots and merge counters were sized by the plan;
+        // every buffer lives until after the launch (guards above, plan borrowed).
         unsafe { stream.launch_builder(&device.kernels.decode[dtype][dim_index]).arg(&params).launch(cfg) }
-            .map_err(Error::driver("launching batch decode"))?;
-        if self.merge_rows > 0 {
-            let (merge_indptr, _g13) = self.merge_indptr.device_ptr(stream);
-            let (merge_request, _g14) = self.merge_request.device_ptr(stream);
-            let params = MergeParams {
-                partial_out,
-                partial_lse,
-                merge_indptr,
-                merge_request,
-                out: out_ptr,
-                lse: lse_ptr,
-                num_qo_heads: self.num_qo_heads as u32,
-                head_dim: s.head_dim as u32,
-            };
-            let cfg = launch_config((self.merge_rows, self.num_qo_heads as u32), s.head_dim.min(128) as u32, 0);
-            // SAFETY: merge rows and slots come from the plan and match the partial buffers;
-            // out and lse were checked above.
-            unsafe { stream.launch_builder(&device.kernels.merge_states[dtype]).arg(&params).launch(cfg) }
-                .map_err(Error::driver("launching the decode merge"))?;
-        }
-        Ok(())
+            .map(|_| ())
+            .map_err(Error::driver("launching batch decode"))
     }
 }
 
@@ -296,14 +295,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn thread_layout_uses_whole_warps_for_every_group_size() {
-        for head_dim in HEAD_DIMS {
-            for group in 1..=64 {
-                let (heads, token_lanes) = thread_layout(head_dim, group);
-                let threads = head_dim / 8 * heads * token_lanes;
-                assert!(threads.is_multiple_of(32) && threads <= 1024, "{head_dim} {group}: {threads}");
-                assert!(heads <= group && heads >= 1);
-            }
-        }
+    fn split_fills_one_wave_with_whole_tiles() {
+        // 8 KV heads, 264 block slots: 33 items fit.
+        let chunk = split_chunk(&[32768], 8, 264, 1000).unwrap();
+        assert_eq!(chunk, 1024);
+        assert!(32768usize.div_ceil(chunk) * 8 <= 264);
+        // Already a full wave: no split.
+        assert_eq!(split_chunk(&vec![4096; 64], 8, 264, 1000), None);
+        // 16 × 4096 over 128 pairs: two items each.
+        assert_eq!(split_chunk(&[4096; 16], 8, 264, 1000), Some(2048));
+        // Short sequences never split below one tile; empty ones still take an item.
+        let chunk = split_chunk(&[0, 10, 64, 1000], 1, 1000, 1000).unwrap();
+        assert_eq!(chunk, DECODE_TILE_TOKENS as usize);
+        assert_eq!(split_chunk(&[], 8, 264, 1000), None);
+        // The merge's staging bounds the parts of one sequence.
+        let chunk = split_chunk(&[64 * 100], 1, 1000, 10).unwrap();
+        assert!(6400usize.div_ceil(chunk) <= 10 && chunk == 640);
     }
 }

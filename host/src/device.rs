@@ -2,9 +2,12 @@
 //! the device's compute capability (loaded once) and the kernel functions (looked up once).
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
+use crate::abi::{decode_smem_bytes, decode_threads};
+use crate::decode::HEAD_DIMS;
 use crate::error::{Error, Result};
 use crate::ptx;
 
@@ -16,8 +19,6 @@ pub(crate) struct Kernels {
     pub read_stream: CudaFunction,
     /// `[f16, bf16][head_dim 64, 128, 256]`.
     pub decode: [[CudaFunction; 3]; 2],
-    /// `[f16, bf16]`.
-    pub merge_states: [CudaFunction; 2],
 }
 
 pub struct Device {
@@ -59,8 +60,15 @@ impl Device {
                 [function("decode_f16_64")?, function("decode_f16_128")?, function("decode_f16_256")?],
                 [function("decode_bf16_64")?, function("decode_bf16_128")?, function("decode_bf16_256")?],
             ],
-            merge_states: [function("merge_states_f16")?, function("merge_states_bf16")?],
         };
+        for (function, head_dim) in kernels.decode.iter().flat_map(|by_dim| by_dim.iter().zip(HEAD_DIMS)) {
+            function
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    decode_smem_bytes(head_dim as u32) as i32,
+                )
+                .map_err(Error::driver("allowing decode its shared memory"))?;
+        }
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
         Ok(Device { ctx, stream, name, compute_capability: (major, minor), kernels })
@@ -118,6 +126,19 @@ impl Device {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("reading the multiprocessor count"))?;
         Ok(n.max(1) as usize)
+    }
+
+    /// Decode blocks of `head_dim` resident per SM (registers and shared memory permitting).
+    pub(crate) fn decode_blocks_per_sm(&self, head_dim: usize) -> Result<usize> {
+        let index = HEAD_DIMS.iter().position(|&d| d == head_dim).unwrap_or(0);
+        let n = self.kernels.decode[0][index]
+            .occupancy_max_active_blocks_per_multiprocessor(
+                decode_threads(head_dim as u32),
+                decode_smem_bytes(head_dim as u32) as usize,
+                None,
+            )
+            .map_err(Error::driver("reading decode's occupancy"))?;
+        Ok((n as usize).max(1))
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -33,8 +33,13 @@ impl ReadStream {
                 expected: data.len().next_multiple_of(16).max(16),
             });
         }
-        // Eight blocks of 256 threads per SM fill every SM's thread slots once.
-        let blocks = device.multiprocessor_count()? as u32 * 8;
+        // One wave of as many blocks as fit on every SM: grid-stride, so none waits for a slot.
+        let per_sm = device
+            .kernels
+            .read_stream
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+            .map_err(Error::driver("reading the read stream's occupancy"))?;
+        let blocks = device.multiprocessor_count()? as u32 * per_sm.max(1);
         let sink = device.alloc_zeros::<u32>((blocks * THREADS / 32) as usize)?;
         Ok(ReadStream { data, sink, blocks })
     }

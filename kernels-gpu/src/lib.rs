@@ -8,7 +8,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod gpu;
-pub mod state;
 
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
@@ -16,6 +15,7 @@ pub mod abi;
 pub mod decode;
 pub mod helper_check;
 pub mod page_copy;
+pub mod paged_tile;
 pub mod read_stream;
 
 /// A kernel that panics has a bug the host checks should have caught: stop the grid loudly

@@ -1,10 +1,16 @@
 //! The 16-bit float types kernels are generic over, and 16-byte vectors of eight of them.
 use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use super::mem::Vec16;
+use super::tensor::{mma_bf16, mma_f16};
+use core::arch::asm;
 
 pub trait Half {
     fn to_f32(bits: u16) -> f32;
     fn from_f32(x: f32) -> u16;
+    /// Two values rounded to nearest even into one register, `lo` in the low half.
+    fn pack2(lo: f32, hi: f32) -> u32;
+    /// Tensor-core `acc += a · b` on an m16n8k16 tile of this type (see `tensor`).
+    fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
 }
 
 pub struct F16;
@@ -19,6 +25,19 @@ impl Half for F16 {
     fn from_f32(x: f32) -> u16 {
         f32_to_f16(x)
     }
+    #[inline(always)]
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        let r: u32;
+        // SAFETY: pure register conversion.
+        unsafe {
+            asm!("cvt.rn.f16x2.f32 {r}, {h}, {l};", r = out(reg32) r, h = in(reg32) hi, l = in(reg32) lo, options(pure, nomem, nostack))
+        }
+        r
+    }
+    #[inline(always)]
+    fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        mma_f16(acc, a, b)
+    }
 }
 
 impl Half for Bf16 {
@@ -30,17 +49,19 @@ impl Half for Bf16 {
     fn from_f32(x: f32) -> u16 {
         f32_to_bf16(x)
     }
-}
-
-/// The eight values of a vector, widened.
-#[inline(always)]
-pub fn unpack<H: Half>(v: Vec16) -> [f32; 8] {
-    let mut out = [0.0; 8];
-    for i in 0..4 {
-        out[2 * i] = H::to_f32(v.0[i] as u16);
-        out[2 * i + 1] = H::to_f32((v.0[i] >> 16) as u16);
+    #[inline(always)]
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        let r: u32;
+        // SAFETY: pure register conversion (sm_80+).
+        unsafe {
+            asm!("cvt.rn.bf16x2.f32 {r}, {h}, {l};", r = out(reg32) r, h = in(reg32) hi, l = in(reg32) lo, options(pure, nomem, nostack))
+        }
+        r
     }
-    out
+    #[inline(always)]
+    fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        mma_bf16(acc, a, b)
+    }
 }
 
 /// Eight values rounded to nearest even into one vector.

@@ -31,3 +31,28 @@ pub unsafe fn store(ptr: *mut Vec16, v: Vec16) {
          p = in(reg64) ptr, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c, d = in(reg32) d,
          options(nostack, preserves_flags));
 }
+
+/// Loads 16 bytes through the L2 only (`ld.global.cg`): data other blocks of this launch
+/// wrote, which a stale L1 line must not hide.
+///
+/// # Safety
+/// `ptr` is 16-byte aligned and points into global memory.
+#[inline(always)]
+pub unsafe fn load_l2(ptr: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.cg.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         p = in(reg64) ptr, options(readonly, nostack, preserves_flags));
+    Vec16([a, b, c, d])
+}
+
+/// As [`load_l2`], one f32.
+///
+/// # Safety
+/// `ptr` is aligned and points into global memory.
+#[inline(always)]
+pub unsafe fn load_l2_f32(ptr: *const f32) -> f32 {
+    let r: f32;
+    asm!("ld.global.cg.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) ptr, options(readonly, nostack, preserves_flags));
+    r
+}

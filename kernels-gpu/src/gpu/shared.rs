@@ -16,3 +16,12 @@ pub fn dynamic_smem<T>() -> *mut T {
     }
     p as *mut T
 }
+
+/// Shared-window address of the block's dynamic shared memory, for `cp.async` and `ldmatrix`.
+#[inline(always)]
+pub fn dynamic_smem_addr() -> u32 {
+    let p: u32;
+    // SAFETY: takes the address of a symbol; no memory is touched.
+    unsafe { asm!("mov.u32 {p}, ferrinfer_dynamic_smem;", p = out(reg32) p, options(pure, nomem, nostack)) }
+    p
+}

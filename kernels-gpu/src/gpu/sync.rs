@@ -12,3 +12,23 @@ pub fn sync_threads() {
     // SAFETY: every caller places the barrier where all threads of the block reach it.
     unsafe { core::arch::nvptx::_syncthreads() }
 }
+
+/// `__threadfence()`: this thread's earlier writes are visible to the whole device before its
+/// later ones (and, on the reading side, later reads see what a fenced writer published).
+#[inline(always)]
+pub fn fence_device() {
+    // SAFETY: a memory fence; no operands.
+    unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack, preserves_flags)) }
+}
+
+/// Atomically adds `value` to `*counter` (device scope) and returns the previous value.
+///
+/// # Safety
+/// `counter` is an aligned global address.
+#[inline(always)]
+pub unsafe fn atomic_add(counter: *mut u32, value: u32) -> u32 {
+    let old: u32;
+    core::arch::asm!("atom.global.add.u32 {old}, [{p}], {v};", old = out(reg32) old, p = in(reg64) counter,
+                     v = in(reg32) value, options(nostack, preserves_flags));
+    old
+}

@@ -91,7 +91,10 @@ fn case_tests() -> Vec<GpuTest> {
         let c = Case { layout: KvLayout::Hnd, seed: 100 + ps as u64, ..Case::new(&lens, ps) };
         add::<bf16>(&mut t, format!("decode_page_size_{ps}_group_4_hnd_bf16"), c);
     }
-    for (group, head_dim) in [(1, 64), (2, 256), (5, 128), (7, 64), (8, 128), (16, 128), (16, 256), (3, 256)] {
+    // Above 16 the group takes several row tiles, the last one partial.
+    for (group, head_dim) in
+        [(1, 64), (2, 256), (5, 128), (7, 64), (8, 128), (16, 128), (16, 256), (3, 256), (20, 128), (32, 64), (17, 256)]
+    {
         let c = Case { group, head_dim, seed: 7 * group as u64 + head_dim as u64, ..Case::new(&[37, 1, 700, 129], 7) };
         add::<f16>(&mut t, format!("decode_page_size_7_group_{group}_head_dim_{head_dim}_f16"), c.clone());
         add::<bf16>(
@@ -122,6 +125,13 @@ fn case_tests() -> Vec<GpuTest> {
     );
     let many: Vec<usize> = (0..300).map(|i| 1 + (i * 13) % 90).collect();
     add::<f16>(&mut t, "decode_batch_300_without_split_f16".into(), Case { num_kv_heads: 8, ..Case::new(&many, 16) });
+    // Enough blocks to fill the GPU unsplit, each streaming many key tiles through the ring.
+    let long: Vec<usize> = (0..40).map(|i| 500 + (i * 97) % 1100).collect();
+    add::<bf16>(
+        &mut t,
+        "decode_batch_40_long_without_split_bf16".into(),
+        Case { num_kv_heads: 8, ..Case::new(&long, 5) },
+    );
     t
 }
 

@@ -10,9 +10,6 @@ use serde_json::{json, Value};
 use crate::page_ops::{pool_shape, Bench};
 use crate::timing::BoxResult;
 
-/// Query heads per KV head in the benchmark (32 query heads over 8 KV heads).
-const GROUP: usize = 4;
-
 fn filled_pool(dev: &Device, elems: usize, seed: u64) -> BoxResult<CudaSlice<f16>> {
     let block: Vec<f16> = random_values(&mut rng(seed), (1 << 22).min(elems));
     let src = dev.upload(&block)?;
@@ -27,18 +24,18 @@ fn filled_pool(dev: &Device, elems: usize, seed: u64) -> BoxResult<CudaSlice<f16
 }
 
 pub fn header() {
-    println!("| kernel | page_size | batch | kv_len | KV MB | median us | KV GB/s | % copy | % read stream | blocks | merged rows |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| kernel | page_size | batch | kv_len | group | KV MB | median us | KV GB/s | % copy | % read stream | blocks | merged rows |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 }
 
-pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> BoxResult<Value> {
+pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, group: usize) -> BoxResult<Value> {
     let (dev, s) = (b.dev, &b.shapes);
     let kv_lens = vec![kv_len; batch];
     let shape = pool_shape(s, &kv_lens, page_size);
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
     let layer = LayerPools { k: filled_pool(dev, shape.pool_elems(), 1)?, v: filled_pool(dev, shape.pool_elems(), 2)? };
     let cache = PagedKvCache::from_layers(shape, vec![layer])?;
-    let heads = s.kv_heads * GROUP;
+    let heads = s.kv_heads * group;
     let plan = BatchDecodePlan::new(dev, &shape, heads, &table, DecodeOptions::default())?;
     let q = dev.upload(&random_values::<f16>(&mut rng(3), plan.qo_elems()))?;
     let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
@@ -47,12 +44,14 @@ pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> B
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
     println!(
-        "| decode | {page_size} | {batch} | {kv_len} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} |",
+        "| decode | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} |",
         bytes / 1e6,
         100.0 * gbs / b.copy_gbs,
         100.0 * gbs / b.read_gbs,
         items * kv_heads * tiles
     );
-    Ok(json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "kv_bytes": bytes,
-              "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs, "pct_read_stream": 100.0 * gbs / b.read_gbs}))
+    Ok(
+        json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group, "kv_bytes": bytes,
+              "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs, "pct_read_stream": 100.0 * gbs / b.read_gbs}),
+    )
 }

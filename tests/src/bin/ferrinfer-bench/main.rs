@@ -38,9 +38,12 @@ struct Args {
     /// Kernels to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode])]
     kernels: Vec<Kernel>,
-    /// Decode batches (32 query heads over the KV heads).
+    /// Decode batches.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 256])]
     decode_batches: Vec<usize>,
+    /// Decode query heads per KV head (4: 32 query heads over 8 KV heads).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4])]
+    decode_groups: Vec<usize>,
     /// Decode sequence lengths.
     #[arg(long, value_delimiter = ',', default_values_t = vec![512, 4096, 32768])]
     decode_kv_lens: Vec<usize>,
@@ -115,7 +118,9 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
                     if 2 * batch * kv_len * args.kv_heads * args.head_dim * 2 > 40_000_000_000 {
                         continue;
                     }
-                    results.push(decode::decode(&mut b, batch, kv_len, ps)?);
+                    for &group in &args.decode_groups {
+                        results.push(decode::decode(&mut b, batch, kv_len, ps, group)?);
+                    }
                 }
             }
         }
