@@ -90,6 +90,8 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> PagedTileL
             let row = self.row + j as u32 * Self::PASS_ROWS;
             let pos = self.start + tile * TILE_TOKENS + row;
             let valid = pos < self.end;
+            // The division repeats `look_up_pages`'s: three integer ops, cheaper than holding
+            // the slots in registers across the tile's math.
             let slot = pos - kv.page_size.div(pos) * kv.page_size.divisor;
             let elem = self.pages[j] as u64 * kv.page_elems as u64
                 + (slot * kv.slot_stride + kv.head_offset + self.chunk * 8) as u64;
