@@ -24,7 +24,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--page-sizes", type=int, nargs="*")
+    ap.add_argument("--batches", type=int, nargs="*")
+    ap.add_argument("--kv-lens", type=int, nargs="*")
+    ap.add_argument("--tc-only", action="store_true", help="only the tensor-core path")
     args = ap.parse_args()
+    fb.DECODE_PAGE_SIZES = args.page_sizes or fb.DECODE_PAGE_SIZES
+    fb.DECODE_BATCHES = args.batches or fb.DECODE_BATCHES
+    fb.DECODE_KV_LENS = args.kv_lens or fb.DECODE_KV_LENS
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget_s
     res = {}
@@ -32,7 +39,7 @@ def main():
     fb.env_info(res)
     fb.copy_bw(res)
     pool = fb.Pool(fb.pool_tokens_needed())
-    if ok.get("decode"):
+    if ok.get("decode") and not args.tc_only:
         fb.decode_sweep(res, "decode", pool, False, deadline)
     if ok.get("prefill_fa2"):
         fb.decode_sweep(res, "decode_tc", pool, True, deadline)
@@ -41,10 +48,9 @@ def main():
     print(f"\nFlashInfer decode on {res['env'].get('gpu_name')}; copy {res['copy_bw'].get('GBps_read_plus_write', 0):.0f} GB/s")
     print("| page_size | batch | kv_len | cuda-core median us | kernel us | tensor-core median us | kernel us | best kernel us |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    tc = {(r["page_size"], r["batch"], r["kv_len"]): r for r in res.get("decode_tc", [])}
-    for r in res.get("decode", []):
-        key = (r["page_size"], r["batch"], r["kv_len"])
-        t = tc.get(key, {})
+    rows = {k: {(r["page_size"], r["batch"], r["kv_len"]): r for r in res.get(k, [])} for k in ("decode", "decode_tc")}
+    for key in sorted(rows["decode"].keys() | rows["decode_tc"].keys()):
+        r, t = rows["decode"].get(key, {}), rows["decode_tc"].get(key, {})
         k1 = r.get("kineto", {}).get("kernel_sum_us_median")
         k2 = t.get("kineto", {}).get("kernel_sum_us_median")
         best = min([k for k in (k1, k2) if k is not None], default=None)

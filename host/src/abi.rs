@@ -122,7 +122,8 @@ pub struct ReadStreamParams {
 ///
 /// A block runs one work item (a request's key range) for one KV head and up to
 /// [`DECODE_ROWS`] of its group's query heads (a row tile): `blockIdx.x` is
-/// `(kv_head · row_tiles + row_tile) · num_items + item`. It works on tensor cores: the heads are the rows of an m16n8k16 tile, so K and V are read once per
+/// `(item · num_kv_heads + kv_head) · row_tiles + row_tile`. It works on tensor cores: the heads
+/// are the rows of an m16n8k16 tile, so K and V are read once per
 /// block however large the group. [`decode_threads`] threads stream [`DECODE_TILE_TOKENS`]-key
 /// tiles through a [`decode_stages`]-deep shared-memory ring.
 ///

@@ -72,6 +72,31 @@ pub struct BatchDecodePlan {
 /// `max_parts`, or `None` when the unsplit batch already fills `capacity` blocks. One full
 /// wave of equal blocks is what a bandwidth-bound kernel wants: more items only add merge
 /// work, fewer leave SMs idle.
+/// Tiles a block streams below which one block per SM beats filling every block slot: with
+/// little to stream, a second block per SM adds parts to merge and fixed costs; with more, its
+/// streaming hides each block's pipeline fill and drain (measured on the H200, docs/perf.md,
+/// batch decode v4: batch 1–16 × kv 512–32768).
+const ONE_BLOCK_PER_SM_TILES: usize = 32;
+
+/// How `plan` cuts sequences into work items: the chunk from [`split_chunk`] for one block
+/// per SM when that leaves each block at most [`ONE_BLOCK_PER_SM_TILES`] tiles, else for
+/// every block slot (`blocks_per_sm` per SM). `None`: no sequence is split.
+fn decode_chunk(
+    lens: &[usize],
+    blocks_per_item: usize,
+    sms: usize,
+    blocks_per_sm: usize,
+    max_parts: usize,
+) -> Option<usize> {
+    let one_per_sm = split_chunk(lens, blocks_per_item, sms, max_parts);
+    let longest_block = one_per_sm.unwrap_or_else(|| lens.iter().copied().max().unwrap_or(0));
+    if longest_block <= ONE_BLOCK_PER_SM_TILES * DECODE_TILE_TOKENS as usize {
+        one_per_sm
+    } else {
+        split_chunk(lens, blocks_per_item, sms * blocks_per_sm, max_parts)
+    }
+}
+
 fn split_chunk(lens: &[usize], blocks_per_item: usize, capacity: usize, max_parts: usize) -> Option<usize> {
     let tile = DECODE_TILE_TOKENS as usize;
     let items_for = |chunk: usize| lens.iter().map(|&len| len.div_ceil(chunk).max(1)).sum::<usize>();
@@ -121,7 +146,7 @@ impl BatchDecodePlan {
         let group_size = num_qo_heads / shape.num_kv_heads;
         let row_tiles = group_size.div_ceil(DECODE_ROWS as usize);
 
-        // Each request's key range, then the split: enough items to give every SM several blocks.
+        // Each request's key range, then the split: enough items to fill the SMs (`decode_chunk`).
         let ranges: Vec<(usize, usize)> = table
             .kv_lens(shape.page_size)
             .into_iter()
@@ -130,11 +155,15 @@ impl BatchDecodePlan {
                 w => (len.saturating_sub(w as usize + 1), len),
             })
             .collect();
-        let capacity = device.multiprocessor_count()? * device.decode_blocks_per_sm(shape.head_dim)?;
+        let (sms, blocks_per_sm) = (device.multiprocessor_count()?, device.decode_blocks_per_sm(shape.head_dim)?);
         let lens: Vec<usize> = ranges.iter().map(|(lo, hi)| hi - lo).collect();
-        // The merging block stages (parts + 1) · 16 weights and a flag in its shared memory.
-        let max_parts = (decode_smem_bytes(shape.head_dim as u32) as usize / 4 - 1) / DECODE_ROWS as usize - 1;
-        let chunk = split_chunk(&lens, shape.num_kv_heads * row_tiles, capacity, max_parts).unwrap_or(usize::MAX);
+        // The merging block keeps 8 sums per thread, (parts + 1) · 16 weights and a flag in its
+        // shared memory.
+        let dim = shape.head_dim as u32;
+        let staging = decode_smem_bytes(dim) as usize / 4 - 1 - 8 * decode_threads(dim) as usize;
+        let max_parts = staging / DECODE_ROWS as usize - 1;
+        let chunk =
+            decode_chunk(&lens, shape.num_kv_heads * row_tiles, sms, blocks_per_sm, max_parts).unwrap_or(usize::MAX);
 
         let heads_blocks = (shape.num_kv_heads * row_tiles) as u32;
         let (mut work, mut slots, mut split_requests) = (Vec::new(), 0u32, 0usize);
@@ -311,5 +340,20 @@ mod tests {
         // The merge's staging bounds the parts of one sequence.
         let chunk = split_chunk(&[64 * 100], 1, 1000, 10).unwrap();
         assert!(6400usize.div_ceil(chunk) <= 10 && chunk == 640);
+    }
+
+    #[test]
+    fn short_work_takes_one_block_per_sm() {
+        // 132 SMs, 2 blocks each, 8 KV heads. 1 × 4096: 4 tiles a block over 128 SMs.
+        assert_eq!(decode_chunk(&[4096], 8, 132, 2, 1000), Some(256));
+        // 1 × 32768: 32 tiles a block is still short.
+        assert_eq!(decode_chunk(&[32768], 8, 132, 2, 1000), Some(2048));
+        // 16 × 2048 unsplit (32 tiles): one block per SM, no split.
+        assert_eq!(decode_chunk(&[2048; 16], 8, 132, 2, 1000), None);
+        // 16 × 4096: 64 tiles would be long; split in two to fill both slots of every SM.
+        assert_eq!(decode_chunk(&[4096; 16], 8, 132, 2, 1000), Some(2048));
+        // Full batches are never split.
+        assert_eq!(decode_chunk(&vec![32768; 64], 8, 132, 2, 1000), None);
+        assert_eq!(decode_chunk(&[], 8, 132, 2, 1000), None);
     }
 }

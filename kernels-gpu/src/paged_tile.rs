@@ -3,46 +3,56 @@
 //!
 //! A tile is `TILE_TOKENS` consecutive key positions of the request; thread `i` of `THREADS`
 //! copies 16-byte chunk `i % (HEAD_DIM / 8)` of rows `i / (HEAD_DIM / 8) + j · pass_rows`.
-//! Positions at or past `end` are zero-filled and read nothing, so masked keys can never put a
-//! NaN into P·V. A tile's pages are looked up (`look_up_pages`) one tile before it is issued,
-//! so the dependent load of `kv_indices` overlaps the math on earlier tiles.
+//! Rows at or past `end` copy the request's last key again instead of branching or zero-filling:
+//! the kernel masks their logits to −∞, so their probability is exactly 0 and the duplicate adds
+//! nothing (a key at `end − 1` that is not finite poisons the output either way). A tile's pages
+//! are looked up one tile before it is issued, so the dependent load of `kv_indices` overlaps
+//! the math on earlier tiles. Every row costs a handful of integer ops and no branch: at full
+//! bandwidth the copies' address math competes with the attention math for issue slots.
 use crate::abi::FastDiv;
 use crate::gpu::index::thread_x_here;
-use crate::gpu::mem::Vec16;
 use crate::gpu::tensor::copy_async;
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM`-element
 /// rows. Chunks are XOR-swizzled by the row so the eight rows an `ldmatrix` reads at one
 /// column fall in eight different bank groups.
+///
+/// Rows are a power of two bytes and chunks stay within their row, so XOR-ing a chunk index
+/// commutes with the swizzle: for a tile whose shared address is a multiple of its row size,
+/// `(tile + swizzled(row, c)) ^ (16 · f) == tile + swizzled(row, c ^ f)`. Fragment loads use
+/// this to step along a row with one `xor` each.
 #[inline(always)]
 pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
     row * HEAD_DIM * 2 + ((chunk ^ (row % 8)) * 16)
 }
 
 /// Where one request's keys live: its pages (from `kv_indices[kv_indptr[request]..]`) and
-/// the cache geometry, in elements.
+/// the cache geometry, in bytes.
 #[derive(Clone, Copy)]
 pub struct PagedKv {
-    pub k_pages: *const Vec16,
-    pub v_pages: *const Vec16,
+    pub k_pages: *const u8,
+    pub v_pages: *const u8,
     /// The request's first entry of `kv_indices`.
     pub pages: *const u32,
     pub page_size: FastDiv,
-    pub page_elems: u32,
-    pub slot_stride: u32,
-    /// Element offset of the KV head within a token's slot.
-    pub head_offset: u32,
+    pub page_bytes: u32,
+    pub slot_bytes: u32,
+    /// Byte offset of the KV head within a token's slot.
+    pub head_bytes: u32,
 }
 
 pub struct PagedTileLoader<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> {
     kv: PagedKv,
-    /// Key positions `start..end` of the request are loaded; tile `j` starts at `start + j · TILE_TOKENS`.
+    /// Key positions `start..=last` of the request are loaded; tile `j` starts at `start + j · TILE_TOKENS`.
     start: u32,
-    end: u32,
+    last: u32,
     row: u32,
-    chunk: u32,
-    /// Pages of this thread's rows of the tile to issue next.
+    /// Byte offset of this thread's chunk within a token's slot.
+    chunk_bytes: u32,
+    /// Pages of this thread's rows of the tile to issue next, and the rows' byte offsets
+    /// within their pages (this thread's chunk included).
     pages: [u32; 16],
+    in_page: [u32; 16],
 }
 
 impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> PagedTileLoader<HEAD_DIM, TILE_TOKENS, THREADS> {
@@ -51,33 +61,47 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> PagedTileL
     /// Rows per thread and tile: at most 16.
     const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
 
-    #[inline(always)]
-    pub fn new(kv: PagedKv, start: u32, end: u32, thread: u32) -> Self {
-        PagedTileLoader { kv, start, end, row: thread / Self::CHUNKS, chunk: thread % Self::CHUNKS, pages: [0; 16] }
-    }
-
-    /// Tiles covering `start..end`.
-    #[inline(always)]
-    pub fn tiles(&self) -> u32 {
-        (self.end - self.start).div_ceil(TILE_TOKENS)
-    }
-
-    /// Reads the page ids of `tile` (this thread's rows) into registers.
+    /// A loader for positions `start..end` (`end > start`), with the first tile's pages
+    /// looked up.
     ///
     /// # Safety
     /// The page table was validated for positions below `end`.
     #[inline(always)]
-    pub unsafe fn look_up_pages(&mut self, tile: u32) {
+    pub unsafe fn new(kv: PagedKv, start: u32, end: u32, thread: u32) -> Self {
+        let chunk_bytes = kv.head_bytes + (thread % Self::CHUNKS) * 16;
+        let mut loader = PagedTileLoader {
+            kv,
+            start,
+            last: end - 1,
+            row: thread / Self::CHUNKS,
+            chunk_bytes,
+            pages: [0; 16],
+            in_page: [0; 16],
+        };
+        loader.look_up_pages(0);
+        loader
+    }
+
+    /// Position of pass `j`'s row of `tile`, past the end clamped to the last key.
+    #[inline(always)]
+    fn position(&self, tile: u32, j: u32) -> u32 {
+        (self.start + tile * TILE_TOKENS + self.row + j * Self::PASS_ROWS).min(self.last)
+    }
+
+    /// Reads the page ids of `tile` (this thread's rows) into registers and works out where
+    /// in its page each row starts, so `issue` has only a multiply-add per row left.
+    #[inline(always)]
+    unsafe fn look_up_pages(&mut self, tile: u32) {
         crate::unroll_to!(j < Self::PASSES, {
-            let pos = self.start + tile * TILE_TOKENS + self.row + j as u32 * Self::PASS_ROWS;
-            if pos < self.end {
-                self.pages[j] = *self.kv.pages.add(self.kv.page_size.div(pos) as usize);
-            }
+            let (page, slot) = self.kv.page_size.divmod(self.position(tile, j as u32));
+            self.pages[j] = *self.kv.pages.add(page as usize);
+            self.in_page[j] = slot * self.kv.slot_bytes + self.chunk_bytes;
         });
     }
 
     /// Starts copying `tile` (whose pages were looked up last) to the shared tiles at `k_dst`
-    /// and `v_dst`, `TILE_TOKENS` rows each, swizzled, then looks up the pages of `tile + 1`.
+    /// and `v_dst`, `TILE_TOKENS` rows each, swizzled, then looks up the pages of `tile + 1`
+    /// (past the end: the last key's page again, harmless).
     ///
     /// # Safety
     /// `k_dst` and `v_dst` are shared addresses with room for a tile; the pools hold every page
@@ -87,22 +111,10 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> PagedTileL
         let kv = &self.kv;
         let chunk = thread_x_here() % Self::CHUNKS;
         crate::unroll_to!(j < Self::PASSES, {
-            let row = self.row + j as u32 * Self::PASS_ROWS;
-            let pos = self.start + tile * TILE_TOKENS + row;
-            let valid = pos < self.end;
-            // The division repeats `look_up_pages`'s: three integer ops, cheaper than holding
-            // the slots in registers across the tile's math.
-            let slot = pos - kv.page_size.div(pos) * kv.page_size.divisor;
-            let elem = self.pages[j] as u64 * kv.page_elems as u64
-                + (slot * kv.slot_stride + kv.head_offset + self.chunk * 8) as u64;
-            let (k, v) = if valid {
-                (kv.k_pages.add((elem / 8) as usize), kv.v_pages.add((elem / 8) as usize))
-            } else {
-                (kv.k_pages, kv.v_pages)
-            };
-            let dst = swizzled::<HEAD_DIM>(row, chunk);
-            copy_async(k_dst + dst, k, valid);
-            copy_async(v_dst + dst, v, valid);
+            let offset = self.pages[j] as u64 * kv.page_bytes as u64 + self.in_page[j] as u64;
+            let dst = swizzled::<HEAD_DIM>(self.row + j as u32 * Self::PASS_ROWS, chunk);
+            copy_async(k_dst + dst, kv.k_pages.add(offset as usize).cast());
+            copy_async(v_dst + dst, kv.v_pages.add(offset as usize).cast());
         });
         self.look_up_pages(tile + 1);
     }

@@ -38,7 +38,8 @@ enum Cmd {
         out: PathBuf,
     },
     /// The main job: run the kernels on a generated paged workload (the CPU reference where
-    /// there is no GPU). Arguments go to the benchmark binary.
+    /// there is no GPU). Arguments go to the benchmark binary; without any, its short sweep
+    /// (`--short`).
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -76,7 +77,7 @@ fn main() -> ExitCode {
         Cmd::Demo { args } => run(Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .args(["run", "--quiet", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
-            .args(args)),
+            .args(if args.is_empty() { vec!["--short".to_string()] } else { args })),
     })
 }
 

@@ -1,7 +1,9 @@
 //! Dynamic shared memory: one `.extern .shared` array per module, sized by the launch.
 use core::arch::{asm, global_asm};
 
-global_asm!(".extern .shared .align 16 .b8 ferrinfer_dynamic_smem[];");
+// Aligned to 1 KiB so that tiles laid out at multiples of their row size from it can step
+// through swizzled rows by xor (`paged_tile::swizzled`).
+global_asm!(".extern .shared .align 1024 .b8 ferrinfer_dynamic_smem[];");
 
 /// Generic pointer to the block's dynamic shared memory, viewed as `T`s.
 ///

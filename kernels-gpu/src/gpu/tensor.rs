@@ -19,10 +19,22 @@ use super::mem::Vec16;
 /// `dst` is a 16-byte aligned shared address of the block; when `valid`, `src` is a 16-byte
 /// aligned global address that nothing writes during the kernel.
 #[inline(always)]
-pub unsafe fn copy_async(dst: u32, src: *const Vec16, valid: bool) {
+pub unsafe fn copy_async_or_zero(dst: u32, src: *const Vec16, valid: bool) {
     asm!("cp.async.cg.shared.global [{d}], [{s}], 16, {n};",
          d = in(reg32) dst, s = in(reg64) src, n = in(reg32) if valid { 16u32 } else { 0 },
          options(nostack, preserves_flags));
+}
+
+/// Starts an asynchronous 16-byte copy from global `src` to shared `dst` (bypassing L1). The
+/// unconditional form: no source size to turn into a zero-fill, so no address fix-up either.
+///
+/// # Safety
+/// `dst` is a 16-byte aligned shared address of the block; `src` is a 16-byte aligned global
+/// address that nothing writes during the kernel.
+#[inline(always)]
+pub unsafe fn copy_async(dst: u32, src: *const Vec16) {
+    asm!("cp.async.cg.shared.global [{d}], [{s}], 16;",
+         d = in(reg32) dst, s = in(reg64) src, options(nostack, preserves_flags));
 }
 
 /// Closes the group of copies this thread started since the last commit.

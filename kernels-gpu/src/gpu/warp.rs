@@ -61,3 +61,15 @@ pub fn reduce_max_f32(mut x: f32) -> f32 {
     }
     x
 }
+
+/// Whether `pred` holds on any lane (every lane gets the same answer).
+#[inline(always)]
+pub fn any(pred: bool) -> bool {
+    let r: u32;
+    // SAFETY: all 32 lanes vote (full member mask); see the module note.
+    unsafe {
+        asm!("{{ .reg .pred p, q; setp.ne.u32 p, {x}, 0; vote.sync.any.pred q, p, {full}; selp.u32 {r}, 1, 0, q; }}",
+             r = out(reg32) r, x = in(reg32) pred as u32, full = in(reg32) FULL_MASK, options(nostack))
+    }
+    r != 0
+}

@@ -1,18 +1,26 @@
 //! Batch decode: time, K/V bytes read per second, and the fraction of the copy and of
 //! ferrinfer's read stream (decode only reads, so the read stream is its practical ceiling).
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
-//! on the values, and the sweep's pools reach tens of GB.
+//! on the values, and the sweep's pools reach tens of GB. The first and last request of every
+//! row are checked against the f64 CPU reference, their pages rebuilt on the host from the block.
 use cudarc::driver::CudaSlice;
-use ferrinfer::{f16, BatchDecodePlan, DecodeOptions, Device, LayerPools, PagedKvCache};
+use ferrinfer::{
+    f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, Device, LayerPools, PageTable, PagedKvCache,
+};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
 use crate::page_ops::{pool_shape, Bench};
 use crate::timing::BoxResult;
 
-fn filled_pool(dev: &Device, elems: usize, seed: u64) -> BoxResult<CudaSlice<f16>> {
-    let block: Vec<f16> = random_values(&mut rng(seed), (1 << 22).min(elems));
-    let src = dev.upload(&block)?;
+/// f16 output against the f64 reference: the GPU tests' bound.
+pub const ATOL: f64 = 2e-3;
+pub const RTOL: f64 = 1e-2;
+
+/// A device pool of `elems` elements repeating `block`.
+fn filled_pool(dev: &Device, elems: usize, block: &[f16]) -> BoxResult<CudaSlice<f16>> {
+    let block = &block[..block.len().min(elems)];
+    let src = dev.upload(block)?;
     let mut pool = dev.alloc_zeros::<f16>(elems)?;
     let mut at = 0;
     while at < elems {
@@ -23,35 +31,89 @@ fn filled_pool(dev: &Device, elems: usize, seed: u64) -> BoxResult<CudaSlice<f16
     Ok(pool)
 }
 
-pub fn header() {
-    println!("| kernel | page_size | batch | kv_len | group | KV MB | median us | KV GB/s | % copy | % read stream | blocks | merged rows |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+/// Elements of `out` for `request` that miss the reference (or are not finite).
+#[allow(clippy::too_many_arguments)]
+fn mismatches(
+    shape: &CacheShape,
+    table: &PageTable,
+    blocks: (&[f16], &[f16]),
+    q: &[f16],
+    out: &[f16],
+    heads: usize,
+    request: usize,
+) -> usize {
+    let pages = &table.kv_indices[table.kv_indptr[request] as usize..table.kv_indptr[request + 1] as usize];
+    let page_elems = shape.page_elems();
+    let rebuild = |block: &[f16]| -> Vec<f16> {
+        let first = |page: u32| page as usize * page_elems;
+        pages.iter().flat_map(|&page| (0..page_elems).map(move |i| block[(first(page) + i) % block.len()])).collect()
+    };
+    let own_shape = CacheShape { num_pages: pages.len().max(1), ..*shape };
+    let own_table = PageTable {
+        kv_indptr: vec![0, pages.len() as u32],
+        kv_indices: (0..pages.len() as u32).collect(),
+        kv_last_page_len: vec![table.kv_last_page_len[request]],
+    };
+    let rows = heads * shape.head_dim;
+    let (expected, _) = reference::decode(
+        &own_shape,
+        &rebuild(blocks.0),
+        &rebuild(blocks.1),
+        &own_table,
+        &q[request * rows..(request + 1) * rows],
+        heads,
+        &DecodeOptions::default(),
+    );
+    let got = &out[request * rows..(request + 1) * rows];
+    // NaN in either fails the check.
+    let close = |g: f64, e: f64| (g - e).abs() <= ATOL + RTOL * e.abs();
+    got.iter().zip(&expected).filter(|&(g, &e)| !close(g.to_f64(), e)).count()
 }
 
-pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, group: usize) -> BoxResult<Value> {
+pub fn header(b: &Bench) {
+    b.print("| kernel | page_size | batch | kv_len | group | KV MB | median us | KV GB/s | % copy | % read stream | blocks | merged rows | check |");
+    b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+}
+
+/// Measures one row; the second field counts the sampled output elements that missed the reference.
+pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, group: usize) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
     let kv_lens = vec![kv_len; batch];
     let shape = pool_shape(s, &kv_lens, page_size);
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let layer = LayerPools { k: filled_pool(dev, shape.pool_elems(), 1)?, v: filled_pool(dev, shape.pool_elems(), 2)? };
+    let blocks: [Vec<f16>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+    let layer = LayerPools {
+        k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
+        v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
+    };
     let cache = PagedKvCache::from_layers(shape, vec![layer])?;
     let heads = s.kv_heads * group;
     let plan = BatchDecodePlan::new(dev, &shape, heads, &table, DecodeOptions::default())?;
-    let q = dev.upload(&random_values::<f16>(&mut rng(3), plan.qo_elems()))?;
+    let q_host: Vec<f16> = random_values(&mut rng(3), plan.qo_elems());
+    let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
     let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
+    drop(cache);
+    let out_host = dev.download(&out)?;
+    let wrong: usize = [0, batch - 1]
+        .into_iter()
+        .take(batch.min(2))
+        .map(|r| mismatches(&shape, &table, (&blocks[0], &blocks[1]), &q_host, &out_host, heads, r))
+        .sum();
+    let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
+
     let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * 2) as f64;
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
-    println!(
-        "| decode | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} |",
+    b.print(&format!(
+        "| decode | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
         bytes / 1e6,
         100.0 * gbs / b.copy_gbs,
         100.0 * gbs / b.read_gbs,
         items * kv_heads * tiles
-    );
-    Ok(
-        json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group, "kv_bytes": bytes,
-              "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs, "pct_read_stream": 100.0 * gbs / b.read_gbs}),
-    )
+    ));
+    let row = json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
+                     "kv_bytes": bytes, "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs,
+                     "pct_read_stream": 100.0 * gbs / b.read_gbs, "sampled_elements_wrong": wrong});
+    Ok((row, wrong))
 }

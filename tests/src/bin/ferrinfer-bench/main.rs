@@ -9,8 +9,10 @@ mod timing;
 use std::time::Instant;
 
 use clap::Parser;
+use decode::{ATOL, RTOL};
 use ferrinfer::{f16, reference, CacheShape, Device, KvLayout};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
+use indicatif::{ProgressBar, ProgressStyle};
 use page_ops::{Bench, Shapes};
 use timing::{BoxResult, Timer};
 
@@ -50,6 +52,10 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// A short sweep (the demo's): page sizes 16 and 7, decode batches 1, 16 and 64 at
+    /// kv_len 512 and 4096, 10 runs each. Replaces those options.
+    #[arg(long)]
+    short: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +72,35 @@ enum Layout {
 }
 
 impl Args {
+    fn shorten(mut self) -> Self {
+        if self.short {
+            self.page_sizes = vec![16, 7];
+            self.decode_batches = vec![1, 16, 64];
+            self.decode_kv_lens = vec![512, 4096];
+            self.runs = 10;
+        }
+        self
+    }
+
+    /// Decode rows of the sweep: (page_size, batch, kv_len, group), skipping K and V over 40 GB.
+    fn decode_rows(&self) -> Vec<(usize, usize, usize, usize)> {
+        if !self.kernels.contains(&Kernel::Decode) {
+            return Vec::new();
+        }
+        let mut rows = Vec::new();
+        for &ps in &self.page_sizes {
+            for &batch in &self.decode_batches {
+                for &kv_len in &self.decode_kv_lens {
+                    if 2 * batch * kv_len * self.kv_heads * self.head_dim * 2 > 40_000_000_000 {
+                        continue;
+                    }
+                    rows.extend(self.decode_groups.iter().map(|&group| (ps, batch, kv_len, group)));
+                }
+            }
+        }
+        rows
+    }
+
     fn shapes(&self) -> Shapes {
         let layout = match self.layout {
             Layout::Nhd => KvLayout::Nhd,
@@ -95,40 +130,55 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write); read stream: {read_gbs:.0} GB/s");
     println!("{} timed runs each; before each, the L2 is flushed (a buffer written, another read)\n", args.runs);
 
-    let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs };
-    let mut results = Vec::new();
-    page_ops::header();
     let gather_sizes = if args.kernels.contains(&Kernel::Gather) { &args.page_sizes[..] } else { &[] };
     let append_sizes = if args.kernels.contains(&Kernel::Append) { &args.page_sizes[..] } else { &[] };
+    let appends = [(8, 4096), (256, 1)];
+    let decode_rows = args.decode_rows();
+    let total = gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len();
+    let progress = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} rows, {elapsed} {msg}").expect("a valid template"),
+    );
+    let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress };
+    let mut results = Vec::new();
+    if total > decode_rows.len() {
+        page_ops::header(&b);
+    }
     for &ps in gather_sizes {
+        b.progress.set_message(format!("gather, page_size {ps}"));
         results.push(page_ops::gather(&mut b, args.batch, args.kv_len, ps)?);
+        b.progress.inc(1);
     }
     for &ps in append_sizes {
-        for (batch, tokens) in [(8, 4096), (256, 1)] {
+        for (batch, tokens) in appends {
+            b.progress.set_message(format!("append {batch} × {tokens}, page_size {ps}"));
             results.push(page_ops::append(&mut b, batch, tokens, 4096, ps)?);
+            b.progress.inc(1);
         }
     }
-    if args.kernels.contains(&Kernel::Decode) {
-        println!();
-        decode::header();
-        for &ps in &args.page_sizes {
-            for &batch in &args.decode_batches {
-                for &kv_len in &args.decode_kv_lens {
-                    // K and V of the batch; skip what exceeds 40 GB.
-                    if 2 * batch * kv_len * args.kv_heads * args.head_dim * 2 > 40_000_000_000 {
-                        continue;
-                    }
-                    for &group in &args.decode_groups {
-                        results.push(decode::decode(&mut b, batch, kv_len, ps, group)?);
-                    }
-                }
-            }
-        }
+    let mut decode_wrong = 0;
+    if !decode_rows.is_empty() {
+        b.print("");
+        decode::header(&b);
     }
-    println!("\nGather and append results matched the CPU reference bit for bit (decode: see the GPU tests).");
+    for &(ps, batch, kv_len, group) in &decode_rows {
+        b.progress.set_message(format!("decode {batch} × {kv_len}, page_size {ps}, group {group}"));
+        let (row, wrong) = decode::decode(&mut b, batch, kv_len, ps, group)?;
+        results.push(row);
+        decode_wrong += wrong;
+        b.progress.inc(1);
+    }
+    b.progress.finish_and_clear();
+    println!("\nGather and append results matched the CPU reference bit for bit.");
+    if !decode_rows.is_empty() {
+        println!("Decode: the first and last request of every row checked against the f64 CPU reference (|error| ≤ {ATOL} + {RTOL}·|expected|): {}.",
+                 if decode_wrong == 0 { "all matched".to_string() } else { format!("{decode_wrong} elements WRONG") });
+    }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "read_stream_gbs": read_gbs, "runs": args.runs, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    if decode_wrong > 0 {
+        return Err(format!("decode: {decode_wrong} sampled output elements missed the reference").into());
     }
     Ok(())
 }
@@ -169,7 +219,7 @@ fn run_cpu(args: &Args) -> BoxResult<()> {
 }
 
 fn main() -> BoxResult<()> {
-    let args = Args::parse();
+    let args = Args::parse().shorten();
     match Device::new(0) {
         Ok(dev) => run_gpu(&dev, &args),
         Err(e) => {

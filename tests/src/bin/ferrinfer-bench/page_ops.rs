@@ -3,6 +3,7 @@
 use cudarc::driver::CudaSlice;
 use ferrinfer::{f16, reference, CacheShape, Device, GatherPlan, KvLayout, PagedKvCache, ScatterPlan};
 use ferrinfer_tests::workload::{expect_bitwise_eq, random_cache, random_table, random_values, rng};
+use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 use crate::timing::{BoxResult, Timer};
@@ -20,6 +21,14 @@ pub struct Bench<'d> {
     pub shapes: Shapes,
     pub copy_gbs: f64,
     pub read_gbs: f64,
+    /// The sweep's progress (on stderr, and only on a terminal); table lines print above it.
+    pub progress: ProgressBar,
+}
+
+impl Bench<'_> {
+    pub fn print(&self, line: &str) {
+        self.progress.suspend(|| println!("{line}"));
+    }
 }
 
 /// A pool 25% larger than `kv_lens` needs, so pages come from a random permutation of it.
@@ -34,20 +43,20 @@ pub fn pool_shape(shapes: &Shapes, kv_lens: &[usize], page_size: usize) -> Cache
     }
 }
 
-fn row(kernel: &str, page_size: usize, batch: usize, tokens: usize, bytes: f64, us: f64, copy_gbs: f64) -> Value {
-    let gbs = bytes / us / 1e3;
-    println!(
+fn row(b: &Bench, kernel: &str, page_size: usize, batch: usize, tokens: usize, bytes: f64, us: f64) -> Value {
+    let (gbs, copy_gbs) = (bytes / us / 1e3, b.copy_gbs);
+    b.print(&format!(
         "| {kernel} | {page_size} | {batch} | {tokens} | {:.1} | {us:.1} | {gbs:.0} | {:.1} |",
         bytes / 1e6,
         100.0 * gbs / copy_gbs
-    );
+    ));
     json!({"kernel": kernel, "page_size": page_size, "batch": batch, "tokens_per_sequence": tokens, "bytes": bytes,
            "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / copy_gbs})
 }
 
-pub fn header() {
-    println!("| kernel | page_size | batch | tokens/seq | MB moved | median us | GB/s | % copy |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+pub fn header(b: &Bench) {
+    b.print("| kernel | page_size | batch | tokens/seq | MB moved | median us | GB/s | % copy |");
+    b.print("|---|---:|---:|---:|---:|---:|---:|---:|");
 }
 
 /// Gathers `batch` sequences of `kv_len` tokens into ragged K and V.
@@ -74,7 +83,7 @@ pub fn gather(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> B
         shape.token_elems(),
     )?;
     // K and V: each element read from a page and written to the ragged output.
-    Ok(row("gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us, b.copy_gbs))
+    Ok(row(b, "gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us))
 }
 
 /// Appends `tokens` new tokens to each of `batch` sequences that hold `seq_after` tokens after
@@ -98,13 +107,13 @@ pub fn append(b: &mut Bench, batch: usize, tokens: usize, seq_after: usize, page
         check_appended(dev, &shape, &table, tokens, pool, input).map_err(|e| format!("appended {what}: {e}"))?;
     }
     Ok(row(
+        b,
         &format!("append ({tokens} tok/seq)"),
         page_size,
         batch,
         tokens,
         2.0 * 2.0 * (plan.ragged_elems() * 2) as f64,
         us,
-        b.copy_gbs,
     ))
 }
 
