@@ -221,3 +221,90 @@ pub const fn decode_smem_bytes(head_dim: u32) -> u32 {
 }
 
 pub const NO_PARTIAL: u32 = u32::MAX;
+
+/// Batch prefill over the paged cache: request `i` has `qo_len` query tokens (rows
+/// `q_start..` of `q` and `out`) attending over its `kv_len` cached tokens, FlashAttention-2
+/// style on tensor cores.
+///
+/// A block takes [`PREFILL_ROWS`] query rows of one request and one KV head. Rows are packed
+/// (token, head of the group) pairs, `row = token · group_size + head`, so a group's heads share
+/// every K/V tile the block loads whatever the group size. Each of the four row warps owns 16
+/// rows; K/V stream in [`PREFILL_TILE_TOKENS`]-key tiles through a [`prefill_stages`]-deep
+/// ring, with the page-table addressing of decode (`paged_tile`). head_dim 256 adds four warps
+/// that take the upper 128 output dims of the same rows. `blockIdx.x` is
+/// `item · num_kv_heads + kv_head`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillParams {
+    /// `[total_q][num_qo_heads][head_dim]`.
+    pub q: u64,
+    pub k_pages: u64,
+    pub v_pages: u64,
+    /// `*const u32`.
+    pub kv_indices: u64,
+    /// `*const PrefillWorkItem`, one per `blockIdx.x / num_kv_heads`.
+    pub work: u64,
+    /// `[total_q][num_qo_heads][head_dim]`, the query's dtype.
+    pub out: u64,
+    /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
+    pub lse: u64,
+    pub page_size: FastDiv,
+    /// Elements per page, between tokens of a page, and between heads of a token.
+    pub page_elems: u32,
+    pub slot_stride: u32,
+    pub head_stride: u32,
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    /// Query heads per KV head.
+    pub group_size: FastDiv,
+    pub sm_scale: f32,
+    pub logits_soft_cap: f32,
+    /// Keys at positions below `query position − window_left` are masked; −1 for none.
+    pub window_left: i32,
+    /// Nonzero: query `j` sees keys up to its own position `kv_len − qo_len + j`.
+    pub causal: u32,
+}
+
+/// One prefill block's rows of a request, resolved by `plan` (two 16-byte loads).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillWorkItem {
+    /// The request's first entry in `kv_indices` (`kv_indptr[request]`).
+    pub pages: u32,
+    /// The request's first query token (`qo_indptr[request]`).
+    pub q_start: u32,
+    pub qo_len: u32,
+    pub kv_len: u32,
+    /// The block's first packed row (`token · group_size + head`).
+    pub first_row: u32,
+    /// Key positions `kv_start..kv_end` cover every key a row of the block may see (the causal
+    /// and window bounds of its first and last rows, worked out by `plan`).
+    pub kv_start: u32,
+    pub kv_end: u32,
+    pub _pad: u32,
+}
+
+/// Query rows of a prefill block: four warps of 16.
+pub const PREFILL_ROWS: u32 = 64;
+/// Keys per prefill pipeline stage.
+pub const PREFILL_TILE_TOKENS: u32 = 64;
+/// Output dimensions one prefill warp accumulates (as decode: wider heads add warps).
+pub const PREFILL_WARP_DIMS: u32 = 128;
+
+/// Threads of a prefill block: four row warps per 128 output dimensions.
+pub const fn prefill_threads(head_dim: u32) -> u32 {
+    128 * head_dim.div_ceil(PREFILL_WARP_DIMS)
+}
+
+/// Pipeline depth of the prefill ring: two blocks per SM on Hopper up to head_dim 128.
+pub const fn prefill_stages(head_dim: u32) -> u32 {
+    match head_dim {
+        0..=128 => 3,
+        _ => 2,
+    }
+}
+
+/// Dynamic shared memory of a prefill block: the query tile and the K and V rings.
+pub const fn prefill_smem_bytes(head_dim: u32) -> u32 {
+    PREFILL_ROWS * head_dim * 2 + 2 * prefill_stages(head_dim) * PREFILL_TILE_TOKENS * head_dim * 2
+}

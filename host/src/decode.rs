@@ -7,12 +7,14 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
 use crate::abi::{
-    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, FastDiv, DECODE_ROWS, DECODE_TILE_TOKENS,
-    NO_PARTIAL,
+    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, DECODE_ROWS, DECODE_TILE_TOKENS, NO_PARTIAL,
+};
+use crate::attention::{
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, Operands,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
-use crate::dtype::{DType, KvDType};
+use crate::dtype::KvDType;
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
 use crate::page_table::PageTable;
@@ -22,8 +24,7 @@ unsafe impl DeviceRepr for DecodeParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for DecodeWorkItem {}
 
-/// Head dimensions the decode kernels are built for.
-pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+pub use crate::attention::HEAD_DIMS;
 
 /// Run-time options, as FlashInfer's `plan` takes them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,22 +129,14 @@ impl BatchDecodePlan {
         table: &PageTable,
         options: DecodeOptions,
     ) -> Result<Self> {
-        shape.validate(DType::F16)?;
+        let (group_size, sm_scale) = check_heads_and_options(
+            shape,
+            num_qo_heads,
+            options.sm_scale,
+            options.logits_soft_cap,
+            options.window_left,
+        )?;
         table.validate(shape.page_size, shape.num_pages)?;
-        if !HEAD_DIMS.contains(&shape.head_dim) {
-            return Err(Error::UnsupportedHeadDim { head_dim: shape.head_dim, supported: &HEAD_DIMS });
-        }
-        if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(shape.num_kv_heads) {
-            return Err(Error::GroupSize { num_qo_heads, num_kv_heads: shape.num_kv_heads });
-        }
-        let sm_scale = options.sm_scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
-        if !sm_scale.is_finite() || !options.logits_soft_cap.is_finite() || options.logits_soft_cap < 0.0 {
-            return Err(Error::BadOption { what: "sm_scale and logits_soft_cap must be finite, the cap ≥ 0" });
-        }
-        if options.window_left < -1 {
-            return Err(Error::BadOption { what: "window_left must be −1 (none) or ≥ 0" });
-        }
-        let group_size = num_qo_heads / shape.num_kv_heads;
         let row_tiles = group_size.div_ceil(DECODE_ROWS as usize);
 
         // Each request's key range, then the split: enough items to fill the SMs (`decode_chunk`).
@@ -245,60 +238,38 @@ impl BatchDecodePlan {
         if *cache.shape() != self.shape {
             return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
         }
-        let dtype = match T::DTYPE {
-            DType::F16 => 0,
-            DType::BF16 => 1,
-            DType::F32 => return Err(Error::UnsupportedDType { what: "decode attention", dtype: "f32" }),
-        };
-        for (what, got, expected) in [
+        let dtype = kernel_dtype::<T>("decode attention")?;
+        let heads = self.batch_size * self.num_qo_heads;
+        check_lengths(&[
             ("q", q.len(), self.qo_elems()),
             ("out", out.len(), self.qo_elems()),
-            (
-                "lse",
-                lse.as_ref().map_or(self.batch_size * self.num_qo_heads, |l| l.len()),
-                self.batch_size * self.num_qo_heads,
-            ),
-        ] {
-            if got != expected {
-                return Err(Error::BufferLength { what, got, expected });
-            }
-        }
-        let pools = cache.layer(layer)?;
+            ("lse", lse.as_ref().map_or(heads, |l| l.len()), heads),
+        ])?;
+        let ops = Operands::new(stream, q, cache, layer, out, lse)?;
         if self.grid.0 == 0 {
             return Ok(());
         }
         let s = &self.shape;
-        let (slot_stride, head_stride) = s.strides();
-        let (q_ptr, _g0) = q.device_ptr(stream);
-        let (k_pages, _g1) = pools.k.device_ptr(stream);
-        let (v_pages, _g2) = pools.v.device_ptr(stream);
-        let (out_ptr, _g3) = out.device_ptr_mut(stream);
-        let (lse_ptr, _g4) = match lse {
-            Some(l) => {
-                let (p, g) = l.device_ptr_mut(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
         // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
         let (partial_out, _g5) = self.partial_out.device_ptr(stream);
         let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
         let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
+        let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
         let params = DecodeParams {
-            q: q_ptr,
-            k_pages,
-            v_pages,
+            q: ops.q,
+            k_pages: ops.k_pages,
+            v_pages: ops.v_pages,
             kv_indices: self.metadata.0,
             work: self.metadata.1,
-            out: out_ptr,
-            lse: lse_ptr,
+            out: ops.out,
+            lse: ops.lse,
             partial_out,
             partial_lse,
             merge_counters,
-            page_size: FastDiv::new(s.page_size as u32),
-            page_elems: s.page_elems() as u32,
-            slot_stride: slot_stride as u32,
-            head_stride: head_stride as u32,
+            page_size,
+            page_elems,
+            slot_stride,
+            head_stride,
             num_qo_heads: self.num_qo_heads as u32,
             num_items: self.grid.0,
             group_size: (self.num_qo_heads / s.num_kv_heads) as u32,
@@ -306,7 +277,7 @@ impl BatchDecodePlan {
             logits_soft_cap: self.logits_soft_cap,
         };
         let head_dim = s.head_dim as u32;
-        let dim_index = HEAD_DIMS.iter().position(|&d| d == s.head_dim).unwrap_or(0);
+        let dim_index = kernel_head_dim(s.head_dim);
         let blocks = self.grid.0 * self.grid.1 * self.grid.2;
         let cfg = launch_config((blocks, 1), decode_threads(head_dim), decode_smem_bytes(head_dim));
         // SAFETY: the table was validated against this shape when planning; q, out and lse were

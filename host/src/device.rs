@@ -6,7 +6,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
-use crate::abi::{decode_smem_bytes, decode_threads};
+use crate::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes};
 use crate::decode::HEAD_DIMS;
 use crate::error::{Error, Result};
 use crate::ptx;
@@ -19,6 +19,23 @@ pub(crate) struct Kernels {
     pub read_stream: CudaFunction,
     /// `[f16, bf16][head_dim 64, 128, 256]`.
     pub decode: [[CudaFunction; 3]; 2],
+    /// `[f16, bf16][head_dim 64, 128, 256]`.
+    pub prefill: [[CudaFunction; 3]; 2],
+}
+
+/// The entry points `{kind}_{f16,bf16}_{64,128,256}`.
+fn by_dtype_and_head_dim(
+    function: &impl Fn(&str) -> Result<CudaFunction>,
+    kind: &str,
+) -> Result<[[CudaFunction; 3]; 2]> {
+    let row = |dtype: &str| -> Result<[CudaFunction; 3]> {
+        Ok([
+            function(&format!("{kind}_{dtype}_64"))?,
+            function(&format!("{kind}_{dtype}_128"))?,
+            function(&format!("{kind}_{dtype}_256"))?,
+        ])
+    };
+    Ok([row("f16")?, row("bf16")?])
 }
 
 pub struct Device {
@@ -56,18 +73,21 @@ impl Device {
             paged_kv_scatter: function("paged_kv_scatter")?,
             helper_check: function("helper_check")?,
             read_stream: function("read_stream")?,
-            decode: [
-                [function("decode_f16_64")?, function("decode_f16_128")?, function("decode_f16_256")?],
-                [function("decode_bf16_64")?, function("decode_bf16_128")?, function("decode_bf16_256")?],
-            ],
+            decode: by_dtype_and_head_dim(&function, "decode")?,
+            prefill: by_dtype_and_head_dim(&function, "prefill")?,
         };
-        for (function, head_dim) in kernels.decode.iter().flat_map(|by_dim| by_dim.iter().zip(HEAD_DIMS)) {
-            function
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    decode_smem_bytes(head_dim as u32) as i32,
-                )
-                .map_err(Error::driver("allowing decode its shared memory"))?;
+        // Attention kernels use more than the default 48 KiB of dynamic shared memory.
+        let attention =
+            [(&kernels.decode, decode_smem_bytes as fn(u32) -> u32), (&kernels.prefill, prefill_smem_bytes)];
+        for (variants, smem_bytes) in attention {
+            for (function, head_dim) in variants.iter().flat_map(|by_dim| by_dim.iter().zip(HEAD_DIMS)) {
+                function
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem_bytes(head_dim as u32) as i32,
+                    )
+                    .map_err(Error::driver("allowing an attention kernel its shared memory"))?;
+            }
         }
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;

@@ -45,6 +45,8 @@ pub enum Error {
     ShapeMismatch { planned: crate::layout::CacheShape, got: crate::layout::CacheShape },
     #[error("sequences {first_seq} and {second_seq} would both write slot {slot} of page {page}")]
     OverlappingWrites { page: u32, slot: usize, first_seq: usize, second_seq: usize },
+    #[error("request {seq} has {qo_len} query tokens but only {kv_len} keys (its new tokens must be in the cache)")]
+    QueryLongerThanKeys { seq: usize, qo_len: usize, kv_len: usize },
     #[error("sequence {seq} appends {append_len} tokens but holds only {kv_len}")]
     AppendLongerThanSequence { seq: usize, append_len: usize, kv_len: usize },
     #[error("layer {layer} does not exist; the cache has {num_layers} layers")]

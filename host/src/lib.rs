@@ -8,11 +8,12 @@
 //!
 //! Layers, from the bottom: [`abi`] (the parameter blocks shared with the kernels), [`device`]
 //! (context, module, streams, launches), then the typed, validated API: [`PageTable`],
-//! [`PagedKvCache`] and its operations. [`reference`] is the CPU reference every kernel is
+//! [`PagedKvCache`] and its operations ([`BatchDecodePlan`], [`BatchPrefillPlan`], the page copies). [`reference`] is the CPU reference every kernel is
 //! tested against.
 
 pub mod abi;
 pub mod allocator;
+mod attention;
 pub mod cache;
 pub mod decode;
 pub mod device;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod layout;
 pub mod page_copy;
 pub mod page_table;
+pub mod prefill;
 pub mod probe;
 mod ptx;
 pub mod reference;
@@ -36,3 +38,4 @@ pub use half::{bf16, f16};
 pub use layout::{CacheShape, KvLayout};
 pub use page_copy::{GatherPlan, ScatterPlan};
 pub use page_table::PageTable;
+pub use prefill::{BatchPrefillPlan, PrefillOptions};

@@ -5,6 +5,7 @@ use crate::decode::DecodeOptions;
 use crate::dtype::KvDType;
 use crate::layout::CacheShape;
 use crate::page_table::PageTable;
+use crate::prefill::PrefillOptions;
 
 /// Every token of every sequence of `table`, copied out of `pool` into a ragged
 /// `[token][head][dim]` buffer, sequence after sequence. `table` must be valid for `shape`.
@@ -44,10 +45,62 @@ pub fn append<T: Copy>(shape: &CacheShape, pool: &mut [T], table: &PageTable, ap
     }
 }
 
-/// Batch decode in f64: for request `i` and query head `h` (KV head `h / group`), logits
-/// `s_j = sm_scale · q·k_j` (then `cap · tanh(s_j / cap)` with a soft cap) over the keys in the
-/// window, `out = Σ softmax(s)_j v_j`. Returns `out` (`[batch][num_qo_heads][head_dim]`) and the
-/// base-2 LSE `log2 Σ exp(s_j)` per (request, head): 0 and −∞ for an empty sequence.
+/// One query row `q` (head_dim elements) attending over the keys at `slots` of KV head
+/// `kv_head`, in f64: logits `s_j = sm_scale · q·k_j` (then `cap · tanh(s_j / cap)` with a
+/// soft cap), `out = Σ softmax(s)_j v_j`, and the base-2 LSE `log2 Σ exp(s_j)`: zeros and −∞
+/// over no keys.
+#[allow(clippy::too_many_arguments)]
+fn attend<T: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[T],
+    v_pool: &[T],
+    slots: &[(usize, usize)],
+    kv_head: usize,
+    q: &[T],
+    sm_scale: f64,
+    cap: f64,
+    out: &mut Vec<f64>,
+) -> f64 {
+    let dim = shape.head_dim;
+    let logits: Vec<f64> = slots
+        .iter()
+        .map(|&(page, slot)| {
+            let dot: f64 =
+                (0..dim).map(|d| q[d].to_f64() * k_pool[shape.element_index(page, slot, kv_head, d)].to_f64()).sum();
+            let s = sm_scale * dot;
+            if cap > 0.0 {
+                cap * (s / cap).tanh()
+            } else {
+                s
+            }
+        })
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    for d in 0..dim {
+        let acc: f64 = weights
+            .iter()
+            .zip(slots)
+            .map(|(w, &(page, slot))| w * v_pool[shape.element_index(page, slot, kv_head, d)].to_f64())
+            .sum();
+        out.push(if total > 0.0 { acc / total } else { 0.0 });
+    }
+    if total > 0.0 {
+        (max + total.ln()) * std::f64::consts::LOG2_E
+    } else {
+        f64::NEG_INFINITY
+    }
+}
+
+/// `sm_scale` (default `1 / √head_dim`) and the soft cap, in f64.
+fn scales(shape: &CacheShape, sm_scale: Option<f32>, cap: f32) -> (f64, f64) {
+    (sm_scale.map_or(1.0 / (shape.head_dim as f64).sqrt(), |s| s as f64), cap as f64)
+}
+
+/// Batch decode in f64: for request `i` and query head `h` (KV head `h / group`), [`attend`]
+/// over the keys in the window. Returns `out` (`[batch][num_qo_heads][head_dim]`) and the
+/// base-2 LSE per (request, head): 0 and −∞ for an empty sequence.
 pub fn decode<T: KvDType>(
     shape: &CacheShape,
     k_pool: &[T],
@@ -59,8 +112,7 @@ pub fn decode<T: KvDType>(
 ) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
-    let sm_scale = options.sm_scale.map_or(1.0 / (dim as f64).sqrt(), |s| s as f64);
-    let cap = options.logits_soft_cap as f64;
+    let (sm_scale, cap) = scales(shape, options.sm_scale, options.logits_soft_cap);
     let (mut out, mut lse) = (Vec::new(), Vec::new());
     for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
         let first = match options.window_left {
@@ -70,33 +122,46 @@ pub fn decode<T: KvDType>(
         let slots: Vec<(usize, usize)> = (first..kv_len).map(|pos| table.locate(seq, pos, shape.page_size)).collect();
         for h in 0..num_qo_heads {
             let qh = &q[(seq * num_qo_heads + h) * dim..][..dim];
-            let kv_head = h / group;
-            let logits: Vec<f64> = slots
-                .iter()
-                .map(|&(page, slot)| {
-                    let dot: f64 = (0..dim)
-                        .map(|d| qh[d].to_f64() * k_pool[shape.element_index(page, slot, kv_head, d)].to_f64())
-                        .sum();
-                    let s = sm_scale * dot;
-                    if cap > 0.0 {
-                        cap * (s / cap).tanh()
-                    } else {
-                        s
-                    }
-                })
-                .collect();
-            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            for d in 0..dim {
-                let acc: f64 = weights
-                    .iter()
-                    .zip(&slots)
-                    .map(|(w, &(page, slot))| w * v_pool[shape.element_index(page, slot, kv_head, d)].to_f64())
-                    .sum();
-                out.push(if total > 0.0 { acc / total } else { 0.0 });
+            lse.push(attend(shape, k_pool, v_pool, &slots, h / group, qh, sm_scale, cap, &mut out));
+        }
+    }
+    (out, lse)
+}
+
+/// Batch prefill in f64: request `i`'s query token `j` (row `qo_indptr[i] + j` of `q`) sits at
+/// key position `p = kv_len − qo_len + j` and, for each query head, [`attend`]s over keys
+/// `lo..=hi`: `hi = p` when causal, else the last key; `lo = p − window_left` (at least 0) with
+/// a window, else 0. Returns `out` (`[total_q][num_qo_heads][head_dim]`) and the base-2 LSE
+/// per (token, head).
+#[allow(clippy::too_many_arguments)]
+pub fn prefill<T: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[T],
+    v_pool: &[T],
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q: &[T],
+    num_qo_heads: usize,
+    options: &PrefillOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let dim = shape.head_dim;
+    let group = num_qo_heads / shape.num_kv_heads;
+    let (sm_scale, cap) = scales(shape, options.sm_scale, options.logits_soft_cap);
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+        let (first_row, qo_len) = (qo_indptr[seq] as usize, (qo_indptr[seq + 1] - qo_indptr[seq]) as usize);
+        for j in 0..qo_len {
+            let pos = kv_len - qo_len + j;
+            let hi = if options.causal { pos + 1 } else { kv_len };
+            let lo = match options.window_left {
+                -1 => 0,
+                w => pos.saturating_sub(w as usize),
+            };
+            let slots: Vec<(usize, usize)> = (lo..hi).map(|key| table.locate(seq, key, shape.page_size)).collect();
+            for h in 0..num_qo_heads {
+                let qh = &q[((first_row + j) * num_qo_heads + h) * dim..][..dim];
+                lse.push(attend(shape, k_pool, v_pool, &slots, h / group, qh, sm_scale, cap, &mut out));
             }
-            lse.push(if total > 0.0 { (max + total.ln()) * std::f64::consts::LOG2_E } else { f64::NEG_INFINITY });
         }
     }
     (out, lse)
@@ -154,5 +219,56 @@ mod tests {
         assert!((out[0] - 3.0).abs() < 1e-6 && (lse[0] - 3f64.log2()).abs() < 1e-6, "{out:?} {lse:?}");
         let (out, _) = decode(&shape, &k, &v, &table, &[1.0f32], 1, &DecodeOptions { window_left: 0, ..opts });
         assert!((out[0] - 4.0).abs() < 1e-6, "window 0 keeps only the last key: {out:?}");
+    }
+
+    #[test]
+    fn prefill_causal_queries_see_their_prefix_only() {
+        // Three keys with values 1, 4, 7 and equal logits; a prompt of 3 new tokens, one head.
+        let shape = CacheShape { num_pages: 3, page_size: 1, num_kv_heads: 1, head_dim: 1, layout: KvLayout::Nhd };
+        let (k, v) = (vec![0.0f32; 3], vec![1.0f32, 4.0, 7.0]);
+        let table = PageTable { kv_indptr: vec![0, 3], kv_indices: vec![0, 1, 2], kv_last_page_len: vec![1] };
+        let causal = PrefillOptions { causal: true, sm_scale: Some(1.0), ..Default::default() };
+        let (out, lse) = prefill(&shape, &k, &v, &table, &[0, 3], &[1.0f32; 3], 1, &causal);
+        assert_eq!(out, vec![1.0, 2.5, 4.0]);
+        assert!(lse.iter().zip([0.0, 1.0, 3f64.log2()]).all(|(g, w)| (g - w).abs() < 1e-12), "{lse:?}");
+        // Two new tokens at the end: they sit at positions 1 and 2.
+        let (out, _) = prefill(&shape, &k, &v, &table, &[0, 2], &[1.0f32; 2], 1, &causal);
+        assert_eq!(out, vec![2.5, 4.0]);
+        // Without the mask every query sees all three keys; a window of 0 cuts the keys before
+        // its own position, and with the mask leaves only its own.
+        let full = PrefillOptions { causal: false, ..causal };
+        assert_eq!(prefill(&shape, &k, &v, &table, &[0, 2], &[1.0f32; 2], 1, &full).0, vec![4.0, 4.0]);
+        let from_own = PrefillOptions { window_left: 0, ..full };
+        assert_eq!(prefill(&shape, &k, &v, &table, &[0, 2], &[1.0f32; 2], 1, &from_own).0, vec![5.5, 7.0]);
+        let own = PrefillOptions { window_left: 0, ..causal };
+        assert_eq!(prefill(&shape, &k, &v, &table, &[0, 2], &[1.0f32; 2], 1, &own).0, vec![4.0, 7.0]);
+    }
+
+    #[test]
+    fn prefill_of_one_query_per_request_is_decode() {
+        // Random keys, values and queries; 2 KV heads, group 3; lengths around pages of 3.
+        let shape = CacheShape { num_pages: 12, page_size: 3, num_kv_heads: 2, head_dim: 4, layout: KvLayout::Hnd };
+        let value = |i: usize| ((i * 7919) % 201) as f32 / 100.0 - 1.0;
+        let k: Vec<f32> = (0..shape.pool_elems()).map(value).collect();
+        let v: Vec<f32> = (0..shape.pool_elems()).map(|i| value(i + 5)).collect();
+        let table = PageTable {
+            kv_indptr: vec![0, 1, 4, 8],
+            kv_indices: vec![5, 0, 11, 2, 7, 3, 9, 1],
+            kv_last_page_len: vec![1, 3, 2],
+        };
+        let q: Vec<f32> = (0..3 * 6 * 4).map(|i| value(3 * i + 1)).collect();
+        for window_left in [-1, 0, 4] {
+            let base = DecodeOptions { sm_scale: Some(0.7), logits_soft_cap: 2.0, window_left };
+            let want = decode(&shape, &k, &v, &table, &q, 6, &base);
+            for causal in [false, true] {
+                let opts = PrefillOptions {
+                    causal,
+                    sm_scale: base.sm_scale,
+                    logits_soft_cap: base.logits_soft_cap,
+                    window_left,
+                };
+                assert_eq!(prefill(&shape, &k, &v, &table, &[0, 1, 2, 3], &q, 6, &opts), want, "{opts:?}");
+            }
+        }
     }
 }

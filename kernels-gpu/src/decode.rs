@@ -22,27 +22,16 @@ use crate::gpu::sync::{atomic_add, fence_device, sync_threads};
 use crate::gpu::tensor::{
     commit_async_copies, copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, wait_async_copies,
 };
-use crate::gpu::warp::{any, shfl_xor_f32};
 use crate::paged_tile::{swizzled, PagedKv, PagedTileLoader};
+use crate::softmax::{quad_sum, LogitScale, RowState};
 
-const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// Keys of a tile each warp takes.
 const WARP_TOKENS: u32 = DECODE_TILE_TOKENS / DECODE_KEY_WARPS;
 
-/// Turns a tile's raw dot products into base-2 logits, `−∞` for keys at or past `end`. The
-/// soft cap (`cap · tanh(s / cap)`, with tanh(x) = 1 − 2 / (e^{2x} + 1)) and the end mask are
-/// decided once per tile, not per element: both are uniform across the block.
+/// Masks the logits of a warp's keys at or past `end` to −∞; only a sequence's last tile has
+/// any, and whether this is it is uniform, so other tiles pay one comparison.
 #[inline(always)]
-fn logits(s: &mut [[f32; 4]; 2], scale: &LogitScale, first_key: u32, t: u32, end: u32) {
-    if scale.soft_cap {
-        crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
-            s[i / 4][i % 4] = scale.post * (1.0 - 2.0 * rcp(exp2(scale.pre * s[i / 4][i % 4]) + 1.0));
-        });
-    } else {
-        crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
-            s[i / 4][i % 4] *= scale.pre;
-        });
-    }
+fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
     if first_key + WARP_TOKENS > end {
         crate::unroll!(n in [0, 1] {
             crate::unroll!(c in [0, 1, 2, 3] {
@@ -52,37 +41,6 @@ fn logits(s: &mut [[f32; 4]; 2], scale: &LogitScale, first_key: u32, t: u32, end
             });
         });
     }
-}
-
-/// `logit = post · tanh(pre · dot)`-style factors with log2(e) folded in.
-struct LogitScale {
-    soft_cap: bool,
-    pre: f32,
-    post: f32,
-}
-
-impl LogitScale {
-    fn new(p: &DecodeParams) -> Self {
-        let cap = p.logits_soft_cap;
-        if cap > 0.0 {
-            LogitScale { soft_cap: true, pre: 2.0 * LOG2_E * p.sm_scale / cap, post: cap * LOG2_E }
-        } else {
-            LogitScale { soft_cap: false, pre: p.sm_scale * LOG2_E, post: 0.0 }
-        }
-    }
-}
-
-/// Maximum over the four lanes of a quad (the lanes holding one row of an mma tile).
-#[inline(always)]
-fn quad_max(x: f32) -> f32 {
-    let x = x.max(shfl_xor_f32(x, 1));
-    x.max(shfl_xor_f32(x, 2))
-}
-
-#[inline(always)]
-fn quad_sum(x: f32) -> f32 {
-    let x = x + shfl_xor_f32(x, 1);
-    x + shfl_xor_f32(x, 2)
 }
 
 #[inline(always)]
@@ -156,9 +114,8 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
 
     // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds the output
     // tile of dims dim_base + 8n.. + 8, this thread's dims + 2t and + 2t + 1 of each row.
-    let scale = LogitScale::new(p);
-    let mut m = [f32::NEG_INFINITY; 2];
-    let mut d = [0.0f32; 2];
+    let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
+    let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
     let warp_row = key_warp * WARP_TOKENS;
     for tile in 0..tiles {
@@ -188,37 +145,9 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
             H::mma(&mut s[0], a, [b[0], b[1]]);
             H::mma(&mut s[1], a, [b[2], b[3]]);
         });
-        logits(&mut s, &scale, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
-
-        // Online softmax. Rescaling O costs as much as the rest of the update; once the maxima
-        // settle it is skipped, for the whole warp at once.
-        let tile_max = [
-            quad_max(s[0][0].max(s[0][1]).max(s[1][0]).max(s[1][1])),
-            quad_max(s[0][2].max(s[0][3]).max(s[1][2]).max(s[1][3])),
-        ];
-        let m_new = [m[0].max(tile_max[0]), m[1].max(tile_max[1])];
-        // All keys so far masked: keep everything at zero rather than computing −∞ − −∞.
-        let m_ref = m_new.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
-        if any(m_new[0] > m[0] || m_new[1] > m[1]) {
-            crate::unroll!(h in [0, 1] {
-                let rescale = exp2(m[h] - m_ref[h]);
-                d[h] *= rescale;
-                crate::unroll_to!(n < out_dims / 8, {
-                    acc[n / 2][n % 2][2 * h] *= rescale;
-                    acc[n / 2][n % 2][2 * h + 1] *= rescale;
-                });
-            });
-            m = m_new;
-        }
-        let mut probs = [0u32; 4];
-        crate::unroll!(h in [0, 1] {
-            let e = [exp2(s[0][2 * h] - m_ref[h]), exp2(s[0][2 * h + 1] - m_ref[h]),
-                     exp2(s[1][2 * h] - m_ref[h]), exp2(s[1][2 * h + 1] - m_ref[h])];
-            d[h] += (e[0] + e[1]) + (e[2] + e[3]);
-            // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
-            probs[h] = H::pack2(e[0], e[1]);
-            probs[2 + h] = H::pack2(e[2], e[3]);
-        });
+        scale.apply(&mut s);
+        mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
+        let [probs] = state.update::<H, 2, 1>(&s, &mut acc, out_dims / 8);
         // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
         crate::unroll_to!(dp < out_dims / 16, {
             let b = load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32)));
@@ -237,10 +166,10 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
         .add((decode_smem_bytes(HEAD_DIM) / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
-        let d_row = quad_sum(d[h]);
+        let d_row = quad_sum(state.d[h]);
         // The warps splitting the dims of these keys hold the same statistics.
         if t == 0 && dim_base == 0 {
-            *stats.add(2 * my_rows[h]) = m[h];
+            *stats.add(2 * my_rows[h]) = state.m[h];
             *stats.add(2 * my_rows[h] + 1) = d_row;
         }
         crate::unroll_to!(n < out_dims / 8, {

@@ -16,7 +16,9 @@ pub mod decode;
 pub mod helper_check;
 pub mod page_copy;
 pub mod paged_tile;
+pub mod prefill;
 pub mod read_stream;
+pub mod softmax;
 
 /// A kernel that panics has a bug the host checks should have caught: stop the grid loudly
 /// (the launch returns an error) instead of writing garbage.

@@ -1,16 +1,14 @@
 //! Batch decode against the f64 CPU reference: run-time page sizes, head dims, group sizes,
 //! dtypes, layouts, soft cap and window, batches that split long sequences (and merge), empty
 //! sequences, validation errors, and replay from a CUDA graph.
-//!
-//! Error bound: |out − ref| ≤ atol + rtol·|ref| per element, with (atol, rtol) = (2e-3, 1e-2)
-//! for f16 and (1e-2, 2e-2) for bf16 outputs (the output rounding dominates); the base-2 LSE
-//! within 1e-3 + 1e-4·|ref|. NaN never passes.
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+//! Error bounds: `ferrinfer_tests::compare`.
 use ferrinfer::{
-    bf16, f16, reference, BatchDecodePlan, CacheShape, DType, DecodeOptions, Device, Error, KvDType, KvLayout,
-    PageTable, PagedKvCache,
+    bf16, f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, Device, Error, KvDType, KvLayout, PageTable,
+    PagedKvCache,
 };
+use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
+use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
 
@@ -41,13 +39,6 @@ impl Case {
     }
 }
 
-fn tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F16 => (2e-3, 1e-2),
-        _ => (1e-2, 2e-2),
-    }
-}
-
 fn decode_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut r = rng(c.seed);
     let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
@@ -60,22 +51,8 @@ fn decode_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut lse = dev.upload(&vec![f32::NAN; c.kv_lens.len() * heads])?;
     plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
     let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &table, &q, heads, &c.options);
-    let (atol, rtol) = tolerance(T::DTYPE);
-    for (i, (g, w)) in dev.download(&out)?.iter().zip(&want).enumerate() {
-        let g = g.to_f64();
-        ensure!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "out[{i}] (request {}, head {}): GPU {g}, reference {w}",
-            i / (heads * c.head_dim),
-            i / c.head_dim % heads
-        );
-    }
-    for (i, (&g, &w)) in dev.download(&lse)?.iter().zip(&want_lse).enumerate() {
-        let ok =
-            if w == f64::NEG_INFINITY { g == f32::NEG_INFINITY } else { (g as f64 - w).abs() <= 1e-3 + 1e-4 * w.abs() };
-        ensure!(ok, "lse[{i}] (request {}, head {}): GPU {g}, reference {w}", i / heads, i % heads);
-    }
-    Ok(())
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "request")?)
 }
 
 fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
@@ -150,22 +127,7 @@ fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
     let plan = BatchDecodePlan::new(&dev, &shape, heads, &table, c.options)?;
     ensure!(plan.launch_shape().1 > 0, "the case should split and merge");
     let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
-    let (mut direct, mut replayed) =
-        (dev.alloc_zeros::<f16>(plan.qo_elems())?, dev.alloc_zeros::<f16>(plan.qo_elems())?);
-    plan.run(&dev, dev.stream(), &q, &cache, 0, &mut direct, None)?;
-    dev.synchronize()?;
-    let stream = dev.stream();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    let captured = plan.run(&dev, stream, &q, &cache, 0, &mut replayed, None);
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?;
-    captured?;
-    let graph = graph.ok_or("capture produced no graph")?;
-    for _ in 0..3 {
-        graph.launch()?;
-    }
-    dev.synchronize()?;
-    ensure!(dev.download(&direct)? == dev.download(&replayed)?, "graph replay differs from the direct run");
-    Ok(())
+    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(&dev, stream, &q, &cache, 0, out, None))
 }
 
 fn validation_tests() -> Vec<GpuTest> {

@@ -5,6 +5,7 @@ mod allocator;
 mod decode;
 mod helpers;
 mod page_copy;
+mod prefill;
 
 fn main() {
     let tests = helpers::tests()
@@ -12,6 +13,7 @@ fn main() {
         .chain(page_copy::tests())
         .chain(allocator::tests())
         .chain(decode::tests())
+        .chain(prefill::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
 }

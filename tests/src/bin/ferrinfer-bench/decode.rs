@@ -2,34 +2,14 @@
 //! ferrinfer's read stream (decode only reads, so the read stream is its practical ceiling).
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
 //! on the values, and the sweep's pools reach tens of GB. The first and last request of every
-//! row are checked against the f64 CPU reference, their pages rebuilt on the host from the block.
-use cudarc::driver::CudaSlice;
-use ferrinfer::{
-    f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, Device, LayerPools, PageTable, PagedKvCache,
-};
+//! row are checked against the f64 CPU reference (`sampled`).
+use ferrinfer::{f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, LayerPools, PageTable, PagedKvCache};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
 use crate::page_ops::{pool_shape, Bench};
+use crate::sampled::{count_wrong, filled_pool, SampledRequest};
 use crate::timing::BoxResult;
-
-/// f16 output against the f64 reference: the GPU tests' bound.
-pub const ATOL: f64 = 2e-3;
-pub const RTOL: f64 = 1e-2;
-
-/// A device pool of `elems` elements repeating `block`.
-fn filled_pool(dev: &Device, elems: usize, block: &[f16]) -> BoxResult<CudaSlice<f16>> {
-    let block = &block[..block.len().min(elems)];
-    let src = dev.upload(block)?;
-    let mut pool = dev.alloc_zeros::<f16>(elems)?;
-    let mut at = 0;
-    while at < elems {
-        let n = block.len().min(elems - at);
-        dev.stream().memcpy_dtod(&src.slice(..n), &mut pool.slice_mut(at..at + n))?;
-        at += n;
-    }
-    Ok(pool)
-}
 
 /// Elements of `out` for `request` that miss the reference (or are not finite).
 #[allow(clippy::too_many_arguments)]
@@ -42,32 +22,19 @@ fn mismatches(
     heads: usize,
     request: usize,
 ) -> usize {
-    let pages = &table.kv_indices[table.kv_indptr[request] as usize..table.kv_indptr[request + 1] as usize];
-    let page_elems = shape.page_elems();
-    let rebuild = |block: &[f16]| -> Vec<f16> {
-        let first = |page: u32| page as usize * page_elems;
-        pages.iter().flat_map(|&page| (0..page_elems).map(move |i| block[(first(page) + i) % block.len()])).collect()
-    };
-    let own_shape = CacheShape { num_pages: pages.len().max(1), ..*shape };
-    let own_table = PageTable {
-        kv_indptr: vec![0, pages.len() as u32],
-        kv_indices: (0..pages.len() as u32).collect(),
-        kv_last_page_len: vec![table.kv_last_page_len[request]],
-    };
+    let kv_len = table.kv_lens(shape.page_size)[request];
+    let own = SampledRequest::new(shape, table, blocks, request, kv_len);
     let rows = heads * shape.head_dim;
     let (expected, _) = reference::decode(
-        &own_shape,
-        &rebuild(blocks.0),
-        &rebuild(blocks.1),
-        &own_table,
+        &own.shape,
+        &own.k,
+        &own.v,
+        &own.table,
         &q[request * rows..(request + 1) * rows],
         heads,
         &DecodeOptions::default(),
     );
-    let got = &out[request * rows..(request + 1) * rows];
-    // NaN in either fails the check.
-    let close = |g: f64, e: f64| (g - e).abs() <= ATOL + RTOL * e.abs();
-    got.iter().zip(&expected).filter(|&(g, &e)| !close(g.to_f64(), e)).count()
+    count_wrong(&out[request * rows..(request + 1) * rows], &expected)
 }
 
 pub fn header(b: &Bench) {

@@ -4,20 +4,21 @@
 //! the same kind of workload and says so.
 mod decode;
 mod page_ops;
+mod prefill;
+mod sampled;
 mod timing;
 
 use std::time::Instant;
 
 use clap::Parser;
-use decode::{ATOL, RTOL};
-use ferrinfer::{f16, reference, CacheShape, Device, KvLayout};
+use ferrinfer::{f16, reference, CacheShape, Device, KvLayout, PageTable};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use indicatif::{ProgressBar, ProgressStyle};
 use page_ops::{Bench, Shapes};
 use timing::{BoxResult, Timer};
 
 #[derive(Parser)]
-#[command(about = "ferrinfer benchmark: paged KV gather, append and batch decode against a device-to-device copy")]
+#[command(about = "ferrinfer benchmark: paged KV gather, append, batch decode and batch prefill")]
 struct Args {
     /// Sequences in the gather batch.
     #[arg(long, default_value_t = 64)]
@@ -38,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     runs: usize,
     /// Kernels to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode, Kernel::Prefill])]
     kernels: Vec<Kernel>,
     /// Decode batches.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 256])]
@@ -49,11 +50,17 @@ struct Args {
     /// Decode sequence lengths.
     #[arg(long, value_delimiter = ',', default_values_t = vec![512, 4096, 32768])]
     decode_kv_lens: Vec<usize>,
+    /// Prefill prompt lengths (qo_len = kv_len, causal).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096])]
+    prefill_lens: Vec<usize>,
+    /// Prompts per prefill batch.
+    #[arg(long, default_value_t = 8)]
+    prefill_batch: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// A short sweep (the demo's): page sizes 16 and 7, decode batches 1, 16 and 64 at
-    /// kv_len 512 and 4096, 10 runs each. Replaces those options.
+    /// kv_len 512 and 4096, prefill of 1024-token prompts, 10 runs each. Replaces those options.
     #[arg(long)]
     short: bool,
 }
@@ -63,6 +70,7 @@ enum Kernel {
     Gather,
     Append,
     Decode,
+    Prefill,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -77,6 +85,7 @@ impl Args {
             self.page_sizes = vec![16, 7];
             self.decode_batches = vec![1, 16, 64];
             self.decode_kv_lens = vec![512, 4096];
+            self.prefill_lens = vec![1024];
             self.runs = 10;
         }
         self
@@ -99,6 +108,14 @@ impl Args {
             }
         }
         rows
+    }
+
+    /// Prefill rows: (page_size, prompt length).
+    fn prefill_rows(&self) -> Vec<(usize, usize)> {
+        if !self.kernels.contains(&Kernel::Prefill) {
+            return Vec::new();
+        }
+        self.page_sizes.iter().flat_map(|&ps| self.prefill_lens.iter().map(move |&len| (ps, len))).collect()
     }
 
     fn shapes(&self) -> Shapes {
@@ -134,13 +151,14 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     let append_sizes = if args.kernels.contains(&Kernel::Append) { &args.page_sizes[..] } else { &[] };
     let appends = [(8, 4096), (256, 1)];
     let decode_rows = args.decode_rows();
-    let total = gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len();
+    let prefill_rows = args.prefill_rows();
+    let total = gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len() + prefill_rows.len();
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows, {elapsed} {msg}").expect("a valid template"),
     );
     let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress };
     let mut results = Vec::new();
-    if total > decode_rows.len() {
+    if total > decode_rows.len() + prefill_rows.len() {
         page_ops::header(&b);
     }
     for &ps in gather_sizes {
@@ -155,30 +173,43 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
             b.progress.inc(1);
         }
     }
-    let mut decode_wrong = 0;
+    let mut wrong = 0;
     if !decode_rows.is_empty() {
         b.print("");
         decode::header(&b);
     }
     for &(ps, batch, kv_len, group) in &decode_rows {
         b.progress.set_message(format!("decode {batch} × {kv_len}, page_size {ps}, group {group}"));
-        let (row, wrong) = decode::decode(&mut b, batch, kv_len, ps, group)?;
+        let (row, row_wrong) = decode::decode(&mut b, batch, kv_len, ps, group)?;
         results.push(row);
-        decode_wrong += wrong;
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
+    if !prefill_rows.is_empty() {
+        b.print("");
+        prefill::header(&b);
+    }
+    // FlashInfer's prefill benchmark shape: 4 query heads per KV head.
+    for &(ps, len) in &prefill_rows {
+        b.progress.set_message(format!("prefill {} × {len}, page_size {ps}", args.prefill_batch));
+        let (row, row_wrong) = prefill::prefill(&mut b, args.prefill_batch, len, ps, 4)?;
+        results.push(row);
+        wrong += row_wrong;
         b.progress.inc(1);
     }
     b.progress.finish_and_clear();
     println!("\nGather and append results matched the CPU reference bit for bit.");
-    if !decode_rows.is_empty() {
-        println!("Decode: the first and last request of every row checked against the f64 CPU reference (|error| ≤ {ATOL} + {RTOL}·|expected|): {}.",
-                 if decode_wrong == 0 { "all matched".to_string() } else { format!("{decode_wrong} elements WRONG") });
+    if decode_rows.len() + prefill_rows.len() > 0 {
+        let (atol, rtol) = ferrinfer_tests::compare::tolerance(ferrinfer::DType::F16);
+        println!("Decode and prefill: sampled requests of every row checked against the f64 CPU reference (|error| ≤ {atol} + {rtol}·|expected|): {}.",
+                 if wrong == 0 { "all matched".to_string() } else { format!("{wrong} elements WRONG") });
     }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "read_stream_gbs": read_gbs, "runs": args.runs, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
-    if decode_wrong > 0 {
-        return Err(format!("decode: {decode_wrong} sampled output elements missed the reference").into());
+    if wrong > 0 {
+        return Err(format!("{wrong} sampled output elements missed the reference").into());
     }
     Ok(())
 }
@@ -214,6 +245,19 @@ fn run_cpu(args: &Args) -> BoxResult<()> {
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let checksum: f64 = out.iter().sum();
         println!("cpu reference decode: page_size {page_size:>4}, {batch} × {kv_len} tokens, {heads} query heads: {ms:.1} ms, checksum {checksum:.4}");
+        // Causal prefill of the last 8 tokens of two of the sequences, as new tokens.
+        let sub = PageTable {
+            kv_indptr: table.kv_indptr[..3].to_vec(),
+            kv_indices: table.kv_indices[..table.kv_indptr[2] as usize].to_vec(),
+            kv_last_page_len: table.kv_last_page_len[..2].to_vec(),
+        };
+        let q: Vec<f16> = random_values(&mut r, 2 * 8 * heads * s.head_dim);
+        let causal = ferrinfer::PrefillOptions { causal: true, ..Default::default() };
+        let t = Instant::now();
+        let (out, _) = reference::prefill(&shape, &pool, &v_pool, &sub, &[0, 8, 16], &q, heads, &causal);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let checksum: f64 = out.iter().sum();
+        println!("cpu reference prefill (causal): page_size {page_size:>4}, 2 × 8 new of {kv_len} tokens, {heads} query heads: {ms:.1} ms, checksum {checksum:.4}");
     }
     Ok(())
 }

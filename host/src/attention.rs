@@ -1,0 +1,107 @@
+//! What the attention plans (decode, prefill) share on the host: the checks of heads and
+//! options, the kernel variant of a dtype, buffer-length checks, and the device addresses of a
+//! launch's operands.
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use crate::abi::FastDiv;
+use crate::cache::PagedKvCache;
+use crate::dtype::{DType, KvDType};
+use crate::error::{Error, Result};
+use crate::layout::CacheShape;
+
+/// Head dimensions the attention kernels are built for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Checks the cache shape, the query heads and the options every attention kernel takes, and
+/// returns the group size (query heads per KV head) and the resolved `sm_scale`.
+pub(crate) fn check_heads_and_options(
+    shape: &CacheShape,
+    num_qo_heads: usize,
+    sm_scale: Option<f32>,
+    logits_soft_cap: f32,
+    window_left: i32,
+) -> Result<(usize, f32)> {
+    shape.validate(DType::F16)?;
+    if !HEAD_DIMS.contains(&shape.head_dim) {
+        return Err(Error::UnsupportedHeadDim { head_dim: shape.head_dim, supported: &HEAD_DIMS });
+    }
+    if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(shape.num_kv_heads) {
+        return Err(Error::GroupSize { num_qo_heads, num_kv_heads: shape.num_kv_heads });
+    }
+    let sm_scale = sm_scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+    if !sm_scale.is_finite() || !logits_soft_cap.is_finite() || logits_soft_cap < 0.0 {
+        return Err(Error::BadOption { what: "sm_scale and logits_soft_cap must be finite, the cap ≥ 0" });
+    }
+    if window_left < -1 {
+        return Err(Error::BadOption { what: "window_left must be −1 (none) or ≥ 0" });
+    }
+    Ok((num_qo_heads / shape.num_kv_heads, sm_scale))
+}
+
+/// Index of `T`'s kernel variant (`[f16, bf16]`).
+pub(crate) fn kernel_dtype<T: KvDType>(what: &'static str) -> Result<usize> {
+    match T::DTYPE {
+        DType::F16 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F32 => Err(Error::UnsupportedDType { what, dtype: "f32" }),
+    }
+}
+
+/// Index of `head_dim`'s kernel variant (a validated head_dim).
+pub(crate) fn kernel_head_dim(head_dim: usize) -> usize {
+    HEAD_DIMS.iter().position(|&d| d == head_dim).unwrap_or(0)
+}
+
+/// `(what, got, expected)` for each buffer: the first mismatch is the error.
+pub(crate) fn check_lengths(buffers: &[(&'static str, usize, usize)]) -> Result<()> {
+    match buffers.iter().find(|(_, got, expected)| got != expected) {
+        Some(&(what, got, expected)) => Err(Error::BufferLength { what, got, expected }),
+        None => Ok(()),
+    }
+}
+
+/// The cache geometry the kernels address pages with: `page_size` as a fast divisor, and the
+/// elements per page, between tokens of a page and between heads of a token.
+pub(crate) fn cache_geometry(shape: &CacheShape) -> (FastDiv, u32, u32, u32) {
+    let (slot_stride, head_stride) = shape.strides();
+    (FastDiv::new(shape.page_size as u32), shape.page_elems() as u32, slot_stride as u32, head_stride as u32)
+}
+
+/// Device addresses of an attention launch's operands, with cudarc's stream-ordering guards
+/// held until the launch has been enqueued.
+pub(crate) struct Operands<'a> {
+    pub q: u64,
+    pub k_pages: u64,
+    pub v_pages: u64,
+    pub out: u64,
+    /// 0 when no LSE is wanted.
+    pub lse: u64,
+    _guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Operands<'a> {
+    pub fn new<T: KvDType>(
+        stream: &'a CudaStream,
+        q: &'a impl DevicePtr<T>,
+        cache: &'a PagedKvCache<T>,
+        layer: usize,
+        out: &'a mut impl DevicePtrMut<T>,
+        lse: Option<&'a mut CudaSlice<f32>>,
+    ) -> Result<Self> {
+        let pools = cache.layer(layer)?;
+        let (q, g0) = q.device_ptr(stream);
+        let (k_pages, g1) = pools.k.device_ptr(stream);
+        let (v_pages, g2) = pools.v.device_ptr(stream);
+        let (out, g3) = out.device_ptr_mut(stream);
+        let mut guards = vec![g0, g1, g2, g3];
+        let lse = match lse {
+            Some(l) => {
+                let (p, g) = l.device_ptr_mut(stream);
+                guards.push(g);
+                p
+            }
+            None => 0,
+        };
+        Ok(Operands { q, k_pages, v_pages, out, lse, _guards: guards })
+    }
+}

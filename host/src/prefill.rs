@@ -1,0 +1,279 @@
+//! Batch prefill attention over the paged cache, plan-then-run like FlashInfer's
+//! `BatchPrefillWithPagedKVCacheWrapper`: request `i` has `qo_len(i)` new query tokens (rows
+//! `qo_indptr[i]..qo_indptr[i + 1]` of `q`) attending over its `kv_len(i) ≥ qo_len(i)` cached
+//! tokens (the new ones included, at the end), `out = softmax(sm_scale · q·Kᵀ) · V` in f32. With
+//! `causal`, query `j` sees keys up to its own position `kv_len − qo_len + j`. Prefill, chunked
+//! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
+//! 64 query rows, longest key range first; `run` only launches, so it can be captured in a
+//! CUDA graph.
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+
+use crate::abi::{prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, PREFILL_ROWS};
+use crate::attention::{
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, Operands,
+};
+use crate::cache::PagedKvCache;
+use crate::device::{launch_config, Device};
+use crate::dtype::KvDType;
+use crate::error::{Error, Result};
+use crate::layout::{CacheShape, MAX_INDEX};
+use crate::page_table::{validate_indptr, PageTable};
+
+// SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
+unsafe impl DeviceRepr for PrefillParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for PrefillWorkItem {}
+
+/// Run-time options, as FlashInfer's `plan` takes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefillOptions {
+    /// Query `j` of a request sees keys up to its position `kv_len − qo_len + j` only.
+    pub causal: bool,
+    /// Multiplies `q · k`; `None` means `1 / √head_dim`.
+    pub sm_scale: Option<f32>,
+    /// `cap` in `cap · tanh(s / cap)` applied to the scaled logits; 0 for none.
+    pub logits_soft_cap: f32,
+    /// Query `j` sees keys at positions `≥ kv_len − qo_len + j − window_left` only; −1 for no
+    /// window.
+    pub window_left: i32,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+    }
+}
+
+/// A validated prefill batch with its work items on the device. Runs of one plan may overlap:
+/// the plan holds no scratch.
+pub struct BatchPrefillPlan {
+    shape: CacheShape,
+    num_qo_heads: usize,
+    total_q: usize,
+    options: PrefillOptions,
+    sm_scale: f32,
+    group_size: usize,
+    items: usize,
+    /// Read-only metadata, uploaded and synchronised in `new`; `run` passes their addresses
+    /// (`metadata`) without a driver call per buffer.
+    kv_indices: CudaSlice<u32>,
+    work: CudaSlice<PrefillWorkItem>,
+    metadata: (u64, u64),
+}
+
+/// The blocks of a batch: each request's packed rows (`token · group + head`) in runs of
+/// [`PREFILL_ROWS`], each with the key range its rows may see, longest range first so the
+/// slowest blocks start in the first wave.
+fn work_items(
+    qo_indptr: &[u32],
+    kv_lens: &[usize],
+    kv_indptr: &[u32],
+    group: usize,
+    options: &PrefillOptions,
+) -> Vec<PrefillWorkItem> {
+    let mut work = Vec::new();
+    for (request, &kv_len) in kv_lens.iter().enumerate() {
+        let qo_len = (qo_indptr[request + 1] - qo_indptr[request]) as usize;
+        let (diag, rows) = (kv_len - qo_len, qo_len * group);
+        for first_row in (0..rows).step_by(PREFILL_ROWS as usize) {
+            let (first_token, last_token) =
+                (first_row / group, ((first_row + PREFILL_ROWS as usize).min(rows) - 1) / group);
+            let kv_end = if options.causal { diag + last_token + 1 } else { kv_len };
+            let kv_start = match options.window_left {
+                -1 => 0,
+                w => (diag + first_token).saturating_sub(w as usize),
+            };
+            work.push(PrefillWorkItem {
+                pages: kv_indptr[request],
+                q_start: qo_indptr[request],
+                qo_len: qo_len as u32,
+                kv_len: kv_len as u32,
+                first_row: first_row as u32,
+                kv_start: kv_start as u32,
+                kv_end: kv_end as u32,
+                _pad: 0,
+            });
+        }
+    }
+    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_start));
+    work
+}
+
+impl BatchPrefillPlan {
+    /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
+    /// tokens are rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`, with `num_qo_heads` query heads
+    /// (a multiple of `shape.num_kv_heads`).
+    pub fn new(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let (group_size, sm_scale) = check_heads_and_options(
+            shape,
+            num_qo_heads,
+            options.sm_scale,
+            options.logits_soft_cap,
+            options.window_left,
+        )?;
+        table.validate(shape.page_size, shape.num_pages)?;
+        let batch = table.batch_size();
+        validate_indptr("qo_indptr", qo_indptr, batch)?;
+        let kv_lens = table.kv_lens(shape.page_size);
+        for (seq, &kv_len) in kv_lens.iter().enumerate() {
+            let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
+            if qo_len > kv_len {
+                return Err(Error::QueryLongerThanKeys { seq, qo_len, kv_len });
+            }
+        }
+        let total_q = qo_indptr[batch] as usize;
+        let rows = total_q * num_qo_heads;
+        if rows > MAX_INDEX {
+            return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
+        }
+        let work = work_items(qo_indptr, &kv_lens, &table.kv_indptr, group_size, &options);
+        let blocks = work.len() * shape.num_kv_heads;
+        if blocks > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "prefill blocks (row tiles × KV heads)",
+                value: blocks,
+                max: i32::MAX as usize,
+            });
+        }
+        let indices = if table.kv_indices.is_empty() { vec![0] } else { table.kv_indices.clone() };
+        let plan = BatchPrefillPlan {
+            shape: *shape,
+            num_qo_heads,
+            total_q,
+            options,
+            sm_scale,
+            group_size,
+            items: work.len(),
+            kv_indices: device.upload(&indices)?,
+            work: device.upload(&if work.is_empty() { vec![PrefillWorkItem::default()] } else { work })?,
+            metadata: (0, 0),
+        };
+        // `run` may launch on any stream: the uploads must be complete before it reads them.
+        device.synchronize()?;
+        let addresses = (plan.kv_indices.device_ptr(device.stream()).0, plan.work.device_ptr(device.stream()).0);
+        Ok(BatchPrefillPlan { metadata: addresses, ..plan })
+    }
+
+    /// Elements of `q` and `out`: `total_q × num_qo_heads × head_dim`.
+    pub fn qo_elems(&self) -> usize {
+        self.total_q * self.num_qo_heads * self.shape.head_dim
+    }
+
+    /// Blocks of the launch: row tiles × KV heads.
+    pub fn num_blocks(&self) -> usize {
+        self.items * self.shape.num_kv_heads
+    }
+
+    /// Attention of `q` (`[total_q][num_qo_heads][head_dim]`) over layer `layer` of `cache`,
+    /// into `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (token, head)
+    /// into `lse` (`[total_q][num_qo_heads]`). Only launches, on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        cache: &PagedKvCache<T>,
+        layer: usize,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        if *cache.shape() != self.shape {
+            return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
+        }
+        let dtype = kernel_dtype::<T>("prefill attention")?;
+        let rows = self.total_q * self.num_qo_heads;
+        check_lengths(&[
+            ("q", q.len(), self.qo_elems()),
+            ("out", out.len(), self.qo_elems()),
+            ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
+        ])?;
+        let ops = Operands::new(stream, q, cache, layer, out, lse)?;
+        if self.items == 0 {
+            return Ok(());
+        }
+        let s = &self.shape;
+        let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
+        let params = PrefillParams {
+            q: ops.q,
+            k_pages: ops.k_pages,
+            v_pages: ops.v_pages,
+            kv_indices: self.metadata.0,
+            work: self.metadata.1,
+            out: ops.out,
+            lse: ops.lse,
+            page_size,
+            page_elems,
+            slot_stride,
+            head_stride,
+            num_qo_heads: self.num_qo_heads as u32,
+            num_kv_heads: s.num_kv_heads as u32,
+            group_size: FastDiv::new(self.group_size as u32),
+            sm_scale: self.sm_scale,
+            logits_soft_cap: self.options.logits_soft_cap,
+            window_left: self.options.window_left,
+            causal: self.options.causal as u32,
+        };
+        let head_dim = s.head_dim as u32;
+        let cfg = launch_config((self.num_blocks() as u32, 1), prefill_threads(head_dim), prefill_smem_bytes(head_dim));
+        // SAFETY: the table was validated against this shape when planning and every request's
+        // queries are among its keys; q, out and lse were checked against the plan's tokens and
+        // heads; the work items address only rows below each request's qo_len · group and keys
+        // below its kv_len; every buffer lives until after the launch (guards, plan borrowed).
+        unsafe {
+            stream.launch_builder(&device.kernels.prefill[dtype][kernel_head_dim(s.head_dim)]).arg(&params).launch(cfg)
+        }
+        .map(|_| ())
+        .map_err(Error::driver("launching batch prefill"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(qo: &[u32], kv: &[usize], group: usize, options: PrefillOptions) -> Vec<PrefillWorkItem> {
+        let kv_indptr: Vec<u32> = (0..=kv.len() as u32).collect();
+        work_items(qo, kv, &kv_indptr, group, &options)
+    }
+
+    #[test]
+    fn rows_are_cut_into_tiles_of_64_with_their_causal_key_ranges() {
+        // One request: 100 new tokens at the end of 300 keys, group 2: 200 rows, 4 tiles.
+        let causal = PrefillOptions { causal: true, ..Default::default() };
+        let mut work = items(&[0, 100], &[300], 2, causal);
+        work.sort_by_key(|w| w.first_row);
+        let rows: Vec<u32> = work.iter().map(|w| w.first_row).collect();
+        assert_eq!(rows, [0, 64, 128, 192]);
+        // Tile 1 holds tokens 32..=63: keys up to 200 + 63.
+        assert_eq!((work[1].kv_start, work[1].kv_end), (0, 264));
+        // The last tile (rows 192..200, tokens 96..=99) sees every key.
+        assert_eq!((work[3].kv_start, work[3].kv_end), (0, 300));
+        assert!(work.iter().all(|w| w.qo_len == 100 && w.kv_len == 300));
+    }
+
+    #[test]
+    fn the_window_bounds_the_first_key_and_longest_ranges_come_first() {
+        let opts = PrefillOptions { causal: true, window_left: 10, ..Default::default() };
+        let work = items(&[0, 64, 65], &[1000, 5], 1, opts);
+        // Request 0: tokens 0..64 at positions 936..1000: keys 926..1000.
+        assert_eq!((work[0].kv_start, work[0].kv_end), (926, 1000));
+        // Request 1: one token at position 4: keys 0..5.
+        assert_eq!((work[1].q_start, work[1].kv_start, work[1].kv_end), (64, 0, 5));
+        // Without causality the window still starts at the first row's position.
+        let opts = PrefillOptions { window_left: 10, ..Default::default() };
+        assert_eq!((items(&[0, 64], &[1000], 1, opts)[0].kv_end), 1000);
+    }
+
+    #[test]
+    fn requests_without_queries_take_no_block() {
+        assert!(items(&[0, 0, 0], &[5, 0], 4, PrefillOptions::default()).is_empty());
+    }
+}

@@ -1,0 +1,133 @@
+//! Online softmax over m16n8k16 accumulator fragments, shared by decode and prefill.
+//!
+//! A warp holds a 16-row tile; each thread holds rows `g = lane / 4` and `g + 8` of it, and of
+//! every 8-key n-fragment of logits `s[n]` the entries `[2h]`, `[2h + 1]` of row `g + 8h`
+//! (the C layout of `mma.sync`). Logits are base 2 (log2 e folded into the scale), so one
+//! `ex2` per probability; the LSE this yields is base 2, as FlashInfer's.
+use crate::gpu::half::Half;
+use crate::gpu::math::{exp2, rcp};
+use crate::gpu::warp::{any, shfl_xor_f32};
+
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+
+/// Maximum over the four lanes of a quad (the lanes holding one row of an mma tile).
+#[inline(always)]
+pub fn quad_max(x: f32) -> f32 {
+    let x = x.max(shfl_xor_f32(x, 1));
+    x.max(shfl_xor_f32(x, 2))
+}
+
+/// Sum over the four lanes of a quad.
+#[inline(always)]
+pub fn quad_sum(x: f32) -> f32 {
+    let x = x + shfl_xor_f32(x, 1);
+    x + shfl_xor_f32(x, 2)
+}
+
+/// Raw dot products to base-2 logits: `pre · dot`, or with a soft cap
+/// `post · tanh'(pre · dot)` where `cap · tanh(x / cap)` is computed as
+/// `cap · (1 − 2 / (e^{2x / cap} + 1))`, with log2 e folded into both factors.
+pub struct LogitScale {
+    soft_cap: bool,
+    pre: f32,
+    post: f32,
+}
+
+impl LogitScale {
+    #[inline(always)]
+    pub fn new(sm_scale: f32, logits_soft_cap: f32) -> Self {
+        let cap = logits_soft_cap;
+        if cap > 0.0 {
+            LogitScale { soft_cap: true, pre: 2.0 * LOG2_E * sm_scale / cap, post: cap * LOG2_E }
+        } else {
+            LogitScale { soft_cap: false, pre: sm_scale * LOG2_E, post: 0.0 }
+        }
+    }
+
+    /// Scales a tile of `N` n-fragments in place. Whether a cap applies is decided once per
+    /// tile (it is uniform), not per element.
+    #[inline(always)]
+    pub fn apply<const N: usize>(&self, s: &mut [[f32; 4]; N]) {
+        if self.soft_cap {
+            crate::unroll_to!(n < N, {
+                crate::unroll!(c in [0, 1, 2, 3] {
+                    s[n][c] = self.post * (1.0 - 2.0 * rcp(exp2(self.pre * s[n][c]) + 1.0));
+                });
+            });
+        } else {
+            crate::unroll_to!(n < N, {
+                crate::unroll!(c in [0, 1, 2, 3] {
+                    s[n][c] *= self.pre;
+                });
+            });
+        }
+    }
+}
+
+/// Running maximum `m` and sum `d` of rows `g` and `g + 8`.
+pub struct RowState {
+    pub m: [f32; 2],
+    pub d: [f32; 2],
+}
+
+impl RowState {
+    #[inline(always)]
+    pub fn new() -> Self {
+        RowState { m: [f32::NEG_INFINITY; 2], d: [0.0; 2] }
+    }
+
+    /// Folds a tile of base-2 logits (`N` n-fragments, masked keys at −∞) into the state,
+    /// rescaling the first `out_frags` output n-fragments of `acc` when a maximum moved, and
+    /// returns P as `K = N / 2` A fragments for P·V (fragment `kb`: keys `16 kb..16 kb + 16`).
+    ///
+    /// Rescaling O costs as much as the rest of the update; once the maxima settle it is
+    /// skipped, for the whole warp at once (a warp-uniform branch).
+    #[inline(always)]
+    pub fn update<H: Half, const N: usize, const K: usize>(
+        &mut self,
+        s: &[[f32; 4]; N],
+        acc: &mut [[[f32; 4]; 2]; 16],
+        out_frags: u32,
+    ) -> [[u32; 4]; K] {
+        const { assert!(N == 2 * K && N <= 16) };
+        let row_max = |h: usize| {
+            let mut x = s[0][2 * h].max(s[0][2 * h + 1]);
+            crate::unroll_to!(n < N, {
+                if n > 0 {
+                    x = x.max(s[n][2 * h]).max(s[n][2 * h + 1]);
+                }
+            });
+            quad_max(x)
+        };
+        let tile_max = [row_max(0), row_max(1)];
+        let m_new = [self.m[0].max(tile_max[0]), self.m[1].max(tile_max[1])];
+        // All keys so far masked: keep everything at zero rather than computing −∞ − −∞.
+        let m_ref = m_new.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
+        if any(m_new[0] > self.m[0] || m_new[1] > self.m[1]) {
+            crate::unroll!(h in [0, 1] {
+                let rescale = exp2(self.m[h] - m_ref[h]);
+                self.d[h] *= rescale;
+                crate::unroll_to!(n < out_frags, {
+                    acc[n / 2][n % 2][2 * h] *= rescale;
+                    acc[n / 2][n % 2][2 * h + 1] *= rescale;
+                });
+            });
+            self.m = m_new;
+        }
+        let mut probs = [[0u32; 4]; K];
+        crate::unroll!(h in [0, 1] {
+            let mut sum = 0.0;
+            crate::unroll_to!(kb < K, {
+                let e = [exp2(s[2 * kb][2 * h] - m_ref[h]), exp2(s[2 * kb][2 * h + 1] - m_ref[h]),
+                         exp2(s[2 * kb + 1][2 * h] - m_ref[h]), exp2(s[2 * kb + 1][2 * h + 1] - m_ref[h])];
+                let pair = (e[0] + e[1]) + (e[2] + e[3]);
+                sum = if kb == 0 { pair } else { sum + pair };
+                // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
+                probs[kb][h] = H::pack2(e[0], e[1]);
+                probs[kb][2 + h] = H::pack2(e[2], e[3]);
+            });
+            self.d[h] += sum;
+        });
+        probs
+    }
+}

@@ -1,0 +1,76 @@
+//! Batch prefill (causal): time and TFLOP/s, with FlashInfer's formula
+//! `batch · 4 · qo_len · kv_len · num_qo_heads · head_dim / 2` (the causal half). Pools repeat
+//! one random block as in decode; each row checks the first two and the last two query tokens
+//! of its first and last request against the f64 reference (`sampled`).
+use ferrinfer::{f16, reference, BatchPrefillPlan, LayerPools, PagedKvCache, PrefillOptions};
+use ferrinfer_tests::workload::{random_table, random_values, rng};
+use serde_json::{json, Value};
+
+use crate::page_ops::{pool_shape, Bench};
+use crate::sampled::{count_wrong, filled_pool, SampledRequest};
+use crate::timing::BoxResult;
+
+const CAUSAL: PrefillOptions = PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 };
+
+pub fn header(b: &Bench) {
+    b.print("| kernel | page_size | batch | qo_len = kv_len | group | median us | TFLOP/s | blocks | check |");
+    b.print("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+}
+
+/// Measures `batch` prompts of `len` tokens (all new: qo_len = kv_len); the second field
+/// counts the sampled output elements that missed the reference.
+pub fn prefill(b: &mut Bench, batch: usize, len: usize, page_size: usize, group: usize) -> BoxResult<(Value, usize)> {
+    let (dev, s) = (b.dev, &b.shapes);
+    let kv_lens = vec![len; batch];
+    let shape = pool_shape(s, &kv_lens, page_size);
+    let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
+    let blocks: [Vec<f16>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+    let layer = LayerPools {
+        k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
+        v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
+    };
+    let cache = PagedKvCache::from_layers(shape, vec![layer])?;
+    let heads = s.kv_heads * group;
+    let qo_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * len as u32).collect();
+    let plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, CAUSAL)?;
+    let q_host: Vec<f16> = random_values(&mut rng(3), plan.qo_elems());
+    let q = dev.upload(&q_host)?;
+    let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
+    drop(cache);
+    let out_host = dev.download(&out)?;
+
+    // Tokens j of a prompt sit at positions j: the first two are a 2-token prompt of their own,
+    // the last two a 2-token chunk at the end of the whole prompt.
+    let row = heads * s.head_dim;
+    let mut wrong = 0;
+    for request in [0, batch - 1].into_iter().take(batch.min(2)) {
+        for (kv_len, first_token) in [(2.min(len), 0), (len, len.saturating_sub(2))] {
+            let qo_len = (kv_len - first_token).min(2);
+            let own = SampledRequest::new(&shape, &table, (&blocks[0], &blocks[1]), request, kv_len);
+            let rows = (request * len + first_token) * row..(request * len + first_token + qo_len) * row;
+            let (want, _) = reference::prefill(
+                &own.shape,
+                &own.k,
+                &own.v,
+                &own.table,
+                &[0, qo_len as u32],
+                &q_host[rows.clone()],
+                heads,
+                &CAUSAL,
+            );
+            wrong += count_wrong(&out_host[rows], &want);
+        }
+    }
+    let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
+    let flops = (batch * 4 * len * len * heads * s.head_dim / 2) as f64;
+    let tflops = flops / us / 1e6;
+    b.print(&format!(
+        "| prefill (causal) | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {check} |",
+        plan.num_blocks()
+    ));
+    let row = json!({"kernel": "prefill", "causal": true, "page_size": page_size, "batch": batch, "qo_len": len,
+                     "kv_len": len, "group": group, "flops": flops, "median_us": us, "tflops": tflops,
+                     "sampled_elements_wrong": wrong});
+    Ok((row, wrong))
+}

@@ -1,0 +1,61 @@
+//! Checking a benchmark's output where the full CPU reference would take too long: pools are
+//! filled on the device by repeating one random block, so any request's keys and values can be
+//! rebuilt on the host from the block alone, as a one-request cache for the f64 reference.
+use cudarc::driver::CudaSlice;
+use ferrinfer::{f16, CacheShape, DType, Device, PageTable};
+use ferrinfer_tests::compare::close;
+
+use crate::timing::BoxResult;
+
+/// A device pool of `elems` elements repeating `block`.
+pub fn filled_pool(dev: &Device, elems: usize, block: &[f16]) -> BoxResult<CudaSlice<f16>> {
+    let block = &block[..block.len().min(elems)];
+    let src = dev.upload(block)?;
+    let mut pool = dev.alloc_zeros::<f16>(elems)?;
+    let mut at = 0;
+    while at < elems {
+        let n = block.len().min(elems - at);
+        dev.stream().memcpy_dtod(&src.slice(..n), &mut pool.slice_mut(at..at + n))?;
+        at += n;
+    }
+    Ok(pool)
+}
+
+/// The first `kv_len` keys of one request of a cache whose pools repeat `blocks`, as a cache
+/// of their own: pages `0..n` in order.
+pub struct SampledRequest {
+    pub shape: CacheShape,
+    pub table: PageTable,
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
+}
+
+impl SampledRequest {
+    pub fn new(shape: &CacheShape, table: &PageTable, blocks: (&[f16], &[f16]), request: usize, kv_len: usize) -> Self {
+        let pages = &table.kv_indices[table.kv_indptr[request] as usize..][..kv_len.div_ceil(shape.page_size)];
+        let page_elems = shape.page_elems();
+        let rebuild = |block: &[f16]| -> Vec<f16> {
+            let first = |page: u32| page as usize * page_elems;
+            pages
+                .iter()
+                .flat_map(|&page| (0..page_elems).map(move |i| block[(first(page) + i) % block.len()]))
+                .collect()
+        };
+        let last = if kv_len == 0 { 0 } else { (kv_len - 1) % shape.page_size + 1 };
+        SampledRequest {
+            shape: CacheShape { num_pages: pages.len().max(1), ..*shape },
+            table: PageTable {
+                kv_indptr: vec![0, pages.len() as u32],
+                kv_indices: (0..pages.len() as u32).collect(),
+                kv_last_page_len: vec![last as u32],
+            },
+            k: rebuild(blocks.0),
+            v: rebuild(blocks.1),
+        }
+    }
+}
+
+/// Elements of f16 `got` that miss the f64 reference `want` (NaN always does).
+pub fn count_wrong(got: &[f16], want: &[f64]) -> usize {
+    got.iter().zip(want).filter(|&(g, &w)| !close(g.to_f64(), w, DType::F16)).count()
+}

@@ -1,0 +1,187 @@
+//! Batch prefill against the f64 CPU reference: run-time page sizes, head dims, group sizes,
+//! dtypes, layouts, causal and not, soft cap and window, requests whose new tokens are a short
+//! tail of a long cache (chunked prefill, append) or all of it, requests without queries,
+//! validation errors, and replay from a CUDA graph. Error bounds: `ferrinfer_tests::compare`.
+use ferrinfer::{
+    bf16, f16, reference, BatchPrefillPlan, CacheShape, Device, Error, KvDType, KvLayout, PageTable, PagedKvCache,
+    PrefillOptions,
+};
+use ferrinfer_tests::compare::expect_attention_close;
+use ferrinfer_tests::ensure;
+use ferrinfer_tests::graph::expect_graph_replay_matches;
+use ferrinfer_tests::harness::{GpuTest, TestResult};
+use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
+
+#[derive(Clone, Debug)]
+struct Case {
+    /// (qo_len, kv_len) per request.
+    lens: Vec<(usize, usize)>,
+    page_size: usize,
+    num_kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    layout: KvLayout,
+    options: PrefillOptions,
+    seed: u64,
+}
+
+const CAUSAL: PrefillOptions = PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 };
+
+impl Case {
+    fn new(lens: &[(usize, usize)], page_size: usize) -> Self {
+        Case {
+            lens: lens.to_vec(),
+            page_size,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            layout: KvLayout::Nhd,
+            options: CAUSAL,
+            seed: page_size as u64,
+        }
+    }
+
+    fn qo_indptr(&self) -> Vec<u32> {
+        let mut indptr = vec![0u32];
+        for &(qo, _) in &self.lens {
+            indptr.push(indptr[indptr.len() - 1] + qo as u32);
+        }
+        indptr
+    }
+}
+
+fn prefill_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
+    let mut r = rng(c.seed);
+    let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
+    let (cache, host) = random_cache::<T>(dev, &mut r, shape, 1)?;
+    let heads = c.num_kv_heads * c.group;
+    let qo_indptr = c.qo_indptr();
+    let tokens = *qo_indptr.last().unwrap() as usize;
+    let q: Vec<T> = random_values(&mut r, tokens * heads * c.head_dim);
+    let plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, c.options)?;
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; tokens * heads])?;
+    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, want_lse) =
+        reference::prefill(&shape, &host[0].0, &host[0].1, &table, &qo_indptr, &q, heads, &c.options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
+}
+
+fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    tests.push(GpuTest::new(name, move |d| prefill_case::<T>(d, &case)));
+}
+
+fn case_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    for ps in [1usize, 7, 16, 100, 512, 37] {
+        // A whole prompt, a tail appended to a cache that crosses pages, one token (decode-like)
+        // and a prompt shorter than a page.
+        let lens = [(200, 200), (37, 3 * ps + 50), (1, ps + 1), (5, 5)];
+        add::<f16>(&mut t, format!("prefill_causal_page_size_{ps}_group_4_f16"), Case::new(&lens, ps));
+        let c = Case { layout: KvLayout::Hnd, seed: 100 + ps as u64, ..Case::new(&lens, ps) };
+        add::<bf16>(&mut t, format!("prefill_causal_page_size_{ps}_group_4_hnd_bf16"), c);
+    }
+    for (group, head_dim) in [(1, 64), (2, 256), (5, 128), (7, 64), (8, 128), (3, 256), (16, 64)] {
+        let c =
+            Case { group, head_dim, seed: 7 * group as u64 + head_dim as u64, ..Case::new(&[(70, 90), (3, 700)], 7) };
+        add::<f16>(&mut t, format!("prefill_causal_page_size_7_group_{group}_head_dim_{head_dim}_f16"), c.clone());
+        let full = PrefillOptions { causal: false, ..CAUSAL };
+        add::<bf16>(
+            &mut t,
+            format!("prefill_full_page_size_7_group_{group}_head_dim_{head_dim}_hnd_bf16"),
+            Case { layout: KvLayout::Hnd, options: full, ..c },
+        );
+    }
+    let capped = PrefillOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..CAUSAL };
+    add::<f16>(
+        &mut t,
+        "prefill_soft_cap_30_f16".into(),
+        Case { options: capped, ..Case::new(&[(300, 300), (9, 40)], 16) },
+    );
+    let window = PrefillOptions { window_left: 100, ..CAUSAL };
+    add::<bf16>(
+        &mut t,
+        "prefill_causal_window_left_100_bf16".into(),
+        Case { options: window, ..Case::new(&[(300, 300), (150, 1200), (1, 102)], 3) },
+    );
+    let both = PrefillOptions { causal: false, window_left: 0, logits_soft_cap: 5.0, ..CAUSAL };
+    add::<f16>(
+        &mut t,
+        "prefill_full_window_left_0_soft_cap_5_f16".into(),
+        Case { options: both, ..Case::new(&[(64, 300), (1, 1)], 64) },
+    );
+    add::<f16>(
+        &mut t,
+        "prefill_requests_without_queries_take_no_rows_f16".into(),
+        Case::new(&[(0, 50), (3, 3), (0, 0), (70, 80)], 16),
+    );
+    // The extremes with one KV head so the reference stays quick: a 2048-token prompt,
+    // and a short chunk at the end of 16 384 cached tokens.
+    add::<f16>(
+        &mut t,
+        "prefill_qo_2048_and_qo_16_over_kv_16384_f16".into(),
+        Case { num_kv_heads: 1, group: 2, ..Case::new(&[(2048, 2100), (16, 16384)], 16) },
+    );
+    t
+}
+
+/// Captures `run` in a CUDA graph and replays it: the same output as a direct run, bit for bit.
+fn prefill_replays_from_a_cuda_graph(_: &Device) -> TestResult {
+    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
+    let dev = Device::new(0)?;
+    // SAFETY: this context object is used by this test alone, on one stream.
+    unsafe { dev.context().disable_event_tracking() };
+    let c = Case::new(&[(500, 700), (7, 300)], 16);
+    let mut r = rng(3);
+    let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
+    let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
+    let heads = c.num_kv_heads * c.group;
+    let plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
+    let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
+    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(&dev, stream, &q, &cache, 0, out, None))
+}
+
+fn validation_tests() -> Vec<GpuTest> {
+    let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
+    // One request of 19 keys.
+    let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![2, 0], kv_last_page_len: vec![3] };
+    let (t1, t2, t3) = (table.clone(), table.clone(), table.clone());
+    vec![
+        GpuTest::new("prefill_rejects_more_queries_than_keys", move |d| {
+            let e = BatchPrefillPlan::new(d, &shape, 4, &[0, 20], &t1, CAUSAL).err().ok_or("accepted 20 queries")?;
+            ensure!(matches!(e, Error::QueryLongerThanKeys { seq: 0, qo_len: 20, kv_len: 19 }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("prefill_rejects_a_bad_qo_indptr", move |d| {
+            let e = BatchPrefillPlan::new(d, &shape, 4, &[0, 2, 3], &t2, CAUSAL).err().ok_or("accepted 3 entries")?;
+            ensure!(matches!(e, Error::IndptrLength { what: "qo_indptr", got: 3, batch: 1 }), "wrong error: {e}");
+            let e = BatchPrefillPlan::new(d, &shape, 4, &[1, 2], &t2, CAUSAL).err().ok_or("accepted a start of 1")?;
+            ensure!(matches!(e, Error::IndptrStart { what: "qo_indptr", first: 1 }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("prefill_rejects_query_of_wrong_length_and_f32", move |d| {
+            let plan = BatchPrefillPlan::new(d, &shape, 4, &[0, 3], &t3, CAUSAL)?;
+            let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
+            let (q, mut out) = (d.alloc_zeros::<f16>(3 * 4 * 128 - 8)?, d.alloc_zeros::<f16>(3 * 4 * 128)?);
+            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
+            ensure!(matches!(e, Error::BufferLength { what: "q", .. }), "wrong error: {e}");
+            let cache = PagedKvCache::<f32>::new(d, shape, 1)?;
+            let (q, mut out) = (d.alloc_zeros::<f32>(3 * 4 * 128)?, d.alloc_zeros::<f32>(3 * 4 * 128)?);
+            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            Ok(())
+        }),
+    ]
+}
+
+pub fn tests() -> Vec<GpuTest> {
+    let mut t = case_tests();
+    t.push(GpuTest::new("prefill_replays_from_a_cuda_graph", prefill_replays_from_a_cuda_graph));
+    t.extend(validation_tests());
+    t
+}
