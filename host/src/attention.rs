@@ -4,7 +4,6 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use crate::abi::FastDiv;
-use crate::cache::PagedKvCache;
 use crate::dtype::{DType, KvDType};
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
@@ -80,18 +79,18 @@ pub(crate) struct Operands<'a> {
 }
 
 impl<'a> Operands<'a> {
+    /// `k` and `v` are the pools (or contiguous rows) the plan's page table addresses.
     pub fn new<T: KvDType>(
         stream: &'a CudaStream,
         q: &'a impl DevicePtr<T>,
-        cache: &'a PagedKvCache<T>,
-        layer: usize,
+        k: &'a impl DevicePtr<T>,
+        v: &'a impl DevicePtr<T>,
         out: &'a mut impl DevicePtrMut<T>,
         lse: Option<&'a mut CudaSlice<f32>>,
-    ) -> Result<Self> {
-        let pools = cache.layer(layer)?;
+    ) -> Self {
         let (q, g0) = q.device_ptr(stream);
-        let (k_pages, g1) = pools.k.device_ptr(stream);
-        let (v_pages, g2) = pools.v.device_ptr(stream);
+        let (k_pages, g1) = k.device_ptr(stream);
+        let (v_pages, g2) = v.device_ptr(stream);
         let (out, g3) = out.device_ptr_mut(stream);
         let mut guards = vec![g0, g1, g2, g3];
         let lse = match lse {
@@ -102,6 +101,6 @@ impl<'a> Operands<'a> {
             }
             None => 0,
         };
-        Ok(Operands { q, k_pages, v_pages, out, lse, _guards: guards })
+        Operands { q, k_pages, v_pages, out, lse, _guards: guards }
     }
 }

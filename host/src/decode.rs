@@ -245,7 +245,8 @@ impl BatchDecodePlan {
             ("out", out.len(), self.qo_elems()),
             ("lse", lse.as_ref().map_or(heads, |l| l.len()), heads),
         ])?;
-        let ops = Operands::new(stream, q, cache, layer, out, lse)?;
+        let pools = cache.layer(layer)?;
+        let ops = Operands::new(stream, q, &pools.k, &pools.v, out, lse);
         if self.grid.0 == 0 {
             return Ok(());
         }

@@ -16,7 +16,7 @@ use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
-use crate::layout::{CacheShape, MAX_INDEX};
+use crate::layout::{CacheShape, KvLayout, MAX_INDEX};
 use crate::page_table::{validate_indptr, PageTable};
 
 // SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
@@ -54,6 +54,8 @@ pub struct BatchPrefillPlan {
     sm_scale: f32,
     group_size: usize,
     items: usize,
+    /// Elements of each of K and V that `run_ragged` expects (a paged plan: the pools').
+    kv_elems: usize,
     /// Read-only metadata, uploaded and synchronised in `new`; `run` passes their addresses
     /// (`metadata`) without a driver call per buffer.
     kv_indices: CudaSlice<u32>,
@@ -151,6 +153,7 @@ impl BatchPrefillPlan {
             sm_scale,
             group_size,
             items: work.len(),
+            kv_elems: shape.pool_elems(),
             kv_indices: device.upload(&indices)?,
             work: device.upload(&if work.is_empty() { vec![PrefillWorkItem::default()] } else { work })?,
             metadata: (0, 0),
@@ -171,6 +174,33 @@ impl BatchPrefillPlan {
         self.items * self.shape.num_kv_heads
     }
 
+    /// Plans prefill over contiguous ("ragged") K and V, FlashInfer's
+    /// `BatchPrefillWithRaggedKVCacheWrapper`: request `i`'s keys are rows
+    /// `kv_indptr[i]..kv_indptr[i + 1]` of `k` and `v` (`[total_kv][num_kv_heads][head_dim]`),
+    /// its queries rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`. The paged kernel runs it: the
+    /// rows are pages of one token each, listed in order.
+    pub fn ragged(
+        device: &Device,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        validate_indptr("kv_indptr", kv_indptr, qo_indptr.len().saturating_sub(1))?;
+        let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
+        let shape =
+            CacheShape { num_pages: total_kv.max(1), page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
+        let table = PageTable {
+            kv_indptr: kv_indptr.to_vec(),
+            kv_indices: (0..total_kv as u32).collect(),
+            kv_last_page_len: kv_indptr.windows(2).map(|w| (w[1] > w[0]) as u32).collect(),
+        };
+        let plan = Self::new(device, &shape, num_qo_heads, qo_indptr, &table, options)?;
+        Ok(BatchPrefillPlan { kv_elems: total_kv * num_kv_heads * head_dim, ..plan })
+    }
+
     /// Attention of `q` (`[total_q][num_qo_heads][head_dim]`) over layer `layer` of `cache`,
     /// into `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (token, head)
     /// into `lse` (`[total_q][num_qo_heads]`). Only launches, on `stream`.
@@ -188,6 +218,38 @@ impl BatchPrefillPlan {
         if *cache.shape() != self.shape {
             return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
         }
+        let pools = cache.layer(layer)?;
+        self.launch(device, stream, q, &pools.k, &pools.v, out, lse)
+    }
+
+    /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
+    /// keys and values, `[total_kv][num_kv_heads][head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_ragged<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        check_lengths(&[("k", k.len(), self.kv_elems), ("v", v.len(), self.kv_elems)])?;
+        self.launch(device, stream, q, k, v, out, lse)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
         let dtype = kernel_dtype::<T>("prefill attention")?;
         let rows = self.total_q * self.num_qo_heads;
         check_lengths(&[
@@ -195,7 +257,7 @@ impl BatchPrefillPlan {
             ("out", out.len(), self.qo_elems()),
             ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
         ])?;
-        let ops = Operands::new(stream, q, cache, layer, out, lse)?;
+        let ops = Operands::new(stream, q, k, v, out, lse);
         if self.items == 0 {
             return Ok(());
         }
@@ -224,8 +286,9 @@ impl BatchPrefillPlan {
         let head_dim = s.head_dim as u32;
         let cfg = launch_config((self.num_blocks() as u32, 1), prefill_threads(head_dim), prefill_smem_bytes(head_dim));
         // SAFETY: the table was validated against this shape when planning and every request's
-        // queries are among its keys; q, out and lse were checked against the plan's tokens and
-        // heads; the work items address only rows below each request's qo_len · group and keys
+        // queries are among its keys; k and v are the pools of that shape (or, ragged, hold every
+        // row the identity table names); q, out and lse were checked against the plan's tokens
+        // and heads; the work items address only rows below each request's qo_len · group and keys
         // below its kv_len; every buffer lives until after the launch (guards, plan borrowed).
         unsafe {
             stream.launch_builder(&device.kernels.prefill[dtype][kernel_head_dim(s.head_dim)]).arg(&params).launch(cfg)

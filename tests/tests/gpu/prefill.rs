@@ -70,6 +70,43 @@ fn prefill_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
 }
 
+/// The same case over contiguous K/V rows (the ragged plan), against the reference on the
+/// equivalent cache of one-token pages in order.
+fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
+    let mut r = rng(c.seed);
+    let mut kv_indptr = vec![0u32];
+    for &(_, kv) in &c.lens {
+        kv_indptr.push(kv_indptr[kv_indptr.len() - 1] + kv as u32);
+    }
+    let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
+    let heads = c.num_kv_heads * c.group;
+    let (k, v): (Vec<T>, Vec<T>) = (
+        random_values(&mut r, total_kv * c.num_kv_heads * c.head_dim),
+        random_values(&mut r, total_kv * c.num_kv_heads * c.head_dim),
+    );
+    let qo_indptr = c.qo_indptr();
+    let q: Vec<T> = random_values(&mut r, qo_indptr[qo_indptr.len() - 1] as usize * heads * c.head_dim);
+    let plan = BatchPrefillPlan::ragged(dev, c.num_kv_heads, c.head_dim, heads, &qo_indptr, &kv_indptr, c.options)?;
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; q.len() / c.head_dim])?;
+    plan.run_ragged(dev, dev.stream(), &dev.upload(&q)?, &dev.upload(&k)?, &dev.upload(&v)?, &mut out, Some(&mut lse))?;
+    let shape = CacheShape {
+        num_pages: total_kv.max(1),
+        page_size: 1,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        layout: KvLayout::Nhd,
+    };
+    let table = PageTable {
+        kv_indptr: kv_indptr.clone(),
+        kv_indices: (0..total_kv as u32).collect(),
+        kv_last_page_len: c.lens.iter().map(|&(_, kv)| (kv > 0) as u32).collect(),
+    };
+    let (want, want_lse) = reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, heads, &c.options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
+}
+
 fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
     tests.push(GpuTest::new(name, move |d| prefill_case::<T>(d, &case)));
 }
@@ -118,6 +155,16 @@ fn case_tests() -> Vec<GpuTest> {
         "prefill_requests_without_queries_take_no_rows_f16".into(),
         Case::new(&[(0, 50), (3, 3), (0, 0), (70, 80)], 16),
     );
+    // Contiguous K/V: the same kernel through one-token pages.
+    let ragged = Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1);
+    t.push(GpuTest::new("prefill_ragged_causal_group_4_f16", move |d| ragged_case::<f16>(d, &ragged)));
+    let ragged = Case {
+        group: 5,
+        head_dim: 64,
+        options: PrefillOptions { causal: false, ..CAUSAL },
+        ..Case::new(&[(40, 300), (7, 7)], 1)
+    };
+    t.push(GpuTest::new("prefill_ragged_full_group_5_head_dim_64_bf16", move |d| ragged_case::<bf16>(d, &ragged)));
     // The extremes with one KV head so the reference stays quick: a 2048-token prompt,
     // and a short chunk at the end of 16 384 cached tokens.
     add::<f16>(
