@@ -8,7 +8,7 @@
 //!
 //! Layers, from the bottom: [`abi`] (the parameter blocks shared with the kernels), [`device`]
 //! (context, module, streams, launches), then the typed, validated API: [`PageTable`],
-//! [`PagedKvCache`] and its operations ([`BatchDecodePlan`], [`BatchPrefillPlan`], the page copies). [`reference`] is the CPU reference every kernel is
+//! [`PagedKvCache`] and its operations ([`BatchDecodePlan`], [`BatchPrefillPlan`], the page copies). [`mod@reference`] is the CPU reference every kernel is
 //! tested against.
 
 pub mod abi;

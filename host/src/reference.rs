@@ -98,8 +98,9 @@ fn scales(shape: &CacheShape, sm_scale: Option<f32>, cap: f32) -> (f64, f64) {
     (sm_scale.map_or(1.0 / (shape.head_dim as f64).sqrt(), |s| s as f64), cap as f64)
 }
 
-/// Batch decode in f64: for request `i` and query head `h` (KV head `h / group`), [`attend`]
-/// over the keys in the window. Returns `out` (`[batch][num_qo_heads][head_dim]`) and the
+/// Batch decode in f64: for request `i` and query head `h` (KV head `h / group`), softmax
+/// attention over the keys in the window (logits `s_j = sm_scale · q·k_j`, then
+/// `cap · tanh(s_j / cap)` with a soft cap). Returns `out` (`[batch][num_qo_heads][head_dim]`) and the
 /// base-2 LSE per (request, head): 0 and −∞ for an empty sequence.
 pub fn decode<T: KvDType>(
     shape: &CacheShape,
@@ -129,7 +130,7 @@ pub fn decode<T: KvDType>(
 }
 
 /// Batch prefill in f64: request `i`'s query token `j` (row `qo_indptr[i] + j` of `q`) sits at
-/// key position `p = kv_len − qo_len + j` and, for each query head, [`attend`]s over keys
+/// key position `p = kv_len − qo_len + j` and, for each query head, attends as in [`decode`] over keys
 /// `lo..=hi`: `hi = p` when causal, else the last key; `lo = p − window_left` (at least 0) with
 /// a window, else 0. Returns `out` (`[total_q][num_qo_heads][head_dim]`) and the base-2 LSE
 /// per (token, head).
