@@ -9,8 +9,11 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastDiv {
+    /// The divisor `d`.
     pub divisor: u32,
+    /// `floor(2^32 · (2^shift − d) / d) + 1`.
     pub multiplier: u32,
+    /// `ceil(log2 d)`.
     pub shift: u32,
 }
 
@@ -28,6 +31,7 @@ impl FastDiv {
         FastDiv { divisor, multiplier, shift }
     }
 
+    /// `n / divisor`, for `n ≤ MAX_DIVIDEND`.
     #[inline(always)]
     pub const fn div(&self, n: u32) -> u32 {
         let hi = ((n as u64 * self.multiplier as u64) >> 32) as u32;
@@ -48,6 +52,7 @@ impl FastDiv {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenLayout {
+    /// 16-byte vectors between the starts of consecutive heads of a token.
     pub head_stride: u32,
     /// 16-byte vectors in one head's row of `head_dim` elements.
     pub head_vecs: FastDiv,
@@ -71,17 +76,23 @@ impl TokenLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PagedCopyParams {
+    /// One layer's K page pool (read by gather, written by scatter).
     pub k_pages: u64,
+    /// One layer's V page pool (read by gather, written by scatter).
     pub v_pages: u64,
+    /// Ragged K, `[total_rows][num_heads][head_dim]` (written by gather, read by scatter).
     pub k_ragged: u64,
+    /// Ragged V, `[total_rows][num_heads][head_dim]` (written by gather, read by scatter).
     pub v_ragged: u64,
     /// `*const u64`, `total_rows` entries, in elements (a multiple of a vector's elements).
     pub row_offsets: u64,
     /// log2 of the elements in a 16-byte vector (3 for f16/bf16, 2 for f32).
     pub vec_shift: u32,
+    /// Where a token's vectors lie relative to its first element.
     pub layout: TokenLayout,
     /// 16-byte vectors per ragged row (`num_heads · head_vecs`).
     pub row_vecs: FastDiv,
+    /// Ragged rows to copy (entries of `row_offsets`).
     pub total_rows: u32,
     /// Rows per block.
     pub rows_per_block: u32,
@@ -97,6 +108,7 @@ pub struct HelperCheckParams {
     pub input: u64,
     /// `*mut f32`, `HELPER_OUTPUTS` entries per thread.
     pub output: u64,
+    /// The divisor of the `(i · 7919) / divisor` output.
     pub divisor: FastDiv,
 }
 
@@ -115,6 +127,7 @@ pub struct ReadStreamParams {
     pub data: u64,
     /// `*mut u32`, one entry per warp of the grid.
     pub sink: u64,
+    /// 16-byte vectors to read from `data`.
     pub vecs: u64,
 }
 
@@ -136,7 +149,9 @@ pub struct ReadStreamParams {
 pub struct DecodeParams {
     /// `[batch][num_qo_heads][head_dim]`.
     pub q: u64,
+    /// `*const`, one layer's K page pool, the query's dtype.
     pub k_pages: u64,
+    /// `*const`, one layer's V page pool, the query's dtype.
     pub v_pages: u64,
     /// `*const u32`.
     pub kv_indices: u64,
@@ -152,11 +167,15 @@ pub struct DecodeParams {
     pub partial_lse: u64,
     /// `*mut u32`, zero between launches.
     pub merge_counters: u64,
+    /// Tokens per page.
     pub page_size: FastDiv,
-    /// Elements per page, between tokens of a page, and between heads of a token.
+    /// Elements per page.
     pub page_elems: u32,
+    /// Elements between consecutive tokens (slots) of a page.
     pub slot_stride: u32,
+    /// Elements between consecutive heads of a token.
     pub head_stride: u32,
+    /// Query heads per token.
     pub num_qo_heads: u32,
     /// Work items (entries of `work`).
     pub num_items: u32,
@@ -176,12 +195,15 @@ pub struct DecodeWorkItem {
     pub pages: u32,
     /// Key positions `start..end` of the request.
     pub start: u32,
+    /// End (exclusive) of the item's key positions.
     pub end: u32,
+    /// The request's index in the batch.
     pub request: u32,
     /// This item's partial slot, or [`NO_PARTIAL`] when the request is not split.
     pub slot: u32,
     /// The request's partial slots are `first_slot..first_slot + parts`.
     pub first_slot: u32,
+    /// Items the request is split into; 1 when it is not split.
     pub parts: u32,
     /// The request's first merge counter; one per (KV head, row tile) follows.
     pub counters: u32,
@@ -220,6 +242,7 @@ pub const fn decode_smem_bytes(head_dim: u32) -> u32 {
     q + ring + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
 }
 
+/// [`DecodeWorkItem::slot`] of an item whose request is not split: it has no partial slot.
 pub const NO_PARTIAL: u32 = u32::MAX;
 
 /// Batch prefill over the paged cache: request `i` has `qo_len` query tokens (rows
@@ -238,7 +261,9 @@ pub const NO_PARTIAL: u32 = u32::MAX;
 pub struct PrefillParams {
     /// `[total_q][num_qo_heads][head_dim]`.
     pub q: u64,
+    /// `*const`, one layer's K page pool, the query's dtype.
     pub k_pages: u64,
+    /// `*const`, one layer's V page pool, the query's dtype.
     pub v_pages: u64,
     /// `*const u32`.
     pub kv_indices: u64,
@@ -248,16 +273,23 @@ pub struct PrefillParams {
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
+    /// Tokens per page.
     pub page_size: FastDiv,
-    /// Elements per page, between tokens of a page, and between heads of a token.
+    /// Elements per page.
     pub page_elems: u32,
+    /// Elements between consecutive tokens (slots) of a page.
     pub slot_stride: u32,
+    /// Elements between consecutive heads of a token.
     pub head_stride: u32,
+    /// Query heads per token.
     pub num_qo_heads: u32,
+    /// KV heads per token of the cache.
     pub num_kv_heads: u32,
     /// Query heads per KV head.
     pub group_size: FastDiv,
+    /// Multiplies `q · k` before the soft cap; logits are then kept in base 2.
     pub sm_scale: f32,
+    /// `cap` of `cap · tanh(s / cap)`, 0 for none.
     pub logits_soft_cap: f32,
     /// Keys at positions below `query position − window_left` are masked; −1 for none.
     pub window_left: i32,
@@ -273,14 +305,18 @@ pub struct PrefillWorkItem {
     pub pages: u32,
     /// The request's first query token (`qo_indptr[request]`).
     pub q_start: u32,
+    /// Query tokens of the request.
     pub qo_len: u32,
+    /// Cached tokens (keys) of the request.
     pub kv_len: u32,
     /// The block's first packed row (`token · group_size + head`).
     pub first_row: u32,
     /// Key positions `kv_start..kv_end` cover every key a row of the block may see (the causal
     /// and window bounds of its first and last rows, worked out by `plan`).
     pub kv_start: u32,
+    /// End (exclusive) of the block's key positions.
     pub kv_end: u32,
+    /// Padding to 32 bytes; always 0.
     pub _pad: u32,
 }
 

@@ -14,7 +14,9 @@ pub struct SeqId(u64);
 /// Copy page `src`'s contents to page `dst` (every layer, K and V) before writing `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageCopy {
+    /// The page to copy from.
     pub src: u32,
+    /// The page to copy to.
     pub dst: u32,
 }
 
@@ -24,6 +26,8 @@ struct Sequence {
     len: usize,
 }
 
+/// Hands out the pages of a fixed pool to sequences, sharing pages between forks by reference
+/// count.
 #[derive(Clone, Debug)]
 pub struct SequenceAllocator {
     page_size: usize,
@@ -53,10 +57,12 @@ impl SequenceAllocator {
         })
     }
 
+    /// Tokens per page.
     pub fn page_size(&self) -> usize {
         self.page_size
     }
 
+    /// Pages that no sequence holds.
     pub fn free_pages(&self) -> usize {
         self.free.len()
     }

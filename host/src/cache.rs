@@ -11,7 +11,9 @@ use crate::layout::CacheShape;
 
 /// One layer's K and V page pools.
 pub struct LayerPools<T: KvDType> {
+    /// The layer's K page pool.
     pub k: CudaSlice<T>,
+    /// The layer's V page pool.
     pub v: CudaSlice<T>,
 }
 
@@ -59,19 +61,23 @@ impl<T: KvDType> PagedKvCache<T> {
         Ok(PagedKvCache { shape, layers })
     }
 
+    /// The dimensions of each page pool.
     pub fn shape(&self) -> &CacheShape {
         &self.shape
     }
 
+    /// Layers in the cache.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The pools of layer `layer`.
     pub fn layer(&self, layer: usize) -> Result<&LayerPools<T>> {
         let num_layers = self.layers.len();
         self.layers.get(layer).ok_or(Error::LayerOutOfRange { layer, num_layers })
     }
 
+    /// The pools of layer `layer`, mutably.
     pub fn layer_mut(&mut self, layer: usize) -> Result<&mut LayerPools<T>> {
         let num_layers = self.layers.len();
         self.layers.get_mut(layer).ok_or(Error::LayerOutOfRange { layer, num_layers })

@@ -38,6 +38,7 @@ fn by_dtype_and_head_dim(
     Ok([row("f16")?, row("bf16")?])
 }
 
+/// An open GPU: its CUDA context, a stream, and ferrinfer's kernels loaded for its architecture.
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -94,14 +95,17 @@ impl Device {
         Ok(Device { ctx, stream, name, compute_capability: (major, minor), kernels })
     }
 
+    /// The GPU's name, as the driver reports it.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The GPU's compute capability, `(major, minor)`.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
     }
 
+    /// The CUDA context the kernels are loaded in.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -161,6 +165,7 @@ impl Device {
         Ok((n as usize).max(1))
     }
 
+    /// Waits until all work queued on [`stream`](Self::stream) has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(Error::driver("synchronizing the stream"))
     }

@@ -2,20 +2,26 @@
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
+/// An element type, as a run-time value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
+    /// IEEE 754 half precision (`half::f16`).
     F16,
+    /// bfloat16 (`half::bf16`).
     BF16,
+    /// IEEE 754 single precision.
     F32,
 }
 
 impl DType {
+    /// Bytes per element.
     pub const fn size_bytes(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,
             DType::F32 => 4,
         }
     }
+    /// The type's Rust name: `"f16"`, `"bf16"` or `"f32"`.
     pub const fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
@@ -36,8 +42,11 @@ mod sealed {
 pub trait KvDType:
     DeviceRepr + ValidAsZeroBits + Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + sealed::Sealed + 'static
 {
+    /// This type as a run-time value.
     const DTYPE: DType;
+    /// The value as an `f64` (exact).
     fn to_f64(self) -> f64;
+    /// `x` rounded to the nearest value of this type.
     fn from_f64(x: f64) -> Self;
 }
 

@@ -2,69 +2,240 @@
 //! offending value in the message.
 use cudarc::driver::DriverError;
 
+/// ferrinfer's result type, with [`Error`] as the default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything that can go wrong: a caller's mistake, caught on the host before any launch, or a
+/// CUDA driver failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The CUDA driver library (libcuda) could not be loaded.
     #[error(
         "no CUDA driver found (libcuda could not be loaded); ferrinfer needs an NVIDIA driver for CUDA 12 or newer"
     )]
     NoDriver,
+    /// A CUDA driver call failed.
     #[error("CUDA driver error while {context}: {source}")]
-    Driver { context: &'static str, source: DriverError },
+    Driver {
+        /// What ferrinfer was doing, e.g. `"loading the PTX module"`.
+        context: &'static str,
+        /// The driver's error.
+        source: DriverError,
+    },
+    /// The GPU's compute capability is below 8.0 (no PTX module fits it).
     #[error("GPU {name} has compute capability {major}.{minor}; ferrinfer needs 8.0 (Ampere) or newer")]
-    UnsupportedDevice { name: String, major: i32, minor: i32 },
+    UnsupportedDevice {
+        /// The GPU's name, as the driver reports it.
+        name: String,
+        /// The major version of the compute capability.
+        major: i32,
+        /// The minor version of the compute capability.
+        minor: i32,
+    },
 
+    /// A page size of 0 was given.
     #[error("page_size must be at least 1, got 0")]
     ZeroPageSize,
+    /// A dimension or count that must be at least 1 is 0.
     #[error("{what} must be at least 1, got 0")]
-    ZeroDimension { what: &'static str },
+    ZeroDimension {
+        /// The name of the dimension, e.g. `"num_layers"`.
+        what: &'static str,
+    },
+    /// A head's row (`head_dim` elements) is not a whole number of 16-byte vectors.
     #[error("head_dim {head_dim} of {dtype} is {bytes} bytes per row, not a multiple of 16 bytes")]
-    UnalignedHeadDim { head_dim: usize, dtype: &'static str, bytes: usize },
+    UnalignedHeadDim {
+        /// The head dimension given.
+        head_dim: usize,
+        /// The name of the element type.
+        dtype: &'static str,
+        /// Bytes in one head's row: `head_dim` times the element size.
+        bytes: usize,
+    },
+    /// A count or index exceeds what the kernels can address (or what the cache holds).
     #[error("{what} = {value} exceeds the supported maximum {max}")]
-    TooLarge { what: &'static str, value: usize, max: usize },
+    TooLarge {
+        /// What is too large, e.g. `"kv_len"`.
+        what: &'static str,
+        /// The value given or computed.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
+    },
 
+    /// An offset array does not have `batch_size + 1` entries.
     #[error("{what} has {got} entries; a batch of {batch} sequences needs {}", batch + 1)]
-    IndptrLength { what: &'static str, got: usize, batch: usize },
+    IndptrLength {
+        /// The name of the array, e.g. `"kv_indptr"`.
+        what: &'static str,
+        /// The number of entries it has.
+        got: usize,
+        /// The number of sequences in the batch.
+        batch: usize,
+    },
+    /// An offset array is empty.
     #[error("{what} is empty; it needs batch_size + 1 entries")]
-    EmptyIndptr { what: &'static str },
+    EmptyIndptr {
+        /// The name of the array, e.g. `"kv_indptr"`.
+        what: &'static str,
+    },
+    /// An offset array does not start at 0.
     #[error("{what}[0] is {first}; it must be 0")]
-    IndptrStart { what: &'static str, first: u32 },
+    IndptrStart {
+        /// The name of the array, e.g. `"kv_indptr"`.
+        what: &'static str,
+        /// Its first entry.
+        first: u32,
+    },
+    /// An offset array decreases somewhere.
     #[error("{what} decreases at index {index}: {prev} then {next}")]
-    IndptrNotMonotone { what: &'static str, index: usize, prev: u32, next: u32 },
+    IndptrNotMonotone {
+        /// The name of the array, e.g. `"kv_indptr"`.
+        what: &'static str,
+        /// The index of the first entry smaller than the one before it.
+        index: usize,
+        /// The entry at `index - 1`.
+        prev: u32,
+        /// The entry at `index`.
+        next: u32,
+    },
+    /// The last entry of `kv_indptr` is not the length of `kv_indices`.
     #[error("kv_indptr ends at {end} but kv_indices has {len} entries")]
-    IndptrEnd { end: u32, len: usize },
+    IndptrEnd {
+        /// The last entry of `kv_indptr`.
+        end: u32,
+        /// The number of entries in `kv_indices`.
+        len: usize,
+    },
+    /// A page index in `kv_indices` is not a page of the cache.
     #[error("kv_indices[{index}] = {page} is out of range for a cache of {num_pages} pages")]
-    PageOutOfRange { index: usize, page: u32, num_pages: usize },
+    PageOutOfRange {
+        /// The index into `kv_indices`.
+        index: usize,
+        /// The page index found there.
+        page: u32,
+        /// The number of pages in the cache.
+        num_pages: usize,
+    },
+    /// A sequence with pages has a last-page length of 0 or more than `page_size`.
     #[error("kv_last_page_len[{seq}] = {len}: a sequence with pages needs 1..={page_size}")]
-    LastPageLen { seq: usize, len: u32, page_size: usize },
+    LastPageLen {
+        /// The index of the sequence in the batch.
+        seq: usize,
+        /// Its entry in `kv_last_page_len`.
+        len: u32,
+        /// Tokens per page.
+        page_size: usize,
+    },
+    /// A sequence with no pages has a non-zero last-page length.
     #[error("kv_last_page_len[{seq}] = {len} but sequence {seq} has no pages; it must be 0")]
-    LastPageLenOfEmpty { seq: usize, len: u32 },
+    LastPageLenOfEmpty {
+        /// The index of the sequence in the batch.
+        seq: usize,
+        /// Its entry in `kv_last_page_len`.
+        len: u32,
+    },
 
+    /// A plan was run on a cache of a different shape from the one it was made for.
     #[error("the cache has shape {got:?} but the plan was made for {planned:?}")]
-    ShapeMismatch { planned: crate::layout::CacheShape, got: crate::layout::CacheShape },
+    ShapeMismatch {
+        /// The shape the plan was made for.
+        planned: crate::layout::CacheShape,
+        /// The shape of the cache it was run on.
+        got: crate::layout::CacheShape,
+    },
+    /// Two writes of one launch would land in the same slot of a page.
     #[error("sequences {first_seq} and {second_seq} would both write slot {slot} of page {page}")]
-    OverlappingWrites { page: u32, slot: usize, first_seq: usize, second_seq: usize },
+    OverlappingWrites {
+        /// The page written twice.
+        page: u32,
+        /// A slot of that page written twice.
+        slot: usize,
+        /// The index of one writing sequence in the batch.
+        first_seq: usize,
+        /// The index of the other writing sequence (the same as `first_seq` when a sequence
+        /// lists the page twice).
+        second_seq: usize,
+    },
+    /// A prefill request has more query tokens than cached keys.
     #[error("request {seq} has {qo_len} query tokens but only {kv_len} keys (its new tokens must be in the cache)")]
-    QueryLongerThanKeys { seq: usize, qo_len: usize, kv_len: usize },
+    QueryLongerThanKeys {
+        /// The index of the request in the batch.
+        seq: usize,
+        /// Its number of query tokens.
+        qo_len: usize,
+        /// Its number of cached tokens.
+        kv_len: usize,
+    },
+    /// An append writes more tokens to a sequence than the page table gives it.
     #[error("sequence {seq} appends {append_len} tokens but holds only {kv_len}")]
-    AppendLongerThanSequence { seq: usize, append_len: usize, kv_len: usize },
+    AppendLongerThanSequence {
+        /// The index of the sequence in the batch.
+        seq: usize,
+        /// The number of tokens appended to it.
+        append_len: usize,
+        /// Its length after the append, from the page table.
+        kv_len: usize,
+    },
+    /// A layer index is not a layer of the cache.
     #[error("layer {layer} does not exist; the cache has {num_layers} layers")]
-    LayerOutOfRange { layer: usize, num_layers: usize },
+    LayerOutOfRange {
+        /// The layer index given.
+        layer: usize,
+        /// The number of layers in the cache.
+        num_layers: usize,
+    },
+    /// The allocator has too few free pages for a reservation.
     #[error("out of pages: {needed} needed, {free} free")]
-    OutOfPages { needed: usize, free: usize },
+    OutOfPages {
+        /// The number of pages the reservation needs.
+        needed: usize,
+        /// The number of free pages.
+        free: usize,
+    },
+    /// The allocator holds no sequence with this id.
     #[error("sequence {0:?} does not exist (never created, or freed)")]
     UnknownSequence(crate::allocator::SeqId),
+    /// The attention kernels are not built for this head dimension.
     #[error("head_dim {head_dim} is not supported here; supported: {supported:?}")]
-    UnsupportedHeadDim { head_dim: usize, supported: &'static [usize] },
+    UnsupportedHeadDim {
+        /// The head dimension given.
+        head_dim: usize,
+        /// The head dimensions the kernels are built for.
+        supported: &'static [usize],
+    },
+    /// An operation was called with an element type it does not take.
     #[error("{what} does not take {dtype}")]
-    UnsupportedDType { what: &'static str, dtype: &'static str },
+    UnsupportedDType {
+        /// The operation, e.g. `"decode attention"`.
+        what: &'static str,
+        /// The name of the element type.
+        dtype: &'static str,
+    },
+    /// The number of query heads is 0 or not a multiple of the number of KV heads.
     #[error("num_qo_heads {num_qo_heads} is not a positive multiple of num_kv_heads {num_kv_heads}")]
-    GroupSize { num_qo_heads: usize, num_kv_heads: usize },
+    GroupSize {
+        /// The number of query heads given.
+        num_qo_heads: usize,
+        /// The number of KV heads of the cache.
+        num_kv_heads: usize,
+    },
+    /// An attention option is out of range.
     #[error("bad option: {what}")]
-    BadOption { what: &'static str },
+    BadOption {
+        /// Which option, and what it must be.
+        what: &'static str,
+    },
+    /// A buffer does not have the length its shapes need.
     #[error("{what} holds {got} elements; the shapes need {expected}")]
-    BufferLength { what: &'static str, got: usize, expected: usize },
+    BufferLength {
+        /// The name of the buffer, e.g. `"ragged K"`.
+        what: &'static str,
+        /// The number of elements it holds.
+        got: usize,
+        /// The number of elements it should hold.
+        expected: usize,
+    },
 }
 
 impl Error {

@@ -15,10 +15,15 @@ pub enum KvLayout {
 /// Dimensions of one K (or V) page pool: `num_pages × page_size × num_kv_heads × head_dim`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
+    /// Pages in the pool.
     pub num_pages: usize,
+    /// Tokens (slots) per page.
     pub page_size: usize,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
+    /// Order of a page's dimensions.
     pub layout: KvLayout,
 }
 

@@ -10,6 +10,7 @@
 //! (context, module, streams, launches), then the typed, validated API: [`PageTable`],
 //! [`PagedKvCache`] and its operations ([`BatchDecodePlan`], [`BatchPrefillPlan`], the page copies). [`mod@reference`] is the CPU reference every kernel is
 //! tested against.
+#![deny(missing_docs)]
 
 pub mod abi;
 pub mod allocator;

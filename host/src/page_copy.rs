@@ -121,6 +121,7 @@ impl CopyPlan {
 pub struct GatherPlan(CopyPlan);
 
 impl GatherPlan {
+    /// Validates `table` against `shape` and uploads where each of the batch's tokens lies in the pool.
     pub fn new(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
         table.validate(shape.page_size, shape.num_pages)?;
         Ok(GatherPlan(CopyPlan::new(device, shape, table, &vec![0; table.batch_size()])?))

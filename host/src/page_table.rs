@@ -8,12 +8,16 @@ use crate::layout::MAX_INDEX;
 /// `last_page_len` of 0. The same page may appear in several sequences (a shared prefix).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageTable {
+    /// Where each sequence's pages start in `kv_indices`, then its length: `batch_size + 1` entries.
     pub kv_indptr: Vec<u32>,
+    /// Page indices of every sequence, laid end to end.
     pub kv_indices: Vec<u32>,
+    /// Tokens in each sequence's last page; 0 for a sequence with no pages.
     pub kv_last_page_len: Vec<u32>,
 }
 
 impl PageTable {
+    /// Sequences in the batch (entries of `kv_last_page_len`).
     pub fn batch_size(&self) -> usize {
         self.kv_last_page_len.len()
     }
