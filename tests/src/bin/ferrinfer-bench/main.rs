@@ -4,6 +4,7 @@
 //! the same kind of workload and says so.
 mod decode;
 mod page_ops;
+mod plot;
 mod prefill;
 mod sampled;
 mod timing;
@@ -59,6 +60,12 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Draw the bandwidth results as an SVG chart here.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+    /// With `--plot`: draw a saved `--json` file instead of running anything (no GPU needed).
+    #[arg(long, requires = "plot")]
+    plot_from: Option<std::path::PathBuf>,
     /// A short sweep (the demo's): page sizes 16 and 7, decode batches 1, 16 and 64 at
     /// kv_len 512 and 4096, prefill (if asked for) of 1024-token prompts, 10 runs each.
     /// Replaces those options.
@@ -209,6 +216,10 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
         let doc = serde_json::json!({"gpu": dev.name(), "copy_gbs": copy_gbs, "read_stream_gbs": read_gbs, "runs": args.runs, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
+    if let Some(path) = &args.plot {
+        plot::write_svg(path, dev.name(), &results, copy_gbs, read_gbs)?;
+        println!("chart written to {}", path.display());
+    }
     if wrong > 0 {
         return Err(format!("{wrong} sampled output elements missed the reference").into());
     }
@@ -263,8 +274,21 @@ fn run_cpu(args: &Args) -> BoxResult<()> {
     Ok(())
 }
 
+/// `--plot-from`: redraws a saved run.
+fn plot_saved(json: &std::path::Path, svg: &std::path::Path) -> BoxResult<()> {
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    let results = doc["results"].as_array().ok_or("no results array in the JSON")?;
+    let number = |key: &str| doc[key].as_f64().ok_or(format!("no {key} in the JSON"));
+    plot::write_svg(svg, doc["gpu"].as_str().unwrap_or("?"), results, number("copy_gbs")?, number("read_stream_gbs")?)?;
+    println!("chart of {} written to {}", json.display(), svg.display());
+    Ok(())
+}
+
 fn main() -> BoxResult<()> {
     let args = Args::parse().shorten();
+    if let (Some(json), Some(svg)) = (&args.plot_from, &args.plot) {
+        return plot_saved(json, svg);
+    }
     match Device::new(0) {
         Ok(dev) => run_gpu(&dev, &args),
         Err(e) => {
