@@ -4,6 +4,7 @@
 #
 #   ./run.sh                         GPU tests
 #   ./run.sh --sanitize memcheck     GPU tests under compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
+#   ./run.sh --sanitize all          GPU tests under each of those four tools in turn
 #   ./run.sh --bench [ARGS...]       GPU tests, then ferrinfer-bench ARGS
 #   ./run.sh --filter NAME           only tests whose name contains NAME
 #
@@ -19,6 +20,18 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
+
+if [ "$tool" = all ]; then
+  # One full run per tool; the summary line counts a tool's run as one test.
+  passed=0 failed=0
+  for t in memcheck racecheck initcheck synccheck; do
+    echo "=== compute-sanitizer --tool $t ==="
+    args=(--sanitize "$t"); [ -n "$filter" ] && args+=(--filter "$filter")
+    if "$0" "${args[@]}"; then passed=$((passed + 1)); echo "$t: clean"; else failed=$((failed + 1)); echo "$t: FAILED"; fi
+  done
+  echo "$passed passed, $failed failed"
+  [ "$failed" -eq 0 ]; exit
+fi
 
 cmd=("$here/gpu-tests" --test-threads=1)
 [ -n "$filter" ] && cmd+=("$filter")
