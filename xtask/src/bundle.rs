@@ -1,5 +1,5 @@
-//! `cargo xtask gpu-bundle`: the GPU tests and the benchmark, built in release mode, with the
-//! PTX and a run script, in one folder that runs on a GPU machine with an NVIDIA driver and no
+//! `cargo xtask gpu-bundle`: the GPU tests, the benchmark and the examples, built in release
+//! mode, with the PTX and a run script, in one folder that runs on a GPU machine with an NVIDIA driver and no
 //! Rust toolchain.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -8,6 +8,8 @@ use crate::workspace_root;
 
 const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
 const MAX_BUNDLE_BYTES: u64 = 60 << 20;
+/// The host crate's examples, each run on the GPU machine as `bundle/NAME`.
+const EXAMPLES: [&str; 1] = ["serving_loop"];
 
 /// Builds with `cargo <args> --message-format=json` and returns the executable of target `name`
 /// of kind `kind` (`test` or `bin`): building an integration test also builds the package's
@@ -45,12 +47,19 @@ pub fn build(out: &Path) -> crate::Result {
     let tests = build_executable(&["test", "-p", "ferrinfer-tests", "--test", "gpu", "--no-run"], "gpu", "test")?;
     let bench =
         build_executable(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench"], "ferrinfer-bench", "bin")?;
+    let examples: Vec<(&str, PathBuf)> = EXAMPLES
+        .iter()
+        .map(|&name| Ok((name, build_executable(&["build", "-p", "ferrinfer", "--example", name], name, "example")?)))
+        .collect::<crate::Result<_>>()?;
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("ptx")).map_err(|e| format!("{}: {e}", out.display()))?;
     copy(&tests, &out.join("gpu-tests"))?;
     copy(&bench, &out.join("ferrinfer-bench"))?;
+    for (name, exe) in &examples {
+        copy(exe, &out.join(name))?;
+    }
     for (_, file) in crate::source_hash::TARGETS {
         copy(&root.join("host/ptx").join(file), &out.join("ptx").join(file))?;
     }
