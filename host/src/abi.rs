@@ -273,6 +273,12 @@ pub struct PrefillParams {
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
+    /// `*mut f32`, `[slots][num_kv_heads][PREFILL_ROWS][head_dim]`: split row tiles' parts.
+    pub partial_out: u64,
+    /// `*mut f32`, `[slots][num_kv_heads][PREFILL_ROWS]`.
+    pub partial_lse: u64,
+    /// `*mut u32`, one per (split row tile, KV head), zero between launches.
+    pub merge_counters: u64,
     /// Tokens per page.
     pub page_size: FastDiv,
     /// Elements per page.
@@ -297,7 +303,9 @@ pub struct PrefillParams {
     pub causal: u32,
 }
 
-/// One prefill block's rows of a request, resolved by `plan` (two 16-byte loads).
+/// One prefill block's rows of a request and keys of them, resolved by `plan` (three 16-byte
+/// loads). A row tile whose keys are split (when the batch alone cannot fill the GPU) has one
+/// item per part; the last part to finish merges them, as decode does.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefillWorkItem {
@@ -316,7 +324,15 @@ pub struct PrefillWorkItem {
     pub kv_start: u32,
     /// End (exclusive) of the block's key positions.
     pub kv_end: u32,
-    /// Padding to 32 bytes; always 0.
+    /// This item's partial slot, or [`NO_PARTIAL`] when its row tile's keys are not split.
+    pub slot: u32,
+    /// The row tile's partial slots are `first_slot..first_slot + parts`.
+    pub first_slot: u32,
+    /// Items the row tile's keys are split into (1: not split).
+    pub parts: u32,
+    /// The row tile's first merge counter; one per KV head follows.
+    pub counters: u32,
+    /// Padding to 48 bytes; always 0.
     pub _pad: u32,
 }
 

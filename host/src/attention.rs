@@ -66,6 +66,38 @@ pub(crate) fn cache_geometry(shape: &CacheShape) -> (FastDiv, u32, u32, u32) {
     (FastDiv::new(shape.page_size as u32), shape.page_elems() as u32, slot_stride as u32, head_stride as u32)
 }
 
+/// The shortest chunk (a multiple of the kernel's `tile` keys) that splits the sequences of
+/// `lens` into at most `capacity / blocks_per_item` work items and no sequence into more than
+/// `max_parts`, or `None` when the unsplit batch already fills `capacity` blocks. One full
+/// wave of equal blocks is what a bandwidth-bound kernel wants: more items only add merge
+/// work, fewer leave SMs idle.
+pub(crate) fn split_chunk(
+    lens: &[usize],
+    tile: u32,
+    blocks_per_item: usize,
+    capacity: usize,
+    max_parts: usize,
+) -> Option<usize> {
+    let tile = tile as usize;
+    let items_for = |chunk: usize| lens.iter().map(|&len| len.div_ceil(chunk).max(1)).sum::<usize>();
+    let max_items = capacity / blocks_per_item;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    if lens.is_empty() || items_for(longest.max(1)) >= max_items {
+        return None;
+    }
+    // items_for falls as the chunk grows: binary search the smallest chunk (in tiles) that fits.
+    let (mut lo, mut hi) = (longest.div_ceil(tile).div_ceil(max_parts).max(1), longest.div_ceil(tile).max(1));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if items_for(mid * tile) <= max_items {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo * tile)
+}
+
 /// Device addresses of an attention launch's operands, with cudarc's stream-ordering guards
 /// held until the launch has been enqueued.
 pub(crate) struct Operands<'a> {

@@ -10,7 +10,7 @@ use crate::abi::{
     decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, DECODE_ROWS, DECODE_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, Operands,
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Operands,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
@@ -68,11 +68,6 @@ pub struct BatchDecodePlan {
     merge_counters: CudaSlice<u32>,
 }
 
-/// The shortest chunk (a multiple of the kernel's key tile) that splits the sequences of
-/// `lens` into at most `capacity / blocks_per_item` work items and no sequence into more than
-/// `max_parts`, or `None` when the unsplit batch already fills `capacity` blocks. One full
-/// wave of equal blocks is what a bandwidth-bound kernel wants: more items only add merge
-/// work, fewer leave SMs idle.
 /// Tiles a block streams below which one block per SM beats filling every block slot: with
 /// little to stream, a second block per SM adds parts to merge and fixed costs; with more, its
 /// streaming hides each block's pipeline fill and drain (measured on the H200, docs/perf.md,
@@ -89,34 +84,13 @@ fn decode_chunk(
     blocks_per_sm: usize,
     max_parts: usize,
 ) -> Option<usize> {
-    let one_per_sm = split_chunk(lens, blocks_per_item, sms, max_parts);
+    let one_per_sm = split_chunk(lens, DECODE_TILE_TOKENS, blocks_per_item, sms, max_parts);
     let longest_block = one_per_sm.unwrap_or_else(|| lens.iter().copied().max().unwrap_or(0));
     if longest_block <= ONE_BLOCK_PER_SM_TILES * DECODE_TILE_TOKENS as usize {
         one_per_sm
     } else {
-        split_chunk(lens, blocks_per_item, sms * blocks_per_sm, max_parts)
+        split_chunk(lens, DECODE_TILE_TOKENS, blocks_per_item, sms * blocks_per_sm, max_parts)
     }
-}
-
-fn split_chunk(lens: &[usize], blocks_per_item: usize, capacity: usize, max_parts: usize) -> Option<usize> {
-    let tile = DECODE_TILE_TOKENS as usize;
-    let items_for = |chunk: usize| lens.iter().map(|&len| len.div_ceil(chunk).max(1)).sum::<usize>();
-    let max_items = capacity / blocks_per_item;
-    let longest = lens.iter().copied().max().unwrap_or(0);
-    if lens.is_empty() || items_for(longest.max(1)) >= max_items {
-        return None;
-    }
-    // items_for falls as the chunk grows: binary search the smallest chunk (in tiles) that fits.
-    let (mut lo, mut hi) = (longest.div_ceil(tile).div_ceil(max_parts).max(1), longest.div_ceil(tile).max(1));
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if items_for(mid * tile) <= max_items {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    Some(lo * tile)
 }
 
 impl BatchDecodePlan {
@@ -298,19 +272,19 @@ mod tests {
     #[test]
     fn split_fills_one_wave_with_whole_tiles() {
         // 8 KV heads, 264 block slots: 33 items fit.
-        let chunk = split_chunk(&[32768], 8, 264, 1000).unwrap();
+        let chunk = split_chunk(&[32768], DECODE_TILE_TOKENS, 8, 264, 1000).unwrap();
         assert_eq!(chunk, 1024);
         assert!(32768usize.div_ceil(chunk) * 8 <= 264);
         // Already a full wave: no split.
-        assert_eq!(split_chunk(&vec![4096; 64], 8, 264, 1000), None);
+        assert_eq!(split_chunk(&vec![4096; 64], DECODE_TILE_TOKENS, 8, 264, 1000), None);
         // 16 × 4096 over 128 pairs: two items each.
-        assert_eq!(split_chunk(&[4096; 16], 8, 264, 1000), Some(2048));
+        assert_eq!(split_chunk(&[4096; 16], DECODE_TILE_TOKENS, 8, 264, 1000), Some(2048));
         // Short sequences never split below one tile; empty ones still take an item.
-        let chunk = split_chunk(&[0, 10, 64, 1000], 1, 1000, 1000).unwrap();
+        let chunk = split_chunk(&[0, 10, 64, 1000], DECODE_TILE_TOKENS, 1, 1000, 1000).unwrap();
         assert_eq!(chunk, DECODE_TILE_TOKENS as usize);
-        assert_eq!(split_chunk(&[], 8, 264, 1000), None);
+        assert_eq!(split_chunk(&[], DECODE_TILE_TOKENS, 8, 264, 1000), None);
         // The merge's staging bounds the parts of one sequence.
-        let chunk = split_chunk(&[64 * 100], 1, 1000, 10).unwrap();
+        let chunk = split_chunk(&[64 * 100], DECODE_TILE_TOKENS, 1, 1000, 10).unwrap();
         assert!(6400usize.div_ceil(chunk) <= 10 && chunk == 640);
     }
 

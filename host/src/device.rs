@@ -6,7 +6,8 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
-use crate::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes};
+use crate::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes, prefill_threads};
+use crate::attention::kernel_head_dim;
 use crate::decode::HEAD_DIMS;
 use crate::error::{Error, Result};
 use crate::ptx;
@@ -154,14 +155,28 @@ impl Device {
 
     /// Decode blocks of `head_dim` resident per SM (registers and shared memory permitting).
     pub(crate) fn decode_blocks_per_sm(&self, head_dim: usize) -> Result<usize> {
-        let index = HEAD_DIMS.iter().position(|&d| d == head_dim).unwrap_or(0);
-        let n = self.kernels.decode[0][index]
-            .occupancy_max_active_blocks_per_multiprocessor(
-                decode_threads(head_dim as u32),
-                decode_smem_bytes(head_dim as u32) as usize,
-                None,
-            )
-            .map_err(Error::driver("reading decode's occupancy"))?;
+        let dim = head_dim as u32;
+        self.blocks_per_sm(
+            &self.kernels.decode[0][kernel_head_dim(head_dim)],
+            decode_threads(dim),
+            decode_smem_bytes(dim),
+        )
+    }
+
+    /// Prefill blocks of `head_dim` that fit one SM at once (from the driver's occupancy).
+    pub(crate) fn prefill_blocks_per_sm(&self, head_dim: usize) -> Result<usize> {
+        let dim = head_dim as u32;
+        self.blocks_per_sm(
+            &self.kernels.prefill[0][kernel_head_dim(head_dim)],
+            prefill_threads(dim),
+            prefill_smem_bytes(dim),
+        )
+    }
+
+    fn blocks_per_sm(&self, function: &CudaFunction, threads: u32, smem_bytes: u32) -> Result<usize> {
+        let n = function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
+            .map_err(Error::driver("reading a kernel's occupancy"))?;
         Ok((n as usize).max(1))
     }
 

@@ -8,9 +8,12 @@
 //! CUDA graph.
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
-use crate::abi::{prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, PREFILL_ROWS};
+use crate::abi::{
+    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_ROWS,
+    PREFILL_TILE_TOKENS,
+};
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, Operands,
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Operands,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device};
@@ -44,8 +47,13 @@ impl Default for PrefillOptions {
     }
 }
 
-/// A validated prefill batch with its work items on the device. Runs of one plan may overlap:
-/// the plan holds no scratch.
+/// A validated prefill batch with its work items on the device.
+///
+/// When the batch's row tiles alone cannot fill the GPU (one long request among short ones),
+/// `plan` splits the keys of the long tiles over several blocks and the last of them merges
+/// the parts by their LSE in the same launch. The plan owns that scratch, so runs of one plan
+/// must not overlap on the GPU: use one stream per plan or order the streams (cudarc's event
+/// tracking, on by default, does that for you).
 pub struct BatchPrefillPlan {
     shape: CacheShape,
     num_qo_heads: usize,
@@ -61,12 +69,16 @@ pub struct BatchPrefillPlan {
     kv_indices: CudaSlice<u32>,
     work: CudaSlice<PrefillWorkItem>,
     metadata: (u64, u64),
+    /// Scratch of split row tiles: partial outputs, their LSEs, and merge counters.
+    partial_out: CudaSlice<f32>,
+    partial_lse: CudaSlice<f32>,
+    merge_counters: CudaSlice<u32>,
+    split_tiles: usize,
 }
 
-/// The blocks of a batch: each request's packed rows (`token · group + head`) in runs of
-/// [`PREFILL_ROWS`], each with the key range its rows may see, longest range first so the
-/// slowest blocks start in the first wave.
-fn work_items(
+/// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
+/// [`PREFILL_ROWS`], each with the key range its rows may see.
+fn row_tiles(
     qo_indptr: &[u32],
     kv_lens: &[usize],
     kv_indptr: &[u32],
@@ -93,12 +105,48 @@ fn work_items(
                 first_row: first_row as u32,
                 kv_start: kv_start as u32,
                 kv_end: kv_end as u32,
-                _pad: 0,
+                slot: NO_PARTIAL,
+                parts: 1,
+                ..Default::default()
             });
         }
     }
-    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_start));
     work
+}
+
+/// The blocks of a batch: its row tiles, the keys of those longer than `chunk` (when given)
+/// split into parts with consecutive partial slots and one merge counter per KV head, longest
+/// key range first so the slowest blocks start in the first wave. Returns the items, the
+/// slots and the split tiles.
+fn split_tiles(
+    tiles: Vec<PrefillWorkItem>,
+    chunk: Option<usize>,
+    num_kv_heads: usize,
+) -> (Vec<PrefillWorkItem>, usize, usize) {
+    let (mut work, mut slots, mut split) = (Vec::new(), 0u32, 0u32);
+    for tile in tiles {
+        let span = (tile.kv_end - tile.kv_start) as usize;
+        let parts = chunk.map_or(1, |c| span.div_ceil(c).max(1));
+        if parts == 1 {
+            work.push(tile);
+            continue;
+        }
+        for part in 0..parts {
+            work.push(PrefillWorkItem {
+                kv_start: tile.kv_start + (part * span / parts) as u32,
+                kv_end: tile.kv_start + ((part + 1) * span / parts) as u32,
+                slot: slots + part as u32,
+                first_slot: slots,
+                parts: parts as u32,
+                counters: split * num_kv_heads as u32,
+                ..tile
+            });
+        }
+        slots += parts as u32;
+        split += 1;
+    }
+    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_start));
+    (work, slots as usize, split as usize)
 }
 
 impl BatchPrefillPlan {
@@ -135,7 +183,17 @@ impl BatchPrefillPlan {
         if rows > MAX_INDEX {
             return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
         }
-        let work = work_items(qo_indptr, &kv_lens, &table.kv_indptr, group_size, &options);
+        // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
+        let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, &options);
+        let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
+        let capacity = device.multiprocessor_count()? * device.prefill_blocks_per_sm(shape.head_dim)?;
+        // The merging block keeps 8 sums per thread, (parts + 1) · 64 weights and a flag in its
+        // shared memory.
+        let dim = shape.head_dim as u32;
+        let staging = prefill_smem_bytes(dim) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
+        let max_parts = staging / PREFILL_ROWS as usize - 1;
+        let chunk = split_chunk(&spans, PREFILL_TILE_TOKENS, shape.num_kv_heads, capacity, max_parts);
+        let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
         let blocks = work.len() * shape.num_kv_heads;
         if blocks > i32::MAX as usize {
             return Err(Error::TooLarge {
@@ -157,6 +215,11 @@ impl BatchPrefillPlan {
             kv_indices: device.upload(&indices)?,
             work: device.upload(&if work.is_empty() { vec![PrefillWorkItem::default()] } else { work })?,
             metadata: (0, 0),
+            partial_out: device
+                .alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize * shape.head_dim).max(1))?,
+            partial_lse: device.alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize).max(1))?,
+            merge_counters: device.alloc_zeros((split * shape.num_kv_heads).max(1))?,
+            split_tiles: split,
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
@@ -169,9 +232,14 @@ impl BatchPrefillPlan {
         self.total_q * self.num_qo_heads * self.shape.head_dim
     }
 
-    /// Blocks of the launch: row tiles × KV heads.
+    /// Blocks of the launch: work items (row tiles, or parts of split ones) × KV heads.
     pub fn num_blocks(&self) -> usize {
         self.items * self.shape.num_kv_heads
+    }
+
+    /// Row tiles whose keys are split across several blocks (merged in the same launch).
+    pub fn split_tiles(&self) -> usize {
+        self.split_tiles
     }
 
     /// Plans prefill over contiguous ("ragged") K and V, FlashInfer's
@@ -262,6 +330,10 @@ impl BatchPrefillPlan {
             return Ok(());
         }
         let s = &self.shape;
+        // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
+        let (partial_out, _g5) = self.partial_out.device_ptr(stream);
+        let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
+        let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
         let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
         let params = PrefillParams {
             q: ops.q,
@@ -271,6 +343,9 @@ impl BatchPrefillPlan {
             work: self.metadata.1,
             out: ops.out,
             lse: ops.lse,
+            partial_out,
+            partial_lse,
+            merge_counters,
             page_size,
             page_elems,
             slot_stride,
@@ -304,7 +379,7 @@ mod tests {
 
     fn items(qo: &[u32], kv: &[usize], group: usize, options: PrefillOptions) -> Vec<PrefillWorkItem> {
         let kv_indptr: Vec<u32> = (0..=kv.len() as u32).collect();
-        work_items(qo, kv, &kv_indptr, group, &options)
+        split_tiles(row_tiles(qo, kv, &kv_indptr, group, &options), None, 2).0
     }
 
     #[test]
@@ -333,6 +408,22 @@ mod tests {
         // Without causality the window still starts at the first row's position.
         let opts = PrefillOptions { window_left: 10, ..Default::default() };
         assert_eq!((items(&[0, 64], &[1000], 1, opts)[0].kv_end), 1000);
+    }
+
+    #[test]
+    fn long_tiles_split_into_parts_with_consecutive_slots() {
+        let kv_indptr = [0, 1, 2];
+        let tiles = row_tiles(&[0, 1, 3], &[1000, 64], &kv_indptr, 1, &PrefillOptions::default());
+        let (work, slots, split) = split_tiles(tiles, Some(256), 8);
+        assert_eq!((work.len(), slots, split), (5, 4, 1));
+        let parts: Vec<_> = work.iter().filter(|w| w.slot != NO_PARTIAL).collect();
+        assert_eq!(parts.len(), 4);
+        assert!(parts.iter().all(|w| w.first_slot == 0 && w.parts == 4 && w.counters == 0 && w.qo_len == 1));
+        let mut ranges: Vec<(u32, u32, u32)> = parts.iter().map(|w| (w.slot, w.kv_start, w.kv_end)).collect();
+        ranges.sort();
+        assert_eq!(ranges, [(0, 0, 250), (1, 250, 500), (2, 500, 750), (3, 750, 1000)]);
+        let short = work.iter().find(|w| w.slot == NO_PARTIAL).unwrap();
+        assert_eq!((short.parts, short.kv_end, short.q_start), (1, 64, 1));
     }
 
     #[test]

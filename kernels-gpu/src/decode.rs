@@ -13,15 +13,16 @@ use crate::abi::{
     decode_smem_bytes, decode_stages, decode_threads, DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS, DECODE_ROWS,
     DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
-use crate::gpu::half::{pack, Bf16, Half, F16};
+use crate::gpu::half::{Bf16, Half, F16};
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{exp2, log2, rcp};
-use crate::gpu::mem::{load_l2, load_l2_f32, store, Vec16};
+use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
-use crate::gpu::sync::{atomic_add, fence_device, sync_threads};
+use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{
     commit_async_copies, copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, wait_async_copies,
 };
+use crate::merge::{last_to_finish, merge, store_output, store_partial};
 use crate::paged_tile::{swizzled, PagedKv, PagedTileLoader};
 use crate::softmax::{quad_sum, LogitScale, RowState};
 
@@ -203,165 +204,30 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
             *e *= inv;
         }
         let lse = if d_all > 0.0 { m_all + log2(d_all) } else { f32::NEG_INFINITY };
-        let qo_head = first_head + row;
+        let out_row = (request * p.num_qo_heads + first_head + row) as usize;
         if work.slot == NO_PARTIAL {
-            write_output::<H, HEAD_DIM>(p, request, qo_head, chunk, &o, lse);
+            store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse);
         } else {
-            let prow = (work.slot * p.num_qo_heads + qo_head) as usize;
-            let dst = (p.partial_out as *mut Vec16).add((prow * HEAD_DIM as usize + 8 * chunk as usize) / 4);
-            store(dst, Vec16([o[0].to_bits(), o[1].to_bits(), o[2].to_bits(), o[3].to_bits()]));
-            store(dst.add(1), Vec16([o[4].to_bits(), o[5].to_bits(), o[6].to_bits(), o[7].to_bits()]));
-            if chunk == 0 {
-                *(p.partial_lse as *mut f32).add(prow) = lse;
-            }
+            let prow = (work.slot * p.num_qo_heads + first_head + row) as usize;
+            store_partial::<HEAD_DIM>(p.partial_out, p.partial_lse, prow, chunk, &o, lse);
         }
         i += THREADS;
     }
     if work.slot == NO_PARTIAL {
         return;
     }
-
     // Split request: the last of its items to get here (for this KV head and row tile) merges
-    // all the parts. Writers fence before counting; the last block fences before reading.
-    fence_device();
-    sync_threads();
-    // The flag lives past the staging area `merge_parts` uses; the K/V ring is free by now.
+    // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
     let last_flag = dynamic_smem::<u32>().add((decode_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
-    if tid == 0 {
-        let counter = (p.merge_counters as *mut u32).add((work.counters + head_block) as usize);
-        let last = atomic_add(counter, 1) == work.parts - 1;
-        if last {
-            // Every part has counted: reset for the next launch (stream order makes it visible).
-            *counter = 0;
-        }
-        *last_flag = last as u32;
-    }
-    sync_threads();
-    if *last_flag == 0 {
+    let counter = (p.merge_counters as *mut u32).add((work.counters + head_block) as usize);
+    if !last_to_finish(counter, work.parts, last_flag) {
         return;
     }
-    fence_device();
-    merge_parts::<H, HEAD_DIM, THREADS>(p, &work, first_head, rows);
-}
-
-/// The last block of a split request combines its `work.parts` partial states for `rows`
-/// query heads from `first_head`: the parts' LSEs are staged in shared memory in parallel and
-/// turned into weights `2^(lse_part − lse)` per row; then each output slice (8 dims of a row)
-/// is summed over the parts by as many thread groups as the block has room for, eight parts'
-/// loads in flight per thread. This block runs after every other part has finished, alone on
-/// the critical path of a split launch: its loads' round trips, not its bytes, set its time.
-#[inline(always)]
-unsafe fn merge_parts<H: Half, const HEAD_DIM: u32, const THREADS: u32>(
-    p: &DecodeParams,
-    work: &DecodeWorkItem,
-    first_head: u32,
-    rows: u32,
-) {
-    let (tid, chunks, parts) = (thread_x(), HEAD_DIM / 8, work.parts);
     let partial_row = |part: u32, row: u32| ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize;
-    // Shared memory: each thread's 8 sums, then weights `[part][row]`, then each row's LSE
-    // (the plan bounds parts · rows to fit).
-    let sums = dynamic_smem::<f32>();
-    let weights = sums.add(8 * THREADS as usize);
-    let row_lse = weights.add((parts * rows) as usize);
-    let mut i = tid;
-    while i < parts * rows {
-        *weights.add(i as usize) = load_l2_f32((p.partial_lse as *const f32).add(partial_row(i / rows, i % rows)));
-        i += THREADS;
-    }
-    sync_threads();
-    if tid < rows {
-        let mut m = f32::NEG_INFINITY;
-        for part in 0..parts {
-            m = m.max(*weights.add((part * rows + tid) as usize));
-        }
-        let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
-        let mut total = 0.0;
-        for part in 0..parts {
-            total += exp2(*weights.add((part * rows + tid) as usize) - m_ref);
-        }
-        let lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
-        for part in 0..parts {
-            let w = weights.add((part * rows + tid) as usize);
-            *w = if total > 0.0 { exp2(*w - lse) } else { 0.0 };
-        }
-        *row_lse.add(tid as usize) = lse;
-    }
-    sync_threads();
-    // Slice `i % slices` is summed by group `i / slices` over parts group, group + groups, ….
-    let slices = rows * chunks;
-    let groups = (THREADS / slices).max(1);
-    let mut i = tid;
-    while i < slices * groups {
-        let (slice, group) = (i % slices, i / slices);
-        let (row, chunk) = (slice / chunks, slice % chunks);
-        let src = |part: u32| {
-            (p.partial_out as *const Vec16).add((partial_row(part, row) * HEAD_DIM as usize + 8 * chunk as usize) / 4)
-        };
-        let mut o = [0.0f32; 8];
-        let mut add = |part: u32, lo: Vec16, hi: Vec16| {
-            let w = *weights.add((part * rows + row) as usize);
-            for e in 0..4 {
-                o[e] += w * f32::from_bits(lo.0[e]);
-                o[4 + e] += w * f32::from_bits(hi.0[e]);
-            }
-        };
-        let mut part = group;
-        while part + 7 * groups < parts {
-            let mut v = [(Vec16::default(), Vec16::default()); 8];
-            crate::unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-                let at = src(part + u as u32 * groups);
-                v[u] = (load_l2(at), load_l2(at.add(1)));
-            });
-            crate::unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
-                add(part + u as u32 * groups, v[u].0, v[u].1);
-            });
-            part += 8 * groups;
-        }
-        while part < parts {
-            add(part, load_l2(src(part)), load_l2(src(part).add(1)));
-            part += groups;
-        }
-        if groups == 1 {
-            write_output::<H, HEAD_DIM>(p, work.request, first_head + row, chunk, &o, *row_lse.add(row as usize));
-        } else {
-            for e in 0..8 {
-                *sums.add(8 * i as usize + e) = o[e];
-            }
-        }
-        i += THREADS;
-    }
-    if groups > 1 {
-        // Each thread held at most one (slice, group): the barrier is reached by all.
-        sync_threads();
-        if tid < slices {
-            let (row, chunk) = (tid / chunks, tid % chunks);
-            let mut o = [0.0f32; 8];
-            for group in 0..groups {
-                for e in 0..8 {
-                    o[e] += *sums.add(8 * (group * slices + tid) as usize + e);
-                }
-            }
-            write_output::<H, HEAD_DIM>(p, work.request, first_head + row, chunk, &o, *row_lse.add(row as usize));
-        }
-    }
-}
-
-/// Writes 8 output dims of (request, head) and, from the first slice, the head's LSE.
-#[inline(always)]
-unsafe fn write_output<H: Half, const HEAD_DIM: u32>(
-    p: &DecodeParams,
-    request: u32,
-    qo_head: u32,
-    chunk: u32,
-    o: &[f32; 8],
-    lse: f32,
-) {
-    let row = (request * p.num_qo_heads + qo_head) as usize;
-    store((p.out as *mut Vec16).add(row * (HEAD_DIM / 8) as usize + chunk as usize), pack::<H>(o));
-    if p.lse != 0 && chunk == 0 {
-        *(p.lse as *mut f32).add(row) = lse;
-    }
+    merge::<HEAD_DIM, THREADS>(p.partial_out, p.partial_lse, work.parts, rows, partial_row, |row, chunk, o, lse| {
+        let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, o, lse)
+    });
 }
 
 macro_rules! decode_kernels {

@@ -14,6 +14,7 @@ pub mod abi;
 
 pub mod decode;
 pub mod helper_check;
+pub mod merge;
 pub mod page_copy;
 pub mod paged_tile;
 pub mod prefill;

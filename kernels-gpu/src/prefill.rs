@@ -7,20 +7,23 @@
 //! the group) pairs, so the group's heads share every K/V tile. Each of four warps owns 16 rows
 //! and computes S = Q·Kᵀ for them over the whole 64-key tile, the online softmax in registers
 //! and O += P·V; tiles stream through a `cp.async` ring as in decode (`paged_tile`). Only the
-//! tiles a mask cuts pay for masking: whether a tile does is uniform across the block.
+//! tiles a mask cuts pay for masking: whether a tile does is uniform across the block. When the
+//! batch is too small to fill the GPU, `plan` splits long row tiles' keys over several blocks,
+//! merged by the last of them (`merge`).
 use crate::abi::{
-    prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, PrefillWorkItem, PREFILL_ROWS,
+    prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_ROWS,
     PREFILL_TILE_TOKENS, PREFILL_WARP_DIMS,
 };
 use crate::gpu::half::{Bf16, Half, F16};
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
-use crate::gpu::shared::dynamic_smem_addr;
+use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{
     commit_async_copies, copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, wait_async_copies,
 };
+use crate::merge::{last_to_finish, merge, store_output};
 use crate::paged_tile::{swizzled, PagedKv, PagedTileLoader};
 use crate::softmax::{quad_sum, LogitScale, RowState};
 
@@ -197,24 +200,65 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     }
     wait_async_copies(0);
 
-    // Each warp finishes its own rows: no state to merge across warps.
+    // Each warp finishes its own rows: no state to merge across warps. A split row tile's part
+    // writes f32 partial rows (slot, KV head, row of the tile) instead.
+    let split = work.slot != NO_PARTIAL;
     crate::unroll!(h in [0, 1] {
         let d = quad_sum(state.d[h]);
         let row = my_rows[h];
         if row < rows {
-            let (token, head) = p.group_size.divmod(row);
-            let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
             let inv = if d > 0.0 { rcp(d) } else { 0.0 };
-            let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + (dim_base + 2 * t) as usize) / 2);
-            crate::unroll_to!(n < out_dims / 8, {
-                *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
-            });
-            if p.lse != 0 && t == 0 && dim_base == 0 {
-                let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
-                *(p.lse as *mut f32).add(out_row as usize) = lse;
+            let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
+            let first_dim = (dim_base + 2 * t) as usize;
+            if split {
+                let prow = ((work.slot * p.num_kv_heads + kv_head) * PREFILL_ROWS + 16 * row_warp + g + 8 * h as u32) as usize;
+                let dst = (p.partial_out as *mut f32).add(prow * HEAD_DIM as usize + first_dim);
+                crate::unroll_to!(n < out_dims / 8, {
+                    *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
+                    *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
+                });
+                if t == 0 && dim_base == 0 {
+                    *(p.partial_lse as *mut f32).add(prow) = lse;
+                }
+            } else {
+                let (token, head) = p.group_size.divmod(row);
+                let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+                let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
+                crate::unroll_to!(n < out_dims / 8, {
+                    *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
+                });
+                if p.lse != 0 && t == 0 && dim_base == 0 {
+                    *(p.lse as *mut f32).add(out_row as usize) = lse;
+                }
             }
         }
     });
+    if !split {
+        return;
+    }
+    // The last part of the row tile to finish (for this KV head) merges all of them. The flag
+    // lives past the merge's staging; the K/V ring is free by now.
+    let last_flag = dynamic_smem::<u32>().add((prefill_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
+    let counter = (p.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
+    if !last_to_finish(counter, work.parts, last_flag) {
+        return;
+    }
+    let partial_row = |part: u32, row: u32| {
+        ((work.first_slot + part) * p.num_kv_heads + kv_head) as usize * PREFILL_ROWS as usize + row as usize
+    };
+    let tile_rows = (rows - work.first_row).min(PREFILL_ROWS);
+    merge::<HEAD_DIM, THREADS>(
+        p.partial_out,
+        p.partial_lse,
+        work.parts,
+        tile_rows,
+        partial_row,
+        |row, chunk, o, lse| {
+            let (token, head) = p.group_size.divmod(work.first_row + row);
+            let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+            store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
+        },
+    );
 }
 
 macro_rules! prefill_kernels {

@@ -107,6 +107,15 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
 }
 
+/// Row tiles the plan of `c` splits.
+fn split_tiles(dev: &Device, c: &Case) -> Result<usize, Box<dyn std::error::Error>> {
+    let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut rng(c.seed), &kv_lens, c.page_size, shape.num_pages);
+    let plan = BatchPrefillPlan::new(dev, &shape, c.num_kv_heads * c.group, &c.qo_indptr(), &table, c.options)?;
+    Ok(plan.split_tiles())
+}
+
 fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
     tests.push(GpuTest::new(name, move |d| prefill_case::<T>(d, &case)));
 }
@@ -155,6 +164,28 @@ fn case_tests() -> Vec<GpuTest> {
         "prefill_requests_without_queries_take_no_rows_f16".into(),
         Case::new(&[(0, 50), (3, 3), (0, 0), (70, 80)], 16),
     );
+    // Small batches split their keys (below); this one fills the GPU with row tiles alone.
+    t.push(GpuTest::new("prefill_enough_row_tiles_run_unsplit_f16", |d| {
+        let c = Case {
+            num_kv_heads: 8,
+            group: 1,
+            ..Case::new(&[(1024, 1024), (1000, 1030), (1024, 2000), (999, 999)], 16)
+        };
+        ensure!(split_tiles(d, &c)? == 0, "the case should not split");
+        prefill_case::<f16>(d, &c)
+    }));
+    // Too few row tiles to fill the GPU: the long ones' keys are split and merged in-launch.
+    t.push(GpuTest::new("prefill_one_long_request_among_short_splits_its_keys_f16", |d| {
+        let c = Case::new(&[(1, 20000), (3, 3), (70, 9000), (5, 40)], 16);
+        ensure!(split_tiles(d, &c)? > 0, "the case should split");
+        prefill_case::<f16>(d, &c)
+    }));
+    let windowed = Case {
+        options: PrefillOptions { window_left: 3000, logits_soft_cap: 20.0, ..CAUSAL },
+        group: 7,
+        ..Case::new(&[(200, 12000)], 7)
+    };
+    add::<bf16>(&mut t, "prefill_split_keys_window_3000_soft_cap_group_7_bf16".into(), windowed);
     // Contiguous K/V: the same kernel through one-token pages.
     let ragged = Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1);
     t.push(GpuTest::new("prefill_ragged_causal_group_4_f16", move |d| ragged_case::<f16>(d, &ragged)));

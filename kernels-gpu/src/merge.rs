@@ -1,0 +1,177 @@
+//! Split-KV in one launch, shared by decode and prefill: when a sequence's keys are split over
+//! several blocks, each writes its rows' normalised f32 partial outputs and base-2 LSEs to its
+//! slot; the last block to finish (an atomic counter per split unit, which that block resets)
+//! merges the slots into the output. No second kernel, so `run` stays one launch.
+use crate::gpu::half::{pack, Half};
+use crate::gpu::index::thread_x;
+use crate::gpu::math::{exp2, log2};
+use crate::gpu::mem::{load_l2, load_l2_f32, store, Vec16};
+use crate::gpu::shared::dynamic_smem;
+use crate::gpu::sync::{atomic_add, fence_device, sync_threads};
+
+/// Writes 8 output dims (`chunk`) of row `out_row` of `out` (`[rows][HEAD_DIM]` of `H`) and, from
+/// the first chunk, the row's LSE into `lse` (when not 0).
+#[inline(always)]
+pub unsafe fn store_output<H: Half, const HEAD_DIM: u32>(
+    out: u64,
+    lse: u64,
+    out_row: usize,
+    chunk: u32,
+    o: &[f32; 8],
+    lse_value: f32,
+) {
+    store((out as *mut Vec16).add(out_row * (HEAD_DIM / 8) as usize + chunk as usize), pack::<H>(o));
+    if lse != 0 && chunk == 0 {
+        *(lse as *mut f32).add(out_row) = lse_value;
+    }
+}
+
+/// Writes 8 dims (`chunk`) of a normalised partial row `prow` (f32) and, from the first chunk,
+/// its LSE.
+#[inline(always)]
+pub unsafe fn store_partial<const HEAD_DIM: u32>(
+    partial_out: u64,
+    partial_lse: u64,
+    prow: usize,
+    chunk: u32,
+    o: &[f32; 8],
+    lse: f32,
+) {
+    let dst = (partial_out as *mut Vec16).add((prow * HEAD_DIM as usize + 8 * chunk as usize) / 4);
+    store(dst, Vec16([o[0].to_bits(), o[1].to_bits(), o[2].to_bits(), o[3].to_bits()]));
+    store(dst.add(1), Vec16([o[4].to_bits(), o[5].to_bits(), o[6].to_bits(), o[7].to_bits()]));
+    if chunk == 0 {
+        *(partial_lse as *mut f32).add(prow) = lse;
+    }
+}
+
+/// Counts this block's part of a split unit in at `counter` (of `parts`) once all its partial
+/// writes are visible, and returns whether it was the last; the last resets the counter for
+/// the next launch (stream order makes that visible) and fences before reading the others'
+/// partials. Every thread calls it (it holds barriers); `flag` is a shared word no other live
+/// data uses.
+#[inline(always)]
+pub unsafe fn last_to_finish(counter: *mut u32, parts: u32, flag: *mut u32) -> bool {
+    // Writers fence before counting.
+    fence_device();
+    sync_threads();
+    if thread_x() == 0 {
+        let last = atomic_add(counter, 1) == parts - 1;
+        if last {
+            *counter = 0;
+        }
+        *flag = last as u32;
+    }
+    sync_threads();
+    let last = *flag != 0;
+    if last {
+        fence_device();
+    }
+    last
+}
+
+/// Combines `parts` partial states of `rows` rows (`partial_row(part, row)`: the row's index
+/// in `partial_out` / `partial_lse`) and hands each merged 8-dim slice with its row's LSE to
+/// `write(row, chunk, slice, lse)`. The LSEs are staged in shared memory in parallel and turned
+/// into weights `2^(lse_part − lse)` per row; then each slice is summed over the parts by as
+/// many thread groups as the block has room for, eight parts' loads in flight per thread. This
+/// block runs after every other part has finished, alone on the critical path of a split
+/// launch: its loads' round trips, not its bytes, set its time. Shared memory: `8 · THREADS`
+/// sums, `parts · rows` weights and `rows` LSEs from its start (the plan bounds `parts`).
+#[inline(always)]
+pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
+    partial_out: u64,
+    partial_lse: u64,
+    parts: u32,
+    rows: u32,
+    partial_row: impl Fn(u32, u32) -> usize,
+    mut write: impl FnMut(u32, u32, &[f32; 8], f32),
+) {
+    let (tid, chunks) = (thread_x(), HEAD_DIM / 8);
+    let sums = dynamic_smem::<f32>();
+    let weights = sums.add(8 * THREADS as usize);
+    let row_lse = weights.add((parts * rows) as usize);
+    let mut i = tid;
+    while i < parts * rows {
+        *weights.add(i as usize) = load_l2_f32((partial_lse as *const f32).add(partial_row(i / rows, i % rows)));
+        i += THREADS;
+    }
+    sync_threads();
+    let mut r = tid;
+    while r < rows {
+        let mut m = f32::NEG_INFINITY;
+        for part in 0..parts {
+            m = m.max(*weights.add((part * rows + r) as usize));
+        }
+        let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
+        let mut total = 0.0;
+        for part in 0..parts {
+            total += exp2(*weights.add((part * rows + r) as usize) - m_ref);
+        }
+        let lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
+        for part in 0..parts {
+            let w = weights.add((part * rows + r) as usize);
+            *w = if total > 0.0 { exp2(*w - lse) } else { 0.0 };
+        }
+        *row_lse.add(r as usize) = lse;
+        r += THREADS;
+    }
+    sync_threads();
+    // Slice `i % slices` is summed by group `i / slices` over parts group, group + groups, ….
+    let slices = rows * chunks;
+    let groups = (THREADS / slices).max(1);
+    let mut i = tid;
+    while i < slices * groups {
+        let (slice, group) = (i % slices, i / slices);
+        let (row, chunk) = (slice / chunks, slice % chunks);
+        let src = |part: u32| {
+            (partial_out as *const Vec16).add((partial_row(part, row) * HEAD_DIM as usize + 8 * chunk as usize) / 4)
+        };
+        let mut o = [0.0f32; 8];
+        let mut add = |part: u32, lo: Vec16, hi: Vec16| {
+            let w = *weights.add((part * rows + row) as usize);
+            for e in 0..4 {
+                o[e] += w * f32::from_bits(lo.0[e]);
+                o[4 + e] += w * f32::from_bits(hi.0[e]);
+            }
+        };
+        let mut part = group;
+        while part + 7 * groups < parts {
+            let mut v = [(Vec16::default(), Vec16::default()); 8];
+            crate::unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+                let at = src(part + u as u32 * groups);
+                v[u] = (load_l2(at), load_l2(at.add(1)));
+            });
+            crate::unroll!(u in [0, 1, 2, 3, 4, 5, 6, 7] {
+                add(part + u as u32 * groups, v[u].0, v[u].1);
+            });
+            part += 8 * groups;
+        }
+        while part < parts {
+            add(part, load_l2(src(part)), load_l2(src(part).add(1)));
+            part += groups;
+        }
+        if groups == 1 {
+            write(row, chunk, &o, *row_lse.add(row as usize));
+        } else {
+            for e in 0..8 {
+                *sums.add(8 * i as usize + e) = o[e];
+            }
+        }
+        i += THREADS;
+    }
+    if groups > 1 {
+        // Each thread held at most one (slice, group): the barrier is reached by all.
+        sync_threads();
+        if tid < slices {
+            let (row, chunk) = (tid / chunks, tid % chunks);
+            let mut o = [0.0f32; 8];
+            for group in 0..groups {
+                for e in 0..8 {
+                    o[e] += *sums.add(8 * (group * slices + tid) as usize + e);
+                }
+            }
+            write(row, chunk, &o, *row_lse.add(row as usize));
+        }
+    }
+}
