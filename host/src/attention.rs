@@ -4,6 +4,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use crate::abi::FastDiv;
+use crate::device::RawSlice;
 use crate::dtype::{DType, KvDType};
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
@@ -98,15 +99,34 @@ pub(crate) fn split_chunk(
     Some(lo * tile)
 }
 
-/// Device addresses of an attention launch's operands, with cudarc's stream-ordering guards
-/// held until the launch has been enqueued.
-pub(crate) struct Operands<'a> {
+/// Device addresses of an attention launch's operands.
+#[derive(Clone, Copy)]
+pub(crate) struct Addresses {
     pub q: u64,
     pub k_pages: u64,
     pub v_pages: u64,
     pub out: u64,
     /// 0 when no LSE is wanted.
     pub lse: u64,
+}
+
+impl Addresses {
+    /// The raw API's operands (lengths checked by the caller).
+    pub fn raw<T>(
+        q: RawSlice<T>,
+        k: RawSlice<T>,
+        v: RawSlice<T>,
+        out: RawSlice<T>,
+        lse: Option<RawSlice<f32>>,
+    ) -> Self {
+        Addresses { q: q.ptr(), k_pages: k.ptr(), v_pages: v.ptr(), out: out.ptr(), lse: lse.map_or(0, |l| l.ptr()) }
+    }
+}
+
+/// [`Addresses`] of cudarc buffers, with cudarc's stream-ordering guards held until the launch
+/// has been enqueued.
+pub(crate) struct Operands<'a> {
+    pub addresses: Addresses,
     _guards: Vec<SyncOnDrop<'a>>,
 }
 
@@ -133,6 +153,6 @@ impl<'a> Operands<'a> {
             }
             None => 0,
         };
-        Operands { q, k_pages, v_pages, out, lse, _guards: guards }
+        Operands { addresses: Addresses { q, k_pages, v_pages, out, lse }, _guards: guards }
     }
 }

@@ -4,16 +4,18 @@
 //! in f32. `plan` validates, splits long sequences across blocks when the batch alone cannot
 //! fill the GPU (flash-decoding; a merge kernel combines the parts by their LSE) and uploads
 //! everything; `run` only launches, so it can be captured in a CUDA graph.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{
     decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, DECODE_ROWS, DECODE_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Operands,
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Addresses,
+    Operands,
 };
 use crate::cache::PagedKvCache;
-use crate::device::{launch_config, Device};
+use crate::device::{launch_config, Device, LaunchStream, RawSlice};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
@@ -66,6 +68,8 @@ pub struct BatchDecodePlan {
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
     merge_counters: CudaSlice<u32>,
+    /// The scratch's addresses, for `run_raw`.
+    scratch: [u64; 3],
 }
 
 /// Tiles a block streams below which one block per SM beats filling every block slot: with
@@ -177,11 +181,18 @@ impl BatchDecodePlan {
             partial_lse: device.alloc_zeros((slots * num_qo_heads).max(1))?,
             merge_counters: device.alloc_zeros((split_requests * heads_blocks as usize).max(1))?,
             metadata: (0, 0),
+            scratch: [0; 3],
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
-        let addresses = (plan.kv_indices.device_ptr(device.stream()).0, plan.work.device_ptr(device.stream()).0);
-        Ok(BatchDecodePlan { metadata: addresses, ..plan })
+        let stream = device.stream();
+        let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
+        let scratch = [
+            plan.partial_out.device_ptr(stream).0,
+            plan.partial_lse.device_ptr(stream).0,
+            plan.merge_counters.device_ptr(stream).0,
+        ];
+        Ok(BatchDecodePlan { metadata, scratch, ..plan })
     }
 
     /// Elements of `q` and `out`: `batch × num_qo_heads × head_dim`.
@@ -212,24 +223,82 @@ impl BatchDecodePlan {
         if *cache.shape() != self.shape {
             return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
         }
-        let dtype = kernel_dtype::<T>("decode attention")?;
-        let heads = self.batch_size * self.num_qo_heads;
-        check_lengths(&[
-            ("q", q.len(), self.qo_elems()),
-            ("out", out.len(), self.qo_elems()),
-            ("lse", lse.as_ref().map_or(heads, |l| l.len()), heads),
-        ])?;
+        let dtype = self.check::<T>(q.len(), out.len(), lse.as_ref().map(|l| l.len()))?;
         let pools = cache.layer(layer)?;
         let ops = Operands::new(stream, q, &pools.k, &pools.v, out, lse);
-        if self.grid.0 == 0 {
-            return Ok(());
-        }
-        let s = &self.shape;
         // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
         let (partial_out, _g5) = self.partial_out.device_ptr(stream);
         let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
         let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
+        // SAFETY: the cache's pools have the planned shape; q, out and lse were checked; every
+        // buffer lives until after the launch (guards above, plan borrowed).
+        unsafe {
+            self.launch(
+                device,
+                LaunchStream::Cudarc(stream),
+                dtype,
+                &ops.addresses,
+                [partial_out, partial_lse, merge_counters],
+            )
+        }
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k_pages` and
+    /// `v_pages` one layer's pools (`shape.pool_elems()` elements each, laid out as the plan's
+    /// shape says), on the raw stream `stream`. Lengths are checked as in `run`.
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; `stream` is a live stream of
+    /// `device`'s context; nothing else writes `q`, the pools or `lse` while the launch runs, and
+    /// nothing reads or writes `out` and `lse` until it has completed; runs of this plan are
+    /// ordered on the GPU (its scratch is reused by each).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: CUstream,
+        q: RawSlice<T>,
+        k_pages: RawSlice<T>,
+        v_pages: RawSlice<T>,
+        out: RawSlice<T>,
+        lse: Option<RawSlice<f32>>,
+    ) -> Result<()> {
+        let dtype = self.check::<T>(q.len(), out.len(), lse.map(|l| l.len()))?;
+        let pool = self.shape.pool_elems();
+        check_lengths(&[("k_pages", k_pages.len(), pool), ("v_pages", v_pages.len(), pool)])?;
+        let ops = Addresses::raw(q, k_pages, v_pages, out, lse);
+        self.launch(device, LaunchStream::Raw(stream), dtype, &ops, self.scratch)
+    }
+
+    /// Checks the element type and the lengths of q, out and lse; returns the dtype's kernel index.
+    fn check<T: KvDType>(&self, q: usize, out: usize, lse: Option<usize>) -> Result<usize> {
+        let dtype = kernel_dtype::<T>("decode attention")?;
+        let heads = self.batch_size * self.num_qo_heads;
+        check_lengths(&[
+            ("q", q, self.qo_elems()),
+            ("out", out, self.qo_elems()),
+            ("lse", lse.unwrap_or(heads), heads),
+        ])?;
+        Ok(dtype)
+    }
+
+    /// # Safety
+    /// `ops` passed the plan's checks and are live until the launch completes; `scratch` is
+    /// the plan's partial outputs, partial LSEs and merge counters.
+    unsafe fn launch(
+        &self,
+        device: &Device,
+        stream: LaunchStream,
+        dtype: usize,
+        ops: &Addresses,
+        scratch: [u64; 3],
+    ) -> Result<()> {
+        if self.grid.0 == 0 {
+            return Ok(());
+        }
+        let s = &self.shape;
         let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
+        let [partial_out, partial_lse, merge_counters] = scratch;
         let params = DecodeParams {
             q: ops.q,
             k_pages: ops.k_pages,
@@ -252,16 +321,18 @@ impl BatchDecodePlan {
             logits_soft_cap: self.logits_soft_cap,
         };
         let head_dim = s.head_dim as u32;
-        let dim_index = kernel_head_dim(s.head_dim);
         let blocks = self.grid.0 * self.grid.1 * self.grid.2;
         let cfg = launch_config((blocks, 1), decode_threads(head_dim), decode_smem_bytes(head_dim));
-        // SAFETY: the table was validated against this shape when planning; q, out and lse were
-        // checked against the plan's batch and heads; the work items address only positions
-        // below each request's kv_len; partial slots and merge counters were sized by the plan;
-        // every buffer lives until after the launch (guards above, plan borrowed).
-        unsafe { stream.launch_builder(&device.kernels.decode[dtype][dim_index]).arg(&params).launch(cfg) }
-            .map(|_| ())
-            .map_err(Error::driver("launching batch decode"))
+        // SAFETY: the table was validated against this shape when planning; the work items
+        // address only positions below each request's kv_len; partial slots and merge counters
+        // were sized by the plan; the caller vouches for the operands.
+        device.launch(
+            &device.kernels.decode[dtype][kernel_head_dim(s.head_dim)],
+            cfg,
+            stream,
+            &params,
+            "launching batch decode",
+        )
     }
 }
 

@@ -1,9 +1,14 @@
 //! A GPU with ferrinfer's kernels loaded: the context, its default stream, the module chosen for
 //! the device's compute capability (loaded once) and the kernel functions (looked up once).
+use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::result;
+use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUstream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes, prefill_threads};
@@ -189,4 +194,78 @@ impl Device {
 /// Grid and block of a launch, with dynamic shared memory.
 pub(crate) fn launch_config(grid: (u32, u32), block: u32, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes }
+}
+
+/// A device buffer the caller owns, given by address and length in elements of `T`: the raw
+/// form of every `run`, for stacks that do not hold their tensors in cudarc buffers.
+#[derive(Clone, Copy, Debug)]
+pub struct RawSlice<T> {
+    ptr: CUdeviceptr,
+    len: usize,
+    _element: PhantomData<*const T>,
+}
+
+impl<T> RawSlice<T> {
+    /// # Safety
+    /// `ptr` is the address of `len` elements of `T` in device memory of the [`Device`]'s
+    /// context (allocated there, or reachable from it), aligned for `T`, and stays allocated
+    /// until every launch given this slice has completed.
+    pub unsafe fn new(ptr: CUdeviceptr, len: usize) -> Self {
+        RawSlice { ptr, len, _element: PhantomData }
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+
+    /// Elements of `T`.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the slice holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where a launch goes: a cudarc stream (the safe API), or a raw `CUstream` of the device's
+/// context (the `unsafe` raw API).
+#[derive(Clone, Copy)]
+pub(crate) enum LaunchStream<'a> {
+    Cudarc(&'a CudaStream),
+    Raw(CUstream),
+}
+
+impl Device {
+    /// Launches `function` with its one by-value parameter block `params`.
+    ///
+    /// # Safety
+    /// Every address in `params` is valid for what the kernel does with it (the plans' checks),
+    /// and a raw stream belongs to this device's context.
+    pub(crate) unsafe fn launch<P: DeviceRepr>(
+        &self,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        stream: LaunchStream,
+        params: &P,
+        what: &'static str,
+    ) -> Result<()> {
+        match stream {
+            LaunchStream::Cudarc(s) => s.launch_builder(function).arg(params).launch(cfg).map(|_| ()),
+            LaunchStream::Raw(s) => self.ctx.bind_to_thread().and_then(|()| {
+                let mut args = [params as *const P as *mut c_void];
+                result::launch_kernel(
+                    function.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    s,
+                    &mut args,
+                )
+            }),
+        }
+        .map_err(Error::driver(what))
+    }
 }

@@ -32,7 +32,7 @@ pub mod selftest;
 pub use allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::{LayerPools, PagedKvCache};
 pub use decode::{BatchDecodePlan, DecodeOptions};
-pub use device::Device;
+pub use device::{Device, RawSlice};
 pub use dtype::{DType, KvDType};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -2,11 +2,13 @@
 //! ragged KV layout): gather (pages → ragged), scatter (ragged → pages) and append (FlashInfer's
 //! `append_paged_kv_cache`: a ragged batch of new tokens written after each sequence's earlier
 //! tokens). Planning validates and uploads the metadata; running only launches.
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{FastDiv, PagedCopyParams};
+use crate::attention::check_lengths;
 use crate::cache::PagedKvCache;
-use crate::device::{launch_config, Device};
+use crate::device::{launch_config, Device, LaunchStream, RawSlice};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
@@ -31,22 +33,22 @@ fn rows_per_block(total_rows: u32, row_vecs: u32) -> u32 {
 /// Launches a paged copy kernel over `params.total_rows` rows, K and V.
 ///
 /// # Safety
-/// Every pointer in `params` is a live device allocation on `stream`'s context, and the page
+/// Every pointer in `params` is a live device allocation of `device`'s context, and the page
 /// table, ragged offsets and first positions address only inside those allocations (what
 /// [`PageTable::validate`] and the plans' length checks establish).
-unsafe fn launch_paged_copy(stream: &CudaStream, function: &CudaFunction, mut params: PagedCopyParams) -> Result<()> {
+unsafe fn launch_paged_copy(
+    device: &Device,
+    stream: LaunchStream,
+    function: &CudaFunction,
+    mut params: PagedCopyParams,
+) -> Result<()> {
     if params.total_rows == 0 {
         return Ok(());
     }
     params.rows_per_block = rows_per_block(params.total_rows, params.row_vecs.divisor);
     let blocks = params.total_rows.div_ceil(params.rows_per_block);
     let cfg = launch_config((blocks, 2), THREADS, params.rows_per_block * 8);
-    stream
-        .launch_builder(function)
-        .arg(&params)
-        .launch(cfg)
-        .map(|_| ())
-        .map_err(Error::driver("launching a paged K/V copy"))
+    device.launch(function, cfg, stream, &params, "launching a paged K/V copy")
 }
 
 /// What gather and scatter plans share: where each ragged row's token lives in the pool.
@@ -55,6 +57,8 @@ struct CopyPlan {
     total_rows: u32,
     /// Per ragged row, its token's vector offset in a page pool.
     row_offsets: CudaSlice<u64>,
+    /// Its address, for the raw runs.
+    row_offsets_address: u64,
 }
 
 impl CopyPlan {
@@ -73,7 +77,9 @@ impl CopyPlan {
         if row_offsets.is_empty() {
             row_offsets.push(0);
         }
-        Ok(CopyPlan { shape: *shape, total_rows, row_offsets: device.upload(&row_offsets)? })
+        let row_offsets = device.upload(&row_offsets)?;
+        let row_offsets_address = row_offsets.device_ptr(device.stream()).0;
+        Ok(CopyPlan { shape: *shape, total_rows, row_offsets, row_offsets_address })
     }
     fn ragged_elems(&self) -> usize {
         self.total_rows as usize * self.shape.token_elems()
@@ -92,12 +98,33 @@ impl CopyPlan {
         Ok(())
     }
 
+    /// Checks raw pools (`shape.pool_elems()` each) and ragged buffers against the plan.
+    fn check_raw<T>(&self, pools: [&RawSlice<T>; 2], ragged: [&RawSlice<T>; 2]) -> Result<()> {
+        let (pool, rows) = (self.shape.pool_elems(), self.ragged_elems());
+        check_lengths(&[
+            ("k_pages", pools[0].len(), pool),
+            ("v_pages", pools[1].len(), pool),
+            ("ragged K", ragged[0].len(), rows),
+            ("ragged V", ragged[1].len(), rows),
+        ])
+    }
+
     /// Launches `function` for pools and ragged buffers `[k_pages, v_pages, k_ragged, v_ragged]`,
-    /// which the caller checked against the plan and keeps alive.
-    fn launch<T: KvDType>(&self, stream: &CudaStream, function: &CudaFunction, buffers: [u64; 4]) -> Result<()> {
+    /// which the caller checked against the plan and keeps alive; `row_offsets` is the plan's
+    /// (tracked by the caller on a cudarc stream).
+    ///
+    /// # Safety
+    /// As [`launch_paged_copy`].
+    unsafe fn launch<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: LaunchStream,
+        function: &CudaFunction,
+        buffers: [u64; 4],
+        row_offsets: u64,
+    ) -> Result<()> {
         let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
         let layout = self.shape.token_layout(T::DTYPE);
-        let (row_offsets, _g) = self.row_offsets.device_ptr(stream);
         let params = PagedCopyParams {
             k_pages,
             v_pages,
@@ -110,9 +137,7 @@ impl CopyPlan {
             total_rows: self.total_rows,
             rows_per_block: 0,
         };
-        // SAFETY: the table was validated against this shape when planning, the caller checked
-        // the buffers against the plan, and every buffer outlives the launch (guards above).
-        unsafe { launch_paged_copy(stream, function, params) }
+        launch_paged_copy(device, stream, function, params)
     }
 }
 
@@ -149,7 +174,36 @@ impl GatherPlan {
         let (v_pages, _g1) = pools.v.device_ptr(stream);
         let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
         let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
-        self.0.launch::<T>(stream, &device.kernels.paged_kv_gather, [k_pages, v_pages, k_ragged, v_ragged])
+        let (row_offsets, _g4) = self.0.row_offsets.device_ptr(stream);
+        let function = &device.kernels.paged_kv_gather;
+        // SAFETY: the table was validated against this shape when planning, the buffers were
+        // checked against the plan, and every buffer outlives the launch (guards above).
+        unsafe {
+            let buffers = [k_pages, v_pages, k_ragged, v_ragged];
+            self.0.launch::<T>(device, LaunchStream::Cudarc(stream), function, buffers, row_offsets)
+        }
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: one layer's pools (`shape.pool_elems()`
+    /// elements each) into ragged `k_out` and `v_out`, on the raw stream `stream`.
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; `stream` is a live stream of
+    /// `device`'s context, ordered after the plan's upload on `device.stream()` (synchronize the
+    /// device once after planning); nothing writes the pools while the launch runs, and nothing
+    /// reads or writes `k_out` and `v_out` until it has completed.
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: CUstream,
+        pools: [RawSlice<T>; 2],
+        k_out: RawSlice<T>,
+        v_out: RawSlice<T>,
+    ) -> Result<()> {
+        self.0.check_raw([&pools[0], &pools[1]], [&k_out, &v_out])?;
+        let buffers = [pools[0].ptr(), pools[1].ptr(), k_out.ptr(), v_out.ptr()];
+        let function = &device.kernels.paged_kv_gather;
+        self.0.launch::<T>(device, LaunchStream::Raw(stream), function, buffers, self.0.row_offsets_address)
     }
 }
 
@@ -209,6 +263,36 @@ impl ScatterPlan {
         let (v_pages, _g1) = pools.v.device_ptr_mut(stream);
         let (k_ragged, _g2) = k_in.device_ptr(stream);
         let (v_ragged, _g3) = v_in.device_ptr(stream);
-        self.0.launch::<T>(stream, &device.kernels.paged_kv_scatter, [k_pages, v_pages, k_ragged, v_ragged])
+        let (row_offsets, _g4) = self.0.row_offsets.device_ptr(stream);
+        let function = &device.kernels.paged_kv_scatter;
+        // SAFETY: the table was validated against this shape and its writes found disjoint when
+        // planning, the buffers were checked against the plan, and every buffer outlives the
+        // launch (guards above).
+        unsafe {
+            let buffers = [k_pages, v_pages, k_ragged, v_ragged];
+            self.0.launch::<T>(device, LaunchStream::Cudarc(stream), function, buffers, row_offsets)
+        }
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: ragged `k_in` and `v_in` into one layer's
+    /// pools (`shape.pool_elems()` elements each), on the raw stream `stream`.
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; `stream` is a live stream of
+    /// `device`'s context, ordered after the plan's upload on `device.stream()` (synchronize the
+    /// device once after planning); nothing writes `k_in` and `v_in` while the launch runs, and
+    /// nothing reads or writes the pools until it has completed.
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: CUstream,
+        pools: [RawSlice<T>; 2],
+        k_in: RawSlice<T>,
+        v_in: RawSlice<T>,
+    ) -> Result<()> {
+        self.0.check_raw([&pools[0], &pools[1]], [&k_in, &v_in])?;
+        let buffers = [pools[0].ptr(), pools[1].ptr(), k_in.ptr(), v_in.ptr()];
+        let function = &device.kernels.paged_kv_scatter;
+        self.0.launch::<T>(device, LaunchStream::Raw(stream), function, buffers, self.0.row_offsets_address)
     }
 }

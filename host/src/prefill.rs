@@ -6,17 +6,19 @@
 //! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
 //! 64 query rows, longest key range first; `run` only launches, so it can be captured in a
 //! CUDA graph.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{
     prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_ROWS,
     PREFILL_TILE_TOKENS,
 };
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Operands,
+    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Addresses,
+    Operands,
 };
 use crate::cache::PagedKvCache;
-use crate::device::{launch_config, Device};
+use crate::device::{launch_config, Device, LaunchStream, RawSlice};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
 use crate::layout::{CacheShape, KvLayout, MAX_INDEX};
@@ -73,6 +75,8 @@ pub struct BatchPrefillPlan {
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
     merge_counters: CudaSlice<u32>,
+    /// The scratch's addresses, for `run_raw`.
+    scratch: [u64; 3],
     split_tiles: usize,
 }
 
@@ -220,11 +224,18 @@ impl BatchPrefillPlan {
             partial_lse: device.alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize).max(1))?,
             merge_counters: device.alloc_zeros((split * shape.num_kv_heads).max(1))?,
             split_tiles: split,
+            scratch: [0; 3],
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
-        let addresses = (plan.kv_indices.device_ptr(device.stream()).0, plan.work.device_ptr(device.stream()).0);
-        Ok(BatchPrefillPlan { metadata: addresses, ..plan })
+        let stream = device.stream();
+        let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
+        let scratch = [
+            plan.partial_out.device_ptr(stream).0,
+            plan.partial_lse.device_ptr(stream).0,
+            plan.merge_counters.device_ptr(stream).0,
+        ];
+        Ok(BatchPrefillPlan { metadata, scratch, ..plan })
     }
 
     /// Elements of `q` and `out`: `total_q × num_qo_heads × head_dim`.
@@ -287,7 +298,7 @@ impl BatchPrefillPlan {
             return Err(Error::ShapeMismatch { planned: self.shape, got: *cache.shape() });
         }
         let pools = cache.layer(layer)?;
-        self.launch(device, stream, q, &pools.k, &pools.v, out, lse)
+        self.run_cudarc(device, stream, q, &pools.k, &pools.v, out, lse)
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
@@ -304,11 +315,38 @@ impl BatchPrefillPlan {
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         check_lengths(&[("k", k.len(), self.kv_elems), ("v", v.len(), self.kv_elems)])?;
-        self.launch(device, stream, q, k, v, out, lse)
+        self.run_cudarc(device, stream, q, k, v, out, lse)
     }
 
+    /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one
+    /// layer's pools (`shape.pool_elems()` elements each, laid out as the plan's shape says) or,
+    /// for a [`ragged`](Self::ragged) plan, the contiguous rows, on the raw stream `stream`.
+    /// Lengths are checked as in `run`.
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; `stream` is a live stream of
+    /// `device`'s context; nothing else writes `q`, `k` or `v` while the launch runs, and
+    /// nothing reads or writes `out` and `lse` until it has completed; runs of this plan are
+    /// ordered on the GPU (its scratch is reused by each).
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: KvDType>(
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: CUstream,
+        q: RawSlice<T>,
+        k: RawSlice<T>,
+        v: RawSlice<T>,
+        out: RawSlice<T>,
+        lse: Option<RawSlice<f32>>,
+    ) -> Result<()> {
+        let dtype = self.check::<T>(q.len(), out.len(), lse.map(|l| l.len()))?;
+        check_lengths(&[("k", k.len(), self.kv_elems), ("v", v.len(), self.kv_elems)])?;
+        self.launch(device, LaunchStream::Raw(stream), dtype, &Addresses::raw(q, k, v, out, lse), self.scratch)
+    }
+
+    /// The safe runs' common part: `k` and `v` are checked against the plan by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn run_cudarc<T: KvDType>(
         &self,
         device: &Device,
         stream: &CudaStream,
@@ -318,22 +356,49 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let dtype = kernel_dtype::<T>("prefill attention")?;
-        let rows = self.total_q * self.num_qo_heads;
-        check_lengths(&[
-            ("q", q.len(), self.qo_elems()),
-            ("out", out.len(), self.qo_elems()),
-            ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
-        ])?;
+        let dtype = self.check::<T>(q.len(), out.len(), lse.as_ref().map(|l| l.len()))?;
         let ops = Operands::new(stream, q, k, v, out, lse);
-        if self.items == 0 {
-            return Ok(());
-        }
-        let s = &self.shape;
         // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
         let (partial_out, _g5) = self.partial_out.device_ptr(stream);
         let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
         let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
+        // SAFETY: q, out and lse were checked here and k, v by the caller; every buffer lives
+        // until after the launch (guards above, plan borrowed).
+        unsafe {
+            self.launch(
+                device,
+                LaunchStream::Cudarc(stream),
+                dtype,
+                &ops.addresses,
+                [partial_out, partial_lse, merge_counters],
+            )
+        }
+    }
+
+    /// Checks the element type and the lengths of q, out and lse; returns the dtype's kernel index.
+    fn check<T: KvDType>(&self, q: usize, out: usize, lse: Option<usize>) -> Result<usize> {
+        let dtype = kernel_dtype::<T>("prefill attention")?;
+        let rows = self.total_q * self.num_qo_heads;
+        check_lengths(&[("q", q, self.qo_elems()), ("out", out, self.qo_elems()), ("lse", lse.unwrap_or(rows), rows)])?;
+        Ok(dtype)
+    }
+
+    /// # Safety
+    /// `ops` passed the plan's checks and are live until the launch completes; `scratch` is
+    /// the plan's partial outputs, partial LSEs and merge counters.
+    unsafe fn launch(
+        &self,
+        device: &Device,
+        stream: LaunchStream,
+        dtype: usize,
+        ops: &Addresses,
+        scratch: [u64; 3],
+    ) -> Result<()> {
+        if self.items == 0 {
+            return Ok(());
+        }
+        let s = &self.shape;
+        let [partial_out, partial_lse, merge_counters] = scratch;
         let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
         let params = PrefillParams {
             q: ops.q,
@@ -361,15 +426,16 @@ impl BatchPrefillPlan {
         let head_dim = s.head_dim as u32;
         let cfg = launch_config((self.num_blocks() as u32, 1), prefill_threads(head_dim), prefill_smem_bytes(head_dim));
         // SAFETY: the table was validated against this shape when planning and every request's
-        // queries are among its keys; k and v are the pools of that shape (or, ragged, hold every
-        // row the identity table names); q, out and lse were checked against the plan's tokens
-        // and heads; the work items address only rows below each request's qo_len · group and keys
-        // below its kv_len; every buffer lives until after the launch (guards, plan borrowed).
-        unsafe {
-            stream.launch_builder(&device.kernels.prefill[dtype][kernel_head_dim(s.head_dim)]).arg(&params).launch(cfg)
-        }
-        .map(|_| ())
-        .map_err(Error::driver("launching batch prefill"))
+        // queries are among its keys; the work items address only rows below each request's
+        // qo_len · group and keys below its kv_len; partial slots and merge counters were sized
+        // by the plan; the caller vouches for the operands.
+        device.launch(
+            &device.kernels.prefill[dtype][kernel_head_dim(s.head_dim)],
+            cfg,
+            stream,
+            &params,
+            "launching batch prefill",
+        )
     }
 }
 

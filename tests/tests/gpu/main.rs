@@ -6,6 +6,7 @@ mod decode;
 mod helpers;
 mod page_copy;
 mod prefill;
+mod raw;
 
 fn main() {
     let tests = helpers::tests()
@@ -14,6 +15,7 @@ fn main() {
         .chain(allocator::tests())
         .chain(decode::tests())
         .chain(prefill::tests())
+        .chain(raw::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
 }
