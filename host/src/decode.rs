@@ -97,16 +97,35 @@ fn decode_chunk(
     }
 }
 
+/// A decode batch's work split: what `BatchDecodePlan::new` uploads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeSplit {
+    /// One per (work item); each runs for every KV head and row tile.
+    pub work: Vec<DecodeWorkItem>,
+    /// Partial slots of split requests.
+    pub slots: usize,
+    /// Requests split over several items.
+    pub split_requests: usize,
+    /// Query heads per KV head.
+    pub group_size: usize,
+    /// Row tiles (of up to 16 query heads) per KV head.
+    pub row_tiles: usize,
+    /// The resolved `sm_scale`.
+    pub sm_scale: f32,
+}
+
 impl BatchDecodePlan {
-    /// Plans decode for the batch in `table` over a cache of `shape`, with `num_qo_heads` query
-    /// heads (a multiple of `shape.num_kv_heads`).
-    pub fn new(
-        device: &Device,
+    /// The work split `new` uploads, worked out without a GPU for a device of `sms`
+    /// multiprocessors holding `blocks_per_sm` decode blocks each: the validation and every
+    /// work item (for inspection, and for fuzzing the planner against a bounds model).
+    pub fn split(
         shape: &CacheShape,
         num_qo_heads: usize,
         table: &PageTable,
         options: DecodeOptions,
-    ) -> Result<Self> {
+        sms: usize,
+        blocks_per_sm: usize,
+    ) -> Result<DecodeSplit> {
         let (group_size, sm_scale) = check_heads_and_options(
             shape,
             num_qo_heads,
@@ -126,7 +145,6 @@ impl BatchDecodePlan {
                 w => (len.saturating_sub(w as usize + 1), len),
             })
             .collect();
-        let (sms, blocks_per_sm) = (device.multiprocessor_count()?, device.decode_blocks_per_sm(shape.head_dim)?);
         let lens: Vec<usize> = ranges.iter().map(|(lo, hi)| hi - lo).collect();
         // The merging block keeps 8 sums per thread, (parts + 1) · 16 weights and a flag in its
         // shared memory.
@@ -157,7 +175,6 @@ impl BatchDecodePlan {
                 split_requests += 1;
             }
         }
-        let slots = slots as usize;
         let blocks = work.len() * heads_blocks as usize;
         if blocks > i32::MAX as usize {
             return Err(Error::TooLarge {
@@ -166,6 +183,22 @@ impl BatchDecodePlan {
                 max: i32::MAX as usize,
             });
         }
+        Ok(DecodeSplit { work, slots: slots as usize, split_requests, group_size, row_tiles, sm_scale })
+    }
+
+    /// Plans decode for the batch in `table` over a cache of `shape`, with `num_qo_heads` query
+    /// heads (a multiple of `shape.num_kv_heads`).
+    pub fn new(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        table: &PageTable,
+        options: DecodeOptions,
+    ) -> Result<Self> {
+        let (sms, blocks_per_sm) = (device.multiprocessor_count()?, device.decode_blocks_per_sm(shape.head_dim)?);
+        let DecodeSplit { work, slots, split_requests, group_size: _, row_tiles, sm_scale } =
+            Self::split(shape, num_qo_heads, table, options, sms, blocks_per_sm)?;
+        let heads_blocks = shape.num_kv_heads * row_tiles;
         let nonempty = |v: &[u32]| if v.is_empty() { vec![0] } else { v.to_vec() };
         let plan = BatchDecodePlan {
             shape: *shape,
@@ -179,7 +212,7 @@ impl BatchDecodePlan {
             work: device.upload(&if work.is_empty() { vec![DecodeWorkItem::default()] } else { work })?,
             partial_out: device.alloc_zeros((slots * num_qo_heads * shape.head_dim).max(1))?,
             partial_lse: device.alloc_zeros((slots * num_qo_heads).max(1))?,
-            merge_counters: device.alloc_zeros((split_requests * heads_blocks as usize).max(1))?,
+            merge_counters: device.alloc_zeros((split_requests * heads_blocks).max(1))?,
             metadata: (0, 0),
             scratch: [0; 3],
         };

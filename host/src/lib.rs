@@ -31,7 +31,7 @@ pub mod selftest;
 
 pub use allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::{LayerPools, PagedKvCache};
-pub use decode::{BatchDecodePlan, DecodeOptions};
+pub use decode::{BatchDecodePlan, DecodeOptions, DecodeSplit};
 pub use device::{Device, RawSlice};
 pub use dtype::{DType, KvDType};
 pub use error::{Error, Result};
@@ -39,4 +39,4 @@ pub use half::{bf16, f16};
 pub use layout::{CacheShape, KvLayout};
 pub use page_copy::{GatherPlan, ScatterPlan};
 pub use page_table::PageTable;
-pub use prefill::{BatchPrefillPlan, PrefillOptions};
+pub use prefill::{BatchPrefillPlan, PrefillOptions, PrefillSplit};

@@ -153,18 +153,37 @@ fn split_tiles(
     (work, slots as usize, split as usize)
 }
 
+/// A prefill batch's work split: what `BatchPrefillPlan::new` uploads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefillSplit {
+    /// One per work item (a row tile, or a part of a split one); each runs for every KV head.
+    pub work: Vec<PrefillWorkItem>,
+    /// Partial slots of split row tiles.
+    pub slots: usize,
+    /// Row tiles split over several items.
+    pub split_tiles: usize,
+    /// Query heads per KV head.
+    pub group_size: usize,
+    /// Query tokens of the batch.
+    pub total_q: usize,
+    /// The resolved `sm_scale`.
+    pub sm_scale: f32,
+}
+
 impl BatchPrefillPlan {
-    /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
-    /// tokens are rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`, with `num_qo_heads` query heads
-    /// (a multiple of `shape.num_kv_heads`).
-    pub fn new(
-        device: &Device,
+    /// The work split `new` uploads, worked out without a GPU for a device of `sms`
+    /// multiprocessors holding `blocks_per_sm` prefill blocks each: the validation and every
+    /// work item (for inspection, and for fuzzing the planner against a bounds model).
+    #[allow(clippy::too_many_arguments)]
+    pub fn split(
         shape: &CacheShape,
         num_qo_heads: usize,
         qo_indptr: &[u32],
         table: &PageTable,
         options: PrefillOptions,
-    ) -> Result<Self> {
+        sms: usize,
+        blocks_per_sm: usize,
+    ) -> Result<PrefillSplit> {
         let (group_size, sm_scale) = check_heads_and_options(
             shape,
             num_qo_heads,
@@ -190,7 +209,7 @@ impl BatchPrefillPlan {
         // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
         let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, &options);
         let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
-        let capacity = device.multiprocessor_count()? * device.prefill_blocks_per_sm(shape.head_dim)?;
+        let capacity = sms * blocks_per_sm;
         // The merging block keeps 8 sums per thread, (parts + 1) · 64 weights and a flag in its
         // shared memory.
         let dim = shape.head_dim as u32;
@@ -206,6 +225,23 @@ impl BatchPrefillPlan {
                 max: i32::MAX as usize,
             });
         }
+        Ok(PrefillSplit { work, slots, split_tiles: split, group_size, total_q, sm_scale })
+    }
+
+    /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
+    /// tokens are rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`, with `num_qo_heads` query heads
+    /// (a multiple of `shape.num_kv_heads`).
+    pub fn new(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let (sms, blocks_per_sm) = (device.multiprocessor_count()?, device.prefill_blocks_per_sm(shape.head_dim)?);
+        let PrefillSplit { work, slots, split_tiles: split, group_size, total_q, sm_scale } =
+            Self::split(shape, num_qo_heads, qo_indptr, table, options, sms, blocks_per_sm)?;
         let indices = if table.kv_indices.is_empty() { vec![0] } else { table.kv_indices.clone() };
         let plan = BatchPrefillPlan {
             shape: *shape,

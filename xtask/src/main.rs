@@ -2,9 +2,10 @@
 //!
 //! `build-kernels` turns the `kernels-gpu` crate into committed PTX (one module per target
 //! architecture), `gpu-bundle` packs the GPU tests and benchmark for a GPU runner, `demo` runs
-//! the main job.
+//! the main job, `fuzz` runs the fuzz targets for a fixed time.
 
 mod bundle;
+mod fuzz;
 mod kernels;
 mod ptxas;
 mod source_hash;
@@ -36,6 +37,15 @@ enum Cmd {
     GpuBundle {
         #[arg(long, default_value = "bundle")]
         out: PathBuf,
+    },
+    /// Build the fuzz targets (fuzz/) and run each for a fixed time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only this target (page_table, plans, allocator).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// The main job: run the kernels on a generated paged workload (the CPU reference where
     /// there is no GPU). Arguments go to the benchmark binary; without any, its short sweep
@@ -74,6 +84,7 @@ fn main() -> ExitCode {
         Cmd::BuildKernels { check } => kernels::build(check),
         Cmd::Ptxas => ptxas::assemble_committed().map(|_| ()),
         Cmd::GpuBundle { out } => bundle::build(&out),
+        Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
         Cmd::Demo { args } => run(Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .args(["run", "--quiet", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
