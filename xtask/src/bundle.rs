@@ -1,4 +1,4 @@
-//! `cargo xtask gpu-bundle`: the GPU tests, the benchmark and the examples, built in release
+//! `cargo xtask gpu-bundle`: the GPU tests, the benchmark, the soak and the examples, built in release
 //! mode, with the PTX and a run script, in one folder that runs on a GPU machine with an NVIDIA driver and no
 //! Rust toolchain.
 use std::path::{Path, PathBuf};
@@ -47,6 +47,8 @@ pub fn build(out: &Path) -> crate::Result {
     let tests = build_executable(&["test", "-p", "ferrinfer-tests", "--test", "gpu", "--no-run"], "gpu", "test")?;
     let bench =
         build_executable(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench"], "ferrinfer-bench", "bin")?;
+    let soak =
+        build_executable(&["build", "-p", "ferrinfer-tests", "--bin", "ferrinfer-soak"], "ferrinfer-soak", "bin")?;
     let examples: Vec<(&str, PathBuf)> = EXAMPLES
         .iter()
         .map(|&name| Ok((name, build_executable(&["build", "-p", "ferrinfer", "--example", name], name, "example")?)))
@@ -57,6 +59,7 @@ pub fn build(out: &Path) -> crate::Result {
     std::fs::create_dir_all(out.join("ptx")).map_err(|e| format!("{}: {e}", out.display()))?;
     copy(&tests, &out.join("gpu-tests"))?;
     copy(&bench, &out.join("ferrinfer-bench"))?;
+    copy(&soak, &out.join("ferrinfer-soak"))?;
     for (name, exe) in &examples {
         copy(exe, &out.join(name))?;
     }
