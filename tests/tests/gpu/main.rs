@@ -7,6 +7,7 @@ mod helpers;
 mod page_copy;
 mod prefill;
 mod raw;
+mod reliability;
 
 fn main() {
     let tests = helpers::tests()
@@ -16,6 +17,7 @@ fn main() {
         .chain(decode::tests())
         .chain(prefill::tests())
         .chain(raw::tests())
+        .chain(reliability::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
 }
