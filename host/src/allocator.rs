@@ -28,6 +28,22 @@ struct Sequence {
 
 /// Hands out the pages of a fixed pool to sequences, sharing pages between forks by reference
 /// count.
+///
+/// ```
+/// use ferrinfer::SequenceAllocator;
+///
+/// let mut alloc = SequenceAllocator::new(64, 16)?;
+/// let parent = alloc.create();
+/// assert!(alloc.reserve(parent, 20)?.is_empty()); // 2 pages, nothing to copy
+/// let child = alloc.fork(parent)?; // shares both pages
+/// // The child's next token lands in the shared, partly filled last page: it gets a copy.
+/// let copies = alloc.reserve(child, 1)?;
+/// assert_eq!(copies.len(), 1);
+/// let table = alloc.page_table(&[parent, child])?; // FlashInfer's three arrays
+/// assert_eq!(table.kv_lens(16), [20, 21]);
+/// alloc.free(parent)?;
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct SequenceAllocator {
     page_size: usize,

@@ -50,6 +50,21 @@ impl Default for DecodeOptions {
 /// The plan owns the split's scratch space (partial outputs and merge counters), so runs of one
 /// plan must not overlap on the GPU: use one stream per plan or order the streams (cudarc's
 /// event tracking, on by default, does that for you). Plan per stream for concurrent batches.
+///
+/// ```no_run
+/// use ferrinfer::{f16, BatchDecodePlan, CacheShape, DecodeOptions, Device, KvLayout, PagedKvCache, PageTable};
+///
+/// let dev = Device::new(0)?;
+/// let shape = CacheShape { num_pages: 1024, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+/// let cache = PagedKvCache::<f16>::new(&dev, shape, 1)?;
+/// let table = PageTable { kv_indptr: vec![0, 3], kv_indices: vec![5, 9, 2], kv_last_page_len: vec![7] };
+/// // Plan once per batch (validates, splits, uploads), run once per layer.
+/// let plan = BatchDecodePlan::new(&dev, &shape, 32, &table, DecodeOptions::default())?;
+/// let q = dev.alloc_zeros::<f16>(plan.qo_elems())?; // [batch][32 heads][128]
+/// let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+/// plan.run(&dev, dev.stream(), &q, &cache, 0, &mut out, None)?;
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 pub struct BatchDecodePlan {
     shape: CacheShape,
     batch_size: usize,

@@ -45,6 +45,14 @@ fn by_dtype_and_head_dim(
 }
 
 /// An open GPU: its CUDA context, a stream, and ferrinfer's kernels loaded for its architecture.
+///
+/// ```no_run
+/// // Where there is no driver this is an `Err` that says so; nothing panics.
+/// match ferrinfer::Device::new(0) {
+///     Ok(dev) => println!("{} (compute capability {:?})", dev.name(), dev.compute_capability()),
+///     Err(e) => println!("no GPU: {e}"),
+/// }
+/// ```
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,

@@ -13,6 +13,16 @@ pub enum KvLayout {
 }
 
 /// Dimensions of one K (or V) page pool: `num_pages × page_size × num_kv_heads × head_dim`.
+///
+/// ```
+/// use ferrinfer::{CacheShape, DType, KvLayout};
+///
+/// // Any page size, chosen at run time: 7 tokens per page here.
+/// let shape = CacheShape { num_pages: 1000, page_size: 7, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+/// shape.validate(DType::F16)?;
+/// assert_eq!(shape.page_elems(), 7 * 8 * 128);
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
     /// Pages in the pool.

@@ -143,6 +143,19 @@ impl CopyPlan {
 
 /// Copies every token of a batch out of the cache into ragged `[token][head][dim]` buffers,
 /// sequence after sequence (rows at `table.token_indptr(page_size)`).
+///
+/// ```no_run
+/// use ferrinfer::{f16, CacheShape, Device, GatherPlan, KvLayout, PagedKvCache, PageTable};
+///
+/// let dev = Device::new(0)?;
+/// let shape = CacheShape { num_pages: 16, page_size: 7, num_kv_heads: 2, head_dim: 64, layout: KvLayout::Hnd };
+/// let cache = PagedKvCache::<f16>::new(&dev, shape, 1)?;
+/// let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![4, 1], kv_last_page_len: vec![3] };
+/// let plan = GatherPlan::new(&dev, &shape, &table)?;
+/// let (mut k, mut v) = (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
+/// plan.run(&dev, dev.stream(), &cache, 0, &mut k, &mut v)?; // 10 tokens × 2 heads × 64
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 pub struct GatherPlan(CopyPlan);
 
 impl GatherPlan {

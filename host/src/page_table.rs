@@ -6,6 +6,19 @@ use crate::layout::MAX_INDEX;
 /// order; its last page holds `kv_last_page_len[i]` tokens, so
 /// `kv_len = (pages − 1) · page_size + last_page_len`. An empty sequence has no pages and a
 /// `last_page_len` of 0. The same page may appear in several sequences (a shared prefix).
+///
+/// ```
+/// use ferrinfer::{Error, PageTable};
+///
+/// // Two sequences in pages of 16: 20 tokens on pages 3, 0 and 5 tokens on page 7.
+/// let table = PageTable { kv_indptr: vec![0, 2, 3], kv_indices: vec![3, 0, 7], kv_last_page_len: vec![4, 5] };
+/// table.validate(16, 8)?;
+/// assert_eq!(table.kv_lens(16), [20, 5]);
+/// // A last page claiming more tokens than a page holds is refused, naming the value.
+/// let bad = PageTable { kv_last_page_len: vec![17, 5], ..table };
+/// assert!(matches!(bad.validate(16, 8), Err(Error::LastPageLen { seq: 0, len: 17, .. })));
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageTable {
     /// Where each sequence's pages start in `kv_indices`, then its length: `batch_size + 1` entries.

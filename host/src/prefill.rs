@@ -56,6 +56,22 @@ impl Default for PrefillOptions {
 /// the parts by their LSE in the same launch. The plan owns that scratch, so runs of one plan
 /// must not overlap on the GPU: use one stream per plan or order the streams (cudarc's event
 /// tracking, on by default, does that for you).
+///
+/// ```no_run
+/// use ferrinfer::{f16, BatchPrefillPlan, CacheShape, Device, KvLayout, PagedKvCache, PageTable, PrefillOptions};
+///
+/// let dev = Device::new(0)?;
+/// let shape = CacheShape { num_pages: 1024, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+/// let cache = PagedKvCache::<f16>::new(&dev, shape, 1)?;
+/// // One request of 39 cached tokens whose last 10 are new: a chunk of a prompt.
+/// let table = PageTable { kv_indptr: vec![0, 3], kv_indices: vec![5, 9, 2], kv_last_page_len: vec![7] };
+/// let causal = PrefillOptions { causal: true, ..Default::default() };
+/// let plan = BatchPrefillPlan::new(&dev, &shape, 32, &[0, 10], &table, causal)?;
+/// let q = dev.alloc_zeros::<f16>(plan.qo_elems())?; // [10 tokens][32 heads][128]
+/// let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+/// plan.run(&dev, dev.stream(), &q, &cache, 0, &mut out, None)?;
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
 pub struct BatchPrefillPlan {
     shape: CacheShape,
     num_qo_heads: usize,
