@@ -22,7 +22,7 @@ def main():
     print("| page_size | batch | kv_len | ferrinfer µs (events) | KV GB/s | % copy | % read stream | FlashInfer best kernel µs | ferrinfer / FlashInfer |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in ours["results"]:
-        if r["kernel"] != "decode" or r.get("group", 4) != 4:
+        if r["kernel"] != "decode" or r.get("group", 4) != 4 or r.get("dtype", "f16") != "f16":
             continue
         fi = best.get((r["page_size"], r["batch"], r["kv_len"]))
         ratio = f"{r['median_us'] / fi:.3f}" if fi else "-"

@@ -3,7 +3,7 @@
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
 //! on the values, and the sweep's pools reach tens of GB. The first and last request of every
 //! row are checked against the f64 CPU reference (`sampled`).
-use ferrinfer::{f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, LayerPools, PageTable, PagedKvCache};
+use ferrinfer::{reference, BatchDecodePlan, CacheShape, DecodeOptions, KvDType, LayerPools, PageTable, PagedKvCache};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
@@ -13,12 +13,12 @@ use crate::timing::BoxResult;
 
 /// Elements of `out` for `request` that miss the reference (or are not finite).
 #[allow(clippy::too_many_arguments)]
-fn mismatches(
+fn mismatches<T: KvDType>(
     shape: &CacheShape,
     table: &PageTable,
-    blocks: (&[f16], &[f16]),
-    q: &[f16],
-    out: &[f16],
+    blocks: (&[T], &[T]),
+    q: &[T],
+    out: &[T],
     heads: usize,
     request: usize,
 ) -> usize {
@@ -43,12 +43,18 @@ pub fn header(b: &Bench) {
 }
 
 /// Measures one row; the second field counts the sampled output elements that missed the reference.
-pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, group: usize) -> BoxResult<(Value, usize)> {
+pub fn decode<T: KvDType>(
+    b: &mut Bench,
+    batch: usize,
+    kv_len: usize,
+    page_size: usize,
+    group: usize,
+) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
     let kv_lens = vec![kv_len; batch];
     let shape = pool_shape(s, &kv_lens, page_size);
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let blocks: [Vec<f16>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+    let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
     let layer = LayerPools {
         k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
         v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
@@ -56,9 +62,9 @@ pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, grou
     let cache = PagedKvCache::from_layers(shape, vec![layer])?;
     let heads = s.kv_heads * group;
     let plan = BatchDecodePlan::new(dev, &shape, heads, &table, DecodeOptions::default())?;
-    let q_host: Vec<f16> = random_values(&mut rng(3), plan.qo_elems());
+    let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
-    let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+    let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
     let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
     drop(cache);
     let out_host = dev.download(&out)?;
@@ -73,13 +79,14 @@ pub fn decode(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize, grou
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
     b.print(&format!(
-        "| decode | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
+        "| decode {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
+        T::DTYPE.name(),
         bytes / 1e6,
         100.0 * gbs / b.copy_gbs,
         100.0 * gbs / b.read_gbs,
         items * kv_heads * tiles
     ));
-    let row = json!({"kernel": "decode", "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
+    let row = json!({"kernel": "decode", "dtype": T::DTYPE.name(), "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
                      "kv_bytes": bytes, "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs,
                      "pct_read_stream": 100.0 * gbs / b.read_gbs, "sampled_elements_wrong": wrong});
     Ok((row, wrong))

@@ -12,7 +12,7 @@ mod timing;
 use std::time::Instant;
 
 use clap::Parser;
-use ferrinfer::{f16, reference, CacheShape, Device, KvLayout, PageTable};
+use ferrinfer::{bf16, f16, reference, CacheShape, Device, KvLayout, PageTable};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use indicatif::{ProgressBar, ProgressStyle};
 use page_ops::{Bench, Shapes};
@@ -51,6 +51,9 @@ struct Args {
     /// Decode sequence lengths.
     #[arg(long, value_delimiter = ',', default_values_t = vec![512, 4096, 32768])]
     decode_kv_lens: Vec<usize>,
+    /// Element types of decode and prefill (gather and append run f16).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Dtype::F16])]
+    dtypes: Vec<Dtype>,
     /// Prefill prompt lengths (qo_len = kv_len, causal).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096])]
     prefill_lens: Vec<usize>,
@@ -81,6 +84,12 @@ enum Kernel {
     Prefill,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Dtype {
+    F16,
+    Bf16,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Layout {
     Nhd,
@@ -99,8 +108,9 @@ impl Args {
         self
     }
 
-    /// Decode rows of the sweep: (page_size, batch, kv_len, group), skipping K and V over 40 GB.
-    fn decode_rows(&self) -> Vec<(usize, usize, usize, usize)> {
+    /// Decode rows of the sweep: (dtype, page_size, batch, kv_len, group), skipping K and V over
+    /// 40 GB.
+    fn decode_rows(&self) -> Vec<(Dtype, usize, usize, usize, usize)> {
         if !self.kernels.contains(&Kernel::Decode) {
             return Vec::new();
         }
@@ -111,19 +121,27 @@ impl Args {
                     if 2 * batch * kv_len * self.kv_heads * self.head_dim * 2 > 40_000_000_000 {
                         continue;
                     }
-                    rows.extend(self.decode_groups.iter().map(|&group| (ps, batch, kv_len, group)));
+                    for &dtype in &self.dtypes {
+                        rows.extend(self.decode_groups.iter().map(|&group| (dtype, ps, batch, kv_len, group)));
+                    }
                 }
             }
         }
         rows
     }
 
-    /// Prefill rows: (page_size, prompt length).
-    fn prefill_rows(&self) -> Vec<(usize, usize)> {
+    /// Prefill rows: (dtype, page_size, prompt length).
+    fn prefill_rows(&self) -> Vec<(Dtype, usize, usize)> {
         if !self.kernels.contains(&Kernel::Prefill) {
             return Vec::new();
         }
-        self.page_sizes.iter().flat_map(|&ps| self.prefill_lens.iter().map(move |&len| (ps, len))).collect()
+        let mut rows = Vec::new();
+        for &ps in &self.page_sizes {
+            for &len in &self.prefill_lens {
+                rows.extend(self.dtypes.iter().map(|&dtype| (dtype, ps, len)));
+            }
+        }
+        rows
     }
 
     fn shapes(&self) -> Shapes {
@@ -186,9 +204,12 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
         b.print("");
         decode::header(&b);
     }
-    for &(ps, batch, kv_len, group) in &decode_rows {
+    for &(dtype, ps, batch, kv_len, group) in &decode_rows {
         b.progress.set_message(format!("decode {batch} × {kv_len}, page_size {ps}, group {group}"));
-        let (row, row_wrong) = decode::decode(&mut b, batch, kv_len, ps, group)?;
+        let (row, row_wrong) = match dtype {
+            Dtype::F16 => decode::decode::<f16>(&mut b, batch, kv_len, ps, group)?,
+            Dtype::Bf16 => decode::decode::<bf16>(&mut b, batch, kv_len, ps, group)?,
+        };
         results.push(row);
         wrong += row_wrong;
         b.progress.inc(1);
@@ -198,9 +219,12 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
         prefill::header(&b);
     }
     // FlashInfer's prefill benchmark shape: 4 query heads per KV head.
-    for &(ps, len) in &prefill_rows {
+    for &(dtype, ps, len) in &prefill_rows {
         b.progress.set_message(format!("prefill {} × {len}, page_size {ps}", args.prefill_batch));
-        let (row, row_wrong) = prefill::prefill(&mut b, args.prefill_batch, len, ps, 4)?;
+        let (row, row_wrong) = match dtype {
+            Dtype::F16 => prefill::prefill::<f16>(&mut b, args.prefill_batch, len, ps, 4)?,
+            Dtype::Bf16 => prefill::prefill::<bf16>(&mut b, args.prefill_batch, len, ps, 4)?,
+        };
         results.push(row);
         wrong += row_wrong;
         b.progress.inc(1);

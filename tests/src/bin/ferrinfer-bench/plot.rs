@@ -35,7 +35,11 @@ fn lines(results: &[Value]) -> Lines {
             }
             _ => continue,
         };
-        let key = (key.0, key.1.unwrap_or(0), key.2.unwrap_or(0));
+        let kernel = match r["dtype"].as_str() {
+            Some(dtype) if dtype != "f16" => format!("{} {dtype}", key.0),
+            _ => key.0,
+        };
+        let key = (kernel, key.1.unwrap_or(0), key.2.unwrap_or(0));
         lines.entry(key).or_default().push((page_size as usize, gbs));
     }
     lines

@@ -2,7 +2,7 @@
 //! `batch · 4 · qo_len · kv_len · num_qo_heads · head_dim / 2` (the causal half). Pools repeat
 //! one random block as in decode; each row checks the first two and the last two query tokens
 //! of its first and last request against the f64 reference (`sampled`).
-use ferrinfer::{f16, reference, BatchPrefillPlan, LayerPools, PagedKvCache, PrefillOptions};
+use ferrinfer::{reference, BatchPrefillPlan, KvDType, LayerPools, PagedKvCache, PrefillOptions};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
@@ -19,12 +19,18 @@ pub fn header(b: &Bench) {
 
 /// Measures `batch` prompts of `len` tokens (all new: qo_len = kv_len); the second field
 /// counts the sampled output elements that missed the reference.
-pub fn prefill(b: &mut Bench, batch: usize, len: usize, page_size: usize, group: usize) -> BoxResult<(Value, usize)> {
+pub fn prefill<T: KvDType>(
+    b: &mut Bench,
+    batch: usize,
+    len: usize,
+    page_size: usize,
+    group: usize,
+) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
     let kv_lens = vec![len; batch];
     let shape = pool_shape(s, &kv_lens, page_size);
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let blocks: [Vec<f16>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+    let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
     let layer = LayerPools {
         k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
         v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
@@ -33,9 +39,9 @@ pub fn prefill(b: &mut Bench, batch: usize, len: usize, page_size: usize, group:
     let heads = s.kv_heads * group;
     let qo_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * len as u32).collect();
     let plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, CAUSAL)?;
-    let q_host: Vec<f16> = random_values(&mut rng(3), plan.qo_elems());
+    let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
-    let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+    let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
     let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
     drop(cache);
     let out_host = dev.download(&out)?;
@@ -66,10 +72,11 @@ pub fn prefill(b: &mut Bench, batch: usize, len: usize, page_size: usize, group:
     let flops = (batch * 4 * len * len * heads * s.head_dim / 2) as f64;
     let tflops = flops / us / 1e6;
     b.print(&format!(
-        "| prefill (causal) | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {check} |",
+        "| prefill (causal) {} | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {check} |",
+        T::DTYPE.name(),
         plan.num_blocks()
     ));
-    let row = json!({"kernel": "prefill", "causal": true, "page_size": page_size, "batch": batch, "qo_len": len,
+    let row = json!({"kernel": "prefill", "dtype": T::DTYPE.name(), "causal": true, "page_size": page_size, "batch": batch, "qo_len": len,
                      "kv_len": len, "group": group, "flops": flops, "median_us": us, "tflops": tflops,
                      "sampled_elements_wrong": wrong});
     Ok((row, wrong))

@@ -2,16 +2,16 @@
 //! filled on the device by repeating one random block, so any request's keys and values can be
 //! rebuilt on the host from the block alone, as a one-request cache for the f64 reference.
 use cudarc::driver::CudaSlice;
-use ferrinfer::{f16, CacheShape, DType, Device, PageTable};
+use ferrinfer::{CacheShape, Device, KvDType, PageTable};
 use ferrinfer_tests::compare::close;
 
 use crate::timing::BoxResult;
 
 /// A device pool of `elems` elements repeating `block`.
-pub fn filled_pool(dev: &Device, elems: usize, block: &[f16]) -> BoxResult<CudaSlice<f16>> {
+pub fn filled_pool<T: KvDType>(dev: &Device, elems: usize, block: &[T]) -> BoxResult<CudaSlice<T>> {
     let block = &block[..block.len().min(elems)];
     let src = dev.upload(block)?;
-    let mut pool = dev.alloc_zeros::<f16>(elems)?;
+    let mut pool = dev.alloc_zeros::<T>(elems)?;
     let mut at = 0;
     while at < elems {
         let n = block.len().min(elems - at);
@@ -23,18 +23,18 @@ pub fn filled_pool(dev: &Device, elems: usize, block: &[f16]) -> BoxResult<CudaS
 
 /// The first `kv_len` keys of one request of a cache whose pools repeat `blocks`, as a cache
 /// of their own: pages `0..n` in order.
-pub struct SampledRequest {
+pub struct SampledRequest<T> {
     pub shape: CacheShape,
     pub table: PageTable,
-    pub k: Vec<f16>,
-    pub v: Vec<f16>,
+    pub k: Vec<T>,
+    pub v: Vec<T>,
 }
 
-impl SampledRequest {
-    pub fn new(shape: &CacheShape, table: &PageTable, blocks: (&[f16], &[f16]), request: usize, kv_len: usize) -> Self {
+impl<T: KvDType> SampledRequest<T> {
+    pub fn new(shape: &CacheShape, table: &PageTable, blocks: (&[T], &[T]), request: usize, kv_len: usize) -> Self {
         let pages = &table.kv_indices[table.kv_indptr[request] as usize..][..kv_len.div_ceil(shape.page_size)];
         let page_elems = shape.page_elems();
-        let rebuild = |block: &[f16]| -> Vec<f16> {
+        let rebuild = |block: &[T]| -> Vec<T> {
             let first = |page: u32| page as usize * page_elems;
             pages
                 .iter()
@@ -55,7 +55,7 @@ impl SampledRequest {
     }
 }
 
-/// Elements of f16 `got` that miss the f64 reference `want` (NaN always does).
-pub fn count_wrong(got: &[f16], want: &[f64]) -> usize {
-    got.iter().zip(want).filter(|&(g, &w)| !close(g.to_f64(), w, DType::F16)).count()
+/// Elements of `got` that miss the f64 reference `want` (NaN always does).
+pub fn count_wrong<T: KvDType>(got: &[T], want: &[f64]) -> usize {
+    got.iter().zip(want).filter(|&(g, &w)| !close(g.to_f64(), w, T::DTYPE)).count()
 }
