@@ -360,3 +360,44 @@ pub const fn prefill_stages(head_dim: u32) -> u32 {
 pub const fn prefill_smem_bytes(head_dim: u32) -> u32 {
     PREFILL_ROWS * head_dim * 2 + 2 * prefill_stages(head_dim) * PREFILL_TILE_TOKENS * head_dim * 2
 }
+
+/// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)
+/// rows, `num_states` partial outputs `v_k` with base-2 LSEs `s_k` become
+/// `v = Σ 2^(s_k − s) v_k` with `s = log2 Σ 2^(s_k)`. One warp per row.
+///
+/// State `k` of row `(t, h)` sits at element `t · token_stride + k · state_stride + h · head_dim`
+/// of `v` (and `t · s_token_stride + k · s_state_stride + h` of `s`); strides are signed so two
+/// separate buffers are states 0 and 1 of one view. Outputs are `[tokens][heads][head_dim]` and
+/// `[tokens][heads]`, and may be state 0's own buffers (in place: each lane reads its slice of
+/// every state before writing it, and the LSE is written after the warp has read them all).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MergeStatesParams {
+    /// Partial outputs, the element type of `v_out`.
+    pub v: u64,
+    /// `*const f32`: their base-2 LSEs.
+    pub s: u64,
+    /// `[tokens][heads][head_dim]`.
+    pub v_out: u64,
+    /// `*mut f32`, `[tokens][heads]`; 0 when not wanted.
+    pub s_out: u64,
+    /// Elements of `v` between consecutive tokens.
+    pub token_stride: i64,
+    /// Elements of `v` between consecutive states of a row.
+    pub state_stride: i64,
+    /// Entries of `s` between consecutive tokens.
+    pub s_token_stride: i64,
+    /// Entries of `s` between consecutive states of a row.
+    pub s_state_stride: i64,
+    /// Tokens (rows are tokens × heads).
+    pub tokens: u32,
+    /// Heads per token.
+    pub heads: u32,
+    /// States merged per row.
+    pub num_states: u32,
+    /// Elements per head: a multiple of 8.
+    pub head_dim: u32,
+}
+
+/// Threads of a merge-states block: eight rows, a warp each.
+pub const MERGE_THREADS: u32 = 256;

@@ -27,6 +27,8 @@ pub(crate) struct Kernels {
     pub decode: [[CudaFunction; 3]; 2],
     /// `[f16, bf16][head_dim 64, 128, 256]`.
     pub prefill: [[CudaFunction; 3]; 2],
+    /// `[f16, bf16]`.
+    pub merge_states: [CudaFunction; 2],
 }
 
 /// The entry points `{kind}_{f16,bf16}_{64,128,256}`.
@@ -90,6 +92,7 @@ impl Device {
             read_stream: function("read_stream")?,
             decode: by_dtype_and_head_dim(&function, "decode")?,
             prefill: by_dtype_and_head_dim(&function, "prefill")?,
+            merge_states: [function("merge_states_f16")?, function("merge_states_bf16")?],
         };
         // Attention kernels use more than the default 48 KiB of dynamic shared memory.
         let attention =

@@ -168,6 +168,39 @@ pub fn prefill<T: KvDType>(
     (out, lse)
 }
 
+/// Merged attention states in f64: for each (token, head), states `k` with outputs `v_k`
+/// (`v`: `[tokens][num_states][heads][head_dim]`) and base-2 LSEs `s_k` (`[tokens][num_states][heads]`)
+/// give `Σ_k 2^(s_k − s) v_k` and `s = log2 Σ_k 2^(s_k)`; no finite LSE gives zeros and −∞.
+pub fn merge_states<T: KvDType>(
+    v: &[T],
+    s: &[f32],
+    num_states: usize,
+    heads: usize,
+    head_dim: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let tokens = s.len() / (num_states * heads);
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    for t in 0..tokens {
+        for h in 0..heads {
+            let state_lse = |k: usize| s[(t * num_states + k) * heads + h] as f64;
+            let max = (0..num_states).map(state_lse).fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = (0..num_states).map(|k| (state_lse(k) - max).exp2()).sum();
+            let merged = if total > 0.0 { max + total.log2() } else { f64::NEG_INFINITY };
+            for d in 0..head_dim {
+                let sum: f64 = (0..num_states)
+                    .map(|k| {
+                        let w = if total > 0.0 { (state_lse(k) - merged).exp2() } else { 0.0 };
+                        w * v[((t * num_states + k) * heads + h) * head_dim + d].to_f64()
+                    })
+                    .sum();
+                out.push(sum);
+            }
+            lse.push(merged);
+        }
+    }
+    (out, lse)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +304,32 @@ mod tests {
                 assert_eq!(prefill(&shape, &k, &v, &table, &[0, 1, 2, 3], &q, 6, &opts), want, "{opts:?}");
             }
         }
+    }
+
+    #[test]
+    fn merging_two_halves_of_the_keys_gives_attention_over_all_of_them() {
+        // Keys 0..3 with values 1, 4, 7 and logits 0, ln 2, 0 (sm_scale 1, q = 1, one head).
+        let shape = CacheShape { num_pages: 3, page_size: 1, num_kv_heads: 1, head_dim: 1, layout: KvLayout::Nhd };
+        let (k, v) = (vec![0.0f32, (2.0f64).ln() as f32, 0.0], vec![1.0f32, 4.0, 7.0]);
+        let opts = DecodeOptions { sm_scale: Some(1.0), ..Default::default() };
+        let table = |pages: Vec<u32>| PageTable {
+            kv_indptr: vec![0, pages.len() as u32],
+            kv_last_page_len: vec![1],
+            kv_indices: pages,
+        };
+        let (all, all_lse) = decode(&shape, &k, &v, &table(vec![0, 1, 2]), &[1.0f32], 1, &opts);
+        let (a, a_lse) = decode(&shape, &k, &v, &table(vec![0]), &[1.0f32], 1, &opts);
+        let (b, b_lse) = decode(&shape, &k, &v, &table(vec![1, 2]), &[1.0f32], 1, &opts);
+        let states = [a[0] as f32, b[0] as f32];
+        let lses = [a_lse[0] as f32, b_lse[0] as f32];
+        let (merged, lse) = merge_states(&states, &lses, 2, 1, 1);
+        assert!((merged[0] - all[0]).abs() < 1e-6 && (lse[0] - all_lse[0]).abs() < 1e-6, "{merged:?} {lse:?}");
+        // An empty state changes nothing; all empty gives zero and −∞.
+        let (same, _) = merge_states(&[states[0], 5.0], &[lses[0], f32::NEG_INFINITY], 2, 1, 1);
+        assert!((same[0] - a[0]).abs() < 1e-6);
+        assert_eq!(
+            merge_states(&[3.0f32, 5.0], &[f32::NEG_INFINITY; 2], 2, 1, 1),
+            (vec![0.0], vec![f64::NEG_INFINITY])
+        );
     }
 }

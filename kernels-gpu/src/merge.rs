@@ -1,13 +1,15 @@
 //! Split-KV in one launch, shared by decode and prefill: when a sequence's keys are split over
 //! several blocks, each writes its rows' normalised f32 partial outputs and base-2 LSEs to its
 //! slot; the last block to finish (an atomic counter per split unit, which that block resets)
-//! merges the slots into the output. No second kernel, so `run` stays one launch.
-use crate::gpu::half::{pack, Half};
-use crate::gpu::index::thread_x;
+//! merges the slots into the output. No second kernel, so `run` stays one launch. Also the
+//! standalone kernel that merges attention states (FlashInfer's `merge_state(s)`).
+use crate::abi::{MergeStatesParams, MERGE_THREADS};
+use crate::gpu::half::{pack, Bf16, Half, F16};
+use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::math::{exp2, log2};
 use crate::gpu::mem::{load_l2, load_l2_f32, store, Vec16};
 use crate::gpu::shared::dynamic_smem;
-use crate::gpu::sync::{atomic_add, fence_device, sync_threads};
+use crate::gpu::sync::{atomic_add, fence_device, sync_threads, sync_warp};
 
 /// Writes 8 output dims (`chunk`) of row `out_row` of `out` (`[rows][HEAD_DIM]` of `H`) and, from
 /// the first chunk, the row's LSE into `lse` (when not 0).
@@ -174,4 +176,61 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
             write(row, chunk, &o, *row_lse.add(row as usize));
         }
     }
+}
+
+/// FlashInfer's `merge_states` (see [`MergeStatesParams`]): warp `w` of the grid merges row
+/// `w = token · heads + head`; lane `l` sums 8-dim slices `l, l + 32, …` over the states.
+#[inline(always)]
+unsafe fn merge_states<H: Half>(p: &MergeStatesParams) {
+    let row = block_x() * (MERGE_THREADS / 32) + thread_x() / 32;
+    if row >= p.tokens * p.heads {
+        return;
+    }
+    let (token, head, lane) = ((row / p.heads) as i64, (row % p.heads) as i64, thread_x() % 32);
+    let lse_of = |k: u32| {
+        load_l2_f32(
+            (p.s as *const f32).offset((token * p.s_token_stride + k as i64 * p.s_state_stride + head) as isize),
+        )
+    };
+    let mut m = f32::NEG_INFINITY;
+    for k in 0..p.num_states {
+        m = m.max(lse_of(k));
+    }
+    let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
+    let mut total = 0.0;
+    for k in 0..p.num_states {
+        total += exp2(lse_of(k) - m_ref);
+    }
+    let lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
+    let mut chunk = lane;
+    while chunk < p.head_dim / 8 {
+        let mut o = [0.0f32; 8];
+        for k in 0..p.num_states {
+            let w = if total > 0.0 { exp2(lse_of(k) - lse) } else { 0.0 };
+            let elem = token * p.token_stride + k as i64 * p.state_stride + head * p.head_dim as i64 + 8 * chunk as i64;
+            let v = load_l2((p.v as *const u16).offset(elem as isize) as *const Vec16);
+            for e in 0..4 {
+                o[2 * e] += w * H::to_f32(v.0[e] as u16);
+                o[2 * e + 1] += w * H::to_f32((v.0[e] >> 16) as u16);
+            }
+        }
+        let out = (p.v_out as *mut Vec16).add((row * (p.head_dim / 8) + chunk) as usize);
+        store(out, pack::<H>(&o));
+        chunk += 32;
+    }
+    // In place, lane 0 must not overwrite state 0's LSE before every lane has read it.
+    sync_warp();
+    if lane == 0 && p.s_out != 0 {
+        *(p.s_out as *mut f32).add(row as usize) = lse;
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn merge_states_f16(p: MergeStatesParams) {
+    merge_states::<F16>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn merge_states_bf16(p: MergeStatesParams) {
+    merge_states::<Bf16>(&p)
 }

@@ -13,6 +13,14 @@ pub fn sync_threads() {
     unsafe { core::arch::nvptx::_syncthreads() }
 }
 
+/// `__syncwarp()`: waits for every lane of the warp and orders their memory accesses. All 32
+/// lanes must reach it.
+#[inline(always)]
+pub fn sync_warp() {
+    // SAFETY: every caller places it where the whole warp arrives.
+    unsafe { core::arch::asm!("bar.warp.sync 0xffffffff;", options(nostack, preserves_flags)) }
+}
+
 /// `__threadfence()`: this thread's earlier writes are visible to the whole device before its
 /// later ones (and, on the reading side, later reads see what a fenced writer published).
 #[inline(always)]

@@ -4,6 +4,7 @@
 mod allocator;
 mod decode;
 mod helpers;
+mod merge;
 mod page_copy;
 mod prefill;
 mod raw;
@@ -16,6 +17,7 @@ fn main() {
         .chain(allocator::tests())
         .chain(decode::tests())
         .chain(prefill::tests())
+        .chain(merge::tests())
         .chain(raw::tests())
         .chain(reliability::tests())
         .collect();
