@@ -145,7 +145,7 @@ fuzz_target!(|input: Input| {
             check_parts(parts, lo, hi, split.slots);
             // Every key a row of the tile may see lies in lo..hi.
             for token in [first, last] {
-                let pos = kv_len - qo_len + token;
+                let pos = (kv_len + token).saturating_sub(qo_len);
                 let see_hi = if input.causal { pos + 1 } else { kv_len };
                 let see_lo = if window_left < 0 { 0 } else { pos.saturating_sub(window_left as usize) };
                 assert!(see_lo >= lo as usize && see_hi <= hi as usize, "keys {see_lo}..{see_hi} outside {lo}..{hi}");

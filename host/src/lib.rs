@@ -16,6 +16,7 @@ pub mod abi;
 pub mod allocator;
 mod attention;
 pub mod cache;
+pub mod cascade;
 pub mod decode;
 pub mod device;
 pub mod dtype;
@@ -32,6 +33,7 @@ pub mod selftest;
 
 pub use allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::{LayerPools, PagedKvCache};
+pub use cascade::{CascadeDecodePlan, CascadeLevels};
 pub use decode::{BatchDecodePlan, DecodeOptions, DecodeSplit};
 pub use device::{Device, RawSlice};
 pub use dtype::{DType, KvDType};

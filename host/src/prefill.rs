@@ -1,8 +1,9 @@
 //! Batch prefill attention over the paged cache, plan-then-run like FlashInfer's
 //! `BatchPrefillWithPagedKVCacheWrapper`: request `i` has `qo_len(i)` new query tokens (rows
-//! `qo_indptr[i]..qo_indptr[i + 1]` of `q`) attending over its `kv_len(i) ≥ qo_len(i)` cached
-//! tokens (the new ones included, at the end), `out = softmax(sm_scale · q·Kᵀ) · V` in f32. With
-//! `causal`, query `j` sees keys up to its own position `kv_len − qo_len + j`. Prefill, chunked
+//! `qo_indptr[i]..qo_indptr[i + 1]` of `q`) attending over its `kv_len(i)` cached tokens (the new
+//! ones included, at the end), `out = softmax(sm_scale · q·Kᵀ) · V` in f32. With `causal`, query
+//! `j` sees keys up to its own position `kv_len − qo_len + j`; causal and windowed batches need
+//! `kv_len ≥ qo_len`, others take any number of queries (cascade's shared level). Prefill, chunked
 //! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
 //! 64 query rows, longest key range first; `run` only launches, so it can be captured in a
 //! CUDA graph.
@@ -108,7 +109,8 @@ fn row_tiles(
     let mut work = Vec::new();
     for (request, &kv_len) in kv_lens.iter().enumerate() {
         let qo_len = (qo_indptr[request + 1] - qo_indptr[request]) as usize;
-        let (diag, rows) = (kv_len - qo_len, qo_len * group);
+        // Only causal and windowed plans use positions, and those have kv_len ≥ qo_len.
+        let (diag, rows) = (kv_len.saturating_sub(qo_len), qo_len * group);
         for first_row in (0..rows).step_by(PREFILL_ROWS as usize) {
             let (first_token, last_token) =
                 (first_row / group, ((first_row + PREFILL_ROWS as usize).min(rows) - 1) / group);
@@ -213,7 +215,11 @@ impl BatchPrefillPlan {
         let kv_lens = table.kv_lens(shape.page_size);
         for (seq, &kv_len) in kv_lens.iter().enumerate() {
             let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
-            if qo_len > kv_len {
+            // With a causal mask or a window, query j sits at key position kv_len − qo_len + j,
+            // so the queries must be among the keys; without either, any number of queries may
+            // attend (the multi-query form cascade attention's shared level uses).
+            let positioned = options.causal || options.window_left >= 0;
+            if qo_len > kv_len && positioned {
                 return Err(Error::QueryLongerThanKeys { seq, qo_len, kv_len });
             }
         }

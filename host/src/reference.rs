@@ -152,7 +152,8 @@ pub fn prefill<T: KvDType>(
     for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
         let (first_row, qo_len) = (qo_indptr[seq] as usize, (qo_indptr[seq + 1] - qo_indptr[seq]) as usize);
         for j in 0..qo_len {
-            let pos = kv_len - qo_len + j;
+            // Positions matter only with a causal mask or a window (then kv_len ≥ qo_len).
+            let pos = (kv_len + j).saturating_sub(qo_len);
             let hi = if options.causal { pos + 1 } else { kv_len };
             let lo = match options.window_left {
                 -1 => 0,

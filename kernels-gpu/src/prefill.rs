@@ -85,8 +85,9 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     let work = *(p.work as *const PrefillWorkItem).add(item as usize);
     let group = p.group_size.divisor;
     let rows = work.qo_len * group;
-    // Query token j of the request sits at key position `diag + j`.
-    let diag = work.kv_len - work.qo_len;
+    // Query token j of the request sits at key position `diag + j` (used only with a causal
+    // mask or a window, where the plan guarantees kv_len ≥ qo_len).
+    let diag = work.kv_len.saturating_sub(work.qo_len);
 
     let smem = dynamic_smem_addr();
     let q_smem = smem;

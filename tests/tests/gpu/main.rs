@@ -2,6 +2,7 @@
 //! (or the GPU bundle's run.sh); where there is no GPU every test is reported as ignored, after
 //! a line saying why.
 mod allocator;
+mod cascade;
 mod decode;
 mod helpers;
 mod merge;
@@ -18,6 +19,7 @@ fn main() {
         .chain(decode::tests())
         .chain(prefill::tests())
         .chain(merge::tests())
+        .chain(cascade::tests())
         .chain(raw::tests())
         .chain(reliability::tests())
         .collect();

@@ -164,6 +164,13 @@ fn case_tests() -> Vec<GpuTest> {
         "prefill_requests_without_queries_take_no_rows_f16".into(),
         Case::new(&[(0, 50), (3, 3), (0, 0), (70, 80)], 16),
     );
+    // Without a mask or window, queries need not be among the keys (cascade's shared level).
+    let full = PrefillOptions { causal: false, ..CAUSAL };
+    add::<f16>(
+        &mut t,
+        "prefill_full_more_queries_than_keys_f16".into(),
+        Case { options: full, ..Case::new(&[(50, 10), (3, 0), (64, 700)], 16) },
+    );
     // Small batches split their keys (below); this one fills the GPU with row tiles alone.
     t.push(GpuTest::new("prefill_enough_row_tiles_run_unsplit_f16", |d| {
         let c = Case {

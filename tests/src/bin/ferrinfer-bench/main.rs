@@ -2,6 +2,7 @@
 //! each result against the CPU reference, and reports bandwidth as a fraction of a
 //! device-to-device copy measured in the same run. Without a GPU it runs the CPU reference on
 //! the same kind of workload and says so.
+mod cascade;
 mod decode;
 mod page_ops;
 mod plot;
@@ -82,6 +83,8 @@ enum Kernel {
     Append,
     Decode,
     Prefill,
+    /// 64 requests sharing an 8192-token prompt plus 256 own tokens: cascade against plain decode.
+    Cascade,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,13 +181,15 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     let appends = [(8, 4096), (256, 1)];
     let decode_rows = args.decode_rows();
     let prefill_rows = args.prefill_rows();
-    let total = gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len() + prefill_rows.len();
+    let cascades = if args.kernels.contains(&Kernel::Cascade) { args.page_sizes.len() } else { 0 };
+    let total =
+        gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len() + prefill_rows.len() + cascades;
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows, {elapsed} {msg}").expect("a valid template"),
     );
     let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress };
     let mut results = Vec::new();
-    if total > decode_rows.len() + prefill_rows.len() {
+    if total > decode_rows.len() + prefill_rows.len() + cascades {
         page_ops::header(&b);
     }
     for &ps in gather_sizes {
@@ -225,6 +230,18 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
             Dtype::F16 => prefill::prefill::<f16>(&mut b, args.prefill_batch, len, ps, 4)?,
             Dtype::Bf16 => prefill::prefill::<bf16>(&mut b, args.prefill_batch, len, ps, 4)?,
         };
+        results.push(row);
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
+    let cascade_sizes = if args.kernels.contains(&Kernel::Cascade) { &args.page_sizes[..] } else { &[] };
+    if !cascade_sizes.is_empty() {
+        b.print("");
+        cascade::header(&b);
+    }
+    for &ps in cascade_sizes {
+        b.progress.set_message(format!("cascade 64 × (8192 shared + 256), page_size {ps}"));
+        let (row, row_wrong) = cascade::cascade(&mut b, 64, 8192, 256, ps)?;
         results.push(row);
         wrong += row_wrong;
         b.progress.inc(1);

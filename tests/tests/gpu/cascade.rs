@@ -1,0 +1,86 @@
+//! Cascade decode against the f64 reference of plain decode over each request's whole
+//! sequence: forked families of random prefix and suffix lengths, requests that share nothing,
+//! page sizes 1, 7 and 16, several group sizes, soft cap.
+use ferrinfer::{
+    f16, reference, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, SeqId, SequenceAllocator,
+};
+use ferrinfer_tests::ensure;
+use ferrinfer_tests::harness::{GpuTest, TestResult};
+use ferrinfer_tests::workload::{random_cache, random_values, rng};
+use rand::Rng;
+
+#[derive(Clone, Debug)]
+struct Case {
+    page_size: usize,
+    /// Per family: the parent's prompt length and each member's own tokens after the fork.
+    families: Vec<(usize, Vec<usize>)>,
+    group: usize,
+    options: DecodeOptions,
+}
+
+fn cascade_case(dev: &Device, c: &Case) -> TestResult {
+    let mut r = rng(c.page_size as u64 + 77);
+    let shape = CacheShape {
+        num_pages: 40_000 / c.page_size + 64,
+        page_size: c.page_size,
+        num_kv_heads: 2,
+        head_dim: 128,
+        layout: KvLayout::Nhd,
+    };
+    let (cache, host) = random_cache::<f16>(dev, &mut r, shape, 1)?;
+    let mut alloc = SequenceAllocator::new(shape.num_pages, c.page_size)?;
+    let mut families: Vec<Vec<SeqId>> = Vec::new();
+    for (prompt, own) in &c.families {
+        let parent = alloc.create();
+        alloc.reserve(parent, *prompt)?;
+        let mut members = vec![parent];
+        members.extend(own[1..].iter().map(|_| alloc.fork(parent)).collect::<Result<Vec<_>, _>>()?);
+        // Copy-on-write copies are not applied: both sides read the same pool.
+        for (&id, &n) in members.iter().zip(own) {
+            alloc.reserve(id, n)?;
+        }
+        families.push(members);
+    }
+    let levels = alloc.cascade_levels(&families)?;
+    let all: Vec<SeqId> = families.concat();
+    let whole = alloc.page_table(&all)?;
+    let heads = shape.num_kv_heads * c.group;
+    let mut plan = CascadeDecodePlan::<f16>::new(dev, &shape, heads, &levels, c.options)?;
+    let q: Vec<f16> = random_values(&mut r, plan.qo_elems());
+    let mut out = dev.upload(&vec![f16::NAN; q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; all.len() * heads])?;
+    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &whole, &q, heads, &c.options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    // Two f16 partials are merged and rounded again: twice the f16 bound.
+    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+        let g = g.to_f64();
+        ensure!(
+            (g - w).abs() <= 4e-3 + 2e-2 * w.abs(),
+            "out[{i}] (request {}): GPU {g}, reference {w}",
+            i / (heads * 128)
+        );
+    }
+    for (i, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
+        let ok =
+            if w == f64::NEG_INFINITY { g == f32::NEG_INFINITY } else { (g as f64 - w).abs() <= 1e-3 + 1e-4 * w.abs() };
+        ensure!(ok, "lse[{i}]: GPU {g}, reference {w}");
+    }
+    Ok(())
+}
+
+pub fn tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    let mut r = rng(4);
+    for (page_size, group) in [(16, 4), (1, 1), (7, 5)] {
+        let families: Vec<(usize, Vec<usize>)> = (0..3)
+            .map(|f| (r.random_range(1..3000), (0..[5, 1, 3][f]).map(|_| r.random_range(0..300)).collect()))
+            .collect();
+        let c = Case { page_size, families, group, options: DecodeOptions::default() };
+        t.push(GpuTest::new(format!("cascade_page_size_{page_size}_group_{group}_f16"), move |d| cascade_case(d, &c)));
+    }
+    let capped = DecodeOptions { logits_soft_cap: 20.0, sm_scale: Some(0.3), ..Default::default() };
+    let c = Case { page_size: 16, families: vec![(8192, vec![256; 8]), (15, vec![0, 3])], group: 4, options: capped };
+    t.push(GpuTest::new("cascade_long_shared_prompt_soft_cap_f16", move |d| cascade_case(d, &c)));
+    t
+}
