@@ -131,6 +131,40 @@ pub struct ReadStreamParams {
     pub vecs: u64,
 }
 
+/// One layer of the paged cache as the attention kernels address it: the pools, the page table's
+/// indices and the geometry (in elements).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PagedCacheParams {
+    /// `*const`, one layer's K page pool, the query's dtype.
+    pub k_pages: u64,
+    /// `*const`, one layer's V page pool, the query's dtype.
+    pub v_pages: u64,
+    /// `*const u32`: the page table's `kv_indices`.
+    pub kv_indices: u64,
+    /// Tokens per page.
+    pub page_size: FastDiv,
+    /// Elements per page.
+    pub page_elems: u32,
+    /// Elements between consecutive tokens (slots) of a page.
+    pub slot_stride: u32,
+    /// Elements between consecutive heads of a token.
+    pub head_stride: u32,
+}
+
+/// Scratch of split-KV work (see the kernels' `merge` module): normalised f32 partial outputs
+/// with their base-2 LSEs, one slot per part, and merge counters that are zero between launches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SplitScratch {
+    /// `*mut f32`: partial output rows of `head_dim`.
+    pub partial_out: u64,
+    /// `*mut f32`: one LSE per partial row.
+    pub partial_lse: u64,
+    /// `*mut u32`: one counter per split unit.
+    pub merge_counters: u64,
+}
+
 /// Batch decode over the paged cache: one query token per request and query head.
 ///
 /// A block runs one work item (a request's key range) for one KV head and up to
@@ -149,32 +183,17 @@ pub struct ReadStreamParams {
 pub struct DecodeParams {
     /// `[batch][num_qo_heads][head_dim]`.
     pub q: u64,
-    /// `*const`, one layer's K page pool, the query's dtype.
-    pub k_pages: u64,
-    /// `*const`, one layer's V page pool, the query's dtype.
-    pub v_pages: u64,
-    /// `*const u32`.
-    pub kv_indices: u64,
+    /// The paged cache's pools, page table and geometry.
+    pub cache: PagedCacheParams,
     /// `*const DecodeWorkItem`, one per `blockIdx.x`.
     pub work: u64,
     /// `[batch][num_qo_heads][head_dim]`, the query's dtype.
     pub out: u64,
     /// `*mut f32`, `[batch][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
-    /// `*mut f32`, `[slots][num_qo_heads][head_dim]`.
-    pub partial_out: u64,
-    /// `*mut f32`, `[slots][num_qo_heads]`.
-    pub partial_lse: u64,
-    /// `*mut u32`, zero between launches.
-    pub merge_counters: u64,
-    /// Tokens per page.
-    pub page_size: FastDiv,
-    /// Elements per page.
-    pub page_elems: u32,
-    /// Elements between consecutive tokens (slots) of a page.
-    pub slot_stride: u32,
-    /// Elements between consecutive heads of a token.
-    pub head_stride: u32,
+    /// Split requests' partials (`[slots][num_qo_heads][head_dim]`), and a counter per (split
+    /// request, KV head, row tile).
+    pub split: SplitScratch,
     /// Query heads per token.
     pub num_qo_heads: u32,
     /// Work items (entries of `work`).
@@ -261,32 +280,17 @@ pub const NO_PARTIAL: u32 = u32::MAX;
 pub struct PrefillParams {
     /// `[total_q][num_qo_heads][head_dim]`.
     pub q: u64,
-    /// `*const`, one layer's K page pool, the query's dtype.
-    pub k_pages: u64,
-    /// `*const`, one layer's V page pool, the query's dtype.
-    pub v_pages: u64,
-    /// `*const u32`.
-    pub kv_indices: u64,
+    /// The paged cache's pools, page table and geometry.
+    pub cache: PagedCacheParams,
     /// `*const PrefillWorkItem`, one per `blockIdx.x / num_kv_heads`.
     pub work: u64,
     /// `[total_q][num_qo_heads][head_dim]`, the query's dtype.
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
-    /// `*mut f32`, `[slots][num_kv_heads][PREFILL_ROWS][head_dim]`: split row tiles' parts.
-    pub partial_out: u64,
-    /// `*mut f32`, `[slots][num_kv_heads][PREFILL_ROWS]`.
-    pub partial_lse: u64,
-    /// `*mut u32`, one per (split row tile, KV head), zero between launches.
-    pub merge_counters: u64,
-    /// Tokens per page.
-    pub page_size: FastDiv,
-    /// Elements per page.
-    pub page_elems: u32,
-    /// Elements between consecutive tokens (slots) of a page.
-    pub slot_stride: u32,
-    /// Elements between consecutive heads of a token.
-    pub head_stride: u32,
+    /// Split row tiles' partials (`[slots][num_kv_heads][PREFILL_ROWS][head_dim]`), and a
+    /// counter per (split row tile, KV head).
+    pub split: SplitScratch,
     /// Query heads per token.
     pub num_qo_heads: u32,
     /// KV heads per token of the cache.

@@ -3,7 +3,7 @@
 //! launch's operands.
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use crate::abi::FastDiv;
+use crate::abi::{FastDiv, PagedCacheParams};
 use crate::device::RawSlice;
 use crate::dtype::{DType, KvDType};
 use crate::error::{Error, Result};
@@ -60,11 +60,19 @@ pub(crate) fn check_lengths(buffers: &[(&'static str, usize, usize)]) -> Result<
     }
 }
 
-/// The cache geometry the kernels address pages with: `page_size` as a fast divisor, and the
-/// elements per page, between tokens of a page and between heads of a token.
-pub(crate) fn cache_geometry(shape: &CacheShape) -> (FastDiv, u32, u32, u32) {
+/// The paged cache as the attention kernels address it: `ops`' pools, the page table's
+/// indices at `kv_indices`, and `shape`'s geometry.
+pub(crate) fn paged_cache_params(shape: &CacheShape, ops: &Addresses, kv_indices: u64) -> PagedCacheParams {
     let (slot_stride, head_stride) = shape.strides();
-    (FastDiv::new(shape.page_size as u32), shape.page_elems() as u32, slot_stride as u32, head_stride as u32)
+    PagedCacheParams {
+        k_pages: ops.k_pages,
+        v_pages: ops.v_pages,
+        kv_indices,
+        page_size: FastDiv::new(shape.page_size as u32),
+        page_elems: shape.page_elems() as u32,
+        slot_stride: slot_stride as u32,
+        head_stride: head_stride as u32,
+    }
 }
 
 /// The shortest chunk (a multiple of the kernel's `tile` keys) that splits the sequences of
@@ -144,15 +152,22 @@ impl<'a> Operands<'a> {
         let (k_pages, g1) = k.device_ptr(stream);
         let (v_pages, g2) = v.device_ptr(stream);
         let (out, g3) = out.device_ptr_mut(stream);
-        let mut guards = vec![g0, g1, g2, g3];
-        let lse = match lse {
-            Some(l) => {
-                let (p, g) = l.device_ptr_mut(stream);
-                guards.push(g);
-                p
-            }
-            None => 0,
-        };
+        let (lse, g4) = optional_ptr_mut(stream, lse);
+        let guards = [g0, g1, g2, g3].into_iter().chain(g4).collect();
         Operands { addresses: Addresses { q, k_pages, v_pages, out, lse }, _guards: guards }
+    }
+}
+
+/// The address of an optional output (0 when absent) and its stream-ordering guard.
+pub(crate) fn optional_ptr_mut<'a>(
+    stream: &'a CudaStream,
+    buffer: Option<&'a mut CudaSlice<f32>>,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match buffer {
+        Some(b) => {
+            let (p, g) = b.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
     }
 }

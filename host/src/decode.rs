@@ -8,10 +8,11 @@ use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{
-    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, DECODE_ROWS, DECODE_TILE_TOKENS, NO_PARTIAL,
+    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, SplitScratch, DECODE_ROWS, DECODE_TILE_TOKENS,
+    NO_PARTIAL,
 };
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Addresses,
+    check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, paged_cache_params, split_chunk, Addresses,
     Operands,
 };
 use crate::cache::PagedKvCache;
@@ -84,7 +85,7 @@ pub struct BatchDecodePlan {
     partial_lse: CudaSlice<f32>,
     merge_counters: CudaSlice<u32>,
     /// The scratch's addresses, for `run_raw`.
-    scratch: [u64; 3],
+    scratch: SplitScratch,
 }
 
 /// Tiles a block streams below which one block per SM beats filling every block slot: with
@@ -229,17 +230,17 @@ impl BatchDecodePlan {
             partial_lse: device.alloc_zeros((slots * num_qo_heads).max(1))?,
             merge_counters: device.alloc_zeros((split_requests * heads_blocks).max(1))?,
             metadata: (0, 0),
-            scratch: [0; 3],
+            scratch: SplitScratch { partial_out: 0, partial_lse: 0, merge_counters: 0 },
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
         let stream = device.stream();
         let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
-        let scratch = [
-            plan.partial_out.device_ptr(stream).0,
-            plan.partial_lse.device_ptr(stream).0,
-            plan.merge_counters.device_ptr(stream).0,
-        ];
+        let scratch = SplitScratch {
+            partial_out: plan.partial_out.device_ptr(stream).0,
+            partial_lse: plan.partial_lse.device_ptr(stream).0,
+            merge_counters: plan.merge_counters.device_ptr(stream).0,
+        };
         Ok(BatchDecodePlan { metadata, scratch, ..plan })
     }
 
@@ -286,7 +287,7 @@ impl BatchDecodePlan {
                 LaunchStream::Cudarc(stream),
                 dtype,
                 &ops.addresses,
-                [partial_out, partial_lse, merge_counters],
+                SplitScratch { partial_out, partial_lse, merge_counters },
             )
         }
     }
@@ -332,36 +333,26 @@ impl BatchDecodePlan {
 
     /// # Safety
     /// `ops` passed the plan's checks and are live until the launch completes; `scratch` is
-    /// the plan's partial outputs, partial LSEs and merge counters.
+    /// the plan's.
     unsafe fn launch(
         &self,
         device: &Device,
         stream: LaunchStream,
         dtype: usize,
         ops: &Addresses,
-        scratch: [u64; 3],
+        scratch: SplitScratch,
     ) -> Result<()> {
         if self.grid.0 == 0 {
             return Ok(());
         }
         let s = &self.shape;
-        let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
-        let [partial_out, partial_lse, merge_counters] = scratch;
         let params = DecodeParams {
             q: ops.q,
-            k_pages: ops.k_pages,
-            v_pages: ops.v_pages,
-            kv_indices: self.metadata.0,
+            cache: paged_cache_params(s, ops, self.metadata.0),
             work: self.metadata.1,
             out: ops.out,
             lse: ops.lse,
-            partial_out,
-            partial_lse,
-            merge_counters,
-            page_size,
-            page_elems,
-            slot_stride,
-            head_stride,
+            split: scratch,
             num_qo_heads: self.num_qo_heads as u32,
             num_items: self.grid.0,
             group_size: (self.num_qo_heads / s.num_kv_heads) as u32,

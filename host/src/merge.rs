@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{MergeStatesParams, MERGE_THREADS};
-use crate::attention::{check_lengths, kernel_dtype};
+use crate::attention::{check_lengths, kernel_dtype, optional_ptr_mut};
 use crate::device::{launch_config, Device, LaunchStream};
 use crate::dtype::KvDType;
 use crate::error::{Error, Result};
@@ -80,13 +80,7 @@ pub fn merge_state<T: KvDType>(
     let ((va, _g0), (sa, _g1), (vb, _g2), (sb, _g3)) =
         (v_a.device_ptr(stream), s_a.device_ptr(stream), v_b.device_ptr(stream), s_b.device_ptr(stream));
     let (out, _g4) = v_out.device_ptr_mut(stream);
-    let (s_out, _g5) = match s_out {
-        Some(s) => {
-            let (p, g) = s.device_ptr_mut(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (s_out, _g5) = optional_ptr_mut(stream, s_out);
     let params = two_states::<T>(shape, tokens, [va, sa, vb, sb], out, s_out);
     // SAFETY: both states and the outputs hold `tokens` rows (checked), and live until after
     // the launch (guards above).
@@ -137,13 +131,7 @@ pub fn merge_states<T: KvDType>(
     ])?;
     let ((v, _g0), (s, _g1)) = (v.device_ptr(stream), s.device_ptr(stream));
     let (out, _g2) = v_out.device_ptr_mut(stream);
-    let (s_out, _g3) = match s_out {
-        Some(s) => {
-            let (p, g) = s.device_ptr_mut(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (s_out, _g3) = optional_ptr_mut(stream, s_out);
     let (row, heads) = ((shape.heads * shape.head_dim) as i64, shape.heads as i64);
     let params = MergeStatesParams {
         v,

@@ -98,15 +98,28 @@ impl CopyPlan {
         Ok(())
     }
 
-    /// Checks raw pools (`shape.pool_elems()` each) and ragged buffers against the plan.
-    fn check_raw<T>(&self, pools: [&RawSlice<T>; 2], ragged: [&RawSlice<T>; 2]) -> Result<()> {
+    /// The raw runs: raw pools (`shape.pool_elems()` each) and ragged buffers, checked against
+    /// the plan, on a raw stream.
+    ///
+    /// # Safety
+    /// As the public `run_raw`s.
+    unsafe fn run_raw<T: KvDType>(
+        &self,
+        device: &Device,
+        stream: CUstream,
+        function: &CudaFunction,
+        pools: [RawSlice<T>; 2],
+        ragged: [RawSlice<T>; 2],
+    ) -> Result<()> {
         let (pool, rows) = (self.shape.pool_elems(), self.ragged_elems());
         check_lengths(&[
             ("k_pages", pools[0].len(), pool),
             ("v_pages", pools[1].len(), pool),
             ("ragged K", ragged[0].len(), rows),
             ("ragged V", ragged[1].len(), rows),
-        ])
+        ])?;
+        let buffers = [pools[0].ptr(), pools[1].ptr(), ragged[0].ptr(), ragged[1].ptr()];
+        self.launch::<T>(device, LaunchStream::Raw(stream), function, buffers, self.row_offsets_address)
     }
 
     /// Launches `function` for pools and ragged buffers `[k_pages, v_pages, k_ragged, v_ragged]`,
@@ -213,10 +226,7 @@ impl GatherPlan {
         k_out: RawSlice<T>,
         v_out: RawSlice<T>,
     ) -> Result<()> {
-        self.0.check_raw([&pools[0], &pools[1]], [&k_out, &v_out])?;
-        let buffers = [pools[0].ptr(), pools[1].ptr(), k_out.ptr(), v_out.ptr()];
-        let function = &device.kernels.paged_kv_gather;
-        self.0.launch::<T>(device, LaunchStream::Raw(stream), function, buffers, self.0.row_offsets_address)
+        self.0.run_raw(device, stream, &device.kernels.paged_kv_gather, pools, [k_out, v_out])
     }
 }
 
@@ -303,9 +313,6 @@ impl ScatterPlan {
         k_in: RawSlice<T>,
         v_in: RawSlice<T>,
     ) -> Result<()> {
-        self.0.check_raw([&pools[0], &pools[1]], [&k_in, &v_in])?;
-        let buffers = [pools[0].ptr(), pools[1].ptr(), k_in.ptr(), v_in.ptr()];
-        let function = &device.kernels.paged_kv_scatter;
-        self.0.launch::<T>(device, LaunchStream::Raw(stream), function, buffers, self.0.row_offsets_address)
+        self.0.run_raw(device, stream, &device.kernels.paged_kv_scatter, pools, [k_in, v_in])
     }
 }

@@ -11,11 +11,11 @@ use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{
-    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_ROWS,
-    PREFILL_TILE_TOKENS,
+    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, NO_PARTIAL,
+    PREFILL_ROWS, PREFILL_TILE_TOKENS,
 };
 use crate::attention::{
-    cache_geometry, check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, split_chunk, Addresses,
+    check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, paged_cache_params, split_chunk, Addresses,
     Operands,
 };
 use crate::cache::PagedKvCache;
@@ -93,7 +93,7 @@ pub struct BatchPrefillPlan {
     partial_lse: CudaSlice<f32>,
     merge_counters: CudaSlice<u32>,
     /// The scratch's addresses, for `run_raw`.
-    scratch: [u64; 3],
+    scratch: SplitScratch,
     split_tiles: usize,
 }
 
@@ -282,17 +282,17 @@ impl BatchPrefillPlan {
             partial_lse: device.alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize).max(1))?,
             merge_counters: device.alloc_zeros((split * shape.num_kv_heads).max(1))?,
             split_tiles: split,
-            scratch: [0; 3],
+            scratch: SplitScratch { partial_out: 0, partial_lse: 0, merge_counters: 0 },
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
         let stream = device.stream();
         let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
-        let scratch = [
-            plan.partial_out.device_ptr(stream).0,
-            plan.partial_lse.device_ptr(stream).0,
-            plan.merge_counters.device_ptr(stream).0,
-        ];
+        let scratch = SplitScratch {
+            partial_out: plan.partial_out.device_ptr(stream).0,
+            partial_lse: plan.partial_lse.device_ptr(stream).0,
+            merge_counters: plan.merge_counters.device_ptr(stream).0,
+        };
         Ok(BatchPrefillPlan { metadata, scratch, ..plan })
     }
 
@@ -428,7 +428,7 @@ impl BatchPrefillPlan {
                 LaunchStream::Cudarc(stream),
                 dtype,
                 &ops.addresses,
-                [partial_out, partial_lse, merge_counters],
+                SplitScratch { partial_out, partial_lse, merge_counters },
             )
         }
     }
@@ -443,36 +443,26 @@ impl BatchPrefillPlan {
 
     /// # Safety
     /// `ops` passed the plan's checks and are live until the launch completes; `scratch` is
-    /// the plan's partial outputs, partial LSEs and merge counters.
+    /// the plan's.
     unsafe fn launch(
         &self,
         device: &Device,
         stream: LaunchStream,
         dtype: usize,
         ops: &Addresses,
-        scratch: [u64; 3],
+        scratch: SplitScratch,
     ) -> Result<()> {
         if self.items == 0 {
             return Ok(());
         }
         let s = &self.shape;
-        let [partial_out, partial_lse, merge_counters] = scratch;
-        let (page_size, page_elems, slot_stride, head_stride) = cache_geometry(s);
         let params = PrefillParams {
             q: ops.q,
-            k_pages: ops.k_pages,
-            v_pages: ops.v_pages,
-            kv_indices: self.metadata.0,
+            cache: paged_cache_params(s, ops, self.metadata.0),
             work: self.metadata.1,
             out: ops.out,
             lse: ops.lse,
-            partial_out,
-            partial_lse,
-            merge_counters,
-            page_size,
-            page_elems,
-            slot_stride,
-            head_stride,
+            split: scratch,
             num_qo_heads: self.num_qo_heads as u32,
             num_kv_heads: s.num_kv_heads as u32,
             group_size: FastDiv::new(self.group_size as u32),

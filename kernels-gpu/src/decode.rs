@@ -19,11 +19,9 @@ use crate::gpu::math::{exp2, log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::sync::sync_threads;
-use crate::gpu::tensor::{
-    commit_async_copies, copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, wait_async_copies,
-};
+use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans};
 use crate::merge::{last_to_finish, merge, store_output, store_partial};
-use crate::paged_tile::{swizzled, PagedKv, PagedTileLoader};
+use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::softmax::{quad_sum, LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
@@ -45,8 +43,8 @@ fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
 }
 
 #[inline(always)]
-unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodeParams) {
-    const { assert!(THREADS == decode_threads(HEAD_DIM)) };
+unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
+    const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM)) };
     let out_dims = const {
         if HEAD_DIM < DECODE_WARP_DIMS {
             HEAD_DIM
@@ -55,8 +53,6 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
         }
     };
     let chunks = HEAD_DIM / 8;
-    let stages = const { decode_stages(HEAD_DIM) };
-    let tile_bytes = const { DECODE_TILE_TOKENS * HEAD_DIM * 2 };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     // Warp `warp` takes keys `16 · key_warp..` of each tile and output dims `dim_base..+ out_dims`.
@@ -77,7 +73,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
     let smem = dynamic_smem_addr();
     let q_smem = smem;
     let k_smem = q_smem + DECODE_ROWS * HEAD_DIM * 2;
-    let v_smem = k_smem + stages * tile_bytes;
+    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * 2;
 
     // The query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
@@ -90,28 +86,8 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
         i += THREADS;
     }
 
-    let kv = PagedKv {
-        k_pages: p.k_pages as *const u8,
-        v_pages: p.v_pages as *const u8,
-        pages: (p.kv_indices as *const u32).add(work.pages as usize),
-        page_size: p.page_size,
-        page_bytes: 2 * p.page_elems,
-        slot_bytes: 2 * p.slot_stride,
-        head_bytes: 2 * kv_head * p.head_stride,
-    };
-    let tiles = (end - start).div_ceil(DECODE_TILE_TOKENS);
-    let mut loader = if tiles > 0 {
-        Some(PagedTileLoader::<HEAD_DIM, DECODE_TILE_TOKENS, THREADS>::new(kv, start, end, tid))
-    } else {
-        None
-    };
-    let stage_offset = |tile: u32| (tile % stages) * tile_bytes;
-    for tile in 0..stages - 1 {
-        if let Some(loader) = loader.as_mut().filter(|_| tile < tiles) {
-            loader.issue(tile, k_smem + stage_offset(tile), v_smem + stage_offset(tile));
-        }
-        commit_async_copies();
-    }
+    let kv = PagedKv::new(&p.cache, work.pages, kv_head);
+    let mut ring = KvRing::<HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(kv, start, end, tid, k_smem, v_smem);
 
     // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds the output
     // tile of dims dim_base + 8n.. + 8, this thread's dims + 2t and + 2t + 1 of each row.
@@ -119,24 +95,15 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
     let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
     let warp_row = key_warp * WARP_TOKENS;
-    for tile in 0..tiles {
-        wait_async_copies(stages - 2);
-        // Everyone's copies of `tile` have landed, and everyone is done with the stage refilled next.
-        sync_threads();
-        let next = tile + stages - 1;
-        if let Some(loader) = loader.as_mut().filter(|_| next < tiles) {
-            loader.issue(next, k_smem + stage_offset(next), v_smem + stage_offset(next));
-        }
-        commit_async_copies();
+    for tile in 0..ring.tiles() {
+        let (k_tile, v_tile) = ring.wait(tile);
 
         // Fragment addresses: each lane's first, then one xor per step along the row (see
         // `swizzled`; the stages are multiples of a row from a 1 KiB-aligned base).
         let lane = thread_x_here() % 32;
         let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
-        let k_lane =
-            k_smem + stage_offset(tile) + swizzled::<HEAD_DIM>(warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-        let v_lane =
-            v_smem + stage_offset(tile) + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+        let k_lane = k_tile + swizzled::<HEAD_DIM>(warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+        let v_lane = v_tile + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         // S = Q·Kᵀ for the warp's 16 keys: two n-tiles of 8 keys.
         let mut s = [[0.0f32; 4]; 2];
         crate::unroll_to!(kk < HEAD_DIM / 16, {
@@ -156,7 +123,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
             H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);
         });
     }
-    wait_async_copies(0);
+    ring.drain();
     sync_threads();
 
     // Merge the warps: each parks (m, d, O) in shared memory, then every thread finishes
@@ -209,7 +176,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
             store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse);
         } else {
             let prow = (work.slot * p.num_qo_heads + first_head + row) as usize;
-            store_partial::<HEAD_DIM>(p.partial_out, p.partial_lse, prow, chunk, &o, lse);
+            store_partial::<HEAD_DIM>(&p.split, prow, chunk, &o, lse);
         }
         i += THREADS;
     }
@@ -219,12 +186,12 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &DecodePar
     // Split request: the last of its items to get here (for this KV head and row tile) merges
     // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
     let last_flag = dynamic_smem::<u32>().add((decode_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
-    let counter = (p.merge_counters as *mut u32).add((work.counters + head_block) as usize);
+    let counter = (p.split.merge_counters as *mut u32).add((work.counters + head_block) as usize);
     if !last_to_finish(counter, work.parts, last_flag) {
         return;
     }
     let partial_row = |part: u32, row: u32| ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize;
-    merge::<HEAD_DIM, THREADS>(p.partial_out, p.partial_lse, work.parts, rows, partial_row, |row, chunk, o, lse| {
+    merge::<HEAD_DIM, THREADS>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
         let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, o, lse)
     });
@@ -234,7 +201,7 @@ macro_rules! decode_kernels {
     ($($name:ident: $half:ty, $dim:literal;)*) => {$(
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
-            decode::<$half, $dim, { decode_threads($dim) }>(&p)
+            decode::<$half, $dim, { decode_threads($dim) }, { decode_stages($dim) }>(&p)
         }
     )*};
 }

@@ -3,7 +3,7 @@
 //! slot; the last block to finish (an atomic counter per split unit, which that block resets)
 //! merges the slots into the output. No second kernel, so `run` stays one launch. Also the
 //! standalone kernel that merges attention states (FlashInfer's `merge_state(s)`).
-use crate::abi::{MergeStatesParams, MERGE_THREADS};
+use crate::abi::{MergeStatesParams, SplitScratch, MERGE_THREADS};
 use crate::gpu::half::{pack, Bf16, Half, F16};
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::math::{exp2, log2};
@@ -32,18 +32,17 @@ pub unsafe fn store_output<H: Half, const HEAD_DIM: u32>(
 /// its LSE.
 #[inline(always)]
 pub unsafe fn store_partial<const HEAD_DIM: u32>(
-    partial_out: u64,
-    partial_lse: u64,
+    split: &SplitScratch,
     prow: usize,
     chunk: u32,
     o: &[f32; 8],
     lse: f32,
 ) {
-    let dst = (partial_out as *mut Vec16).add((prow * HEAD_DIM as usize + 8 * chunk as usize) / 4);
+    let dst = (split.partial_out as *mut Vec16).add((prow * HEAD_DIM as usize + 8 * chunk as usize) / 4);
     store(dst, Vec16([o[0].to_bits(), o[1].to_bits(), o[2].to_bits(), o[3].to_bits()]));
     store(dst.add(1), Vec16([o[4].to_bits(), o[5].to_bits(), o[6].to_bits(), o[7].to_bits()]));
     if chunk == 0 {
-        *(partial_lse as *mut f32).add(prow) = lse;
+        *(split.partial_lse as *mut f32).add(prow) = lse;
     }
 }
 
@@ -73,7 +72,7 @@ pub unsafe fn last_to_finish(counter: *mut u32, parts: u32, flag: *mut u32) -> b
 }
 
 /// Combines `parts` partial states of `rows` rows (`partial_row(part, row)`: the row's index
-/// in `partial_out` / `partial_lse`) and hands each merged 8-dim slice with its row's LSE to
+/// in `split`'s partial outputs and LSEs) and hands each merged 8-dim slice with its row's LSE to
 /// `write(row, chunk, slice, lse)`. The LSEs are staged in shared memory in parallel and turned
 /// into weights `2^(lse_part − lse)` per row; then each slice is summed over the parts by as
 /// many thread groups as the block has room for, eight parts' loads in flight per thread. This
@@ -82,8 +81,7 @@ pub unsafe fn last_to_finish(counter: *mut u32, parts: u32, flag: *mut u32) -> b
 /// sums, `parts · rows` weights and `rows` LSEs from its start (the plan bounds `parts`).
 #[inline(always)]
 pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
-    partial_out: u64,
-    partial_lse: u64,
+    split: &SplitScratch,
     parts: u32,
     rows: u32,
     partial_row: impl Fn(u32, u32) -> usize,
@@ -95,7 +93,7 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
     let row_lse = weights.add((parts * rows) as usize);
     let mut i = tid;
     while i < parts * rows {
-        *weights.add(i as usize) = load_l2_f32((partial_lse as *const f32).add(partial_row(i / rows, i % rows)));
+        *weights.add(i as usize) = load_l2_f32((split.partial_lse as *const f32).add(partial_row(i / rows, i % rows)));
         i += THREADS;
     }
     sync_threads();
@@ -127,7 +125,8 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
         let (slice, group) = (i % slices, i / slices);
         let (row, chunk) = (slice / chunks, slice % chunks);
         let src = |part: u32| {
-            (partial_out as *const Vec16).add((partial_row(part, row) * HEAD_DIM as usize + 8 * chunk as usize) / 4)
+            (split.partial_out as *const Vec16)
+                .add((partial_row(part, row) * HEAD_DIM as usize + 8 * chunk as usize) / 4)
         };
         let mut o = [0.0f32; 8];
         let mut add = |part: u32, lo: Vec16, hi: Vec16| {

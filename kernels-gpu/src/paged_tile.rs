@@ -9,9 +9,10 @@
 //! are looked up one tile before it is issued, so the dependent load of `kv_indices` overlaps
 //! the math on earlier tiles. Every row costs a handful of integer ops and no branch: at full
 //! bandwidth the copies' address math competes with the attention math for issue slots.
-use crate::abi::FastDiv;
+use crate::abi::{FastDiv, PagedCacheParams};
 use crate::gpu::index::thread_x_here;
-use crate::gpu::tensor::copy_async;
+use crate::gpu::sync::sync_threads;
+use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM`-element
 /// rows. Chunks are XOR-swizzled by the row so the eight rows an `ldmatrix` reads at one
@@ -39,6 +40,99 @@ pub struct PagedKv {
     pub slot_bytes: u32,
     /// Byte offset of the KV head within a token's slot.
     pub head_bytes: u32,
+}
+
+impl PagedKv {
+    /// KV head `kv_head` of the request whose pages start at entry `first_page` of the
+    /// cache's `kv_indices` (2-byte elements).
+    #[inline(always)]
+    pub unsafe fn new(cache: &PagedCacheParams, first_page: u32, kv_head: u32) -> Self {
+        PagedKv {
+            k_pages: cache.k_pages as *const u8,
+            v_pages: cache.v_pages as *const u8,
+            pages: (cache.kv_indices as *const u32).add(first_page as usize),
+            page_size: cache.page_size,
+            page_bytes: 2 * cache.page_elems,
+            slot_bytes: 2 * cache.slot_stride,
+            head_bytes: 2 * kv_head * cache.head_stride,
+        }
+    }
+}
+
+/// The K/V pipeline every attention kernel runs: key positions `start..end` in tiles of
+/// `TILE_TOKENS`, through `STAGES` shared-memory stages of K (at `k_smem`) and V (at `v_smem`),
+/// `STAGES − 1` tiles in flight ahead of the math.
+pub struct KvRing<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32> {
+    loader: Option<PagedTileLoader<HEAD_DIM, TILE_TOKENS, THREADS>>,
+    tiles: u32,
+    k_smem: u32,
+    v_smem: u32,
+}
+
+impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32>
+    KvRing<HEAD_DIM, TILE_TOKENS, THREADS, STAGES>
+{
+    const TILE_BYTES: u32 = TILE_TOKENS * HEAD_DIM * 2;
+
+    /// Starts copying the first `STAGES − 1` tiles (every thread of the block calls this; the
+    /// first commit group also carries whatever copies the caller issued before).
+    ///
+    /// # Safety
+    /// As [`PagedTileLoader::new`] and [`PagedTileLoader::issue`]; `k_smem` and `v_smem` have
+    /// room for `STAGES` tiles each.
+    #[inline(always)]
+    pub unsafe fn start(kv: PagedKv, start: u32, end: u32, thread: u32, k_smem: u32, v_smem: u32) -> Self {
+        let tiles = (end - start).div_ceil(TILE_TOKENS);
+        let loader = if tiles > 0 { Some(PagedTileLoader::new(kv, start, end, thread)) } else { None };
+        let mut ring = KvRing { loader, tiles, k_smem, v_smem };
+        for tile in 0..STAGES - 1 {
+            ring.issue(tile);
+        }
+        ring
+    }
+
+    /// Tiles covering `start..end`.
+    #[inline(always)]
+    pub fn tiles(&self) -> u32 {
+        self.tiles
+    }
+
+    /// Shared offset of `tile`'s stage.
+    #[inline(always)]
+    fn stage_offset(tile: u32) -> u32 {
+        (tile % STAGES) * Self::TILE_BYTES
+    }
+
+    /// Issues `tile` (when it exists) and closes a commit group either way, so the group count
+    /// stays in step with the tiles.
+    #[inline(always)]
+    unsafe fn issue(&mut self, tile: u32) {
+        if let Some(loader) = self.loader.as_mut().filter(|_| tile < self.tiles) {
+            loader.issue(tile, self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+        }
+        commit_async_copies();
+    }
+
+    /// Waits for `tile` to land in shared memory (a block barrier: every thread calls this for
+    /// every tile in order), refills the stage the previous tile used, and returns the shared
+    /// addresses of `tile`'s K and V.
+    ///
+    /// # Safety
+    /// As [`start`](Self::start).
+    #[inline(always)]
+    pub unsafe fn wait(&mut self, tile: u32) -> (u32, u32) {
+        wait_async_copies(STAGES - 2);
+        // Everyone's copies of `tile` have landed, and everyone is done with the stage refilled next.
+        sync_threads();
+        self.issue(tile + STAGES - 1);
+        (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile))
+    }
+
+    /// Waits for every copy this thread started (the last groups hold no tiles).
+    #[inline(always)]
+    pub fn drain(&self) {
+        wait_async_copies(0);
+    }
 }
 
 pub struct PagedTileLoader<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> {

@@ -19,12 +19,9 @@ use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
-use crate::gpu::sync::sync_threads;
-use crate::gpu::tensor::{
-    commit_async_copies, copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, wait_async_copies,
-};
+use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans};
 use crate::merge::{last_to_finish, merge, store_output};
-use crate::paged_tile::{swizzled, PagedKv, PagedTileLoader};
+use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::softmax::{quad_sum, LogitScale, RowState};
 
 /// Key positions `lo..=hi` a row may see (its causal and window bounds), and whether a tile
@@ -63,8 +60,8 @@ impl Visibility {
 }
 
 #[inline(always)]
-unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillParams) {
-    const { assert!(THREADS == prefill_threads(HEAD_DIM)) };
+unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &PrefillParams) {
+    const { assert!(THREADS == prefill_threads(HEAD_DIM) && STAGES == prefill_stages(HEAD_DIM)) };
     let out_dims = const {
         if HEAD_DIM < PREFILL_WARP_DIMS {
             HEAD_DIM
@@ -74,8 +71,6 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     };
     let chunks = HEAD_DIM / 8;
     let row_bytes = HEAD_DIM * 2;
-    let stages = const { prefill_stages(HEAD_DIM) };
-    let tile_bytes = PREFILL_TILE_TOKENS * row_bytes;
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     // Warp `warp` owns rows `16 · row_warp..` of the block and output dims `dim_base..+ out_dims`.
@@ -92,7 +87,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     let smem = dynamic_smem_addr();
     let q_smem = smem;
     let k_smem = q_smem + PREFILL_ROWS * row_bytes;
-    let v_smem = k_smem + stages * tile_bytes;
+    let v_smem = k_smem + STAGES * PREFILL_TILE_TOKENS * row_bytes;
     const {
         assert!(
             prefill_smem_bytes(HEAD_DIM)
@@ -114,29 +109,9 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
         i += THREADS;
     }
 
-    let kv = PagedKv {
-        k_pages: p.k_pages as *const u8,
-        v_pages: p.v_pages as *const u8,
-        pages: (p.kv_indices as *const u32).add(work.pages as usize),
-        page_size: p.page_size,
-        page_bytes: 2 * p.page_elems,
-        slot_bytes: 2 * p.slot_stride,
-        head_bytes: 2 * kv_head * p.head_stride,
-    };
+    let kv = PagedKv::new(&p.cache, work.pages, kv_head);
     let (start, end) = (work.kv_start, work.kv_end);
-    let tiles = (end - start).div_ceil(PREFILL_TILE_TOKENS);
-    let mut loader = if tiles > 0 {
-        Some(PagedTileLoader::<HEAD_DIM, PREFILL_TILE_TOKENS, THREADS>::new(kv, start, end, tid))
-    } else {
-        None
-    };
-    let stage_offset = |tile: u32| (tile % stages) * tile_bytes;
-    for tile in 0..stages - 1 {
-        if let Some(loader) = loader.as_mut().filter(|_| tile < tiles) {
-            loader.issue(tile, k_smem + stage_offset(tile), v_smem + stage_offset(tile));
-        }
-        commit_async_copies();
-    }
+    let mut ring = KvRing::<HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES>::start(kv, start, end, tid, k_smem, v_smem);
 
     // This thread's rows g and g + 8 of the warp, their query positions and visible keys.
     let my_rows = [work.first_row + 16 * row_warp + g, work.first_row + 16 * row_warp + g + 8];
@@ -156,22 +131,15 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
     let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
-    for tile in 0..tiles {
-        wait_async_copies(stages - 2);
-        // Everyone's copies of `tile` have landed, and everyone is done with the stage refilled next.
-        sync_threads();
-        let next = tile + stages - 1;
-        if let Some(loader) = loader.as_mut().filter(|_| next < tiles) {
-            loader.issue(next, k_smem + stage_offset(next), v_smem + stage_offset(next));
-        }
-        commit_async_copies();
+    for tile in 0..ring.tiles() {
+        let (k_tile, v_tile) = ring.wait(tile);
 
         // Fragment addresses: each lane's first, then whole 16-key blocks (multiples of a row)
         // and one xor per step along the row (see `swizzled`).
         let lane = thread_x_here() % 32;
         let q_lane = q_smem + swizzled::<HEAD_DIM>(16 * row_warp + lane % 16, lane / 16);
-        let k_lane = k_smem + stage_offset(tile) + swizzled::<HEAD_DIM>((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-        let v_lane = v_smem + stage_offset(tile) + swizzled::<HEAD_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+        let k_lane = k_tile + swizzled::<HEAD_DIM>((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+        let v_lane = v_tile + swizzled::<HEAD_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         // S = Q·Kᵀ for the warp's 16 rows and the tile's 64 keys: eight n-tiles of 8 keys.
         let mut s = [[0.0f32; 4]; 8];
         crate::unroll_to!(kk < HEAD_DIM / 16, {
@@ -199,7 +167,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
             });
         });
     }
-    wait_async_copies(0);
+    ring.drain();
 
     // Each warp finishes its own rows: no state to merge across warps. A split row tile's part
     // writes f32 partial rows (slot, KV head, row of the tile) instead.
@@ -213,13 +181,13 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
             let first_dim = (dim_base + 2 * t) as usize;
             if split {
                 let prow = ((work.slot * p.num_kv_heads + kv_head) * PREFILL_ROWS + 16 * row_warp + g + 8 * h as u32) as usize;
-                let dst = (p.partial_out as *mut f32).add(prow * HEAD_DIM as usize + first_dim);
+                let dst = (p.split.partial_out as *mut f32).add(prow * HEAD_DIM as usize + first_dim);
                 crate::unroll_to!(n < out_dims / 8, {
                     *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
                     *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
                 });
                 if t == 0 && dim_base == 0 {
-                    *(p.partial_lse as *mut f32).add(prow) = lse;
+                    *(p.split.partial_lse as *mut f32).add(prow) = lse;
                 }
             } else {
                 let (token, head) = p.group_size.divmod(row);
@@ -240,7 +208,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
     // The last part of the row tile to finish (for this KV head) merges all of them. The flag
     // lives past the merge's staging; the K/V ring is free by now.
     let last_flag = dynamic_smem::<u32>().add((prefill_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
-    let counter = (p.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
+    let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
     if !last_to_finish(counter, work.parts, last_flag) {
         return;
     }
@@ -248,25 +216,18 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const THREADS: u32>(p: &PrefillP
         ((work.first_slot + part) * p.num_kv_heads + kv_head) as usize * PREFILL_ROWS as usize + row as usize
     };
     let tile_rows = (rows - work.first_row).min(PREFILL_ROWS);
-    merge::<HEAD_DIM, THREADS>(
-        p.partial_out,
-        p.partial_lse,
-        work.parts,
-        tile_rows,
-        partial_row,
-        |row, chunk, o, lse| {
-            let (token, head) = p.group_size.divmod(work.first_row + row);
-            let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
-            store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
-        },
-    );
+    merge::<HEAD_DIM, THREADS>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
+        let (token, head) = p.group_size.divmod(work.first_row + row);
+        let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
+    });
 }
 
 macro_rules! prefill_kernels {
     ($($name:ident: $half:ty, $dim:literal;)*) => {$(
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            prefill::<$half, $dim, { prefill_threads($dim) }>(&p)
+            prefill::<$half, $dim, { prefill_threads($dim) }, { prefill_stages($dim) }>(&p)
         }
     )*};
 }

@@ -3,28 +3,18 @@
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
 //! on the values, and the sweep's pools reach tens of GB. The first and last request of every
 //! row are checked against the f64 CPU reference (`sampled`).
-use ferrinfer::{reference, BatchDecodePlan, CacheShape, DecodeOptions, KvDType, LayerPools, PageTable, PagedKvCache};
-use ferrinfer_tests::workload::{random_table, random_values, rng};
+use ferrinfer::{reference, BatchDecodePlan, DecodeOptions, KvDType};
+use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
-use crate::page_ops::{pool_shape, Bench};
-use crate::sampled::{count_wrong, filled_pool, SampledRequest};
+use crate::page_ops::Bench;
+use crate::sampled::{count_wrong, BenchCache};
 use crate::timing::BoxResult;
 
 /// Elements of `out` for `request` that miss the reference (or are not finite).
-#[allow(clippy::too_many_arguments)]
-fn mismatches<T: KvDType>(
-    shape: &CacheShape,
-    table: &PageTable,
-    blocks: (&[T], &[T]),
-    q: &[T],
-    out: &[T],
-    heads: usize,
-    request: usize,
-) -> usize {
-    let kv_len = table.kv_lens(shape.page_size)[request];
-    let own = SampledRequest::new(shape, table, blocks, request, kv_len);
-    let rows = heads * shape.head_dim;
+fn mismatches<T: KvDType>(c: &BenchCache<T>, q: &[T], out: &[T], heads: usize, request: usize) -> usize {
+    let own = c.sample(request, c.table.kv_lens(c.shape.page_size)[request]);
+    let rows = heads * c.shape.head_dim;
     let (expected, _) = reference::decode(
         &own.shape,
         &own.k,
@@ -51,28 +41,16 @@ pub fn decode<T: KvDType>(
     group: usize,
 ) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
-    let kv_lens = vec![kv_len; batch];
-    let shape = pool_shape(s, &kv_lens, page_size);
-    let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
-    let layer = LayerPools {
-        k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
-        v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
-    };
-    let cache = PagedKvCache::from_layers(shape, vec![layer])?;
+    let c = BenchCache::<T>::new(b, &vec![kv_len; batch], page_size)?;
     let heads = s.kv_heads * group;
-    let plan = BatchDecodePlan::new(dev, &shape, heads, &table, DecodeOptions::default())?;
+    let plan = BatchDecodePlan::new(dev, &c.shape, heads, &c.table, DecodeOptions::default())?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
-    drop(cache);
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &c.cache, 0, &mut out, None))?;
     let out_host = dev.download(&out)?;
-    let wrong: usize = [0, batch - 1]
-        .into_iter()
-        .take(batch.min(2))
-        .map(|r| mismatches(&shape, &table, (&blocks[0], &blocks[1]), &q_host, &out_host, heads, r))
-        .sum();
+    let wrong: usize =
+        [0, batch - 1].into_iter().take(batch.min(2)).map(|r| mismatches(&c, &q_host, &out_host, heads, r)).sum();
     let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
 
     let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * 2) as f64;

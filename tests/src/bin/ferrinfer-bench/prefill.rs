@@ -2,12 +2,12 @@
 //! `batch · 4 · qo_len · kv_len · num_qo_heads · head_dim / 2` (the causal half). Pools repeat
 //! one random block as in decode; each row checks the first two and the last two query tokens
 //! of its first and last request against the f64 reference (`sampled`).
-use ferrinfer::{reference, BatchPrefillPlan, KvDType, LayerPools, PagedKvCache, PrefillOptions};
-use ferrinfer_tests::workload::{random_table, random_values, rng};
+use ferrinfer::{reference, BatchPrefillPlan, KvDType, PrefillOptions};
+use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
-use crate::page_ops::{pool_shape, Bench};
-use crate::sampled::{count_wrong, filled_pool, SampledRequest};
+use crate::page_ops::Bench;
+use crate::sampled::{count_wrong, BenchCache};
 use crate::timing::BoxResult;
 
 const CAUSAL: PrefillOptions = PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 };
@@ -27,23 +27,14 @@ pub fn prefill<T: KvDType>(
     group: usize,
 ) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
-    let kv_lens = vec![len; batch];
-    let shape = pool_shape(s, &kv_lens, page_size);
-    let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
-    let layer = LayerPools {
-        k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
-        v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
-    };
-    let cache = PagedKvCache::from_layers(shape, vec![layer])?;
+    let c = BenchCache::<T>::new(b, &vec![len; batch], page_size)?;
     let heads = s.kv_heads * group;
     let qo_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * len as u32).collect();
-    let plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, CAUSAL)?;
+    let plan = BatchPrefillPlan::new(dev, &c.shape, heads, &qo_indptr, &c.table, CAUSAL)?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, None))?;
-    drop(cache);
+    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &c.cache, 0, &mut out, None))?;
     let out_host = dev.download(&out)?;
 
     // Tokens j of a prompt sit at positions j: the first two are a 2-token prompt of their own,
@@ -53,7 +44,7 @@ pub fn prefill<T: KvDType>(
     for request in [0, batch - 1].into_iter().take(batch.min(2)) {
         for (kv_len, first_token) in [(2.min(len), 0), (len, len.saturating_sub(2))] {
             let qo_len = (kv_len - first_token).min(2);
-            let own = SampledRequest::new(&shape, &table, (&blocks[0], &blocks[1]), request, kv_len);
+            let own = c.sample(request, kv_len);
             let rows = (request * len + first_token) * row..(request * len + first_token + qo_len) * row;
             let (want, _) = reference::prefill(
                 &own.shape,

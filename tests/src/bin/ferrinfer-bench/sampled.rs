@@ -2,9 +2,11 @@
 //! filled on the device by repeating one random block, so any request's keys and values can be
 //! rebuilt on the host from the block alone, as a one-request cache for the f64 reference.
 use cudarc::driver::CudaSlice;
-use ferrinfer::{CacheShape, Device, KvDType, PageTable};
+use ferrinfer::{CacheShape, Device, KvDType, LayerPools, PageTable, PagedKvCache};
 use ferrinfer_tests::compare::close;
+use ferrinfer_tests::workload::{random_table, random_values, rng};
 
+use crate::page_ops::{pool_shape, Bench};
 use crate::timing::BoxResult;
 
 /// A device pool of `elems` elements repeating `block`.
@@ -19,6 +21,33 @@ pub fn filled_pool<T: KvDType>(dev: &Device, elems: usize, block: &[T]) -> BoxRe
         at += n;
     }
     Ok(pool)
+}
+
+/// A one-layer benchmark cache for sequences of `kv_lens` on a random page permutation, its
+/// pools repeating two random blocks (kept for [`SampledRequest`]).
+pub struct BenchCache<T: KvDType> {
+    pub shape: CacheShape,
+    pub table: PageTable,
+    pub blocks: [Vec<T>; 2],
+    pub cache: PagedKvCache<T>,
+}
+
+impl<T: KvDType> BenchCache<T> {
+    pub fn new(b: &Bench, kv_lens: &[usize], page_size: usize) -> BoxResult<Self> {
+        let shape = pool_shape(&b.shapes, kv_lens, page_size);
+        let table = random_table(&mut rng(page_size as u64), kv_lens, page_size, shape.num_pages);
+        let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+        let layer = LayerPools {
+            k: filled_pool(b.dev, shape.pool_elems(), &blocks[0])?,
+            v: filled_pool(b.dev, shape.pool_elems(), &blocks[1])?,
+        };
+        Ok(BenchCache { shape, table, blocks, cache: PagedKvCache::from_layers(shape, vec![layer])? })
+    }
+
+    /// Request `request`'s first `kv_len` keys, rebuilt on the host.
+    pub fn sample(&self, request: usize, kv_len: usize) -> SampledRequest<T> {
+        SampledRequest::new(&self.shape, &self.table, (&self.blocks[0], &self.blocks[1]), request, kv_len)
+    }
 }
 
 /// The first `kv_len` keys of one request of a cache whose pools repeat `blocks`, as a cache
