@@ -38,6 +38,16 @@ enum Cmd {
         #[arg(long, default_value = "bundle")]
         out: PathBuf,
     },
+    /// On a GPU runner with Rust: build the GPU bundle and run its tests, optionally under
+    /// compute-sanitizer (`--sanitize memcheck|racecheck|initcheck|synccheck|all`).
+    GpuTest {
+        /// The compute-sanitizer tool, or `all` for each of the four in turn.
+        #[arg(long)]
+        sanitize: Option<String>,
+        /// Only tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Build the fuzz targets (fuzz/) and run each for a fixed time.
     Fuzz {
         /// Seconds per target.
@@ -65,6 +75,21 @@ pub fn workspace_root() -> PathBuf {
 pub type Result<T = ()> = std::result::Result<T, String>;
 
 /// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
+/// `cargo xtask gpu-test`: the bundle's `run.sh` with its `--sanitize` and `--filter`.
+fn gpu_test(sanitize: Option<String>, filter: Option<String>) -> Result {
+    let out = workspace_root().join("bundle");
+    bundle::build(&out)?;
+    let mut run_sh = Command::new("bash");
+    run_sh.arg(out.join("run.sh"));
+    if let Some(tool) = sanitize {
+        run_sh.args(["--sanitize", &tool]);
+    }
+    if let Some(name) = filter {
+        run_sh.args(["--filter", &name]);
+    }
+    run(&mut run_sh)
+}
+
 pub fn run(cmd: &mut Command) -> Result {
     let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if status.success() {
@@ -84,6 +109,7 @@ fn main() -> ExitCode {
         Cmd::BuildKernels { check } => kernels::build(check),
         Cmd::Ptxas => ptxas::assemble_committed().map(|_| ()),
         Cmd::GpuBundle { out } => bundle::build(&out),
+        Cmd::GpuTest { sanitize, filter } => gpu_test(sanitize, filter),
         Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
         Cmd::Demo { args } => run(Command::new(env!("CARGO"))
             .current_dir(workspace_root())
