@@ -1,10 +1,10 @@
 //! What the attention plans (decode, prefill) share on the host: the checks of heads and
-//! options, the kernel variant of a dtype, buffer-length checks, and the device addresses of a
-//! launch's operands.
+//! options, the kernel variant of a dtype, buffer-length checks, the split-KV scratch, and the
+//! device addresses of a launch's operands.
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use crate::abi::{FastDiv, PagedCacheParams};
-use crate::device::RawSlice;
+use crate::abi::{FastDiv, PagedCacheParams, SplitScratch};
+use crate::device::{Device, RawSlice};
 use crate::dtype::{DType, KvDType};
 use crate::error::{Error, Result};
 use crate::layout::CacheShape;
@@ -60,6 +60,23 @@ pub(crate) fn check_lengths(buffers: &[(&'static str, usize, usize)]) -> Result<
     }
 }
 
+/// Checks the element type and the lengths of an attention run's `q` and `out`
+/// (`rows × head_dim` elements each) and `lse` (`rows`, when given); returns the dtype's
+/// kernel index.
+pub(crate) fn check_operands<T: KvDType>(
+    what: &'static str,
+    rows: usize,
+    head_dim: usize,
+    q: usize,
+    out: usize,
+    lse: Option<usize>,
+) -> Result<usize> {
+    let dtype = kernel_dtype::<T>(what)?;
+    let elems = rows * head_dim;
+    check_lengths(&[("q", q, elems), ("out", out, elems), ("lse", lse.unwrap_or(rows), rows)])?;
+    Ok(dtype)
+}
+
 /// The paged cache as the attention kernels address it: `ops`' pools, the page table's
 /// indices at `kv_indices`, and `shape`'s geometry.
 pub(crate) fn paged_cache_params(shape: &CacheShape, ops: &Addresses, kv_indices: u64) -> PagedCacheParams {
@@ -107,6 +124,47 @@ pub(crate) fn split_chunk(
     Some(lo * tile)
 }
 
+/// A plan's split-KV scratch: f32 partial outputs and LSEs of the parts of split work, and the
+/// merge counters the last part to finish claims.
+pub(crate) struct SplitBuffers {
+    partial_out: CudaSlice<f32>,
+    partial_lse: CudaSlice<f32>,
+    merge_counters: CudaSlice<u32>,
+    /// Their addresses for `run_raw`, whose caller orders its stream after the plan's.
+    raw: SplitScratch,
+}
+
+impl SplitBuffers {
+    /// `partial_rows` partial rows of `head_dim` and their LSEs, and `counters` zeroed merge
+    /// counters (each buffer at least one element, so none is a null address).
+    pub fn new(device: &Device, partial_rows: usize, head_dim: usize, counters: usize) -> Result<Self> {
+        let partial_out = device.alloc_zeros::<f32>((partial_rows * head_dim).max(1))?;
+        let partial_lse = device.alloc_zeros::<f32>(partial_rows.max(1))?;
+        let merge_counters = device.alloc_zeros::<u32>(counters.max(1))?;
+        let stream = device.stream();
+        let raw = SplitScratch {
+            partial_out: partial_out.device_ptr(stream).0,
+            partial_lse: partial_lse.device_ptr(stream).0,
+            merge_counters: merge_counters.device_ptr(stream).0,
+        };
+        Ok(SplitBuffers { partial_out, partial_lse, merge_counters, raw })
+    }
+
+    /// The addresses for a raw run.
+    pub fn raw(&self) -> SplitScratch {
+        self.raw
+    }
+
+    /// The addresses for a run on `stream` through cudarc's tracking, so that runs of one plan
+    /// on different streams are ordered; hold the guards until the launch is enqueued.
+    pub fn on<'a>(&'a self, stream: &'a CudaStream) -> (SplitScratch, [SyncOnDrop<'a>; 3]) {
+        let (partial_out, g0) = self.partial_out.device_ptr(stream);
+        let (partial_lse, g1) = self.partial_lse.device_ptr(stream);
+        let (merge_counters, g2) = self.merge_counters.device_ptr(stream);
+        (SplitScratch { partial_out, partial_lse, merge_counters }, [g0, g1, g2])
+    }
+}
+
 /// Device addresses of an attention launch's operands.
 #[derive(Clone, Copy)]
 pub(crate) struct Addresses {
@@ -135,7 +193,8 @@ impl Addresses {
 /// has been enqueued.
 pub(crate) struct Operands<'a> {
     pub addresses: Addresses,
-    _guards: Vec<SyncOnDrop<'a>>,
+    /// q, k, v, out and lse's guards; held in place, since `run` is called per token and layer.
+    _guards: ([SyncOnDrop<'a>; 4], Option<SyncOnDrop<'a>>),
 }
 
 impl<'a> Operands<'a> {
@@ -153,8 +212,7 @@ impl<'a> Operands<'a> {
         let (v_pages, g2) = v.device_ptr(stream);
         let (out, g3) = out.device_ptr_mut(stream);
         let (lse, g4) = optional_ptr_mut(stream, lse);
-        let guards = [g0, g1, g2, g3].into_iter().chain(g4).collect();
-        Operands { addresses: Addresses { q, k_pages, v_pages, out, lse }, _guards: guards }
+        Operands { addresses: Addresses { q, k_pages, v_pages, out, lse }, _guards: ([g0, g1, g2, g3], g4) }
     }
 }
 

@@ -12,8 +12,8 @@ use crate::abi::{
     NO_PARTIAL,
 };
 use crate::attention::{
-    check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, paged_cache_params, split_chunk, Addresses,
-    Operands,
+    check_heads_and_options, check_lengths, check_operands, kernel_head_dim, paged_cache_params, split_chunk,
+    Addresses, Operands, SplitBuffers,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device, LaunchStream, RawSlice};
@@ -81,11 +81,8 @@ pub struct BatchDecodePlan {
     kv_indices: CudaSlice<u32>,
     work: CudaSlice<DecodeWorkItem>,
     metadata: (u64, u64),
-    partial_out: CudaSlice<f32>,
-    partial_lse: CudaSlice<f32>,
-    merge_counters: CudaSlice<u32>,
-    /// The scratch's addresses, for `run_raw`.
-    scratch: SplitScratch,
+    /// Scratch of split requests: partial outputs, their LSEs, and merge counters.
+    scratch: SplitBuffers,
 }
 
 /// Tiles a block streams below which one block per SM beats filling every block slot: with
@@ -226,22 +223,14 @@ impl BatchDecodePlan {
             split_requests,
             kv_indices: device.upload(&nonempty(&table.kv_indices))?,
             work: device.upload(&if work.is_empty() { vec![DecodeWorkItem::default()] } else { work })?,
-            partial_out: device.alloc_zeros((slots * num_qo_heads * shape.head_dim).max(1))?,
-            partial_lse: device.alloc_zeros((slots * num_qo_heads).max(1))?,
-            merge_counters: device.alloc_zeros((split_requests * heads_blocks).max(1))?,
+            scratch: SplitBuffers::new(device, slots * num_qo_heads, shape.head_dim, split_requests * heads_blocks)?,
             metadata: (0, 0),
-            scratch: SplitScratch { partial_out: 0, partial_lse: 0, merge_counters: 0 },
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
         let stream = device.stream();
         let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
-        let scratch = SplitScratch {
-            partial_out: plan.partial_out.device_ptr(stream).0,
-            partial_lse: plan.partial_lse.device_ptr(stream).0,
-            merge_counters: plan.merge_counters.device_ptr(stream).0,
-        };
-        Ok(BatchDecodePlan { metadata, scratch, ..plan })
+        Ok(BatchDecodePlan { metadata, ..plan })
     }
 
     /// Elements of `q` and `out`: `batch × num_qo_heads × head_dim`.
@@ -275,21 +264,10 @@ impl BatchDecodePlan {
         let dtype = self.check::<T>(q.len(), out.len(), lse.as_ref().map(|l| l.len()))?;
         let pools = cache.layer(layer)?;
         let ops = Operands::new(stream, q, &pools.k, &pools.v, out, lse);
-        // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
-        let (partial_out, _g5) = self.partial_out.device_ptr(stream);
-        let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
-        let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
+        let (scratch, _guards) = self.scratch.on(stream);
         // SAFETY: the cache's pools have the planned shape; q, out and lse were checked; every
         // buffer lives until after the launch (guards above, plan borrowed).
-        unsafe {
-            self.launch(
-                device,
-                LaunchStream::Cudarc(stream),
-                dtype,
-                &ops.addresses,
-                SplitScratch { partial_out, partial_lse, merge_counters },
-            )
-        }
+        unsafe { self.launch(device, LaunchStream::Cudarc(stream), dtype, &ops.addresses, scratch) }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k_pages` and
@@ -316,19 +294,13 @@ impl BatchDecodePlan {
         let pool = self.shape.pool_elems();
         check_lengths(&[("k_pages", k_pages.len(), pool), ("v_pages", v_pages.len(), pool)])?;
         let ops = Addresses::raw(q, k_pages, v_pages, out, lse);
-        self.launch(device, LaunchStream::Raw(stream), dtype, &ops, self.scratch)
+        self.launch(device, LaunchStream::Raw(stream), dtype, &ops, self.scratch.raw())
     }
 
     /// Checks the element type and the lengths of q, out and lse; returns the dtype's kernel index.
     fn check<T: KvDType>(&self, q: usize, out: usize, lse: Option<usize>) -> Result<usize> {
-        let dtype = kernel_dtype::<T>("decode attention")?;
-        let heads = self.batch_size * self.num_qo_heads;
-        check_lengths(&[
-            ("q", q, self.qo_elems()),
-            ("out", out, self.qo_elems()),
-            ("lse", lse.unwrap_or(heads), heads),
-        ])?;
-        Ok(dtype)
+        let rows = self.batch_size * self.num_qo_heads;
+        check_operands::<T>("decode attention", rows, self.shape.head_dim, q, out, lse)
     }
 
     /// # Safety

@@ -15,8 +15,8 @@ use crate::abi::{
     PREFILL_ROWS, PREFILL_TILE_TOKENS,
 };
 use crate::attention::{
-    check_heads_and_options, check_lengths, kernel_dtype, kernel_head_dim, paged_cache_params, split_chunk, Addresses,
-    Operands,
+    check_heads_and_options, check_lengths, check_operands, kernel_head_dim, paged_cache_params, split_chunk,
+    Addresses, Operands, SplitBuffers,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device, LaunchStream, RawSlice};
@@ -89,11 +89,7 @@ pub struct BatchPrefillPlan {
     work: CudaSlice<PrefillWorkItem>,
     metadata: (u64, u64),
     /// Scratch of split row tiles: partial outputs, their LSEs, and merge counters.
-    partial_out: CudaSlice<f32>,
-    partial_lse: CudaSlice<f32>,
-    merge_counters: CudaSlice<u32>,
-    /// The scratch's addresses, for `run_raw`.
-    scratch: SplitScratch,
+    scratch: SplitBuffers,
     split_tiles: usize,
 }
 
@@ -277,23 +273,19 @@ impl BatchPrefillPlan {
             kv_indices: device.upload(&indices)?,
             work: device.upload(&if work.is_empty() { vec![PrefillWorkItem::default()] } else { work })?,
             metadata: (0, 0),
-            partial_out: device
-                .alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize * shape.head_dim).max(1))?,
-            partial_lse: device.alloc_zeros((slots * shape.num_kv_heads * PREFILL_ROWS as usize).max(1))?,
-            merge_counters: device.alloc_zeros((split * shape.num_kv_heads).max(1))?,
+            scratch: SplitBuffers::new(
+                device,
+                slots * shape.num_kv_heads * PREFILL_ROWS as usize,
+                shape.head_dim,
+                split * shape.num_kv_heads,
+            )?,
             split_tiles: split,
-            scratch: SplitScratch { partial_out: 0, partial_lse: 0, merge_counters: 0 },
         };
         // `run` may launch on any stream: the uploads must be complete before it reads them.
         device.synchronize()?;
         let stream = device.stream();
         let metadata = (plan.kv_indices.device_ptr(stream).0, plan.work.device_ptr(stream).0);
-        let scratch = SplitScratch {
-            partial_out: plan.partial_out.device_ptr(stream).0,
-            partial_lse: plan.partial_lse.device_ptr(stream).0,
-            merge_counters: plan.merge_counters.device_ptr(stream).0,
-        };
-        Ok(BatchPrefillPlan { metadata, scratch, ..plan })
+        Ok(BatchPrefillPlan { metadata, ..plan })
     }
 
     /// Elements of `q` and `out`: `total_q × num_qo_heads × head_dim`.
@@ -399,7 +391,7 @@ impl BatchPrefillPlan {
     ) -> Result<()> {
         let dtype = self.check::<T>(q.len(), out.len(), lse.map(|l| l.len()))?;
         check_lengths(&[("k", k.len(), self.kv_elems), ("v", v.len(), self.kv_elems)])?;
-        self.launch(device, LaunchStream::Raw(stream), dtype, &Addresses::raw(q, k, v, out, lse), self.scratch)
+        self.launch(device, LaunchStream::Raw(stream), dtype, &Addresses::raw(q, k, v, out, lse), self.scratch.raw())
     }
 
     /// The safe runs' common part: `k` and `v` are checked against the plan by the caller.
@@ -416,29 +408,16 @@ impl BatchPrefillPlan {
     ) -> Result<()> {
         let dtype = self.check::<T>(q.len(), out.len(), lse.as_ref().map(|l| l.len()))?;
         let ops = Operands::new(stream, q, k, v, out, lse);
-        // The scratch goes through cudarc's tracking, so runs on different streams are ordered.
-        let (partial_out, _g5) = self.partial_out.device_ptr(stream);
-        let (partial_lse, _g6) = self.partial_lse.device_ptr(stream);
-        let (merge_counters, _g7) = self.merge_counters.device_ptr(stream);
+        let (scratch, _guards) = self.scratch.on(stream);
         // SAFETY: q, out and lse were checked here and k, v by the caller; every buffer lives
         // until after the launch (guards above, plan borrowed).
-        unsafe {
-            self.launch(
-                device,
-                LaunchStream::Cudarc(stream),
-                dtype,
-                &ops.addresses,
-                SplitScratch { partial_out, partial_lse, merge_counters },
-            )
-        }
+        unsafe { self.launch(device, LaunchStream::Cudarc(stream), dtype, &ops.addresses, scratch) }
     }
 
     /// Checks the element type and the lengths of q, out and lse; returns the dtype's kernel index.
     fn check<T: KvDType>(&self, q: usize, out: usize, lse: Option<usize>) -> Result<usize> {
-        let dtype = kernel_dtype::<T>("prefill attention")?;
         let rows = self.total_q * self.num_qo_heads;
-        check_lengths(&[("q", q, self.qo_elems()), ("out", out, self.qo_elems()), ("lse", lse.unwrap_or(rows), rows)])?;
-        Ok(dtype)
+        check_operands::<T>("prefill attention", rows, self.shape.head_dim, q, out, lse)
     }
 
     /// # Safety
