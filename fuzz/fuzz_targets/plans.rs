@@ -28,6 +28,8 @@ struct Input {
     spare_pages: u8,
     sms: u8,
     blocks_per_sm: u8,
+    /// Plan prefill for the kernel of the other block height than the planner would pick.
+    other_row_frags: bool,
 }
 
 /// A page table for the lengths, pages drawn from a shuffled pool.
@@ -112,7 +114,11 @@ fuzz_target!(|input: Input| {
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + qo as u32);
     }
     let prefill = PrefillOptions { causal: input.causal, window_left, ..Default::default() };
-    if let Ok(split) = BatchPrefillPlan::split(&shape, heads, &qo_indptr, &table, prefill, sms, per_sm) {
+    // The planner's own choice of block rows, or (any input byte) the other kernel.
+    let chosen = BatchPrefillPlan::row_frags(shape.head_dim, heads, shape.num_kv_heads, &qo_indptr);
+    let row_frags = if input.other_row_frags { 3 - chosen } else { chosen };
+    if let Ok(split) = BatchPrefillPlan::split(&shape, heads, &qo_indptr, &table, prefill, row_frags, sms, per_sm) {
+        let tile_rows = 64 * split.row_frags;
         let group = split.group_size;
         let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
         for w in &split.work {
@@ -123,7 +129,7 @@ fuzz_target!(|input: Input| {
             let positioned = input.causal || window_left >= 0;
             assert!(w.kv_len as usize == kv_lens[r] && w.pages == table.kv_indptr[r]);
             assert!(!positioned || w.qo_len as usize <= kv_lens[r], "positioned queries outnumber the keys");
-            assert!(w.first_row % 64 == 0 && (w.first_row as usize) < w.qo_len as usize * group);
+            assert!(w.first_row % tile_rows == 0 && (w.first_row as usize) < w.qo_len as usize * group);
             assert!(w.kv_start <= w.kv_end && w.kv_end <= w.kv_len);
             assert!((w.q_start + w.qo_len) as usize <= split.total_q);
             if w.parts > 1 {
@@ -141,7 +147,8 @@ fuzz_target!(|input: Input| {
             let r = r as usize;
             let (kv_len, qo_len) = (kv_lens[r], (qo_indptr[r + 1] - qo_indptr[r]) as usize);
             let rows = qo_len * group;
-            let (first, last) = (first_row as usize / group, ((first_row as usize + 64).min(rows) - 1) / group);
+            let (first, last) =
+                (first_row as usize / group, ((first_row as usize + tile_rows as usize).min(rows) - 1) / group);
             let (lo, hi) = (parts.iter().map(|p| p.0).min().unwrap(), parts.iter().map(|p| p.1).max().unwrap());
             check_parts(parts, lo, hi, split.slots);
             // Every key a row of the tile may see lies in lo..hi.

@@ -253,12 +253,26 @@ pub const fn decode_stages(head_dim: u32) -> u32 {
     }
 }
 
-/// Dynamic shared memory of a decode block: the query tile, the K and V rings, and the key
-/// warps' softmax statistics (the rings are reused for the warps' outputs at the end).
+/// Dynamic shared memory of a decode block: the query tile, the K and V rings, their row table,
+/// and the key warps' softmax statistics (the rings are reused for the warps' outputs at the end).
 pub const fn decode_smem_bytes(head_dim: u32) -> u32 {
     let q = DECODE_ROWS * head_dim * 2;
     let ring = 2 * decode_stages(head_dim) * DECODE_TILE_TOKENS * head_dim * 2;
-    q + ring + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+    q + ring + kv_table_bytes(decode_stages(head_dim), DECODE_TILE_TOKENS) + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+}
+
+/// Slots of a K/V ring's row table (the kernels' `paged_tile`): one per stage, at least two.
+pub const fn kv_table_slots(stages: u32) -> u32 {
+    if stages > 2 {
+        stages
+    } else {
+        2
+    }
+}
+
+/// Bytes of a K/V ring's row table: a `u32` per key of each slot's tile.
+pub const fn kv_table_bytes(stages: u32, tile_tokens: u32) -> u32 {
+    kv_table_slots(stages) * tile_tokens * 4
 }
 
 /// [`DecodeWorkItem::slot`] of an item whose request is not split: it has no partial slot.
@@ -268,10 +282,11 @@ pub const NO_PARTIAL: u32 = u32::MAX;
 /// `q_start..` of `q` and `out`) attending over its `kv_len` cached tokens, FlashAttention-2
 /// style on tensor cores.
 ///
-/// A block takes [`PREFILL_ROWS`] query rows of one request and one KV head. Rows are packed
+/// A block takes [`prefill_rows`] query rows of one request and one KV head. Rows are packed
 /// (token, head of the group) pairs, `row = token · group_size + head`, so a group's heads share
 /// every K/V tile the block loads whatever the group size. Each of the four row warps owns 16
-/// rows; K/V stream in [`PREFILL_TILE_TOKENS`]-key tiles through a [`prefill_stages`]-deep
+/// rows per row fragment (one or two; the kernel's name ends in `_rows64` or `_rows128`); K/V
+/// stream in [`PREFILL_TILE_TOKENS`]-key tiles through a [`prefill_stages`]-deep
 /// ring, with the page-table addressing of decode (`paged_tile`). head_dim 256 adds four warps
 /// that take the upper 128 output dims of the same rows. `blockIdx.x` is
 /// `item · num_kv_heads + kv_head`.
@@ -288,7 +303,7 @@ pub struct PrefillParams {
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
-    /// Split row tiles' partials (`[slots][num_kv_heads][PREFILL_ROWS][head_dim]`), and a
+    /// Split row tiles' partials (`[slots][num_kv_heads][prefill_rows][head_dim]`), and a
     /// counter per (split row tile, KV head).
     pub split: SplitScratch,
     /// Query heads per token.
@@ -340,8 +355,22 @@ pub struct PrefillWorkItem {
     pub _pad: u32,
 }
 
-/// Query rows of a prefill block: four warps of 16.
-pub const PREFILL_ROWS: u32 = 64;
+/// Query rows of a prefill block whose warps take `row_frags` 16-row fragments each (four
+/// row warps).
+pub const fn prefill_rows(row_frags: u32) -> u32 {
+    64 * row_frags
+}
+
+/// Row fragments per warp the prefill kernels of `head_dim` come in: 1 and 2 up to head_dim
+/// 128; at 256 only 1, since 128 rows of 256 dims and two K/V stages would not fit an A100's
+/// shared memory.
+pub const fn prefill_max_row_frags(head_dim: u32) -> u32 {
+    if head_dim <= 128 {
+        2
+    } else {
+        1
+    }
+}
 /// Keys per prefill pipeline stage.
 pub const PREFILL_TILE_TOKENS: u32 = 64;
 /// Output dimensions one prefill warp accumulates (as decode: wider heads add warps).
@@ -352,17 +381,21 @@ pub const fn prefill_threads(head_dim: u32) -> u32 {
     128 * head_dim.div_ceil(PREFILL_WARP_DIMS)
 }
 
-/// Pipeline depth of the prefill ring: two blocks per SM on Hopper up to head_dim 128.
-pub const fn prefill_stages(head_dim: u32) -> u32 {
-    match head_dim {
-        0..=128 => 3,
+/// Pipeline depth of the prefill ring: at least two blocks per SM on Hopper up to head_dim 128.
+pub const fn prefill_stages(head_dim: u32, row_frags: u32) -> u32 {
+    match (head_dim, row_frags) {
+        (0..=64, _) | (65..=128, 1) => 3,
         _ => 2,
     }
 }
 
-/// Dynamic shared memory of a prefill block: the query tile and the K and V rings.
-pub const fn prefill_smem_bytes(head_dim: u32) -> u32 {
-    PREFILL_ROWS * head_dim * 2 + 2 * prefill_stages(head_dim) * PREFILL_TILE_TOKENS * head_dim * 2
+/// Dynamic shared memory of a prefill block: the query tile, the K and V rings and their row
+/// table.
+pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32) -> u32 {
+    let stages = prefill_stages(head_dim, row_frags);
+    prefill_rows(row_frags) * head_dim * 2
+        + 2 * stages * PREFILL_TILE_TOKENS * head_dim * 2
+        + kv_table_bytes(stages, PREFILL_TILE_TOKENS)
 }
 
 /// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)

@@ -11,7 +11,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes, prefill_threads};
+use crate::abi::{
+    decode_smem_bytes, decode_threads, prefill_max_row_frags, prefill_rows, prefill_smem_bytes, prefill_threads,
+};
 use crate::attention::kernel_head_dim;
 use crate::decode::HEAD_DIMS;
 use crate::error::{Error, Result};
@@ -25,10 +27,34 @@ pub(crate) struct Kernels {
     pub read_stream: CudaFunction,
     /// `[f16, bf16][head_dim 64, 128, 256]`.
     pub decode: [[CudaFunction; 3]; 2],
-    /// `[f16, bf16][head_dim 64, 128, 256]`.
-    pub prefill: [[CudaFunction; 3]; 2],
+    /// `[f16, bf16][head_dim 64, 128, 256][1, 2 row fragments]`; none where
+    /// `prefill_max_row_frags` rules a variant out.
+    pub prefill: [[[Option<CudaFunction>; 2]; 3]; 2],
     /// `[f16, bf16]`.
     pub merge_states: [CudaFunction; 2],
+}
+
+impl Kernels {
+    /// The prefill kernel for a dtype index, head_dim and row fragments the plan checked.
+    pub fn prefill(&self, dtype: usize, head_dim: usize, row_frags: u32) -> &CudaFunction {
+        self.prefill[dtype][kernel_head_dim(head_dim)][row_frags as usize - 1]
+            .as_ref()
+            .expect("plans pick only row fragments a prefill kernel exists for")
+    }
+}
+
+/// The entry points `prefill_{f16,bf16}_{64,128,256}_rows{64,128}` that exist.
+fn prefill_kernels(function: &impl Fn(&str) -> Result<CudaFunction>) -> Result<[[[Option<CudaFunction>; 2]; 3]; 2]> {
+    let mut kernels: [[[Option<CudaFunction>; 2]; 3]; 2] = Default::default();
+    for (dtype, name) in ["f16", "bf16"].into_iter().enumerate() {
+        for (d, head_dim) in HEAD_DIMS.into_iter().enumerate() {
+            for frags in 1..=prefill_max_row_frags(head_dim as u32) {
+                let entry = format!("prefill_{name}_{head_dim}_rows{}", prefill_rows(frags));
+                kernels[dtype][d][frags as usize - 1] = Some(function(&entry)?);
+            }
+        }
+    }
+    Ok(kernels)
 }
 
 /// The entry points `{kind}_{f16,bf16}_{64,128,256}`.
@@ -91,21 +117,22 @@ impl Device {
             helper_check: function("helper_check")?,
             read_stream: function("read_stream")?,
             decode: by_dtype_and_head_dim(&function, "decode")?,
-            prefill: by_dtype_and_head_dim(&function, "prefill")?,
+            prefill: prefill_kernels(&function)?,
             merge_states: [function("merge_states_f16")?, function("merge_states_bf16")?],
         };
         // Attention kernels use more than the default 48 KiB of dynamic shared memory.
-        let attention =
-            [(&kernels.decode, decode_smem_bytes as fn(u32) -> u32), (&kernels.prefill, prefill_smem_bytes)];
-        for (variants, smem_bytes) in attention {
-            for (function, head_dim) in variants.iter().flat_map(|by_dim| by_dim.iter().zip(HEAD_DIMS)) {
-                function
-                    .set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        smem_bytes(head_dim as u32) as i32,
-                    )
-                    .map_err(Error::driver("allowing an attention kernel its shared memory"))?;
+        let mut attention = Vec::new();
+        for (dtype, head_dim) in (0..2).flat_map(|dtype| HEAD_DIMS.map(|dim| (dtype, dim))) {
+            let dim = head_dim as u32;
+            attention.push((&kernels.decode[dtype][kernel_head_dim(head_dim)], decode_smem_bytes(dim)));
+            for frags in 1..=prefill_max_row_frags(dim) {
+                attention.push((kernels.prefill(dtype, head_dim, frags), prefill_smem_bytes(dim, frags)));
             }
+        }
+        for (function, smem_bytes) in attention {
+            function
+                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32)
+                .map_err(Error::driver("allowing an attention kernel its shared memory"))?;
         }
         // Its own stream rather than the legacy default one, so work on it can be graph-captured.
         let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
@@ -179,13 +206,14 @@ impl Device {
         )
     }
 
-    /// Prefill blocks of `head_dim` that fit one SM at once (from the driver's occupancy).
-    pub(crate) fn prefill_blocks_per_sm(&self, head_dim: usize) -> Result<usize> {
+    /// Prefill blocks of `head_dim` and `row_frags` that fit one SM at once (from the
+    /// driver's occupancy).
+    pub(crate) fn prefill_blocks_per_sm(&self, head_dim: usize, row_frags: u32) -> Result<usize> {
         let dim = head_dim as u32;
         self.blocks_per_sm(
-            &self.kernels.prefill[0][kernel_head_dim(head_dim)],
+            self.kernels.prefill(0, head_dim, row_frags),
             prefill_threads(dim),
-            prefill_smem_bytes(dim),
+            prefill_smem_bytes(dim, row_frags),
         )
     }
 

@@ -64,6 +64,11 @@ impl CacheShape {
             ("page_size", self.page_size),
             ("num_kv_heads × head_dim", self.num_kv_heads * self.head_dim),
             ("page_size × num_kv_heads × head_dim", self.page_elems()),
+            // The attention kernels address a pool in head rows (`head_dim` elements).
+            (
+                "num_pages × page_size × num_kv_heads (head rows of a pool)",
+                self.num_pages * self.page_size * self.num_kv_heads,
+            ),
         ];
         for (what, value) in checks {
             if value > MAX_INDEX {
@@ -125,6 +130,16 @@ mod tests {
                 assert_eq!(f.divmod(n), (n / d, n % d), "{n} / {d}");
             }
         }
+    }
+
+    #[test]
+    fn pools_beyond_32_bit_head_rows_are_refused() {
+        // 2^19 pages × 256 tokens × 16 heads = 2^31 head rows: one past what kernels address.
+        let shape =
+            CacheShape { num_pages: 1 << 19, page_size: 256, num_kv_heads: 16, head_dim: 64, layout: KvLayout::Nhd };
+        let err = shape.validate(DType::F16).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { what, .. } if what.contains("head rows")), "{err}");
+        assert!(CacheShape { num_pages: (1 << 19) - 1, ..shape }.validate(DType::F16).is_ok());
     }
 
     #[test]

@@ -5,18 +5,18 @@
 //! `j` sees keys up to its own position `kv_len − qo_len + j`; causal and windowed batches need
 //! `kv_len ≥ qo_len`, others take any number of queries (cascade's shared level). Prefill, chunked
 //! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
-//! 64 query rows, longest key range first; `run` only launches, so it can be captured in a
+//! 64 or 128 query rows (by the batch's query lengths), longest key range first; `run` only launches, so it can be captured in a
 //! CUDA graph.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::abi::{
-    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, NO_PARTIAL,
-    PREFILL_ROWS, PREFILL_TILE_TOKENS,
+    prefill_max_row_frags, prefill_rows, prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem,
+    SplitScratch, NO_PARTIAL, PREFILL_TILE_TOKENS,
 };
 use crate::attention::{
-    check_heads_and_options, check_lengths, check_operands, kernel_head_dim, paged_cache_params, split_chunk,
-    Addresses, Operands, SplitBuffers,
+    check_heads_and_options, check_lengths, check_operands, paged_cache_params, split_chunk, Addresses, Operands,
+    SplitBuffers,
 };
 use crate::cache::PagedKvCache;
 use crate::device::{launch_config, Device, LaunchStream, RawSlice};
@@ -80,6 +80,8 @@ pub struct BatchPrefillPlan {
     options: PrefillOptions,
     sm_scale: f32,
     group_size: usize,
+    /// 16-row fragments per warp of the kernel chosen (blocks of `64 · row_frags` rows).
+    row_frags: u32,
     items: usize,
     /// Elements of each of K and V that `run_ragged` expects (a paged plan: the pools').
     kv_elems: usize,
@@ -94,12 +96,13 @@ pub struct BatchPrefillPlan {
 }
 
 /// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
-/// [`PREFILL_ROWS`], each with the key range its rows may see.
+/// `tile_rows`, each with the key range its rows may see.
 fn row_tiles(
     qo_indptr: &[u32],
     kv_lens: &[usize],
     kv_indptr: &[u32],
     group: usize,
+    tile_rows: usize,
     options: &PrefillOptions,
 ) -> Vec<PrefillWorkItem> {
     let mut work = Vec::new();
@@ -107,9 +110,8 @@ fn row_tiles(
         let qo_len = (qo_indptr[request + 1] - qo_indptr[request]) as usize;
         // Only causal and windowed plans use positions, and those have kv_len ≥ qo_len.
         let (diag, rows) = (kv_len.saturating_sub(qo_len), qo_len * group);
-        for first_row in (0..rows).step_by(PREFILL_ROWS as usize) {
-            let (first_token, last_token) =
-                (first_row / group, ((first_row + PREFILL_ROWS as usize).min(rows) - 1) / group);
+        for first_row in (0..rows).step_by(tile_rows) {
+            let (first_token, last_token) = (first_row / group, ((first_row + tile_rows).min(rows) - 1) / group);
             let kv_end = if options.causal { diag + last_token + 1 } else { kv_len };
             let kv_start = match options.window_left {
                 -1 => 0,
@@ -178,6 +180,8 @@ pub struct PrefillSplit {
     pub split_tiles: usize,
     /// Query heads per KV head.
     pub group_size: usize,
+    /// 16-row fragments per warp: each item is a tile of `64 · row_frags` packed rows.
+    pub row_frags: u32,
     /// Query tokens of the batch.
     pub total_q: usize,
     /// The resolved `sm_scale`.
@@ -185,8 +189,20 @@ pub struct PrefillSplit {
 }
 
 impl BatchPrefillPlan {
-    /// The work split `new` uploads, worked out without a GPU for a device of `sms`
-    /// multiprocessors holding `blocks_per_sm` prefill blocks each: the validation and every
+    /// The kernel `new` picks for a batch: 16-row fragments per warp (blocks of 64 or 128
+    /// packed query rows). Two fragments halve the shared-memory reads per tensor-core op, so
+    /// they win once requests average more than 64 rows; shorter ones would mostly fill a
+    /// 128-row block with padding. head_dim 256 has only the one-fragment kernel.
+    pub fn row_frags(head_dim: usize, num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> u32 {
+        let (requests, tokens) = (qo_indptr.len().saturating_sub(1), *qo_indptr.last().unwrap_or(&0) as usize);
+        let rows = tokens * (num_qo_heads / num_kv_heads.max(1));
+        let wanted = if rows > 64 * requests { 2 } else { 1 };
+        wanted.min(prefill_max_row_frags(head_dim as u32))
+    }
+
+    /// The work split `new` uploads, worked out without a GPU: for the kernel of `row_frags`
+    /// fragments per warp (see [`row_frags`](Self::row_frags)) on a device of `sms`
+    /// multiprocessors holding `blocks_per_sm` of its blocks each. The validation and every
     /// work item (for inspection, and for fuzzing the planner against a bounds model).
     #[allow(clippy::too_many_arguments)]
     pub fn split(
@@ -195,6 +211,7 @@ impl BatchPrefillPlan {
         qo_indptr: &[u32],
         table: &PageTable,
         options: PrefillOptions,
+        row_frags: u32,
         sms: usize,
         blocks_per_sm: usize,
     ) -> Result<PrefillSplit> {
@@ -205,6 +222,9 @@ impl BatchPrefillPlan {
             options.logits_soft_cap,
             options.window_left,
         )?;
+        if !(1..=prefill_max_row_frags(shape.head_dim as u32)).contains(&row_frags) {
+            return Err(Error::BadOption { what: "row_frags must be 1, or 2 below head_dim 256" });
+        }
         table.validate(shape.page_size, shape.num_pages)?;
         let batch = table.batch_size();
         validate_indptr("qo_indptr", qo_indptr, batch)?;
@@ -225,14 +245,15 @@ impl BatchPrefillPlan {
             return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
         }
         // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
-        let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, &options);
+        let tile_rows = prefill_rows(row_frags) as usize;
+        let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, tile_rows, &options);
         let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
         let capacity = sms * blocks_per_sm;
-        // The merging block keeps 8 sums per thread, (parts + 1) · 64 weights and a flag in its
-        // shared memory.
+        // The merging block keeps 8 sums per thread, (parts + 1) weights per row and a flag in
+        // its shared memory.
         let dim = shape.head_dim as u32;
-        let staging = prefill_smem_bytes(dim) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
-        let max_parts = staging / PREFILL_ROWS as usize - 1;
+        let staging = prefill_smem_bytes(dim, row_frags) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
+        let max_parts = staging / tile_rows - 1;
         let chunk = split_chunk(&spans, PREFILL_TILE_TOKENS, shape.num_kv_heads, capacity, max_parts);
         let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
         let blocks = work.len() * shape.num_kv_heads;
@@ -243,7 +264,7 @@ impl BatchPrefillPlan {
                 max: i32::MAX as usize,
             });
         }
-        Ok(PrefillSplit { work, slots, split_tiles: split, group_size, total_q, sm_scale })
+        Ok(PrefillSplit { work, slots, split_tiles: split, group_size, row_frags, total_q, sm_scale })
     }
 
     /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
@@ -257,9 +278,12 @@ impl BatchPrefillPlan {
         table: &PageTable,
         options: PrefillOptions,
     ) -> Result<Self> {
-        let (sms, blocks_per_sm) = (device.multiprocessor_count()?, device.prefill_blocks_per_sm(shape.head_dim)?);
-        let PrefillSplit { work, slots, split_tiles: split, group_size, total_q, sm_scale } =
-            Self::split(shape, num_qo_heads, qo_indptr, table, options, sms, blocks_per_sm)?;
+        let row_frags = Self::row_frags(shape.head_dim, num_qo_heads, shape.num_kv_heads, qo_indptr);
+        let sms = device.multiprocessor_count()?;
+        let blocks_per_sm = device.prefill_blocks_per_sm(shape.head_dim, row_frags)?;
+        let PrefillSplit { work, slots, split_tiles: split, group_size, total_q, sm_scale, .. } =
+            Self::split(shape, num_qo_heads, qo_indptr, table, options, row_frags, sms, blocks_per_sm)?;
+        let tile_rows = prefill_rows(row_frags) as usize;
         let indices = if table.kv_indices.is_empty() { vec![0] } else { table.kv_indices.clone() };
         let plan = BatchPrefillPlan {
             shape: *shape,
@@ -268,6 +292,7 @@ impl BatchPrefillPlan {
             options,
             sm_scale,
             group_size,
+            row_frags,
             items: work.len(),
             kv_elems: shape.pool_elems(),
             kv_indices: device.upload(&indices)?,
@@ -275,7 +300,7 @@ impl BatchPrefillPlan {
             metadata: (0, 0),
             scratch: SplitBuffers::new(
                 device,
-                slots * shape.num_kv_heads * PREFILL_ROWS as usize,
+                slots * shape.num_kv_heads * tile_rows,
                 shape.head_dim,
                 split * shape.num_kv_heads,
             )?,
@@ -451,13 +476,17 @@ impl BatchPrefillPlan {
             causal: self.options.causal as u32,
         };
         let head_dim = s.head_dim as u32;
-        let cfg = launch_config((self.num_blocks() as u32, 1), prefill_threads(head_dim), prefill_smem_bytes(head_dim));
+        let cfg = launch_config(
+            (self.num_blocks() as u32, 1),
+            prefill_threads(head_dim),
+            prefill_smem_bytes(head_dim, self.row_frags),
+        );
         // SAFETY: the table was validated against this shape when planning and every request's
         // queries are among its keys; the work items address only rows below each request's
         // qo_len · group and keys below its kv_len; partial slots and merge counters were sized
         // by the plan; the caller vouches for the operands.
         device.launch(
-            &device.kernels.prefill[dtype][kernel_head_dim(s.head_dim)],
+            device.kernels.prefill(dtype, s.head_dim, self.row_frags),
             cfg,
             stream,
             &params,
@@ -472,7 +501,7 @@ mod tests {
 
     fn items(qo: &[u32], kv: &[usize], group: usize, options: PrefillOptions) -> Vec<PrefillWorkItem> {
         let kv_indptr: Vec<u32> = (0..=kv.len() as u32).collect();
-        split_tiles(row_tiles(qo, kv, &kv_indptr, group, &options), None, 2).0
+        split_tiles(row_tiles(qo, kv, &kv_indptr, group, 64, &options), None, 2).0
     }
 
     #[test]
@@ -506,7 +535,7 @@ mod tests {
     #[test]
     fn long_tiles_split_into_parts_with_consecutive_slots() {
         let kv_indptr = [0, 1, 2];
-        let tiles = row_tiles(&[0, 1, 3], &[1000, 64], &kv_indptr, 1, &PrefillOptions::default());
+        let tiles = row_tiles(&[0, 1, 3], &[1000, 64], &kv_indptr, 1, 64, &PrefillOptions::default());
         let (work, slots, split) = split_tiles(tiles, Some(256), 8);
         assert_eq!((work.len(), slots, split), (5, 4, 1));
         let parts: Vec<_> = work.iter().filter(|w| w.slot != NO_PARTIAL).collect();
@@ -517,6 +546,20 @@ mod tests {
         assert_eq!(ranges, [(0, 0, 250), (1, 250, 500), (2, 500, 750), (3, 750, 1000)]);
         let short = work.iter().find(|w| w.slot == NO_PARTIAL).unwrap();
         assert_eq!((short.parts, short.kv_end, short.q_start), (1, 64, 1));
+    }
+
+    #[test]
+    fn long_query_batches_take_128_row_blocks_below_head_dim_256() {
+        // 8 × 1024 tokens, group 4: two fragments; the tiles then hold 128 rows.
+        let prompts: Vec<u32> = (0..=8).map(|i| i * 1024).collect();
+        assert_eq!(BatchPrefillPlan::row_frags(128, 32, 8, &prompts), 2);
+        assert_eq!(BatchPrefillPlan::row_frags(256, 32, 8, &prompts), 1);
+        // 64 requests of one token each, group 4: 4 rows per request on average.
+        let decode_like: Vec<u32> = (0..=64).collect();
+        assert_eq!(BatchPrefillPlan::row_frags(128, 32, 8, &decode_like), 1);
+        let kv_indptr = [0, 1];
+        let tiles = row_tiles(&[0, 100], &[300], &kv_indptr, 2, 128, &PrefillOptions::default());
+        assert_eq!(tiles.iter().map(|w| w.first_row).collect::<Vec<_>>(), [0, 128]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::gpu::math::{exp2, log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::sync::sync_threads;
-use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans};
+use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::softmax::{quad_sum, LogitScale, RowState};
@@ -74,6 +74,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
     let q_smem = smem;
     let k_smem = q_smem + DECODE_ROWS * HEAD_DIM * 2;
     let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * 2;
+    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * 2;
 
     // The query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
@@ -87,7 +88,8 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
     }
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let mut ring = KvRing::<HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(kv, start, end, tid, k_smem, v_smem);
+    let mut ring =
+        KvRing::<HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(kv, start, end, tid, k_smem, v_smem, table_smem);
 
     // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds the output
     // tile of dims dim_base + 8n.. + 8, this thread's dims + 2t and + 2t + 1 of each row.
@@ -106,22 +108,26 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
         let v_lane = v_tile + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         // S = Q·Kᵀ for the warp's 16 keys: two n-tiles of 8 keys.
         let mut s = [[0.0f32; 4]; 2];
-        crate::unroll_to!(kk < HEAD_DIM / 16, {
-            let step = 32 * kk as u32;
-            let a = load_matrix_x4(q_lane ^ step);
-            let b = load_matrix_x4(k_lane ^ step);
-            H::mma(&mut s[0], a, [b[0], b[1]]);
-            H::mma(&mut s[1], a, [b[2], b[3]]);
-        });
-        scale.apply(&mut s);
+        pipelined(
+            HEAD_DIM as usize / 16,
+            |kk| (load_matrix_x4(q_lane ^ (32 * kk as u32)), load_matrix_x4(k_lane ^ (32 * kk as u32))),
+            |_, (a, b)| {
+                H::mma(&mut s[0], a, [b[0], b[1]]);
+                H::mma(&mut s[1], a, [b[2], b[3]]);
+            },
+        );
+        let factor = scale.apply(&mut s);
         mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
-        let [probs] = state.update::<H, 2, 1>(&s, &mut acc, out_dims / 8);
+        let [probs] = state.update::<H, 2, 1>(&s, factor, &mut acc, out_dims / 8);
         // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
-        crate::unroll_to!(dp < out_dims / 16, {
-            let b = load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32)));
-            H::mma(&mut acc[dp][0], probs, [b[0], b[1]]);
-            H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);
-        });
+        pipelined(
+            out_dims as usize / 16,
+            |dp| load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32))),
+            |dp, b| {
+                H::mma(&mut acc[dp][0], probs, [b[0], b[1]]);
+                H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);
+            },
+        );
     }
     ring.drain();
     sync_threads();

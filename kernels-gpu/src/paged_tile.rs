@@ -5,12 +5,17 @@
 //! copies 16-byte chunk `i % (HEAD_DIM / 8)` of rows `i / (HEAD_DIM / 8) + j · pass_rows`.
 //! Rows at or past `end` copy the request's last key again instead of branching or zero-filling:
 //! the kernel masks their logits to −∞, so their probability is exactly 0 and the duplicate adds
-//! nothing (a key at `end − 1` that is not finite poisons the output either way). A tile's pages
-//! are looked up one tile before it is issued, so the dependent load of `kv_indices` overlaps
-//! the math on earlier tiles. Every row costs a handful of integer ops and no branch: at full
-//! bandwidth the copies' address math competes with the attention math for issue slots.
-use crate::abi::{FastDiv, PagedCacheParams};
-use crate::gpu::index::thread_x_here;
+//! nothing (a key at `end − 1` that is not finite poisons the output either way).
+//!
+//! Where a row lives is worked out once per tile, not once per copying thread: the first
+//! `TILE_TOKENS` threads each resolve one row (a fast division into page and slot, the page id
+//! from `kv_indices`) into a table in shared memory, as the row's offset in the pool counted in
+//! head rows (`HEAD_DIM` elements), and the copies read it back with one shared load and one
+//! multiply-add per address. The page id is loaded a tile before it is needed, so that load's
+//! latency hides behind the math. At full bandwidth the copies' address math competes with the
+//! attention math for issue slots: this keeps it to a handful of instructions per row.
+use crate::abi::{kv_table_slots, FastDiv, PagedCacheParams};
+use crate::gpu::shared::{load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 
@@ -28,7 +33,7 @@ pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
 }
 
 /// Where one request's keys live: its pages (from `kv_indices[kv_indptr[request]..]`) and
-/// the cache geometry, in bytes.
+/// the cache geometry, in elements.
 #[derive(Clone, Copy)]
 pub struct PagedKv {
     pub k_pages: *const u8,
@@ -36,15 +41,15 @@ pub struct PagedKv {
     /// The request's first entry of `kv_indices`.
     pub pages: *const u32,
     pub page_size: FastDiv,
-    pub page_bytes: u32,
-    pub slot_bytes: u32,
-    /// Byte offset of the KV head within a token's slot.
-    pub head_bytes: u32,
+    pub page_elems: u32,
+    pub slot_stride: u32,
+    /// Offset of the KV head within a token's slot.
+    pub head_offset: u32,
 }
 
 impl PagedKv {
     /// KV head `kv_head` of the request whose pages start at entry `first_page` of the
-    /// cache's `kv_indices` (2-byte elements).
+    /// cache's `kv_indices`.
     #[inline(always)]
     pub unsafe fn new(cache: &PagedCacheParams, first_page: u32, kv_head: u32) -> Self {
         PagedKv {
@@ -52,42 +57,116 @@ impl PagedKv {
             v_pages: cache.v_pages as *const u8,
             pages: (cache.kv_indices as *const u32).add(first_page as usize),
             page_size: cache.page_size,
-            page_bytes: 2 * cache.page_elems,
-            slot_bytes: 2 * cache.slot_stride,
-            head_bytes: 2 * kv_head * cache.head_stride,
+            page_elems: cache.page_elems,
+            slot_stride: cache.slot_stride,
+            head_offset: kv_head * cache.head_stride,
         }
     }
 }
 
 /// The K/V pipeline every attention kernel runs: key positions `start..end` in tiles of
 /// `TILE_TOKENS`, through `STAGES` shared-memory stages of K (at `k_smem`) and V (at `v_smem`),
-/// `STAGES − 1` tiles in flight ahead of the math.
+/// `STAGES − 1` tiles in flight ahead of the math, with the row table at `table_smem`
+/// ([`kv_table_slots`] slots of `TILE_TOKENS` `u32`, each copying thread's rows side by side so
+/// that it reads them with a few vector loads).
+///
+/// Tile `u`'s rows are resolved into table slot `u % slots` by [`wait`](Self::wait)`(u − STAGES)`
+/// (the first `STAGES` tiles by [`start`](Self::start)) and read when `u` is issued, after the
+/// next barrier. With at least two slots, and one per tile the prologue resolves, a slot is
+/// rewritten only after a barrier that follows every read of it.
 pub struct KvRing<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32> {
-    loader: Option<PagedTileLoader<HEAD_DIM, TILE_TOKENS, THREADS>>,
+    kv: PagedKv,
+    /// Key positions `start..=last` are loaded; tile `j` starts at `start + j · TILE_TOKENS`.
+    start: u32,
+    last: u32,
     tiles: u32,
     k_smem: u32,
     v_smem: u32,
+    table_smem: u32,
+    /// This thread's first row of a tile (it copies rows `row + j · PASS_ROWS`), and the pools
+    /// advanced by its 16-byte chunk of a row.
+    row: u32,
+    k_chunk: *const u8,
+    v_chunk: *const u8,
+    /// The pool offset of head row 0 of page 0's slot 0 for this KV head, and the head rows per
+    /// page and per slot.
+    head_row: u32,
+    page_rows: u32,
+    slot_rows: u32,
+    /// A look-up thread's row of the next tile to resolve: its page id (loaded, not yet
+    /// used) and its slot within the page.
+    next: (u32, u32),
 }
 
 impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32>
     KvRing<HEAD_DIM, TILE_TOKENS, THREADS, STAGES>
 {
     const TILE_BYTES: u32 = TILE_TOKENS * HEAD_DIM * 2;
+    const ROW_BYTES: usize = HEAD_DIM as usize * 2;
+    const CHUNKS: u32 = HEAD_DIM / 8;
+    const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
+    /// Rows per thread and tile: at most 16.
+    const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
+    const SLOTS: u32 = kv_table_slots(STAGES);
 
-    /// Starts copying the first `STAGES − 1` tiles (every thread of the block calls this; the
-    /// first commit group also carries whatever copies the caller issued before).
+    /// Resolves the first `STAGES` tiles' rows and starts copying the first `STAGES − 1` tiles
+    /// (every thread of the block calls this; the first commit group also carries whatever
+    /// copies the caller issued before).
     ///
     /// # Safety
-    /// As [`PagedTileLoader::new`] and [`PagedTileLoader::issue`]; `k_smem` and `v_smem` have
-    /// room for `STAGES` tiles each.
+    /// The page table was validated for positions below `end`, and the pools hold every page it
+    /// names; `k_smem` and `v_smem` have room for `STAGES` tiles each, `table_smem` for the
+    /// table; shared addresses are 16-byte aligned.
     #[inline(always)]
-    pub unsafe fn start(kv: PagedKv, start: u32, end: u32, thread: u32, k_smem: u32, v_smem: u32) -> Self {
-        let tiles = (end - start).div_ceil(TILE_TOKENS);
-        let loader = if tiles > 0 { Some(PagedTileLoader::new(kv, start, end, thread)) } else { None };
-        let mut ring = KvRing { loader, tiles, k_smem, v_smem };
-        for tile in 0..STAGES - 1 {
-            ring.issue(tile);
+    pub unsafe fn start(
+        kv: PagedKv,
+        start: u32,
+        end: u32,
+        thread: u32,
+        k_smem: u32,
+        v_smem: u32,
+        table_smem: u32,
+    ) -> Self {
+        const {
+            assert!(THREADS >= TILE_TOKENS && Self::PASSES % 4 == 0 && Self::PASSES <= 16);
+            assert!(Self::SLOTS >= STAGES && STAGES <= 4);
+        };
+        let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
+        let mut ring = KvRing {
+            kv,
+            start,
+            last: end.max(start + 1) - 1,
+            tiles: (end - start).div_ceil(TILE_TOKENS),
+            k_smem,
+            v_smem,
+            table_smem,
+            row: thread / Self::CHUNKS,
+            k_chunk: kv.k_pages.add(chunk_bytes),
+            v_chunk: kv.v_pages.add(chunk_bytes),
+            head_row: kv.head_offset / HEAD_DIM,
+            page_rows: kv.page_elems / HEAD_DIM,
+            slot_rows: kv.slot_stride / HEAD_DIM,
+            next: (0, 0),
+        };
+        if ring.tiles > 0 {
+            // All the prologue's page ids in flight at once.
+            let mut rows = [(0, 0); 4];
+            crate::unroll!(tile in [0, 1, 2, 3] {
+                if tile < STAGES as usize {
+                    rows[tile] = ring.look_up(tile as u32, thread);
+                }
+            });
+            crate::unroll!(tile in [0, 1, 2, 3] {
+                if tile < STAGES as usize {
+                    ring.store_row(tile as u32, thread, rows[tile]);
+                }
+            });
+            sync_threads();
         }
+        crate::unroll_to!(tile < STAGES - 1, {
+            ring.issue(tile as u32);
+        });
+        ring.next = ring.look_up(STAGES, thread);
         ring
     }
 
@@ -103,28 +182,78 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
         (tile % STAGES) * Self::TILE_BYTES
     }
 
-    /// Issues `tile` (when it exists) and closes a commit group either way, so the group count
-    /// stays in step with the tiles.
+    /// Shared address of `row`'s entry in `tile`'s table slot: rows `r + j · PASS_ROWS` sit
+    /// side by side, in `j` order.
     #[inline(always)]
-    unsafe fn issue(&mut self, tile: u32) {
-        if let Some(loader) = self.loader.as_mut().filter(|_| tile < self.tiles) {
-            loader.issue(tile, self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+    fn table_entry(&self, tile: u32, row: u32) -> u32 {
+        let index = (row % Self::PASS_ROWS) * Self::PASSES + row / Self::PASS_ROWS;
+        self.table_smem + ((tile % Self::SLOTS) * TILE_TOKENS + index) * 4
+    }
+
+    /// First half of resolving `tile`'s rows: a look-up thread (`thread < TILE_TOKENS`) loads
+    /// the page id of its row (past the end: the last key's page again, harmless) and works out
+    /// the row's slot; other threads get zeros.
+    #[inline(always)]
+    unsafe fn look_up(&self, tile: u32, thread: u32) -> (u32, u32) {
+        if thread < TILE_TOKENS && self.tiles > 0 {
+            let position = (self.start + tile * TILE_TOKENS + thread).min(self.last);
+            let (page, slot) = self.kv.page_size.divmod(position);
+            (*self.kv.pages.add(page as usize), slot)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// Second half: writes the row's pool offset, in head rows, to `tile`'s table slot.
+    #[inline(always)]
+    unsafe fn store_row(&self, tile: u32, thread: u32, (page, slot): (u32, u32)) {
+        if thread < TILE_TOKENS && self.tiles > 0 {
+            let offset = page * self.page_rows + slot * self.slot_rows + self.head_row;
+            store_shared_u32(self.table_entry(tile, thread), offset);
+        }
+    }
+
+    /// Starts copying `tile` (when it exists; its rows resolved and behind a barrier) into its
+    /// stage, swizzled, and closes a commit group either way, so the group count stays in step
+    /// with the tiles.
+    #[inline(always)]
+    unsafe fn issue(&self, tile: u32) {
+        if tile < self.tiles {
+            let (k_dst, v_dst) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+            let chunk = crate::gpu::index::thread_x_here() % Self::CHUNKS;
+            // All of this thread's rows first: a copy writes shared memory, so a table read
+            // after it would wait for it.
+            let mut rows = [0u32; 16];
+            crate::unroll_to!(v < Self::PASSES / 4, {
+                let entries = load_shared_u32x4(self.table_entry(tile, self.row) + 16 * v as u32);
+                rows[4 * v..4 * v + 4].copy_from_slice(&entries);
+            });
+            crate::unroll_to!(j < Self::PASSES, {
+                let offset = rows[j] as usize * Self::ROW_BYTES;
+                let dst = swizzled::<HEAD_DIM>(self.row + j as u32 * Self::PASS_ROWS, chunk);
+                copy_async(k_dst + dst, self.k_chunk.add(offset).cast());
+                copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
+            });
         }
         commit_async_copies();
     }
 
     /// Waits for `tile` to land in shared memory (a block barrier: every thread calls this for
-    /// every tile in order), refills the stage the previous tile used, and returns the shared
-    /// addresses of `tile`'s K and V.
+    /// every tile in order), refills the stage the previous tile used, resolves the rows of the
+    /// tile `STAGES` ahead, and returns the shared addresses of `tile`'s K and V.
     ///
     /// # Safety
     /// As [`start`](Self::start).
     #[inline(always)]
     pub unsafe fn wait(&mut self, tile: u32) -> (u32, u32) {
         wait_async_copies(STAGES - 2);
-        // Everyone's copies of `tile` have landed, and everyone is done with the stage refilled next.
+        // Everyone's copies of `tile` have landed, everyone is done with the stage refilled
+        // next, and the rows of `tile + STAGES − 1` are in the table.
         sync_threads();
         self.issue(tile + STAGES - 1);
+        let thread = crate::gpu::index::thread_x_here();
+        self.store_row(tile + STAGES, thread, self.next);
+        self.next = self.look_up(tile + STAGES + 1, thread);
         (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile))
     }
 
@@ -132,84 +261,5 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
     #[inline(always)]
     pub fn drain(&self) {
         wait_async_copies(0);
-    }
-}
-
-pub struct PagedTileLoader<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> {
-    kv: PagedKv,
-    /// Key positions `start..=last` of the request are loaded; tile `j` starts at `start + j · TILE_TOKENS`.
-    start: u32,
-    last: u32,
-    row: u32,
-    /// Byte offset of this thread's chunk within a token's slot.
-    chunk_bytes: u32,
-    /// Pages of this thread's rows of the tile to issue next, and the rows' byte offsets
-    /// within their pages (this thread's chunk included).
-    pages: [u32; 16],
-    in_page: [u32; 16],
-}
-
-impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32> PagedTileLoader<HEAD_DIM, TILE_TOKENS, THREADS> {
-    const CHUNKS: u32 = HEAD_DIM / 8;
-    const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
-    /// Rows per thread and tile: at most 16.
-    const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
-
-    /// A loader for positions `start..end` (`end > start`), with the first tile's pages
-    /// looked up.
-    ///
-    /// # Safety
-    /// The page table was validated for positions below `end`.
-    #[inline(always)]
-    pub unsafe fn new(kv: PagedKv, start: u32, end: u32, thread: u32) -> Self {
-        let chunk_bytes = kv.head_bytes + (thread % Self::CHUNKS) * 16;
-        let mut loader = PagedTileLoader {
-            kv,
-            start,
-            last: end - 1,
-            row: thread / Self::CHUNKS,
-            chunk_bytes,
-            pages: [0; 16],
-            in_page: [0; 16],
-        };
-        loader.look_up_pages(0);
-        loader
-    }
-
-    /// Position of pass `j`'s row of `tile`, past the end clamped to the last key.
-    #[inline(always)]
-    fn position(&self, tile: u32, j: u32) -> u32 {
-        (self.start + tile * TILE_TOKENS + self.row + j * Self::PASS_ROWS).min(self.last)
-    }
-
-    /// Reads the page ids of `tile` (this thread's rows) into registers and works out where
-    /// in its page each row starts, so `issue` has only a multiply-add per row left.
-    #[inline(always)]
-    unsafe fn look_up_pages(&mut self, tile: u32) {
-        crate::unroll_to!(j < Self::PASSES, {
-            let (page, slot) = self.kv.page_size.divmod(self.position(tile, j as u32));
-            self.pages[j] = *self.kv.pages.add(page as usize);
-            self.in_page[j] = slot * self.kv.slot_bytes + self.chunk_bytes;
-        });
-    }
-
-    /// Starts copying `tile` (whose pages were looked up last) to the shared tiles at `k_dst`
-    /// and `v_dst`, `TILE_TOKENS` rows each, swizzled, then looks up the pages of `tile + 1`
-    /// (past the end: the last key's page again, harmless).
-    ///
-    /// # Safety
-    /// `k_dst` and `v_dst` are shared addresses with room for a tile; the pools hold every page
-    /// the validated table names.
-    #[inline(always)]
-    pub unsafe fn issue(&mut self, tile: u32, k_dst: u32, v_dst: u32) {
-        let kv = &self.kv;
-        let chunk = thread_x_here() % Self::CHUNKS;
-        crate::unroll_to!(j < Self::PASSES, {
-            let offset = self.pages[j] as u64 * kv.page_bytes as u64 + self.in_page[j] as u64;
-            let dst = swizzled::<HEAD_DIM>(self.row + j as u32 * Self::PASS_ROWS, chunk);
-            copy_async(k_dst + dst, kv.k_pages.add(offset as usize).cast());
-            copy_async(v_dst + dst, kv.v_pages.add(offset as usize).cast());
-        });
-        self.look_up_pages(tile + 1);
     }
 }

@@ -5,7 +5,7 @@
 //! (the C layout of `mma.sync`). Logits are base 2 (log2 e folded into the scale), so one
 //! `ex2` per probability; the LSE this yields is base 2, as FlashInfer's.
 use crate::gpu::half::Half;
-use crate::gpu::math::{exp2, rcp};
+use crate::gpu::math::{exp2, fma, rcp};
 use crate::gpu::warp::{any, shfl_xor_f32};
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
@@ -44,22 +44,29 @@ impl LogitScale {
         }
     }
 
-    /// Scales a tile of `N` n-fragments in place. Whether a cap applies is decided once per
-    /// tile (it is uniform), not per element.
+    /// Turns a tile of `N` n-fragments of raw dot products into base-2 logits up to a positive
+    /// factor, which it returns for [`RowState::update`] to fold into its exponent: one fused
+    /// multiply-add per element there instead of a multiply here. A soft cap, or a scale that
+    /// is not positive (where masking to −∞ must follow the scaling), finishes the logits in
+    /// place and returns 1. Which case applies is uniform, decided once per tile.
     #[inline(always)]
-    pub fn apply<const N: usize>(&self, s: &mut [[f32; 4]; N]) {
+    pub fn apply<const N: usize>(&self, s: &mut [[f32; 4]; N]) -> f32 {
         if self.soft_cap {
             crate::unroll_to!(n < N, {
                 crate::unroll!(c in [0, 1, 2, 3] {
                     s[n][c] = self.post * (1.0 - 2.0 * rcp(exp2(self.pre * s[n][c]) + 1.0));
                 });
             });
+            1.0
+        } else if self.pre > 0.0 {
+            self.pre
         } else {
             crate::unroll_to!(n < N, {
                 crate::unroll!(c in [0, 1, 2, 3] {
                     s[n][c] *= self.pre;
                 });
             });
+            1.0
         }
     }
 }
@@ -72,11 +79,12 @@ pub struct RowState {
 
 impl RowState {
     #[inline(always)]
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         RowState { m: [f32::NEG_INFINITY; 2], d: [0.0; 2] }
     }
 
-    /// Folds a tile of base-2 logits (`N` n-fragments, masked keys at −∞) into the state,
+    /// Folds a tile of base-2 logits, `factor · s` (`N` n-fragments, masked keys at −∞;
+    /// `factor` from [`LogitScale::apply`], positive), into the state,
     /// rescaling the first `out_frags` output n-fragments of `acc` when a maximum moved, and
     /// returns P as `K = N / 2` A fragments for P·V (fragment `kb`: keys `16 kb..16 kb + 16`).
     ///
@@ -86,6 +94,7 @@ impl RowState {
     pub fn update<H: Half, const N: usize, const K: usize>(
         &mut self,
         s: &[[f32; 4]; N],
+        factor: f32,
         acc: &mut [[[f32; 4]; 2]; 16],
         out_frags: u32,
     ) -> [[u32; 4]; K] {
@@ -97,7 +106,7 @@ impl RowState {
                     x = x.max(s[n][2 * h]).max(s[n][2 * h + 1]);
                 }
             });
-            quad_max(x)
+            quad_max(x) * factor
         };
         let tile_max = [row_max(0), row_max(1)];
         let m_new = [self.m[0].max(tile_max[0]), self.m[1].max(tile_max[1])];
@@ -118,8 +127,8 @@ impl RowState {
         crate::unroll!(h in [0, 1] {
             let mut sum = 0.0;
             crate::unroll_to!(kb < K, {
-                let e = [exp2(s[2 * kb][2 * h] - m_ref[h]), exp2(s[2 * kb][2 * h + 1] - m_ref[h]),
-                         exp2(s[2 * kb + 1][2 * h] - m_ref[h]), exp2(s[2 * kb + 1][2 * h + 1] - m_ref[h])];
+                let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
+                let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
                 let pair = (e[0] + e[1]) + (e[2] + e[3]);
                 sum = if kb == 0 { pair } else { sum + pair };
                 // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.

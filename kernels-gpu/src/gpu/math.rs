@@ -1,5 +1,6 @@
 //! Fast transcendentals from the special-function unit (core has none for this target).
 //! Flush-to-zero approximations, ~2 ulp: the online softmax accumulates in f32 and tolerates it.
+//! And a fused multiply-add: rustc does not contract `a * b + c` by itself.
 use core::arch::asm;
 
 /// 2^x.
@@ -26,5 +27,17 @@ pub fn rcp(x: f32) -> f32 {
     let r: f32;
     // SAFETY: pure register arithmetic.
     unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// `a · b + c`, rounded once.
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure register arithmetic.
+    unsafe {
+        asm!("fma.rn.f32 {r}, {a}, {b}, {c};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c,
+             options(pure, nomem, nostack))
+    }
     r
 }

@@ -27,3 +27,24 @@ pub fn dynamic_smem_addr() -> u32 {
     unsafe { asm!("mov.u32 {p}, ferrinfer_dynamic_smem;", p = out(reg32) p, options(pure, nomem, nostack)) }
     p
 }
+
+/// Reads four `u32` at shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 16-byte aligned address within the launch's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];", a = out(reg32) a, b = out(reg32) b, c = out(reg32) c,
+         d = out(reg32) d, p = in(reg32) addr, options(nostack, readonly, preserves_flags));
+    [a, b, c, d]
+}
+
+/// Writes `v` to shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address within the launch's shared memory.
+#[inline(always)]
+pub unsafe fn store_shared_u32(addr: u32, v: u32) {
+    asm!("st.shared.u32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack, preserves_flags));
+}

@@ -175,7 +175,7 @@ fn case_tests() -> Vec<GpuTest> {
     t.push(GpuTest::new("prefill_enough_row_tiles_run_unsplit_f16", |d| {
         let c = Case {
             num_kv_heads: 8,
-            group: 1,
+            group: 2,
             ..Case::new(&[(1024, 1024), (1000, 1030), (1024, 2000), (999, 999)], 16)
         };
         ensure!(split_tiles(d, &c)? == 0, "the case should not split");
