@@ -5,8 +5,8 @@
 //! `j` sees keys up to its own position `kv_len − qo_len + j`; causal and windowed batches need
 //! `kv_len ≥ qo_len`, others take any number of queries (cascade's shared level). Prefill, chunked
 //! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
-//! 64 or 128 query rows (by the batch's query lengths), longest key range first; `run` only launches, so it can be captured in a
-//! CUDA graph.
+//! 64 or 128 query rows (by the batch's query lengths), longest key range first; `run` only
+//! launches, so it can be captured in a CUDA graph.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
@@ -190,9 +190,10 @@ pub struct PrefillSplit {
 
 impl BatchPrefillPlan {
     /// The kernel `new` picks for a batch: 16-row fragments per warp (blocks of 64 or 128
-    /// packed query rows). Two fragments halve the shared-memory reads per tensor-core op, so
-    /// they win once requests average more than 64 rows; shorter ones would mostly fill a
-    /// 128-row block with padding. head_dim 256 has only the one-fragment kernel.
+    /// packed query rows). With two, each K/V fragment a warp loads and each K/V row the block
+    /// copies serve twice the tensor-core ops, so they win once requests average more than 64
+    /// rows; shorter ones would mostly fill a 128-row block with padding. head_dim 256 has only
+    /// the one-fragment kernel.
     pub fn row_frags(head_dim: usize, num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> u32 {
         let (requests, tokens) = (qo_indptr.len().saturating_sub(1), *qo_indptr.last().unwrap_or(&0) as usize);
         let rows = tokens * (num_qo_heads / num_kv_heads.max(1));
