@@ -4,7 +4,7 @@
 //! each algorithm has its own file; `abi` (owned by the host crate) defines the parameter
 //! blocks both sides agree on.
 #![no_std]
-#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, stmt_expr_attributes)]
 #![allow(clippy::missing_safety_doc)]
 
 pub mod gpu;

@@ -164,7 +164,11 @@ unsafe fn prefill<
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
     let mut state = [const { RowState::new() }; ROW_FRAGS];
     let mut acc = [[[[0.0f32; 4]; 2]; 16]; ROW_FRAGS];
-    for tile in 0..ring.tiles() {
+    let tiles = ring.tiles();
+    // One tile of keys; `masked` is a constant in each of its two copies below, so the tiles no
+    // mask cuts (nearly all of them) run without a test or branch per row fragment.
+    let mut step = #[inline(always)]
+    |tile: u32, masked: bool| {
         let (k_tile, v_tile) = ring.wait(tile);
 
         // Fragment addresses: each lane's first, then whole 16-key blocks (multiples of a row)
@@ -174,7 +178,6 @@ unsafe fn prefill<
         let k_lane = k_tile + swizzled::<HEAD_DIM>((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
         let v_lane = v_tile + swizzled::<HEAD_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         let first_key = start + tile * PREFILL_TILE_TOKENS;
-        let masked = visibility.masks(first_key);
         crate::unroll_to!(c < ROW_FRAGS, {
             let chunk_base = c as u32 * chunk_keys * row_bytes;
             // S = Q·Kᵀ for the warp's rows and the chunk's keys, each K fragment feeding every
@@ -186,13 +189,13 @@ unsafe fn prefill<
                     let step = 32 * kk as u32;
                     let mut k = [[0u32; 4]; P_FRAGS];
                     crate::unroll_to!(nb < P_FRAGS, {
-                        k[nb] = load_matrix_x4((k_lane + chunk_base + nb as u32 * 16 * row_bytes) ^ step);
+                        k[nb] = load_matrix_x4((k_lane ^ step) + chunk_base + nb as u32 * 16 * row_bytes);
                     });
                     k
                 },
                 |kk, k| {
                     crate::unroll_to!(f < ROW_FRAGS, {
-                        let q = load_matrix_x4((q_lane + 16 * f as u32 * row_bytes) ^ (32 * kk as u32));
+                        let q = load_matrix_x4((q_lane ^ (32 * kk as u32)) + 16 * f as u32 * row_bytes);
                         crate::unroll_to!(nb < P_FRAGS, {
                             H::mma(&mut s[f][2 * nb], q, [k[nb][0], k[nb][1]]);
                             H::mma(&mut s[f][2 * nb + 1], q, [k[nb][2], k[nb][3]]);
@@ -208,27 +211,32 @@ unsafe fn prefill<
                 }
                 probs[f] = state[f].update::<H, S_FRAGS, P_FRAGS>(&s[f], factor, &mut acc[f], out_dims / 8);
             });
-            // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
+            // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile. Keys
+            // outermost, so the mma on one accumulator are a whole row of dims apart and do not
+            // wait for each other.
+            let dim_steps = out_dims as usize / 16;
             pipelined(
-                out_dims as usize / 16,
-                |dp| {
-                    let step = 16 * (dim_base / 8 + 2 * dp as u32);
-                    let mut v = [[0u32; 4]; P_FRAGS];
-                    crate::unroll_to!(kb < P_FRAGS, {
-                        v[kb] = load_matrix_x4_trans((v_lane + chunk_base + kb as u32 * 16 * row_bytes) ^ step);
-                    });
-                    v
+                P_FRAGS * dim_steps,
+                |i| {
+                    let (kb, dp) = ((i / dim_steps) as u32, (i % dim_steps) as u32);
+                    load_matrix_x4_trans((v_lane ^ (16 * (dim_base / 8 + 2 * dp))) + chunk_base + kb * 16 * row_bytes)
                 },
-                |dp, v| {
-                    crate::unroll_to!(kb < P_FRAGS, {
-                        crate::unroll_to!(f < ROW_FRAGS, {
-                            H::mma(&mut acc[f][dp][0], probs[f][kb], [v[kb][0], v[kb][1]]);
-                            H::mma(&mut acc[f][dp][1], probs[f][kb], [v[kb][2], v[kb][3]]);
-                        });
+                |i, v| {
+                    let (kb, dp) = (i / dim_steps, i % dim_steps);
+                    crate::unroll_to!(f < ROW_FRAGS, {
+                        H::mma(&mut acc[f][dp][0], probs[f][kb], [v[0], v[1]]);
+                        H::mma(&mut acc[f][dp][1], probs[f][kb], [v[2], v[3]]);
                     });
                 },
             );
         });
+    };
+    for tile in 0..tiles {
+        if visibility.masks(start + tile * PREFILL_TILE_TOKENS) {
+            step(tile, true);
+        } else {
+            step(tile, false);
+        }
     }
     ring.drain();
 

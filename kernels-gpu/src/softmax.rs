@@ -28,6 +28,9 @@ pub fn quad_sum(x: f32) -> f32 {
 /// `post · tanh'(pre · dot)` where `cap · tanh(x / cap)` is computed as
 /// `cap · (1 − 2 / (e^{2x / cap} + 1))`, with log2 e folded into both factors.
 pub struct LogitScale {
+    /// The logits are finished here (a soft cap, or a scale that is not positive), not by a
+    /// factor in the exponent.
+    in_place: bool,
     soft_cap: bool,
     pre: f32,
     post: f32,
@@ -38,9 +41,10 @@ impl LogitScale {
     pub fn new(sm_scale: f32, logits_soft_cap: f32) -> Self {
         let cap = logits_soft_cap;
         if cap > 0.0 {
-            LogitScale { soft_cap: true, pre: 2.0 * LOG2_E * sm_scale / cap, post: cap * LOG2_E }
+            LogitScale { in_place: true, soft_cap: true, pre: 2.0 * LOG2_E * sm_scale / cap, post: cap * LOG2_E }
         } else {
-            LogitScale { soft_cap: false, pre: sm_scale * LOG2_E, post: 0.0 }
+            let pre = sm_scale * LOG2_E;
+            LogitScale { in_place: pre <= 0.0, soft_cap: false, pre, post: 0.0 }
         }
     }
 
@@ -48,26 +52,26 @@ impl LogitScale {
     /// factor, which it returns for [`RowState::update`] to fold into its exponent: one fused
     /// multiply-add per element there instead of a multiply here. A soft cap, or a scale that
     /// is not positive (where masking to −∞ must follow the scaling), finishes the logits in
-    /// place and returns 1. Which case applies is uniform, decided once per tile.
+    /// place and returns 1. Which case applies is uniform; the common one costs one branch.
     #[inline(always)]
     pub fn apply<const N: usize>(&self, s: &mut [[f32; 4]; N]) -> f32 {
+        if !self.in_place {
+            return self.pre;
+        }
         if self.soft_cap {
             crate::unroll_to!(n < N, {
                 crate::unroll!(c in [0, 1, 2, 3] {
                     s[n][c] = self.post * (1.0 - 2.0 * rcp(exp2(self.pre * s[n][c]) + 1.0));
                 });
             });
-            1.0
-        } else if self.pre > 0.0 {
-            self.pre
         } else {
             crate::unroll_to!(n < N, {
                 crate::unroll!(c in [0, 1, 2, 3] {
                     s[n][c] *= self.pre;
                 });
             });
-            1.0
         }
+        1.0
     }
 }
 
