@@ -22,7 +22,7 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
-use crate::softmax::{quad_sum, LogitScale, RowState};
+use crate::softmax::{LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
 const WARP_TOKENS: u32 = DECODE_TILE_TOKENS / DECODE_KEY_WARPS;
@@ -140,7 +140,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
         .add((decode_smem_bytes(HEAD_DIM) / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
-        let d_row = quad_sum(state.d[h]);
+        let d_row = state.row_sum(h);
         // The warps splitting the dims of these keys hold the same statistics.
         if t == 0 && dim_base == 0 {
             *stats.add(2 * my_rows[h]) = state.m[h];

@@ -26,7 +26,7 @@ use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
-use crate::softmax::{quad_sum, LogitScale, RowState};
+use crate::softmax::{LogitScale, RowState};
 
 /// Which keys the block's rows may see (causal and window bounds), and whether a tile starting
 /// at `first_key` has any key some row of the block may not see.
@@ -246,7 +246,7 @@ unsafe fn prefill<
     crate::unroll_to!(f < ROW_FRAGS, {
         crate::unroll!(h in [0, 1] {
             let (state, acc) = (&state[f], &acc[f]);
-            let d = quad_sum(state.d[h]);
+            let d = state.row_sum(h);
             let row = my_first_row + 16 * f as u32 + 8 * h as u32;
             if row < rows {
                 let inv = if d > 0.0 { rcp(d) } else { 0.0 };

@@ -17,13 +17,6 @@ pub fn quad_max(x: f32) -> f32 {
     x.max(shfl_xor_f32(x, 2))
 }
 
-/// Sum over the four lanes of a quad.
-#[inline(always)]
-pub fn quad_sum(x: f32) -> f32 {
-    let x = x + shfl_xor_f32(x, 1);
-    x + shfl_xor_f32(x, 2)
-}
-
 /// Raw dot products to base-2 logits: `pre · dot`, or with a soft cap
 /// `post · tanh'(pre · dot)` where `cap · tanh(x / cap)` is computed as
 /// `cap · (1 − 2 / (e^{2x / cap} + 1))`, with log2 e folded into both factors.
@@ -75,16 +68,33 @@ impl LogitScale {
     }
 }
 
-/// Running maximum `m` and sum `d` of rows `g` and `g + 8`.
+/// How far (base 2) a row's maximum may rise above the reference maximum of its running sums
+/// before the sums and O are rescaled to it.
+pub const RESCALE_MARGIN: f32 = 8.0;
+
+/// Reference maximum `m` (at most [`RESCALE_MARGIN`] below the true running maximum) and sum of
+/// rows `g` and `g + 8`.
+///
+/// The sums are taken on the tensor cores, as FlashInfer does: an mma of P with a B fragment of
+/// ones adds each row's probabilities across the quad's lanes, one mma per 16 keys instead of
+/// an add per probability, and sums exactly the rounded P that P·V weighs V with.
 pub struct RowState {
     pub m: [f32; 2],
-    pub d: [f32; 2],
+    /// An mma accumulator: `[2h]` (and `[2h + 1]`) hold row `g + 8h`'s sum, the same in every
+    /// lane of the quad.
+    sums: [f32; 4],
 }
 
 impl RowState {
     #[inline(always)]
     pub const fn new() -> Self {
-        RowState { m: [f32::NEG_INFINITY; 2], d: [0.0; 2] }
+        RowState { m: [f32::NEG_INFINITY; 2], sums: [0.0; 4] }
+    }
+
+    /// The sum of row `g + 8h`'s probabilities so far, relative to `m[h]`.
+    #[inline(always)]
+    pub fn row_sum(&self, h: usize) -> f32 {
+        self.sums[2 * h]
     }
 
     /// Folds a tile of base-2 logits, `factor · s` (`N` n-fragments, masked keys at −∞;
@@ -92,8 +102,11 @@ impl RowState {
     /// rescaling the first `out_frags` output n-fragments of `acc` when a maximum moved, and
     /// returns P as `K = N / 2` A fragments for P·V (fragment `kb`: keys `16 kb..16 kb + 16`).
     ///
-    /// Rescaling O costs as much as the rest of the update; once the maxima settle it is
-    /// skipped, for the whole warp at once (a warp-uniform branch).
+    /// Rescaling O costs as much as the rest of the update, so it is skipped (for the whole warp
+    /// at once, a warp-uniform branch) unless a row's maximum passes the one its sums are
+    /// relative to by more than [`RESCALE_MARGIN`]; the probabilities then reach at most
+    /// 2^`RESCALE_MARGIN`, harmless in f32 sums and in f16/bf16 P. With attention logits that
+    /// is nearly always after the first tile (FlashAttention-4 does the same).
     #[inline(always)]
     pub fn update<H: Half, const N: usize, const K: usize>(
         &mut self,
@@ -115,11 +128,13 @@ impl RowState {
         let tile_max = [row_max(0), row_max(1)];
         let m_new = [self.m[0].max(tile_max[0]), self.m[1].max(tile_max[1])];
         // All keys so far masked: keep everything at zero rather than computing −∞ − −∞.
-        let m_ref = m_new.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
-        if any(m_new[0] > self.m[0] || m_new[1] > self.m[1]) {
+        let finite = |m: [f32; 2]| m.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
+        if any(m_new[0] > self.m[0] + RESCALE_MARGIN || m_new[1] > self.m[1] + RESCALE_MARGIN) {
+            let m_ref = finite(m_new);
             crate::unroll!(h in [0, 1] {
                 let rescale = exp2(self.m[h] - m_ref[h]);
-                self.d[h] *= rescale;
+                self.sums[2 * h] *= rescale;
+                self.sums[2 * h + 1] *= rescale;
                 crate::unroll_to!(n < out_frags, {
                     acc[n / 2][n % 2][2 * h] *= rescale;
                     acc[n / 2][n % 2][2 * h + 1] *= rescale;
@@ -127,19 +142,18 @@ impl RowState {
             });
             self.m = m_new;
         }
+        let m_ref = finite(self.m);
         let mut probs = [[0u32; 4]; K];
         crate::unroll!(h in [0, 1] {
-            let mut sum = 0.0;
             crate::unroll_to!(kb < K, {
                 let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
-                let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
-                let pair = (e[0] + e[1]) + (e[2] + e[3]);
-                sum = if kb == 0 { pair } else { sum + pair };
                 // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
-                probs[kb][h] = H::pack2(e[0], e[1]);
-                probs[kb][2 + h] = H::pack2(e[2], e[3]);
+                probs[kb][h] = H::pack2(p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]));
+                probs[kb][2 + h] = H::pack2(p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1]));
             });
-            self.d[h] += sum;
+        });
+        crate::unroll_to!(kb < K, {
+            H::mma(&mut self.sums, probs[kb], [H::ONES, H::ONES]);
         });
         probs
     }

@@ -11,6 +11,8 @@ pub trait Half {
     fn pack2(lo: f32, hi: f32) -> u32;
     /// Tensor-core `acc += a · b` on an m16n8k16 tile of this type (see `tensor`).
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
+    /// Two ones in one register: a B fragment of ones makes an mma sum the rows of A.
+    const ONES: u32;
 }
 
 pub struct F16;
@@ -38,6 +40,7 @@ impl Half for F16 {
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_f16(acc, a, b)
     }
+    const ONES: u32 = 0x3c00_3c00;
 }
 
 impl Half for Bf16 {
@@ -62,6 +65,7 @@ impl Half for Bf16 {
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_bf16(acc, a, b)
     }
+    const ONES: u32 = 0x3f80_3f80;
 }
 
 /// Eight values rounded to nearest even into one vector.

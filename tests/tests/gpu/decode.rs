@@ -82,6 +82,13 @@ fn case_tests() -> Vec<GpuTest> {
     }
     let capped = DecodeOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..Default::default() };
     add::<f16>(&mut t, "decode_soft_cap_30_f16".into(), Case { options: capped, ..Case::new(&[300, 5, 1200], 16) });
+    // Maxima that keep rising past the online softmax's rescale margin after the first tile.
+    let steep = DecodeOptions { sm_scale: Some(4.0), ..Default::default() };
+    add::<bf16>(
+        &mut t,
+        "decode_steep_logits_rescale_mid_sequence_bf16".into(),
+        Case { options: steep, ..Case::new(&[900, 5, 300], 7) },
+    );
     let window = DecodeOptions { window_left: 100, ..Default::default() };
     add::<bf16>(
         &mut t,

@@ -147,6 +147,14 @@ fn case_tests() -> Vec<GpuTest> {
         "prefill_soft_cap_30_f16".into(),
         Case { options: capped, ..Case::new(&[(300, 300), (9, 40)], 16) },
     );
+    // Logits spread wide enough that rows' maxima keep rising past the rescale margin of the
+    // online softmax after the first tile, so O and the sums are rescaled mid-sequence.
+    let steep = PrefillOptions { sm_scale: Some(4.0), ..CAUSAL };
+    add::<f16>(
+        &mut t,
+        "prefill_steep_logits_rescale_mid_sequence_f16".into(),
+        Case { options: steep, ..Case::new(&[(300, 300), (20, 900)], 16) },
+    );
     let window = PrefillOptions { window_left: 100, ..CAUSAL };
     add::<bf16>(
         &mut t,
