@@ -246,7 +246,7 @@ unsafe fn prefill<
     crate::unroll_to!(f < ROW_FRAGS, {
         crate::unroll!(h in [0, 1] {
             let (state, acc) = (&state[f], &acc[f]);
-            let d = state.row_sum(h);
+            let d = state.row_sum::<H>(h);
             let row = my_first_row + 16 * f as u32 + 8 * h as u32;
             if row < rows {
                 let inv = if d > 0.0 { rcp(d) } else { 0.0 };

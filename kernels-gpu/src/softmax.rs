@@ -17,6 +17,13 @@ pub fn quad_max(x: f32) -> f32 {
     x.max(shfl_xor_f32(x, 2))
 }
 
+/// Sum over the four lanes of a quad.
+#[inline(always)]
+pub fn quad_sum(x: f32) -> f32 {
+    let x = x + shfl_xor_f32(x, 1);
+    x + shfl_xor_f32(x, 2)
+}
+
 /// Raw dot products to base-2 logits: `pre · dot`, or with a soft cap
 /// `post · tanh'(pre · dot)` where `cap · tanh(x / cap)` is computed as
 /// `cap · (1 − 2 / (e^{2x / cap} + 1))`, with log2 e folded into both factors.
@@ -75,13 +82,15 @@ pub const RESCALE_MARGIN: f32 = 8.0;
 /// Reference maximum `m` (at most [`RESCALE_MARGIN`] below the true running maximum) and sum of
 /// rows `g` and `g + 8`.
 ///
-/// The sums are taken on the tensor cores, as FlashInfer does: an mma of P with a B fragment of
-/// ones adds each row's probabilities across the quad's lanes, one mma per 16 keys instead of
-/// an add per probability, and sums exactly the rounded P that P·V weighs V with.
+/// For f16 the sums are taken on the tensor cores, as FlashInfer does: an mma of P with a B
+/// fragment of ones ([`Half::ONES`]) adds each row's probabilities across the quad's lanes, one
+/// mma per 16 keys instead of an add per probability, and sums exactly the rounded P that P·V
+/// weighs V with. For bf16 each lane adds its own f32 probabilities, and the quad's lanes are
+/// summed at the end.
 pub struct RowState {
     pub m: [f32; 2],
-    /// An mma accumulator: `[2h]` (and `[2h + 1]`) hold row `g + 8h`'s sum, the same in every
-    /// lane of the quad.
+    /// Row `g + 8h`'s sum in `[2h]`: with [`Half::ONES`] an mma accumulator (`[2h + 1]` holds
+    /// it too), the same in every lane of the quad; without, this lane's share.
     sums: [f32; 4],
 }
 
@@ -91,10 +100,14 @@ impl RowState {
         RowState { m: [f32::NEG_INFINITY; 2], sums: [0.0; 4] }
     }
 
-    /// The sum of row `g + 8h`'s probabilities so far, relative to `m[h]`.
+    /// The sum of row `g + 8h`'s probabilities so far, relative to `m[h]` (for the `H` that
+    /// [`update`](Self::update) ran with).
     #[inline(always)]
-    pub fn row_sum(&self, h: usize) -> f32 {
-        self.sums[2 * h]
+    pub fn row_sum<H: Half>(&self, h: usize) -> f32 {
+        match H::ONES {
+            Some(_) => self.sums[2 * h],
+            None => quad_sum(self.sums[2 * h]),
+        }
     }
 
     /// Folds a tile of base-2 logits, `factor · s` (`N` n-fragments, masked keys at −∞;
@@ -147,14 +160,20 @@ impl RowState {
         crate::unroll!(h in [0, 1] {
             crate::unroll_to!(kb < K, {
                 let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
+                let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
+                if H::ONES.is_none() {
+                    self.sums[2 * h] += (e[0] + e[1]) + (e[2] + e[3]);
+                }
                 // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
-                probs[kb][h] = H::pack2(p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]));
-                probs[kb][2 + h] = H::pack2(p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1]));
+                probs[kb][h] = H::pack2(e[0], e[1]);
+                probs[kb][2 + h] = H::pack2(e[2], e[3]);
             });
         });
-        crate::unroll_to!(kb < K, {
-            H::mma(&mut self.sums, probs[kb], [H::ONES, H::ONES]);
-        });
+        if let Some(ones) = H::ONES {
+            crate::unroll_to!(kb < K, {
+                H::mma(&mut self.sums, probs[kb], [ones, ones]);
+            });
+        }
         probs
     }
 }
