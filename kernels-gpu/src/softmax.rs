@@ -112,14 +112,14 @@ impl RowState {
 
     /// Folds a tile of base-2 logits, `factor · s` (`N` n-fragments, masked keys at −∞;
     /// `factor` from [`LogitScale::apply`], positive), into the state,
-    /// rescaling the first `out_frags` output n-fragments of `acc` when a maximum moved, and
+    /// rescaling the first `out_frags` output n-fragments of `acc` when needed (below), and
     /// returns P as `K = N / 2` A fragments for P·V (fragment `kb`: keys `16 kb..16 kb + 16`).
     ///
     /// Rescaling O costs as much as the rest of the update, so it is skipped (for the whole warp
     /// at once, a warp-uniform branch) unless a row's maximum passes the one its sums are
     /// relative to by more than [`RESCALE_MARGIN`]; the probabilities then reach at most
-    /// 2^`RESCALE_MARGIN`, harmless in f32 sums and in f16/bf16 P. With attention logits that
-    /// is nearly always after the first tile (FlashAttention-4 does the same).
+    /// 2^`RESCALE_MARGIN`, harmless in f32 sums and in f16/bf16 P. With typical attention logits
+    /// only a row's first tile rescales (FlashAttention-4 uses the same margin).
     #[inline(always)]
     pub fn update<H: Half, const N: usize, const K: usize>(
         &mut self,
