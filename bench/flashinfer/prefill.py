@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flashinfer_bench as fb  # noqa: E402
 
 
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
