@@ -9,8 +9,9 @@
 //! warps owns 16 or 32 rows and computes S = Q·Kᵀ for them, the online softmax in registers
 //! and O += P·V; tiles stream through a `cp.async` ring as in decode (`paged_tile`). Every K or
 //! V fragment a warp reads from shared memory feeds one mma per row fragment, so 32 rows a warp
-//! need about a third fewer shared-memory reads and instructions per mma; their 128 output
-//! accumulators leave room for S of only 32 keys at a time, so they take a tile in two halves.
+//! need about a third fewer shared-memory reads and instructions per mma. S covers the whole
+//! 64-key tile at once, as in FlashInfer: each k-step's mma go to eight accumulators per row
+//! fragment, and the softmax runs once per tile.
 //! Only the tiles a mask cuts pay for masking: whether a tile does is uniform across the block.
 //! When the batch is too small to fill the GPU, `plan` splits long row tiles' keys over several
 //! blocks, merged by the last of them (`merge`).
@@ -77,23 +78,17 @@ impl Visibility<'_> {
     }
 }
 
-/// The kernel for `ROW_FRAGS` row fragments per warp; `S_FRAGS` = 8 / `ROW_FRAGS` n-fragments
-/// of 8 keys make the part of a tile S is computed for at once, `P_FRAGS` = `S_FRAGS` / 2.
+/// n-fragments of 8 keys in a tile's S, and 16-key A fragments of its P.
+const S_FRAGS: usize = PREFILL_TILE_TOKENS as usize / 8;
+const P_FRAGS: usize = S_FRAGS / 2;
+
+/// The kernel for `ROW_FRAGS` row fragments per warp.
 #[inline(always)]
-unsafe fn prefill<
-    H: Half,
-    const HEAD_DIM: u32,
-    const ROW_FRAGS: usize,
-    const S_FRAGS: usize,
-    const P_FRAGS: usize,
-    const THREADS: u32,
-    const STAGES: u32,
->(
+unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const THREADS: u32, const STAGES: u32>(
     p: &PrefillParams,
 ) {
     const {
         assert!(THREADS == prefill_threads(HEAD_DIM) && STAGES == prefill_stages(HEAD_DIM, ROW_FRAGS as u32));
-        assert!(S_FRAGS * ROW_FRAGS == 8 && P_FRAGS * 2 == S_FRAGS);
     };
     let out_dims = const {
         if HEAD_DIM < PREFILL_WARP_DIMS {
@@ -104,7 +99,6 @@ unsafe fn prefill<
     };
     let block_rows = const { prefill_rows(ROW_FRAGS as u32) };
     let warp_rows = 16 * ROW_FRAGS as u32;
-    let chunk_keys = 8 * S_FRAGS as u32;
     let chunks = HEAD_DIM / 8;
     let row_bytes = HEAD_DIM * 2;
     let tid = thread_x();
@@ -178,58 +172,58 @@ unsafe fn prefill<
         let k_lane = k_tile + swizzled::<HEAD_DIM>((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
         let v_lane = v_tile + swizzled::<HEAD_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         let first_key = start + tile * PREFILL_TILE_TOKENS;
-        crate::unroll_to!(c < ROW_FRAGS, {
-            let chunk_base = c as u32 * chunk_keys * row_bytes;
-            // S = Q·Kᵀ for the warp's rows and the chunk's keys, each K fragment feeding every
-            // row fragment.
-            let mut s = [[[0.0f32; 4]; S_FRAGS]; ROW_FRAGS];
-            pipelined(
-                HEAD_DIM as usize / 16,
-                |kk| {
-                    let step = 32 * kk as u32;
-                    let mut k = [[0u32; 4]; P_FRAGS];
-                    crate::unroll_to!(nb < P_FRAGS, {
-                        k[nb] = load_matrix_x4((k_lane ^ step) + chunk_base + nb as u32 * 16 * row_bytes);
+        // S = Q·Kᵀ for the warp's rows and the tile's keys, each K fragment feeding every row
+        // fragment.
+        let mut s = [[[0.0f32; 4]; S_FRAGS]; ROW_FRAGS];
+        // Steps of two K fragments (16 keys each) at one 16-dim slice; a slice's Q fragments
+        // are loaded at its first step.
+        let mut q = [[0u32; 4]; ROW_FRAGS];
+        pipelined(
+            HEAD_DIM as usize / 16 * P_FRAGS / 2,
+            |i| {
+                let (kk, nb) = ((i / (P_FRAGS / 2)) as u32, 2 * (i % (P_FRAGS / 2)) as u32);
+                let k = (k_lane ^ (32 * kk)) + nb * 16 * row_bytes;
+                [load_matrix_x4(k), load_matrix_x4(k + 16 * row_bytes)]
+            },
+            |i, k| {
+                let (kk, nb) = (i / (P_FRAGS / 2), 2 * (i % (P_FRAGS / 2)));
+                crate::unroll_to!(f < ROW_FRAGS, {
+                    if nb == 0 {
+                        q[f] = load_matrix_x4((q_lane ^ (32 * kk as u32)) + 16 * f as u32 * row_bytes);
+                    }
+                    crate::unroll!(j in [0, 1] {
+                        H::mma(&mut s[f][2 * (nb + j)], q[f], [k[j][0], k[j][1]]);
+                        H::mma(&mut s[f][2 * (nb + j) + 1], q[f], [k[j][2], k[j][3]]);
                     });
-                    k
-                },
-                |kk, k| {
-                    crate::unroll_to!(f < ROW_FRAGS, {
-                        let q = load_matrix_x4((q_lane ^ (32 * kk as u32)) + 16 * f as u32 * row_bytes);
-                        crate::unroll_to!(nb < P_FRAGS, {
-                            H::mma(&mut s[f][2 * nb], q, [k[nb][0], k[nb][1]]);
-                            H::mma(&mut s[f][2 * nb + 1], q, [k[nb][2], k[nb][3]]);
-                        });
-                    });
-                },
-            );
-            let mut probs = [[[0u32; 4]; P_FRAGS]; ROW_FRAGS];
-            crate::unroll_to!(f < ROW_FRAGS, {
-                let factor = scale.apply(&mut s[f]);
-                if masked {
-                    visibility.apply(f, &mut s[f], first_key + c as u32 * chunk_keys, t);
-                }
-                probs[f] = state[f].update::<H, S_FRAGS, P_FRAGS>(&s[f], factor, &mut acc[f], out_dims / 8);
-            });
-            // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile. Keys
-            // outermost, so the mma on one accumulator are a whole row of dims apart and do not
-            // wait for each other.
-            let dim_steps = out_dims as usize / 16;
-            pipelined(
-                P_FRAGS * dim_steps,
-                |i| {
-                    let (kb, dp) = ((i / dim_steps) as u32, (i % dim_steps) as u32);
-                    load_matrix_x4_trans((v_lane ^ (16 * (dim_base / 8 + 2 * dp))) + chunk_base + kb * 16 * row_bytes)
-                },
-                |i, v| {
-                    let (kb, dp) = (i / dim_steps, i % dim_steps);
-                    crate::unroll_to!(f < ROW_FRAGS, {
-                        H::mma(&mut acc[f][dp][0], probs[f][kb], [v[0], v[1]]);
-                        H::mma(&mut acc[f][dp][1], probs[f][kb], [v[2], v[3]]);
-                    });
-                },
-            );
+                });
+            },
+        );
+        let mut probs = [[[0u32; 4]; P_FRAGS]; ROW_FRAGS];
+        crate::unroll_to!(f < ROW_FRAGS, {
+            let factor = scale.apply(&mut s[f]);
+            if masked {
+                visibility.apply(f, &mut s[f], first_key, t);
+            }
+            probs[f] = state[f].update::<H, S_FRAGS, P_FRAGS>(&s[f], factor, &mut acc[f], out_dims / 8);
         });
+        // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile. Keys
+        // outermost, so the mma on one accumulator are a whole row of dims apart and do not
+        // wait for each other.
+        let dim_steps = out_dims as usize / 16;
+        pipelined(
+            P_FRAGS * dim_steps,
+            |i| {
+                let (kb, dp) = ((i / dim_steps) as u32, (i % dim_steps) as u32);
+                load_matrix_x4_trans((v_lane ^ (16 * (dim_base / 8 + 2 * dp))) + kb * 16 * row_bytes)
+            },
+            |i, v| {
+                let (kb, dp) = (i / dim_steps, i % dim_steps);
+                crate::unroll_to!(f < ROW_FRAGS, {
+                    H::mma(&mut acc[f][dp][0], probs[f][kb], [v[0], v[1]]);
+                    H::mma(&mut acc[f][dp][1], probs[f][kb], [v[2], v[3]]);
+                });
+            },
+        );
     };
     for tile in 0..tiles {
         if visibility.masks(start + tile * PREFILL_TILE_TOKENS) {
@@ -302,7 +296,7 @@ macro_rules! prefill_kernels {
     ($($name:ident: $half:ty, $dim:literal, $frags:literal;)*) => {$(
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            prefill::<$half, $dim, $frags, { 8 / $frags }, { 4 / $frags }, { prefill_threads($dim) },
+            prefill::<$half, $dim, $frags, { prefill_threads($dim) },
                       { prefill_stages($dim, $frags) }>(&p)
         }
     )*};
