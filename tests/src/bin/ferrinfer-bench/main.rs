@@ -40,7 +40,8 @@ struct Args {
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 30)]
     runs: usize,
-    /// Kernels to measure (prefill joins the default once it has been verified on a GPU).
+    /// Kernels to measure (by default the page operations and the decode sweep; prefill and
+    /// cascade when asked for).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode])]
     kernels: Vec<Kernel>,
     /// Decode batches.
