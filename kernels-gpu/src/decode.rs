@@ -140,7 +140,7 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
         .add((decode_smem_bytes(HEAD_DIM) / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
-        let d_row = state.row_sum::<H>(h);
+        let d_row = state.row_sum(h);
         // The warps splitting the dims of these keys hold the same statistics.
         if t == 0 && dim_base == 0 {
             *stats.add(2 * my_rows[h]) = state.m[h];

@@ -35,8 +35,9 @@ struct Visibility<'a> {
     p: &'a PrefillParams,
     /// Key position of the request's first query token (`kv_len − qo_len`).
     diag: u32,
-    /// The thread's row `g` of its warp's first row fragment.
-    first_row: u32,
+    /// The block's first packed row, and the rows each warp owns.
+    block_first_row: u32,
+    warp_rows: u32,
     /// The bounds of the block's whole row range: a tile inside `all_lo..=all_hi` (and below
     /// the item's end) is unmasked for every row.
     all_lo: u32,
@@ -61,11 +62,14 @@ impl Visibility<'_> {
     }
 
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
-    /// keys `first_key + 8n..`). Only tiles a mask cuts come here, but LLVM hoists the row bounds
-    /// out of the tile loop: eight registers held through every tile (see docs/perf.md).
+    /// keys `first_key + 8n..`). Only tiles a mask cuts come here, so the bounds are worked
+    /// out here from the thread index read afresh: derived from values the loop keeps anyway,
+    /// the compiler would hoist them, holding eight registers through every tile.
     #[inline(always)]
     fn apply<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
-        let bounds = [0, 1].map(|h| self.bounds(self.first_row + 16 * f as u32 + 8 * h));
+        let tid = thread_x_here();
+        let first_row = self.block_first_row + self.warp_rows * ((tid / 32) % 4) + (tid % 32) / 4;
+        let bounds = [0, 1].map(|h| self.bounds(first_row + 16 * f as u32 + 8 * h));
         crate::unroll_to!(n < N, {
             crate::unroll!(c in [0, 1, 2, 3] {
                 let key = first_key + 8 * n as u32 + 2 * t + (c % 2) as u32;
@@ -150,7 +154,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const TH
 
     // This thread's rows are g and g + 8 of each of its warp's 16-row fragments.
     let my_first_row = work.first_row + warp_rows * row_warp + g;
-    let mut visibility = Visibility { p, diag, first_row: my_first_row, all_lo: 0, all_hi: 0, end };
+    let mut visibility = Visibility { p, diag, block_first_row: work.first_row, warp_rows, all_lo: 0, all_hi: 0, end };
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
 
@@ -240,7 +244,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const TH
     crate::unroll_to!(f < ROW_FRAGS, {
         crate::unroll!(h in [0, 1] {
             let (state, acc) = (&state[f], &acc[f]);
-            let d = state.row_sum::<H>(h);
+            let d = state.row_sum(h);
             let row = my_first_row + 16 * f as u32 + 8 * h as u32;
             if row < rows {
                 let inv = if d > 0.0 { rcp(d) } else { 0.0 };

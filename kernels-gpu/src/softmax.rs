@@ -82,32 +82,26 @@ pub const RESCALE_MARGIN: f32 = 8.0;
 /// Reference maximum `m` (at most [`RESCALE_MARGIN`] below the true running maximum) and sum of
 /// rows `g` and `g + 8`.
 ///
-/// For f16 the sums are taken on the tensor cores, as FlashInfer does: an mma of P with a B
-/// fragment of ones ([`Half::ONES`]) adds each row's probabilities across the quad's lanes, one
-/// mma per 16 keys instead of an add per probability, and sums exactly the rounded P that P·V
-/// weighs V with. For bf16 each lane adds its own f32 probabilities, and the quad's lanes are
-/// summed at the end.
+/// Each lane adds its own f32 probabilities and the quad's lanes are summed at the end.
+/// FlashInfer takes f16 sums on the tensor cores instead (an mma of P with a B fragment of ones:
+/// fewer instructions, but four more registers and four dependent mma a tile); in prefill, at
+/// 255 registers, the registers weigh more (docs/perf.md).
 pub struct RowState {
     pub m: [f32; 2],
-    /// Row `g + 8h`'s sum in `[2h]`: with [`Half::ONES`] an mma accumulator (`[2h + 1]` holds
-    /// it too), the same in every lane of the quad; without, this lane's share.
-    sums: [f32; 4],
+    /// This lane's share of row `g + 8h`'s sum.
+    sums: [f32; 2],
 }
 
 impl RowState {
     #[inline(always)]
     pub const fn new() -> Self {
-        RowState { m: [f32::NEG_INFINITY; 2], sums: [0.0; 4] }
+        RowState { m: [f32::NEG_INFINITY; 2], sums: [0.0; 2] }
     }
 
-    /// The sum of row `g + 8h`'s probabilities so far, relative to `m[h]` (for the `H` that
-    /// [`update`](Self::update) ran with).
+    /// The sum of row `g + 8h`'s probabilities so far, relative to `m[h]`.
     #[inline(always)]
-    pub fn row_sum<H: Half>(&self, h: usize) -> f32 {
-        match H::ONES {
-            Some(_) => self.sums[2 * h],
-            None => quad_sum(self.sums[2 * h]),
-        }
+    pub fn row_sum(&self, h: usize) -> f32 {
+        quad_sum(self.sums[h])
     }
 
     /// Folds a tile of base-2 logits, `factor · s` (`N` n-fragments, masked keys at −∞;
@@ -129,14 +123,21 @@ impl RowState {
         out_frags: u32,
     ) -> [[u32; 4]; K] {
         const { assert!(N == 2 * K && N <= 16) };
+        // Pairwise, so that the chain of dependent max instructions between the last mma of S
+        // and the exponentials is log2 N deep rather than 2N.
         let row_max = |h: usize| {
-            let mut x = s[0][2 * h].max(s[0][2 * h + 1]);
+            let mut x = [0.0f32; N];
             crate::unroll_to!(n < N, {
-                if n > 0 {
-                    x = x.max(s[n][2 * h]).max(s[n][2 * h + 1]);
-                }
+                x[n] = s[n][2 * h].max(s[n][2 * h + 1]);
             });
-            quad_max(x) * factor
+            crate::unroll!(width in [8, 4, 2, 1] {
+                crate::unroll_to!(n < width, {
+                    if n + width < N {
+                        x[n] = x[n].max(x[n + width]);
+                    }
+                });
+            });
+            quad_max(x[0]) * factor
         };
         let tile_max = [row_max(0), row_max(1)];
         let m_new = [self.m[0].max(tile_max[0]), self.m[1].max(tile_max[1])];
@@ -146,8 +147,7 @@ impl RowState {
             let m_ref = finite(m_new);
             crate::unroll!(h in [0, 1] {
                 let rescale = exp2(self.m[h] - m_ref[h]);
-                self.sums[2 * h] *= rescale;
-                self.sums[2 * h + 1] *= rescale;
+                self.sums[h] *= rescale;
                 crate::unroll_to!(n < out_frags, {
                     acc[n / 2][n % 2][2 * h] *= rescale;
                     acc[n / 2][n % 2][2 * h + 1] *= rescale;
@@ -161,19 +161,12 @@ impl RowState {
             crate::unroll_to!(kb < K, {
                 let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
                 let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
-                if H::ONES.is_none() {
-                    self.sums[2 * h] += (e[0] + e[1]) + (e[2] + e[3]);
-                }
+                self.sums[h] += (e[0] + e[1]) + (e[2] + e[3]);
                 // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
                 probs[kb][h] = H::pack2(e[0], e[1]);
                 probs[kb][2 + h] = H::pack2(e[2], e[3]);
             });
         });
-        if let Some(ones) = H::ONES {
-            crate::unroll_to!(kb < K, {
-                H::mma(&mut self.sums, probs[kb], [ones, ones]);
-            });
-        }
         probs
     }
 }

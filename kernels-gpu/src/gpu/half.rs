@@ -11,11 +11,6 @@ pub trait Half {
     fn pack2(lo: f32, hi: f32) -> u32;
     /// Tensor-core `acc += a · b` on an m16n8k16 tile of this type (see `tensor`).
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
-    /// Two ones in one register, where this type's P is fine enough for the softmax to take
-    /// its row sums on the tensor cores (a B fragment of ones makes an mma sum the rows of A).
-    /// f16's 11 bits are; with bf16's 8, 13 bf16 GPU tests missed their bounds (an 8-bit P
-    /// makes each sum, and the LSE from it, uncertain by up to ~0.4%), so its sums stay f32.
-    const ONES: Option<u32>;
 }
 
 pub struct F16;
@@ -43,7 +38,6 @@ impl Half for F16 {
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_f16(acc, a, b)
     }
-    const ONES: Option<u32> = Some(0x3c00_3c00);
 }
 
 impl Half for Bf16 {
@@ -68,7 +62,6 @@ impl Half for Bf16 {
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_bf16(acc, a, b)
     }
-    const ONES: Option<u32> = None;
 }
 
 /// Eight values rounded to nearest even into one vector.
