@@ -61,14 +61,20 @@ impl Visibility<'_> {
             || first_key + PREFILL_TILE_TOKENS > self.end
     }
 
+    /// Thread `tid`'s packed row `g` of its warp's first row fragment (its rows are that and
+    /// `+ 8` of each 16-row fragment).
+    #[inline(always)]
+    fn thread_first_row(&self, tid: u32) -> u32 {
+        self.block_first_row + self.warp_rows * ((tid / 32) % 4) + (tid % 32) / 4
+    }
+
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
     /// keys `first_key + 8n..`). Only tiles a mask cuts come here, so the bounds are worked
     /// out here from the thread index read afresh: derived from values the loop keeps anyway,
     /// the compiler would hoist them, holding eight registers through every tile.
     #[inline(always)]
     fn apply<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
-        let tid = thread_x_here();
-        let first_row = self.block_first_row + self.warp_rows * ((tid / 32) % 4) + (tid % 32) / 4;
+        let first_row = self.thread_first_row(thread_x_here());
         let bounds = [0, 1].map(|h| self.bounds(first_row + 16 * f as u32 + 8 * h));
         crate::unroll_to!(n < N, {
             crate::unroll!(c in [0, 1, 2, 3] {
@@ -110,7 +116,7 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const TH
     // Warp `warp` owns rows `warp_rows · row_warp..` of the block and output dims
     // `dim_base..+ out_dims`.
     let (row_warp, dim_base) = (warp % 4, (warp / 4) * out_dims);
-    let (g, t) = (lane / 4, lane % 4);
+    let t = lane % 4;
     let (item, kv_head) = (block_x() / p.num_kv_heads, block_x() % p.num_kv_heads);
     let work = *(p.work as *const PrefillWorkItem).add(item as usize);
     let group = p.group_size.divisor;
@@ -152,9 +158,8 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const TH
         kv, start, end, tid, k_smem, v_smem, table_smem,
     );
 
-    // This thread's rows are g and g + 8 of each of its warp's 16-row fragments.
-    let my_first_row = work.first_row + warp_rows * row_warp + g;
     let mut visibility = Visibility { p, diag, block_first_row: work.first_row, warp_rows, all_lo: 0, all_hi: 0, end };
+    let my_first_row = visibility.thread_first_row(tid);
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
 
