@@ -1,5 +1,5 @@
-//! The decode and prefill planners (`BatchDecodePlan::split`, `BatchPrefillPlan::split`, the
-//! device-free part of `plan`) against a bounds model: every accepted batch's work items read
+//! The decode and prefill planners (`decode_split`, `prefill_split` and `plan_prefill_split`,
+//! the device-free part of planning) against a bounds model: every accepted batch's work items read
 //! only keys below their request's length, through their request's pages, write only rows of
 //! their request's queries, cover every key a query may see exactly once across a split's
 //! parts, and use partial slots and merge counters inside what the plan sized. Nothing panics.
@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use ferrinfer::abi::NO_PARTIAL;
-use ferrinfer::{BatchDecodePlan, BatchPrefillPlan, CacheShape, DecodeOptions, KvLayout, PageTable, PrefillOptions};
+use ferrinfer::internals::{decode_split, plan_prefill_split, prefill_block_rows, prefill_split, NO_PARTIAL};
+use ferrinfer::{CacheShape, DecodeOptions, KvLayout, PageTable, PrefillOptions};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -28,8 +28,8 @@ struct Input {
     spare_pages: u8,
     sms: u8,
     blocks_per_sm: u8,
-    /// Plan prefill for the kernel of the other block height than the planner would pick.
-    other_row_frags: bool,
+    /// Plan prefill for each block height a kernel exists for, not only the planner's pick.
+    every_block_height: bool,
 }
 
 /// A page table for the lengths, pages drawn from a shuffled pool.
@@ -88,7 +88,7 @@ fuzz_target!(|input: Input| {
     let (sms, per_sm) = (input.sms as usize, input.blocks_per_sm as usize % 4 + 1);
 
     let decode = DecodeOptions { window_left, ..Default::default() };
-    if let Ok(split) = BatchDecodePlan::split(&shape, heads, &table, decode, sms, per_sm) {
+    if let Ok(split) = decode_split(&shape, heads, &table, decode, sms, per_sm) {
         let heads_blocks = (shape.num_kv_heads * split.row_tiles) as u32;
         let mut by_request: BTreeMap<u32, Vec<_>> = BTreeMap::new();
         for w in &split.work {
@@ -114,11 +114,17 @@ fuzz_target!(|input: Input| {
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + qo as u32);
     }
     let prefill = PrefillOptions { causal: input.causal, window_left, ..Default::default() };
-    // The planner's own choice of block rows, or (any input byte) the other kernel.
-    let chosen = BatchPrefillPlan::row_frags(shape.head_dim, heads, shape.num_kv_heads, &qo_indptr);
-    let row_frags = if input.other_row_frags { 3 - chosen } else { chosen };
-    if let Ok(split) = BatchPrefillPlan::split(&shape, heads, &qo_indptr, &table, prefill, row_frags, sms, per_sm) {
-        let tile_rows = 64 * split.row_frags;
+    // The planner's own choice of block height, or every height a kernel exists for.
+    let splits = if input.every_block_height {
+        prefill_block_rows(shape.head_dim)
+            .into_iter()
+            .map(|rows| prefill_split(&shape, heads, &qo_indptr, &table, prefill, rows, sms, per_sm))
+            .collect()
+    } else {
+        vec![plan_prefill_split(&shape, heads, &qo_indptr, &table, prefill, sms, |_| per_sm)]
+    };
+    for split in splits.into_iter().flatten() {
+        let tile_rows = split.block_rows;
         let group = split.group_size;
         let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
         for w in &split.work {

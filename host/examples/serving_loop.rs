@@ -54,7 +54,7 @@ impl Engine {
         for layer in 0..LAYERS {
             let k = self.dev.upload(&random(&mut self.rng, plan.ragged_elems()))?;
             let v = self.dev.upload(&random(&mut self.rng, plan.ragged_elems()))?;
-            plan.run(&self.dev, self.dev.stream(), &mut self.cache, layer, &k, &v)?;
+            plan.run(self.dev.stream(), &mut self.cache, layer, &k, &v)?;
         }
         Ok(table)
     }
@@ -72,7 +72,7 @@ impl Engine {
         seq: usize,
     ) -> Result<f64, Box<dyn Error>> {
         let pools = self.cache.layer(LAYERS - 1)?;
-        let (k, v) = (self.dev.download(&pools.k)?, self.dev.download(&pools.v)?);
+        let (k, v) = (self.dev.download(pools.k())?, self.dev.download(pools.v())?);
         let one = PageTable {
             kv_indptr: vec![0, table.kv_indptr[seq + 1] - table.kv_indptr[seq]],
             kv_indices: table.kv_indices[table.kv_indptr[seq] as usize..table.kv_indptr[seq + 1] as usize].to_vec(),
@@ -136,11 +136,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + n as u32);
     }
     let causal = PrefillOptions { causal: true, ..Default::default() };
-    let prefill = BatchPrefillPlan::new(&e.dev, &e.shape, QO_HEADS, &qo_indptr, &table, causal)?;
+    let mut prefill = BatchPrefillPlan::new(&e.dev, &e.shape, QO_HEADS, &qo_indptr, &table, causal)?;
     let q = random(&mut e.rng, prefill.qo_elems());
     let (q_dev, mut out) = (e.dev.upload(&q)?, e.dev.alloc_zeros::<f16>(prefill.qo_elems())?);
     for layer in 0..LAYERS {
-        prefill.run(&e.dev, e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
+        prefill.run(e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
     }
     e.report("prefilled 4 prompts")?;
     let error = e.check(&table, &qo_indptr, &q, &e.dev.download(&out)?, 1)?;
@@ -155,15 +155,23 @@ fn main() -> Result<(), Box<dyn Error>> {
     e.report("forked 2 samples off request 3")?;
 
     // Decode steps: every live sequence appends its new token's K/V and attends with one query.
+    // One plan serves every step: `replan` reuses its buffers and does not wait for the GPU.
     let mut last = None;
+    let mut plan: Option<BatchDecodePlan> = None;
     for step in 0..8 {
         let live = e.live.clone();
         let table = e.append(&live, &vec![1; live.len()])?;
-        let plan = BatchDecodePlan::new(&e.dev, &e.shape, QO_HEADS, &table, DecodeOptions::default())?;
+        let plan = match &mut plan {
+            Some(p) => {
+                p.replan(&e.shape, QO_HEADS, &table, DecodeOptions::default())?;
+                p
+            }
+            None => plan.insert(BatchDecodePlan::new(&e.dev, &e.shape, QO_HEADS, &table, DecodeOptions::default())?),
+        };
         let q = random(&mut e.rng, plan.qo_elems());
         let (q_dev, mut out) = (e.dev.upload(&q)?, e.dev.alloc_zeros::<f16>(plan.qo_elems())?);
         for layer in 0..LAYERS {
-            plan.run(&e.dev, e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
+            plan.run(e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
         }
         e.report(&format!("decode step {step}"))?;
         if step == 3 {

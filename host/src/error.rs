@@ -1,5 +1,6 @@
 //! The one error type: every mistake a caller can make, and every driver failure, with the
-//! offending value in the message.
+//! offending value in the message. The bottom of the crate: it imports nothing of ferrinfer's,
+//! so every layer can use it.
 use cudarc::driver::DriverError;
 
 /// ferrinfer's result type, with [`Error`] as the default error.
@@ -137,13 +138,27 @@ pub enum Error {
     },
 
     /// A plan was run on a cache of a different shape from the one it was made for.
-    #[error("the cache has shape {got:?} but the plan was made for {planned:?}")]
+    #[error("the cache has shape {got} but the plan was made for {planned}")]
     ShapeMismatch {
-        /// The shape the plan was made for.
-        planned: crate::layout::CacheShape,
+        /// The shape the plan was made for (`CacheShape`'s display form).
+        planned: String,
         /// The shape of the cache it was run on.
-        got: crate::layout::CacheShape,
+        got: String,
     },
+    /// A stream, buffer or cache of another CUDA context than the plan's (another GPU, or a
+    /// context the `Device` was not opened on) was passed to a launch.
+    #[error(
+        "{what} belongs to another CUDA context than the plan or Device it was given to; plans, caches, \
+         buffers and streams of one launch must come from one context"
+    )]
+    DeviceMismatch {
+        /// Which operand, e.g. `"stream"` or `"q"`.
+        what: &'static str,
+    },
+    /// A plan whose last `replan` failed after it had started changing the plan's device
+    /// buffers; it runs again once a `replan` succeeds.
+    #[error("the plan's last replan failed part-way; replan it before running it")]
+    PlanUnusable,
     /// Two writes of one launch would land in the same slot of a page.
     #[error("sequences {first_seq} and {second_seq} would both write slot {slot} of page {page}")]
     OverlappingWrites {
@@ -194,15 +209,18 @@ pub enum Error {
         free: usize,
     },
     /// The allocator holds no sequence with this id.
-    #[error("sequence {0:?} does not exist (never created, or freed)")]
-    UnknownSequence(crate::allocator::SeqId),
+    #[error("sequence {id} does not exist (never created, or freed)")]
+    UnknownSequence {
+        /// The sequence's id (`SeqId::get`).
+        id: u64,
+    },
     /// The attention kernels are not built for this head dimension.
     #[error("head_dim {head_dim} is not supported here; supported: {supported:?}")]
     UnsupportedHeadDim {
         /// The head dimension given.
         head_dim: usize,
         /// The head dimensions the kernels are built for.
-        supported: &'static [usize],
+        supported: Vec<usize>,
     },
     /// An operation was called with an element type it does not take.
     #[error("{what} does not take {dtype}")]

@@ -1,11 +1,11 @@
 //! The CPU reference: straightforward, element-by-element versions of every kernel, written
 //! independently of the kernels' addressing, with f64 accumulation where kernels accumulate.
 //! GPU tests compare against these.
-use crate::decode::DecodeOptions;
-use crate::dtype::KvDType;
-use crate::layout::CacheShape;
-use crate::page_table::PageTable;
-use crate::prefill::PrefillOptions;
+use crate::attention::decode::DecodeOptions;
+use crate::attention::prefill::PrefillOptions;
+use crate::cache::layout::CacheShape;
+use crate::cache::page_table::PageTable;
+use crate::runtime::dtype::KvDType;
 
 /// Every token of every sequence of `table`, copied out of `pool` into a ragged
 /// `[token][head][dim]` buffer, sequence after sequence. `table` must be valid for `shape`.
@@ -205,7 +205,7 @@ pub fn merge_states<T: KvDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::KvLayout;
+    use crate::cache::layout::KvLayout;
 
     #[test]
     fn gather_follows_the_page_table_in_both_layouts() {

@@ -13,7 +13,7 @@ use crate::abi::{
     decode_smem_bytes, decode_stages, decode_threads, DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS, DECODE_ROWS,
     DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
-use crate::gpu::half::{Bf16, Half, F16};
+use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{exp2, log2, rcp};
 use crate::gpu::mem::Vec16;
@@ -43,7 +43,7 @@ fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
 }
 
 #[inline(always)]
-unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
+pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
     const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM)) };
     let out_dims = const {
         if HEAD_DIM < DECODE_WARP_DIMS {
@@ -201,22 +201,4 @@ unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES:
         let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, o, lse)
     });
-}
-
-macro_rules! decode_kernels {
-    ($($name:ident: $half:ty, $dim:literal;)*) => {$(
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
-            decode::<$half, $dim, { decode_threads($dim) }, { decode_stages($dim) }>(&p)
-        }
-    )*};
-}
-
-decode_kernels! {
-    decode_f16_64: F16, 64;
-    decode_f16_128: F16, 128;
-    decode_f16_256: F16, 256;
-    decode_bf16_64: Bf16, 64;
-    decode_bf16_128: Bf16, 128;
-    decode_bf16_256: Bf16, 256;
 }

@@ -2,17 +2,20 @@
 //!
 //! `gpu` holds the device helpers every kernel shares (the role `cuda_std` plays in rust-cuda);
 //! each algorithm has its own file; `abi` (owned by the host crate) defines the parameter
-//! blocks both sides agree on.
+//! blocks both sides agree on and the one table of kernel variants, from which `entries`
+//! generates every entry point with variants.
 #![no_std]
 #![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, stmt_expr_attributes)]
 #![allow(clippy::missing_safety_doc)]
 
 pub mod gpu;
 
-#[path = "../../host/src/abi.rs"]
+#[path = "../../host/src/runtime/abi.rs"]
+#[macro_use]
 pub mod abi;
 
 pub mod decode;
+mod entries;
 pub mod helper_check;
 pub mod merge;
 pub mod page_copy;

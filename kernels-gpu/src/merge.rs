@@ -3,8 +3,8 @@
 //! slot; the last block to finish (an atomic counter per split unit, which that block resets)
 //! merges the slots into the output. No second kernel, so `run` stays one launch. Also the
 //! standalone kernel that merges attention states (FlashInfer's `merge_state(s)`).
-use crate::abi::{MergeStatesParams, SplitScratch, MERGE_THREADS};
-use crate::gpu::half::{pack, Bf16, Half, F16};
+use crate::abi::{merge_rows_per_warp, MergeStatesParams, SplitScratch, MERGE_THREADS};
+use crate::gpu::half::{pack, Half};
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::math::{exp2, log2};
 use crate::gpu::mem::{load_l2, load_l2_f32, store, Vec16};
@@ -177,59 +177,128 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
     }
 }
 
-/// FlashInfer's `merge_states` (see [`MergeStatesParams`]): warp `w` of the grid merges row
-/// `w = token · heads + head`; lane `l` sums 8-dim slices `l, l + 32, …` over the states.
+/// FlashInfer's `merge_states` (see [`MergeStatesParams`]). A warp takes
+/// `merge_rows_per_warp(head_dim)` rows (`row = token · heads + head`), each over its own group
+/// of lanes, so short rows keep every lane busy; a lane sums 8-dim slices `sub, sub +
+/// lanes_per_row, …` of its row over the states. Up to [`FAST_STATES`] states (cascade's and
+/// the usual two) load every LSE and the lane's first slices before any arithmetic, so one
+/// memory round trip serves the row; more states take a loop.
 #[inline(always)]
-unsafe fn merge_states<H: Half>(p: &MergeStatesParams) {
-    let row = block_x() * (MERGE_THREADS / 32) + thread_x() / 32;
-    if row >= p.tokens * p.heads {
-        return;
-    }
-    let (token, head, lane) = ((row / p.heads) as i64, (row % p.heads) as i64, thread_x() % 32);
-    let lse_of = |k: u32| {
-        load_l2_f32(
-            (p.s as *const f32).offset((token * p.s_token_stride + k as i64 * p.s_state_stride + head) as isize),
-        )
+pub unsafe fn merge_states<H: Half>(p: &MergeStatesParams) {
+    let rows_per_warp = merge_rows_per_warp(p.head_dim);
+    let lanes_per_row = 32 / rows_per_warp;
+    let lane = thread_x() % 32;
+    let row = (block_x() * (MERGE_THREADS / 32) + thread_x() / 32) * rows_per_warp + lane / lanes_per_row;
+    let sub = lane % lanes_per_row;
+    // Every lane reaches the warp barrier below, so rows past the end only skip memory.
+    let live = row < p.tokens * p.heads;
+    let (token, head) = ((row / p.heads) as i64, (row % p.heads) as i64);
+    let lse_at =
+        |k: u32| (p.s as *const f32).offset((token * p.s_token_stride + k as i64 * p.s_state_stride + head) as isize);
+    let slice_at = |k: u32, chunk: u32| {
+        let elem = token * p.token_stride + k as i64 * p.state_stride + head * p.head_dim as i64 + 8 * chunk as i64;
+        (p.v as *const u16).offset(elem as isize) as *const Vec16
     };
-    let mut m = f32::NEG_INFINITY;
-    for k in 0..p.num_states {
-        m = m.max(lse_of(k));
-    }
-    let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
-    let mut total = 0.0;
-    for k in 0..p.num_states {
-        total += exp2(lse_of(k) - m_ref);
-    }
-    let lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
-    let mut chunk = lane;
-    while chunk < p.head_dim / 8 {
-        let mut o = [0.0f32; 8];
-        for k in 0..p.num_states {
-            let w = if total > 0.0 { exp2(lse_of(k) - lse) } else { 0.0 };
-            let elem = token * p.token_stride + k as i64 * p.state_stride + head * p.head_dim as i64 + 8 * chunk as i64;
-            let v = load_l2((p.v as *const u16).offset(elem as isize) as *const Vec16);
-            for e in 0..4 {
-                o[2 * e] += w * H::to_f32(v.0[e] as u16);
-                o[2 * e + 1] += w * H::to_f32((v.0[e] >> 16) as u16);
+    let chunks = p.head_dim / 8;
+    let out_at = |chunk: u32| (p.v_out as *mut Vec16).add((row * chunks + chunk) as usize);
+    let mut lse = f32::NEG_INFINITY;
+    if live && p.num_states <= FAST_STATES {
+        let n = p.num_states as usize;
+        let mut s = [f32::NEG_INFINITY; FAST_STATES as usize];
+        let mut v = [Vec16::default(); FAST_STATES as usize];
+        crate::unroll!(k in [0, 1, 2, 3] {
+            if k < n {
+                s[k] = load_l2_f32(lse_at(k as u32));
+                if sub < chunks {
+                    v[k] = load_l2(slice_at(k as u32, sub));
+                }
             }
+        });
+        let w = weights(&mut s, n, &mut lse);
+        let mut chunk = sub;
+        while chunk < chunks {
+            if chunk != sub {
+                crate::unroll!(k in [0, 1, 2, 3] {
+                    if k < n {
+                        v[k] = load_l2(slice_at(k as u32, chunk));
+                    }
+                });
+            }
+            let mut o = [0.0f32; 8];
+            crate::unroll!(k in [0, 1, 2, 3] {
+                if k < n {
+                    accumulate::<H>(&mut o, w[k], &v[k]);
+                }
+            });
+            store(out_at(chunk), pack::<H>(&o));
+            chunk += lanes_per_row;
         }
-        let out = (p.v_out as *mut Vec16).add((row * (p.head_dim / 8) + chunk) as usize);
-        store(out, pack::<H>(&o));
-        chunk += 32;
+    } else if live {
+        // Many states: the row's LSE first, then each slice summed state by state.
+        let mut m = f32::NEG_INFINITY;
+        for k in 0..p.num_states {
+            m = m.max(load_l2_f32(lse_at(k)));
+        }
+        let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
+        let mut total = 0.0;
+        for k in 0..p.num_states {
+            total += exp2(load_l2_f32(lse_at(k)) - m_ref);
+        }
+        lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
+        let mut chunk = sub;
+        while chunk < chunks {
+            let mut o = [0.0f32; 8];
+            for k in 0..p.num_states {
+                let w = if total > 0.0 { exp2(load_l2_f32(lse_at(k)) - lse) } else { 0.0 };
+                accumulate::<H>(&mut o, w, &load_l2(slice_at(k, chunk)));
+            }
+            store(out_at(chunk), pack::<H>(&o));
+            chunk += lanes_per_row;
+        }
     }
-    // In place, lane 0 must not overwrite state 0's LSE before every lane has read it.
+    // In place, a row's first lane must not overwrite state 0's LSE before every lane of the
+    // row (all in this warp) has read it.
     sync_warp();
-    if lane == 0 && p.s_out != 0 {
+    if live && sub == 0 && p.s_out != 0 {
         *(p.s_out as *mut f32).add(row as usize) = lse;
     }
 }
 
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn merge_states_f16(p: MergeStatesParams) {
-    merge_states::<F16>(&p)
+/// States merged with every load issued up front.
+const FAST_STATES: u32 = 4;
+
+/// The merge weights `2^(s_k − lse)` of the first `n` LSEs `s` (all zero when every state is
+/// empty), and the merged LSE into `lse`.
+#[inline(always)]
+fn weights(s: &mut [f32; FAST_STATES as usize], n: usize, lse: &mut f32) -> [f32; FAST_STATES as usize] {
+    let mut m = f32::NEG_INFINITY;
+    crate::unroll!(k in [0, 1, 2, 3] {
+        if k < n {
+            m = m.max(s[k]);
+        }
+    });
+    let m_ref = if m == f32::NEG_INFINITY { 0.0 } else { m };
+    let mut total = 0.0;
+    crate::unroll!(k in [0, 1, 2, 3] {
+        if k < n {
+            s[k] = exp2(s[k] - m_ref);
+            total += s[k];
+        }
+    });
+    *lse = if total > 0.0 { m_ref + log2(total) } else { f32::NEG_INFINITY };
+    let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+    let mut w = [0.0; FAST_STATES as usize];
+    crate::unroll!(k in [0, 1, 2, 3] {
+        w[k] = s[k] * scale;
+    });
+    w
 }
 
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn merge_states_bf16(p: MergeStatesParams) {
-    merge_states::<Bf16>(&p)
+/// `o += w · v` for the 8 halves of `v`.
+#[inline(always)]
+fn accumulate<H: Half>(o: &mut [f32; 8], w: f32, v: &Vec16) {
+    for e in 0..4 {
+        o[2 * e] += w * H::to_f32(v.0[e] as u16);
+        o[2 * e + 1] += w * H::to_f32((v.0[e] >> 16) as u16);
+    }
 }

@@ -19,7 +19,7 @@ use crate::abi::{
     kv_table_bytes, prefill_rows, prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, PrefillWorkItem,
     NO_PARTIAL, PREFILL_TILE_TOKENS, PREFILL_WARP_DIMS,
 };
-use crate::gpu::half::{Bf16, Half, F16};
+use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
@@ -94,7 +94,7 @@ const P_FRAGS: usize = S_FRAGS / 2;
 
 /// The kernel for `ROW_FRAGS` row fragments per warp.
 #[inline(always)]
-unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const THREADS: u32, const STAGES: u32>(
+pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const THREADS: u32, const STAGES: u32>(
     p: &PrefillParams,
 ) {
     const {
@@ -299,29 +299,4 @@ unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const TH
         let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
     });
-}
-
-macro_rules! prefill_kernels {
-    ($($name:ident: $half:ty, $dim:literal, $frags:literal;)*) => {$(
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            prefill::<$half, $dim, $frags, { prefill_threads($dim) },
-                      { prefill_stages($dim, $frags) }>(&p)
-        }
-    )*};
-}
-
-// `_rows64` / `_rows128`: blocks of 64 or 128 query rows (one or two 16-row fragments a warp;
-// see `prefill_max_row_frags`).
-prefill_kernels! {
-    prefill_f16_64_rows64: F16, 64, 1;
-    prefill_f16_128_rows64: F16, 128, 1;
-    prefill_f16_256_rows64: F16, 256, 1;
-    prefill_bf16_64_rows64: Bf16, 64, 1;
-    prefill_bf16_128_rows64: Bf16, 128, 1;
-    prefill_bf16_256_rows64: Bf16, 256, 1;
-    prefill_f16_64_rows128: F16, 64, 2;
-    prefill_f16_128_rows128: F16, 128, 2;
-    prefill_bf16_64_rows128: Bf16, 64, 2;
-    prefill_bf16_128_rows128: Bf16, 128, 2;
 }

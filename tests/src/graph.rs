@@ -9,7 +9,7 @@ use ferrinfer::{f16, Device};
 pub fn expect_graph_replay_matches(
     dev: &Device,
     elems: usize,
-    run: impl Fn(&CudaStream, &mut CudaSlice<f16>) -> ferrinfer::Result<()>,
+    mut run: impl FnMut(&CudaStream, &mut CudaSlice<f16>) -> ferrinfer::Result<()>,
 ) -> crate::harness::TestResult {
     let (mut direct, mut replayed) = (dev.alloc_zeros::<f16>(elems)?, dev.alloc_zeros::<f16>(elems)?);
     run(dev.stream(), &mut direct)?;

@@ -74,7 +74,7 @@ pub fn random_cache<T: KvDType>(
         .collect();
     let layers = host
         .iter()
-        .map(|(k, v)| Ok(ferrinfer::LayerPools { k: dev.upload(k)?, v: dev.upload(v)? }))
+        .map(|(k, v)| Ok(ferrinfer::LayerPools::new(dev.upload(k)?, dev.upload(v)?)))
         .collect::<ferrinfer::Result<_>>()?;
     Ok((ferrinfer::PagedKvCache::from_layers(shape, layers)?, host))
 }

@@ -4,6 +4,11 @@
 //! architecture), `gpu-bundle` packs the GPU tests and benchmark for a GPU runner, `demo` runs
 //! the main job, `fuzz` runs the fuzz targets for a fixed time.
 
+// The kernel ABI, for its table of PTX modules (`ptx_targets!`).
+#[path = "../../host/src/runtime/abi.rs"]
+#[macro_use]
+#[allow(dead_code)]
+mod abi;
 mod bundle;
 mod fuzz;
 mod kernels;

@@ -5,8 +5,18 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// Architectures a PTX module is built for, and the file each lands in under `host/ptx/`.
-pub const TARGETS: &[(&str, &str)] = &[("sm_80", "ferrinfer_sm80.ptx"), ("sm_90", "ferrinfer_sm90.ptx")];
+/// The kernel ABI's file, shared by the host and the kernel crate (and read here for the
+/// module table).
+pub const ABI: &str = "host/src/runtime/abi.rs";
+
+macro_rules! targets {
+    ($($arch:ident $file:literal ($major:literal, $minor:literal);)*) => {
+        /// Architectures a PTX module is built for, and the file each lands in under
+        /// `host/ptx/`: the ABI's `ptx_targets!` table.
+        pub const TARGETS: &[(&str, &str)] = &[$((stringify!($arch), $file)),*];
+    };
+}
+ptx_targets!(targets);
 
 /// Flags for the final crate, after `--`; part of the fingerprint. `-JumpThreading`: see
 /// kernels-gpu/src/gpu/sync.rs.
@@ -30,7 +40,7 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// Hex SHA-256 over every kernel source file (path and bytes, in path order) and the settings.
 pub fn kernel_source_hash(root: &Path) -> crate::Result<String> {
-    let mut files = vec![root.join("host/src/abi.rs")];
+    let mut files = vec![root.join(ABI)];
     collect(&root.join("kernels-gpu"), &mut files).map_err(|e| format!("reading kernels-gpu: {e}"))?;
     files.sort();
     let mut h = Sha256::new();
@@ -67,7 +77,7 @@ mod tests {
             assert_eq!(
                 recorded_hash(&ptx),
                 Some(want.as_str()),
-                "{} is stale against kernels-gpu/ and host/src/abi.rs: run `cargo xtask build-kernels` and commit host/ptx/",
+                "{} is stale against kernels-gpu/ and host/src/runtime/abi.rs: run `cargo xtask build-kernels` and commit host/ptx/",
                 path.display()
             );
         }

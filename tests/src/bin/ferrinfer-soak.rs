@@ -90,7 +90,7 @@ impl<T: KvDType> Round<'_, T> {
         }
         let append = ScatterPlan::append(self.dev, &self.shape, &table, &indptr)?;
         let (k, v) = (random_values::<T>(r, append.ragged_elems()), random_values::<T>(r, append.ragged_elems()));
-        append.run(self.dev, self.dev.stream(), &mut self.cache, 0, &self.dev.upload(&k)?, &self.dev.upload(&v)?)?;
+        append.run(self.dev.stream(), &mut self.cache, 0, &self.dev.upload(&k)?, &self.dev.upload(&v)?)?;
         Ok((table, new_tokens))
     }
 }
@@ -131,7 +131,7 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
         let window_left = if r.random_range(0..4) == 0 { r.random_range(0..200) } else { -1 };
         let logits_soft_cap = if r.random_range(0..4) == 0 { 30.0 } else { 0.0 };
         let pools = round.cache.layer(0)?;
-        let (k_host, v_host) = (dev.download(&pools.k)?, dev.download(&pools.v)?);
+        let (k_host, v_host) = (dev.download(pools.k())?, dev.download(pools.v())?);
         let checked = r.random_range(0..round.live.len());
         let one = |seq: usize| PageTable {
             kv_indptr: vec![0, table.kv_indptr[seq + 1] - table.kv_indptr[seq]],
@@ -148,11 +148,11 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
 
         // Decode: one query per live sequence.
         let options = DecodeOptions { sm_scale: None, logits_soft_cap, window_left };
-        let decode = BatchDecodePlan::new(dev, &shape, heads, &table, options)?;
+        let mut decode = BatchDecodePlan::new(dev, &shape, heads, &table, options)?;
         let q: Vec<T> = random_values(r, decode.qo_elems());
         let q_dev = dev.upload(&q)?;
         let (out, differ) =
-            twice(dev, decode.qo_elems(), |o| decode.run(dev, dev.stream(), &q_dev, &round.cache, 0, o, None))?;
+            twice(dev, decode.qo_elems(), |o| decode.run(dev.stream(), &q_dev, &round.cache, 0, o, None))?;
         let (want, _) =
             reference::decode(&shape, &k_host, &v_host, &one(checked), &q[checked * row..][..row], heads, &options);
         tally(&out[checked * row..][..row], &want, differ);
@@ -163,11 +163,11 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
             qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + n as u32);
         }
         let options = PrefillOptions { causal: r.random(), sm_scale: None, logits_soft_cap, window_left };
-        let prefill = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
+        let mut prefill = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
         let q: Vec<T> = random_values(r, prefill.qo_elems());
         let q_dev = dev.upload(&q)?;
         let (out, differ) =
-            twice(dev, prefill.qo_elems(), |o| prefill.run(dev, dev.stream(), &q_dev, &round.cache, 0, o, None))?;
+            twice(dev, prefill.qo_elems(), |o| prefill.run(dev.stream(), &q_dev, &round.cache, 0, o, None))?;
         let rows = qo_indptr[checked] as usize * row..qo_indptr[checked + 1] as usize * row;
         let qo = [0, new_tokens[checked] as u32];
         let (want, _) =

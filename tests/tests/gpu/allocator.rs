@@ -20,7 +20,7 @@ fn append(
     let plan = ScatterPlan::append(dev, cache.shape(), &table, &[0, n as u32])?;
     let input = dev.upload(tokens)?;
     for layer in 0..cache.num_layers() {
-        plan.run(dev, dev.stream(), cache, layer, &input, &input)?;
+        plan.run(dev.stream(), cache, layer, &input, &input)?;
     }
     Ok(())
 }
@@ -50,7 +50,7 @@ fn fork_and_copy_on_write(dev: &Device, page_size: usize) -> TestResult {
     for layer in 0..2 {
         let (mut k, mut v) =
             (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
-        plan.run(dev, dev.stream(), &cache, layer, &mut k, &mut v)?;
+        plan.run(dev.stream(), &cache, layer, &mut k, &mut v)?;
         expect_bitwise_eq(&format!("layer {layer} K of [a, c]"), &dev.download(&k)?, &want, row)?;
         expect_bitwise_eq(&format!("layer {layer} V of [a, c]"), &dev.download(&v)?, &want, row)?;
     }

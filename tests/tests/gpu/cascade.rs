@@ -5,6 +5,7 @@ use ferrinfer::{
     f16, reference, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, SeqId, SequenceAllocator,
 };
 use ferrinfer_tests::ensure;
+use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{random_cache, random_values, rng};
 use rand::Rng;
@@ -49,7 +50,7 @@ fn cascade_case(dev: &Device, c: &Case) -> TestResult {
     let q: Vec<f16> = random_values(&mut r, plan.qo_elems());
     let mut out = dev.upload(&vec![f16::NAN; q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; all.len() * heads])?;
-    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
     let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &whole, &q, heads, &c.options);
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     // Two f16 partials are merged and rounded again: twice the f16 bound.
@@ -82,5 +83,30 @@ pub fn tests() -> Vec<GpuTest> {
     let capped = DecodeOptions { logits_soft_cap: 20.0, sm_scale: Some(0.3), ..Default::default() };
     let c = Case { page_size: 16, families: vec![(8192, vec![256; 8]), (15, vec![0, 3])], group: 4, options: capped };
     t.push(GpuTest::new("cascade_long_shared_prompt_soft_cap_f16", move |d| cascade_case(d, &c)));
+    t.push(GpuTest::new("cascade_replays_from_a_cuda_graph", cascade_replays_from_a_cuda_graph));
     t
+}
+
+/// Captures `run` (both levels, the side stream's fork and join, the merge) in a CUDA graph
+/// and replays it: the same output as a direct run, bit for bit.
+fn cascade_replays_from_a_cuda_graph(_: &Device) -> TestResult {
+    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
+    let dev = Device::new(0)?;
+    // SAFETY: this context object is used by this test alone.
+    unsafe { dev.context().disable_event_tracking() };
+    let mut r = rng(9);
+    let shape = CacheShape { num_pages: 800, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
+    let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
+    let mut alloc = SequenceAllocator::new(shape.num_pages, 16)?;
+    let parent = alloc.create();
+    alloc.reserve(parent, 5000)?;
+    let mut family = vec![parent];
+    family.extend((1..6).map(|_| alloc.fork(parent)).collect::<Result<Vec<_>, _>>()?);
+    for &id in &family {
+        alloc.reserve(id, 77)?;
+    }
+    let levels = alloc.cascade_levels(&[family])?;
+    let mut plan = CascadeDecodePlan::<f16>::new(&dev, &shape, 8, &levels, DecodeOptions::default())?;
+    let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
+    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
 }

@@ -46,10 +46,10 @@ fn decode_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let (cache, host) = random_cache::<T>(dev, &mut r, shape, 1)?;
     let heads = c.num_kv_heads * c.group;
     let q: Vec<T> = random_values(&mut r, c.kv_lens.len() * heads * c.head_dim);
-    let plan = BatchDecodePlan::new(dev, &shape, heads, &table, c.options)?;
+    let mut plan = BatchDecodePlan::new(dev, &shape, heads, &table, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; c.kv_lens.len() * heads])?;
-    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
     let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &table, &q, heads, &c.options);
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "request")?)
@@ -131,10 +131,10 @@ fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
     let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
     let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
     let heads = c.num_kv_heads * c.group;
-    let plan = BatchDecodePlan::new(&dev, &shape, heads, &table, c.options)?;
+    let mut plan = BatchDecodePlan::new(&dev, &shape, heads, &table, c.options)?;
     ensure!(plan.launch_shape().1 > 0, "the case should split and merge");
     let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
-    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(&dev, stream, &q, &cache, 0, out, None))
+    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
 }
 
 fn validation_tests() -> Vec<GpuTest> {
@@ -157,14 +157,14 @@ fn validation_tests() -> Vec<GpuTest> {
             Ok(())
         }),
         GpuTest::new("decode_rejects_query_of_wrong_length_and_f32", move |d| {
-            let plan = BatchDecodePlan::new(d, &shape, 4, &t3, DecodeOptions::default())?;
+            let mut plan = BatchDecodePlan::new(d, &shape, 4, &t3, DecodeOptions::default())?;
             let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
             let (q, mut out) = (d.alloc_zeros::<f16>(4 * 128 - 8)?, d.alloc_zeros::<f16>(4 * 128)?);
-            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
+            let e = plan.run(d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
             ensure!(matches!(e, Error::BufferLength { what: "q", .. }), "wrong error: {e}");
             let cache = PagedKvCache::<f32>::new(d, shape, 1)?;
             let (q, mut out) = (d.alloc_zeros::<f32>(4 * 128)?, d.alloc_zeros::<f32>(4 * 128)?);
-            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
+            let e = plan.run(d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
             ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
             Ok(())
         }),

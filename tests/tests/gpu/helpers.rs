@@ -1,12 +1,12 @@
 //! The device helpers (`kernels-gpu/src/gpu`) against the host.
-use ferrinfer::probe::ReadStream;
+use ferrinfer::internals::ReadStream;
 use ferrinfer::{bf16, f16, Device};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::rng;
 
 /// Each device helper against the host's exact or f64 result.
 fn device_helpers_match_the_host(dev: &Device) -> TestResult {
-    use ferrinfer::selftest::{helper_outputs, HELPER_OUTPUTS};
+    use ferrinfer::internals::{helper_outputs, HELPER_OUTPUTS};
     let mut r = rng(5);
     let mut input: Vec<f32> = (0..4096).map(|_| rand::Rng::random_range(&mut r, -20.0f32..20.0)).collect();
     input[..4].copy_from_slice(&[0.5, -0.0, 65504.0, 1e-8]);
@@ -52,8 +52,8 @@ fn read_stream_reads_every_word(dev: &Device) -> TestResult {
     let bytes: Vec<u8> = (0..(48 << 20) + 16 * 37).map(|_| rand::Rng::random(&mut r)).collect();
     let want = bytes.chunks(4).fold(0u32, |a, w| a ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
     let mut stream = ReadStream::over(dev, dev.upload(&bytes)?)?;
-    stream.run(dev, dev.stream())?;
-    let got = stream.checksum(dev)?;
+    stream.run(dev.stream())?;
+    let got = stream.checksum()?;
     ferrinfer_tests::ensure!(got == want, "XOR of the words read: GPU {got:#010x}, host {want:#010x}");
     Ok(())
 }

@@ -10,6 +10,7 @@ mod page_copy;
 mod prefill;
 mod raw;
 mod reliability;
+mod soundness;
 
 fn main() {
     let tests = helpers::tests()
@@ -22,6 +23,7 @@ fn main() {
         .chain(cascade::tests())
         .chain(raw::tests())
         .chain(reliability::tests())
+        .chain(soundness::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
 }

@@ -91,10 +91,10 @@ fn merged_halves_equal_decode_over_all_keys(dev: &Device) -> TestResult {
     let heads = 8;
     let q = dev.upload(&random_values::<f16>(&mut r, kv_lens.len() * heads * 128))?;
     let run = |t: &PageTable| -> Result<(Vec<f16>, CudaPair), ferrinfer::Error> {
-        let plan = BatchDecodePlan::new(dev, &shape, heads, t, DecodeOptions::default())?;
+        let mut plan = BatchDecodePlan::new(dev, &shape, heads, t, DecodeOptions::default())?;
         let (mut out, mut lse) =
             (dev.alloc_zeros::<f16>(plan.qo_elems())?, dev.alloc_zeros::<f32>(kv_lens.len() * heads)?);
-        plan.run(dev, dev.stream(), &q, &cache, 0, &mut out, Some(&mut lse))?;
+        plan.run(dev.stream(), &q, &cache, 0, &mut out, Some(&mut lse))?;
         Ok((dev.download(&out)?, (out, lse)))
     };
     let (whole, (_, whole_lse)) = run(&table)?;

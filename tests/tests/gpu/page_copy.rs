@@ -47,7 +47,7 @@ fn gather_case<T: KvDType>(dev: &Device, case: &Case) -> TestResult {
     // One poisoned element more than the output: it must stay poisoned (nothing past the end).
     let (mut k_out, mut v_out) = (dev.upload(&vec![poison::<T>(); n + 1])?, dev.upload(&vec![poison::<T>(); n + 1])?);
     let (mut k_view, mut v_view) = (k_out.slice_mut(..n), v_out.slice_mut(..n));
-    plan.run(dev, dev.stream(), &cache, 1, &mut k_view, &mut v_view)?;
+    plan.run(dev.stream(), &cache, 1, &mut k_view, &mut v_view)?;
     for (what, out, pool) in [("K", &k_out, &host[1].0), ("V", &v_out, &host[1].1)] {
         let got = dev.download(out)?;
         ensure!(got[n].to_f64().is_nan(), "{what}: element past the output was written");
@@ -80,13 +80,13 @@ fn append_case<T: KvDType>(dev: &Device, case: &Case, append_lens: &[usize]) -> 
     let (k_in, v_in): (Vec<T>, Vec<T>) =
         (random_values(&mut rng, rows * shape.token_elems()), random_values(&mut rng, rows * shape.token_elems()));
     let (k_dev, v_dev) = (dev.upload(&k_in)?, dev.upload(&v_in)?);
-    plan.run(dev, dev.stream(), &mut cache, 1, &k_dev.slice(..), &v_dev.slice(..))?;
+    plan.run(dev.stream(), &mut cache, 1, &k_dev.slice(..), &v_dev.slice(..))?;
     reference::append(&shape, &mut host[1].0, &table, &append_indptr, &k_in);
     reference::append(&shape, &mut host[1].1, &table, &append_indptr, &v_in);
     for (layer, (k, v)) in host.iter().enumerate() {
         let pools = cache.layer(layer)?;
-        expect_bitwise_eq(&format!("layer {layer} K pool"), &dev.download(&pools.k)?, k, shape.token_elems())?;
-        expect_bitwise_eq(&format!("layer {layer} V pool"), &dev.download(&pools.v)?, v, shape.token_elems())?;
+        expect_bitwise_eq(&format!("layer {layer} K pool"), &dev.download(pools.k())?, k, shape.token_elems())?;
+        expect_bitwise_eq(&format!("layer {layer} V pool"), &dev.download(pools.v())?, v, shape.token_elems())?;
     }
     Ok(())
 }
@@ -226,7 +226,7 @@ fn validation_tests() -> Vec<GpuTest> {
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
             let (mut k, mut v) = (d.alloc_zeros(3 * 128 - 1)?, d.alloc_zeros(3 * 128)?);
             expect_err(
-                plan.run(d, d.stream(), &cache, 0, &mut k, &mut v),
+                plan.run(d.stream(), &cache, 0, &mut k, &mut v),
                 |e| matches!(e, Error::BufferLength { got: 383, expected: 384, .. }),
                 "short K",
             )
@@ -236,7 +236,7 @@ fn validation_tests() -> Vec<GpuTest> {
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
             let (mut k, mut v) = (d.alloc_zeros(3 * 128)?, d.alloc_zeros(3 * 128)?);
             expect_err(
-                plan.run(d, d.stream(), &cache, 2, &mut k, &mut v),
+                plan.run(d.stream(), &cache, 2, &mut k, &mut v),
                 |e| matches!(e, Error::LayerOutOfRange { layer: 2, num_layers: 2 }),
                 "layer 2",
             )
@@ -247,7 +247,7 @@ fn validation_tests() -> Vec<GpuTest> {
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
             let (mut k, mut v) = (d.alloc_zeros(3 * 128)?, d.alloc_zeros(3 * 128)?);
             expect_err(
-                plan.run(d, d.stream(), &cache, 0, &mut k, &mut v),
+                plan.run(d.stream(), &cache, 0, &mut k, &mut v),
                 |e| matches!(e, Error::ShapeMismatch { .. }),
                 "page size 8 vs 16",
             )

@@ -60,10 +60,10 @@ fn prefill_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let qo_indptr = c.qo_indptr();
     let tokens = *qo_indptr.last().unwrap() as usize;
     let q: Vec<T> = random_values(&mut r, tokens * heads * c.head_dim);
-    let plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, c.options)?;
+    let mut plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; tokens * heads])?;
-    plan.run(dev, dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
     let (want, want_lse) =
         reference::prefill(&shape, &host[0].0, &host[0].1, &table, &qo_indptr, &q, heads, &c.options);
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
@@ -86,10 +86,10 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     );
     let qo_indptr = c.qo_indptr();
     let q: Vec<T> = random_values(&mut r, qo_indptr[qo_indptr.len() - 1] as usize * heads * c.head_dim);
-    let plan = BatchPrefillPlan::ragged(dev, c.num_kv_heads, c.head_dim, heads, &qo_indptr, &kv_indptr, c.options)?;
+    let mut plan = BatchPrefillPlan::ragged(dev, c.num_kv_heads, c.head_dim, heads, &qo_indptr, &kv_indptr, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; q.len() / c.head_dim])?;
-    plan.run_ragged(dev, dev.stream(), &dev.upload(&q)?, &dev.upload(&k)?, &dev.upload(&v)?, &mut out, Some(&mut lse))?;
+    plan.run_ragged(dev.stream(), &dev.upload(&q)?, &dev.upload(&k)?, &dev.upload(&v)?, &mut out, Some(&mut lse))?;
     let shape = CacheShape {
         num_pages: total_kv.max(1),
         page_size: 1,
@@ -113,7 +113,7 @@ fn split_tiles(dev: &Device, c: &Case) -> Result<usize, Box<dyn std::error::Erro
     let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
     let table = random_table(&mut rng(c.seed), &kv_lens, c.page_size, shape.num_pages);
     let plan = BatchPrefillPlan::new(dev, &shape, c.num_kv_heads * c.group, &c.qo_indptr(), &table, c.options)?;
-    Ok(plan.split_tiles())
+    Ok(plan.split_tiles().0)
 }
 
 fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
@@ -234,9 +234,9 @@ fn prefill_replays_from_a_cuda_graph(_: &Device) -> TestResult {
     let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
     let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
     let heads = c.num_kv_heads * c.group;
-    let plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
+    let mut plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
     let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
-    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(&dev, stream, &q, &cache, 0, out, None))
+    expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
 }
 
 fn validation_tests() -> Vec<GpuTest> {
@@ -258,14 +258,14 @@ fn validation_tests() -> Vec<GpuTest> {
             Ok(())
         }),
         GpuTest::new("prefill_rejects_query_of_wrong_length_and_f32", move |d| {
-            let plan = BatchPrefillPlan::new(d, &shape, 4, &[0, 3], &t3, CAUSAL)?;
+            let mut plan = BatchPrefillPlan::new(d, &shape, 4, &[0, 3], &t3, CAUSAL)?;
             let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
             let (q, mut out) = (d.alloc_zeros::<f16>(3 * 4 * 128 - 8)?, d.alloc_zeros::<f16>(3 * 4 * 128)?);
-            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
+            let e = plan.run(d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted a short q")?;
             ensure!(matches!(e, Error::BufferLength { what: "q", .. }), "wrong error: {e}");
             let cache = PagedKvCache::<f32>::new(d, shape, 1)?;
             let (q, mut out) = (d.alloc_zeros::<f32>(3 * 4 * 128)?, d.alloc_zeros::<f32>(3 * 4 * 128)?);
-            let e = plan.run(d, d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
+            let e = plan.run(d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("accepted f32")?;
             ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
             Ok(())
         }),

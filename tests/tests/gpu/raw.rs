@@ -25,41 +25,33 @@ fn raw_and_cudarc_runs_agree(dev: &Device) -> TestResult {
     let table = random_table(&mut r, &kv_lens, 7, shape.num_pages);
     let (cache, _) = random_cache::<f16>(dev, &mut r, shape, 1)?;
     let pools = cache.layer(0)?;
-    let (k_pool, v_pool) = (raw(dev, &pools.k), raw(dev, &pools.v));
+    let (k_pool, v_pool) = (raw(dev, pools.k()), raw(dev, pools.v()));
     // The raw caller's own stream.
     let foreign = dev.new_stream()?;
     dev.synchronize()?;
 
-    let decode = BatchDecodePlan::new(dev, &shape, 8, &table, DecodeOptions::default())?;
+    let mut decode = BatchDecodePlan::new(dev, &shape, 8, &table, DecodeOptions::default())?;
     let q = dev.upload(&random_values::<f16>(&mut r, decode.qo_elems()))?;
     let (mut a, b) = (dev.alloc_zeros::<f16>(decode.qo_elems())?, dev.alloc_zeros::<f16>(decode.qo_elems())?);
-    decode.run(dev, dev.stream(), &q, &cache, 0, &mut a, None)?;
+    decode.run(dev.stream(), &q, &cache, 0, &mut a, None)?;
     dev.synchronize()?;
     // SAFETY: every buffer is live and idle (synchronised), the stream is of dev's context.
-    unsafe { decode.run_raw(dev, foreign.cu_stream(), raw(dev, &q), k_pool, v_pool, raw(dev, &b), None)? };
+    unsafe { decode.run_raw(foreign.cu_stream(), raw(dev, &q), k_pool, v_pool, raw(dev, &b), None)? };
     foreign.synchronize()?;
     ensure!(dev.download(&a)? == dev.download(&b)?, "decode: raw and cudarc runs differ");
 
     let qo_indptr = [0, 60, 63, 129];
     let causal = PrefillOptions { causal: true, ..Default::default() };
-    let prefill = BatchPrefillPlan::new(dev, &shape, 8, &qo_indptr, &table, causal)?;
+    let mut prefill = BatchPrefillPlan::new(dev, &shape, 8, &qo_indptr, &table, causal)?;
     let q = dev.upload(&random_values::<f16>(&mut r, prefill.qo_elems()))?;
     let (mut a, b) = (dev.alloc_zeros::<f16>(prefill.qo_elems())?, dev.alloc_zeros::<f16>(prefill.qo_elems())?);
     let mut lse = dev.alloc_zeros::<f32>(129 * 8)?;
-    prefill.run(dev, dev.stream(), &q, &cache, 0, &mut a, Some(&mut lse))?;
+    prefill.run(dev.stream(), &q, &cache, 0, &mut a, Some(&mut lse))?;
     dev.synchronize()?;
     let lse_raw = dev.alloc_zeros::<f32>(129 * 8)?;
     // SAFETY: as above.
     unsafe {
-        prefill.run_raw(
-            dev,
-            foreign.cu_stream(),
-            raw(dev, &q),
-            k_pool,
-            v_pool,
-            raw(dev, &b),
-            Some(raw(dev, &lse_raw)),
-        )?
+        prefill.run_raw(foreign.cu_stream(), raw(dev, &q), k_pool, v_pool, raw(dev, &b), Some(raw(dev, &lse_raw)))?
     };
     foreign.synchronize()?;
     ensure!(dev.download(&a)? == dev.download(&b)?, "prefill: raw and cudarc runs differ");
@@ -70,10 +62,10 @@ fn raw_and_cudarc_runs_agree(dev: &Device) -> TestResult {
     let n = gather.ragged_elems();
     let (mut ka, mut va) = (dev.alloc_zeros::<f16>(n)?, dev.alloc_zeros::<f16>(n)?);
     let (kb, vb) = (dev.alloc_zeros::<f16>(n)?, dev.alloc_zeros::<f16>(n)?);
-    gather.run(dev, dev.stream(), &cache, 0, &mut ka, &mut va)?;
+    gather.run(dev.stream(), &cache, 0, &mut ka, &mut va)?;
     dev.synchronize()?;
     // SAFETY: as above; the plan's upload was synchronised.
-    unsafe { gather.run_raw(dev, foreign.cu_stream(), [k_pool, v_pool], raw(dev, &kb), raw(dev, &vb))? };
+    unsafe { gather.run_raw(foreign.cu_stream(), [k_pool, v_pool], raw(dev, &kb), raw(dev, &vb))? };
     foreign.synchronize()?;
     ensure!(dev.download(&ka)? == dev.download(&kb)? && dev.download(&va)? == dev.download(&vb)?, "gather differs");
     Ok(())
@@ -83,24 +75,16 @@ fn raw_lengths_are_checked(dev: &Device) -> TestResult {
     let mut r = rng(12);
     let shape = shape_for(&[40], 16, 2, 64, KvLayout::Nhd);
     let table = random_table(&mut r, &[40], 16, shape.num_pages);
-    let decode = BatchDecodePlan::new(dev, &shape, 2, &table, DecodeOptions::default())?;
+    let mut decode = BatchDecodePlan::new(dev, &shape, 2, &table, DecodeOptions::default())?;
     let (q, pool) = (dev.alloc_zeros::<f16>(decode.qo_elems())?, dev.alloc_zeros::<f16>(shape.pool_elems() - 8)?);
     let out = dev.alloc_zeros::<f16>(decode.qo_elems())?;
     // SAFETY: the short pool is rejected before any launch.
     let e = unsafe {
-        decode.run_raw(
-            dev,
-            dev.stream().cu_stream(),
-            raw(dev, &q),
-            raw(dev, &pool),
-            raw(dev, &pool),
-            raw(dev, &out),
-            None,
-        )
+        decode.run_raw(dev.stream().cu_stream(), raw(dev, &q), raw(dev, &pool), raw(dev, &pool), raw(dev, &out), None)
     }
     .err()
     .ok_or("accepted a short pool")?;
-    ensure!(matches!(e, Error::BufferLength { what: "k_pages", .. }), "wrong error: {e}");
+    ensure!(matches!(e, Error::BufferLength { what: "k", .. }), "wrong error: {e}");
     Ok(())
 }
 

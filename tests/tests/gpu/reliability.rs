@@ -24,10 +24,10 @@ fn out_of_memory_is_an_error_and_everything_stays_usable(dev: &Device) -> TestRe
     // The device, the earlier cache and the allocator still work.
     alloc.reserve(seq, 50)?;
     let table = alloc.page_table(&[seq])?;
-    let plan = BatchDecodePlan::new(dev, &shape, 32, &table, DecodeOptions::default())?;
+    let mut plan = BatchDecodePlan::new(dev, &shape, 32, &table, DecodeOptions::default())?;
     let q = dev.upload(&random_values::<f16>(&mut rng(1), plan.qo_elems()))?;
     let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
-    plan.run(dev, dev.stream(), &q, &cache, 1, &mut out, None)?;
+    plan.run(dev.stream(), &q, &cache, 1, &mut out, None)?;
     dev.synchronize()?;
     ensure!(dev.download(&out)?.iter().all(|x| x.is_finite()), "decode after the failure wrote non-finite values");
     Ok(())
@@ -42,10 +42,10 @@ fn threads_on_their_own_streams_match_serial_use(dev: &Device) -> TestResult {
     let queries: Vec<Vec<f16>> = (0..4).map(|_| random_values(&mut r, kv_lens.len() * 16 * 128)).collect();
     let run = |q: &[f16], stream: &std::sync::Arc<cudarc::driver::CudaStream>| -> Result<Vec<f16>, Error> {
         // A plan per thread: a plan's scratch serves one run at a time.
-        let plan = BatchDecodePlan::new(dev, &shape, 16, &table, DecodeOptions::default())?;
+        let mut plan = BatchDecodePlan::new(dev, &shape, 16, &table, DecodeOptions::default())?;
         let q = dev.upload(q)?;
         let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
-        plan.run(dev, stream, &q, &cache, 0, &mut out, None)?;
+        plan.run(stream, &q, &cache, 0, &mut out, None)?;
         stream.synchronize().map_err(|source| Error::Driver { context: "synchronizing a stream", source })?;
         dev.download(&out)
     };

@@ -36,20 +36,20 @@ pub fn cascade(b: &mut Bench, batch: usize, prefix: usize, own: usize, page_size
         alloc.reserve(id, own)?; // copy-on-write copies need no applying: the pool is random
     }
     let blocks: [Vec<f16>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
-    let layer = LayerPools {
-        k: filled_pool(dev, shape.pool_elems(), &blocks[0])?,
-        v: filled_pool(dev, shape.pool_elems(), &blocks[1])?,
-    };
+    let layer = LayerPools::new(
+        filled_pool(dev, shape.pool_elems(), &blocks[0])?,
+        filled_pool(dev, shape.pool_elems(), &blocks[1])?,
+    );
     let cache = PagedKvCache::from_layers(shape, vec![layer])?;
     let heads = s.kv_heads * 4;
-    let plain = BatchDecodePlan::new(dev, &shape, heads, &alloc.page_table(&family)?, DecodeOptions::default())?;
+    let mut plain = BatchDecodePlan::new(dev, &shape, heads, &alloc.page_table(&family)?, DecodeOptions::default())?;
     let mut plan =
         CascadeDecodePlan::<f16>::new(dev, &shape, heads, &alloc.cascade_levels(&[family])?, DecodeOptions::default())?;
     let q = dev.upload(&random_values::<f16>(&mut rng(3), plain.qo_elems()))?;
     let (mut out_plain, mut out_cascade) =
         (dev.alloc_zeros::<f16>(plain.qo_elems())?, dev.alloc_zeros::<f16>(plain.qo_elems())?);
-    let plain_us = b.timer.median_us(|| plain.run(dev, dev.stream(), &q, &cache, 0, &mut out_plain, None))?;
-    let cascade_us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &cache, 0, &mut out_cascade, None))?;
+    let plain_us = b.timer.median_us(|| plain.run(dev.stream(), &q, &cache, 0, &mut out_plain, None))?;
+    let cascade_us = b.timer.median_us(|| plan.run(dev.stream(), &q, &cache, 0, &mut out_cascade, None))?;
     let (a, c) = (dev.download(&out_plain)?, dev.download(&out_cascade)?);
     // NaN fails the check.
     let close = |x: f64, y: f64| (x - y).abs() <= 4e-3 + 2e-2 * x.abs();

@@ -43,11 +43,11 @@ pub fn decode<T: KvDType>(
     let (dev, s) = (b.dev, &b.shapes);
     let c = BenchCache::<T>::new(b, &vec![kv_len; batch], page_size)?;
     let heads = s.kv_heads * group;
-    let plan = BatchDecodePlan::new(dev, &c.shape, heads, &c.table, DecodeOptions::default())?;
+    let mut plan = BatchDecodePlan::new(dev, &c.shape, heads, &c.table, DecodeOptions::default())?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &c.cache, 0, &mut out, None))?;
+    let us = b.timer.median_us(|| plan.run(dev.stream(), &q, &c.cache, 0, &mut out, None))?;
     let out_host = dev.download(&out)?;
     let wrong: usize =
         [0, batch - 1].into_iter().take(batch.min(2)).map(|r| mismatches(&c, &q_host, &out_host, heads, r)).sum();

@@ -3,8 +3,11 @@
 //! device-to-device copy measured in the same run. Without a GPU it runs the CPU reference on
 //! the same kind of workload and says so.
 mod cascade;
+mod check;
 mod decode;
+mod merge;
 mod page_ops;
+mod plan_time;
 mod plot;
 mod prefill;
 mod sampled;
@@ -20,7 +23,9 @@ use page_ops::{Bench, Shapes};
 use timing::{BoxResult, Timer};
 
 #[derive(Parser)]
-#[command(about = "ferrinfer benchmark: paged KV gather, append, batch decode and batch prefill")]
+#[command(
+    about = "ferrinfer benchmark: paged KV gather, append, batch decode, batch prefill, cascade, merge and planning"
+)]
 struct Args {
     /// Sequences in the gather batch.
     #[arg(long, default_value_t = 64)]
@@ -40,8 +45,8 @@ struct Args {
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 30)]
     runs: usize,
-    /// Kernels to measure (by default the page operations and the decode sweep; prefill and
-    /// cascade when asked for).
+    /// Kernels to measure (by default the page operations and the decode sweep; prefill,
+    /// cascade, merge and plan (host planning time) when asked for).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kernel::Gather, Kernel::Append, Kernel::Decode])]
     kernels: Vec<Kernel>,
     /// Decode batches.
@@ -76,6 +81,18 @@ struct Args {
     /// Replaces those options.
     #[arg(long)]
     short: bool,
+    /// One short row of every kernel's bar (gather, append, decode, prefill, cascade, merge),
+    /// compared with the committed baseline of this GPU model; fails naming any row more than
+    /// 3% slower. Replaces the sweep options.
+    #[arg(long)]
+    check: bool,
+    /// With `--check`: the baseline file (default: `bench/baseline/<gpu>.json`, or
+    /// `baseline/<gpu>.json` beside the executable in the GPU bundle).
+    #[arg(long, requires = "check")]
+    baseline: Option<std::path::PathBuf>,
+    /// With `--check`: write the rows measured as the baseline here instead of comparing.
+    #[arg(long, requires = "check")]
+    write_baseline: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +103,10 @@ enum Kernel {
     Prefill,
     /// 64 requests sharing an 8192-token prompt plus 256 own tokens: cascade against plain decode.
     Cascade,
+    /// Two states of 8192 tokens × 32 heads × 128 merged (`merge_state`).
+    Merge,
+    /// Host time of planning: decode batches 1, 64, 256 (kv 4096) and prefill batch 8.
+    Plan,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,6 +123,19 @@ enum Layout {
 
 impl Args {
     fn shorten(mut self) -> Self {
+        if self.check {
+            // One short row of each kernel's bar, at page size 16.
+            self.kernels =
+                vec![Kernel::Gather, Kernel::Append, Kernel::Decode, Kernel::Prefill, Kernel::Cascade, Kernel::Merge];
+            self.page_sizes = vec![16];
+            self.decode_batches = vec![16, 64];
+            self.decode_kv_lens = vec![4096];
+            self.decode_groups = vec![4];
+            self.dtypes = vec![Dtype::F16];
+            self.prefill_lens = vec![1024];
+            self.prefill_batch = 8;
+            return self;
+        }
         if self.short {
             self.page_sizes = vec![16, 7];
             self.decode_batches = vec![1, 16, 64];
@@ -170,8 +204,8 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     let copy_gbs = 2.0 * bytes as f64 / copy_us / 1e3;
     drop((src, dst));
     // ferrinfer's own pure read stream (16-byte loads), the ceiling for kernels that only read.
-    let mut read = ferrinfer::probe::ReadStream::new(dev, 4 << 30)?;
-    let read_us = timer.median_us(|| read.run(dev, dev.stream()))?;
+    let mut read = ferrinfer::internals::ReadStream::new(dev, 4 << 30)?;
+    let read_us = timer.median_us(|| read.run(dev.stream()))?;
     let read_gbs = read.bytes() as f64 / read_us / 1e3;
     drop(read);
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write); read stream: {read_gbs:.0} GB/s");
@@ -183,14 +217,21 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     let decode_rows = args.decode_rows();
     let prefill_rows = args.prefill_rows();
     let cascades = if args.kernels.contains(&Kernel::Cascade) { args.page_sizes.len() } else { 0 };
-    let total =
-        gather_sizes.len() + appends.len() * append_sizes.len() + decode_rows.len() + prefill_rows.len() + cascades;
+    let merges = args.kernels.contains(&Kernel::Merge) as usize;
+    let plans = if args.kernels.contains(&Kernel::Plan) { PLAN_ROWS.len() } else { 0 };
+    let total = gather_sizes.len()
+        + appends.len() * append_sizes.len()
+        + decode_rows.len()
+        + prefill_rows.len()
+        + cascades
+        + merges
+        + plans;
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows, {elapsed} {msg}").expect("a valid template"),
     );
     let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress };
     let mut results = Vec::new();
-    if total > decode_rows.len() + prefill_rows.len() + cascades {
+    if gather_sizes.len() + append_sizes.len() > 0 {
         page_ops::header(&b);
     }
     for &ps in gather_sizes {
@@ -247,6 +288,28 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
         wrong += row_wrong;
         b.progress.inc(1);
     }
+    if merges > 0 {
+        b.print("");
+        merge::header(&b);
+        b.progress.set_message("merge_state 8192 tokens");
+        let head_dim = b.shapes.head_dim;
+        let (row, row_wrong) = merge::merge(&mut b, 8192, 32, head_dim)?;
+        results.push(row);
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
+    if plans > 0 {
+        b.print("");
+        plan_time::header(&b);
+        for &(kind, batch, len) in PLAN_ROWS {
+            b.progress.set_message(format!("planning {kind} batch {batch}"));
+            results.push(match kind {
+                "decode" => plan_time::decode(&mut b, batch, len, 16, args.runs.max(20))?,
+                _ => plan_time::prefill(&mut b, batch, len, 16, args.runs.max(20))?,
+            });
+            b.progress.inc(1);
+        }
+    }
     b.progress.finish_and_clear();
     if !gather_sizes.is_empty() || !append_sizes.is_empty() {
         println!("\nGather and append results matched the CPU reference bit for bit.");
@@ -267,8 +330,30 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<()> {
     if wrong > 0 {
         return Err(format!("{wrong} sampled output elements missed the reference").into());
     }
+    if args.check {
+        let gpu = dev.name();
+        if let Some(path) = &args.write_baseline {
+            return check::write_baseline(path, gpu, &format!("{} runs per row", args.runs), &results);
+        }
+        let path = check::baseline_path(args.baseline.as_deref(), gpu);
+        let slower = check::compare(&path, gpu, &results)?;
+        if !slower.is_empty() {
+            return Err(format!(
+                "{} row(s) more than {:.0}% slower than the baseline:\n  {}",
+                slower.len(),
+                100.0 * check::TOLERANCE,
+                slower.join("\n  ")
+            )
+            .into());
+        }
+        println!("Every row within {:.0}% of the baseline.", 100.0 * check::TOLERANCE);
+    }
     Ok(())
 }
+
+/// The plan-time rows: (kind, batch, prompt or sequence length).
+const PLAN_ROWS: &[(&str, usize, usize)] =
+    &[("decode", 1, 4096), ("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 8, 1024), ("prefill", 8, 4096)];
 
 /// No GPU: the same gather on the CPU reference, on a smaller workload.
 fn run_cpu(args: &Args) -> BoxResult<()> {
@@ -336,7 +421,7 @@ fn main() -> BoxResult<()> {
     match Device::new(0) {
         Ok(dev) => run_gpu(&dev, &args),
         Err(e) => {
-            println!("No GPU available ({e}).\nRunning the CPU reference path instead (smaller workload, no timing).");
+            println!("No GPU available ({e}).\nRunning the CPU reference path instead: a smaller workload, timed on the CPU (wall clock), not the GPU kernels.");
             run_cpu(&args)
         }
     }

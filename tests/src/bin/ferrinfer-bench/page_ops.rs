@@ -17,7 +17,7 @@ pub struct Shapes {
 /// What every measurement needs: the GPU, the timer, the shapes and the run's two ceilings.
 pub struct Bench<'d> {
     pub dev: &'d Device,
-    pub timer: Timer<'d>,
+    pub timer: Timer,
     pub shapes: Shapes,
     pub copy_gbs: f64,
     pub read_gbs: f64,
@@ -69,7 +69,7 @@ pub fn gather(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> B
     let (cache, host) = random_cache::<f16>(dev, &mut r, shape, 1)?;
     let plan = GatherPlan::new(dev, &shape, &table)?;
     let (mut k, mut v) = (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &cache, 0, &mut k, &mut v))?;
+    let us = b.timer.median_us(|| plan.run(dev.stream(), &cache, 0, &mut k, &mut v))?;
     expect_bitwise_eq(
         "gathered K",
         &dev.download(&k)?,
@@ -100,10 +100,10 @@ pub fn append(b: &mut Bench, batch: usize, tokens: usize, seq_after: usize, page
     let (k_in, v_in): (Vec<f16>, Vec<f16>) =
         (random_values(&mut r, plan.ragged_elems()), random_values(&mut r, plan.ragged_elems()));
     let (k_dev, v_dev) = (dev.upload(&k_in)?, dev.upload(&v_in)?);
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &mut cache, 0, &k_dev, &v_dev))?;
+    let us = b.timer.median_us(|| plan.run(dev.stream(), &mut cache, 0, &k_dev, &v_dev))?;
     // Check the appended tokens by reading back just the pages they landed in.
     let pools = cache.layer(0)?;
-    for (what, pool, input) in [("K", &pools.k, &k_in), ("V", &pools.v, &v_in)] {
+    for (what, pool, input) in [("K", pools.k(), &k_in), ("V", pools.v(), &v_in)] {
         check_appended(dev, &shape, &table, tokens, pool, input).map_err(|e| format!("appended {what}: {e}"))?;
     }
     Ok(row(

@@ -30,11 +30,11 @@ pub fn prefill<T: KvDType>(
     let c = BenchCache::<T>::new(b, &vec![len; batch], page_size)?;
     let heads = s.kv_heads * group;
     let qo_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * len as u32).collect();
-    let plan = BatchPrefillPlan::new(dev, &c.shape, heads, &qo_indptr, &c.table, CAUSAL)?;
+    let mut plan = BatchPrefillPlan::new(dev, &c.shape, heads, &qo_indptr, &c.table, CAUSAL)?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
-    let us = b.timer.median_us(|| plan.run(dev, dev.stream(), &q, &c.cache, 0, &mut out, None))?;
+    let us = b.timer.median_us(|| plan.run(dev.stream(), &q, &c.cache, 0, &mut out, None))?;
     let out_host = dev.download(&out)?;
 
     // Tokens j of a prompt sit at positions j: the first two are a 2-token prompt of their own,

@@ -37,10 +37,10 @@ impl<T: KvDType> BenchCache<T> {
         let shape = pool_shape(&b.shapes, kv_lens, page_size);
         let table = random_table(&mut rng(page_size as u64), kv_lens, page_size, shape.num_pages);
         let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
-        let layer = LayerPools {
-            k: filled_pool(b.dev, shape.pool_elems(), &blocks[0])?,
-            v: filled_pool(b.dev, shape.pool_elems(), &blocks[1])?,
-        };
+        let layer = LayerPools::new(
+            filled_pool(b.dev, shape.pool_elems(), &blocks[0])?,
+            filled_pool(b.dev, shape.pool_elems(), &blocks[1])?,
+        );
         Ok(BenchCache { shape, table, blocks, cache: PagedKvCache::from_layers(shape, vec![layer])? })
     }
 

@@ -6,31 +6,30 @@
 use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
-use ferrinfer::probe::ReadStream;
+use ferrinfer::internals::ReadStream;
 use ferrinfer::Device;
 
 pub type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-pub struct Timer<'d> {
-    device: &'d Device,
+pub struct Timer {
     stream: Arc<CudaStream>,
     flush_write: CudaSlice<u8>,
     flush_read: ReadStream,
     runs: usize,
 }
 
-impl<'d> Timer<'d> {
-    pub fn new(device: &'d Device, runs: usize) -> BoxResult<Self> {
+impl Timer {
+    pub fn new(device: &Device, runs: usize) -> BoxResult<Self> {
         // Larger than any L2 (50 MB on H100, 60 MB on H200).
         let flush_write = device.alloc_zeros::<u8>(256 << 20)?;
         let flush_read = ReadStream::new(device, 256 << 20)?;
-        Ok(Timer { device, stream: device.stream().clone(), flush_write, flush_read, runs: runs.max(1) })
+        Ok(Timer { stream: device.stream().clone(), flush_write, flush_read, runs: runs.max(1) })
     }
 
     /// Writes one buffer and reads another, both larger than the L2.
     fn flush(&mut self) -> BoxResult<()> {
         self.stream.memset_zeros(&mut self.flush_write)?;
-        self.flush_read.run(self.device, &self.stream)?;
+        self.flush_read.run(&self.stream)?;
         Ok(())
     }
 

@@ -4,12 +4,19 @@
 //! with [`PagedKvCache::copy_pages`](crate::PagedKvCache::copy_pages).
 use std::collections::BTreeMap;
 
+use super::page_table::PageTable;
 use crate::error::{Error, Result};
-use crate::page_table::PageTable;
 
 /// Names a sequence of a [`SequenceAllocator`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeqId(u64);
+
+impl SeqId {
+    /// The id as a number (what [`Error::UnknownSequence`] reports).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
 
 /// Copy page `src`'s contents to page `dst` (every layer, K and V) before writing `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +99,7 @@ impl SequenceAllocator {
     }
 
     fn sequence(&self, id: SeqId) -> Result<&Sequence> {
-        self.sequences.get(&id).ok_or(Error::UnknownSequence(id))
+        self.sequences.get(&id).ok_or(Error::UnknownSequence { id: id.0 })
     }
 
     /// Tokens in sequence `id`.
@@ -128,7 +135,7 @@ impl SequenceAllocator {
         }
         let mut fresh = fresh.into_iter();
         let mut copies = Vec::new();
-        let seq = self.sequences.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let seq = self.sequences.get_mut(&id).ok_or(Error::UnknownSequence { id: id.0 })?;
         if shared_partial_last {
             if let (Some(src), Some(dst)) = (seq.pages.pop(), fresh.next()) {
                 self.refcount[src as usize] -= 1;
@@ -154,7 +161,7 @@ impl SequenceAllocator {
 
     /// Ends sequence `id`; each of its pages returns to the pool when no sequence holds it.
     pub fn free(&mut self, id: SeqId) -> Result<()> {
-        let seq = self.sequences.remove(&id).ok_or(Error::UnknownSequence(id))?;
+        let seq = self.sequences.remove(&id).ok_or(Error::UnknownSequence { id: id.0 })?;
         for p in seq.pages {
             self.refcount[p as usize] -= 1;
             if self.refcount[p as usize] == 0 {
@@ -236,8 +243,8 @@ mod tests {
         assert_eq!(a.free_pages(), 3, "the child still holds the shared pages");
         a.free(child).unwrap();
         assert_eq!(a.free_pages(), 6);
-        assert!(matches!(a.len(child), Err(Error::UnknownSequence(_))));
-        assert!(matches!(a.free(child), Err(Error::UnknownSequence(_))));
+        assert!(matches!(a.len(child), Err(Error::UnknownSequence { .. })));
+        assert!(matches!(a.free(child), Err(Error::UnknownSequence { .. })));
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The kernel ABI: parameter blocks passed by value to the PTX entry points.
+//! The kernel ABI: parameter blocks passed by value to the PTX entry points, the launch
+//! geometry both sides derive from them, and the one table of kernel variants and PTX modules
+//! ([`kernel_variants!`], [`ptx_targets!`]).
 //!
-//! This file is compiled into both crates (`kernels-gpu` includes it by path), so host and
-//! device cannot disagree on a field's offset. It must stay `no_std`: plain `#[repr(C)]`
-//! data and arithmetic on it.
+//! This file is compiled into both crates (`kernels-gpu` includes it by path, and xtask for the
+//! module list), so host and device cannot disagree on a field's offset or on which kernels
+//! exist. It must stay `no_std`: plain `#[repr(C)]` data, arithmetic on it, and macros.
 
 /// Division by a divisor known only at run time, as a multiply-high, an add and a shift
 /// (Granlund–Montgomery). Exact for every divisor ≥ 1 and every dividend below 2^31.
@@ -400,7 +402,8 @@ pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32) -> u32 {
 
 /// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)
 /// rows, `num_states` partial outputs `v_k` with base-2 LSEs `s_k` become
-/// `v = Σ 2^(s_k − s) v_k` with `s = log2 Σ 2^(s_k)`. One warp per row.
+/// `v = Σ 2^(s_k − s) v_k` with `s = log2 Σ 2^(s_k)`. A warp takes [`merge_rows_per_warp`]
+/// rows.
 ///
 /// State `k` of row `(t, h)` sits at element `t · token_stride + k · state_stride + h · head_dim`
 /// of `v` (and `t · s_token_stride + k · s_state_stride + h` of `s`); strides are signed so two
@@ -436,5 +439,114 @@ pub struct MergeStatesParams {
     pub head_dim: u32,
 }
 
-/// Threads of a merge-states block: eight rows, a warp each.
+/// Threads of a merge-states block: eight warps.
 pub const MERGE_THREADS: u32 = 256;
+
+/// Rows a merge-states warp takes: as many as its lanes cover with one 8-dim slice each
+/// (head_dim 64: four rows of 8 lanes; 128: two of 16), so short rows leave no lane idle; one
+/// row where a row's slices do not divide 32 lanes evenly.
+pub const fn merge_rows_per_warp(head_dim: u32) -> u32 {
+    let slices = head_dim / 8;
+    if slices > 0 && slices < 32 && 32 % slices == 0 {
+        32 / slices
+    } else {
+        1
+    }
+}
+
+/// The one table of kernel variants. Every entry point of the PTX modules is generated from
+/// it (`kernels-gpu/src/entries.rs`), and so is the host's function table
+/// (`runtime/kernels.rs`), so the two cannot disagree. Adding an element type, a head_dim or a
+/// prefill block height is one line here; what each variant must satisfy is asserted below, at
+/// compile time, in both crates.
+///
+/// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
+/// - `each!(decode $Half $dtype $head_dim)`,
+/// - `each!(prefill $Half $dtype $head_dim $rows)` (blocks of `$rows` packed query rows),
+/// - `each!(merge_states $Half $dtype)`,
+/// - `each!(single $name)` (a kernel without variants, written by name in its own file),
+///
+/// where `$Half` is the kernel crate's element type and `$dtype` its name in entry points.
+#[allow(unused_macros)]
+macro_rules! kernel_variants {
+    ($each:ident) => {
+        kernel_variants!(@dtypes $each
+            // Element types of the attention and merge kernels.
+            [F16 f16] [Bf16 bf16];
+            // Head dims, each with the prefill block heights (query rows) built for it.
+            [[64: 64 128] [128: 64 128] [256: 64]]
+        );
+        $each!(single paged_kv_gather);
+        $each!(single paged_kv_scatter);
+        $each!(single read_stream);
+        $each!(single helper_check);
+    };
+    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $dims:tt) => {
+        $(
+            kernel_variants!(@dims $each $half $dtype $dims);
+            $each!(merge_states $half $dtype);
+        )*
+    };
+    (@dims $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+        $(
+            $each!(decode $half $dtype $dim);
+            $( $each!(prefill $half $dtype $dim $rows); )*
+        )*
+    };
+}
+
+/// The entry-point name of a variant of [`kernel_variants!`], as a string literal.
+#[allow(unused_macros)]
+macro_rules! entry_name {
+    (decode $dtype:ident $dim:literal) => {
+        concat!("decode_", stringify!($dtype), "_", stringify!($dim))
+    };
+    (prefill $dtype:ident $dim:literal $rows:literal) => {
+        concat!("prefill_", stringify!($dtype), "_", stringify!($dim), "_rows", stringify!($rows))
+    };
+    (merge_states $dtype:ident) => {
+        concat!("merge_states_", stringify!($dtype))
+    };
+    (single $name:ident) => {
+        stringify!($name)
+    };
+}
+
+/// The PTX modules: the architecture each is compiled for, its file under `host/ptx/`, and the
+/// lowest compute capability it is loaded on (the host loads the module with the highest such
+/// capability the GPU reaches). `ptx_targets!(each)` calls `each!` once with every line.
+#[allow(unused_macros)]
+macro_rules! ptx_targets {
+    ($each:ident) => {
+        $each! {
+            sm_80 "ferrinfer_sm80.ptx" (8, 0);
+            sm_90 "ferrinfer_sm90.ptx" (9, 0);
+        }
+    };
+}
+
+/// Dynamic shared memory an A100 gives one block (163 KiB), the least of the GPUs the modules
+/// serve at compute capability 8.0 and 9.0; every attention variant must fit it.
+pub const MAX_BLOCK_SMEM_BYTES: u32 = 163 * 1024;
+
+/// What every variant of [`kernel_variants!`] must satisfy, checked at compile time.
+#[allow(unused_macros)]
+macro_rules! assert_variant {
+    (decode $half:ident $dtype:ident $dim:literal) => {
+        const _: () = {
+            // Rows of whole 16-byte vectors and whole k16 mma steps; wider heads in 128-dim warps.
+            assert!($dim % 16 == 0 && ($dim <= DECODE_WARP_DIMS || $dim % DECODE_WARP_DIMS == 0));
+            assert!(decode_smem_bytes($dim) <= MAX_BLOCK_SMEM_BYTES);
+        };
+    };
+    (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+        const _: () = {
+            assert!($dim % 16 == 0 && ($dim <= PREFILL_WARP_DIMS || $dim % PREFILL_WARP_DIMS == 0));
+            assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($dim));
+            assert!(prefill_smem_bytes($dim, $rows / 64) <= MAX_BLOCK_SMEM_BYTES);
+        };
+    };
+    (merge_states $half:ident $dtype:ident) => {};
+    (single $name:ident) => {};
+}
+kernel_variants!(assert_variant);

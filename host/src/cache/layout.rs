@@ -1,7 +1,7 @@
 //! The shape of a paged KV cache and where each element lives in it.
-use crate::abi::{FastDiv, TokenLayout};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::runtime::abi::{FastDiv, TokenLayout};
+use crate::runtime::dtype::DType;
 
 /// Order of a page's dimensions (FlashInfer's `kv_layout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +40,20 @@ pub struct CacheShape {
 /// Positions, page indices and vector offsets inside a kernel are 32-bit (and run-time
 /// division is exact below 2^31), so counts that feed them stay under this.
 pub const MAX_INDEX: usize = FastDiv::MAX_DIVIDEND as usize;
+
+impl std::fmt::Display for CacheShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layout = match self.layout {
+            KvLayout::Nhd => "NHD",
+            KvLayout::Hnd => "HND",
+        };
+        write!(
+            f,
+            "{} pages × {} tokens × {} KV heads × {} dims, {layout}",
+            self.num_pages, self.page_size, self.num_kv_heads, self.head_dim
+        )
+    }
+}
 
 impl CacheShape {
     /// Checks the dimensions for element type `dtype`: all non-zero, rows a whole number of

@@ -4,17 +4,14 @@
 //! `v = Σ_k 2^(s_k − s) v_k`, `s = log2 Σ_k 2^(s_k)`. An empty state (LSE −∞) contributes
 //! nothing; all empty gives zeros and −∞. Cascade attention merges a shared prefix's result with
 //! each request's own this way. Every LSE ferrinfer's kernels return is in this base.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use crate::abi::{MergeStatesParams, MERGE_THREADS};
-use crate::attention::{check_lengths, kernel_dtype, optional_ptr_mut};
-use crate::device::{launch_config, Device, LaunchStream};
-use crate::dtype::KvDType;
+use crate::cache::layout::MAX_INDEX;
 use crate::error::{Error, Result};
-use crate::layout::MAX_INDEX;
-
-// SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
-unsafe impl DeviceRepr for MergeStatesParams {}
+use crate::plan::check_lengths;
+use crate::runtime::abi::{merge_rows_per_warp, MergeStatesParams, MERGE_THREADS};
+use crate::runtime::device::{launch_config, Device, LaunchStream};
+use crate::runtime::dtype::KvDType;
 
 /// Heads and head_dim of the states, checked once.
 #[derive(Clone, Copy, Debug)]
@@ -65,8 +62,13 @@ pub fn merge_state<T: KvDType>(
     v_b: &impl DevicePtr<T>,
     s_b: &impl DevicePtr<f32>,
     v_out: &mut impl DevicePtrMut<T>,
-    s_out: Option<&mut CudaSlice<f32>>,
+    s_out: Option<&mut dyn DevicePtrMut<f32>>,
 ) -> Result<()> {
+    check_contexts(device, stream, &[("v_a", v_a.stream()), ("s_a", s_a.stream()), ("v_b", v_b.stream())])?;
+    check_contexts(device, stream, &[("s_b", s_b.stream()), ("v_out", v_out.stream())])?;
+    if let Some(s) = &s_out {
+        check_contexts(device, stream, &[("s_out", s.stream())])?;
+    }
     let tokens = shape.tokens(s_a.len(), 1)?;
     let elems = tokens * shape.heads * shape.head_dim;
     let rows = tokens * shape.heads;
@@ -92,11 +94,13 @@ pub fn merge_state_in_place<T: KvDType>(
     device: &Device,
     stream: &CudaStream,
     shape: StateShape,
-    v: &mut impl DevicePtrMut<T>,
-    s: &mut CudaSlice<f32>,
+    v: &mut (impl DevicePtrMut<T> + ?Sized),
+    s: &mut (impl DevicePtrMut<f32> + ?Sized),
     v_other: &impl DevicePtr<T>,
     s_other: &impl DevicePtr<f32>,
 ) -> Result<()> {
+    check_contexts(device, stream, &[("v", v.stream()), ("s", s.stream())])?;
+    check_contexts(device, stream, &[("v_other", v_other.stream()), ("s_other", s_other.stream())])?;
     let tokens = shape.tokens(s.len(), 1)?;
     let (elems, rows) = (tokens * shape.heads * shape.head_dim, tokens * shape.heads);
     check_lengths(&[("v", v.len(), elems), ("v_other", v_other.len(), elems), ("s_other", s_other.len(), rows)])?;
@@ -120,8 +124,12 @@ pub fn merge_states<T: KvDType>(
     v: &impl DevicePtr<T>,
     s: &impl DevicePtr<f32>,
     v_out: &mut impl DevicePtrMut<T>,
-    s_out: Option<&mut CudaSlice<f32>>,
+    s_out: Option<&mut dyn DevicePtrMut<f32>>,
 ) -> Result<()> {
+    check_contexts(device, stream, &[("v", v.stream()), ("s", s.stream()), ("v_out", v_out.stream())])?;
+    if let Some(s) = &s_out {
+        check_contexts(device, stream, &[("s_out", s.stream())])?;
+    }
     let tokens = shape.tokens(s.len(), num_states)?;
     let (elems, rows) = (tokens * shape.heads * shape.head_dim, tokens * shape.heads);
     check_lengths(&[
@@ -177,20 +185,35 @@ fn two_states<T: KvDType>(
     }
 }
 
+/// `Ok` when `stream` and every buffer (given by its cudarc stream) belong to `device`.
+fn check_contexts(device: &Device, stream: &CudaStream, buffers: &[(&'static str, &CudaStream)]) -> Result<()> {
+    device.check_stream(stream)?;
+    buffers.iter().try_for_each(|&(what, s)| device.check_context(what, s.context()))
+}
+
+/// The address of an optional output (0 when absent) and its stream-ordering guard.
+fn optional_ptr_mut<'a, 'b: 'a>(
+    stream: &'a CudaStream,
+    buffer: Option<&'a mut (dyn DevicePtrMut<f32> + 'b)>,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match buffer {
+        Some(b) => {
+            let (p, g) = b.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
 /// # Safety
 /// `params` addresses only inside live buffers of this device.
 unsafe fn launch<T: KvDType>(device: &Device, stream: &CudaStream, params: &MergeStatesParams) -> Result<()> {
-    let dtype = kernel_dtype::<T>("merging attention states")?;
+    let kernel = device.kernels().merge_states(T::DTYPE)?;
     let rows = params.tokens * params.heads;
     if rows == 0 {
         return Ok(());
     }
-    let cfg = launch_config((rows.div_ceil(MERGE_THREADS / 32), 1), MERGE_THREADS, 0);
-    device.launch(
-        &device.kernels.merge_states[dtype],
-        cfg,
-        LaunchStream::Cudarc(stream),
-        params,
-        "merging attention states",
-    )
+    let rows_per_block = MERGE_THREADS / 32 * merge_rows_per_warp(params.head_dim);
+    let cfg = launch_config((rows.div_ceil(rows_per_block), 1), MERGE_THREADS, 0);
+    device.launch(&kernel.function, cfg, LaunchStream::Cudarc(stream), params, "merging attention states")
 }

@@ -3,19 +3,25 @@
 //! Level 0 attends each family's queries together over the family's shared pages (batch
 //! prefill without a mask: one "request" per family whose queries are its members'); level 1
 //! attends each request over its own pages (batch decode); the two states merge by their LSE.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+//! The levels are independent until the merge, so they run side by side: the shared level on a
+//! stream of the plan's own, forked from the caller's and joined back before the merge (CUDA
+//! graph capture follows the fork and the join), so its compute-bound blocks and the own
+//! level's bandwidth-bound ones fill the GPU together.
+use std::sync::Arc;
 
-use crate::allocator::{SeqId, SequenceAllocator};
-use crate::attention::check_lengths;
-use crate::cache::PagedKvCache;
-use crate::decode::{BatchDecodePlan, DecodeOptions};
-use crate::device::Device;
-use crate::dtype::KvDType;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::decode::{BatchDecodePlan, DecodeOptions};
+use super::merge::{merge_state_in_place, StateShape};
+use super::prefill::{BatchPrefillPlan, PrefillOptions};
+use crate::cache::allocator::{SeqId, SequenceAllocator};
+use crate::cache::layout::CacheShape;
+use crate::cache::page_table::PageTable;
+use crate::cache::paged::PagedKvCache;
 use crate::error::{Error, Result};
-use crate::layout::CacheShape;
-use crate::merge::{merge_state_in_place, StateShape};
-use crate::page_table::PageTable;
-use crate::prefill::{BatchPrefillPlan, PrefillOptions};
+use crate::plan::check_lengths;
+use crate::runtime::device::Device;
+use crate::runtime::dtype::KvDType;
 
 /// A batch's two levels: `shared` has one sequence per family (its shared, full pages),
 /// `unique` one per request (its pages after the shared ones), and `members` says which
@@ -67,9 +73,10 @@ impl SequenceAllocator {
     }
 }
 
-/// Decode for a batch in cascade layout: `run` launches level 0, level 1 and the merge. The
-/// plan holds the shared level's output and LSEs as scratch, so runs of one plan must not
-/// overlap on the GPU (as for [`BatchDecodePlan`]).
+/// Decode for a batch in cascade layout: `run` launches level 0 (on the plan's side stream),
+/// level 1 (on the caller's stream) and the merge. The plan holds the shared level's output and
+/// LSEs as scratch; `run` takes `&mut self`, and the scratch is tracked, so runs of one plan on
+/// two streams are ordered.
 ///
 /// ```no_run
 /// use ferrinfer::{f16, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, PagedKvCache, SequenceAllocator};
@@ -85,7 +92,7 @@ impl SequenceAllocator {
 /// let mut plan = CascadeDecodePlan::<f16>::new(&dev, &shape, 32, &levels, DecodeOptions::default())?;
 /// let q = dev.alloc_zeros::<f16>(plan.qo_elems())?;
 /// let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
-/// plan.run(&dev, dev.stream(), &q, &cache, 0, &mut out, None)?;
+/// plan.run(dev.stream(), &q, &cache, 0, &mut out, None)?;
 /// # Ok::<(), ferrinfer::Error>(())
 /// ```
 pub struct CascadeDecodePlan<T: KvDType> {
@@ -96,6 +103,10 @@ pub struct CascadeDecodePlan<T: KvDType> {
     shared_out: CudaSlice<T>,
     shared_lse: CudaSlice<f32>,
     unique_lse: CudaSlice<f32>,
+    /// The shared level's stream, and the events that fork it from the caller's and join it back.
+    side: Arc<CudaStream>,
+    fork: CudaEvent,
+    join: CudaEvent,
 }
 
 impl<T: KvDType> CascadeDecodePlan<T> {
@@ -109,6 +120,51 @@ impl<T: KvDType> CascadeDecodePlan<T> {
         levels: &CascadeLevels,
         options: DecodeOptions,
     ) -> Result<Self> {
+        let (shared_options, rows) = Self::check(num_qo_heads, levels, options)?;
+        let shared =
+            BatchPrefillPlan::new(device, shape, num_qo_heads, &levels.members, &levels.shared, shared_options)?;
+        let unique = BatchDecodePlan::new(device, shape, num_qo_heads, &levels.unique, options)?;
+        let event = || device.context().new_event(None).map_err(Error::driver("creating an event"));
+        Ok(CascadeDecodePlan {
+            shared,
+            unique,
+            state: StateShape { heads: num_qo_heads, head_dim: shape.head_dim },
+            rows,
+            shared_out: device.alloc_zeros(rows * shape.head_dim)?,
+            shared_lse: device.alloc_zeros(rows)?,
+            unique_lse: device.alloc_zeros(rows)?,
+            side: device.new_stream()?,
+            fork: event()?,
+            join: event()?,
+        })
+    }
+
+    /// Plans the next batch into this plan's buffers (growing them if it is larger), without
+    /// waiting for the GPU. On an invalid batch nothing changes.
+    pub fn replan(
+        &mut self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        levels: &CascadeLevels,
+        options: DecodeOptions,
+    ) -> Result<()> {
+        let (shared_options, rows) = Self::check(num_qo_heads, levels, options)?;
+        self.shared.replan(shape, num_qo_heads, &levels.members, &levels.shared, shared_options)?;
+        self.unique.replan(shape, num_qo_heads, &levels.unique, options)?;
+        let device = self.unique.device().clone();
+        if self.shared_out.len() != rows * shape.head_dim {
+            self.shared_out = device.alloc_zeros(rows * shape.head_dim)?;
+        }
+        if self.rows != rows {
+            (self.shared_lse, self.unique_lse) = (device.alloc_zeros(rows)?, device.alloc_zeros(rows)?);
+        }
+        self.state = StateShape { heads: num_qo_heads, head_dim: shape.head_dim };
+        self.rows = rows;
+        Ok(())
+    }
+
+    /// The shared level's options and the rows of the batch, after checking `levels`.
+    fn check(num_qo_heads: usize, levels: &CascadeLevels, options: DecodeOptions) -> Result<(PrefillOptions, usize)> {
         if options.window_left != -1 {
             return Err(Error::BadOption { what: "cascade decode takes no window (window_left must be −1)" });
         }
@@ -120,25 +176,18 @@ impl<T: KvDType> CascadeDecodePlan<T> {
                 batch: levels.shared.batch_size(),
             });
         }
-        let shared_options = PrefillOptions {
+        let shared = PrefillOptions {
             causal: false,
             sm_scale: options.sm_scale,
             logits_soft_cap: options.logits_soft_cap,
             window_left: -1,
         };
-        let shared =
-            BatchPrefillPlan::new(device, shape, num_qo_heads, &levels.members, &levels.shared, shared_options)?;
-        let unique = BatchDecodePlan::new(device, shape, num_qo_heads, &levels.unique, options)?;
-        let rows = batch * num_qo_heads;
-        Ok(CascadeDecodePlan {
-            shared,
-            unique,
-            state: StateShape { heads: num_qo_heads, head_dim: shape.head_dim },
-            rows,
-            shared_out: device.alloc_zeros(rows * shape.head_dim)?,
-            shared_lse: device.alloc_zeros(rows)?,
-            unique_lse: device.alloc_zeros(rows)?,
-        })
+        Ok((shared, batch * num_qo_heads))
+    }
+
+    /// The device the plan runs on.
+    pub fn device(&self) -> &Device {
+        self.unique.device()
     }
 
     /// Elements of `q` and `out`: `batch × num_qo_heads × head_dim`.
@@ -148,26 +197,36 @@ impl<T: KvDType> CascadeDecodePlan<T> {
 
     /// Decode of `q` (`[batch][num_qo_heads][head_dim]`, requests in `levels`' order) over layer
     /// `layer`: both levels and their merge into `out` and, if given, the base-2 LSE over all of
-    /// each request's keys into `lse` (`[batch][num_qo_heads]`). Only launches, on `stream`.
-    #[allow(clippy::too_many_arguments)]
+    /// each request's keys into `lse` (`[batch][num_qo_heads]`). Only launches, on `stream` and
+    /// the plan's side stream, which `stream` waits for before the merge.
     pub fn run(
         &mut self,
-        device: &Device,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
         cache: &PagedKvCache<T>,
         layer: usize,
-        out: &mut CudaSlice<T>,
-        lse: Option<&mut CudaSlice<f32>>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
         check_lengths(&[("lse", lse.as_ref().map_or(self.rows, |l| l.len()), self.rows)])?;
-        self.shared.run(device, stream, q, cache, layer, &mut self.shared_out, Some(&mut self.shared_lse))?;
-        let lse = match lse {
+        let device = self.unique.device().clone();
+        device.check_stream(stream)?;
+        // Level 0 on the side stream, after everything queued on `stream` so far.
+        self.fork.record(stream).map_err(Error::driver("recording an event"))?;
+        self.side.wait(&self.fork).map_err(Error::driver("ordering the side stream"))?;
+        self.shared.run(&self.side, q, cache, layer, &mut self.shared_out, Some(&mut self.shared_lse))?;
+        let lse: &mut dyn DevicePtrMut<f32> = match lse {
             Some(l) => l,
             None => &mut self.unique_lse,
         };
-        self.unique.run(device, stream, q, cache, layer, out, Some(lse))?;
-        merge_state_in_place(device, stream, self.state, out, lse, &self.shared_out, &self.shared_lse)
+        self.unique.run(stream, q, cache, layer, out, Some(&mut *lse))?;
+        self.join.record(&self.side).map_err(Error::driver("recording an event"))?;
+        stream.wait(&self.join).map_err(Error::driver("joining the side stream"))?;
+        // What level 0 read, `stream` now reads too: cudarc's read events of q and the pools
+        // (recorded per stream) then cover both levels for whoever writes them next.
+        let pools = cache.layer(layer)?;
+        let _reads = (q.device_ptr(stream).1, pools.k().device_ptr(stream).1, pools.v().device_ptr(stream).1);
+        merge_state_in_place(&device, stream, self.state, out, lse, &self.shared_out, &self.shared_lse)
     }
 }
 

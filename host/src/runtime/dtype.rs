@@ -21,6 +21,11 @@ impl DType {
             DType::F32 => 4,
         }
     }
+    /// The type named `name` (`"f16"`, `"bf16"` or `"f32"`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [DType::F16, DType::BF16, DType::F32].into_iter().find(|d| d.name() == name)
+    }
+
     /// The type's Rust name: `"f16"`, `"bf16"` or `"f32"`.
     pub const fn name(self) -> &'static str {
         match self {

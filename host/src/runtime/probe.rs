@@ -1,18 +1,16 @@
 //! Bandwidth probes: ferrinfer's own pure-read stream, the ceiling for kernels that only read
 //! (decode), and a way for benchmarks to leave the L2 holding clean lines of an unrelated buffer.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::abi::ReadStreamParams;
-use crate::device::{launch_config, Device};
+use super::abi::ReadStreamParams;
+use super::device::{launch_config, Device, LaunchStream};
 use crate::error::{Error, Result};
-
-// SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
-unsafe impl DeviceRepr for ReadStreamParams {}
 
 const THREADS: u32 = 256;
 
 /// A buffer to read and the sink its reads are folded into.
 pub struct ReadStream {
+    device: Device,
     data: CudaSlice<u8>,
     sink: CudaSlice<u32>,
     blocks: u32,
@@ -26,6 +24,7 @@ impl ReadStream {
 
     /// A stream over `data`, whose length must be a non-zero multiple of 16 bytes.
     pub fn over(device: &Device, data: CudaSlice<u8>) -> Result<Self> {
+        device.check_buffer("read stream data", &data)?;
         if data.is_empty() || !data.len().is_multiple_of(16) {
             return Err(Error::BufferLength {
                 what: "read stream data (whole 16-byte vectors)",
@@ -35,13 +34,14 @@ impl ReadStream {
         }
         // One wave of as many blocks as fit on every SM: grid-stride, so none waits for a slot.
         let per_sm = device
-            .kernels
-            .read_stream
+            .kernels()
+            .single("read_stream")
+            .function
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
             .map_err(Error::driver("reading the read stream's occupancy"))?;
-        let blocks = device.multiprocessor_count()? as u32 * per_sm.max(1);
+        let blocks = device.multiprocessor_count() as u32 * per_sm.max(1);
         let sink = device.alloc_zeros::<u32>((blocks * THREADS / 32) as usize)?;
-        Ok(ReadStream { data, sink, blocks })
+        Ok(ReadStream { device: device.clone(), data, sink, blocks })
     }
 
     /// Bytes one [`run`](Self::run) reads.
@@ -50,20 +50,20 @@ impl ReadStream {
     }
 
     /// XOR of every 32-bit word read by the last run (waits for the device's stream).
-    pub fn checksum(&self, device: &Device) -> Result<u32> {
-        Ok(device.download(&self.sink)?.into_iter().fold(0, |a, w| a ^ w))
+    pub fn checksum(&self) -> Result<u32> {
+        Ok(self.device.download(&self.sink)?.into_iter().fold(0, |a, w| a ^ w))
     }
 
     /// Reads the whole buffer once on `stream`.
-    pub fn run(&mut self, device: &Device, stream: &CudaStream) -> Result<()> {
+    pub fn run(&mut self, stream: &CudaStream) -> Result<()> {
+        self.device.check_stream(stream)?;
         let (data, _g0) = self.data.device_ptr(stream);
         let (sink, _g1) = self.sink.device_ptr_mut(stream);
         let params = ReadStreamParams { data, sink, vecs: (self.data.len() / 16) as u64 };
         let cfg = launch_config((self.blocks, 1), THREADS, 0);
+        let kernel = &self.device.kernels().single("read_stream").function;
         // SAFETY: reads `vecs` whole vectors of `data`; writes one word per warp of the grid
-        // into `sink`, which has exactly that many.
-        unsafe { stream.launch_builder(&device.kernels.read_stream).arg(&params).launch(cfg) }
-            .map(|_| ())
-            .map_err(Error::driver("launching the read stream"))
+        // into `sink`, which has exactly that many; both are of this device (checked).
+        unsafe { self.device.launch(kernel, cfg, LaunchStream::Cudarc(stream), &params, "launching the read stream") }
     }
 }

@@ -1,15 +1,12 @@
 //! Runs the device helpers (conversions, fast math, warp collectives, fast division) on the GPU
 //! so they can be checked against the host: a quick test that the toolchain and the driver agree
 //! on what the PTX means.
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-pub use crate::abi::HELPER_OUTPUTS;
-use crate::abi::{FastDiv, HelperCheckParams};
-use crate::device::{launch_config, Device};
+pub use super::abi::HELPER_OUTPUTS;
+use super::abi::{FastDiv, HelperCheckParams};
+use super::device::{launch_config, Device, LaunchStream};
 use crate::error::{Error, Result};
-
-// SAFETY: plain `#[repr(C)]` data shared with the kernel crate.
-unsafe impl DeviceRepr for HelperCheckParams {}
 
 /// For each `input[i]`, the `HELPER_OUTPUTS` values listed at [`HELPER_OUTPUTS`]. `input`'s
 /// length must be a non-zero multiple of 32 (whole warps), `i · 7919 < 2^31` and `divisor ≥ 1`.
@@ -39,9 +36,9 @@ pub fn helper_outputs(device: &Device, input: &[f32], divisor: u32) -> Result<Ve
         let (output_ptr, _g1) = output.device_ptr_mut(stream);
         let params = HelperCheckParams { input: input_ptr, output: output_ptr, divisor: FastDiv::new(divisor) };
         let cfg = launch_config(((input.len() / 32) as u32, 1), 32, 32 * 4);
+        let kernel = &device.kernels().single("helper_check").function;
         // SAFETY: one thread per input element, each writing its own HELPER_OUTPUTS outputs.
-        unsafe { stream.launch_builder(&device.kernels.helper_check).arg(&params).launch(cfg) }
-            .map_err(Error::driver("launching the helper check"))?;
+        unsafe { device.launch(kernel, cfg, LaunchStream::Cudarc(stream), &params, "launching the helper check")? };
     }
     device.download(&output)
 }

@@ -1,0 +1,632 @@
+//! Batch prefill attention over the paged cache, plan-then-run like FlashInfer's
+//! `BatchPrefillWithPagedKVCacheWrapper`: request `i` has `qo_len(i)` new query tokens (rows
+//! `qo_indptr[i]..qo_indptr[i + 1]` of `q`) attending over its `kv_len(i)` cached tokens (the new
+//! ones included, at the end), `out = softmax(sm_scale · q·Kᵀ) · V` in f32. With `causal`, query
+//! `j` sees keys up to its own position `kv_len − qo_len + j`; causal and windowed batches need
+//! `kv_len ≥ qo_len`, others take any number of queries (cascade's shared level). Prefill, chunked
+//! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
+//! 64 or 128 query rows (by the batch's query lengths), longest key range first, and uploads it
+//! asynchronously; `run` only launches, so it can be captured in a CUDA graph.
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use super::{check_heads_and_options, split_chunk};
+use crate::cache::layout::{CacheShape, KvLayout, MAX_INDEX};
+use crate::cache::page_table::{validate_indptr, PageTable};
+use crate::cache::paged::PagedKvCache;
+use crate::error::{Error, Result};
+use crate::plan::{as_bytes, paged_cache_params, Addresses, AttentionLaunch, PlanCore, ScratchLayout};
+use crate::runtime::abi::{
+    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, NO_PARTIAL,
+    PREFILL_TILE_TOKENS,
+};
+use crate::runtime::device::Device;
+use crate::runtime::dtype::{DType, KvDType};
+use crate::runtime::kernels::{prefill_block_rows, Kernel, Kernels};
+use crate::runtime::raw::RawSlice;
+
+/// Run-time options, as FlashInfer's `plan` takes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefillOptions {
+    /// Query `j` of a request sees keys up to its position `kv_len − qo_len + j` only.
+    pub causal: bool,
+    /// Multiplies `q · k`; `None` means `1 / √head_dim`.
+    pub sm_scale: Option<f32>,
+    /// `cap` in `cap · tanh(s / cap)` applied to the scaled logits; 0 for none.
+    pub logits_soft_cap: f32,
+    /// Query `j` sees keys at positions `≥ kv_len − qo_len + j − window_left` only; −1 for no
+    /// window.
+    pub window_left: i32,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+    }
+}
+
+/// A validated prefill batch with its work items on the device.
+///
+/// When the batch's row tiles alone cannot fill the GPU (one long request among short ones),
+/// `plan` splits the keys of the long tiles over several blocks and the last of them merges
+/// the parts by their LSE in the same launch. The plan holds that scratch and its [`Device`];
+/// `run` takes `&mut self` and the scratch is tracked as written, so runs of one plan on
+/// different streams are ordered by cudarc's event tracking. `replan` re-plans the next batch
+/// into the same buffers without waiting for the GPU.
+///
+/// ```no_run
+/// use ferrinfer::{f16, BatchPrefillPlan, CacheShape, Device, KvLayout, PagedKvCache, PageTable, PrefillOptions};
+///
+/// let dev = Device::new(0)?;
+/// let shape = CacheShape { num_pages: 1024, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+/// let cache = PagedKvCache::<f16>::new(&dev, shape, 1)?;
+/// // One request of 39 cached tokens whose last 10 are new: a chunk of a prompt.
+/// let table = PageTable { kv_indptr: vec![0, 3], kv_indices: vec![5, 9, 2], kv_last_page_len: vec![7] };
+/// let causal = PrefillOptions { causal: true, ..Default::default() };
+/// let mut plan = BatchPrefillPlan::new(&dev, &shape, 32, &[0, 10], &table, causal)?;
+/// let q = dev.alloc_zeros::<f16>(plan.qo_elems())?; // [10 tokens][32 heads][128]
+/// let mut out = dev.alloc_zeros::<f16>(plan.qo_elems())?;
+/// plan.run(dev.stream(), &q, &cache, 0, &mut out, None)?;
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
+pub struct BatchPrefillPlan {
+    core: PlanCore,
+    work: PrefillWork,
+}
+
+/// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
+/// `tile_rows`, each with the key range its rows may see.
+fn row_tiles(
+    qo_indptr: &[u32],
+    kv_lens: &[usize],
+    kv_indptr: &[u32],
+    group: usize,
+    tile_rows: usize,
+    options: &PrefillOptions,
+) -> Vec<PrefillWorkItem> {
+    let mut work = Vec::new();
+    for (request, &kv_len) in kv_lens.iter().enumerate() {
+        let qo_len = (qo_indptr[request + 1] - qo_indptr[request]) as usize;
+        // Only causal and windowed plans use positions, and those have kv_len ≥ qo_len.
+        let (diag, rows) = (kv_len.saturating_sub(qo_len), qo_len * group);
+        for first_row in (0..rows).step_by(tile_rows) {
+            let (first_token, last_token) = (first_row / group, ((first_row + tile_rows).min(rows) - 1) / group);
+            let kv_end = if options.causal { diag + last_token + 1 } else { kv_len };
+            let kv_start = match options.window_left {
+                -1 => 0,
+                w => (diag + first_token).saturating_sub(w as usize),
+            };
+            work.push(PrefillWorkItem {
+                pages: kv_indptr[request],
+                q_start: qo_indptr[request],
+                qo_len: qo_len as u32,
+                kv_len: kv_len as u32,
+                first_row: first_row as u32,
+                kv_start: kv_start as u32,
+                kv_end: kv_end as u32,
+                slot: NO_PARTIAL,
+                parts: 1,
+                ..Default::default()
+            });
+        }
+    }
+    work
+}
+
+/// The blocks of a batch: its row tiles, the keys of those longer than `chunk` (when given)
+/// split into parts with consecutive partial slots and one merge counter per KV head, longest
+/// key range first so the slowest blocks start in the first wave. Returns the items, the
+/// slots and the split tiles.
+fn split_tiles(
+    tiles: Vec<PrefillWorkItem>,
+    chunk: Option<usize>,
+    num_kv_heads: usize,
+) -> (Vec<PrefillWorkItem>, usize, usize) {
+    let (mut work, mut slots, mut split) = (Vec::new(), 0u32, 0u32);
+    for tile in tiles {
+        let span = (tile.kv_end - tile.kv_start) as usize;
+        let parts = chunk.map_or(1, |c| span.div_ceil(c).max(1));
+        if parts == 1 {
+            work.push(tile);
+            continue;
+        }
+        for part in 0..parts {
+            work.push(PrefillWorkItem {
+                kv_start: tile.kv_start + (part * span / parts) as u32,
+                kv_end: tile.kv_start + ((part + 1) * span / parts) as u32,
+                slot: slots + part as u32,
+                first_slot: slots,
+                parts: parts as u32,
+                counters: split * num_kv_heads as u32,
+                ..tile
+            });
+        }
+        slots += parts as u32;
+        split += 1;
+    }
+    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_start));
+    (work, slots as usize, split as usize)
+}
+
+/// A prefill batch's work split: what a plan uploads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefillSplit {
+    /// One per work item (a row tile, or a part of a split one); each runs for every KV head.
+    pub work: Vec<PrefillWorkItem>,
+    /// Partial slots of split row tiles.
+    pub slots: usize,
+    /// Row tiles split over several items.
+    pub split_tiles: usize,
+    /// Query heads per KV head.
+    pub group_size: usize,
+    /// Packed query rows of each item's tile (the kernel's block height, 64 or 128).
+    pub block_rows: u32,
+    /// Query tokens of the batch.
+    pub total_q: usize,
+    /// The resolved `sm_scale`.
+    pub sm_scale: f32,
+}
+
+/// The block height a batch prefers: with 128 rows each K/V fragment a warp loads and each K/V
+/// row the block copies serve twice the tensor-core ops, so they win once requests average
+/// more than 64 packed rows; shorter ones would mostly fill a 128-row block with padding. The
+/// tallest of `heights` (the kernels built for the head_dim) that is not taller than wanted.
+pub fn preferred_block_rows(heights: &[u32], num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> u32 {
+    let (requests, tokens) = (qo_indptr.len().saturating_sub(1), *qo_indptr.last().unwrap_or(&0) as usize);
+    let rows = tokens * (num_qo_heads / num_kv_heads.max(1));
+    let wanted = if rows > 64 * requests { 128 } else { 64 };
+    heights.iter().copied().filter(|&h| h <= wanted).max().or(heights.first().copied()).unwrap_or(64)
+}
+
+/// The work split for a prefill batch with blocks of `block_rows` packed query rows, worked out
+/// without a GPU for a device of `sms` multiprocessors holding `blocks_per_sm` of those blocks
+/// each: the validation and every work item (for plans, and for fuzzing the planner against a
+/// bounds model).
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_split(
+    shape: &CacheShape,
+    num_qo_heads: usize,
+    qo_indptr: &[u32],
+    table: &PageTable,
+    options: PrefillOptions,
+    block_rows: u32,
+    sms: usize,
+    blocks_per_sm: usize,
+) -> Result<PrefillSplit> {
+    let (group_size, sm_scale) =
+        check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)?;
+    table.validate(shape.page_size, shape.num_pages)?;
+    let batch = table.batch_size();
+    validate_indptr("qo_indptr", qo_indptr, batch)?;
+    let kv_lens = table.kv_lens(shape.page_size);
+    for (seq, &kv_len) in kv_lens.iter().enumerate() {
+        let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
+        // With a causal mask or a window, query j sits at key position kv_len − qo_len + j,
+        // so the queries must be among the keys; without either, any number of queries may
+        // attend (the multi-query form cascade attention's shared level uses).
+        let positioned = options.causal || options.window_left >= 0;
+        if qo_len > kv_len && positioned {
+            return Err(Error::QueryLongerThanKeys { seq, qo_len, kv_len });
+        }
+    }
+    let total_q = qo_indptr[batch] as usize;
+    let rows = total_q * num_qo_heads;
+    if rows > MAX_INDEX {
+        return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
+    }
+    // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
+    let tile_rows = block_rows as usize;
+    let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, tile_rows, &options);
+    let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
+    let capacity = sms * blocks_per_sm;
+    // The merging block keeps 8 sums per thread, (parts + 1) weights per row and a flag in
+    // its shared memory.
+    let dim = shape.head_dim as u32;
+    let staging = prefill_smem_bytes(dim, block_rows / 64) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
+    let max_parts = staging / tile_rows - 1;
+    let chunk = split_chunk(&spans, PREFILL_TILE_TOKENS, shape.num_kv_heads, capacity, max_parts);
+    let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
+    let blocks = work.len() * shape.num_kv_heads;
+    if blocks > i32::MAX as usize {
+        return Err(Error::TooLarge {
+            what: "prefill blocks (row tiles × KV heads)",
+            value: blocks,
+            max: i32::MAX as usize,
+        });
+    }
+    Ok(PrefillSplit { work, slots, split_tiles: split, group_size, block_rows, total_q, sm_scale })
+}
+
+/// The split `plan` uploads: at the preferred block height, unless that height leaves the
+/// batch too few row tiles to fill the GPU; a split tile's last part merges all its parts'
+/// rows alone, after the others, so when keys must be split the shortest blocks win (more
+/// tiles, fewer parts each, smaller merges: cascade's shared level is such a batch).
+/// `blocks_per_sm(rows)` is the occupancy of the kernel of that height.
+pub fn plan_prefill_split(
+    shape: &CacheShape,
+    num_qo_heads: usize,
+    qo_indptr: &[u32],
+    table: &PageTable,
+    options: PrefillOptions,
+    sms: usize,
+    blocks_per_sm: impl Fn(u32) -> usize,
+) -> Result<PrefillSplit> {
+    let heights = prefill_block_rows(shape.head_dim);
+    let preferred = preferred_block_rows(&heights, num_qo_heads, shape.num_kv_heads, qo_indptr);
+    let split =
+        prefill_split(shape, num_qo_heads, qo_indptr, table, options, preferred, sms, blocks_per_sm(preferred))?;
+    match heights.first() {
+        Some(&lowest) if split.split_tiles > 0 && lowest < preferred => {
+            prefill_split(shape, num_qo_heads, qo_indptr, table, options, lowest, sms, blocks_per_sm(lowest))
+        }
+        _ => Ok(split),
+    }
+}
+
+/// What a prefill launch needs besides its operands (the plan's host side).
+struct PrefillWork {
+    shape: CacheShape,
+    num_qo_heads: usize,
+    total_q: usize,
+    options: PrefillOptions,
+    sm_scale: f32,
+    group_size: usize,
+    /// Packed query rows of a block: the kernel variant (64 or 128).
+    block_rows: u32,
+    items: usize,
+    /// Elements of each of K and V the launch addresses (a paged plan: the pools'; a ragged
+    /// one: the batch's rows).
+    kv_elems: usize,
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
+    split_tiles: usize,
+}
+
+impl AttentionLaunch for PrefillWork {
+    type Params = PrefillParams;
+    const WHAT: &'static str = "prefill attention";
+
+    fn rows(&self) -> usize {
+        self.total_q * self.num_qo_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.shape.head_dim
+    }
+    fn kv_elems(&self) -> usize {
+        self.kv_elems
+    }
+    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType) -> Result<&'k Kernel> {
+        kernels.prefill(dtype, self.shape.head_dim, self.block_rows)
+    }
+    fn blocks(&self) -> u32 {
+        (self.items * self.shape.num_kv_heads) as u32
+    }
+    fn params(&self, ops: &Addresses, parts: &[u64], split: SplitScratch) -> PrefillParams {
+        PrefillParams {
+            q: ops.q,
+            cache: paged_cache_params(&self.shape, ops.k, ops.v, parts[0]),
+            work: parts[1],
+            out: ops.out,
+            lse: ops.lse,
+            split,
+            num_qo_heads: self.num_qo_heads as u32,
+            num_kv_heads: self.shape.num_kv_heads as u32,
+            group_size: FastDiv::new(self.group_size as u32),
+            sm_scale: self.sm_scale,
+            logits_soft_cap: self.options.logits_soft_cap,
+            window_left: self.options.window_left,
+            causal: self.options.causal as u32,
+        }
+    }
+}
+
+impl BatchPrefillPlan {
+    /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
+    /// tokens are rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`, with `num_qo_heads` query heads
+    /// (a multiple of `shape.num_kv_heads`), on `device`.
+    pub fn new(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let mut plan = BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) };
+        plan.replan(shape, num_qo_heads, qo_indptr, table, options)?;
+        Ok(plan)
+    }
+
+    /// Plans the next batch into this plan's buffers: validates and splits on the host, then
+    /// enqueues the metadata's upload on the device's stream without waiting for the GPU. On an
+    /// invalid batch nothing changes and the plan stays usable.
+    pub fn replan(
+        &mut self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        options: PrefillOptions,
+    ) -> Result<()> {
+        self.replan_with(shape, num_qo_heads, qo_indptr, table, options, shape.pool_elems())
+    }
+
+    /// Plans prefill over contiguous ("ragged") K and V, FlashInfer's
+    /// `BatchPrefillWithRaggedKVCacheWrapper`: request `i`'s keys are rows
+    /// `kv_indptr[i]..kv_indptr[i + 1]` of `k` and `v` (`[total_kv][num_kv_heads][head_dim]`),
+    /// its queries rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`. The paged kernel runs it: the
+    /// rows are pages of one token each, listed in order.
+    pub fn ragged(
+        device: &Device,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let empty = CacheShape { num_pages: 1, page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
+        let mut plan =
+            BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(&empty, num_qo_heads) };
+        plan.replan_ragged(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, options)?;
+        Ok(plan)
+    }
+
+    /// [`replan`](Self::replan) for a [`ragged`](Self::ragged) plan.
+    pub fn replan_ragged(
+        &mut self,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        options: PrefillOptions,
+    ) -> Result<()> {
+        validate_indptr("kv_indptr", kv_indptr, qo_indptr.len().saturating_sub(1))?;
+        let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
+        let shape =
+            CacheShape { num_pages: total_kv.max(1), page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
+        let table = PageTable {
+            kv_indptr: kv_indptr.to_vec(),
+            kv_indices: (0..total_kv as u32).collect(),
+            kv_last_page_len: kv_indptr.windows(2).map(|w| (w[1] > w[0]) as u32).collect(),
+        };
+        self.replan_with(&shape, num_qo_heads, qo_indptr, &table, options, total_kv * num_kv_heads * head_dim)
+    }
+
+    fn replan_with(
+        &mut self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        options: PrefillOptions,
+        kv_elems: usize,
+    ) -> Result<()> {
+        let device = self.core.device();
+        let kernels = device.kernels();
+        let blocks_per_sm = |rows| kernels.prefill(DType::F16, shape.head_dim, rows).map_or(1, |k| k.blocks_per_sm);
+        let PrefillSplit { work, slots, split_tiles, group_size, block_rows, total_q, sm_scale } = plan_prefill_split(
+            shape,
+            num_qo_heads,
+            qo_indptr,
+            table,
+            options,
+            device.multiprocessor_count(),
+            blocks_per_sm,
+        )?;
+        let scratch = ScratchLayout {
+            counters: split_tiles * shape.num_kv_heads,
+            partial_rows: slots * shape.num_kv_heads * block_rows as usize,
+            head_dim: shape.head_dim,
+        };
+        self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
+        self.work = PrefillWork {
+            shape: *shape,
+            num_qo_heads,
+            total_q,
+            options,
+            sm_scale,
+            group_size,
+            block_rows,
+            items: work.len(),
+            kv_elems,
+            split_tiles,
+        };
+        Ok(())
+    }
+
+    /// The device the plan runs on.
+    pub fn device(&self) -> &Device {
+        self.core.device()
+    }
+
+    /// Elements of `q` and `out`: `total_q × num_qo_heads × head_dim`.
+    pub fn qo_elems(&self) -> usize {
+        self.work.rows() * self.work.shape.head_dim
+    }
+
+    /// Blocks of the launch: work items (row tiles, or parts of split ones) × KV heads.
+    #[cfg(feature = "internals")]
+    pub fn num_blocks(&self) -> usize {
+        self.work.blocks() as usize
+    }
+
+    /// Row tiles whose keys are split across several blocks (merged in the same launch), and
+    /// the block height chosen.
+    #[cfg(feature = "internals")]
+    pub fn split_tiles(&self) -> (usize, u32) {
+        (self.work.split_tiles, self.work.block_rows)
+    }
+
+    /// Attention of `q` (`[total_q][num_qo_heads][head_dim]`) over layer `layer` of `cache`,
+    /// into `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (token, head)
+    /// into `lse` (`[total_q][num_qo_heads]`). Only launches, on `stream` (a stream of the
+    /// plan's device); every buffer is checked against the plan first.
+    pub fn run<T: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        cache: &PagedKvCache<T>,
+        layer: usize,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
+        let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+    }
+
+    /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
+    /// keys and values, `[total_kv][num_kv_heads][head_dim]`.
+    pub fn run_ragged<T: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
+        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one
+    /// layer's pools (`shape.pool_elems()` elements each, laid out as the plan's shape says) or,
+    /// for a [`ragged`](Self::ragged) plan, the contiguous rows, on the raw stream `stream` of
+    /// the plan's device. Lengths are checked as in `run`; the stream is made to wait for the
+    /// plan's upload.
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; nothing else writes `q`, `k` or `v`
+    /// while the launch runs, and nothing reads or writes `out` and `lse` until it has
+    /// completed; runs of this plan are ordered on the GPU (its scratch is reused by each), and
+    /// the plan is neither replanned nor dropped until the launch has completed.
+    pub unsafe fn run_raw<T: KvDType>(
+        &mut self,
+        stream: CUstream,
+        q: RawSlice<T>,
+        k: RawSlice<T>,
+        v: RawSlice<T>,
+        out: RawSlice<T>,
+        lse: Option<RawSlice<f32>>,
+    ) -> Result<()> {
+        self.core.run_attention_raw(&self.work, stream, q, k, v, out, lse)
+    }
+}
+
+impl PrefillWork {
+    /// No work yet (a plan before its first `replan`).
+    fn empty(shape: &CacheShape, num_qo_heads: usize) -> Self {
+        PrefillWork {
+            shape: *shape,
+            num_qo_heads,
+            total_q: 0,
+            options: PrefillOptions::default(),
+            sm_scale: 1.0,
+            group_size: 1,
+            block_rows: 64,
+            items: 0,
+            kv_elems: 0,
+            split_tiles: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(qo: &[u32], kv: &[usize], group: usize, options: PrefillOptions) -> Vec<PrefillWorkItem> {
+        let kv_indptr: Vec<u32> = (0..=kv.len() as u32).collect();
+        split_tiles(row_tiles(qo, kv, &kv_indptr, group, 64, &options), None, 2).0
+    }
+
+    #[test]
+    fn rows_are_cut_into_tiles_of_64_with_their_causal_key_ranges() {
+        // One request: 100 new tokens at the end of 300 keys, group 2: 200 rows, 4 tiles.
+        let causal = PrefillOptions { causal: true, ..Default::default() };
+        let mut work = items(&[0, 100], &[300], 2, causal);
+        work.sort_by_key(|w| w.first_row);
+        let rows: Vec<u32> = work.iter().map(|w| w.first_row).collect();
+        assert_eq!(rows, [0, 64, 128, 192]);
+        // Tile 1 holds tokens 32..=63: keys up to 200 + 63.
+        assert_eq!((work[1].kv_start, work[1].kv_end), (0, 264));
+        // The last tile (rows 192..200, tokens 96..=99) sees every key.
+        assert_eq!((work[3].kv_start, work[3].kv_end), (0, 300));
+        assert!(work.iter().all(|w| w.qo_len == 100 && w.kv_len == 300));
+    }
+
+    #[test]
+    fn the_window_bounds_the_first_key_and_longest_ranges_come_first() {
+        let opts = PrefillOptions { causal: true, window_left: 10, ..Default::default() };
+        let work = items(&[0, 64, 65], &[1000, 5], 1, opts);
+        // Request 0: tokens 0..64 at positions 936..1000: keys 926..1000.
+        assert_eq!((work[0].kv_start, work[0].kv_end), (926, 1000));
+        // Request 1: one token at position 4: keys 0..5.
+        assert_eq!((work[1].q_start, work[1].kv_start, work[1].kv_end), (64, 0, 5));
+        // Without causality the window still starts at the first row's position.
+        let opts = PrefillOptions { window_left: 10, ..Default::default() };
+        assert_eq!((items(&[0, 64], &[1000], 1, opts)[0].kv_end), 1000);
+    }
+
+    #[test]
+    fn long_tiles_split_into_parts_with_consecutive_slots() {
+        let kv_indptr = [0, 1, 2];
+        let tiles = row_tiles(&[0, 1, 3], &[1000, 64], &kv_indptr, 1, 64, &PrefillOptions::default());
+        let (work, slots, split) = split_tiles(tiles, Some(256), 8);
+        assert_eq!((work.len(), slots, split), (5, 4, 1));
+        let parts: Vec<_> = work.iter().filter(|w| w.slot != NO_PARTIAL).collect();
+        assert_eq!(parts.len(), 4);
+        assert!(parts.iter().all(|w| w.first_slot == 0 && w.parts == 4 && w.counters == 0 && w.qo_len == 1));
+        let mut ranges: Vec<(u32, u32, u32)> = parts.iter().map(|w| (w.slot, w.kv_start, w.kv_end)).collect();
+        ranges.sort();
+        assert_eq!(ranges, [(0, 0, 250), (1, 250, 500), (2, 500, 750), (3, 750, 1000)]);
+        let short = work.iter().find(|w| w.slot == NO_PARTIAL).unwrap();
+        assert_eq!((short.parts, short.kv_end, short.q_start), (1, 64, 1));
+    }
+
+    #[test]
+    fn long_query_batches_take_128_row_blocks_below_head_dim_256() {
+        // 8 × 1024 tokens, group 4: the tiles hold 128 rows where such a kernel exists.
+        let prompts: Vec<u32> = (0..=8).map(|i| i * 1024).collect();
+        assert_eq!(preferred_block_rows(&prefill_block_rows(128), 32, 8, &prompts), 128);
+        assert_eq!(preferred_block_rows(&prefill_block_rows(256), 32, 8, &prompts), 64);
+        // 64 requests of one token each, group 4: 4 rows per request on average.
+        let decode_like: Vec<u32> = (0..=64).collect();
+        assert_eq!(preferred_block_rows(&prefill_block_rows(128), 32, 8, &decode_like), 64);
+        let kv_indptr = [0, 1];
+        let tiles = row_tiles(&[0, 100], &[300], &kv_indptr, 2, 128, &PrefillOptions::default());
+        assert_eq!(tiles.iter().map(|w| w.first_row).collect::<Vec<_>>(), [0, 128]);
+    }
+
+    #[test]
+    fn batches_whose_keys_must_be_split_take_64_row_blocks() {
+        // Cascade's shared level: one request of 64 queries over 8192 keys, group 4, 8 KV heads,
+        // non-causal. 128-row tiles (2 per KV head) would need 16 parts each to fill 132 SMs.
+        let shape = CacheShape { num_pages: 512, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+        let table = PageTable { kv_indptr: vec![0, 512], kv_indices: (0..512).collect(), kv_last_page_len: vec![16] };
+        let split = plan_prefill_split(&shape, 32, &[0, 64], &table, PrefillOptions::default(), 132, |_| 2).unwrap();
+        assert_eq!(split.block_rows, 64);
+        assert!(
+            split.split_tiles == 4 && split.work.len() <= 33,
+            "{} tiles, {} items",
+            split.split_tiles,
+            split.work.len()
+        );
+        // A batch that fills the GPU unsplit keeps its 128-row blocks.
+        let shape = CacheShape { num_pages: 8 * 64, ..shape };
+        let table = PageTable {
+            kv_indptr: (0..=8).map(|i| i * 64).collect(),
+            kv_indices: (0..512).collect(),
+            kv_last_page_len: vec![16; 8],
+        };
+        let qo: Vec<u32> = (0..=8).map(|i| i * 1024).collect();
+        let causal = PrefillOptions { causal: true, ..Default::default() };
+        let split = plan_prefill_split(&shape, 32, &qo, &table, causal, 132, |_| 2).unwrap();
+        assert_eq!((split.block_rows, split.split_tiles), (128, 0));
+    }
+
+    #[test]
+    fn requests_without_queries_take_no_block() {
+        assert!(items(&[0, 0, 0], &[5, 0], 4, PrefillOptions::default()).is_empty());
+    }
+}

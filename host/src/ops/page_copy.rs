@@ -1,0 +1,307 @@
+//! Copies between the paged cache and contiguous ragged K/V (`[token][head][dim]`, FlashInfer's
+//! ragged KV layout): gather (pages → ragged), scatter (ragged → pages) and append (FlashInfer's
+//! `append_paged_kv_cache`: a ragged batch of new tokens written after each sequence's earlier
+//! tokens). Planning validates and uploads the metadata asynchronously; running only launches.
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::cache::layout::CacheShape;
+use crate::cache::page_table::{validate_indptr, PageTable};
+use crate::cache::paged::PagedKvCache;
+use crate::error::{Error, Result};
+use crate::plan::{as_bytes, check_lengths, PlanCore, ScratchLayout};
+use crate::runtime::abi::{FastDiv, PagedCopyParams};
+use crate::runtime::device::{launch_config, Device, LaunchStream};
+use crate::runtime::dtype::KvDType;
+use crate::runtime::raw::RawSlice;
+
+const THREADS: u32 = 256;
+/// 16-byte vectors a block moves at most: 8 per thread, several loads in flight each.
+const VECS_PER_BLOCK: u32 = 2048;
+/// Blocks to aim for when a batch is small (about two per SM of a large GPU), so a short
+/// append spreads over the chip instead of queueing behind a few blocks.
+const MIN_BLOCKS: u32 = 256;
+
+/// Rows per block: as many as fill `VECS_PER_BLOCK`, fewer when that would leave SMs idle.
+fn rows_per_block(total_rows: u32, row_vecs: u32) -> u32 {
+    let full = (VECS_PER_BLOCK / row_vecs).clamp(1, 256);
+    full.min(total_rows.div_ceil(MIN_BLOCKS)).max(1)
+}
+
+/// Which way a copy goes, and the kernel that does it.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Pages → ragged.
+    Gather,
+    /// Ragged → pages.
+    Scatter,
+}
+
+impl Direction {
+    fn kernel(self) -> &'static str {
+        match self {
+            Direction::Gather => "paged_kv_gather",
+            Direction::Scatter => "paged_kv_scatter",
+        }
+    }
+}
+
+/// What gather and scatter plans share: where each ragged row's token lives in the pool.
+struct CopyPlan {
+    core: PlanCore,
+    shape: CacheShape,
+    total_rows: u32,
+    direction: Direction,
+}
+
+impl CopyPlan {
+    /// Sequence `i` copies its positions `first_pos[i]..kv_len(i)`, in order, to or from the
+    /// next ragged rows. `table` is already validated for `shape`.
+    fn new(
+        device: &Device,
+        shape: &CacheShape,
+        table: &PageTable,
+        first_pos: &[usize],
+        direction: Direction,
+    ) -> Result<Self> {
+        // Per ragged row, its token's element offset in a page pool.
+        let mut row_offsets = Vec::new();
+        for (seq, (kv_len, &first)) in table.kv_lens(shape.page_size).into_iter().zip(first_pos).enumerate() {
+            for pos in first..kv_len {
+                let (page, slot) = table.locate(seq, pos, shape.page_size);
+                row_offsets.push(shape.element_index(page, slot, 0, 0) as u64);
+            }
+        }
+        let mut core = PlanCore::new(device)?;
+        core.replan(&[as_bytes(&row_offsets)], ScratchLayout::default())?;
+        Ok(CopyPlan { core, shape: *shape, total_rows: row_offsets.len() as u32, direction })
+    }
+
+    fn ragged_elems(&self) -> usize {
+        self.total_rows as usize * self.shape.token_elems()
+    }
+
+    /// Checks the ragged buffers' lengths (the pools are checked by the cache).
+    fn check_ragged(&self, k: usize, v: usize) -> Result<()> {
+        let rows = self.ragged_elems();
+        check_lengths(&[("ragged K", k, rows), ("ragged V", v, rows)])
+    }
+
+    /// Launches the plan's kernel for `[k_pages, v_pages, k_ragged, v_ragged]`, which the caller
+    /// checked against the plan and keeps alive, with the row offsets at `row_offsets`.
+    ///
+    /// # Safety
+    /// Every address is a live allocation of the plan's device with the lengths the plan
+    /// expects (the pools `shape.pool_elems()`, the ragged buffers `ragged_elems()`), and a raw
+    /// stream belongs to the device's context.
+    unsafe fn launch<T: KvDType>(&self, stream: LaunchStream, buffers: [u64; 4], row_offsets: u64) -> Result<()> {
+        if self.total_rows == 0 {
+            return Ok(());
+        }
+        let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
+        let layout = self.shape.token_layout(T::DTYPE);
+        let row_vecs = self.shape.num_kv_heads as u32 * layout.head_vecs.divisor;
+        let rows_per_block = rows_per_block(self.total_rows, row_vecs);
+        let params = PagedCopyParams {
+            k_pages,
+            v_pages,
+            k_ragged,
+            v_ragged,
+            row_offsets,
+            vec_shift: (16 / T::DTYPE.size_bytes()).trailing_zeros(),
+            layout,
+            row_vecs: FastDiv::new(row_vecs),
+            total_rows: self.total_rows,
+            rows_per_block,
+        };
+        let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), 2), THREADS, rows_per_block * 8);
+        let device = self.core.device();
+        let kernel = &device.kernels().single(self.direction.kernel()).function;
+        // SAFETY: the table was validated against this shape (and, for writes, found disjoint)
+        // when planning, so every row offset lies inside a pool; the caller vouches for the
+        // buffers.
+        device.launch(kernel, cfg, stream, &params, "launching a paged K/V copy")
+    }
+
+    /// The raw runs: raw pools (`shape.pool_elems()` each) and ragged buffers, checked against
+    /// the plan, on a raw stream made to wait for the plan's upload.
+    ///
+    /// # Safety
+    /// As the public `run_raw`s.
+    unsafe fn run_raw<T: KvDType>(
+        &self,
+        stream: CUstream,
+        pools: [RawSlice<T>; 2],
+        ragged: [RawSlice<T>; 2],
+    ) -> Result<()> {
+        self.core.device().check_raw_stream(stream)?;
+        let pool = self.shape.pool_elems();
+        check_lengths(&[("k_pages", pools[0].len(), pool), ("v_pages", pools[1].len(), pool)])?;
+        self.check_ragged(ragged[0].len(), ragged[1].len())?;
+        let row_offsets = self.core.raw_parts()?[0];
+        self.core.order_after_upload(stream)?;
+        let buffers = [pools[0].ptr(), pools[1].ptr(), ragged[0].ptr(), ragged[1].ptr()];
+        self.launch::<T>(LaunchStream::Raw(stream), buffers, row_offsets)
+    }
+}
+
+/// Copies every token of a batch out of the cache into ragged `[token][head][dim]` buffers,
+/// sequence after sequence (rows at `table.token_indptr(page_size)`).
+///
+/// ```no_run
+/// use ferrinfer::{f16, CacheShape, Device, GatherPlan, KvLayout, PagedKvCache, PageTable};
+///
+/// let dev = Device::new(0)?;
+/// let shape = CacheShape { num_pages: 16, page_size: 7, num_kv_heads: 2, head_dim: 64, layout: KvLayout::Hnd };
+/// let cache = PagedKvCache::<f16>::new(&dev, shape, 1)?;
+/// let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![4, 1], kv_last_page_len: vec![3] };
+/// let plan = GatherPlan::new(&dev, &shape, &table)?;
+/// let (mut k, mut v) = (dev.alloc_zeros::<f16>(plan.ragged_elems())?, dev.alloc_zeros::<f16>(plan.ragged_elems())?);
+/// plan.run(dev.stream(), &cache, 0, &mut k, &mut v)?; // 10 tokens × 2 heads × 64
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
+pub struct GatherPlan(CopyPlan);
+
+impl GatherPlan {
+    /// Validates `table` against `shape` and uploads where each of the batch's tokens lies in the pool.
+    pub fn new(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        Ok(GatherPlan(CopyPlan::new(device, shape, table, &vec![0; table.batch_size()], Direction::Gather)?))
+    }
+
+    /// Elements of each ragged output: `total tokens × num_kv_heads × head_dim`.
+    pub fn ragged_elems(&self) -> usize {
+        self.0.ragged_elems()
+    }
+
+    /// Gathers layer `layer` of `cache` into `k_out` and `v_out` (cudarc slices or views) on
+    /// `stream` (a stream of the plan's device).
+    pub fn run<T: KvDType>(
+        &self,
+        stream: &CudaStream,
+        cache: &PagedKvCache<T>,
+        layer: usize,
+        k_out: &mut impl DevicePtrMut<T>,
+        v_out: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let plan = &self.0;
+        let device = plan.core.device();
+        device.check_stream(stream)?;
+        device.check_buffer("ragged K", k_out)?;
+        device.check_buffer("ragged V", v_out)?;
+        plan.check_ragged(k_out.len(), v_out.len())?;
+        let (k_pool, v_pool) = cache.pools_for(device, &plan.shape, layer)?;
+        let (k_pages, _g0) = k_pool.device_ptr(stream);
+        let (v_pages, _g1) = v_pool.device_ptr(stream);
+        let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
+        let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
+        let (parts, _g4) = plan.core.metadata_on(stream)?;
+        // SAFETY: the pools and ragged buffers were checked against the plan and live in its
+        // context; every buffer outlives the launch's enqueueing (guards above).
+        unsafe { plan.launch::<T>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0]) }
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: one layer's pools (`shape.pool_elems()`
+    /// elements each) into ragged `k_out` and `v_out`, on the raw stream `stream` of the plan's
+    /// device (made to wait for the plan's upload).
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; nothing writes the pools while the
+    /// launch runs, nothing reads or writes `k_out` and `v_out` until it has completed, and the
+    /// plan is not dropped before then.
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        stream: CUstream,
+        pools: [RawSlice<T>; 2],
+        k_out: RawSlice<T>,
+        v_out: RawSlice<T>,
+    ) -> Result<()> {
+        self.0.run_raw(stream, pools, [k_out, v_out])
+    }
+}
+
+/// Writes ragged `[token][head][dim]` K/V into the cache: whole sequences (the reverse of
+/// gather) or appended tokens. Planning rejects any batch in which two tokens would land in
+/// one slot.
+pub struct ScatterPlan(CopyPlan);
+
+impl ScatterPlan {
+    /// Every token of every sequence, rows at `table.token_indptr(page_size)`.
+    pub fn whole_sequences(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        let first_pos = vec![0; table.batch_size()];
+        table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos, Direction::Scatter)?))
+    }
+
+    /// FlashInfer's `append_paged_kv_cache`: sequence `i` appends rows
+    /// `append_indptr[i]..append_indptr[i + 1]` of the ragged input as its last tokens. `table`
+    /// describes the sequences after the append (pages already reserved), so the new tokens
+    /// take positions `kv_len(i) − append_len(i)..kv_len(i)`.
+    pub fn append(device: &Device, shape: &CacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
+        table.validate(shape.page_size, shape.num_pages)?;
+        validate_indptr("append_indptr", append_indptr, table.batch_size())?;
+        let kv_lens = table.kv_lens(shape.page_size);
+        let mut first_pos = Vec::with_capacity(kv_lens.len());
+        for (seq, (w, &kv_len)) in append_indptr.windows(2).zip(&kv_lens).enumerate() {
+            let append_len = (w[1] - w[0]) as usize;
+            if append_len > kv_len {
+                return Err(Error::AppendLongerThanSequence { seq, append_len, kv_len });
+            }
+            first_pos.push(kv_len - append_len);
+        }
+        table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos, Direction::Scatter)?))
+    }
+
+    /// Elements of each ragged input: `tokens written × num_kv_heads × head_dim`.
+    pub fn ragged_elems(&self) -> usize {
+        self.0.ragged_elems()
+    }
+
+    /// Writes `k_in` and `v_in` (cudarc slices or views) into layer `layer` of `cache` on
+    /// `stream` (a stream of the plan's device).
+    pub fn run<T: KvDType>(
+        &self,
+        stream: &CudaStream,
+        cache: &mut PagedKvCache<T>,
+        layer: usize,
+        k_in: &impl DevicePtr<T>,
+        v_in: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let plan = &self.0;
+        let device = plan.core.device();
+        device.check_stream(stream)?;
+        device.check_buffer("ragged K", k_in)?;
+        device.check_buffer("ragged V", v_in)?;
+        plan.check_ragged(k_in.len(), v_in.len())?;
+        let (k_pool, v_pool) = cache.pools_for_mut(device, &plan.shape, layer)?;
+        let (k_pages, _g0) = k_pool.device_ptr_mut(stream);
+        let (v_pages, _g1) = v_pool.device_ptr_mut(stream);
+        let (k_ragged, _g2) = k_in.device_ptr(stream);
+        let (v_ragged, _g3) = v_in.device_ptr(stream);
+        let (parts, _g4) = plan.core.metadata_on(stream)?;
+        // SAFETY: the pools and ragged buffers were checked against the plan and live in its
+        // context; its writes were found disjoint when planning; every buffer outlives the
+        // launch's enqueueing (guards above).
+        unsafe { plan.launch::<T>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0]) }
+    }
+
+    /// [`run`](Self::run) for stacks not on cudarc: ragged `k_in` and `v_in` into one layer's
+    /// pools (`shape.pool_elems()` elements each), on the raw stream `stream` of the plan's
+    /// device (made to wait for the plan's upload).
+    ///
+    /// # Safety
+    /// Every slice satisfies [`RawSlice::new`]'s contract; nothing writes `k_in` and `v_in`
+    /// while the launch runs, nothing reads or writes the pools until it has completed, and the
+    /// plan is not dropped before then.
+    pub unsafe fn run_raw<T: KvDType>(
+        &self,
+        stream: CUstream,
+        pools: [RawSlice<T>; 2],
+        k_in: RawSlice<T>,
+        v_in: RawSlice<T>,
+    ) -> Result<()> {
+        self.0.run_raw(stream, pools, [k_in, v_in])
+    }
+}

@@ -1,0 +1,257 @@
+//! A GPU with ferrinfer's kernels loaded: the context, its stream, the module chosen for the
+//! device's compute capability (loaded once), the kernel function table, and the staging ring
+//! that uploads without stalling. Cloning a `Device` is cheap; the clones share all of it.
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::result;
+use cudarc::driver::sys::{self, CUstream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::kernels::Kernels;
+use super::ptx;
+use super::staging::StagingRing;
+use crate::error::{Error, Result};
+
+/// An open GPU: its CUDA context, a stream, and ferrinfer's kernels loaded for its architecture.
+///
+/// Plans, caches and buffers remember the context they were made in; giving a launch a stream
+/// or buffer of another context is an [`Error::DeviceMismatch`]. Two `Device`s opened on the
+/// same GPU with [`Device::new`] share its primary context and can be mixed freely.
+///
+/// ```no_run
+/// // Where there is no driver this is an `Err` that says so; nothing panics.
+/// match ferrinfer::Device::new(0) {
+///     Ok(dev) => println!("{} (compute capability {:?})", dev.name(), dev.compute_capability()),
+///     Err(e) => println!("no GPU: {e}"),
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    compute_capability: (i32, i32),
+    ptx_arch: &'static str,
+    multiprocessors: usize,
+    kernels: Kernels,
+    staging: Mutex<StagingRing>,
+}
+
+impl Device {
+    /// Whether a CUDA driver can be loaded on this machine (no context is created).
+    pub fn driver_present() -> bool {
+        // SAFETY: only tries to dlopen libcuda; loads no symbols.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+
+    /// Opens GPU `ordinal` (its primary context, as cudarc and most CUDA code use) and loads
+    /// the kernels for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !Self::driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating the CUDA context"))?;
+        Self::from_context(ctx)
+    }
+
+    /// Loads the kernels into an existing cudarc context (a stack's own, or a non-primary one),
+    /// so its buffers and streams can be given to ferrinfer's launches.
+    pub fn from_context(ctx: Arc<CudaContext>) -> Result<Self> {
+        let name = ctx.name().map_err(Error::driver("reading the device name"))?;
+        let (major, minor) = ctx.compute_capability().map_err(Error::driver("reading the compute capability"))?;
+        let module = ptx::for_compute_capability(major, minor).ok_or_else(|| Error::UnsupportedDevice {
+            name: name.clone(),
+            major,
+            minor,
+        })?;
+        let ptx_arch = module.arch;
+        let module = ctx.load_module(Ptx::from_src(module.ptx)).map_err(Error::driver("loading the PTX module"))?;
+        let kernels = Kernels::load(&module)?;
+        let multiprocessors = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("reading the multiprocessor count"))?
+            .max(1) as usize;
+        // Its own stream rather than the legacy default one, so work on it can be graph-captured.
+        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        Ok(Device {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                name,
+                compute_capability: (major, minor),
+                ptx_arch,
+                multiprocessors,
+                kernels,
+                staging: Mutex::new(StagingRing::default()),
+            }),
+        })
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The GPU's compute capability, `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.inner.compute_capability
+    }
+
+    /// The architecture of the PTX module loaded for this GPU (e.g. `"sm_90"`).
+    pub fn ptx_arch(&self) -> &'static str {
+        self.inner.ptx_arch
+    }
+
+    /// The CUDA context the kernels are loaded in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    /// The device's stream: plans upload their metadata on it, and the convenience calls
+    /// (`upload`, `download`, `synchronize`) use it.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// A new stream on this device, for concurrent work (ordered after the work queued on
+    /// [`stream`](Self::stream) so far).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.inner.stream.fork().map_err(Error::driver("creating a stream"))
+    }
+
+    /// A zero-filled device buffer.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.inner.stream.alloc_zeros(len).map_err(Error::driver("allocating device memory"))
+    }
+
+    /// Copies `data` to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.inner.stream.clone_htod(data).map_err(Error::driver("copying to the device"))
+    }
+
+    /// Copies `data` into an existing device buffer of the same length.
+    pub fn upload_into<T: DeviceRepr>(&self, data: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        self.check_buffer("upload destination", dst)?;
+        if data.len() != dst.len() {
+            return Err(Error::BufferLength { what: "upload destination", got: dst.len(), expected: data.len() });
+        }
+        self.inner.stream.memcpy_htod(data, dst).map_err(Error::driver("copying to the device"))
+    }
+
+    /// Copies a device buffer to the host (waits for the stream).
+    pub fn download<T: DeviceRepr>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.inner.stream.clone_dtoh(src).map_err(Error::driver("copying to the host"))
+    }
+
+    /// Streaming multiprocessors on the GPU.
+    pub fn multiprocessor_count(&self) -> usize {
+        self.inner.multiprocessors
+    }
+
+    /// Waits until all work queued on [`stream`](Self::stream) has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.stream.synchronize().map_err(Error::driver("synchronizing the stream"))
+    }
+
+    /// The kernel function table.
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.inner.kernels
+    }
+
+    /// The ring of pinned host buffers uploads go through.
+    pub(crate) fn staging(&self) -> &Mutex<StagingRing> {
+        &self.inner.staging
+    }
+
+    /// Whether `ctx` is this device's CUDA context (the same driver context, whichever cudarc
+    /// handle holds it).
+    pub(crate) fn is_context(&self, ctx: &CudaContext) -> bool {
+        ctx.cu_ctx() == self.inner.ctx.cu_ctx()
+    }
+
+    /// `Ok` when `stream` belongs to this device's context.
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+        self.check_context("stream", stream.context())
+    }
+
+    /// `Ok` when `ctx` is this device's context; else a mismatch naming `what`.
+    pub(crate) fn check_context(&self, what: &'static str, ctx: &CudaContext) -> Result<()> {
+        if self.is_context(ctx) {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch { what })
+        }
+    }
+
+    /// `Ok` when the cudarc buffer `buffer` was allocated in this device's context.
+    pub(crate) fn check_buffer<T>(&self, what: &'static str, buffer: &(impl DeviceSlice<T> + ?Sized)) -> Result<()> {
+        self.check_context(what, buffer.stream().context())
+    }
+
+    /// `Ok` when the raw stream `stream` belongs to this device's context (the driver says
+    /// which context a stream was created in).
+    pub(crate) fn check_raw_stream(&self, stream: CUstream) -> Result<()> {
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the driver writes the stream's context to `ctx`; an invalid stream is an error.
+        unsafe { sys::cuStreamGetCtx(stream, &mut ctx) }
+            .result()
+            .map_err(Error::driver("reading a stream's context"))?;
+        if ctx == self.inner.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch { what: "raw stream" })
+        }
+    }
+
+    /// Launches `function` with its one by-value parameter block `params`.
+    ///
+    /// # Safety
+    /// Every address in `params` is valid for what the kernel does with it (the plans' checks),
+    /// and a raw stream belongs to this device's context.
+    pub(crate) unsafe fn launch<P: DeviceRepr>(
+        &self,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        stream: LaunchStream,
+        params: &P,
+        what: &'static str,
+    ) -> Result<()> {
+        match stream {
+            LaunchStream::Cudarc(s) => s.launch_builder(function).arg(params).launch(cfg).map(|_| ()),
+            LaunchStream::Raw(s) => self.inner.ctx.bind_to_thread().and_then(|()| {
+                let mut args = [params as *const P as *mut c_void];
+                result::launch_kernel(
+                    function.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    s,
+                    &mut args,
+                )
+            }),
+        }
+        .map_err(Error::driver(what))
+    }
+}
+
+/// Grid and block of a launch, with dynamic shared memory.
+pub(crate) fn launch_config(grid: (u32, u32), block: u32, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes }
+}
+
+/// Where a launch goes: a cudarc stream (the safe API), or a raw `CUstream` of the device's
+/// context (the `unsafe` raw API).
+#[derive(Clone, Copy)]
+pub(crate) enum LaunchStream<'a> {
+    Cudarc(&'a CudaStream),
+    Raw(CUstream),
+}

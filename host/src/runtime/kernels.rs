@@ -1,0 +1,269 @@
+//! The host's function table, generated from the ABI's one variant table (`kernel_variants!`)
+//! that also generates the kernel crate's entry points: every variant is looked up once when a
+//! [`Device`](super::device::Device) loads its module, with its launch geometry and occupancy,
+//! and found again by what it computes (family, element type, head_dim, block rows), never by
+//! a bare index.
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule};
+
+use super::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes, prefill_threads, MERGE_THREADS};
+use super::dtype::DType;
+use crate::error::{Error, Result};
+
+/// What a kernel computes; its variants differ in element type and shape only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    Decode,
+    Prefill,
+    MergeStates,
+    /// A kernel without variants: `Variant::name` says which.
+    Single,
+}
+
+/// One entry point of the variant table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Variant {
+    /// The `.entry` name in every PTX module.
+    pub name: &'static str,
+    pub family: Family,
+    /// The element type of the attention and merge kernels.
+    pub dtype: Option<DType>,
+    /// The head dimension of the attention kernels (0 for others).
+    pub head_dim: u32,
+    /// Packed query rows of a prefill block (0 for others).
+    pub rows: u32,
+}
+
+impl Variant {
+    /// Threads per block and dynamic shared memory of the kernels whose geometry is fixed by
+    /// their variant (the attention kernels); `None` for kernels whose callers choose it.
+    fn geometry(&self) -> Option<(u32, u32)> {
+        match self.family {
+            Family::Decode => Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim))),
+            Family::Prefill => {
+                Some((prefill_threads(self.head_dim), prefill_smem_bytes(self.head_dim, self.rows / 64)))
+            }
+            Family::MergeStates => Some((MERGE_THREADS, 0)),
+            Family::Single => None,
+        }
+    }
+}
+
+/// Every variant of the table, in its order.
+pub(crate) fn variants() -> &'static [Variant] {
+    static TABLE: OnceLock<Vec<Variant>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Vec::new();
+        let dtype = |name: &str| Some(DType::from_name(name).expect("the variant table names f16, bf16 or f32"));
+        macro_rules! push {
+            (decode $half:ident $dtype:ident $dim:literal) => {
+                table.push(Variant {
+                    name: entry_name!(decode $dtype $dim),
+                    family: Family::Decode,
+                    dtype: dtype(stringify!($dtype)),
+                    head_dim: $dim,
+                    rows: 0,
+                })
+            };
+            (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+                table.push(Variant {
+                    name: entry_name!(prefill $dtype $dim $rows),
+                    family: Family::Prefill,
+                    dtype: dtype(stringify!($dtype)),
+                    head_dim: $dim,
+                    rows: $rows,
+                })
+            };
+            (merge_states $half:ident $dtype:ident) => {
+                table.push(Variant {
+                    name: entry_name!(merge_states $dtype),
+                    family: Family::MergeStates,
+                    dtype: dtype(stringify!($dtype)),
+                    head_dim: 0,
+                    rows: 0,
+                })
+            };
+            (single $name:ident) => {
+                table.push(Variant { name: entry_name!(single $name), family: Family::Single, dtype: None, head_dim: 0, rows: 0 })
+            };
+        }
+        kernel_variants!(push);
+        table
+    })
+}
+
+/// Head dims the attention kernels are built for, ascending.
+pub(crate) fn attention_head_dims() -> Vec<usize> {
+    let mut dims: Vec<usize> =
+        variants().iter().filter(|v| v.family == Family::Decode).map(|v| v.head_dim as usize).collect();
+    dims.sort_unstable();
+    dims.dedup();
+    dims
+}
+
+/// Block heights (packed query rows) the prefill kernels of `head_dim` come in, ascending
+/// (the same for every element type).
+pub fn prefill_block_rows(head_dim: usize) -> Vec<u32> {
+    let mut rows: Vec<u32> = variants()
+        .iter()
+        .filter(|v| v.family == Family::Prefill && v.head_dim as usize == head_dim)
+        .map(|v| v.rows)
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// A loaded entry point: its function, launch geometry and how many of its blocks one SM holds.
+pub(crate) struct Kernel {
+    pub variant: Variant,
+    pub function: CudaFunction,
+    /// Threads per block (attention and merge kernels; 0 where the caller chooses).
+    pub threads: u32,
+    /// Dynamic shared memory per block (likewise).
+    pub smem_bytes: u32,
+    /// Resident blocks per SM at that geometry (registers and shared memory permitting).
+    pub blocks_per_sm: usize,
+}
+
+/// Every kernel of the loaded module, found by what it computes.
+pub(crate) struct Kernels {
+    all: Vec<Kernel>,
+}
+
+impl Kernels {
+    /// Looks up every variant in `module`, lets the attention kernels use their shared memory
+    /// and reads their occupancy.
+    pub fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let mut all = Vec::with_capacity(variants().len());
+        for &variant in variants() {
+            let function = module.load_function(variant.name).map_err(Error::driver("looking up a kernel"))?;
+            let (threads, smem_bytes, blocks_per_sm) = match variant.geometry() {
+                Some((threads, smem)) => {
+                    // Attention kernels use more than the default 48 KiB of dynamic shared memory.
+                    if smem > 48 * 1024 {
+                        function
+                            .set_attribute(
+                                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                smem as i32,
+                            )
+                            .map_err(Error::driver("allowing an attention kernel its shared memory"))?;
+                    }
+                    let n = function
+                        .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+                        .map_err(Error::driver("reading a kernel's occupancy"))?;
+                    (threads, smem, (n as usize).max(1))
+                }
+                None => (0, 0, 1),
+            };
+            all.push(Kernel { variant, function, threads, smem_bytes, blocks_per_sm });
+        }
+        Ok(Kernels { all })
+    }
+
+    fn find(&self, matches: impl Fn(&Variant) -> bool) -> Option<&Kernel> {
+        self.all.iter().find(|k| matches(&k.variant))
+    }
+
+    /// The decode kernel for `dtype` and `head_dim`.
+    pub fn decode(&self, dtype: DType, head_dim: usize) -> Result<&Kernel> {
+        self.attention(Family::Decode, dtype, head_dim, 0, "decode attention")
+    }
+
+    /// The prefill kernel for `dtype`, `head_dim` and blocks of `rows` query rows.
+    pub fn prefill(&self, dtype: DType, head_dim: usize, rows: u32) -> Result<&Kernel> {
+        self.attention(Family::Prefill, dtype, head_dim, rows, "prefill attention")
+    }
+
+    fn attention(
+        &self,
+        family: Family,
+        dtype: DType,
+        head_dim: usize,
+        rows: u32,
+        what: &'static str,
+    ) -> Result<&Kernel> {
+        let of_family = |v: &Variant| v.family == family && v.rows == rows;
+        if self.find(|v| of_family(v) && v.dtype == Some(dtype)).is_none() {
+            return Err(Error::UnsupportedDType { what, dtype: dtype.name() });
+        }
+        self.find(|v| of_family(v) && v.dtype == Some(dtype) && v.head_dim as usize == head_dim)
+            .ok_or_else(|| Error::UnsupportedHeadDim { head_dim, supported: attention_head_dims() })
+    }
+
+    /// The merge-states kernel for `dtype`.
+    pub fn merge_states(&self, dtype: DType) -> Result<&Kernel> {
+        self.find(|v| v.family == Family::MergeStates && v.dtype == Some(dtype))
+            .ok_or(Error::UnsupportedDType { what: "merging attention states", dtype: dtype.name() })
+    }
+
+    /// The kernel without variants named `name` (one of the table's `single` lines).
+    pub fn single(&self, name: &str) -> &Kernel {
+        self.find(|v| v.family == Family::Single && v.name == name)
+            .unwrap_or_else(|| panic!("{name} is not a kernel of the variant table"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ptx::MODULES;
+
+    /// The `.entry` names of a PTX module.
+    fn entries(ptx: &str) -> Vec<&str> {
+        ptx.lines()
+            .filter_map(|l| {
+                l.trim_start().strip_prefix(".visible .entry ").or_else(|| l.trim_start().strip_prefix(".entry "))
+            })
+            .map(|rest| rest.split('(').next().unwrap_or(rest).trim())
+            .collect()
+    }
+
+    #[test]
+    fn every_variant_is_an_entry_of_every_committed_module_and_nothing_else_is() {
+        for module in MODULES {
+            let found = entries(module.ptx);
+            for v in variants() {
+                assert!(found.contains(&v.name), "{} ({}) has no .entry {}", module.file, module.arch, v.name);
+            }
+            for name in &found {
+                assert!(
+                    variants().iter().any(|v| v.name == *name),
+                    "{} ({}) has .entry {name}, which the variant table does not list",
+                    module.file,
+                    module.arch
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_names_each_variant_once_and_as_the_kernels_do() {
+        let mut names: Vec<&str> = variants().iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "an entry name appears twice");
+        assert!(names.contains(&"decode_f16_128") && names.contains(&"prefill_bf16_64_rows128"));
+        assert!(names.contains(&"merge_states_bf16") && names.contains(&"paged_kv_gather"));
+    }
+
+    #[test]
+    fn head_dims_and_block_heights_come_from_the_table() {
+        assert_eq!(attention_head_dims(), [64, 128, 256]);
+        assert_eq!(prefill_block_rows(128), [64, 128]);
+        assert_eq!(prefill_block_rows(256), [64]);
+        assert!(prefill_block_rows(96).is_empty());
+        // Every decode head_dim has prefill kernels, for both element types.
+        for dim in attention_head_dims() {
+            for dtype in [DType::F16, DType::BF16] {
+                let of = |f: Family| {
+                    variants().iter().any(|v| v.family == f && v.dtype == Some(dtype) && v.head_dim as usize == dim)
+                };
+                assert!(of(Family::Decode) && of(Family::Prefill), "{dim} {dtype:?}");
+            }
+        }
+    }
+}
