@@ -76,7 +76,6 @@ pub fn workspace_root() -> PathBuf {
 
 pub type Result<T = ()> = std::result::Result<T, String>;
 
-/// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
 /// `cargo xtask gpu-test`: the bundle's `run.sh` with its `--sanitize` and `--filter`.
 fn gpu_test(sanitize: Option<String>, filter: Option<String>) -> Result {
     let out = workspace_root().join("bundle");
@@ -92,6 +91,17 @@ fn gpu_test(sanitize: Option<String>, filter: Option<String>) -> Result {
     run(&mut run_sh)
 }
 
+/// `cargo xtask demo`: the benchmark binary, built in release mode first. The build is not
+/// `--quiet` (unlike the `xtask` alias): the first one takes minutes, and cargo's progress shows it.
+fn demo(args: Vec<String>) -> Result {
+    eprintln!("building the benchmark (release; a few minutes the first time)…");
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["run", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
+        .args(if args.is_empty() { vec!["--short".to_string()] } else { args }))
+}
+
+/// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
 pub fn run(cmd: &mut Command) -> Result {
     let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if status.success() {
@@ -113,10 +123,7 @@ fn main() -> ExitCode {
         Cmd::GpuBundle { out } => bundle::build(&out),
         Cmd::GpuTest { sanitize, filter } => gpu_test(sanitize, filter),
         Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
-        Cmd::Demo { args } => run(Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["run", "--quiet", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
-            .args(if args.is_empty() { vec!["--short".to_string()] } else { args })),
+        Cmd::Demo { args } => demo(args),
     })
 }
 
