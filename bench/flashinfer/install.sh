@@ -1,5 +1,5 @@
 # Sourced by the run_*.sh scripts on the GPU machine, from the repository root, with .whl/carry
-# present (made by ../shared/bench/flashinfer/pack_wheels.sh on a machine with PyPI access):
+# present (made by bench/flashinfer/pack_wheels.sh on a machine with PyPI access):
 # installs FlashInfer into /tmp/site and sets the environment its JIT build needs.
 site=/tmp/site; mkdir -p "$site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/carry/*.whl || exit 1

@@ -5,6 +5,11 @@
 //! module, so this binary stands in as the linker (`-C linker=<xtask>`): rustc only calls it
 //! after codegen succeeded, and it checks that every exported kernel is in that assembly
 //! before copying it to the output path. Any compile error still fails the build.
+//!
+//! `--check` builds into target/kernels/ptx and compares with host/ptx/. PTX is compared only
+//! between builds of one toolchain (each file's header records it): with the committed one any
+//! difference fails; with another (Debian updated rustc-web, say) the differences are reported
+//! and the check passes, since the compile, ptxas and the source hash (stale PTX) still gate it.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -70,6 +75,13 @@ fn with_header(ptx: &str, arch: &str, hash: &str, tc: &toolchain::KernelToolchai
     )
 }
 
+/// The value of the header line starting with `prefix` (`// toolchain:`, `// source-hash: `), if any.
+fn header_value<'a>(ptx: &'a str, prefix: &str) -> Option<&'a str> {
+    ptx.lines().take_while(|l| l.starts_with("//")).find_map(|l| l.strip_prefix(prefix)).map(str::trim)
+}
+
+const TOOLCHAIN_PREFIX: &str = "// toolchain:";
+
 pub fn build(check: bool) -> crate::Result {
     let root = workspace_root();
     let tc = toolchain::find()?;
@@ -86,32 +98,74 @@ pub fn build(check: bool) -> crate::Result {
         std::fs::write(&path, &ptx).map_err(|e| format!("{}: {e}", path.display()))?;
         written.push((arch.to_string(), path));
     }
+    // Assembled whatever the toolchain: a compile or ptxas failure fails the check.
     ptxas::assemble(&written)?;
-    if check {
-        for (arch, file) in TARGETS {
-            let fresh = std::fs::read_to_string(scratch.join(file)).map_err(|e| e.to_string())?;
-            let committed = std::fs::read_to_string(ptx_dir.join(file)).unwrap_or_default();
-            let toolchain = |ptx: &str| ptx.lines().find(|l| l.starts_with("// toolchain:")).unwrap_or("").to_string();
-            if toolchain(&fresh) != toolchain(&committed) {
-                return Err(format!(
-                    "host/ptx/{file} was built by a different kernel toolchain ({:?}; this check used \
-                     {:?}); PTX is compared only between builds of one toolchain: rebuild with that one \
-                     (FERRINFER_KERNEL_RUSTC) or commit a rebuild",
-                    toolchain(&committed),
-                    toolchain(&fresh)
-                ));
-            }
-            if fresh != committed {
-                return Err(format!(
-                    "host/ptx/{file} ({arch}) differs from a fresh build (see {}): run `cargo xtask \
-                     build-kernels` and commit host/ptx/",
-                    scratch.join(file).display()
-                ));
-            }
-        }
-        eprintln!("committed PTX matches a fresh build");
-    } else {
+    if !check {
         eprintln!("wrote {}", ptx_dir.display());
+        return Ok(());
+    }
+    let mut other_toolchain = None;
+    let mut differing = Vec::new();
+    for (arch, file) in TARGETS {
+        let fresh_path = scratch.join(file);
+        let fresh = std::fs::read_to_string(&fresh_path).map_err(|e| format!("{}: {e}", fresh_path.display()))?;
+        let committed = std::fs::read_to_string(ptx_dir.join(file))
+            .map_err(|e| format!("host/ptx/{file}: {e}; run `cargo xtask build-kernels` and commit host/ptx/"))?;
+        if header_value(&committed, HASH_PREFIX) != Some(hash.as_str()) {
+            return Err(format!(
+                "host/ptx/{file} is stale against its sources, kernels-gpu/ and the kernel ABI (its \
+                 source hash differs; `cargo test` fails on this too, in \
+                 committed_ptx_matches_kernel_sources): run `cargo xtask build-kernels` and commit host/ptx/"
+            ));
+        }
+        let committed_tc = header_value(&committed, TOOLCHAIN_PREFIX).unwrap_or("(none recorded)");
+        let fresh_tc = header_value(&fresh, TOOLCHAIN_PREFIX).unwrap_or("(none recorded)");
+        let report = crate::ptx_diff::report(&committed, &fresh, TOOLCHAIN_PREFIX, 12);
+        if committed_tc == fresh_tc {
+            if let Some(report) = report {
+                differing.push(format!(
+                    "host/ptx/{file} ({arch}) differs from a fresh build by the same toolchain (see {}): \
+                     run `cargo xtask build-kernels` and commit host/ptx/\n{report}",
+                    fresh_path.display()
+                ));
+            }
+            continue;
+        }
+        // Another compiler (Debian updated rustc-web, say) emits other PTX from the same
+        // sources: not a fault of the commit. Report the difference instead of failing on it.
+        match report {
+            Some(report) => eprintln!("host/ptx/{file} ({arch}) against this build: {report}\n"),
+            None => eprintln!("host/ptx/{file} ({arch}): identical to this build apart from the toolchain line"),
+        }
+        other_toolchain = Some((committed_tc.to_string(), fresh_tc.to_string()));
+    }
+    if !differing.is_empty() {
+        return Err(differing.join("\n"));
+    }
+    match other_toolchain {
+        None => eprintln!("committed PTX matches a fresh build"),
+        Some((committed_tc, fresh_tc)) => eprintln!(
+            "warning: the committed PTX was built with {committed_tc}; this build used {fresh_tc}.\n\
+             Different compilers emit different PTX from the same sources, so the bodies must match only \
+             between builds of one toolchain: the differences above are reported, not failed on. The fresh \
+             build compiled and passed ptxas, and the committed PTX is not stale against its sources (its \
+             source hash matches; `cargo test` checks this too, in committed_ptx_matches_kernel_sources). \
+             To compare bodies, rebuild with the committed toolchain (FERRINFER_KERNEL_RUSTC), or move to \
+             this one: `cargo xtask build-kernels` and commit host/ptx/."
+        ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_come_from_the_leading_comments() {
+        let text = "// k\n// source-hash: abc\n// toolchain: rustc 1.96.0 (x)\n.version 8.0\n// toolchain: no header\n";
+        assert_eq!(header_value(text, TOOLCHAIN_PREFIX), Some("rustc 1.96.0 (x)"));
+        assert_eq!(header_value(text, HASH_PREFIX), Some("abc"));
+        assert_eq!(header_value(".version 8.0\n", HASH_PREFIX), None);
+    }
 }

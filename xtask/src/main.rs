@@ -12,6 +12,7 @@ mod abi;
 mod bundle;
 mod fuzz;
 mod kernels;
+mod ptx_diff;
 mod ptxas;
 mod source_hash;
 mod toolchain;
@@ -32,7 +33,8 @@ struct Cli {
 enum Cmd {
     /// Compile kernels-gpu to PTX for every target, assemble it with ptxas and write host/ptx/.
     BuildKernels {
-        /// Rebuild into a scratch folder and fail unless it equals the committed PTX.
+        /// Rebuild into a scratch folder and compare with the committed PTX: any difference fails
+        /// when built by the toolchain the PTX records; with another, it is reported only.
         #[arg(long)]
         check: bool,
     },
@@ -79,7 +81,6 @@ pub fn workspace_root() -> PathBuf {
 
 pub type Result<T = ()> = std::result::Result<T, String>;
 
-/// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
 /// `cargo xtask gpu-test`: the bundle's `run.sh` with its `--sanitize` and `--filter`.
 fn gpu_test(sanitize: Option<String>, filter: Option<String>) -> Result {
     let out = workspace_root().join("bundle");
@@ -95,6 +96,17 @@ fn gpu_test(sanitize: Option<String>, filter: Option<String>) -> Result {
     run(&mut run_sh)
 }
 
+/// `cargo xtask demo`: the benchmark binary, built in release mode first. The build is not
+/// `--quiet` (unlike the `xtask` alias): the first one takes minutes, and cargo's progress shows it.
+fn demo(args: Vec<String>) -> Result {
+    eprintln!("building the benchmark (release; a few minutes the first time)…");
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["run", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
+        .args(if args.is_empty() { vec!["--short".to_string()] } else { args }))
+}
+
+/// Runs `cmd`, failing with its description when it cannot start or exits non-zero.
 pub fn run(cmd: &mut Command) -> Result {
     let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if status.success() {
@@ -116,10 +128,7 @@ fn main() -> ExitCode {
         Cmd::GpuBundle { out } => bundle::build(&out),
         Cmd::GpuTest { sanitize, filter } => gpu_test(sanitize, filter),
         Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
-        Cmd::Demo { args } => run(Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["run", "--quiet", "--release", "-p", "ferrinfer-tests", "--bin", "ferrinfer-bench", "--"])
-            .args(if args.is_empty() { vec!["--short".to_string()] } else { args })),
+        Cmd::Demo { args } => demo(args),
     })
 }
 
