@@ -84,6 +84,17 @@ pub fn build(out: &Path) -> crate::Result {
     if !stripped {
         eprintln!("note: no `strip` program found (binutils); the executables keep their symbols");
     }
+    // The benchmark's per-GPU baselines, for `run.sh --bench --check`.
+    let baselines = root.join("bench/baseline");
+    if baselines.is_dir() {
+        std::fs::create_dir_all(out.join("baseline")).map_err(|e| format!("{}: {e}", out.display()))?;
+        for entry in std::fs::read_dir(&baselines).map_err(|e| format!("{}: {e}", baselines.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                copy(&path, &out.join("baseline").join(path.file_name().expect("a file name")))?;
+            }
+        }
+    }
     let script = out.join("run.sh");
     std::fs::write(&script, RUN_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
     #[cfg(unix)]

@@ -6,6 +6,8 @@
 #   ./run.sh --sanitize memcheck     GPU tests under compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
 #   ./run.sh --sanitize all          GPU tests under each of those four tools in turn
 #   ./run.sh --bench [ARGS...]       GPU tests, then ferrinfer-bench ARGS
+#   ./run.sh --bench --check         GPU tests, then one row of every kernel's bar against
+#                                    baseline/<gpu>.json (fails naming any row over 3% slower)
 #   ./run.sh --filter NAME           only tests whose name contains NAME
 #
 # The last line is always "N passed, N failed".
