@@ -112,6 +112,26 @@ pub fn compare(path: &Path, gpu: &str, rows: &[Value]) -> BoxResult<Vec<String>>
     Ok(slower)
 }
 
+/// Each row of `first`, with the faster of its times in `first` and `second` (rows by name).
+pub fn faster_of(first: &[Value], second: &[Value]) -> Vec<Value> {
+    first
+        .iter()
+        .map(|row| {
+            let Some((key, us)) = keyed(row) else { return row.clone() };
+            let other = second.iter().filter_map(keyed).find(|(k, _)| *k == key).map(|(_, u)| u);
+            match other {
+                Some(faster) if faster < us => {
+                    let mut row = row.clone();
+                    let field = if row["kernel"] == "cascade" { "cascade_us" } else { "median_us" };
+                    row[field] = json!(faster);
+                    row
+                }
+                _ => row.clone(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +158,10 @@ mod tests {
         assert!(compare(&path, "Other GPU", &[row(100.0)]).is_err());
         // A baseline row that was not measured counts as a miss.
         assert_eq!(compare(&path, "GPU", &[]).unwrap().len(), 1);
+        // A second sweep's faster time is the one compared.
+        let best = faster_of(&[row(104.0)], &[row(101.0)]);
+        assert!(compare(&path, "GPU", &best).unwrap().is_empty());
+        assert_eq!(keyed(&faster_of(&[row(101.0)], &[row(104.0)])[0]).unwrap().1, 101.0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
