@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
 use ferrinfer::internals::{decode_split, plan_prefill_split, prefill_block_rows, prefill_split, NO_PARTIAL};
-use ferrinfer::{CacheShape, DecodeOptions, KvLayout, PageTable, PrefillOptions};
+use ferrinfer::{CacheShape, DecodeOptions, KvLayout, PageTable, PrefillKernel, PrefillOptions};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -114,17 +114,21 @@ fuzz_target!(|input: Input| {
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + qo as u32);
     }
     let prefill = PrefillOptions { causal: input.causal, window_left, ..Default::default() };
-    // The planner's own choice of block height, or every height a kernel exists for.
+    // The planner's own choice of kernel (on Hopper or not), or every kernel there is.
     let splits = if input.every_block_height {
         prefill_block_rows(shape.head_dim)
             .into_iter()
-            .map(|rows| prefill_split(&shape, heads, &qo_indptr, &table, prefill, rows, sms, per_sm))
+            .map(|block_rows| PrefillKernel::Portable { block_rows })
+            .chain([PrefillKernel::Hopper])
+            .map(|kernel| prefill_split(&shape, heads, &qo_indptr, &table, prefill, kernel, sms, per_sm))
             .collect()
     } else {
-        vec![plan_prefill_split(&shape, heads, &qo_indptr, &table, prefill, sms, |_| per_sm)]
+        [false, true]
+            .map(|hopper| plan_prefill_split(&shape, heads, &qo_indptr, &table, prefill, hopper, sms, |_| per_sm))
+            .into()
     };
     for split in splits.into_iter().flatten() {
-        let tile_rows = split.block_rows;
+        let tile_rows = split.kernel.block_rows();
         let group = split.group_size;
         let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
         for w in &split.work {

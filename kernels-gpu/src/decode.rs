@@ -20,7 +20,7 @@ use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
-use crate::merge::{last_to_finish, merge, store_output, store_partial};
+use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::softmax::{LogitScale, RowState};
 
@@ -193,11 +193,11 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
     // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
     let last_flag = dynamic_smem::<u32>().add((decode_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + head_block) as usize);
-    if !last_to_finish(counter, work.parts, last_flag) {
+    if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
         return;
     }
     let partial_row = |part: u32, row: u32| ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize;
-    merge::<HEAD_DIM, THREADS>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
+    merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
         let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, o, lse)
     });

@@ -2,13 +2,19 @@
 //! `abi` (`kernel_variants!`), which the host's function table is generated from too. Each is
 //! a thin `extern "ptx-kernel"` shim over its algorithm's generic kernel, named by
 //! `entry_name!`; the kernels without variants are written by name in their own files.
+//!
+//! The `sm_90a` module holds the Hopper kernels (`prefill_hopper`) and nothing else; the
+//! `sm_80` and `sm_90` modules hold all the others.
+#[allow(unused_imports)]
 use crate::abi::{
-    decode_stages, decode_threads, prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, PrefillParams,
+    decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_stages, prefill_threads,
+    DecodeParams, MergeStatesParams, PrefillParams,
 };
 use crate::gpu::half::{Bf16, F16};
 
 macro_rules! entry {
     (decode $half:ident $dtype:ident $dim:literal) => {
+        #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
             #[export_name = entry_name!(decode $dtype $dim)]
             unsafe extern "ptx-kernel" fn entry(p: DecodeParams) {
@@ -17,6 +23,7 @@ macro_rules! entry {
         };
     };
     (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+        #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
             #[export_name = entry_name!(prefill $dtype $dim $rows)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
@@ -30,7 +37,25 @@ macro_rules! entry {
             }
         };
     };
+    (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+        #[cfg(target_feature = "sm_90a")]
+        const _: () = {
+            #[export_name = entry_name!(prefill_hopper $dtype $dim)]
+            unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
+                crate::prefill_hopper::prefill_hopper::<
+                    $half,
+                    $dim,
+                    { hopper_prefill_tile_tokens($dim) },
+                    { hopper_prefill_stages($dim) },
+                    { hopper_prefill_tile_tokens($dim) as usize / 8 },
+                    { hopper_prefill_tile_tokens($dim) as usize / 16 },
+                    { $dim / 8 },
+                >(&p)
+            }
+        };
+    };
     (merge_states $half:ident $dtype:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
             #[export_name = entry_name!(merge_states $dtype)]
             unsafe extern "ptx-kernel" fn entry(p: MergeStatesParams) {

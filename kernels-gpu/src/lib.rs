@@ -16,11 +16,15 @@ pub mod abi;
 
 pub mod decode;
 mod entries;
+#[cfg(not(target_feature = "sm_90a"))]
 pub mod helper_check;
 pub mod merge;
+#[cfg(not(target_feature = "sm_90a"))]
 pub mod page_copy;
 pub mod paged_tile;
 pub mod prefill;
+pub mod prefill_hopper;
+#[cfg(not(target_feature = "sm_90a"))]
 pub mod read_stream;
 pub mod softmax;
 

@@ -11,6 +11,32 @@ use crate::gpu::mem::{load_l2, load_l2_f32, store, Vec16};
 use crate::gpu::shared::dynamic_smem;
 use crate::gpu::sync::{atomic_add, fence_device, sync_threads, sync_warp};
 
+/// The threads that finish a split unit together: the whole block, or the consumer
+/// warpgroups of a warp-specialised kernel (whose producer has left).
+pub trait Team {
+    /// Threads in the team.
+    const THREADS: u32;
+    /// This thread's index in the team.
+    fn thread() -> u32;
+    /// A barrier of the team's threads.
+    fn sync();
+}
+
+/// Every thread of the block.
+pub struct Block<const THREADS: u32>;
+
+impl<const THREADS: u32> Team for Block<THREADS> {
+    const THREADS: u32 = THREADS;
+    #[inline(always)]
+    fn thread() -> u32 {
+        thread_x()
+    }
+    #[inline(always)]
+    fn sync() {
+        sync_threads()
+    }
+}
+
 /// Writes 8 output dims (`chunk`) of row `out_row` of `out` (`[rows][HEAD_DIM]` of `H`) and, from
 /// the first chunk, the row's LSE into `lse` (when not 0).
 #[inline(always)]
@@ -52,18 +78,18 @@ pub unsafe fn store_partial<const HEAD_DIM: u32>(
 /// partials. Every thread calls it (it holds barriers); `flag` is a shared word no other live
 /// data uses.
 #[inline(always)]
-pub unsafe fn last_to_finish(counter: *mut u32, parts: u32, flag: *mut u32) -> bool {
+pub unsafe fn last_to_finish<T: Team>(counter: *mut u32, parts: u32, flag: *mut u32) -> bool {
     // Writers fence before counting.
     fence_device();
-    sync_threads();
-    if thread_x() == 0 {
+    T::sync();
+    if T::thread() == 0 {
         let last = atomic_add(counter, 1) == parts - 1;
         if last {
             *counter = 0;
         }
         *flag = last as u32;
     }
-    sync_threads();
+    T::sync();
     let last = *flag != 0;
     if last {
         fence_device();
@@ -80,23 +106,24 @@ pub unsafe fn last_to_finish(counter: *mut u32, parts: u32, flag: *mut u32) -> b
 /// launch: its loads' round trips, not its bytes, set its time. Shared memory: `8 · THREADS`
 /// sums, `parts · rows` weights and `rows` LSEs from its start (the plan bounds `parts`).
 #[inline(always)]
-pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
+pub unsafe fn merge<T: Team, const HEAD_DIM: u32>(
     split: &SplitScratch,
     parts: u32,
     rows: u32,
     partial_row: impl Fn(u32, u32) -> usize,
     mut write: impl FnMut(u32, u32, &[f32; 8], f32),
 ) {
-    let (tid, chunks) = (thread_x(), HEAD_DIM / 8);
+    let (tid, chunks) = (T::thread(), HEAD_DIM / 8);
+    let threads = T::THREADS;
     let sums = dynamic_smem::<f32>();
-    let weights = sums.add(8 * THREADS as usize);
+    let weights = sums.add(8 * threads as usize);
     let row_lse = weights.add((parts * rows) as usize);
     let mut i = tid;
     while i < parts * rows {
         *weights.add(i as usize) = load_l2_f32((split.partial_lse as *const f32).add(partial_row(i / rows, i % rows)));
-        i += THREADS;
+        i += threads;
     }
-    sync_threads();
+    T::sync();
     let mut r = tid;
     while r < rows {
         let mut m = f32::NEG_INFINITY;
@@ -114,12 +141,12 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
             *w = if total > 0.0 { exp2(*w - lse) } else { 0.0 };
         }
         *row_lse.add(r as usize) = lse;
-        r += THREADS;
+        r += threads;
     }
-    sync_threads();
+    T::sync();
     // Slice `i % slices` is summed by group `i / slices` over parts group, group + groups, ….
     let slices = rows * chunks;
-    let groups = (THREADS / slices).max(1);
+    let groups = (threads / slices).max(1);
     let mut i = tid;
     while i < slices * groups {
         let (slice, group) = (i % slices, i / slices);
@@ -159,11 +186,11 @@ pub unsafe fn merge<const HEAD_DIM: u32, const THREADS: u32>(
                 *sums.add(8 * i as usize + e) = o[e];
             }
         }
-        i += THREADS;
+        i += threads;
     }
     if groups > 1 {
         // Each thread held at most one (slice, group): the barrier is reached by all.
-        sync_threads();
+        T::sync();
         if tid < slices {
             let (row, chunk) = (tid / chunks, tid % chunks);
             let mut o = [0.0f32; 8];

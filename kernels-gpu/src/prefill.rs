@@ -25,47 +25,46 @@ use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
-use crate::merge::{last_to_finish, merge, store_output};
+use crate::merge::{last_to_finish, merge, store_output, Block};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::softmax::{LogitScale, RowState};
 
-/// Which keys the block's rows may see (causal and window bounds), and whether a tile starting
-/// at `first_key` has any key some row of the block may not see.
-struct Visibility<'a> {
-    p: &'a PrefillParams,
+/// Which keys the block's rows may see (causal and window bounds), and whether a tile of `TILE`
+/// keys starting at `first_key` has any key some row of the block may not see. Row warps are
+/// the block's warps from `FIRST_WARP` on, `ROW_WARPS` of them (warps past those repeat them).
+pub(crate) struct Visibility<'a, const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> {
+    pub p: &'a PrefillParams,
     /// Key position of the request's first query token (`kv_len − qo_len`).
-    diag: u32,
+    pub diag: u32,
     /// The block's first packed row, and the rows each warp owns.
-    block_first_row: u32,
-    warp_rows: u32,
+    pub block_first_row: u32,
+    pub warp_rows: u32,
     /// The bounds of the block's whole row range: a tile inside `all_lo..=all_hi` (and below
     /// the item's end) is unmasked for every row.
-    all_lo: u32,
-    all_hi: u32,
-    end: u32,
+    pub all_lo: u32,
+    pub all_hi: u32,
+    pub end: u32,
 }
 
-impl Visibility<'_> {
+impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_, TILE, FIRST_WARP, ROW_WARPS> {
     /// Key positions `lo..=hi` packed row `row` may see.
     #[inline(always)]
-    fn bounds(&self, row: u32) -> (u32, u32) {
+    pub fn bounds(&self, row: u32) -> (u32, u32) {
         let position = self.diag + self.p.group_size.div(row);
         let lo = if self.p.window_left >= 0 { position.saturating_sub(self.p.window_left as u32) } else { 0 };
         (lo, if self.p.causal != 0 { position } else { u32::MAX })
     }
 
     #[inline(always)]
-    fn masks(&self, first_key: u32) -> bool {
-        first_key < self.all_lo
-            || first_key + PREFILL_TILE_TOKENS - 1 > self.all_hi
-            || first_key + PREFILL_TILE_TOKENS > self.end
+    pub fn masks(&self, first_key: u32) -> bool {
+        first_key < self.all_lo || first_key + TILE - 1 > self.all_hi || first_key + TILE > self.end
     }
 
     /// Thread `tid`'s packed row `g` of its warp's first row fragment (its rows are that and
     /// `+ 8` of each 16-row fragment).
     #[inline(always)]
-    fn thread_first_row(&self, tid: u32) -> u32 {
-        self.block_first_row + self.warp_rows * ((tid / 32) % 4) + (tid % 32) / 4
+    pub fn thread_first_row(&self, tid: u32) -> u32 {
+        self.block_first_row + self.warp_rows * ((tid / 32 - FIRST_WARP) % ROW_WARPS) + (tid % 32) / 4
     }
 
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
@@ -73,7 +72,7 @@ impl Visibility<'_> {
     /// out here from the thread index read afresh: derived from values the loop keeps anyway,
     /// the compiler would hoist them, holding eight registers through every tile.
     #[inline(always)]
-    fn apply<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
+    pub fn apply<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
         let first_row = self.thread_first_row(thread_x_here());
         let bounds = [0, 1].map(|h| self.bounds(first_row + 16 * f as u32 + 8 * h));
         crate::unroll_to!(n < N, {
@@ -158,7 +157,15 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
         kv, start, end, tid, k_smem, v_smem, table_smem,
     );
 
-    let mut visibility = Visibility { p, diag, block_first_row: work.first_row, warp_rows, all_lo: 0, all_hi: 0, end };
+    let mut visibility = Visibility::<PREFILL_TILE_TOKENS, 0, 4> {
+        p,
+        diag,
+        block_first_row: work.first_row,
+        warp_rows,
+        all_lo: 0,
+        all_hi: 0,
+        end,
+    };
     let my_first_row = visibility.thread_first_row(tid);
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
@@ -287,14 +294,14 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
     // lives past the merge's staging; the K/V ring is free by now.
     let last_flag = dynamic_smem::<u32>().add((prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32) / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
-    if !last_to_finish(counter, work.parts, last_flag) {
+    if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
         return;
     }
     let partial_row = |part: u32, row: u32| {
         ((work.first_slot + part) * p.num_kv_heads + kv_head) as usize * block_rows as usize + row as usize
     };
     let tile_rows = (rows - work.first_row).min(block_rows);
-    merge::<HEAD_DIM, THREADS>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
+    merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
         let (token, head) = p.group_size.divmod(work.first_row + row);
         let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)

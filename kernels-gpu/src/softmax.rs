@@ -122,6 +122,23 @@ impl RowState {
         acc: &mut [[[f32; 4]; 2]; 16],
         out_frags: u32,
     ) -> [[u32; 4]; K] {
+        self.update_rescaling::<H, N, K>(s, factor, |h, rescale| {
+            crate::unroll_to!(n < out_frags, {
+                acc[n / 2][n % 2][2 * h] *= rescale;
+                acc[n / 2][n % 2][2 * h + 1] *= rescale;
+            });
+        })
+    }
+
+    /// [`update`](Self::update) for any accumulator layout: `rescale_rows(h, factor)` multiplies
+    /// the thread's output accumulators of row `g + 8h` by `factor`.
+    #[inline(always)]
+    pub fn update_rescaling<H: Half, const N: usize, const K: usize>(
+        &mut self,
+        s: &[[f32; 4]; N],
+        factor: f32,
+        mut rescale_rows: impl FnMut(usize, f32),
+    ) -> [[u32; 4]; K] {
         const { assert!(N == 2 * K && N <= 16) };
         // Pairwise, so that the chain of dependent max instructions between the last mma of S
         // and the exponentials is log2 N deep rather than 2N.
@@ -148,10 +165,7 @@ impl RowState {
             crate::unroll!(h in [0, 1] {
                 let rescale = exp2(self.m[h] - m_ref[h]);
                 self.sums[h] *= rescale;
-                crate::unroll_to!(n < out_frags, {
-                    acc[n / 2][n % 2][2 * h] *= rescale;
-                    acc[n / 2][n % 2][2 * h + 1] *= rescale;
-                });
+                rescale_rows(h, rescale);
             });
             self.m = m_new;
         }

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 pub const ABI: &str = "host/src/runtime/abi.rs";
 
 macro_rules! targets {
-    ($($arch:ident $file:literal ($major:literal, $minor:literal);)*) => {
+    ($($arch:ident $file:literal ($major:literal, $minor:literal) $kind:ident;)*) => {
         /// Architectures a PTX module is built for, and the file each lands in under
         /// `host/ptx/`: the ABI's `ptx_targets!` table.
         pub const TARGETS: &[(&str, &str)] = &[$((stringify!($arch), $file)),*];

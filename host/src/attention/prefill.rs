@@ -7,6 +7,10 @@
 //! prefill and append-attention are all this. `plan` validates and cuts the work into blocks of
 //! 64 or 128 query rows (by the batch's query lengths), longest key range first, and uploads it
 //! asynchronously; `run` only launches, so it can be captured in a CUDA graph.
+//!
+//! Two kernels run the same work items: the portable one (`mma.sync`, every GPU) and, on
+//! compute capability 9.0 (H100, H200), the Hopper one (`wgmma`, warp-specialised, 128-row
+//! blocks), which `plan` picks for batches of long queries; see [`PrefillKernel`].
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
@@ -17,8 +21,9 @@ use crate::cache::paged::PagedKvCache;
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, paged_cache_params, Addresses, AttentionLaunch, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
-    prefill_smem_bytes, prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, NO_PARTIAL,
-    PREFILL_TILE_TOKENS,
+    hopper_prefill_smem_bytes, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads,
+    FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS,
+    HOPPER_PRODUCER_THREADS, NO_PARTIAL, PREFILL_TILE_TOKENS,
 };
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{DType, KvDType};
@@ -42,6 +47,53 @@ pub struct PrefillOptions {
 impl Default for PrefillOptions {
     fn default() -> Self {
         PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+    }
+}
+
+/// The prefill kernel a plan launches; both take the same work items and parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `mma.sync` (sm_80+), blocks of 64 or 128 packed query rows.
+    Portable {
+        /// Packed query rows of a block.
+        block_rows: u32,
+    },
+    /// Hopper's `wgmma` with a producer warpgroup and two consumer warpgroups (compute
+    /// capability 9.0 only), blocks of 128 packed query rows.
+    Hopper,
+}
+
+impl PrefillKernel {
+    /// Packed query rows of a block.
+    pub fn block_rows(self) -> u32 {
+        match self {
+            PrefillKernel::Portable { block_rows } => block_rows,
+            PrefillKernel::Hopper => HOPPER_PREFILL_ROWS,
+        }
+    }
+
+    /// Keys a block stages at a time (splits are cut in whole tiles of them).
+    fn tile_tokens(self, head_dim: u32) -> u32 {
+        match self {
+            PrefillKernel::Portable { .. } => PREFILL_TILE_TOKENS,
+            PrefillKernel::Hopper => hopper_prefill_tile_tokens(head_dim),
+        }
+    }
+
+    /// Most parts a split row tile may have: the merging block stages 8 sums per thread,
+    /// (parts + 1) weights per row and a flag in its shared memory (the Hopper kernel's
+    /// below its mbarriers, with its consumer threads).
+    fn max_parts(self, head_dim: u32) -> usize {
+        let words = match self {
+            PrefillKernel::Portable { block_rows } => {
+                prefill_smem_bytes(head_dim, block_rows / 64) / 4 - 1 - 8 * prefill_threads(head_dim)
+            }
+            PrefillKernel::Hopper => {
+                (hopper_prefill_smem_bytes(head_dim) - 16 * hopper_prefill_stages(head_dim) - 16) / 4
+                    - 8 * (HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS)
+            }
+        };
+        words as usize / self.block_rows() as usize - 1
     }
 }
 
@@ -159,26 +211,32 @@ pub struct PrefillSplit {
     pub split_tiles: usize,
     /// Query heads per KV head.
     pub group_size: usize,
-    /// Packed query rows of each item's tile (the kernel's block height, 64 or 128).
-    pub block_rows: u32,
+    /// The kernel, and so the packed query rows of each item's tile.
+    pub kernel: PrefillKernel,
     /// Query tokens of the batch.
     pub total_q: usize,
     /// The resolved `sm_scale`.
     pub sm_scale: f32,
 }
 
-/// The block height a batch prefers: with 128 rows each K/V fragment a warp loads and each K/V
-/// row the block copies serve twice the tensor-core ops, so they win once requests average
-/// more than 64 packed rows; shorter ones would mostly fill a 128-row block with padding. The
-/// tallest of `heights` (the kernels built for the head_dim) that is not taller than wanted.
-pub fn preferred_block_rows(heights: &[u32], num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> u32 {
+/// Whether a batch's requests average more than 64 packed query rows: then each K/V row a
+/// block loads serves 128 rows, where shorter requests would mostly fill a 128-row block with
+/// padding.
+fn long_queries(num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> bool {
     let (requests, tokens) = (qo_indptr.len().saturating_sub(1), *qo_indptr.last().unwrap_or(&0) as usize);
-    let rows = tokens * (num_qo_heads / num_kv_heads.max(1));
-    let wanted = if rows > 64 * requests { 128 } else { 64 };
+    tokens * (num_qo_heads / num_kv_heads.max(1)) > 64 * requests
+}
+
+/// The block height a batch prefers on the portable kernel: 128 rows for long queries
+/// ([`long_queries`]: each K/V fragment a warp loads then serves twice the tensor-core ops),
+/// else 64. The tallest of `heights` (the kernels built for the head_dim) that is not taller
+/// than wanted.
+pub fn preferred_block_rows(heights: &[u32], num_qo_heads: usize, num_kv_heads: usize, qo_indptr: &[u32]) -> u32 {
+    let wanted = if long_queries(num_qo_heads, num_kv_heads, qo_indptr) { 128 } else { 64 };
     heights.iter().copied().filter(|&h| h <= wanted).max().or(heights.first().copied()).unwrap_or(64)
 }
 
-/// The work split for a prefill batch with blocks of `block_rows` packed query rows, worked out
+/// The work split for a prefill batch on `kernel` (its blocks of packed query rows), worked out
 /// without a GPU for a device of `sms` multiprocessors holding `blocks_per_sm` of those blocks
 /// each: the validation and every work item (for plans, and for fuzzing the planner against a
 /// bounds model).
@@ -189,7 +247,7 @@ pub fn prefill_split(
     qo_indptr: &[u32],
     table: &PageTable,
     options: PrefillOptions,
-    block_rows: u32,
+    kernel: PrefillKernel,
     sms: usize,
     blocks_per_sm: usize,
 ) -> Result<PrefillSplit> {
@@ -215,16 +273,12 @@ pub fn prefill_split(
         return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
     }
     // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
-    let tile_rows = block_rows as usize;
+    let tile_rows = kernel.block_rows() as usize;
     let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, tile_rows, &options);
     let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
     let capacity = sms * blocks_per_sm;
-    // The merging block keeps 8 sums per thread, (parts + 1) weights per row and a flag in
-    // its shared memory.
     let dim = shape.head_dim as u32;
-    let staging = prefill_smem_bytes(dim, block_rows / 64) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
-    let max_parts = staging / tile_rows - 1;
-    let chunk = split_chunk(&spans, PREFILL_TILE_TOKENS, shape.num_kv_heads, capacity, max_parts);
+    let chunk = split_chunk(&spans, kernel.tile_tokens(dim), shape.num_kv_heads, capacity, kernel.max_parts(dim));
     let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
     let blocks = work.len() * shape.num_kv_heads;
     if blocks > i32::MAX as usize {
@@ -234,30 +288,37 @@ pub fn prefill_split(
             max: i32::MAX as usize,
         });
     }
-    Ok(PrefillSplit { work, slots, split_tiles: split, group_size, block_rows, total_q, sm_scale })
+    Ok(PrefillSplit { work, slots, split_tiles: split, group_size, kernel, total_q, sm_scale })
 }
 
-/// The split `plan` uploads: at the preferred block height, unless that height leaves the
-/// batch too few row tiles to fill the GPU; a split tile's last part merges all its parts'
-/// rows alone, after the others, so when keys must be split the shortest blocks win (more
-/// tiles, fewer parts each, smaller merges: cascade's shared level is such a batch).
-/// `blocks_per_sm(rows)` is the occupancy of the kernel of that height.
+/// The split `plan` uploads. With `hopper` (the GPU runs the Hopper kernel), batches of long
+/// queries ([`long_queries`]) take it, split or not. Otherwise the portable kernel at the
+/// preferred block height, unless that height leaves the batch too few row tiles to fill the
+/// GPU: a split tile's last part merges all its parts' rows alone, after the others, so when
+/// keys must be split the shortest blocks win (more tiles, fewer parts each, smaller merges:
+/// cascade's shared level is such a batch). `blocks_per_sm(kernel)` is its occupancy.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_prefill_split(
     shape: &CacheShape,
     num_qo_heads: usize,
     qo_indptr: &[u32],
     table: &PageTable,
     options: PrefillOptions,
+    hopper: bool,
     sms: usize,
-    blocks_per_sm: impl Fn(u32) -> usize,
+    blocks_per_sm: impl Fn(PrefillKernel) -> usize,
 ) -> Result<PrefillSplit> {
+    let split_on =
+        |kernel| prefill_split(shape, num_qo_heads, qo_indptr, table, options, kernel, sms, blocks_per_sm(kernel));
+    if hopper && long_queries(num_qo_heads, shape.num_kv_heads, qo_indptr) {
+        return split_on(PrefillKernel::Hopper);
+    }
     let heights = prefill_block_rows(shape.head_dim);
     let preferred = preferred_block_rows(&heights, num_qo_heads, shape.num_kv_heads, qo_indptr);
-    let split =
-        prefill_split(shape, num_qo_heads, qo_indptr, table, options, preferred, sms, blocks_per_sm(preferred))?;
+    let split = split_on(PrefillKernel::Portable { block_rows: preferred })?;
     match heights.first() {
         Some(&lowest) if split.split_tiles > 0 && lowest < preferred => {
-            prefill_split(shape, num_qo_heads, qo_indptr, table, options, lowest, sms, blocks_per_sm(lowest))
+            split_on(PrefillKernel::Portable { block_rows: lowest })
         }
         _ => Ok(split),
     }
@@ -271,8 +332,8 @@ struct PrefillWork {
     options: PrefillOptions,
     sm_scale: f32,
     group_size: usize,
-    /// Packed query rows of a block: the kernel variant (64 or 128).
-    block_rows: u32,
+    /// The kernel, and so the packed query rows of a block.
+    kernel: PrefillKernel,
     items: usize,
     /// Elements of each of K and V the launch addresses (a paged plan: the pools'; a ragged
     /// one: the batch's rows).
@@ -295,7 +356,12 @@ impl AttentionLaunch for PrefillWork {
         self.kv_elems
     }
     fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType) -> Result<&'k Kernel> {
-        kernels.prefill(dtype, self.shape.head_dim, self.block_rows)
+        match self.kernel {
+            PrefillKernel::Portable { block_rows } => kernels.prefill(dtype, self.shape.head_dim, block_rows),
+            PrefillKernel::Hopper => kernels
+                .prefill_hopper(dtype, self.shape.head_dim)
+                .ok_or(Error::UnsupportedDType { what: "prefill attention on Hopper", dtype: dtype.name() }),
+        }
     }
     fn blocks(&self) -> u32 {
         (self.items * self.shape.num_kv_heads) as u32
@@ -404,19 +470,28 @@ impl BatchPrefillPlan {
     ) -> Result<()> {
         let device = self.core.device();
         let kernels = device.kernels();
-        let blocks_per_sm = |rows| kernels.prefill(DType::F16, shape.head_dim, rows).map_or(1, |k| k.blocks_per_sm);
-        let PrefillSplit { work, slots, split_tiles, group_size, block_rows, total_q, sm_scale } = plan_prefill_split(
+        // Every element type has the same variants, so f16's stand for the run's.
+        let hopper = device.prefill_hopper(DType::F16, shape.head_dim).is_some();
+        let blocks_per_sm = |kernel| {
+            match kernel {
+                PrefillKernel::Portable { block_rows } => kernels.prefill(DType::F16, shape.head_dim, block_rows).ok(),
+                PrefillKernel::Hopper => device.prefill_hopper(DType::F16, shape.head_dim),
+            }
+            .map_or(1, |k| k.blocks_per_sm)
+        };
+        let PrefillSplit { work, slots, split_tiles, group_size, kernel, total_q, sm_scale } = plan_prefill_split(
             shape,
             num_qo_heads,
             qo_indptr,
             table,
             options,
+            hopper,
             device.multiprocessor_count(),
             blocks_per_sm,
         )?;
         let scratch = ScratchLayout {
             counters: split_tiles * shape.num_kv_heads,
-            partial_rows: slots * shape.num_kv_heads * block_rows as usize,
+            partial_rows: slots * shape.num_kv_heads * kernel.block_rows() as usize,
             head_dim: shape.head_dim,
         };
         self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
@@ -427,7 +502,7 @@ impl BatchPrefillPlan {
             options,
             sm_scale,
             group_size,
-            block_rows,
+            kernel,
             items: work.len(),
             kv_elems,
             split_tiles,
@@ -451,11 +526,16 @@ impl BatchPrefillPlan {
         self.work.blocks() as usize
     }
 
+    /// The kernel the plan launches.
+    pub fn kernel(&self) -> PrefillKernel {
+        self.work.kernel
+    }
+
     /// Row tiles whose keys are split across several blocks (merged in the same launch), and
     /// the block height chosen.
     #[cfg(feature = "internals")]
     pub fn split_tiles(&self) -> (usize, u32) {
-        (self.work.split_tiles, self.work.block_rows)
+        (self.work.split_tiles, self.work.kernel.block_rows())
     }
 
     /// Attention of `q` (`[total_q][num_qo_heads][head_dim]`) over layer `layer` of `cache`,
@@ -523,7 +603,7 @@ impl PrefillWork {
             options: PrefillOptions::default(),
             sm_scale: 1.0,
             group_size: 1,
-            block_rows: 64,
+            kernel: PrefillKernel::Portable { block_rows: 64 },
             items: 0,
             kv_elems: 0,
             split_tiles: 0,
@@ -604,8 +684,9 @@ mod tests {
         // non-causal. 128-row tiles (2 per KV head) would need 16 parts each to fill 132 SMs.
         let shape = CacheShape { num_pages: 512, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
         let table = PageTable { kv_indptr: vec![0, 512], kv_indices: (0..512).collect(), kv_last_page_len: vec![16] };
-        let split = plan_prefill_split(&shape, 32, &[0, 64], &table, PrefillOptions::default(), 132, |_| 2).unwrap();
-        assert_eq!(split.block_rows, 64);
+        let split =
+            plan_prefill_split(&shape, 32, &[0, 64], &table, PrefillOptions::default(), false, 132, |_| 2).unwrap();
+        assert_eq!(split.kernel, PrefillKernel::Portable { block_rows: 64 });
         assert!(
             split.split_tiles == 4 && split.work.len() <= 33,
             "{} tiles, {} items",
@@ -621,8 +702,26 @@ mod tests {
         };
         let qo: Vec<u32> = (0..=8).map(|i| i * 1024).collect();
         let causal = PrefillOptions { causal: true, ..Default::default() };
-        let split = plan_prefill_split(&shape, 32, &qo, &table, causal, 132, |_| 2).unwrap();
-        assert_eq!((split.block_rows, split.split_tiles), (128, 0));
+        let split = plan_prefill_split(&shape, 32, &qo, &table, causal, false, 132, |_| 2).unwrap();
+        assert_eq!((split.kernel, split.split_tiles), (PrefillKernel::Portable { block_rows: 128 }, 0));
+    }
+
+    #[test]
+    fn on_hopper_long_queries_take_the_hopper_kernel_split_or_not_and_short_ones_do_not() {
+        let shape = CacheShape { num_pages: 512, page_size: 16, num_kv_heads: 8, head_dim: 256, layout: KvLayout::Nhd };
+        let table = PageTable { kv_indptr: vec![0, 512], kv_indices: (0..512).collect(), kv_last_page_len: vec![16] };
+        let plan = |qo: &[u32], hopper| {
+            plan_prefill_split(&shape, 32, qo, &table, PrefillOptions::default(), hopper, 132, |_| 1).unwrap()
+        };
+        // 64 queries over 8192 keys, group 4: 256 rows, two 128-row tiles split over many parts.
+        let split = plan(&[0, 64], true);
+        assert_eq!(split.kernel, PrefillKernel::Hopper);
+        assert!(
+            split.split_tiles > 0 && split.work.iter().all(|w| (w.kv_end - w.kv_start) % 64 == 0 || w.kv_end == 8192)
+        );
+        assert_eq!(plan(&[0, 64], false).kernel, PrefillKernel::Portable { block_rows: 64 });
+        // 16 queries, group 4: 64 rows, not more: the portable kernel's 64-row blocks.
+        assert_eq!(plan(&[0, 16], true).kernel, PrefillKernel::Portable { block_rows: 64 });
     }
 
     #[test]

@@ -400,6 +400,57 @@ pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32) -> u32 {
         + kv_table_bytes(stages, PREFILL_TILE_TOKENS)
 }
 
+/// Batch prefill on Hopper (only in the `sm_90a` module): the parameters and work items of
+/// [`PrefillParams`], blocks of [`HOPPER_PREFILL_ROWS`] packed rows. A producer warpgroup
+/// gathers K/V tiles of [`hopper_prefill_tile_tokens`] keys through the page table with
+/// `cp.async` into a [`hopper_prefill_stages`]-deep shared ring, signalling each stage full on
+/// an mbarrier; two consumer warpgroups of 64 rows compute S = Q·Kᵀ and O += P·V with `wgmma`
+/// (P from registers) and hand each stage back on an "empty" mbarrier. Shared tiles are laid
+/// out for `wgmma`'s 128-byte swizzle: 64-dim slabs of 128-byte rows.
+pub const HOPPER_PREFILL_ROWS: u32 = 128;
+/// Threads of a Hopper prefill block: the producer warpgroup, then two consumer warpgroups.
+pub const HOPPER_PREFILL_THREADS: u32 = 384;
+/// Threads of the producer warpgroup (the block's first).
+pub const HOPPER_PRODUCER_THREADS: u32 = 128;
+/// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): 128 · 40 +
+/// 256 · 232 fits the SM's 64 Ki registers for one block. (24 for the producer, and 240 for
+/// the consumers at head_dim 256, was tried: the producer spills more than the consumers gain.)
+pub const HOPPER_PRODUCER_REGISTERS: u32 = 40;
+/// See [`HOPPER_PRODUCER_REGISTERS`].
+pub const HOPPER_CONSUMER_REGISTERS: u32 = 232;
+
+/// Keys per Hopper prefill stage: 128 (S is a 64 × 128 `wgmma` tile) up to head_dim 128, 64
+/// above (the O accumulators of 256 dims take the registers).
+pub const fn hopper_prefill_tile_tokens(head_dim: u32) -> u32 {
+    if head_dim <= 128 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Stages of the Hopper prefill ring: as many as the 227 KiB of shared memory hold.
+pub const fn hopper_prefill_stages(head_dim: u32) -> u32 {
+    match head_dim {
+        0..=64 => 4,
+        65..=128 => 3,
+        _ => 2,
+    }
+}
+
+/// Dynamic shared memory of a Hopper prefill block: Q, the K and V rings, a full and an empty
+/// mbarrier per stage, and a word for the split merge's flag (padded to 16 bytes).
+pub const fn hopper_prefill_smem_bytes(head_dim: u32) -> u32 {
+    let stages = hopper_prefill_stages(head_dim);
+    HOPPER_PREFILL_ROWS * head_dim * 2
+        + 2 * stages * hopper_prefill_tile_tokens(head_dim) * head_dim * 2
+        + 16 * stages
+        + 16
+}
+
+/// Dynamic shared memory an H100 or H200 gives one block (227 KiB).
+pub const HOPPER_MAX_BLOCK_SMEM_BYTES: u32 = 227 * 1024;
+
 /// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)
 /// rows, `num_states` partial outputs `v_k` with base-2 LSEs `s_k` become
 /// `v = Σ 2^(s_k − s) v_k` with `s = log2 Σ 2^(s_k)`. A warp takes [`merge_rows_per_warp`]
@@ -463,6 +514,7 @@ pub const fn merge_rows_per_warp(head_dim: u32) -> u32 {
 /// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
 /// - `each!(decode $Half $dtype $head_dim)`,
 /// - `each!(prefill $Half $dtype $head_dim $rows)` (blocks of `$rows` packed query rows),
+/// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels),
 /// - `each!(merge_states $Half $dtype)`,
 /// - `each!(single $name)` (a kernel without variants, written by name in its own file),
 ///
@@ -491,6 +543,7 @@ macro_rules! kernel_variants {
         $(
             $each!(decode $half $dtype $dim);
             $( $each!(prefill $half $dtype $dim $rows); )*
+            $each!(prefill_hopper $half $dtype $dim);
         )*
     };
 }
@@ -504,6 +557,9 @@ macro_rules! entry_name {
     (prefill $dtype:ident $dim:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($dim), "_rows", stringify!($rows))
     };
+    (prefill_hopper $dtype:ident $dim:literal) => {
+        concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($dim))
+    };
     (merge_states $dtype:ident) => {
         concat!("merge_states_", stringify!($dtype))
     };
@@ -512,15 +568,19 @@ macro_rules! entry_name {
     };
 }
 
-/// The PTX modules: the architecture each is compiled for, its file under `host/ptx/`, and the
-/// lowest compute capability it is loaded on (the host loads the module with the highest such
-/// capability the GPU reaches). `ptx_targets!(each)` calls `each!` once with every line.
+/// The PTX modules: the architecture each is compiled for, its file under `host/ptx/`, the
+/// compute capability it is for, and how: `from` (the host loads the `from` module with the
+/// highest capability the GPU reaches; it holds every kernel but the Hopper ones) or `exactly`
+/// (an architecture-specific module, loaded beside it only on that capability: `sm_90a` code
+/// runs on compute capability 9.0 alone). `ptx_targets!(each)` calls `each!` once with every
+/// line.
 #[allow(unused_macros)]
 macro_rules! ptx_targets {
     ($each:ident) => {
         $each! {
-            sm_80 "ferrinfer_sm80.ptx" (8, 0);
-            sm_90 "ferrinfer_sm90.ptx" (9, 0);
+            sm_80 "ferrinfer_sm80.ptx" (8, 0) from;
+            sm_90 "ferrinfer_sm90.ptx" (9, 0) from;
+            sm_90a "ferrinfer_sm90a.ptx" (9, 0) exactly;
         }
     };
 }
@@ -544,6 +604,13 @@ macro_rules! assert_variant {
             assert!($dim % 16 == 0 && ($dim <= PREFILL_WARP_DIMS || $dim % PREFILL_WARP_DIMS == 0));
             assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($dim));
             assert!(prefill_smem_bytes($dim, $rows / 64) <= MAX_BLOCK_SMEM_BYTES);
+        };
+    };
+    (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+        const _: () = {
+            // Whole 64-dim slabs (the 128-byte swizzle atom), and 64 × N wgmma tiles with N ≤ 256.
+            assert!($dim % 64 == 0 && $dim <= 256);
+            assert!(hopper_prefill_smem_bytes($dim) <= HOPPER_MAX_BLOCK_SMEM_BYTES);
         };
     };
     (merge_states $half:ident $dtype:ident) => {};

@@ -33,6 +33,9 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Device {
     inner: Arc<Inner>,
+    /// Whether plans may use the architecture-specific kernels (see
+    /// [`with_portable_kernels`](Self::with_portable_kernels)).
+    arch_specific: bool,
 }
 
 struct Inner {
@@ -41,6 +44,8 @@ struct Inner {
     name: String,
     compute_capability: (i32, i32),
     ptx_arch: &'static str,
+    /// The architecture-specific module loaded beside it (`"sm_90a"` on compute capability 9.0).
+    specific_arch: Option<&'static str>,
     multiprocessors: usize,
     kernels: Kernels,
     staging: Mutex<StagingRing>,
@@ -75,7 +80,13 @@ impl Device {
         })?;
         let ptx_arch = module.arch;
         let module = ctx.load_module(Ptx::from_src(module.ptx)).map_err(Error::driver("loading the PTX module"))?;
-        let kernels = Kernels::load(&module)?;
+        let specific = ptx::specific_to(major, minor);
+        let specific_arch = specific.map(|m| m.arch);
+        let specific = specific
+            .map(|m| ctx.load_module(Ptx::from_src(m.ptx)))
+            .transpose()
+            .map_err(Error::driver("loading the architecture-specific PTX module"))?;
+        let kernels = Kernels::load(&module, specific.as_ref())?;
         let multiprocessors = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(Error::driver("reading the multiprocessor count"))?
@@ -89,10 +100,12 @@ impl Device {
                 name,
                 compute_capability: (major, minor),
                 ptx_arch,
+                specific_arch,
                 multiprocessors,
                 kernels,
                 staging: Mutex::new(StagingRing::default()),
             }),
+            arch_specific: true,
         })
     }
 
@@ -109,6 +122,19 @@ impl Device {
     /// The architecture of the PTX module loaded for this GPU (e.g. `"sm_90"`).
     pub fn ptx_arch(&self) -> &'static str {
         self.inner.ptx_arch
+    }
+
+    /// The architecture-specific module loaded beside [`ptx_arch`](Self::ptx_arch)'s (`"sm_90a"`,
+    /// Hopper's `wgmma` prefill, on compute capability 9.0), if any and if this handle uses it.
+    pub fn arch_specific_ptx(&self) -> Option<&'static str> {
+        self.inner.specific_arch.filter(|_| self.arch_specific)
+    }
+
+    /// A handle on the same GPU, context and stream whose plans use only the portable kernels
+    /// (the `sm_80`/`sm_90` module's): on an H100 or H200, prefill on `mma.sync` instead of
+    /// `wgmma`. For comparing the two paths; plans made with it keep to it.
+    pub fn with_portable_kernels(&self) -> Device {
+        Device { inner: self.inner.clone(), arch_specific: false }
     }
 
     /// The CUDA context the kernels are loaded in.
@@ -165,6 +191,15 @@ impl Device {
     /// The kernel function table.
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.inner.kernels
+    }
+
+    /// The Hopper prefill kernel for `dtype` and `head_dim`, when this handle may use it.
+    pub(crate) fn prefill_hopper(
+        &self,
+        dtype: super::dtype::DType,
+        head_dim: usize,
+    ) -> Option<&super::kernels::Kernel> {
+        self.inner.kernels.prefill_hopper(dtype, head_dim).filter(|_| self.arch_specific)
     }
 
     /// The ring of pinned host buffers uploads go through.

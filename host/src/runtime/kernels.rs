@@ -8,7 +8,10 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule};
 
-use super::abi::{decode_smem_bytes, decode_threads, prefill_smem_bytes, prefill_threads, MERGE_THREADS};
+use super::abi::{
+    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, prefill_smem_bytes, prefill_threads,
+    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS,
+};
 use super::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -17,6 +20,8 @@ use crate::error::{Error, Result};
 pub(crate) enum Family {
     Decode,
     Prefill,
+    /// Batch prefill on Hopper's `wgmma` (the `sm_90a` module only).
+    PrefillHopper,
     MergeStates,
     /// A kernel without variants: `Variant::name` says which.
     Single,
@@ -45,9 +50,16 @@ impl Variant {
             Family::Prefill => {
                 Some((prefill_threads(self.head_dim), prefill_smem_bytes(self.head_dim, self.rows / 64)))
             }
+            Family::PrefillHopper => Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim))),
             Family::MergeStates => Some((MERGE_THREADS, 0)),
             Family::Single => None,
         }
+    }
+
+    /// Whether the variant lives in the architecture-specific module (`ptx_targets!`'s
+    /// `exactly` line) rather than the portable one.
+    pub fn is_arch_specific(&self) -> bool {
+        self.family == Family::PrefillHopper
     }
 }
 
@@ -74,6 +86,15 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     head_dim: $dim,
                     rows: $rows,
+                })
+            };
+            (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+                table.push(Variant {
+                    name: entry_name!(prefill_hopper $dtype $dim),
+                    family: Family::PrefillHopper,
+                    dtype: dtype(stringify!($dtype)),
+                    head_dim: $dim,
+                    rows: HOPPER_PREFILL_ROWS,
                 })
             };
             (merge_states $half:ident $dtype:ident) => {
@@ -128,17 +149,23 @@ pub(crate) struct Kernel {
     pub blocks_per_sm: usize,
 }
 
-/// Every kernel of the loaded module, found by what it computes.
+/// Every kernel of the loaded modules, found by what it computes.
 pub(crate) struct Kernels {
     all: Vec<Kernel>,
 }
 
 impl Kernels {
-    /// Looks up every variant in `module`, lets the attention kernels use their shared memory
-    /// and reads their occupancy.
-    pub fn load(module: &Arc<CudaModule>) -> Result<Self> {
+    /// Looks up every variant in its module (`specific`: the architecture-specific one, when
+    /// the GPU has one), lets the attention kernels use their shared memory and reads their
+    /// occupancy.
+    pub fn load(portable: &Arc<CudaModule>, specific: Option<&Arc<CudaModule>>) -> Result<Self> {
         let mut all = Vec::with_capacity(variants().len());
         for &variant in variants() {
+            let module = match (variant.is_arch_specific(), specific) {
+                (false, _) => portable,
+                (true, Some(module)) => module,
+                (true, None) => continue,
+            };
             let function = module.load_function(variant.name).map_err(Error::driver("looking up a kernel"))?;
             let (threads, smem_bytes, blocks_per_sm) = match variant.geometry() {
                 Some((threads, smem)) => {
@@ -193,6 +220,12 @@ impl Kernels {
             .ok_or_else(|| Error::UnsupportedHeadDim { head_dim, supported: attention_head_dims() })
     }
 
+    /// The Hopper prefill kernel for `dtype` and `head_dim`, where the GPU runs the `sm_90a`
+    /// module.
+    pub fn prefill_hopper(&self, dtype: DType, head_dim: usize) -> Option<&Kernel> {
+        self.find(|v| v.family == Family::PrefillHopper && v.dtype == Some(dtype) && v.head_dim as usize == head_dim)
+    }
+
     /// The merge-states kernel for `dtype`.
     pub fn merge_states(&self, dtype: DType) -> Result<&Kernel> {
         self.find(|v| v.family == Family::MergeStates && v.dtype == Some(dtype))
@@ -209,7 +242,7 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::ptx::MODULES;
+    use crate::runtime::ptx::{Loaded, MODULES};
 
     /// The `.entry` names of a PTX module.
     fn entries(ptx: &str) -> Vec<&str> {
@@ -222,15 +255,17 @@ mod tests {
     }
 
     #[test]
-    fn every_variant_is_an_entry_of_every_committed_module_and_nothing_else_is() {
+    fn every_variant_is_an_entry_of_each_of_its_committed_modules_and_nothing_else_is() {
         for module in MODULES {
             let found = entries(module.ptx);
-            for v in variants() {
+            let specific = module.loaded == Loaded::Exactly;
+            let of_module = |v: &&Variant| v.is_arch_specific() == specific;
+            for v in variants().iter().filter(of_module) {
                 assert!(found.contains(&v.name), "{} ({}) has no .entry {}", module.file, module.arch, v.name);
             }
             for name in &found {
                 assert!(
-                    variants().iter().any(|v| v.name == *name),
+                    variants().iter().filter(of_module).any(|v| v.name == *name),
                     "{} ({}) has .entry {name}, which the variant table does not list",
                     module.file,
                     module.arch
@@ -248,6 +283,7 @@ mod tests {
         assert_eq!(names.len(), n, "an entry name appears twice");
         assert!(names.contains(&"decode_f16_128") && names.contains(&"prefill_bf16_64_rows128"));
         assert!(names.contains(&"merge_states_bf16") && names.contains(&"paged_kv_gather"));
+        assert!(names.contains(&"prefill_hopper_f16_128") && names.contains(&"prefill_hopper_bf16_256"));
     }
 
     #[test]

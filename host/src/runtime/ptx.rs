@@ -1,6 +1,15 @@
 //! The kernels, prebuilt by `cargo xtask build-kernels` and embedded so that building this
 //! crate needs no kernel toolchain: one module per line of the ABI's `ptx_targets!` table.
 
+/// How a module relates to the compute capability it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loaded {
+    /// On that capability and every later one without a `From` module of its own.
+    From,
+    /// On exactly that capability, beside its `From` module (architecture-specific code).
+    Exactly,
+}
+
 /// A PTX module and the GPUs it is for.
 pub(crate) struct PtxModule {
     /// The architecture it was compiled for, e.g. `"sm_90"`.
@@ -8,28 +17,40 @@ pub(crate) struct PtxModule {
     /// Its file under `host/ptx/`.
     #[allow(dead_code)]
     pub file: &'static str,
-    /// The lowest compute capability it is loaded on.
-    pub min_compute_capability: (i32, i32),
+    /// The compute capability it is for.
+    pub compute_capability: (i32, i32),
+    pub loaded: Loaded,
     pub ptx: &'static str,
 }
 
 macro_rules! modules {
-    ($($arch:ident $file:literal ($major:literal, $minor:literal);)*) => {
+    (@loaded from) => { Loaded::From };
+    (@loaded exactly) => { Loaded::Exactly };
+    ($($arch:ident $file:literal ($major:literal, $minor:literal) $kind:ident;)*) => {
         /// Every module, in the table's order.
         pub(crate) const MODULES: &[PtxModule] = &[$(PtxModule {
             arch: stringify!($arch),
             file: $file,
-            min_compute_capability: ($major, $minor),
+            compute_capability: ($major, $minor),
+            loaded: modules!(@loaded $kind),
             ptx: include_str!(concat!("../../ptx/", $file)),
         }),*];
     };
 }
 ptx_targets!(modules);
 
-/// The module to load on a device of compute capability `major.minor`: the one with the highest
-/// lowest capability the device reaches; `None` below every module's.
+/// The module to load on a device of compute capability `major.minor`: the `From` module with
+/// the highest capability the device reaches; `None` below every module's.
 pub(crate) fn for_compute_capability(major: i32, minor: i32) -> Option<&'static PtxModule> {
-    MODULES.iter().filter(|m| m.min_compute_capability <= (major, minor)).max_by_key(|m| m.min_compute_capability)
+    MODULES
+        .iter()
+        .filter(|m| m.loaded == Loaded::From && m.compute_capability <= (major, minor))
+        .max_by_key(|m| m.compute_capability)
+}
+
+/// The architecture-specific module for exactly `major.minor`, if there is one.
+pub(crate) fn specific_to(major: i32, minor: i32) -> Option<&'static PtxModule> {
+    MODULES.iter().find(|m| m.loaded == Loaded::Exactly && m.compute_capability == (major, minor))
 }
 
 #[cfg(test)]
@@ -43,5 +64,13 @@ mod tests {
         assert_eq!(for_compute_capability(8, 9).map(|m| m.arch), Some("sm_80"));
         assert_eq!(for_compute_capability(9, 0).map(|m| m.arch), Some("sm_90"));
         assert_eq!(for_compute_capability(10, 0).map(|m| m.arch), Some("sm_90"));
+    }
+
+    #[test]
+    fn only_compute_capability_9_0_gets_the_sm_90a_module() {
+        assert_eq!(specific_to(9, 0).map(|m| m.arch), Some("sm_90a"));
+        for (major, minor) in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)] {
+            assert!(specific_to(major, minor).is_none(), "{major}.{minor}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod half;
+pub mod hopper;
 pub mod index;
 pub mod math;
 pub mod mem;

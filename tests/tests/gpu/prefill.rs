@@ -2,9 +2,13 @@
 //! dtypes, layouts, causal and not, soft cap and window, requests whose new tokens are a short
 //! tail of a long cache (chunked prefill, append) or all of it, requests without queries,
 //! validation errors, and replay from a CUDA graph. Error bounds: `ferrinfer_tests::compare`.
+//!
+//! Every case runs twice: on the device as opened (on an H100 or H200, long-query batches take
+//! the Hopper kernel) and, as `…_portable`, on `Device::with_portable_kernels` (`mma.sync`).
+//! The `prefill_hopper_…` cases also check that the Hopper kernel ran where the GPU has it.
 use ferrinfer::{
     bf16, f16, reference, BatchPrefillPlan, CacheShape, Device, Error, KvDType, KvLayout, PageTable, PagedKvCache,
-    PrefillOptions,
+    PrefillKernel, PrefillOptions,
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
@@ -107,17 +111,94 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
 }
 
-/// Row tiles the plan of `c` splits.
-fn split_tiles(dev: &Device, c: &Case) -> Result<usize, Box<dyn std::error::Error>> {
+/// The plan of `c`: row tiles it splits, and the kernel it launches.
+fn planned(dev: &Device, c: &Case) -> Result<(usize, PrefillKernel), Box<dyn std::error::Error>> {
     let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
     let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
     let table = random_table(&mut rng(c.seed), &kv_lens, c.page_size, shape.num_pages);
     let plan = BatchPrefillPlan::new(dev, &shape, c.num_kv_heads * c.group, &c.qo_indptr(), &table, c.options)?;
-    Ok(plan.split_tiles().0)
+    Ok((plan.split_tiles().0, plan.kernel()))
 }
 
+fn split_tiles(dev: &Device, c: &Case) -> Result<usize, Box<dyn std::error::Error>> {
+    Ok(planned(dev, c)?.0)
+}
+
+/// `case` as `name` on the device as opened, and as `name_portable` on the portable kernels.
 fn add<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
-    tests.push(GpuTest::new(name, move |d| prefill_case::<T>(d, &case)));
+    let portable = case.clone();
+    tests.push(GpuTest::new(name.clone(), move |d| prefill_case::<T>(d, &case)));
+    tests.push(GpuTest::new(format!("{name}_portable"), move |d| {
+        prefill_case::<T>(&d.with_portable_kernels(), &portable)
+    }));
+}
+
+/// `case` on the Hopper kernel where the GPU runs it (checked), else on the portable one.
+fn add_hopper<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    tests.push(GpuTest::new(name, move |d| {
+        let kernel = planned(d, &case)?.1;
+        if d.arch_specific_ptx() == Some("sm_90a") {
+            ensure!(kernel == PrefillKernel::Hopper, "planned {kernel:?} on a GPU with the Hopper kernel");
+        }
+        prefill_case::<T>(d, &case)
+    }));
+}
+
+fn hopper_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    // Key counts on and off the 128-key tile: whole tiles, one past, one short, a tile and a
+    // bit, a single key; query counts on and off the 128-row block (group 4: 32 tokens a block).
+    let lens = [(256, 256), (128, 384), (130, 1000), (1, 129), (77, 127), (32, 128), (1, 1)];
+    for ps in [1usize, 3, 48, 257, 16] {
+        add_hopper::<f16>(&mut t, format!("prefill_hopper_causal_page_size_{ps}_group_4_f16"), Case::new(&lens, ps));
+        let c = Case { layout: KvLayout::Hnd, seed: 300 + ps as u64, ..Case::new(&lens, ps) };
+        add_hopper::<bf16>(&mut t, format!("prefill_hopper_causal_page_size_{ps}_group_4_hnd_bf16"), c);
+    }
+    let full = PrefillOptions { causal: false, ..CAUSAL };
+    for (group, head_dim) in [(1, 64), (3, 64), (2, 256), (6, 256), (5, 128)] {
+        let c = Case {
+            group,
+            head_dim,
+            options: full,
+            seed: 11 * group as u64 + head_dim as u64,
+            ..Case::new(&[(300, 300), (70, 1000), (129, 129)], 48)
+        };
+        add_hopper::<f16>(
+            &mut t,
+            format!("prefill_hopper_full_page_size_48_group_{group}_head_dim_{head_dim}_f16"),
+            c.clone(),
+        );
+        let c = Case { options: CAUSAL, layout: KvLayout::Hnd, ..c };
+        add_hopper::<bf16>(
+            &mut t,
+            format!("prefill_hopper_causal_page_size_48_group_{group}_head_dim_{head_dim}_hnd_bf16"),
+            c,
+        );
+    }
+    let window = PrefillOptions { window_left: 200, logits_soft_cap: 30.0, ..CAUSAL };
+    add_hopper::<f16>(
+        &mut t,
+        "prefill_hopper_window_left_200_soft_cap_30_page_size_7_f16".into(),
+        Case { options: window, ..Case::new(&[(700, 900), (129, 1300)], 7) },
+    );
+    let steep = PrefillOptions { sm_scale: Some(4.0), ..CAUSAL };
+    add_hopper::<bf16>(
+        &mut t,
+        "prefill_hopper_steep_logits_rescale_mid_sequence_bf16".into(),
+        Case { options: steep, ..Case::new(&[(600, 600), (200, 900)], 16) },
+    );
+    // One long request among short ones, too few row tiles for the GPU: split keys, merged by
+    // the consumer warpgroups of the last part.
+    t.push(GpuTest::new("prefill_hopper_one_long_request_splits_its_keys_f16", |d| {
+        let c = Case::new(&[(40, 20000), (30, 30), (70, 9000)], 16);
+        let (split, kernel) = planned(d, &c)?;
+        ensure!(split > 0, "the case should split");
+        if d.arch_specific_ptx() == Some("sm_90a") {
+            ensure!(kernel == PrefillKernel::Hopper, "planned {kernel:?}");
+        }
+        prefill_case::<f16>(d, &c)
+    }));
+    t
 }
 
 fn case_tests() -> Vec<GpuTest> {
@@ -180,21 +261,25 @@ fn case_tests() -> Vec<GpuTest> {
         Case { options: full, ..Case::new(&[(50, 10), (3, 0), (64, 700)], 16) },
     );
     // Small batches split their keys (below); this one fills the GPU with row tiles alone.
-    t.push(GpuTest::new("prefill_enough_row_tiles_run_unsplit_f16", |d| {
-        let c = Case {
-            num_kv_heads: 8,
-            group: 2,
-            ..Case::new(&[(1024, 1024), (1000, 1030), (1024, 2000), (999, 999)], 16)
-        };
-        ensure!(split_tiles(d, &c)? == 0, "the case should not split");
-        prefill_case::<f16>(d, &c)
-    }));
-    // Too few row tiles to fill the GPU: the long ones' keys are split and merged in-launch.
-    t.push(GpuTest::new("prefill_one_long_request_among_short_splits_its_keys_f16", |d| {
-        let c = Case::new(&[(1, 20000), (3, 3), (70, 9000), (5, 40)], 16);
-        ensure!(split_tiles(d, &c)? > 0, "the case should split");
-        prefill_case::<f16>(d, &c)
-    }));
+    for portable in [false, true] {
+        let suffix = if portable { "_portable" } else { "" };
+        let on = move |d: &Device| if portable { d.with_portable_kernels() } else { d.clone() };
+        t.push(GpuTest::new(format!("prefill_enough_row_tiles_run_unsplit_f16{suffix}"), move |d| {
+            let c = Case {
+                num_kv_heads: 8,
+                group: 2,
+                ..Case::new(&[(1024, 1024), (1000, 1030), (1024, 2000), (999, 999)], 16)
+            };
+            ensure!(split_tiles(&on(d), &c)? == 0, "the case should not split");
+            prefill_case::<f16>(&on(d), &c)
+        }));
+        // Too few row tiles to fill the GPU: the long ones' keys are split and merged in-launch.
+        t.push(GpuTest::new(format!("prefill_one_long_request_among_short_splits_its_keys_f16{suffix}"), move |d| {
+            let c = Case::new(&[(1, 20000), (3, 3), (70, 9000), (5, 40)], 16);
+            ensure!(split_tiles(&on(d), &c)? > 0, "the case should split");
+            prefill_case::<f16>(&on(d), &c)
+        }));
+    }
     let windowed = Case {
         options: PrefillOptions { window_left: 3000, logits_soft_cap: 20.0, ..CAUSAL },
         group: 7,
@@ -203,14 +288,22 @@ fn case_tests() -> Vec<GpuTest> {
     add::<bf16>(&mut t, "prefill_split_keys_window_3000_soft_cap_group_7_bf16".into(), windowed);
     // Contiguous K/V: the same kernel through one-token pages.
     let ragged = Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1);
+    let r2 = ragged.clone();
     t.push(GpuTest::new("prefill_ragged_causal_group_4_f16", move |d| ragged_case::<f16>(d, &ragged)));
+    t.push(GpuTest::new("prefill_ragged_causal_group_4_f16_portable", move |d| {
+        ragged_case::<f16>(&d.with_portable_kernels(), &r2)
+    }));
     let ragged = Case {
         group: 5,
         head_dim: 64,
         options: PrefillOptions { causal: false, ..CAUSAL },
         ..Case::new(&[(40, 300), (7, 7)], 1)
     };
+    let r2 = ragged.clone();
     t.push(GpuTest::new("prefill_ragged_full_group_5_head_dim_64_bf16", move |d| ragged_case::<bf16>(d, &ragged)));
+    t.push(GpuTest::new("prefill_ragged_full_group_5_head_dim_64_bf16_portable", move |d| {
+        ragged_case::<bf16>(&d.with_portable_kernels(), &r2)
+    }));
     // The extremes with one KV head so the reference stays quick: a 2048-token prompt,
     // and a short chunk at the end of 16 384 cached tokens.
     add::<f16>(
@@ -274,6 +367,7 @@ fn validation_tests() -> Vec<GpuTest> {
 
 pub fn tests() -> Vec<GpuTest> {
     let mut t = case_tests();
+    t.extend(hopper_tests());
     t.push(GpuTest::new("prefill_replays_from_a_cuda_graph", prefill_replays_from_a_cuda_graph));
     t.extend(validation_tests());
     t

@@ -67,6 +67,13 @@ struct Args {
     /// Prompts per prefill batch.
     #[arg(long, default_value_t = 8)]
     prefill_batch: usize,
+    /// Prefill masks: causal (FlashInfer's benchmark), full (no mask), or both.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Mask::Causal])]
+    prefill_masks: Vec<Mask>,
+    /// Plan on the portable kernels only (`Device::with_portable_kernels`): on an H100 or H200,
+    /// prefill (and cascade's shared level) on `mma.sync` instead of Hopper's `wgmma`.
+    #[arg(long)]
+    portable: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -93,6 +100,12 @@ struct Args {
     /// With `--check`: write the rows measured as the baseline here instead of comparing.
     #[arg(long, requires = "check")]
     write_baseline: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mask {
+    Causal,
+    Full,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -168,15 +181,17 @@ impl Args {
         rows
     }
 
-    /// Prefill rows: (dtype, page_size, prompt length).
-    fn prefill_rows(&self) -> Vec<(Dtype, usize, usize)> {
+    /// Prefill rows: (dtype, page_size, prompt length, causal).
+    fn prefill_rows(&self) -> Vec<(Dtype, usize, usize, bool)> {
         if !self.kernels.contains(&Kernel::Prefill) {
             return Vec::new();
         }
         let mut rows = Vec::new();
-        for &ps in &self.page_sizes {
-            for &len in &self.prefill_lens {
-                rows.extend(self.dtypes.iter().map(|&dtype| (dtype, ps, len)));
+        for &mask in &self.prefill_masks {
+            for &ps in &self.page_sizes {
+                for &len in &self.prefill_lens {
+                    rows.extend(self.dtypes.iter().map(|&dtype| (dtype, ps, len, mask == Mask::Causal)));
+                }
             }
         }
         rows
@@ -193,7 +208,18 @@ impl Args {
 
 /// Runs the sweep `args` asks for and returns its rows (as written to `--json`).
 fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
-    println!("GPU: {} (compute capability {:?})", dev.name(), dev.compute_capability());
+    let portable;
+    let dev = if args.portable {
+        portable = dev.with_portable_kernels();
+        &portable
+    } else {
+        dev
+    };
+    let kernels = match dev.arch_specific_ptx() {
+        Some(arch) => format!("PTX {} + {arch}", dev.ptx_arch()),
+        None => format!("PTX {}", dev.ptx_arch()),
+    };
+    println!("GPU: {} (compute capability {:?}; {kernels})", dev.name(), dev.compute_capability());
     let mut timer = Timer::new(dev, args.runs)?;
     // The ceiling: a 1 GiB device-to-device copy, counting bytes read plus written.
     let bytes = 1usize << 30;
@@ -267,11 +293,11 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
         prefill::header(&b);
     }
     // FlashInfer's prefill benchmark shape: 4 query heads per KV head.
-    for &(dtype, ps, len) in &prefill_rows {
+    for &(dtype, ps, len, causal) in &prefill_rows {
         b.progress.set_message(format!("prefill {} × {len}, page_size {ps}", args.prefill_batch));
         let (row, row_wrong) = match dtype {
-            Dtype::F16 => prefill::prefill::<f16>(&mut b, args.prefill_batch, len, ps, 4)?,
-            Dtype::Bf16 => prefill::prefill::<bf16>(&mut b, args.prefill_batch, len, ps, 4)?,
+            Dtype::F16 => prefill::prefill::<f16>(&mut b, args.prefill_batch, len, ps, 4, causal)?,
+            Dtype::Bf16 => prefill::prefill::<bf16>(&mut b, args.prefill_batch, len, ps, 4, causal)?,
         };
         results.push(row);
         wrong += row_wrong;

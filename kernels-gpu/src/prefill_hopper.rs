@@ -1,0 +1,393 @@
+//! Batch prefill on Hopper (sm_90a): the semantics of `prefill` (paged K/V at any page size,
+//! packed GQA rows, causal and window masks, soft cap, LSE, split keys merged in the launch)
+//! on Hopper's asynchronous machinery, in the manner of FlashAttention-3.
+//!
+//! A block is three warpgroups. The first is the producer: it resolves each tile's keys
+//! through the page table (one key a thread, shared with its warp by shuffles) and gathers K
+//! and V rows with `cp.async` into a `STAGES`-deep shared ring; each stage's copies arrive on
+//! its "full" mbarrier as they land. Page size is a run-time value like everywhere else: a
+//! gather of 16-byte chunks works at any page size, where a TMA box would need whole tiles per
+//! page. The two consumer warpgroups own 64 packed query rows each: per tile, S = Q·Kᵀ by
+//! `wgmma` from shared memory (Q and K K-major), the online softmax in registers
+//! (`softmax::RowState`, whose fragment layout `wgmma` shares), O += P·V by `wgmma` with P from
+//! registers and V MN-major, then an arrival on the stage's "empty" mbarrier. The producer
+//! gives registers up (`setmaxnreg`) so the consumers can hold S, P and O. The two consumer
+//! warpgroups run out of step, so one's softmax overlaps the other's `wgmma`.
+//!
+//! Shared tiles are 64-dim slabs of 128-byte rows with the 128-byte swizzle (16-byte chunk `c`
+//! of row `r` at chunk `c ^ (r % 8)`), the layout `wgmma` descriptors name; every tile starts on
+//! a 1 KiB boundary, so a k-step within a slab is a 32-byte offset of the descriptor's start.
+//!
+//! Tried and not kept (docs/perf.md, Hopper prefill v2): issuing tile `j`'s S beside tile
+//! `j − 1`'s P·V within a warpgroup, and a persistent grid striding over the work; together they
+//! were 9–13% slower on the H200.
+use crate::abi::{
+    hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem, HOPPER_CONSUMER_REGISTERS, HOPPER_PREFILL_ROWS,
+    HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_PRODUCER_THREADS, NO_PARTIAL,
+};
+use crate::gpu::hopper::{
+    claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
+    named_barrier, release_registers, smem_descriptor, wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
+};
+use crate::gpu::index::{block_x, thread_x, thread_x_here};
+use crate::gpu::math::{log2, rcp};
+use crate::gpu::mem::Vec16;
+use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
+use crate::gpu::sync::sync_threads;
+use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
+use crate::gpu::warp::shfl_idx_u32;
+use crate::merge::{last_to_finish, merge, store_output, Team};
+use crate::paged_tile::PagedKv;
+use crate::prefill::Visibility;
+use crate::softmax::{LogitScale, RowState};
+
+/// Bytes of a row of a 64-dim slab (the swizzle atom's width).
+const SLAB_ROW_BYTES: u32 = 128;
+/// Threads of the two consumer warpgroups.
+const CONSUMER_THREADS: u32 = HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS;
+/// Named barriers: 0 is `bar.sync`'s; the two consumer warpgroups share one, and each has its own.
+const BARRIER_CONSUMERS: u32 = 1;
+const BARRIER_WARPGROUP: u32 = 2;
+
+/// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `rows` rows laid out as
+/// 64-dim slabs, swizzled.
+#[inline(always)]
+fn slab_offset(rows: u32, row: u32, chunk: u32) -> u32 {
+    (chunk / 8) * rows * SLAB_ROW_BYTES + row * SLAB_ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16)
+}
+
+/// The consumer warpgroups, for the split merge (the producer has left by then).
+struct Consumers;
+
+impl Team for Consumers {
+    const THREADS: u32 = CONSUMER_THREADS;
+    #[inline(always)]
+    fn thread() -> u32 {
+        thread_x() - HOPPER_PRODUCER_THREADS
+    }
+    #[inline(always)]
+    fn sync() {
+        named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS)
+    }
+}
+
+/// Shared addresses of the ring: K and V stages and their mbarriers.
+#[derive(Clone, Copy)]
+struct Ring<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> {
+    k: u32,
+    v: u32,
+    bars: u32,
+}
+
+impl<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> Ring<HEAD_DIM, TILE, STAGES> {
+    const STAGE_BYTES: u32 = TILE * HEAD_DIM * 2;
+
+    #[inline(always)]
+    fn k_stage(&self, stage: u32) -> u32 {
+        self.k + stage * Self::STAGE_BYTES
+    }
+    #[inline(always)]
+    fn v_stage(&self, stage: u32) -> u32 {
+        self.v + stage * Self::STAGE_BYTES
+    }
+    /// Completes when the stage's copies have landed.
+    #[inline(always)]
+    fn full(&self, stage: u32) -> u32 {
+        self.bars + 8 * stage
+    }
+    /// Completes when both consumer warpgroups are done with the stage.
+    #[inline(always)]
+    fn empty(&self, stage: u32) -> u32 {
+        self.bars + 8 * (STAGES + stage)
+    }
+}
+
+/// The kernel: `S_FRAGS = TILE / 8` n-fragments of S, `P_FRAGS = TILE / 16` A fragments of P,
+/// `O_FRAGS = HEAD_DIM / 8` n-fragments of O (stable Rust cannot size arrays by expressions of
+/// const parameters; the entry passes them and this checks them).
+#[inline(always)]
+pub unsafe fn prefill_hopper<
+    H: Wgmma,
+    const HEAD_DIM: u32,
+    const TILE: u32,
+    const STAGES: u32,
+    const S_FRAGS: usize,
+    const P_FRAGS: usize,
+    const O_FRAGS: usize,
+>(
+    p: &PrefillParams,
+) {
+    const {
+        assert!(S_FRAGS == TILE as usize / 8 && P_FRAGS == TILE as usize / 16 && O_FRAGS == HEAD_DIM as usize / 8);
+        assert!(TILE % 64 == 0 && HEAD_DIM % 64 == 0 && HEAD_DIM <= 256);
+    };
+    let tid = thread_x();
+    let (item, kv_head) = (block_x() / p.num_kv_heads, block_x() % p.num_kv_heads);
+    let work = *(p.work as *const PrefillWorkItem).add(item as usize);
+    let smem = dynamic_smem_addr();
+    let q_smem = smem;
+    let k = q_smem + HOPPER_PREFILL_ROWS * HEAD_DIM * 2;
+    let v = k + STAGES * TILE * HEAD_DIM * 2;
+    let ring = Ring::<HEAD_DIM, TILE, STAGES> { k, v, bars: v + STAGES * TILE * HEAD_DIM * 2 };
+    const {
+        assert!(
+            hopper_prefill_smem_bytes(HEAD_DIM)
+                == (HOPPER_PREFILL_ROWS + 2 * STAGES * TILE) * HEAD_DIM * 2 + 16 * STAGES + 16
+        )
+    };
+    let tiles = (work.kv_end - work.kv_start).div_ceil(TILE);
+
+    if tid == 0 {
+        let mut stage = 0;
+        while stage < STAGES {
+            mbarrier_init(ring.full(stage), HOPPER_PRODUCER_THREADS);
+            mbarrier_init(ring.empty(stage), CONSUMER_THREADS);
+            stage += 1;
+        }
+    }
+    sync_threads();
+    // Each warpgroup's role is one branch (`setmaxnreg` needs it so).
+    if tid < HOPPER_PRODUCER_THREADS {
+        release_registers::<HOPPER_PRODUCER_REGISTERS>();
+        produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, tiles, tid);
+    } else {
+        claim_registers::<HOPPER_CONSUMER_REGISTERS>();
+        consume::<H, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p, &work, kv_head, q_smem, ring, tiles, tid);
+    }
+}
+
+/// The producer warpgroup: gathers tile after tile into the ring (tile `n` in stage
+/// `n % STAGES`, round `n / STAGES`). Thread `tid` resolves key `tid % (TILE / 4)` of its warp's
+/// quarter of a tile; a copy instruction moves whole rows (`32 / chunks` rows of `chunks`
+/// 16-byte chunks), its lanes taking their row's pool offset from the resolving lane by a
+/// shuffle.
+#[inline(always)]
+unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
+    p: &PrefillParams,
+    work: &PrefillWorkItem,
+    kv_head: u32,
+    ring: Ring<HEAD_DIM, TILE, STAGES>,
+    tiles: u32,
+    tid: u32,
+) {
+    let chunks = HEAD_DIM / 8;
+    let warp_rows = TILE / 4;
+    let rows_per_copy = (32 / chunks).max(1);
+    let (warp, lane) = (tid / 32, tid % 32);
+    let kv = PagedKv::new(&p.cache, work.pages, kv_head);
+    let row_bytes = HEAD_DIM as usize * 2;
+    let chunk = lane % chunks;
+    let k_chunk = kv.k_pages.add(chunk as usize * 16);
+    let v_chunk = kv.v_pages.add(chunk as usize * 16);
+    let (head_row, page_rows, slot_rows) =
+        (kv.head_offset / HEAD_DIM, kv.page_elems / HEAD_DIM, kv.slot_stride / HEAD_DIM);
+    let last = work.kv_end.max(work.kv_start + 1) - 1;
+    // The pool offset, in head rows, of this lane's key of `tile` (keys past the end repeat
+    // the last one: their logits are masked, see `paged_tile`).
+    let look_up = |tile: u32| {
+        let position = (work.kv_start + tile * TILE + warp * warp_rows + lane % warp_rows).min(last);
+        let (page, slot) = kv.page_size.divmod(position);
+        *kv.pages.add(page as usize) * page_rows + slot * slot_rows + head_row
+    };
+    let mut tile = 0;
+    while tile < tiles {
+        let stage = tile % STAGES;
+        // The page id's load is in flight while the stage drains.
+        let offset = look_up(tile);
+        if tile >= STAGES {
+            mbarrier_wait(ring.empty(stage), (tile / STAGES + 1) % 2);
+        }
+        let (k_dst, v_dst) = (ring.k_stage(stage), ring.v_stage(stage));
+        let mut i = 0;
+        while i < warp_rows / rows_per_copy {
+            let warp_row = i * rows_per_copy + lane / chunks;
+            let row_offset = shfl_idx_u32(offset, warp_row) as usize * row_bytes;
+            let dst = slab_offset(TILE, warp * warp_rows + warp_row, chunk);
+            copy_async(k_dst + dst, k_chunk.add(row_offset).cast::<Vec16>());
+            copy_async(v_dst + dst, v_chunk.add(row_offset).cast::<Vec16>());
+            i += 1;
+        }
+        mbarrier_arrive_on_async_copies(ring.full(stage));
+        tile += 1;
+    }
+    // Leave only once this thread's copies have landed.
+    commit_async_copies();
+    wait_async_copies(0);
+}
+
+/// A consumer warpgroup: 64 rows, every tile of the ring, then the output (or a partial and
+/// the merge of a split row tile).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn consume<
+    H: Wgmma,
+    const HEAD_DIM: u32,
+    const TILE: u32,
+    const STAGES: u32,
+    const S_FRAGS: usize,
+    const P_FRAGS: usize,
+    const O_FRAGS: usize,
+>(
+    p: &PrefillParams,
+    work: &PrefillWorkItem,
+    kv_head: u32,
+    q_smem: u32,
+    ring: Ring<HEAD_DIM, TILE, STAGES>,
+    tiles: u32,
+    tid: u32,
+) {
+    let chunks = HEAD_DIM / 8;
+    let group = p.group_size.divisor;
+    let rows = work.qo_len * group;
+    let warpgroup = tid / 128 - 1;
+    let wg_first_row = 64 * warpgroup;
+    let lane = tid % 32;
+    let t = lane % 4;
+
+    // This warpgroup's 64 query rows (zeros past the request's last row), made visible to
+    // `wgmma` before its first tile.
+    let q = p.q as *const Vec16;
+    let mut i = tid % 128;
+    while i < 64 * chunks {
+        let (row, chunk) = (wg_first_row + i / chunks, i % chunks);
+        let packed = work.first_row + row;
+        let valid = packed < rows;
+        let (token, head) = p.group_size.divmod(packed);
+        let src = ((work.q_start + token) * p.num_qo_heads + kv_head * group + head) as usize * chunks as usize
+            + chunk as usize;
+        copy_async_or_zero(
+            q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, chunk),
+            q.add(if valid { src } else { 0 }),
+            valid,
+        );
+        i += 128;
+    }
+    commit_async_copies();
+    wait_async_copies(0);
+    fence_proxy_async();
+    named_barrier(BARRIER_WARPGROUP + warpgroup, 128);
+
+    let diag = work.kv_len.saturating_sub(work.qo_len);
+    let end = work.kv_end;
+    let mut visibility =
+        Visibility::<TILE, 4, 8> { p, diag, block_first_row: work.first_row, warp_rows: 16, all_lo: 0, all_hi: 0, end };
+    let last_row = (work.first_row + HOPPER_PREFILL_ROWS).min(rows) - 1;
+    (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
+
+    let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
+    let mut state = RowState::new();
+    let mut o = [[0.0f32; 4]; O_FRAGS];
+    // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
+    let q_rows = q_smem + wg_first_row * SLAB_ROW_BYTES;
+    // One tile: S, its softmax (O rescaled in place when a row's maximum moved far enough),
+    // O += P·V. `masked` is a constant in each of its two calls below.
+    let mut step = #[inline(always)]
+    |tile: u32, masked: bool| {
+        let stage = tile % STAGES;
+        mbarrier_wait(ring.full(stage), (tile / STAGES) % 2);
+        fence_proxy_async();
+        let (k_tile, v_tile) = (ring.k_stage(stage), ring.v_stage(stage));
+        let mut s = [[0.0f32; 4]; S_FRAGS];
+        wgmma_fence();
+        crate::unroll_to!(kk < HEAD_DIM / 16, {
+            let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
+            let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
+            let kd = smem_descriptor(k_tile + slab * TILE * SLAB_ROW_BYTES + step, 16, 1024);
+            H::mma_ss(&mut s, qd, kd, (kk > 0) as u32);
+        });
+        wgmma_commit();
+        wgmma_wait_frags::<0, S_FRAGS>(&mut s);
+        let factor = scale.apply(&mut s);
+        if masked {
+            visibility.apply(0, &mut s, work.kv_start + tile * TILE, t);
+        }
+        let probs = state.update_rescaling::<H, S_FRAGS, P_FRAGS>(&s, factor, |h, rescale| {
+            crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+                if n < O_FRAGS {
+                    o[n][2 * h] *= rescale;
+                    o[n][2 * h + 1] *= rescale;
+                }
+            });
+        });
+        // O += P·V, 16 keys a step: V's k-step is two 8-row groups (1 KiB apart), its 64-dim
+        // slabs a whole slab apart.
+        wgmma_fence();
+        crate::unroll_to!(kb < P_FRAGS, {
+            let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
+            H::mma_rs(&mut o, probs[kb], vd);
+        });
+        wgmma_commit();
+        wgmma_wait_frags::<0, O_FRAGS>(&mut o);
+        mbarrier_arrive(ring.empty(stage));
+    };
+    let mut tile = 0;
+    while tile < tiles {
+        if visibility.masks(work.kv_start + tile * TILE) {
+            step(tile, true);
+        } else {
+            step(tile, false);
+        }
+        tile += 1;
+    }
+
+    // Rows `g` and `g + 8` of the thread's warp, 8-dim blocks `8n + 2t`.
+    let my_first_row = visibility.thread_first_row(thread_x_here());
+    let split = work.slot != NO_PARTIAL;
+    crate::unroll!(h in [0, 1] {
+        let d = state.row_sum(h);
+        let row = my_first_row + 8 * h as u32;
+        if row < rows {
+            let inv = if d > 0.0 { rcp(d) } else { 0.0 };
+            let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
+            let first_dim = (2 * t) as usize;
+            if split {
+                let prow =
+                    ((work.slot * p.num_kv_heads + kv_head) * HOPPER_PREFILL_ROWS + row - work.first_row) as usize;
+                let dst = (p.split.partial_out as *mut f32).add(prow * HEAD_DIM as usize + first_dim);
+                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+                    if n < O_FRAGS {
+                        *dst.add(8 * n) = o[n][2 * h] * inv;
+                        *dst.add(8 * n + 1) = o[n][2 * h + 1] * inv;
+                    }
+                });
+                if t == 0 {
+                    *(p.split.partial_lse as *mut f32).add(prow) = lse;
+                }
+            } else {
+                let (token, head) = p.group_size.divmod(row);
+                let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+                let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
+                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+                    if n < O_FRAGS {
+                        *out.add(4 * n) = H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+                    }
+                });
+                if p.lse != 0 && t == 0 {
+                    *(p.lse as *mut f32).add(out_row as usize) = lse;
+                }
+            }
+        }
+    });
+    if !split {
+        return;
+    }
+    // The last part of the row tile to finish (for this KV head) merges all of them, with the
+    // consumer threads only; the ring is free by now, the flag lives past the mbarriers.
+    let last_flag = dynamic_smem::<u32>().add((hopper_prefill_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
+    let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
+    if !last_to_finish::<Consumers>(counter, work.parts, last_flag) {
+        return;
+    }
+    let partial_row = |part: u32, row: u32| {
+        ((work.first_slot + part) * p.num_kv_heads + kv_head) as usize * HOPPER_PREFILL_ROWS as usize + row as usize
+    };
+    let tile_rows = (rows - work.first_row).min(HOPPER_PREFILL_ROWS);
+    merge::<Consumers, HEAD_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
+        let (token, head) = p.group_size.divmod(work.first_row + row);
+        let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
+    });
+}
