@@ -73,5 +73,5 @@ pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use ops::page_copy::{GatherPlan, ScatterPlan};
 pub use runtime::device::Device;
-pub use runtime::dtype::{DType, KvDType};
+pub use runtime::dtype::{DType, E4m3, E5m2, KvDType};
 pub use runtime::raw::RawSlice;
