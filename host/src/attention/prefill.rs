@@ -37,11 +37,15 @@ pub struct PrefillOptions {
     /// Query `j` sees keys at positions `≥ kv_len − qo_len + j − window_left` only; −1 for no
     /// window.
     pub window_left: i32,
+    /// The element type of the cache the plan runs over (FlashInfer's `kv_data_type`):
+    /// `None` for the queries' own type; [`DType::E4M3`] or [`DType::E5M2`] for an 8-bit cache.
+    /// A run over a cache of another type is an error.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for PrefillOptions {
     fn default() -> Self {
-        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None }
     }
 }
 
@@ -222,7 +226,9 @@ pub fn prefill_split(
     // The merging block keeps 8 sums per thread, (parts + 1) weights per row and a flag in
     // its shared memory.
     let dim = shape.head_dim as u32;
-    let staging = prefill_smem_bytes(dim, block_rows / 64) as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
+    // Whatever the cache's element type: the smaller block's shared memory.
+    let smem = prefill_smem_bytes(dim, block_rows / 64, 1).min(prefill_smem_bytes(dim, block_rows / 64, 2));
+    let staging = smem as usize / 4 - 1 - 8 * prefill_threads(dim) as usize;
     let max_parts = staging / tile_rows - 1;
     let chunk = split_chunk(&spans, PREFILL_TILE_TOKENS, shape.num_kv_heads, capacity, max_parts);
     let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
@@ -294,8 +300,11 @@ impl AttentionLaunch for PrefillWork {
     fn kv_elems(&self) -> usize {
         self.kv_elems
     }
-    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType) -> Result<&'k Kernel> {
-        kernels.prefill(dtype, self.shape.head_dim, self.block_rows)
+    fn kv_dtype(&self) -> Option<DType> {
+        self.options.kv_dtype
+    }
+    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel> {
+        kernels.prefill(dtype, kv_dtype, self.shape.head_dim, self.block_rows)
     }
     fn blocks(&self) -> u32 {
         (self.items * self.shape.num_kv_heads) as u32
@@ -311,7 +320,8 @@ impl AttentionLaunch for PrefillWork {
             num_qo_heads: self.num_qo_heads as u32,
             num_kv_heads: self.shape.num_kv_heads as u32,
             group_size: FastDiv::new(self.group_size as u32),
-            sm_scale: self.sm_scale,
+            sm_scale: self.sm_scale * ops.scales.k,
+            v_scale: ops.scales.v,
             logits_soft_cap: self.options.logits_soft_cap,
             window_left: self.options.window_left,
             causal: self.options.causal as u32,
@@ -404,7 +414,9 @@ impl BatchPrefillPlan {
     ) -> Result<()> {
         let device = self.core.device();
         let kernels = device.kernels();
-        let blocks_per_sm = |rows| kernels.prefill(DType::F16, shape.head_dim, rows).map_or(1, |k| k.blocks_per_sm);
+        let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
+        let blocks_per_sm =
+            |rows| kernels.prefill(DType::F16, kv_dtype, shape.head_dim, rows).map_or(1, |k| k.blocks_per_sm);
         let PrefillSplit { work, slots, split_tiles, group_size, block_rows, total_q, sm_scale } = plan_prefill_split(
             shape,
             num_qo_heads,
@@ -462,17 +474,21 @@ impl BatchPrefillPlan {
     /// into `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (token, head)
     /// into `lse` (`[total_q][num_qo_heads]`). Only launches, on `stream` (a stream of the
     /// plan's device); every buffer is checked against the plan first.
-    pub fn run<T: KvDType>(
+    ///
+    /// The cache holds the queries' type `T`, or, for a plan made with `kv_dtype` 8-bit, that
+    /// type (`C`), read as its values times the layer's [`KvScales`](crate::KvScales).
+    pub fn run<T: KvDType, C: KvDType>(
         &mut self,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
-        cache: &PagedKvCache<T>,
+        cache: &PagedKvCache<C>,
         layer: usize,
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
         let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+        let scales = cache.scales(layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, scales, out, lse)
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
@@ -486,7 +502,7 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+        self.core.run_attention(&self.work, stream, q, k, v, Default::default(), out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one

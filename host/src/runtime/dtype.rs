@@ -2,6 +2,8 @@
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
+use super::abi::{f32_to_e4m3, f32_to_e5m2};
+
 /// An element type, as a run-time value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -100,48 +102,6 @@ impl KvDType for f32 {
     }
 }
 
-/// Rounds `x` to the nearest value of an 8-bit float with `MANT` mantissa bits, exponent bias
-/// `BIAS` and largest finite code `max_code`, ties to even, saturating: every finite value
-/// beyond the largest finite one (and ±∞) becomes ± that value, NaN becomes `nan` with the
-/// sign kept. Works on the f32 bits alone, so the kernels' quantiser can be the same code.
-const fn f32_to_fp8<const MANT: u32, const BIAS: u32>(x: f32, max_code: u8, nan: u8) -> u8 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
-    let mag = bits & 0x7FFF_FFFF;
-    if mag > 0x7F80_0000 {
-        return sign | nan;
-    }
-    // Below the smallest normal (2^(1 − BIAS)): multiples of the smallest subnormal
-    // 2^(1 − BIAS − MANT), the count rounded to even by integer arithmetic on the f32 bits.
-    let min_normal_exp = 127 + 1 - BIAS;
-    let exp = mag >> 23;
-    if exp < min_normal_exp {
-        if exp == 0 {
-            return sign; // f32 zero or subnormal: far below half the smallest fp8 subnormal
-        }
-        // value = 1.m · 2^(exp − 127) = (2^23 + m) · 2^(exp − 150); in subnormal units
-        // (2^(1 − BIAS − MANT)) that is (2^23 + m) >> shift with shift = 150 + 1 − BIAS − MANT − exp.
-        let shift = 150 + 1 - BIAS - MANT - exp;
-        if shift > 25 {
-            return sign; // below a quarter of the smallest subnormal
-        }
-        let full = (1 << 23) | (mag & 0x7F_FFFF);
-        let (q, rem, half) = (full >> shift, full & ((1 << shift) - 1), 1u32 << (shift - 1));
-        let q = if rem > half || (rem == half && q & 1 == 1) { q + 1 } else { q };
-        // q = 2^MANT is the smallest normal's code: the encoding carries over by itself.
-        return sign | q as u8;
-    }
-    // Normal: keep MANT mantissa bits, rounding the rest to even; a carry moves the exponent.
-    let drop = 23 - MANT;
-    let rounded = (mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop;
-    let code = rounded - ((127 - BIAS) << MANT);
-    if code > max_code as u32 {
-        sign | max_code
-    } else {
-        sign | code as u8
-    }
-}
-
 /// The value of an 8-bit float code with `MANT` mantissa bits and exponent bias `BIAS`,
 /// normals and subnormals only (callers handle the special codes).
 fn fp8_finite_to_f64<const MANT: u32, const BIAS: i32>(code: u8) -> f64 {
@@ -157,7 +117,7 @@ fn fp8_finite_to_f64<const MANT: u32, const BIAS: i32>(code: u8) -> f64 {
 }
 
 macro_rules! fp8_type {
-    ($(#[$doc:meta])* $name:ident, $dtype:ident, mant $mant:literal, bias $bias:literal, max $max:literal, nan $nan:literal) => {
+    ($(#[$doc:meta])* $name:ident, $dtype:ident, $quantise:ident, max $max:literal, nan $nan:literal) => {
         $(#[$doc])*
         #[repr(transparent)]
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -172,14 +132,14 @@ macro_rules! fp8_type {
             /// `x` quantised: round to nearest even, saturating to the largest finite value
             /// (±∞ too); NaN stays NaN ([`NAN_CODE`](Self::NAN_CODE) with its sign).
             pub const fn from_f32(x: f32) -> Self {
-                $name(f32_to_fp8::<$mant, $bias>(x, $max, $nan))
+                $name($quantise(x))
             }
 
-            /// What the cache stores for input `x` under `scale`: `x / scale` (one correctly
-            /// rounded f32 division), then [`from_f32`](Self::from_f32). The append and scatter
-            /// kernels compute exactly this.
+            /// What the cache stores for input `x` under `scale`: `x · (1 / scale)` (the
+            /// reciprocal rounded to f32 once, then one f32 product), then
+            /// [`from_f32`](Self::from_f32). The append and scatter kernels compute exactly this.
             pub fn quantise(x: f32, scale: f32) -> Self {
-                Self::from_f32(x / scale)
+                Self::from_f32(x * (1.0 / scale))
             }
 
             /// The exact value (`f32` holds every 8-bit float exactly).
@@ -211,13 +171,13 @@ fp8_type!(
     /// An FP8 E4M3 value (PyTorch's `torch.float8_e4m3fn`, FlashInfer's fp8 KV type): sign, 4
     /// exponent bits (bias 7), 3 mantissa bits; no infinities, NaN is `S.1111.111`; largest
     /// finite ±448, smallest subnormal 2^-9. Stored as its bits.
-    E4m3, E4M3, mant 3, bias 7, max 0x7E, nan 0x7F
+    E4m3, E4M3, f32_to_e4m3, max 0x7E, nan 0x7F
 );
 fp8_type!(
     /// An FP8 E5M2 value (PyTorch's `torch.float8_e5m2`): sign, 5 exponent bits (bias 15), 2
     /// mantissa bits, IEEE-style infinities and NaNs; largest finite ±57344, smallest subnormal
     /// 2^-16. Stored as its bits (the top byte of the f16 of the same value).
-    E5m2, E5M2, mant 2, bias 15, max 0x7B, nan 0x7F
+    E5m2, E5M2, f32_to_e5m2, max 0x7B, nan 0x7F
 );
 
 impl E4m3 {
@@ -276,7 +236,8 @@ mod tests {
                 Some((e, b)) => err < e || (err == e && (c & 1 == 0) && (b & 1 == 1)),
             };
             // -0 and +0 tie: keep the one of x's sign.
-            let zero_sign_fix = v == 0.0 && err == best.map_or(f64::INFINITY, |b| b.0) && (c & 0x80 != 0) == x.is_sign_negative();
+            let zero_sign_fix =
+                v == 0.0 && err == best.map_or(f64::INFINITY, |b| b.0) && (c & 0x80 != 0) == x.is_sign_negative();
             if better || zero_sign_fix {
                 best = Some((err, c));
             }
@@ -284,7 +245,12 @@ mod tests {
         best.unwrap().1
     }
 
-    fn check_all_f16<T: KvDType + Copy>(quant: impl Fn(f32) -> u8, codes: impl Fn(u8) -> T + Copy, max_code: u8, nan: u8) {
+    fn check_all_f16<T: KvDType + Copy>(
+        quant: impl Fn(f32) -> u8,
+        codes: impl Fn(u8) -> T + Copy,
+        max_code: u8,
+        nan: u8,
+    ) {
         for bits in 0..=u16::MAX {
             let x = f16::from_bits(bits).to_f32();
             let got = quant(x);
@@ -293,8 +259,13 @@ mod tests {
                 continue;
             }
             let want = nearest(x as f64, codes, max_code);
-            assert_eq!(got, want, "f16 {x} ({bits:#06x}): got {got:#04x} = {}, want {want:#04x} = {}",
-                codes(got).to_f64(), codes(want).to_f64());
+            assert_eq!(
+                got,
+                want,
+                "f16 {x} ({bits:#06x}): got {got:#04x} = {}, want {want:#04x} = {}",
+                codes(got).to_f64(),
+                codes(want).to_f64()
+            );
         }
     }
 
@@ -361,11 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn quantise_divides_by_the_scale_in_f32() {
+    fn quantise_multiplies_by_the_f32_reciprocal_of_the_scale() {
         assert_eq!(E4m3::quantise(3.0, 0.5), E4m3::from_f32(6.0));
         assert_eq!(E4m3::quantise(1000.0, 0.5), E4m3(0x7E)); // 2000 saturates
         assert_eq!(E5m2::quantise(f32::INFINITY, 2.0), E5m2(0x7B));
         let x = 0.1f32;
-        assert_eq!(E5m2::quantise(x, 3.0), E5m2::from_f32(x / 3.0));
+        assert_eq!(E5m2::quantise(x, 3.0), E5m2::from_f32(x * (1.0 / 3.0f32)));
     }
 }
