@@ -116,11 +116,11 @@ fn append_gather_case<T: KvDType, C: KvDType>(
     let mut want = host.clone();
     reference::append_quantised(&shape, &mut want[1].0, &table, &append_indptr, &k_in, c.scales.k);
     reference::append_quantised(&shape, &mut want[1].1, &table, &append_indptr, &v_in, c.scales.v);
-    for layer in 0..2 {
+    for (layer, (k, v)) in want.iter().enumerate() {
         let pools = cache.layer(layer)?;
         let row = shape.token_elems();
-        expect_bitwise_eq(&format!("layer {layer} K"), &dev.download(pools.k())?, &want[layer].0, row)?;
-        expect_bitwise_eq(&format!("layer {layer} V"), &dev.download(pools.v())?, &want[layer].1, row)?;
+        expect_bitwise_eq(&format!("layer {layer} K"), &dev.download(pools.k())?, k, row)?;
+        expect_bitwise_eq(&format!("layer {layer} V"), &dev.download(pools.v())?, v, row)?;
     }
     // Gather dequantises: into poisoned outputs one element longer than needed.
     let gather = GatherPlan::new(dev, &shape, &table)?;
