@@ -338,6 +338,32 @@ mod tests {
     }
 
     #[test]
+    fn scaled_fp8_pools_read_as_their_values_times_the_scales() {
+        // Power-of-two scales keep the dequantised values exact in f32, so attention over an
+        // e4m3 pool with scales must equal attention over the f32 pool of those values.
+        use crate::runtime::dtype::E4m3;
+        let shape = CacheShape { num_pages: 5, page_size: 3, num_kv_heads: 1, head_dim: 4, layout: KvLayout::Nhd };
+        let code = |i: usize| E4m3(((i * 37) % 0x7E) as u8 | if i % 3 == 0 { 0x80 } else { 0 });
+        let (k8, v8): (Vec<E4m3>, Vec<E4m3>) =
+            ((0..shape.pool_elems()).map(code).collect(), (0..shape.pool_elems()).map(|i| code(i + 11)).collect());
+        let scales = KvScales { k: 0.0078125, v: 4.0 };
+        let k: Vec<f32> = k8.iter().map(|x| x.to_f32() * scales.k).collect();
+        let v: Vec<f32> = v8.iter().map(|x| x.to_f32() * scales.v).collect();
+        let table =
+            PageTable { kv_indptr: vec![0, 2, 5], kv_indices: vec![4, 0, 2, 1, 3], kv_last_page_len: vec![2, 3] };
+        let q = [0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.125];
+        let opts = DecodeOptions::default();
+        let want = decode(&shape, &k, &v, &table, &q, 1, &opts);
+        assert_eq!(decode_scaled(&shape, &k8, &v8, scales, &table, &q, 1, &opts), want);
+        // And the quantising append stores what `E4m3::quantise` gives.
+        let mut pool = vec![E4m3(0); shape.pool_elems()];
+        let ragged: Vec<f32> = (0..2 * 4).map(|i| i as f32 * 3.3 - 9.0).collect();
+        append_quantised(&shape, &mut pool, &table, &[0, 1, 2], &ragged, 0.3);
+        let (page, slot) = table.locate(1, 8, 3); // sequence 1 (9 tokens) appends its last token
+        assert_eq!(pool[shape.element_index(page, slot, 0, 2)], E4m3::quantise(ragged[6], 0.3));
+    }
+
+    #[test]
     fn prefill_of_one_query_per_request_is_decode() {
         // Random keys, values and queries; 2 KV heads, group 3; lengths around pages of 3.
         let shape = CacheShape { num_pages: 12, page_size: 3, num_kv_heads: 2, head_dim: 4, layout: KvLayout::Hnd };
