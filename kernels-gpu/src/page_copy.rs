@@ -74,16 +74,11 @@ pub unsafe extern "ptx-kernel" fn paged_kv_scatter(p: PagedCopyParams) {
 #[inline(always)]
 fn quantise16<H: Half, F: Fp8>(lo: Vec16, hi: Vec16, factor: f32) -> Vec16 {
     let mut out = Vec16::default();
+    // Output word w holds values 4w..4w + 4: the two pairs of input words 2w and 2w + 1.
     crate::unroll!(w in [0, 1, 2, 3] {
-        let mut word = 0u32;
-        crate::unroll!(b in [0, 1, 2, 3] {
-            // Value 4w + b of the sixteen: half (4w + b) % 2 of word (4w + b) / 2 % 4 of a vector.
-            let e = 4 * w + b;
-            let src = if e < 8 { lo.0[e / 2] } else { hi.0[(e - 8) / 2] };
-            let x = H::to_f32((src >> (16 * (e % 2))) as u16);
-            word |= (F::from_f32(x * factor) as u32) << (8 * b);
-        });
-        out.0[w] = word;
+        let pair = |word: u32| F::pack2(H::to_f32(word as u16) * factor, H::to_f32((word >> 16) as u16) * factor);
+        let (a, b) = if w < 2 { (lo.0[2 * w], lo.0[2 * w + 1]) } else { (hi.0[2 * w - 4], hi.0[2 * w - 3]) };
+        out.0[w] = pair(a) | pair(b) << 16;
     });
     out
 }

@@ -6,7 +6,8 @@
 //! Between an 8-bit cache ([`E4m3`](crate::E4m3), [`E5m2`](crate::E5m2)) and f16/bf16 ragged
 //! K/V the copies convert with the cache layer's [`KvScales`]: scatter and append store
 //! `x · (1 / scale)` rounded to nearest even, saturating to the largest finite value (±∞ too;
-//! NaN stays NaN), exactly as [`E4m3::quantise`](crate::E4m3::quantise); gather writes each
+//! NaN becomes the positive NaN code), exactly as [`E4m3::quantise`](crate::E4m3::quantise) (on sm_89+
+//! by `cvt.rn.satfinite`, on sm_80 by the same integer arithmetic as the host); gather writes each
 //! value times its scale, rounded to nearest even in the ragged type.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};

@@ -108,16 +108,18 @@ pub struct PagedCopyParams {
 
 /// Rounds `x` to the nearest value of an 8-bit float with `MANT` mantissa bits, exponent bias
 /// `BIAS` and largest finite code `max_code` (positive), ties to even, saturating: every finite
-/// value beyond the largest finite one, and ±∞, becomes ± that value; NaN becomes `nan` with its
-/// sign kept. Integer arithmetic on the f32 bits, shared by the host's quantiser and the
-/// kernels' (so the two agree bit for bit by construction; the host tests check it against a
-/// brute-force nearest-code search).
+/// value beyond the largest finite one, and ±∞, becomes ± that value; NaN, of either sign,
+/// becomes the positive code `nan`. That is what sm_89+'s `cvt.rn.satfinite.e4m3x2.f32` /
+/// `e5m2x2` give (and CUDA's `__nv_cvt_float_to_fp8(x, __NV_SATFINITE, …)`), which the sm_90
+/// module's quantiser uses; the sm_80 module runs this (integer arithmetic on the f32 bits), and
+/// so does the host's (the host tests check it against a brute-force nearest-code search, the
+/// GPU tests both modules' kernels against it bit for bit).
 pub const fn f32_to_fp8<const MANT: u32, const BIAS: u32>(x: f32, max_code: u8, nan: u8) -> u8 {
     let bits = x.to_bits();
     let sign = ((bits >> 24) & 0x80) as u8;
     let mag = bits & 0x7FFF_FFFF;
     if mag > 0x7F80_0000 {
-        return sign | nan;
+        return nan;
     }
     let exp = mag >> 23;
     if exp < 127 + 1 - BIAS {

@@ -22,8 +22,10 @@ pub trait KvElem {
 pub trait Fp8: KvElem {
     /// Two values (the low 16 bits of `pair`, the first in the low byte) as an f16x2, exactly.
     fn pair_to_f16x2(pair: u32) -> u32;
-    /// `x` rounded to nearest even, saturating (NaN kept): the host's quantiser, shared (`abi`).
-    fn from_f32(x: f32) -> u8;
+    /// `lo` and `hi` rounded to nearest even, saturating (±∞ to ±max, NaN to the positive NaN
+    /// code), `lo` in the low byte: the host's quantiser (`abi::f32_to_fp8`) on the sm_80
+    /// module, `cvt.rn.satfinite` (the same results) on sm_89 and newer.
+    fn pack2(lo: f32, hi: f32) -> u32;
 }
 
 pub struct E4m3;
@@ -74,9 +76,21 @@ impl Fp8 for E4m3 {
         let hi_nan = if pair & 0x7F00 == 0x7F00 { 0x7FFF_0000 } else { 0 };
         r | lo_nan | hi_nan
     }
+    #[cfg(target_feature = "sm_89")]
     #[inline(always)]
-    fn from_f32(x: f32) -> u8 {
-        crate::abi::f32_to_e4m3(x)
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        let r: u16;
+        // SAFETY: pure register conversion (sm_89+, PTX 7.8).
+        unsafe {
+            core::arch::asm!("cvt.rn.satfinite.e4m3x2.f32 {r}, {h}, {l};", r = out(reg16) r, h = in(reg32) hi,
+                 l = in(reg32) lo, options(pure, nomem, nostack))
+        }
+        r as u32
+    }
+    #[cfg(not(target_feature = "sm_89"))]
+    #[inline(always)]
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        crate::abi::f32_to_e4m3(lo) as u32 | (crate::abi::f32_to_e4m3(hi) as u32) << 8
     }
 }
 
@@ -97,9 +111,21 @@ impl Fp8 for E5m2 {
     fn pair_to_f16x2(pair: u32) -> u32 {
         ((pair & 0xFF) << 8) | ((pair & 0xFF00) << 16)
     }
+    #[cfg(target_feature = "sm_89")]
     #[inline(always)]
-    fn from_f32(x: f32) -> u8 {
-        crate::abi::f32_to_e5m2(x)
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        let r: u16;
+        // SAFETY: pure register conversion (sm_89+, PTX 7.8).
+        unsafe {
+            core::arch::asm!("cvt.rn.satfinite.e5m2x2.f32 {r}, {h}, {l};", r = out(reg16) r, h = in(reg32) hi,
+                 l = in(reg32) lo, options(pure, nomem, nostack))
+        }
+        r as u32
+    }
+    #[cfg(not(target_feature = "sm_89"))]
+    #[inline(always)]
+    fn pack2(lo: f32, hi: f32) -> u32 {
+        crate::abi::f32_to_e5m2(lo) as u32 | (crate::abi::f32_to_e5m2(hi) as u32) << 8
     }
 }
 

@@ -42,7 +42,8 @@ fn random_fp8_cache<C: KvDType>(
 /// Ragged input of `n` values: random ones in about ±2/scale (so saturation happens at small
 /// scales), with the special values sprinkled in: NaN, ±∞, huge, tiny, ±0, halfway cases.
 fn special_input<T: KvDType>(r: &mut impl Rng, n: usize) -> Vec<T> {
-    let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30, -1e30, 70000.0, -500.0, 1e-7, -1e-9, 0.0, -0.0];
+    let specials =
+        [f64::NAN, -f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30, -1e30, 70000.0, -500.0, 1e-7, -1e-9, 0.0, -0.0];
     (0..n)
         .map(|i| {
             if i % 37 == 5 {
