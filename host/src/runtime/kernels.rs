@@ -228,10 +228,11 @@ impl Kernels {
             return Err(Error::UnsupportedDType { what, dtype: dtype.name() });
         }
         if self.find(|v| of_family(v) && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype)).is_none() {
+            // The query type has kernels, but not over this cache type.
             let what = if family == Family::Decode {
-                "decode attention with this query type over a cache of"
+                "decode attention with these queries (an fp8 cache needs f16 or bf16 queries)"
             } else {
-                "prefill attention with this query type over a cache of"
+                "prefill attention with these queries (an fp8 cache needs f16 or bf16 queries)"
             };
             return Err(Error::UnsupportedDType { what, dtype: kv_dtype.name() });
         }
