@@ -343,7 +343,7 @@ mod tests {
         // e4m3 pool with scales must equal attention over the f32 pool of those values.
         use crate::runtime::dtype::E4m3;
         let shape = CacheShape { num_pages: 5, page_size: 3, num_kv_heads: 1, head_dim: 4, layout: KvLayout::Nhd };
-        let code = |i: usize| E4m3(((i * 37) % 0x7E) as u8 | if i % 3 == 0 { 0x80 } else { 0 });
+        let code = |i: usize| E4m3(((i * 37) % 0x7E) as u8 | if i.is_multiple_of(3) { 0x80 } else { 0 });
         let (k8, v8): (Vec<E4m3>, Vec<E4m3>) =
             ((0..shape.pool_elems()).map(code).collect(), (0..shape.pool_elems()).map(|i| code(i + 11)).collect());
         let scales = KvScales { k: 0.0078125, v: 4.0 };
