@@ -244,6 +244,24 @@ pub enum Error {
         /// Which option, and what it must be.
         what: &'static str,
     },
+    /// A KV dequantisation scale that is zero, negative, NaN or infinite.
+    #[error("{what} of layer {layer} is {value}; a scale must be finite and positive")]
+    BadScale {
+        /// Which scale, e.g. `"k_scale"` or `"v_scale of KV head 3"`.
+        what: &'static str,
+        /// The layer it was given for.
+        layer: usize,
+        /// The value given.
+        value: f32,
+    },
+    /// A cache's element type is not the one the plan was made for.
+    #[error("the cache holds {got} but the plan was made for a {planned} cache")]
+    KvDTypeMismatch {
+        /// The KV element type the plan was made for (its options' `kv_dtype`, else the query's).
+        planned: &'static str,
+        /// The cache's element type.
+        got: &'static str,
+    },
     /// A buffer does not have the length its shapes need.
     #[error("{what} holds {got} elements; the shapes need {expected}")]
     BufferLength {

@@ -5,6 +5,7 @@ use crate::attention::decode::DecodeOptions;
 use crate::attention::prefill::PrefillOptions;
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::PageTable;
+use crate::cache::paged::KvScales;
 use crate::runtime::dtype::KvDType;
 
 /// Every token of every sequence of `table`, copied out of `pool` into a ragged
@@ -45,15 +46,37 @@ pub fn append<T: Copy>(shape: &CacheShape, pool: &mut [T], table: &PageTable, ap
     }
 }
 
-/// One query row `q` (head_dim elements) attending over the keys at `slots` of KV head
-/// `kv_head`, in f64: logits `s_j = sm_scale · q·k_j` (then `cap · tanh(s_j / cap)` with a
-/// soft cap), `out = Σ softmax(s)_j v_j`, and the base-2 LSE `log2 Σ exp(s_j)`: zeros and −∞
-/// over no keys.
-#[allow(clippy::too_many_arguments)]
-fn attend<T: KvDType>(
+/// Writes ragged f16/bf16 rows into an 8-bit `pool` as [`append`] does, each value quantised as
+/// the kernels do: [`E4m3::quantise`](crate::E4m3::quantise)`(x, scale)` (K with `scales.k`,
+/// V with `scales.v`; call once per pool with its scale).
+pub fn append_quantised<T: KvDType, C: KvDType>(
     shape: &CacheShape,
-    k_pool: &[T],
-    v_pool: &[T],
+    pool: &mut [C],
+    table: &PageTable,
+    append_indptr: &[u32],
+    ragged: &[T],
+    scale: f32,
+) {
+    let quantised: Vec<C> = ragged.iter().map(|x| C::from_f64((x.to_f64() as f32 * (1.0 / scale)) as f64)).collect();
+    append(shape, pool, table, append_indptr, &quantised);
+}
+
+/// An 8-bit pool's values dequantised as gather writes them: each value times `scale`, in
+/// f32, rounded to `T`.
+pub fn dequantise<C: KvDType, T: KvDType>(values: &[C], scale: f32) -> Vec<T> {
+    values.iter().map(|x| T::from_f64((x.to_f64() as f32 * scale) as f64)).collect()
+}
+
+/// One query row `q` (head_dim elements) attending over the keys at `slots` of KV head
+/// `kv_head`, in f64, with the pools' values times their scales (exact in f64): logits
+/// `s_j = sm_scale · q·k_j` (then `cap · tanh(s_j / cap)` with a soft cap),
+/// `out = Σ softmax(s)_j v_j`, and the base-2 LSE `log2 Σ exp(s_j)`: zeros and −∞ over no keys.
+#[allow(clippy::too_many_arguments)]
+fn attend<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: KvScales,
     slots: &[(usize, usize)],
     kv_head: usize,
     q: &[T],
@@ -62,11 +85,13 @@ fn attend<T: KvDType>(
     out: &mut Vec<f64>,
 ) -> f64 {
     let dim = shape.head_dim;
+    let (k_scale, v_scale) = (scales.k as f64, scales.v as f64);
     let logits: Vec<f64> = slots
         .iter()
         .map(|&(page, slot)| {
-            let dot: f64 =
-                (0..dim).map(|d| q[d].to_f64() * k_pool[shape.element_index(page, slot, kv_head, d)].to_f64()).sum();
+            let dot: f64 = (0..dim)
+                .map(|d| q[d].to_f64() * k_pool[shape.element_index(page, slot, kv_head, d)].to_f64() * k_scale)
+                .sum();
             let s = sm_scale * dot;
             if cap > 0.0 {
                 cap * (s / cap).tanh()
@@ -82,7 +107,7 @@ fn attend<T: KvDType>(
         let acc: f64 = weights
             .iter()
             .zip(slots)
-            .map(|(w, &(page, slot))| w * v_pool[shape.element_index(page, slot, kv_head, d)].to_f64())
+            .map(|(w, &(page, slot))| w * v_pool[shape.element_index(page, slot, kv_head, d)].to_f64() * v_scale)
             .sum();
         out.push(if total > 0.0 { acc / total } else { 0.0 });
     }
@@ -94,7 +119,7 @@ fn attend<T: KvDType>(
 }
 
 /// `sm_scale` (default `1 / √head_dim`) and the soft cap, in f64.
-fn scales(shape: &CacheShape, sm_scale: Option<f32>, cap: f32) -> (f64, f64) {
+fn logit_scales(shape: &CacheShape, sm_scale: Option<f32>, cap: f32) -> (f64, f64) {
     (sm_scale.map_or(1.0 / (shape.head_dim as f64).sqrt(), |s| s as f64), cap as f64)
 }
 
@@ -111,9 +136,25 @@ pub fn decode<T: KvDType>(
     num_qo_heads: usize,
     options: &DecodeOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    decode_scaled(shape, k_pool, v_pool, KvScales::default(), table, q, num_qo_heads, options)
+}
+
+/// [`decode`] over pools of another element type (an 8-bit cache), whose values mean their
+/// value times `scales`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_scaled<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: KvScales,
+    table: &PageTable,
+    q: &[T],
+    num_qo_heads: usize,
+    options: &DecodeOptions,
+) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
-    let (sm_scale, cap) = scales(shape, options.sm_scale, options.logits_soft_cap);
+    let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
     let (mut out, mut lse) = (Vec::new(), Vec::new());
     for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
         let first = match options.window_left {
@@ -123,7 +164,7 @@ pub fn decode<T: KvDType>(
         let slots: Vec<(usize, usize)> = (first..kv_len).map(|pos| table.locate(seq, pos, shape.page_size)).collect();
         for h in 0..num_qo_heads {
             let qh = &q[(seq * num_qo_heads + h) * dim..][..dim];
-            lse.push(attend(shape, k_pool, v_pool, &slots, h / group, qh, sm_scale, cap, &mut out));
+            lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, &mut out));
         }
     }
     (out, lse)
@@ -145,9 +186,26 @@ pub fn prefill<T: KvDType>(
     num_qo_heads: usize,
     options: &PrefillOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    prefill_scaled(shape, k_pool, v_pool, KvScales::default(), table, qo_indptr, q, num_qo_heads, options)
+}
+
+/// [`prefill`] over pools of another element type (an 8-bit cache), whose values mean their
+/// value times `scales`.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_scaled<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: KvScales,
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q: &[T],
+    num_qo_heads: usize,
+    options: &PrefillOptions,
+) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
-    let (sm_scale, cap) = scales(shape, options.sm_scale, options.logits_soft_cap);
+    let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
     let (mut out, mut lse) = (Vec::new(), Vec::new());
     for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
         let (first_row, qo_len) = (qo_indptr[seq] as usize, (qo_indptr[seq + 1] - qo_indptr[seq]) as usize);
@@ -162,7 +220,7 @@ pub fn prefill<T: KvDType>(
             let slots: Vec<(usize, usize)> = (lo..hi).map(|key| table.locate(seq, key, shape.page_size)).collect();
             for h in 0..num_qo_heads {
                 let qh = &q[((first_row + j) * num_qo_heads + h) * dim..][..dim];
-                lse.push(attend(shape, k_pool, v_pool, &slots, h / group, qh, sm_scale, cap, &mut out));
+                lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, &mut out));
             }
         }
     }
@@ -280,6 +338,32 @@ mod tests {
     }
 
     #[test]
+    fn scaled_fp8_pools_read_as_their_values_times_the_scales() {
+        // Power-of-two scales keep the dequantised values exact in f32, so attention over an
+        // e4m3 pool with scales must equal attention over the f32 pool of those values.
+        use crate::runtime::dtype::E4m3;
+        let shape = CacheShape { num_pages: 5, page_size: 3, num_kv_heads: 1, head_dim: 4, layout: KvLayout::Nhd };
+        let code = |i: usize| E4m3(((i * 37) % 0x7E) as u8 | if i.is_multiple_of(3) { 0x80 } else { 0 });
+        let (k8, v8): (Vec<E4m3>, Vec<E4m3>) =
+            ((0..shape.pool_elems()).map(code).collect(), (0..shape.pool_elems()).map(|i| code(i + 11)).collect());
+        let scales = KvScales { k: 0.0078125, v: 4.0 };
+        let k: Vec<f32> = k8.iter().map(|x| x.to_f32() * scales.k).collect();
+        let v: Vec<f32> = v8.iter().map(|x| x.to_f32() * scales.v).collect();
+        let table =
+            PageTable { kv_indptr: vec![0, 2, 5], kv_indices: vec![4, 0, 2, 1, 3], kv_last_page_len: vec![2, 3] };
+        let q = [0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.125];
+        let opts = DecodeOptions::default();
+        let want = decode(&shape, &k, &v, &table, &q, 1, &opts);
+        assert_eq!(decode_scaled(&shape, &k8, &v8, scales, &table, &q, 1, &opts), want);
+        // And the quantising append stores what `E4m3::quantise` gives.
+        let mut pool = vec![E4m3(0); shape.pool_elems()];
+        let ragged: Vec<f32> = (0..2 * 4).map(|i| i as f32 * 3.3 - 9.0).collect();
+        append_quantised(&shape, &mut pool, &table, &[0, 1, 2], &ragged, 0.3);
+        let (page, slot) = table.locate(1, 8, 3); // sequence 1 (9 tokens) appends its last token
+        assert_eq!(pool[shape.element_index(page, slot, 0, 2)], E4m3::quantise(ragged[6], 0.3));
+    }
+
+    #[test]
     fn prefill_of_one_query_per_request_is_decode() {
         // Random keys, values and queries; 2 KV heads, group 3; lengths around pages of 3.
         let shape = CacheShape { num_pages: 12, page_size: 3, num_kv_heads: 2, head_dim: 4, layout: KvLayout::Hnd };
@@ -293,7 +377,7 @@ mod tests {
         };
         let q: Vec<f32> = (0..3 * 6 * 4).map(|i| value(3 * i + 1)).collect();
         for window_left in [-1, 0, 4] {
-            let base = DecodeOptions { sm_scale: Some(0.7), logits_soft_cap: 2.0, window_left };
+            let base = DecodeOptions { sm_scale: Some(0.7), logits_soft_cap: 2.0, window_left, kv_dtype: None };
             let want = decode(&shape, &k, &v, &table, &q, 6, &base);
             for causal in [false, true] {
                 let opts = PrefillOptions {
@@ -301,6 +385,7 @@ mod tests {
                     sm_scale: base.sm_scale,
                     logits_soft_cap: base.logits_soft_cap,
                     window_left,
+                    kv_dtype: None,
                 };
                 assert_eq!(prefill(&shape, &k, &v, &table, &[0, 1, 2, 3], &q, 6, &opts), want, "{opts:?}");
             }

@@ -10,9 +10,10 @@
 //! the warps merge their states through shared memory at the end. The page of a key is looked
 //! up one tile ahead, so that load's latency hides behind the math.
 use crate::abi::{
-    decode_smem_bytes, decode_stages, decode_threads, DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS, DECODE_ROWS,
-    DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
+    decode_smem_bytes, decode_stages, decode_threads, widened_tiles_bytes, DecodeParams, DecodeWorkItem,
+    DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
+use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{exp2, log2, rcp};
@@ -43,8 +44,9 @@ fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
 }
 
 #[inline(always)]
-pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
-    const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM)) };
+pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
+    const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
+    let smem_bytes = const { decode_smem_bytes(HEAD_DIM, K::BYTES) };
     let out_dims = const {
         if HEAD_DIM < DECODE_WARP_DIMS {
             HEAD_DIM
@@ -73,8 +75,9 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
     let smem = dynamic_smem_addr();
     let q_smem = smem;
     let k_smem = q_smem + DECODE_ROWS * HEAD_DIM * 2;
-    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * 2;
-    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * 2;
+    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
+    let wide_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
+    let table_smem = wide_smem + widened_tiles_bytes(DECODE_TILE_TOKENS, HEAD_DIM, K::BYTES);
 
     // The query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
@@ -88,8 +91,9 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
     }
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let mut ring =
-        KvRing::<HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(kv, start, end, tid, k_smem, v_smem, table_smem);
+    let mut ring = KvRing::<H, K, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(
+        kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
+    );
 
     // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds the output
     // tile of dims dim_base + 8n.. + 8, this thread's dims + 2t and + 2t + 1 of each row.
@@ -136,8 +140,7 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
     // 8-dim slices of rows. O rows are padded by 8 floats to spread the stores over the banks.
     let o_stride = (HEAD_DIM + 8) as usize;
     let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * HEAD_DIM * 2 / 4) as usize);
-    let stats = dynamic_smem::<f32>()
-        .add((decode_smem_bytes(HEAD_DIM) / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
+    let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
         let d_row = state.row_sum(h);
@@ -172,7 +175,8 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
                 o[e] += weight * *src.add(e);
             }
         }
-        let inv = if d_all > 0.0 { rcp(d_all) } else { 0.0 };
+        // V's dequantisation scale goes with the normalisation: partials and merges are linear.
+        let inv = if d_all > 0.0 { rcp(d_all) * p.v_scale } else { 0.0 };
         for e in &mut o {
             *e *= inv;
         }
@@ -191,7 +195,7 @@ pub unsafe fn decode<H: Half, const HEAD_DIM: u32, const THREADS: u32, const STA
     }
     // Split request: the last of its items to get here (for this KV head and row tile) merges
     // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
-    let last_flag = dynamic_smem::<u32>().add((decode_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
+    let last_flag = dynamic_smem::<u32>().add((smem_bytes / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + head_block) as usize);
     if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
         return;

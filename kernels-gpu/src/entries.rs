@@ -8,27 +8,36 @@
 #[allow(unused_imports)]
 use crate::abi::{
     decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_stages, prefill_threads,
-    DecodeParams, MergeStatesParams, PrefillParams,
+    DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams,
 };
+#[allow(unused_imports)]
+use crate::gpu::fp8::{E4m3, E5m2, KvElem};
 use crate::gpu::half::{Bf16, F16};
 
 macro_rules! entry {
-    (decode $half:ident $dtype:ident $dim:literal) => {
+    (decode $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
         #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
-            #[export_name = entry_name!(decode $dtype $dim)]
+            #[export_name = entry_name!(decode $dtype $kvname $dim)]
             unsafe extern "ptx-kernel" fn entry(p: DecodeParams) {
-                crate::decode::decode::<$half, $dim, { decode_threads($dim) }, { decode_stages($dim) }>(&p)
+                crate::decode::decode::<
+                    $half,
+                    $kv,
+                    $dim,
+                    { decode_threads($dim) },
+                    { decode_stages($dim, <$kv as KvElem>::BYTES) },
+                >(&p)
             }
         };
     };
-    (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+    (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
         #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
-            #[export_name = entry_name!(prefill $dtype $dim $rows)]
+            #[export_name = entry_name!(prefill $dtype $kvname $dim $rows)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
                 crate::prefill::prefill::<
                     $half,
+                    $kv,
                     $dim,
                     { $rows / 64 },
                     { prefill_threads($dim) },
@@ -60,6 +69,24 @@ macro_rules! entry {
             #[export_name = entry_name!(merge_states $dtype)]
             unsafe extern "ptx-kernel" fn entry(p: MergeStatesParams) {
                 crate::merge::merge_states::<$half>(&p)
+            }
+        };
+    };
+    (paged_copy_fp8 gather $half:ident $dtype:ident $kv:ident $kvname:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(paged_copy_fp8 gather $dtype $kvname)]
+            unsafe extern "ptx-kernel" fn entry(p: PagedCopyParams) {
+                crate::page_copy::paged_copy_fp8::<false, $half, $kv>(&p)
+            }
+        };
+    };
+    (paged_copy_fp8 scatter $half:ident $dtype:ident $kv:ident $kvname:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(paged_copy_fp8 scatter $dtype $kvname)]
+            unsafe extern "ptx-kernel" fn entry(p: PagedCopyParams) {
+                crate::page_copy::paged_copy_fp8::<true, $half, $kv>(&p)
             }
         };
     };

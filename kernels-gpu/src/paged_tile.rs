@@ -14,8 +14,15 @@
 //! multiply-add per address. The page id is loaded a tile before it is needed, so that load's
 //! latency hides behind the math. At full bandwidth the copies' address math competes with the
 //! attention math for issue slots: this keeps it to a handful of instructions per row.
+//!
+//! An 8-bit cache streams its bytes (half the traffic of a 16-bit one) into stages of rows of
+//! `HEAD_DIM` bytes, unswizzled; when a stage has landed, the block widens it into one K and one
+//! V tile of the query's 16-bit type in the layout a 16-bit stage has (`swizzled`), so the
+//! attention math, its fragment loads and mma, is the same code for every cache type.
 use crate::abi::{kv_table_slots, FastDiv, PagedCacheParams};
-use crate::gpu::shared::{load_shared_u32x4, store_shared_u32};
+use crate::gpu::fp8::KvElem;
+use crate::gpu::half::Half;
+use crate::gpu::shared::{load_shared_u32, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 
@@ -30,6 +37,40 @@ use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 #[inline(always)]
 pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
     row * HEAD_DIM * 2 + ((chunk ^ (row % 8)) * 16)
+}
+
+/// Widens a landed 8-bit tile at shared address `src` (`TILE_TOKENS` rows of `HEAD_DIM`
+/// bytes) into the 16-bit tile at `dst` (swizzled rows), `THREADS` threads each taking eight
+/// values at a time: an 8-byte load, four conversions and a 16-byte store; consecutive threads
+/// take consecutive pieces of a row, so neither side has bank conflicts.
+#[inline(always)]
+unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32>(
+    src: u32,
+    dst: u32,
+    thread: u32,
+) {
+    let per_thread = const { TILE_TOKENS * HEAD_DIM / 8 / THREADS };
+    const { assert!((TILE_TOKENS * HEAD_DIM / 8) % THREADS == 0 && TILE_TOKENS * HEAD_DIM / 8 / THREADS <= 16) };
+    let chunks = HEAD_DIM / 8;
+    // Four loads in flight at a time: enough to hide shared-memory latency, few registers
+    // beside the accumulators the caller keeps live.
+    crate::unroll!(batch in [0, 4, 8, 12] {
+        if batch < per_thread as usize {
+            let mut bytes = [[0u32; 2]; 4];
+            crate::unroll!(j in [0, 1, 2, 3] {
+                if batch + j < per_thread as usize {
+                    bytes[j] = load_shared_u32x2(src + (thread + (batch + j) as u32 * THREADS) * 8);
+                }
+            });
+            crate::unroll!(j in [0, 1, 2, 3] {
+                if batch + j < per_thread as usize {
+                    let piece = thread + (batch + j) as u32 * THREADS;
+                    let at = dst + swizzled::<HEAD_DIM>(piece / chunks, piece % chunks);
+                    store_shared_u32x4(at, K::widen8::<H>(bytes[j]));
+                }
+            });
+        }
+    });
 }
 
 /// Where one request's keys live: its pages (from `kv_indices[kv_indptr[request]..]`) and
@@ -74,7 +115,19 @@ impl PagedKv {
 /// (the first `STAGES` tiles by [`start`](Self::start)) and read when `u` is issued, after the
 /// next barrier. With at least two slots, and one per tile the prologue resolves, a slot is
 /// rewritten only after a barrier that follows every read of it.
-pub struct KvRing<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32> {
+///
+/// The cache holds elements of `K`; the math reads tiles of `H`. For an 8-bit `K` the stages
+/// hold bytes, and [`wait`](Self::wait) widens each tile into the 16-bit tiles at `wide_smem`
+/// (K, then V).
+pub struct KvRing<
+    H: Half,
+    K: KvElem,
+    const HEAD_DIM: u32,
+    const TILE_TOKENS: u32,
+    const THREADS: u32,
+    const STAGES: u32,
+> {
+    _types: core::marker::PhantomData<(H, K)>,
     kv: PagedKv,
     /// Key positions `start..=last` are loaded; tile `j` starts at `start + j · TILE_TOKENS`.
     start: u32,
@@ -83,6 +136,8 @@ pub struct KvRing<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u3
     k_smem: u32,
     v_smem: u32,
     table_smem: u32,
+    /// The widened K tile, the V tile after it (8-bit caches only).
+    wide_smem: u32,
     /// This thread's first row of a tile (it copies rows `row + j · PASS_ROWS`), and the pools
     /// advanced by its 16-byte chunk of a row.
     row: u32,
@@ -98,16 +153,19 @@ pub struct KvRing<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u3
     next: (u32, u32),
 }
 
-impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32>
-    KvRing<HEAD_DIM, TILE_TOKENS, THREADS, STAGES>
+impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32>
+    KvRing<H, K, HEAD_DIM, TILE_TOKENS, THREADS, STAGES>
 {
-    const TILE_BYTES: u32 = TILE_TOKENS * HEAD_DIM * 2;
-    const ROW_BYTES: usize = HEAD_DIM as usize * 2;
-    const CHUNKS: u32 = HEAD_DIM / 8;
+    const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
+    const TILE_BYTES: u32 = TILE_TOKENS * Self::ROW_BYTES;
+    /// 16-byte chunks of a stored row.
+    const CHUNKS: u32 = Self::ROW_BYTES / 16;
     const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
-    /// Rows per thread and tile: at most 16.
+    /// Rows per thread and tile: 2, or a multiple of 4 up to 16.
     const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
     const SLOTS: u32 = kv_table_slots(STAGES);
+    /// Bytes of one widened 16-bit tile.
+    const WIDE_BYTES: u32 = TILE_TOKENS * HEAD_DIM * 2;
 
     /// Resolves the first `STAGES` tiles' rows and starts copying the first `STAGES − 1` tiles
     /// (every thread of the block calls this; the first commit group also carries whatever
@@ -116,8 +174,10 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
     /// # Safety
     /// The page table was validated for positions below `end`, and the pools hold every page it
     /// names; `k_smem` and `v_smem` have room for `STAGES` tiles each, `table_smem` for the
-    /// table; shared addresses are 16-byte aligned.
+    /// table, `wide_smem` for two widened tiles when `K` is 8-bit; shared addresses are 16-byte
+    /// aligned, the widened tiles' a multiple of a 16-bit row.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn start(
         kv: PagedKv,
         start: u32,
@@ -126,13 +186,15 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
         k_smem: u32,
         v_smem: u32,
         table_smem: u32,
+        wide_smem: u32,
     ) -> Self {
         const {
-            assert!(THREADS >= TILE_TOKENS && Self::PASSES % 4 == 0 && Self::PASSES <= 16);
+            assert!(THREADS >= TILE_TOKENS && (Self::PASSES == 2 || Self::PASSES % 4 == 0) && Self::PASSES <= 16);
             assert!(Self::SLOTS >= STAGES && STAGES <= 4);
         };
         let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
         let mut ring = KvRing {
+            _types: core::marker::PhantomData,
             kv,
             start,
             last: end.max(start + 1) - 1,
@@ -140,6 +202,7 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
             k_smem,
             v_smem,
             table_smem,
+            wide_smem,
             row: thread / Self::CHUNKS,
             k_chunk: kv.k_pages.add(chunk_bytes),
             v_chunk: kv.v_pages.add(chunk_bytes),
@@ -224,13 +287,23 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
             // All of this thread's rows first: a copy writes shared memory, so a table read
             // after it would wait for it.
             let mut rows = [0u32; 16];
-            crate::unroll_to!(v < Self::PASSES / 4, {
-                let entries = load_shared_u32x4(self.table_entry(tile, self.row) + 16 * v as u32);
-                rows[4 * v..4 * v + 4].copy_from_slice(&entries);
-            });
+            if Self::PASSES % 4 == 0 {
+                crate::unroll_to!(v < Self::PASSES / 4, {
+                    let entries = load_shared_u32x4(self.table_entry(tile, self.row) + 16 * v as u32);
+                    rows[4 * v..4 * v + 4].copy_from_slice(&entries);
+                });
+            } else {
+                crate::unroll_to!(j < Self::PASSES, {
+                    rows[j] = load_shared_u32(self.table_entry(tile, self.row) + 4 * j as u32);
+                });
+            }
             crate::unroll_to!(j < Self::PASSES, {
-                let offset = rows[j] as usize * Self::ROW_BYTES;
-                let dst = swizzled::<HEAD_DIM>(self.row + j as u32 * Self::PASS_ROWS, chunk);
+                let offset = rows[j] as usize * Self::ROW_BYTES as usize;
+                let row = self.row + j as u32 * Self::PASS_ROWS;
+                // 16-bit stages are read by the fragment loads (swizzled); 8-bit ones by the
+                // widening pass (plain rows).
+                let dst =
+                    if K::BYTES == 2 { swizzled::<HEAD_DIM>(row, chunk) } else { row * Self::ROW_BYTES + chunk * 16 };
                 copy_async(k_dst + dst, self.k_chunk.add(offset).cast());
                 copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
             });
@@ -240,7 +313,9 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
 
     /// Waits for `tile` to land in shared memory (a block barrier: every thread calls this for
     /// every tile in order), refills the stage the previous tile used, resolves the rows of the
-    /// tile `STAGES` ahead, and returns the shared addresses of `tile`'s K and V.
+    /// tile `STAGES` ahead, and returns the shared addresses of `tile`'s K and V as 16-bit
+    /// swizzled tiles (an 8-bit tile widened first, behind a second barrier; the widened tiles
+    /// are rewritten only after the next call's first barrier, which follows every read of them).
     ///
     /// # Safety
     /// As [`start`](Self::start).
@@ -254,7 +329,15 @@ impl<const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAG
         let thread = crate::gpu::index::thread_x_here();
         self.store_row(tile + STAGES, thread, self.next);
         self.next = self.look_up(tile + STAGES + 1, thread);
-        (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile))
+        let (k, v) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+        if K::BYTES == 2 {
+            return (k, v);
+        }
+        let (k_wide, v_wide) = (self.wide_smem, self.wide_smem + Self::WIDE_BYTES);
+        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(k, k_wide, thread);
+        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(v, v_wide, thread);
+        sync_threads();
+        (k_wide, v_wide)
     }
 
     /// Waits for every copy this thread started (the last groups hold no tiles).

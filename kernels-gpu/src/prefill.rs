@@ -16,9 +16,10 @@
 //! When the batch is too small to fill the GPU, `plan` splits long row tiles' keys over several
 //! blocks, merged by the last of them (`merge`).
 use crate::abi::{
-    kv_table_bytes, prefill_rows, prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, PrefillWorkItem,
-    NO_PARTIAL, PREFILL_TILE_TOKENS, PREFILL_WARP_DIMS,
+    kv_table_bytes, prefill_rows, prefill_smem_bytes, prefill_stages, prefill_threads, widened_tiles_bytes,
+    PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_TILE_TOKENS, PREFILL_WARP_DIMS,
 };
+use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{log2, rcp};
@@ -93,7 +94,14 @@ const P_FRAGS: usize = S_FRAGS / 2;
 
 /// The kernel for `ROW_FRAGS` row fragments per warp.
 #[inline(always)]
-pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, const THREADS: u32, const STAGES: u32>(
+pub unsafe fn prefill<
+    H: Half,
+    K: KvElem,
+    const HEAD_DIM: u32,
+    const ROW_FRAGS: usize,
+    const THREADS: u32,
+    const STAGES: u32,
+>(
     p: &PrefillParams,
 ) {
     const {
@@ -126,13 +134,18 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
 
     let smem = dynamic_smem_addr();
     let q_smem = smem;
+    let kv_row_bytes = HEAD_DIM * K::BYTES;
     let k_smem = q_smem + block_rows * row_bytes;
-    let v_smem = k_smem + STAGES * PREFILL_TILE_TOKENS * row_bytes;
-    let table_smem = v_smem + STAGES * PREFILL_TILE_TOKENS * row_bytes;
+    let v_smem = k_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
+    let wide_smem = v_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
+    let table_smem = wide_smem + widened_tiles_bytes(PREFILL_TILE_TOKENS, HEAD_DIM, K::BYTES);
+    let smem_bytes = const { prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32, K::BYTES) };
     const {
         assert!(
-            prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32)
-                == (prefill_rows(ROW_FRAGS as u32) + 2 * STAGES * PREFILL_TILE_TOKENS) * HEAD_DIM * 2
+            prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32, K::BYTES)
+                == prefill_rows(ROW_FRAGS as u32) * HEAD_DIM * 2
+                    + 2 * STAGES * PREFILL_TILE_TOKENS * HEAD_DIM * K::BYTES
+                    + widened_tiles_bytes(PREFILL_TILE_TOKENS, HEAD_DIM, K::BYTES)
                     + kv_table_bytes(STAGES, PREFILL_TILE_TOKENS)
         )
     };
@@ -153,8 +166,8 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
     let (start, end) = (work.kv_start, work.kv_end);
-    let mut ring = KvRing::<HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES>::start(
-        kv, start, end, tid, k_smem, v_smem, table_smem,
+    let mut ring = KvRing::<H, K, HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES>::start(
+        kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
     );
 
     let mut visibility = Visibility::<PREFILL_TILE_TOKENS, 0, 4> {
@@ -259,7 +272,8 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
             let d = state.row_sum(h);
             let row = my_first_row + 16 * f as u32 + 8 * h as u32;
             if row < rows {
-                let inv = if d > 0.0 { rcp(d) } else { 0.0 };
+                // V's dequantisation scale goes with the normalisation (merging is linear).
+                let inv = if d > 0.0 { rcp(d) * p.v_scale } else { 0.0 };
                 let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
                 let first_dim = (dim_base + 2 * t) as usize;
                 if split {
@@ -292,7 +306,7 @@ pub unsafe fn prefill<H: Half, const HEAD_DIM: u32, const ROW_FRAGS: usize, cons
     }
     // The last part of the row tile to finish (for this KV head) merges all of them. The flag
     // lives past the merge's staging; the K/V ring is free by now.
-    let last_flag = dynamic_smem::<u32>().add((prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32) / 4 - 1) as usize);
+    let last_flag = dynamic_smem::<u32>().add((smem_bytes / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
     if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
         return;

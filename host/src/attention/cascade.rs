@@ -181,6 +181,7 @@ impl<T: KvDType> CascadeDecodePlan<T> {
             sm_scale: options.sm_scale,
             logits_soft_cap: options.logits_soft_cap,
             window_left: -1,
+            kv_dtype: options.kv_dtype,
         };
         Ok((shared, batch * num_qo_heads))
     }
@@ -198,12 +199,13 @@ impl<T: KvDType> CascadeDecodePlan<T> {
     /// Decode of `q` (`[batch][num_qo_heads][head_dim]`, requests in `levels`' order) over layer
     /// `layer`: both levels and their merge into `out` and, if given, the base-2 LSE over all of
     /// each request's keys into `lse` (`[batch][num_qo_heads]`). Only launches, on `stream` and
-    /// the plan's side stream, which `stream` waits for before the merge.
-    pub fn run(
+    /// the plan's side stream, which `stream` waits for before the merge. The cache holds `T`
+    /// or the 8-bit type the plan's options name (as [`BatchDecodePlan::run`]).
+    pub fn run<C: KvDType>(
         &mut self,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
-        cache: &PagedKvCache<T>,
+        cache: &PagedKvCache<C>,
         layer: usize,
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,

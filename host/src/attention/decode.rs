@@ -31,11 +31,15 @@ pub struct DecodeOptions {
     pub logits_soft_cap: f32,
     /// Keys at positions `≥ kv_len − 1 − window_left` only; −1 for no window.
     pub window_left: i32,
+    /// The element type of the cache the plan runs over (FlashInfer's `kv_data_type`):
+    /// `None` for the queries' own type; [`DType::E4M3`] or [`DType::E5M2`] for an 8-bit cache.
+    /// A run over a cache of another type is an error.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions { sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+        DecodeOptions { sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None }
     }
 }
 
@@ -141,7 +145,9 @@ pub fn decode_split(
     // The merging block keeps 8 sums per thread, (parts + 1) · 16 weights and a flag in its
     // shared memory.
     let dim = shape.head_dim as u32;
-    let staging = decode_smem_bytes(dim) as usize / 4 - 1 - 8 * decode_threads(dim) as usize;
+    // Whatever the cache's element type: the smaller block's shared memory.
+    let smem = decode_smem_bytes(dim, 1).min(decode_smem_bytes(dim, 2));
+    let staging = smem as usize / 4 - 1 - 8 * decode_threads(dim) as usize;
     let max_parts = staging / DECODE_ROWS as usize - 1;
     let chunk =
         decode_chunk(&lens, shape.num_kv_heads * row_tiles, sms, blocks_per_sm, max_parts).unwrap_or(usize::MAX);
@@ -186,6 +192,7 @@ struct DecodeWork {
     group_size: usize,
     sm_scale: f32,
     logits_soft_cap: f32,
+    kv_dtype: Option<DType>,
     /// Blocks: work items × KV heads × row tiles (16 query heads each).
     grid: (u32, u32, u32),
     /// Requests split across several work items.
@@ -206,8 +213,11 @@ impl AttentionLaunch for DecodeWork {
     fn kv_elems(&self) -> usize {
         self.shape.pool_elems()
     }
-    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType) -> Result<&'k Kernel> {
-        kernels.decode(dtype, self.shape.head_dim)
+    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel> {
+        kernels.decode(dtype, kv_dtype, self.shape.head_dim)
+    }
+    fn kv_dtype(&self) -> Option<DType> {
+        self.kv_dtype
     }
     fn blocks(&self) -> u32 {
         self.grid.0 * self.grid.1 * self.grid.2
@@ -223,8 +233,9 @@ impl AttentionLaunch for DecodeWork {
             num_qo_heads: self.num_qo_heads as u32,
             num_items: self.grid.0,
             group_size: self.group_size as u32,
-            sm_scale: self.sm_scale,
+            sm_scale: self.sm_scale * ops.scales.k,
             logits_soft_cap: self.logits_soft_cap,
+            v_scale: ops.scales.v,
         }
     }
 }
@@ -246,6 +257,7 @@ impl BatchDecodePlan {
             group_size: 1,
             sm_scale: 1.0,
             logits_soft_cap: 0.0,
+            kv_dtype: None,
             grid: (0, 0, 0),
             split_requests: 0,
         };
@@ -266,7 +278,9 @@ impl BatchDecodePlan {
         options: DecodeOptions,
     ) -> Result<()> {
         let device = self.core.device();
-        let blocks_per_sm = device.kernels().decode(DType::F16, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
+        let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
+        let blocks_per_sm =
+            device.kernels().decode(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
         let DecodeSplit { work, slots, split_requests, group_size, row_tiles, sm_scale } =
             decode_split(shape, num_qo_heads, table, options, device.multiprocessor_count(), blocks_per_sm)?;
         let scratch = ScratchLayout {
@@ -282,6 +296,7 @@ impl BatchDecodePlan {
             group_size,
             sm_scale,
             logits_soft_cap: options.logits_soft_cap,
+            kv_dtype: options.kv_dtype,
             grid: (work.len() as u32, shape.num_kv_heads as u32, row_tiles as u32),
             split_requests,
         };
@@ -309,17 +324,22 @@ impl BatchDecodePlan {
     /// `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (request, head) into
     /// `lse` (`[batch][num_qo_heads]`, −∞ for an empty sequence). Only launches, on `stream`
     /// (a stream of the plan's device); every buffer is checked against the plan first.
-    pub fn run<T: KvDType>(
+    ///
+    /// The cache holds the queries' type `T`, or, for a plan made with `kv_dtype` 8-bit, that
+    /// type (`C`), read as its values times the layer's [`KvScales`](crate::KvScales)
+    /// (the LSE is that of the scaled logits).
+    pub fn run<T: KvDType, C: KvDType>(
         &mut self,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
-        cache: &PagedKvCache<T>,
+        cache: &PagedKvCache<C>,
         layer: usize,
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
         let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+        let scales = cache.scales(layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, scales, out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k_pages` and

@@ -42,11 +42,15 @@ pub struct PrefillOptions {
     /// Query `j` sees keys at positions `≥ kv_len − qo_len + j − window_left` only; −1 for no
     /// window.
     pub window_left: i32,
+    /// The element type of the cache the plan runs over (FlashInfer's `kv_data_type`):
+    /// `None` for the queries' own type; [`DType::E4M3`] or [`DType::E5M2`] for an 8-bit cache.
+    /// A run over a cache of another type is an error.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for PrefillOptions {
     fn default() -> Self {
-        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 }
+        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None }
     }
 }
 
@@ -85,8 +89,14 @@ impl PrefillKernel {
     /// below its mbarriers, with its consumer threads).
     fn max_parts(self, head_dim: u32) -> usize {
         let words = match self {
+            // Whatever the cache's element type: the smaller block's shared memory.
             PrefillKernel::Portable { block_rows } => {
-                prefill_smem_bytes(head_dim, block_rows / 64) / 4 - 1 - 8 * prefill_threads(head_dim)
+                let smem = prefill_smem_bytes(head_dim, block_rows / 64, 1).min(prefill_smem_bytes(
+                    head_dim,
+                    block_rows / 64,
+                    2,
+                ));
+                smem / 4 - 1 - 8 * prefill_threads(head_dim)
             }
             PrefillKernel::Hopper => {
                 (hopper_prefill_smem_bytes(head_dim) - 16 * hopper_prefill_stages(head_dim) - 16) / 4
@@ -355,11 +365,14 @@ impl AttentionLaunch for PrefillWork {
     fn kv_elems(&self) -> usize {
         self.kv_elems
     }
-    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType) -> Result<&'k Kernel> {
+    fn kv_dtype(&self) -> Option<DType> {
+        self.options.kv_dtype
+    }
+    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel> {
         match self.kernel {
-            PrefillKernel::Portable { block_rows } => kernels.prefill(dtype, self.shape.head_dim, block_rows),
+            PrefillKernel::Portable { block_rows } => kernels.prefill(dtype, kv_dtype, self.shape.head_dim, block_rows),
             PrefillKernel::Hopper => kernels
-                .prefill_hopper(dtype, self.shape.head_dim)
+                .prefill_hopper(dtype, kv_dtype, self.shape.head_dim)
                 .ok_or(Error::UnsupportedDType { what: "prefill attention on Hopper", dtype: dtype.name() }),
         }
     }
@@ -377,7 +390,8 @@ impl AttentionLaunch for PrefillWork {
             num_qo_heads: self.num_qo_heads as u32,
             num_kv_heads: self.shape.num_kv_heads as u32,
             group_size: FastDiv::new(self.group_size as u32),
-            sm_scale: self.sm_scale,
+            sm_scale: self.sm_scale * ops.scales.k,
+            v_scale: ops.scales.v,
             logits_soft_cap: self.options.logits_soft_cap,
             window_left: self.options.window_left,
             causal: self.options.causal as u32,
@@ -470,12 +484,16 @@ impl BatchPrefillPlan {
     ) -> Result<()> {
         let device = self.core.device();
         let kernels = device.kernels();
-        // Every element type has the same variants, so f16's stand for the run's.
-        let hopper = device.prefill_hopper(DType::F16, shape.head_dim).is_some();
+        // The kernels of a 16-bit cache take queries of its own type, so its type stands for
+        // the run's (f16 when the plan does not say); fp8 caches have no Hopper kernel.
+        let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
+        let hopper = device.prefill_hopper(kv_dtype, kv_dtype, shape.head_dim).is_some();
         let blocks_per_sm = |kernel| {
             match kernel {
-                PrefillKernel::Portable { block_rows } => kernels.prefill(DType::F16, shape.head_dim, block_rows).ok(),
-                PrefillKernel::Hopper => device.prefill_hopper(DType::F16, shape.head_dim),
+                PrefillKernel::Portable { block_rows } => {
+                    kernels.prefill(DType::F16, kv_dtype, shape.head_dim, block_rows).ok()
+                }
+                PrefillKernel::Hopper => device.prefill_hopper(kv_dtype, kv_dtype, shape.head_dim),
             }
             .map_or(1, |k| k.blocks_per_sm)
         };
@@ -542,17 +560,21 @@ impl BatchPrefillPlan {
     /// into `out` (same shape) and, if given, the base-2 LSE `log2 Σ exp(s)` per (token, head)
     /// into `lse` (`[total_q][num_qo_heads]`). Only launches, on `stream` (a stream of the
     /// plan's device); every buffer is checked against the plan first.
-    pub fn run<T: KvDType>(
+    ///
+    /// The cache holds the queries' type `T`, or, for a plan made with `kv_dtype` 8-bit, that
+    /// type (`C`), read as its values times the layer's [`KvScales`](crate::KvScales).
+    pub fn run<T: KvDType, C: KvDType>(
         &mut self,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
-        cache: &PagedKvCache<T>,
+        cache: &PagedKvCache<C>,
         layer: usize,
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
         let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+        let scales = cache.scales(layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, scales, out, lse)
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
@@ -566,7 +588,7 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        self.core.run_attention(&self.work, stream, q, k, v, out, lse)
+        self.core.run_attention(&self.work, stream, q, k, v, Default::default(), out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one

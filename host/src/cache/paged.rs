@@ -7,7 +7,26 @@ use super::allocator::PageCopy;
 use super::layout::CacheShape;
 use crate::error::{Error, Result};
 use crate::runtime::device::Device;
-use crate::runtime::dtype::KvDType;
+use crate::runtime::dtype::{check_scale, KvDType};
+
+/// The dequantisation scales of one layer of an 8-bit cache, as FlashInfer takes them
+/// (`k_scale`, `v_scale`): a stored value `x` means `x × scale`. Writing (append, scatter)
+/// stores `x · (1 / scale)` quantised, reading multiplies back: K's scale folds into the logit
+/// scale (`sm_scale · k_scale`), V's multiplies the attention output. A 16-bit cache's scales
+/// are 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvScales {
+    /// K's scale: finite and positive.
+    pub k: f32,
+    /// V's scale: finite and positive.
+    pub v: f32,
+}
+
+impl Default for KvScales {
+    fn default() -> Self {
+        KvScales { k: 1.0, v: 1.0 }
+    }
+}
 
 /// One layer's K and V page pools. Read access only once inside a [`PagedKvCache`]: a pool
 /// cannot be replaced there (a shorter or foreign pool would be an out-of-bounds launch), only
@@ -63,9 +82,14 @@ impl<T: KvDType> LayerPools<T> {
 /// Every pool has exactly `shape.pool_elems()` elements and lives in one CUDA context, from
 /// construction on: nothing can replace a pool, so a plan that checked the shape and the
 /// context launches only inside the pools.
+///
+/// An 8-bit cache ([`E4m3`](crate::E4m3), [`E5m2`](crate::E5m2)) has a [`KvScales`] per layer,
+/// 1 until [`set_scales`](Self::set_scales); appends quantise with them and attention
+/// dequantises with them, so the two cannot disagree.
 pub struct PagedKvCache<T: KvDType> {
     shape: CacheShape,
     layers: Vec<LayerPools<T>>,
+    scales: Vec<KvScales>,
     ctx: Arc<CudaContext>,
 }
 
@@ -81,7 +105,7 @@ impl<T: KvDType> PagedKvCache<T> {
                 Ok(LayerPools::new(device.alloc_zeros(shape.pool_elems())?, device.alloc_zeros(shape.pool_elems())?))
             })
             .collect::<Result<_>>()?;
-        Ok(PagedKvCache { shape, layers, ctx: device.context().clone() })
+        Ok(PagedKvCache { shape, scales: vec![KvScales::default(); num_layers], layers, ctx: device.context().clone() })
     }
 
     /// Wraps existing pools (for example filled by the caller), checking their lengths and that
@@ -102,7 +126,27 @@ impl<T: KvDType> PagedKvCache<T> {
                 }
             }
         }
-        Ok(PagedKvCache { shape, layers, ctx })
+        Ok(PagedKvCache { shape, scales: vec![KvScales::default(); layers.len()], layers, ctx })
+    }
+
+    /// Sets layer `layer`'s dequantisation scales (8-bit caches only). Values already in the
+    /// layer are not rewritten: they are read with the new scales from now on. A scale that is
+    /// zero, negative, NaN or infinite is an error, as is a 16-bit cache.
+    pub fn set_scales(&mut self, layer: usize, scales: KvScales) -> Result<()> {
+        if !T::DTYPE.is_fp8() {
+            return Err(Error::UnsupportedDType { what: "KV scales (8-bit caches only)", dtype: T::DTYPE.name() });
+        }
+        check_scale("k_scale", layer, scales.k)?;
+        check_scale("v_scale", layer, scales.v)?;
+        let num_layers = self.layers.len();
+        *self.scales.get_mut(layer).ok_or(Error::LayerOutOfRange { layer, num_layers })? = scales;
+        Ok(())
+    }
+
+    /// Layer `layer`'s dequantisation scales (1 for a 16-bit cache).
+    pub fn scales(&self, layer: usize) -> Result<KvScales> {
+        let num_layers = self.layers.len();
+        self.scales.get(layer).copied().ok_or(Error::LayerOutOfRange { layer, num_layers })
     }
 
     /// The pools, layer by layer (the reverse of [`from_layers`](Self::from_layers)).

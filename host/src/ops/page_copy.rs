@@ -2,12 +2,19 @@
 //! ragged KV layout): gather (pages → ragged), scatter (ragged → pages) and append (FlashInfer's
 //! `append_paged_kv_cache`: a ragged batch of new tokens written after each sequence's earlier
 //! tokens). Planning validates and uploads the metadata asynchronously; running only launches.
+//!
+//! Between an 8-bit cache ([`E4m3`](crate::E4m3), [`E5m2`](crate::E5m2)) and f16/bf16 ragged
+//! K/V the copies convert with the cache layer's [`KvScales`]: scatter and append store
+//! `x · (1 / scale)` rounded to nearest even, saturating to the largest finite value (±∞ too;
+//! NaN becomes the positive NaN code), exactly as [`E4m3::quantise`](crate::E4m3::quantise) (on sm_89+
+//! by `cvt.rn.satfinite`, on sm_80 by the same integer arithmetic as the host); gather writes each
+//! value times its scale, rounded to nearest even in the ragged type.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::{validate_indptr, PageTable};
-use crate::cache::paged::PagedKvCache;
+use crate::cache::paged::{KvScales, PagedKvCache};
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, check_lengths, PlanCore, ScratchLayout};
 use crate::runtime::abi::{FastDiv, PagedCopyParams};
@@ -87,36 +94,68 @@ impl CopyPlan {
         check_lengths(&[("ragged K", k, rows), ("ragged V", v, rows)])
     }
 
+    /// The kernel for ragged K/V of `T` and a cache of `C`, checked before any buffer is
+    /// touched: a plain copy for one type, a converting one between an 8-bit cache and
+    /// f16/bf16; any other pair is an error.
+    fn kernel<T: KvDType, C: KvDType>(&self) -> Result<&cudarc::driver::CudaFunction> {
+        let kernels = self.core.device().kernels();
+        if T::DTYPE == C::DTYPE {
+            return Ok(&kernels.single(self.direction.kernel()).function);
+        }
+        if !C::DTYPE.is_fp8() {
+            return Err(Error::UnsupportedDType {
+                what: "copies between a cache and ragged K/V of another type (only an fp8 cache converts)",
+                dtype: C::DTYPE.name(),
+            });
+        }
+        Ok(&kernels.paged_copy_fp8(matches!(self.direction, Direction::Gather), T::DTYPE, C::DTYPE)?.function)
+    }
+
     /// Launches the plan's kernel for `[k_pages, v_pages, k_ragged, v_ragged]`, which the caller
-    /// checked against the plan and keeps alive, with the row offsets at `row_offsets`.
+    /// checked against the plan and keeps alive, with the row offsets at `row_offsets`; an
+    /// 8-bit cache's values are converted with `scales`.
     ///
     /// # Safety
     /// Every address is a live allocation of the plan's device with the lengths the plan
-    /// expects (the pools `shape.pool_elems()`, the ragged buffers `ragged_elems()`), and a raw
-    /// stream belongs to the device's context.
-    unsafe fn launch<T: KvDType>(&self, stream: LaunchStream, buffers: [u64; 4], row_offsets: u64) -> Result<()> {
+    /// expects (the pools `shape.pool_elems()` elements of `C`, the ragged buffers
+    /// `ragged_elems()` of `T`), and a raw stream belongs to the device's context.
+    unsafe fn launch<T: KvDType, C: KvDType>(
+        &self,
+        stream: LaunchStream,
+        buffers: [u64; 4],
+        row_offsets: u64,
+        scales: KvScales,
+    ) -> Result<()> {
+        let kernel = self.kernel::<T, C>()?;
         if self.total_rows == 0 {
             return Ok(());
         }
         let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
-        let layout = self.shape.token_layout(T::DTYPE);
+        // Vectors of the pool: sixteen values of an 8-bit cache (two ragged vectors each).
+        let layout = self.shape.token_layout(C::DTYPE);
         let row_vecs = self.shape.num_kv_heads as u32 * layout.head_vecs.divisor;
         let rows_per_block = rows_per_block(self.total_rows, row_vecs);
+        // Quantising multiplies by the reciprocal (`E4m3::quantise`), dequantising by the scale.
+        let factor = |scale: f32| match self.direction {
+            Direction::Gather => scale,
+            Direction::Scatter => 1.0 / scale,
+        };
         let params = PagedCopyParams {
             k_pages,
             v_pages,
             k_ragged,
             v_ragged,
             row_offsets,
-            vec_shift: (16 / T::DTYPE.size_bytes()).trailing_zeros(),
+            vec_shift: (16 / C::DTYPE.size_bytes()).trailing_zeros(),
             layout,
             row_vecs: FastDiv::new(row_vecs),
             total_rows: self.total_rows,
             rows_per_block,
+            k_factor: factor(scales.k),
+            v_factor: factor(scales.v),
         };
         let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), 2), THREADS, rows_per_block * 8);
         let device = self.core.device();
-        let kernel = &device.kernels().single(self.direction.kernel()).function;
         // SAFETY: the table was validated against this shape (and, for writes, found disjoint)
         // when planning, so every row offset lies inside a pool; the caller vouches for the
         // buffers.
@@ -141,7 +180,7 @@ impl CopyPlan {
         let row_offsets = self.core.raw_parts()?[0];
         self.core.order_after_upload(stream)?;
         let buffers = [pools[0].ptr(), pools[1].ptr(), ragged[0].ptr(), ragged[1].ptr()];
-        self.launch::<T>(LaunchStream::Raw(stream), buffers, row_offsets)
+        self.launch::<T, T>(LaunchStream::Raw(stream), buffers, row_offsets, KvScales::default())
     }
 }
 
@@ -175,11 +214,12 @@ impl GatherPlan {
     }
 
     /// Gathers layer `layer` of `cache` into `k_out` and `v_out` (cudarc slices or views) on
-    /// `stream` (a stream of the plan's device).
-    pub fn run<T: KvDType>(
+    /// `stream` (a stream of the plan's device). From an 8-bit cache into f16/bf16 the values
+    /// are dequantised with the layer's scales (module documentation).
+    pub fn run<T: KvDType, C: KvDType>(
         &self,
         stream: &CudaStream,
-        cache: &PagedKvCache<T>,
+        cache: &PagedKvCache<C>,
         layer: usize,
         k_out: &mut impl DevicePtrMut<T>,
         v_out: &mut impl DevicePtrMut<T>,
@@ -196,9 +236,12 @@ impl GatherPlan {
         let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
         let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
         let (parts, _g4) = plan.core.metadata_on(stream)?;
+        let scales = cache.scales(layer)?;
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
         // context; every buffer outlives the launch's enqueueing (guards above).
-        unsafe { plan.launch::<T>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0]) }
+        unsafe {
+            plan.launch::<T, C>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0], scales)
+        }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: one layer's pools (`shape.pool_elems()`
@@ -260,11 +303,12 @@ impl ScatterPlan {
     }
 
     /// Writes `k_in` and `v_in` (cudarc slices or views) into layer `layer` of `cache` on
-    /// `stream` (a stream of the plan's device).
-    pub fn run<T: KvDType>(
+    /// `stream` (a stream of the plan's device). From f16/bf16 into an 8-bit cache the values
+    /// are quantised with the layer's scales (module documentation).
+    pub fn run<T: KvDType, C: KvDType>(
         &self,
         stream: &CudaStream,
-        cache: &mut PagedKvCache<T>,
+        cache: &mut PagedKvCache<C>,
         layer: usize,
         k_in: &impl DevicePtr<T>,
         v_in: &impl DevicePtr<T>,
@@ -275,6 +319,7 @@ impl ScatterPlan {
         device.check_buffer("ragged K", k_in)?;
         device.check_buffer("ragged V", v_in)?;
         plan.check_ragged(k_in.len(), v_in.len())?;
+        let scales = cache.scales(layer)?;
         let (k_pool, v_pool) = cache.pools_for_mut(device, &plan.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr_mut(stream);
         let (v_pages, _g1) = v_pool.device_ptr_mut(stream);
@@ -284,7 +329,9 @@ impl ScatterPlan {
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
         // context; its writes were found disjoint when planning; every buffer outlives the
         // launch's enqueueing (guards above).
-        unsafe { plan.launch::<T>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0]) }
+        unsafe {
+            plan.launch::<T, C>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0], scales)
+        }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: ragged `k_in` and `v_in` into one layer's

@@ -10,10 +10,11 @@ use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use crate::cache::layout::CacheShape;
+use crate::cache::paged::KvScales;
 use crate::error::{Error, Result};
 use crate::runtime::abi::{FastDiv, PagedCacheParams, SplitScratch};
 use crate::runtime::device::{launch_config, Device, LaunchStream};
-use crate::runtime::dtype::KvDType;
+use crate::runtime::dtype::{DType, KvDType};
 use crate::runtime::kernels::{Kernel, Kernels};
 use crate::runtime::raw::RawSlice;
 
@@ -68,6 +69,8 @@ pub(crate) struct Addresses {
     pub out: u64,
     /// 0 when no LSE is wanted.
     pub lse: u64,
+    /// The cache layer's dequantisation scales (1 for a 16-bit cache).
+    pub scales: KvScales,
 }
 
 /// What an attention algorithm (decode, prefill) supplies to the shared run.
@@ -81,8 +84,10 @@ pub(crate) trait AttentionLaunch {
     fn head_dim(&self) -> usize;
     /// Elements of each of K and V the launch addresses.
     fn kv_elems(&self) -> usize;
-    /// The kernel variant for the queries' element type.
-    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: crate::runtime::dtype::DType) -> Result<&'k Kernel>;
+    /// The kernel variant for the queries' element type and the cache's.
+    fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel>;
+    /// The cache element type the plan was made for; `None`: the queries' own.
+    fn kv_dtype(&self) -> Option<DType>;
     /// Blocks of the launch; 0 launches nothing.
     fn blocks(&self) -> u32;
     /// The parameter block, for operands `ops`, metadata parts at `parts` and scratch `split`.
@@ -102,6 +107,21 @@ pub(crate) fn paged_cache_params(shape: &CacheShape, k: u64, v: u64, kv_indices:
         slot_stride: slot_stride as u32,
         head_stride: head_stride as u32,
     }
+}
+
+/// Checks a cache of `got` against the element type `launch` was planned for (queries of
+/// `query`) and that the pair has kernels, returning the kernel.
+fn kernel_for<'k, L: AttentionLaunch>(
+    launch: &L,
+    kernels: &'k Kernels,
+    query: DType,
+    got: DType,
+) -> Result<&'k Kernel> {
+    let planned = launch.kv_dtype().unwrap_or(query);
+    if got != planned {
+        return Err(Error::KvDTypeMismatch { planned: planned.name(), got: got.name() });
+    }
+    launch.kernel(kernels, query, got)
 }
 
 /// A new buffer's device address (fixed for its lifetime), taken on the stream that made it.
@@ -224,16 +244,18 @@ impl PlanCore {
     }
 
     /// Runs `launch` on `stream` over cudarc buffers: checks the context of the stream and of
-    /// every operand, the element type, and every length (`q`, `out`: `rows × head_dim`; `lse`:
-    /// `rows`; `k`, `v`: `kv_elems`), then launches with every buffer tracked.
+    /// every operand, the element types (the cache's `C` the planned one), and every length
+    /// (`q`, `out`: `rows × head_dim`; `lse`: `rows`; `k`, `v`: `kv_elems`), then launches with
+    /// every buffer tracked. `scales` are the cache layer's (checked when they were set).
     #[allow(clippy::too_many_arguments)]
-    pub fn run_attention<T: KvDType, L: AttentionLaunch>(
+    pub fn run_attention<T: KvDType, C: KvDType, L: AttentionLaunch>(
         &mut self,
         launch: &L,
         stream: &CudaStream,
         q: &(impl DevicePtr<T> + ?Sized),
-        k: &(impl DevicePtr<T> + ?Sized),
-        v: &(impl DevicePtr<T> + ?Sized),
+        k: &(impl DevicePtr<C> + ?Sized),
+        v: &(impl DevicePtr<C> + ?Sized),
+        scales: KvScales,
         out: &mut (impl DevicePtrMut<T> + ?Sized),
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
@@ -247,7 +269,7 @@ impl PlanCore {
         if let Some(lse) = &lse {
             dev.check_buffer("lse", &**lse)?;
         }
-        let kernel = launch.kernel(dev.kernels(), T::DTYPE)?;
+        let kernel = kernel_for(launch, dev.kernels(), T::DTYPE, C::DTYPE)?;
         let (rows, elems, kv) = (launch.rows(), launch.rows() * launch.head_dim(), launch.kv_elems());
         check_lengths(&[
             ("q", q.len(), elems),
@@ -273,7 +295,7 @@ impl PlanCore {
         let (metadata, _g5) = self.metadata.device_ptr(stream);
         let parts = self.part_addresses(metadata);
         let (scratch, _g6) = self.scratch.device_ptr_mut(stream);
-        let params = launch.params(&Addresses { q, k, v, out, lse }, &parts, self.layout.at(scratch));
+        let params = launch.params(&Addresses { q, k, v, out, lse, scales }, &parts, self.layout.at(scratch));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);
         // SAFETY: the plan validated its work against its shape, so the kernel reads K/V only
         // below `kv_elems` elements, q and out only below `rows × head_dim`, and its metadata and
@@ -303,7 +325,7 @@ impl PlanCore {
         self.check_usable()?;
         let dev = &self.device;
         dev.check_raw_stream(stream)?;
-        let kernel = launch.kernel(dev.kernels(), T::DTYPE)?;
+        let kernel = kernel_for(launch, dev.kernels(), T::DTYPE, T::DTYPE)?;
         let (rows, elems, kv) = (launch.rows(), launch.rows() * launch.head_dim(), launch.kv_elems());
         check_lengths(&[
             ("q", q.len(), elems),
@@ -316,7 +338,14 @@ impl PlanCore {
             return Ok(());
         }
         self.order_after_upload(stream)?;
-        let ops = Addresses { q: q.ptr(), k: k.ptr(), v: v.ptr(), out: out.ptr(), lse: lse.map_or(0, |l| l.ptr()) };
+        let ops = Addresses {
+            q: q.ptr(),
+            k: k.ptr(),
+            v: v.ptr(),
+            out: out.ptr(),
+            lse: lse.map_or(0, |l| l.ptr()),
+            scales: KvScales::default(),
+        };
         let params = launch.params(&ops, &self.part_addresses(self.metadata_base), self.layout.at(self.scratch_base));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);
         // SAFETY: as in `run_attention` for the plan's own buffers; the caller vouches for the

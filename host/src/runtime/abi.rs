@@ -98,6 +98,67 @@ pub struct PagedCopyParams {
     pub total_rows: u32,
     /// Rows per block.
     pub rows_per_block: u32,
+    /// The 8-bit copies (`paged_kv_gather_*_e4m3` and kin) multiply each K value by this on
+    /// its way: the dequantisation scale when gathering, its reciprocal when scattering
+    /// (quantising). The 16-bit copies move bytes and ignore it.
+    pub k_factor: f32,
+    /// As `k_factor`, for V.
+    pub v_factor: f32,
+}
+
+/// Rounds `x` to the nearest value of an 8-bit float with `MANT` mantissa bits, exponent bias
+/// `BIAS` and largest finite code `max_code` (positive), ties to even, saturating: every finite
+/// value beyond the largest finite one, and ±∞, becomes ± that value; NaN, of either sign,
+/// becomes the positive code `nan`. That is what sm_89+'s `cvt.rn.satfinite.e4m3x2.f32` /
+/// `e5m2x2` give (and CUDA's `__nv_cvt_float_to_fp8(x, __NV_SATFINITE, …)`), which the sm_90
+/// module's quantiser uses; the sm_80 module runs this (integer arithmetic on the f32 bits), and
+/// so does the host's (the host tests check it against a brute-force nearest-code search, the
+/// GPU tests both modules' kernels against it bit for bit).
+pub const fn f32_to_fp8<const MANT: u32, const BIAS: u32>(x: f32, max_code: u8, nan: u8) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let mag = bits & 0x7FFF_FFFF;
+    if mag > 0x7F80_0000 {
+        return nan;
+    }
+    let exp = mag >> 23;
+    if exp < 127 + 1 - BIAS {
+        // Below the smallest normal 2^(1 − BIAS): a count of subnormal steps 2^(1 − BIAS − MANT).
+        // The value is (2^23 + m) · 2^(exp − 150), so the count is that shifted right by
+        // 150 + 1 − BIAS − MANT − exp, rounded to even on the bits shifted out.
+        if exp == 0 {
+            return sign; // zero or an f32 subnormal: far below half a step
+        }
+        let shift = 150 + 1 - BIAS - MANT - exp;
+        if shift > 25 {
+            return sign; // below a quarter step
+        }
+        let full = (1 << 23) | (mag & 0x7F_FFFF);
+        let (q, rem, half) = (full >> shift, full & ((1 << shift) - 1), 1u32 << (shift - 1));
+        let q = if rem > half || (rem == half && q & 1 == 1) { q + 1 } else { q };
+        // q = 2^MANT is the smallest normal's code: the encoding carries over by itself.
+        return sign | q as u8;
+    }
+    // Normal: keep MANT mantissa bits, the rest rounded to even; a carry moves the exponent.
+    let drop = 23 - MANT;
+    let rounded = (mag + ((1 << (drop - 1)) - 1) + ((mag >> drop) & 1)) >> drop;
+    let code = rounded - ((127 - BIAS) << MANT);
+    if code > max_code as u32 {
+        sign | max_code
+    } else {
+        sign | code as u8
+    }
+}
+
+/// E4M3 (`float8_e4m3fn`): 3 mantissa bits, bias 7, largest finite code 0x7E (448), NaN 0x7F.
+pub const fn f32_to_e4m3(x: f32) -> u8 {
+    f32_to_fp8::<3, 7>(x, 0x7E, 0x7F)
+}
+
+/// E5M2: 2 mantissa bits, bias 15, largest finite code 0x7B (57344), NaN 0x7F (0x7C is ∞,
+/// which quantising never produces: it saturates).
+pub const fn f32_to_e5m2(x: f32) -> u8 {
+    f32_to_fp8::<2, 15>(x, 0x7B, 0x7F)
 }
 
 /// Exercises the device helpers (`kernels-gpu/src/gpu`) so tests can compare them with the
@@ -206,6 +267,9 @@ pub struct DecodeParams {
     pub sm_scale: f32,
     /// `cap` of `cap · tanh(s / cap)`, 0 for none.
     pub logits_soft_cap: f32,
+    /// Multiplies the output: the cache's V dequantisation scale (1 for a 16-bit cache). K's
+    /// scale is folded into `sm_scale`.
+    pub v_scale: f32,
 }
 
 /// One decode block's share of a request, resolved by `plan` (two 16-byte loads).
@@ -245,22 +309,40 @@ pub const DECODE_ROWS: u32 = 16;
 /// Keys per pipeline stage (16 per warp: the K of the P·V mma).
 pub const DECODE_TILE_TOKENS: u32 = 64;
 
-/// Pipeline depth of the decode ring: about 64 KiB of K/V in flight per block and two blocks
-/// per SM where the shared memory allows.
-pub const fn decode_stages(head_dim: u32) -> u32 {
-    match head_dim {
-        0..=64 => 4,
-        65..=128 => 3,
+/// Pipeline depth of the decode ring over a cache of `kv_bytes`-byte elements: about 64 KiB of
+/// 16-bit K/V in flight per block and two blocks per SM where the shared memory allows; an
+/// 8-bit ring has a stage more (its stages are half the bytes, and it adds the widened tiles),
+/// except at head_dim 256, where that would not fit an A100.
+pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
+    match (head_dim, kv_bytes) {
+        (0..=128, 1) => 4,
+        (0..=64, _) => 4,
+        (65..=128, _) => 3,
         _ => 2,
     }
 }
 
-/// Dynamic shared memory of a decode block: the query tile, the K and V rings, their row table,
-/// and the key warps' softmax statistics (the rings are reused for the warps' outputs at the end).
-pub const fn decode_smem_bytes(head_dim: u32) -> u32 {
+/// Bytes of the 16-bit K and V tiles an 8-bit ring widens each arriving stage into (the tiles
+/// the fragment loads read); none for a 16-bit cache, whose stages are read as they are.
+pub const fn widened_tiles_bytes(tile_tokens: u32, head_dim: u32, kv_bytes: u32) -> u32 {
+    if kv_bytes == 2 {
+        0
+    } else {
+        2 * tile_tokens * head_dim * 2
+    }
+}
+
+/// Dynamic shared memory of a decode block over a cache of `kv_bytes`-byte elements: the query
+/// tile, the K and V rings, the widened tiles (8-bit caches), their row table, and the key
+/// warps' softmax statistics (the rings are reused for the warps' outputs at the end).
+pub const fn decode_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
+    let stages = decode_stages(head_dim, kv_bytes);
     let q = DECODE_ROWS * head_dim * 2;
-    let ring = 2 * decode_stages(head_dim) * DECODE_TILE_TOKENS * head_dim * 2;
-    q + ring + kv_table_bytes(decode_stages(head_dim), DECODE_TILE_TOKENS) + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+    let ring = 2 * stages * DECODE_TILE_TOKENS * head_dim * kv_bytes;
+    q + ring
+        + widened_tiles_bytes(DECODE_TILE_TOKENS, head_dim, kv_bytes)
+        + kv_table_bytes(stages, DECODE_TILE_TOKENS)
+        + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
 }
 
 /// Slots of a K/V ring's row table (the kernels' `paged_tile`): one per stage, at least two.
@@ -322,6 +404,9 @@ pub struct PrefillParams {
     pub window_left: i32,
     /// Nonzero: query `j` sees keys up to its own position `kv_len − qo_len + j`.
     pub causal: u32,
+    /// Multiplies the output: the cache's V dequantisation scale (1 for a 16-bit cache). K's
+    /// scale is folded into `sm_scale`.
+    pub v_scale: f32,
 }
 
 /// One prefill block's rows of a request and keys of them, resolved by `plan` (three 16-byte
@@ -391,12 +476,13 @@ pub const fn prefill_stages(head_dim: u32, row_frags: u32) -> u32 {
     }
 }
 
-/// Dynamic shared memory of a prefill block: the query tile, the K and V rings and their row
-/// table.
-pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32) -> u32 {
+/// Dynamic shared memory of a prefill block over a cache of `kv_bytes`-byte elements: the
+/// query tile, the K and V rings, the widened tiles (8-bit caches) and the ring's row table.
+pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32, kv_bytes: u32) -> u32 {
     let stages = prefill_stages(head_dim, row_frags);
     prefill_rows(row_frags) * head_dim * 2
-        + 2 * stages * PREFILL_TILE_TOKENS * head_dim * 2
+        + 2 * stages * PREFILL_TILE_TOKENS * head_dim * kv_bytes
+        + widened_tiles_bytes(PREFILL_TILE_TOKENS, head_dim, kv_bytes)
         + kv_table_bytes(stages, PREFILL_TILE_TOKENS)
 }
 
@@ -512,19 +598,26 @@ pub const fn merge_rows_per_warp(head_dim: u32) -> u32 {
 /// compile time, in both crates.
 ///
 /// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
-/// - `each!(decode $Half $dtype $head_dim)`,
-/// - `each!(prefill $Half $dtype $head_dim $rows)` (blocks of `$rows` packed query rows),
-/// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels),
+/// - `each!(decode $Half $dtype $Kv $kv $head_dim)`,
+/// - `each!(prefill $Half $dtype $Kv $kv $head_dim $rows)` (blocks of `$rows` packed query rows),
+/// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels; over
+///   16-bit caches),
 /// - `each!(merge_states $Half $dtype)`,
+/// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
+///   8-bit cache and 16-bit ragged K/V),
 /// - `each!(single $name)` (a kernel without variants, written by name in its own file),
 ///
-/// where `$Half` is the kernel crate's element type and `$dtype` its name in entry points.
+/// where `$Half` is the kernel crate's query/output element type and `$dtype` its name in entry
+/// points, and `$Kv` the cache's element type with `$kv` its name (`same` for a cache of the
+/// query's own type, whose entry points keep the shorter names).
 #[allow(unused_macros)]
 macro_rules! kernel_variants {
     ($each:ident) => {
         kernel_variants!(@dtypes $each
-            // Element types of the attention and merge kernels.
+            // Element types of queries, outputs and merging; each is a KV cache type too.
             [F16 f16] [Bf16 bf16];
+            // KV cache element types read as either of them: 8-bit floats, with scales.
+            [[E4m3 e4m3] [E5m2 e5m2]];
             // Head dims, each with the prefill block heights (query rows) built for it.
             [[64: 64 128] [128: 64 128] [256: 64]]
         );
@@ -533,17 +626,28 @@ macro_rules! kernel_variants {
         $each!(single read_stream);
         $each!(single helper_check);
     };
-    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $dims:tt) => {
+    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt) => {
         $(
-            kernel_variants!(@dims $each $half $dtype $dims);
+            kernel_variants!(@dims $each $half $dtype $half same $dims);
+            kernel_variants!(@hopper $each $half $dtype $dims);
+            kernel_variants!(@fp8 $each $half $dtype $fp8s $dims);
             $each!(merge_states $half $dtype);
         )*
     };
-    (@dims $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+    (@fp8 $each:ident $half:ident $dtype:ident [$([$kv:ident $kvname:ident])*] $dims:tt) => {
         $(
-            $each!(decode $half $dtype $dim);
-            $( $each!(prefill $half $dtype $dim $rows); )*
-            $each!(prefill_hopper $half $dtype $dim);
+            kernel_variants!(@dims $each $half $dtype $kv $kvname $dims);
+            $each!(paged_copy_fp8 gather $half $dtype $kv $kvname);
+            $each!(paged_copy_fp8 scatter $half $dtype $kv $kvname);
+        )*
+    };
+    (@hopper $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+        $( $each!(prefill_hopper $half $dtype $dim); )*
+    };
+    (@dims $each:ident $half:ident $dtype:ident $kv:ident $kvname:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+        $(
+            $each!(decode $half $dtype $kv $kvname $dim);
+            $( $each!(prefill $half $dtype $kv $kvname $dim $rows); )*
         )*
     };
 }
@@ -551,20 +655,40 @@ macro_rules! kernel_variants {
 /// The entry-point name of a variant of [`kernel_variants!`], as a string literal.
 #[allow(unused_macros)]
 macro_rules! entry_name {
-    (decode $dtype:ident $dim:literal) => {
+    (decode $dtype:ident same $dim:literal) => {
         concat!("decode_", stringify!($dtype), "_", stringify!($dim))
     };
-    (prefill $dtype:ident $dim:literal $rows:literal) => {
+    (decode $dtype:ident $kv:ident $dim:literal) => {
+        concat!("decode_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim))
+    };
+    (prefill $dtype:ident same $dim:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($dim), "_rows", stringify!($rows))
     };
     (prefill_hopper $dtype:ident $dim:literal) => {
         concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($dim))
     };
+    (prefill $dtype:ident $kv:ident $dim:literal $rows:literal) => {
+        concat!("prefill_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim), "_rows", stringify!($rows))
+    };
     (merge_states $dtype:ident) => {
         concat!("merge_states_", stringify!($dtype))
     };
+    (paged_copy_fp8 $direction:ident $dtype:ident $kv:ident) => {
+        concat!("paged_kv_", stringify!($direction), "_", stringify!($dtype), "_", stringify!($kv))
+    };
     (single $name:ident) => {
         stringify!($name)
+    };
+}
+
+/// Bytes per element of a cache element type named in [`kernel_variants!`].
+#[allow(unused_macros)]
+macro_rules! kv_bytes {
+    (same) => {
+        2
+    };
+    ($kv:ident) => {
+        1
     };
 }
 
@@ -592,18 +716,18 @@ pub const MAX_BLOCK_SMEM_BYTES: u32 = 163 * 1024;
 /// What every variant of [`kernel_variants!`] must satisfy, checked at compile time.
 #[allow(unused_macros)]
 macro_rules! assert_variant {
-    (decode $half:ident $dtype:ident $dim:literal) => {
+    (decode $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
         const _: () = {
             // Rows of whole 16-byte vectors and whole k16 mma steps; wider heads in 128-dim warps.
             assert!($dim % 16 == 0 && ($dim <= DECODE_WARP_DIMS || $dim % DECODE_WARP_DIMS == 0));
-            assert!(decode_smem_bytes($dim) <= MAX_BLOCK_SMEM_BYTES);
+            assert!(decode_smem_bytes($dim, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
         };
     };
-    (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+    (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
         const _: () = {
             assert!($dim % 16 == 0 && ($dim <= PREFILL_WARP_DIMS || $dim % PREFILL_WARP_DIMS == 0));
             assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($dim));
-            assert!(prefill_smem_bytes($dim, $rows / 64) <= MAX_BLOCK_SMEM_BYTES);
+            assert!(prefill_smem_bytes($dim, $rows / 64, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
         };
     };
     (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
@@ -614,6 +738,7 @@ macro_rules! assert_variant {
         };
     };
     (merge_states $half:ident $dtype:ident) => {};
+    (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {};
     (single $name:ident) => {};
 }
 kernel_variants!(assert_variant);

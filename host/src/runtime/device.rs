@@ -193,13 +193,15 @@ impl Device {
         &self.inner.kernels
     }
 
-    /// The Hopper prefill kernel for `dtype` and `head_dim`, when this handle may use it.
+    /// The Hopper prefill kernel for `dtype` queries over a `kv_dtype` cache and `head_dim`,
+    /// when this handle may use it.
     pub(crate) fn prefill_hopper(
         &self,
         dtype: super::dtype::DType,
+        kv_dtype: super::dtype::DType,
         head_dim: usize,
     ) -> Option<&super::kernels::Kernel> {
-        self.inner.kernels.prefill_hopper(dtype, head_dim).filter(|_| self.arch_specific)
+        self.inner.kernels.prefill_hopper(dtype, kv_dtype, head_dim).filter(|_| self.arch_specific)
     }
 
     /// The ring of pinned host buffers uploads go through.

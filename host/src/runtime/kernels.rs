@@ -23,6 +23,10 @@ pub(crate) enum Family {
     /// Batch prefill on Hopper's `wgmma` (the `sm_90a` module only).
     PrefillHopper,
     MergeStates,
+    /// Gather from an 8-bit cache into 16-bit ragged K/V (dequantising).
+    GatherFp8,
+    /// Scatter (and append) 16-bit ragged K/V into an 8-bit cache (quantising).
+    ScatterFp8,
     /// A kernel without variants: `Variant::name` says which.
     Single,
 }
@@ -33,8 +37,11 @@ pub(crate) struct Variant {
     /// The `.entry` name in every PTX module.
     pub name: &'static str,
     pub family: Family,
-    /// The element type of the attention and merge kernels.
+    /// The element type of the attention and merge kernels' queries and outputs, and of the
+    /// ragged side of the fp8 copies.
     pub dtype: Option<DType>,
+    /// The cache's element type (attention and fp8 copies).
+    pub kv_dtype: Option<DType>,
     /// The head dimension of the attention kernels (0 for others).
     pub head_dim: u32,
     /// Packed query rows of a prefill block (0 for others).
@@ -46,13 +53,14 @@ impl Variant {
     /// their variant (the attention kernels); `None` for kernels whose callers choose it.
     fn geometry(&self) -> Option<(u32, u32)> {
         match self.family {
-            Family::Decode => Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim))),
-            Family::Prefill => {
-                Some((prefill_threads(self.head_dim), prefill_smem_bytes(self.head_dim, self.rows / 64)))
-            }
+            Family::Decode => Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim, self.kv_bytes()))),
+            Family::Prefill => Some((
+                prefill_threads(self.head_dim),
+                prefill_smem_bytes(self.head_dim, self.rows / 64, self.kv_bytes()),
+            )),
             Family::PrefillHopper => Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim))),
             Family::MergeStates => Some((MERGE_THREADS, 0)),
-            Family::Single => None,
+            Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
         }
     }
 
@@ -63,27 +71,37 @@ impl Variant {
     }
 }
 
+impl Variant {
+    fn kv_bytes(&self) -> u32 {
+        self.kv_dtype.map_or(2, |d| d.size_bytes() as u32)
+    }
+}
+
 /// Every variant of the table, in its order.
 pub(crate) fn variants() -> &'static [Variant] {
     static TABLE: OnceLock<Vec<Variant>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut table = Vec::new();
-        let dtype = |name: &str| Some(DType::from_name(name).expect("the variant table names f16, bf16 or f32"));
+        let dtype = |name: &str| Some(DType::from_name(name).expect("the variant table names element types"));
+        // `same`: a cache of the query's own type.
+        let kv = |name: &str, query: &str| dtype(if name == "same" { query } else { name });
         macro_rules! push {
-            (decode $half:ident $dtype:ident $dim:literal) => {
+            (decode $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
                 table.push(Variant {
-                    name: entry_name!(decode $dtype $dim),
+                    name: entry_name!(decode $dtype $kvname $dim),
                     family: Family::Decode,
                     dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
                     rows: 0,
                 })
             };
-            (prefill $half:ident $dtype:ident $dim:literal $rows:literal) => {
+            (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
                 table.push(Variant {
-                    name: entry_name!(prefill $dtype $dim $rows),
+                    name: entry_name!(prefill $dtype $kvname $dim $rows),
                     family: Family::Prefill,
                     dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
                     rows: $rows,
                 })
@@ -93,6 +111,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     name: entry_name!(prefill_hopper $dtype $dim),
                     family: Family::PrefillHopper,
                     dtype: dtype(stringify!($dtype)),
+                    kv_dtype: dtype(stringify!($dtype)),
                     head_dim: $dim,
                     rows: HOPPER_PREFILL_ROWS,
                 })
@@ -102,12 +121,30 @@ pub(crate) fn variants() -> &'static [Variant] {
                     name: entry_name!(merge_states $dtype),
                     family: Family::MergeStates,
                     dtype: dtype(stringify!($dtype)),
+                    kv_dtype: None,
+                    head_dim: 0,
+                    rows: 0,
+                })
+            };
+            (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {
+                table.push(Variant {
+                    name: entry_name!(paged_copy_fp8 $direction $dtype $kvname),
+                    family: if stringify!($direction) == "gather" { Family::GatherFp8 } else { Family::ScatterFp8 },
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: 0,
                     rows: 0,
                 })
             };
             (single $name:ident) => {
-                table.push(Variant { name: entry_name!(single $name), family: Family::Single, dtype: None, head_dim: 0, rows: 0 })
+                table.push(Variant {
+                    name: entry_name!(single $name),
+                    family: Family::Single,
+                    dtype: None,
+                    kv_dtype: None,
+                    head_dim: 0,
+                    rows: 0,
+                })
             };
         }
         kernel_variants!(push);
@@ -194,20 +231,22 @@ impl Kernels {
         self.all.iter().find(|k| matches(&k.variant))
     }
 
-    /// The decode kernel for `dtype` and `head_dim`.
-    pub fn decode(&self, dtype: DType, head_dim: usize) -> Result<&Kernel> {
-        self.attention(Family::Decode, dtype, head_dim, 0, "decode attention")
+    /// The decode kernel for queries of `dtype` over a cache of `kv_dtype`, and `head_dim`.
+    pub fn decode(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Result<&Kernel> {
+        self.attention(Family::Decode, dtype, kv_dtype, head_dim, 0, "decode attention")
     }
 
-    /// The prefill kernel for `dtype`, `head_dim` and blocks of `rows` query rows.
-    pub fn prefill(&self, dtype: DType, head_dim: usize, rows: u32) -> Result<&Kernel> {
-        self.attention(Family::Prefill, dtype, head_dim, rows, "prefill attention")
+    /// The prefill kernel for queries of `dtype` over a cache of `kv_dtype`, `head_dim` and
+    /// blocks of `rows` query rows.
+    pub fn prefill(&self, dtype: DType, kv_dtype: DType, head_dim: usize, rows: u32) -> Result<&Kernel> {
+        self.attention(Family::Prefill, dtype, kv_dtype, head_dim, rows, "prefill attention")
     }
 
     fn attention(
         &self,
         family: Family,
         dtype: DType,
+        kv_dtype: DType,
         head_dim: usize,
         rows: u32,
         what: &'static str,
@@ -216,14 +255,42 @@ impl Kernels {
         if self.find(|v| of_family(v) && v.dtype == Some(dtype)).is_none() {
             return Err(Error::UnsupportedDType { what, dtype: dtype.name() });
         }
-        self.find(|v| of_family(v) && v.dtype == Some(dtype) && v.head_dim as usize == head_dim)
-            .ok_or_else(|| Error::UnsupportedHeadDim { head_dim, supported: attention_head_dims() })
+        if self.find(|v| of_family(v) && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype)).is_none() {
+            // The query type has kernels, but not over this cache type.
+            let what = if family == Family::Decode {
+                "decode attention with these queries (an fp8 cache needs f16 or bf16 queries)"
+            } else {
+                "prefill attention with these queries (an fp8 cache needs f16 or bf16 queries)"
+            };
+            return Err(Error::UnsupportedDType { what, dtype: kv_dtype.name() });
+        }
+        self.find(|v| {
+            of_family(v) && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype) && v.head_dim as usize == head_dim
+        })
+        .ok_or_else(|| Error::UnsupportedHeadDim { head_dim, supported: attention_head_dims() })
     }
 
-    /// The Hopper prefill kernel for `dtype` and `head_dim`, where the GPU runs the `sm_90a`
-    /// module.
-    pub fn prefill_hopper(&self, dtype: DType, head_dim: usize) -> Option<&Kernel> {
-        self.find(|v| v.family == Family::PrefillHopper && v.dtype == Some(dtype) && v.head_dim as usize == head_dim)
+    /// The copy between an 8-bit cache of `kv_dtype` and 16-bit ragged K/V of `dtype`:
+    /// gathering (dequantising) or scattering (quantising).
+    pub fn paged_copy_fp8(&self, gather: bool, dtype: DType, kv_dtype: DType) -> Result<&Kernel> {
+        let family = if gather { Family::GatherFp8 } else { Family::ScatterFp8 };
+        self.find(|v| v.family == family && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype)).ok_or(
+            Error::UnsupportedDType {
+                what: "copies between an fp8 cache and ragged K/V of this type (f16 or bf16)",
+                dtype: dtype.name(),
+            },
+        )
+    }
+
+    /// The Hopper prefill kernel for queries of `dtype` over a cache of `kv_dtype` and
+    /// `head_dim`, where the GPU runs the `sm_90a` module (16-bit caches only).
+    pub fn prefill_hopper(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Option<&Kernel> {
+        self.find(|v| {
+            v.family == Family::PrefillHopper
+                && v.dtype == Some(dtype)
+                && v.kv_dtype == Some(kv_dtype)
+                && v.head_dim as usize == head_dim
+        })
     }
 
     /// The merge-states kernel for `dtype`.
@@ -283,6 +350,8 @@ mod tests {
         assert_eq!(names.len(), n, "an entry name appears twice");
         assert!(names.contains(&"decode_f16_128") && names.contains(&"prefill_bf16_64_rows128"));
         assert!(names.contains(&"merge_states_bf16") && names.contains(&"paged_kv_gather"));
+        assert!(names.contains(&"decode_bf16_e4m3_256") && names.contains(&"prefill_f16_e5m2_128_rows128"));
+        assert!(names.contains(&"paged_kv_scatter_bf16_e5m2") && names.contains(&"paged_kv_gather_f16_e4m3"));
         assert!(names.contains(&"prefill_hopper_f16_128") && names.contains(&"prefill_hopper_bf16_256"));
     }
 
@@ -295,10 +364,17 @@ mod tests {
         // Every decode head_dim has prefill kernels, for both element types.
         for dim in attention_head_dims() {
             for dtype in [DType::F16, DType::BF16] {
-                let of = |f: Family| {
-                    variants().iter().any(|v| v.family == f && v.dtype == Some(dtype) && v.head_dim as usize == dim)
-                };
-                assert!(of(Family::Decode) && of(Family::Prefill), "{dim} {dtype:?}");
+                for kv_dtype in [dtype, DType::E4M3, DType::E5M2] {
+                    let of = |f: Family| {
+                        variants().iter().any(|v| {
+                            v.family == f
+                                && v.dtype == Some(dtype)
+                                && v.kv_dtype == Some(kv_dtype)
+                                && v.head_dim as usize == dim
+                        })
+                    };
+                    assert!(of(Family::Decode) && of(Family::Prefill), "{dim} {dtype:?} {kv_dtype:?}");
+                }
             }
         }
     }

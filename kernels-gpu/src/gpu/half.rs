@@ -11,7 +11,23 @@ pub trait Half {
     fn pack2(lo: f32, hi: f32) -> u32;
     /// Tensor-core `acc += a · b` on an m16n8k16 tile of this type (see `tensor`).
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
+    /// A packed f16 pair as a pair of this type; exact for the values 8-bit floats hold.
+    fn from_f16x2(x: u32) -> u32;
 }
+
+/// A 16-bit cache of the query's own type is read as it is: nothing to widen.
+macro_rules! same_kv_elem {
+    ($($half:ident)*) => {$(
+        impl super::fp8::KvElem for $half {
+            const BYTES: u32 = 2;
+            #[inline(always)]
+            fn widen8<H: Half>(_: [u32; 2]) -> [u32; 4] {
+                super::trap()
+            }
+        }
+    )*};
+}
+same_kv_elem!(F16 Bf16);
 
 pub struct F16;
 pub struct Bf16;
@@ -38,6 +54,10 @@ impl Half for F16 {
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_f16(acc, a, b)
     }
+    #[inline(always)]
+    fn from_f16x2(x: u32) -> u32 {
+        x
+    }
 }
 
 impl Half for Bf16 {
@@ -61,6 +81,10 @@ impl Half for Bf16 {
     #[inline(always)]
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         mma_bf16(acc, a, b)
+    }
+    #[inline(always)]
+    fn from_f16x2(x: u32) -> u32 {
+        Self::pack2(f16_to_f32(x as u16), f16_to_f32((x >> 16) as u16))
     }
 }
 

@@ -3,6 +3,7 @@
 //! Everything PTX-specific lives here so the kernels read like algorithms.
 
 pub mod convert;
+pub mod fp8;
 pub mod half;
 pub mod hopper;
 pub mod index;

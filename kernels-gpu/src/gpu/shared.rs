@@ -48,3 +48,36 @@ pub unsafe fn load_shared_u32x4(addr: u32) -> [u32; 4] {
 pub unsafe fn store_shared_u32(addr: u32, v: u32) {
     asm!("st.shared.u32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack, preserves_flags));
 }
+
+/// Reads two `u32` at shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is an 8-byte aligned address within the launch's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32x2(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!("ld.shared.v2.u32 {{{a}, {b}}}, [{p}];", a = out(reg32) a, b = out(reg32) b, p = in(reg32) addr,
+         options(nostack, readonly, preserves_flags));
+    [a, b]
+}
+
+/// Reads one `u32` at shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address within the launch's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32(addr: u32) -> u32 {
+    let a: u32;
+    asm!("ld.shared.u32 {a}, [{p}];", a = out(reg32) a, p = in(reg32) addr, options(nostack, readonly, preserves_flags));
+    a
+}
+
+/// Writes four `u32` to shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 16-byte aligned address within the launch's shared memory.
+#[inline(always)]
+pub unsafe fn store_shared_u32x4(addr: u32, v: [u32; 4]) {
+    asm!("st.shared.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};", p = in(reg32) addr, a = in(reg32) v[0],
+         b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3], options(nostack, preserves_flags));
+}

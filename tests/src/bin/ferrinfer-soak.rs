@@ -147,7 +147,7 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
         };
 
         // Decode: one query per live sequence.
-        let options = DecodeOptions { sm_scale: None, logits_soft_cap, window_left };
+        let options = DecodeOptions { sm_scale: None, logits_soft_cap, window_left, kv_dtype: None };
         let mut decode = BatchDecodePlan::new(dev, &shape, heads, &table, options)?;
         let q: Vec<T> = random_values(r, decode.qo_elems());
         let q_dev = dev.upload(&q)?;
@@ -162,7 +162,8 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
         for &n in &new_tokens {
             qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + n as u32);
         }
-        let options = PrefillOptions { causal: r.random(), sm_scale: None, logits_soft_cap, window_left };
+        let options =
+            PrefillOptions { causal: r.random(), sm_scale: None, logits_soft_cap, window_left, kv_dtype: None };
         let mut prefill = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
         let q: Vec<T> = random_values(r, prefill.qo_elems());
         let q_dev = dev.upload(&q)?;

@@ -4,6 +4,7 @@
 mod allocator;
 mod cascade;
 mod decode;
+mod fp8;
 mod helpers;
 mod merge;
 mod page_copy;
@@ -18,6 +19,7 @@ fn main() {
         .chain(page_copy::tests())
         .chain(allocator::tests())
         .chain(decode::tests())
+        .chain(fp8::tests())
         .chain(prefill::tests())
         .chain(merge::tests())
         .chain(cascade::tests())

@@ -224,7 +224,7 @@ fn validation_tests() -> Vec<GpuTest> {
         GpuTest::new("gather_rejects_output_of_wrong_length", move |d| {
             let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
-            let (mut k, mut v) = (d.alloc_zeros(3 * 128 - 1)?, d.alloc_zeros(3 * 128)?);
+            let (mut k, mut v) = (d.alloc_zeros::<f16>(3 * 128 - 1)?, d.alloc_zeros::<f16>(3 * 128)?);
             expect_err(
                 plan.run(d.stream(), &cache, 0, &mut k, &mut v),
                 |e| matches!(e, Error::BufferLength { got: 383, expected: 384, .. }),
@@ -234,7 +234,7 @@ fn validation_tests() -> Vec<GpuTest> {
         GpuTest::new("gather_rejects_layer_out_of_range", move |d| {
             let cache = PagedKvCache::<f16>::new(d, shape, 2)?;
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
-            let (mut k, mut v) = (d.alloc_zeros(3 * 128)?, d.alloc_zeros(3 * 128)?);
+            let (mut k, mut v) = (d.alloc_zeros::<f16>(3 * 128)?, d.alloc_zeros::<f16>(3 * 128)?);
             expect_err(
                 plan.run(d.stream(), &cache, 2, &mut k, &mut v),
                 |e| matches!(e, Error::LayerOutOfRange { layer: 2, num_layers: 2 }),
@@ -245,7 +245,7 @@ fn validation_tests() -> Vec<GpuTest> {
             let other = CacheShape { page_size: 8, ..shape };
             let cache = PagedKvCache::<f16>::new(d, other, 1)?;
             let plan = GatherPlan::new(d, &shape, &table(vec![2], 3))?;
-            let (mut k, mut v) = (d.alloc_zeros(3 * 128)?, d.alloc_zeros(3 * 128)?);
+            let (mut k, mut v) = (d.alloc_zeros::<f16>(3 * 128)?, d.alloc_zeros::<f16>(3 * 128)?);
             expect_err(
                 plan.run(d.stream(), &cache, 0, &mut k, &mut v),
                 |e| matches!(e, Error::ShapeMismatch { .. }),

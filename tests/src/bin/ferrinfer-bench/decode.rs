@@ -3,7 +3,7 @@
 //! Pools are filled on the device by repeating one random block: decode's speed does not depend
 //! on the values, and the sweep's pools reach tens of GB. The first and last request of every
 //! row are checked against the f64 CPU reference (`sampled`).
-use ferrinfer::{reference, BatchDecodePlan, DecodeOptions, KvDType};
+use ferrinfer::{reference, BatchDecodePlan, DecodeOptions, KvDType, KvScales};
 use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
@@ -12,17 +12,18 @@ use crate::sampled::{count_wrong, BenchCache};
 use crate::timing::BoxResult;
 
 /// Elements of `out` for `request` that miss the reference (or are not finite).
-fn mismatches<T: KvDType>(c: &BenchCache<T>, q: &[T], out: &[T], heads: usize, request: usize) -> usize {
+fn mismatches<T: KvDType, C: KvDType>(c: &BenchCache<C>, q: &[T], out: &[T], heads: usize, request: usize) -> usize {
     let own = c.sample(request, c.table.kv_lens(c.shape.page_size)[request]);
     let rows = heads * c.shape.head_dim;
-    let (expected, _) = reference::decode(
+    let (expected, _) = reference::decode_scaled(
         &own.shape,
         &own.k,
         &own.v,
+        KvScales::default(),
         &own.table,
         &q[request * rows..(request + 1) * rows],
         heads,
-        &DecodeOptions::default(),
+        &options::<T, C>(),
     );
     count_wrong(&out[request * rows..(request + 1) * rows], &expected)
 }
@@ -32,8 +33,22 @@ pub fn header(b: &Bench) {
     b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
 }
 
+/// Decode over a cache of `C` with queries of `T` (an 8-bit cache names its type).
+fn options<T: KvDType, C: KvDType>() -> DecodeOptions {
+    DecodeOptions { kv_dtype: (T::DTYPE != C::DTYPE).then_some(C::DTYPE), ..Default::default() }
+}
+
+/// The row's kernel label: `decode f16`, or `decode f16/e4m3` over an 8-bit cache.
+pub fn label<T: KvDType, C: KvDType>(kernel: &str) -> String {
+    if T::DTYPE == C::DTYPE {
+        format!("{kernel} {}", T::DTYPE.name())
+    } else {
+        format!("{kernel} {}/{}", T::DTYPE.name(), C::DTYPE.name())
+    }
+}
+
 /// Measures one row; the second field counts the sampled output elements that missed the reference.
-pub fn decode<T: KvDType>(
+pub fn decode<T: KvDType, C: KvDType>(
     b: &mut Bench,
     batch: usize,
     kv_len: usize,
@@ -41,9 +56,9 @@ pub fn decode<T: KvDType>(
     group: usize,
 ) -> BoxResult<(Value, usize)> {
     let (dev, s) = (b.dev, &b.shapes);
-    let c = BenchCache::<T>::new(b, &vec![kv_len; batch], page_size)?;
+    let c = BenchCache::<C>::new(b, &vec![kv_len; batch], page_size)?;
     let heads = s.kv_heads * group;
-    let mut plan = BatchDecodePlan::new(dev, &c.shape, heads, &c.table, DecodeOptions::default())?;
+    let mut plan = BatchDecodePlan::new(dev, &c.shape, heads, &c.table, options::<T, C>())?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
     let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
@@ -53,18 +68,18 @@ pub fn decode<T: KvDType>(
         [0, batch - 1].into_iter().take(batch.min(2)).map(|r| mismatches(&c, &q_host, &out_host, heads, r)).sum();
     let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
 
-    let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * 2) as f64;
+    let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * C::DTYPE.size_bytes()) as f64;
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
     b.print(&format!(
-        "| decode {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
-        T::DTYPE.name(),
+        "| {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
+        label::<T, C>("decode"),
         bytes / 1e6,
         100.0 * gbs / b.copy_gbs,
         100.0 * gbs / b.read_gbs,
         items * kv_heads * tiles
     ));
-    let row = json!({"kernel": "decode", "dtype": T::DTYPE.name(), "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
+    let row = json!({"kernel": "decode", "dtype": T::DTYPE.name(), "kv_dtype": C::DTYPE.name(), "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
                      "kv_bytes": bytes, "median_us": us, "gbs": gbs, "pct_copy": 100.0 * gbs / b.copy_gbs,
                      "pct_read_stream": 100.0 * gbs / b.read_gbs, "sampled_elements_wrong": wrong});
     Ok((row, wrong))

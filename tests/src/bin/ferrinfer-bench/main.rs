@@ -16,7 +16,7 @@ mod timing;
 use std::time::Instant;
 
 use clap::Parser;
-use ferrinfer::{bf16, f16, reference, CacheShape, Device, KvLayout, PageTable};
+use ferrinfer::{bf16, f16, reference, CacheShape, Device, E4m3, E5m2, KvLayout, PageTable};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use indicatif::{ProgressBar, ProgressStyle};
 use page_ops::{Bench, Shapes};
@@ -61,6 +61,10 @@ struct Args {
     /// Element types of decode and prefill (gather and append run f16).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Dtype::F16])]
     dtypes: Vec<Dtype>,
+    /// The cache's element type for decode, prefill and append: the queries' own (`same`), or
+    /// an 8-bit float (FlashInfer's `kv_data_type=torch.float8_e4m3fn`: `e4m3`).
+    #[arg(long, value_enum, default_value = "same")]
+    kv_dtype: KvDtype,
     /// Prefill prompt lengths (qo_len = kv_len, causal).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096])]
     prefill_lens: Vec<usize>,
@@ -126,6 +130,13 @@ enum Kernel {
 enum Dtype {
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvDtype {
+    Same,
+    E4m3,
+    E5m2,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -269,7 +280,11 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     for &ps in append_sizes {
         for (batch, tokens) in appends {
             b.progress.set_message(format!("append {batch} × {tokens}, page_size {ps}"));
-            results.push(page_ops::append(&mut b, batch, tokens, 4096, ps)?);
+            results.push(match args.kv_dtype {
+                KvDtype::Same => page_ops::append::<f16>(&mut b, batch, tokens, 4096, ps)?,
+                KvDtype::E4m3 => page_ops::append::<E4m3>(&mut b, batch, tokens, 4096, ps)?,
+                KvDtype::E5m2 => page_ops::append::<E5m2>(&mut b, batch, tokens, 4096, ps)?,
+            });
             b.progress.inc(1);
         }
     }
@@ -280,9 +295,13 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     }
     for &(dtype, ps, batch, kv_len, group) in &decode_rows {
         b.progress.set_message(format!("decode {batch} × {kv_len}, page_size {ps}, group {group}"));
-        let (row, row_wrong) = match dtype {
-            Dtype::F16 => decode::decode::<f16>(&mut b, batch, kv_len, ps, group)?,
-            Dtype::Bf16 => decode::decode::<bf16>(&mut b, batch, kv_len, ps, group)?,
+        let (row, row_wrong) = match (dtype, args.kv_dtype) {
+            (Dtype::F16, KvDtype::Same) => decode::decode::<f16, f16>(&mut b, batch, kv_len, ps, group)?,
+            (Dtype::Bf16, KvDtype::Same) => decode::decode::<bf16, bf16>(&mut b, batch, kv_len, ps, group)?,
+            (Dtype::F16, KvDtype::E4m3) => decode::decode::<f16, E4m3>(&mut b, batch, kv_len, ps, group)?,
+            (Dtype::Bf16, KvDtype::E4m3) => decode::decode::<bf16, E4m3>(&mut b, batch, kv_len, ps, group)?,
+            (Dtype::F16, KvDtype::E5m2) => decode::decode::<f16, E5m2>(&mut b, batch, kv_len, ps, group)?,
+            (Dtype::Bf16, KvDtype::E5m2) => decode::decode::<bf16, E5m2>(&mut b, batch, kv_len, ps, group)?,
         };
         results.push(row);
         wrong += row_wrong;
@@ -295,9 +314,14 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     // FlashInfer's prefill benchmark shape: 4 query heads per KV head.
     for &(dtype, ps, len, causal) in &prefill_rows {
         b.progress.set_message(format!("prefill {} × {len}, page_size {ps}", args.prefill_batch));
-        let (row, row_wrong) = match dtype {
-            Dtype::F16 => prefill::prefill::<f16>(&mut b, args.prefill_batch, len, ps, 4, causal)?,
-            Dtype::Bf16 => prefill::prefill::<bf16>(&mut b, args.prefill_batch, len, ps, 4, causal)?,
+        let n = args.prefill_batch;
+        let (row, row_wrong) = match (dtype, args.kv_dtype) {
+            (Dtype::F16, KvDtype::Same) => prefill::prefill::<f16, f16>(&mut b, n, len, ps, 4, causal)?,
+            (Dtype::Bf16, KvDtype::Same) => prefill::prefill::<bf16, bf16>(&mut b, n, len, ps, 4, causal)?,
+            (Dtype::F16, KvDtype::E4m3) => prefill::prefill::<f16, E4m3>(&mut b, n, len, ps, 4, causal)?,
+            (Dtype::Bf16, KvDtype::E4m3) => prefill::prefill::<bf16, E4m3>(&mut b, n, len, ps, 4, causal)?,
+            (Dtype::F16, KvDtype::E5m2) => prefill::prefill::<f16, E5m2>(&mut b, n, len, ps, 4, causal)?,
+            (Dtype::Bf16, KvDtype::E5m2) => prefill::prefill::<bf16, E5m2>(&mut b, n, len, ps, 4, causal)?,
         };
         results.push(row);
         wrong += row_wrong;

@@ -1,7 +1,7 @@
 //! Gather and append over the paged cache: time, bytes moved per second (read plus written) and
 //! the fraction of the device-to-device copy, each result checked against the CPU reference.
 use cudarc::driver::CudaSlice;
-use ferrinfer::{f16, reference, CacheShape, Device, GatherPlan, KvLayout, PagedKvCache, ScatterPlan};
+use ferrinfer::{f16, reference, CacheShape, Device, GatherPlan, KvDType, KvLayout, PagedKvCache, ScatterPlan};
 use ferrinfer_tests::workload::{expect_bitwise_eq, random_cache, random_table, random_values, rng};
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
@@ -86,15 +86,22 @@ pub fn gather(b: &mut Bench, batch: usize, kv_len: usize, page_size: usize) -> B
     Ok(row(b, "gather", page_size, batch, kv_len, 2.0 * 2.0 * (plan.ragged_elems() * 2) as f64, us))
 }
 
-/// Appends `tokens` new tokens to each of `batch` sequences that hold `seq_after` tokens after
-/// the append (FlashInfer's `append_paged_kv_cache` benchmark).
-pub fn append(b: &mut Bench, batch: usize, tokens: usize, seq_after: usize, page_size: usize) -> BoxResult<Value> {
+/// Appends `tokens` new f16 tokens to each of `batch` sequences that hold `seq_after` tokens
+/// after the append (FlashInfer's `append_paged_kv_cache` benchmark), into a cache of `C` (an
+/// 8-bit one quantises, scale 1).
+pub fn append<C: KvDType>(
+    b: &mut Bench,
+    batch: usize,
+    tokens: usize,
+    seq_after: usize,
+    page_size: usize,
+) -> BoxResult<Value> {
     let dev = b.dev;
     let mut r = rng(7 + page_size as u64);
     let kv_lens = vec![seq_after; batch];
     let shape = pool_shape(&b.shapes, &kv_lens, page_size);
     let table = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
-    let mut cache = PagedKvCache::<f16>::new(dev, shape, 1)?;
+    let mut cache = PagedKvCache::<C>::new(dev, shape, 1)?;
     let append_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * tokens as u32).collect();
     let plan = ScatterPlan::append(dev, &shape, &table, &append_indptr)?;
     let (k_in, v_in): (Vec<f16>, Vec<f16>) =
@@ -106,23 +113,22 @@ pub fn append(b: &mut Bench, batch: usize, tokens: usize, seq_after: usize, page
     for (what, pool, input) in [("K", pools.k(), &k_in), ("V", pools.v(), &v_in)] {
         check_appended(dev, &shape, &table, tokens, pool, input).map_err(|e| format!("appended {what}: {e}"))?;
     }
-    Ok(row(
-        b,
-        &format!("append ({tokens} tok/seq)"),
-        page_size,
-        batch,
-        tokens,
-        2.0 * 2.0 * (plan.ragged_elems() * 2) as f64,
-        us,
-    ))
+    // K and V: each element read from the ragged input (f16) and written to a page (`C`).
+    let kernel = if C::DTYPE == ferrinfer::DType::F16 {
+        format!("append ({tokens} tok/seq)")
+    } else {
+        format!("append f16→{} ({tokens} tok/seq)", C::DTYPE.name())
+    };
+    let bytes = 2.0 * (plan.ragged_elems() * (2 + C::DTYPE.size_bytes())) as f64;
+    Ok(row(b, &kernel, page_size, batch, tokens, bytes, us))
 }
 
-fn check_appended(
+fn check_appended<C: KvDType>(
     dev: &Device,
     shape: &CacheShape,
     table: &ferrinfer::PageTable,
     tokens: usize,
-    pool: &CudaSlice<f16>,
+    pool: &CudaSlice<C>,
     input: &[f16],
 ) -> BoxResult<()> {
     let n = shape.page_elems();
@@ -136,14 +142,15 @@ fn check_appended(
     pages.dedup();
     // A host pool holding only the touched pages (others stay zero): reference-append into it
     // and compare those pages.
-    let mut host = vec![f16::ZERO; shape.pool_elems()];
+    let mut host = vec![C::default(); shape.pool_elems()];
     for &p in &pages {
         let page = dev.stream().clone_dtoh(&pool.slice(p * n..(p + 1) * n))?;
         host[p * n..(p + 1) * n].copy_from_slice(&page);
     }
     let mut want = host.clone();
     let indptr: Vec<u32> = (0..=table.batch_size() as u32).map(|i| i * tokens as u32).collect();
-    reference::append(shape, &mut want, table, &indptr, input);
+    // Scale 1: an f16 cache stores the input as it is, an 8-bit one quantised.
+    reference::append_quantised(shape, &mut want, table, &indptr, input, 1.0);
     for &p in &pages {
         expect_bitwise_eq(
             &format!("page {p}"),

@@ -2,7 +2,7 @@
 //! `batch · 4 · qo_len · kv_len · num_qo_heads · head_dim` (halved when causal). Pools repeat
 //! one random block as in decode; each row checks the first two and the last two query tokens
 //! of its first and last request against the f64 reference (`sampled`).
-use ferrinfer::{reference, BatchPrefillPlan, KvDType, PrefillKernel, PrefillOptions};
+use ferrinfer::{reference, BatchPrefillPlan, KvDType, KvScales, PrefillKernel, PrefillOptions};
 use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
@@ -10,7 +10,8 @@ use crate::page_ops::Bench;
 use crate::sampled::{count_wrong, BenchCache};
 use crate::timing::BoxResult;
 
-const CAUSAL: PrefillOptions = PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1 };
+const CAUSAL: PrefillOptions =
+    PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None };
 
 pub fn header(b: &Bench) {
     b.print("| kernel | page_size | batch | qo_len = kv_len | group | median us | TFLOP/s | blocks | path | check |");
@@ -19,7 +20,7 @@ pub fn header(b: &Bench) {
 
 /// Measures `batch` prompts of `len` tokens (all new: qo_len = kv_len); the second field
 /// counts the sampled output elements that missed the reference.
-pub fn prefill<T: KvDType>(
+pub fn prefill<T: KvDType, C: KvDType>(
     b: &mut Bench,
     batch: usize,
     len: usize,
@@ -27,11 +28,11 @@ pub fn prefill<T: KvDType>(
     group: usize,
     causal: bool,
 ) -> BoxResult<(Value, usize)> {
-    let options = PrefillOptions { causal, ..CAUSAL };
     let (dev, s) = (b.dev, &b.shapes);
-    let c = BenchCache::<T>::new(b, &vec![len; batch], page_size)?;
+    let c = BenchCache::<C>::new(b, &vec![len; batch], page_size)?;
     let heads = s.kv_heads * group;
     let qo_indptr: Vec<u32> = (0..=batch as u32).map(|i| i * len as u32).collect();
+    let options = PrefillOptions { causal, kv_dtype: (T::DTYPE != C::DTYPE).then_some(C::DTYPE), ..CAUSAL };
     let mut plan = BatchPrefillPlan::new(dev, &c.shape, heads, &qo_indptr, &c.table, options)?;
     let q_host: Vec<T> = random_values(&mut rng(3), plan.qo_elems());
     let q = dev.upload(&q_host)?;
@@ -49,10 +50,11 @@ pub fn prefill<T: KvDType>(
             let qo_len = (kv_len - first_token).min(2);
             let own = c.sample(request, kv_len);
             let rows = (request * len + first_token) * row..(request * len + first_token + qo_len) * row;
-            let (want, _) = reference::prefill(
+            let (want, _) = reference::prefill_scaled(
                 &own.shape,
                 &own.k,
                 &own.v,
+                KvScales::default(),
                 &own.table,
                 &[0, qo_len as u32],
                 &q_host[rows.clone()],
@@ -71,11 +73,11 @@ pub fn prefill<T: KvDType>(
     };
     let (mask, kernel) = if causal { ("causal", "prefill") } else { ("full", "prefill_full") };
     b.print(&format!(
-        "| prefill ({mask}) {} | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {path} | {check} |",
-        T::DTYPE.name(),
+        "| {} | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {path} | {check} |",
+        crate::decode::label::<T, C>(&format!("prefill ({mask})")),
         plan.num_blocks()
     ));
-    let row = json!({"kernel": kernel, "dtype": T::DTYPE.name(), "causal": causal, "page_size": page_size, "batch": batch, "qo_len": len,
+    let row = json!({"kernel": kernel, "dtype": T::DTYPE.name(), "kv_dtype": C::DTYPE.name(), "causal": causal, "page_size": page_size, "batch": batch, "qo_len": len,
                      "kv_len": len, "group": group, "flops": flops, "median_us": us, "tflops": tflops,
                      "path": path, "sampled_elements_wrong": wrong});
     Ok((row, wrong))

@@ -24,7 +24,8 @@ pub fn filled_pool<T: KvDType>(dev: &Device, elems: usize, block: &[T]) -> BoxRe
 }
 
 /// A one-layer benchmark cache for sequences of `kv_lens` on a random page permutation, its
-/// pools repeating two random blocks (kept for [`SampledRequest`]).
+/// pools repeating two random blocks (kept for [`SampledRequest`]). An 8-bit cache keeps its
+/// scales at 1 (speed does not depend on them).
 pub struct BenchCache<T: KvDType> {
     pub shape: CacheShape,
     pub table: PageTable,

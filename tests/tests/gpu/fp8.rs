@@ -1,0 +1,459 @@
+//! The 8-bit KV cache (E4M3, E5M2) with per-layer scales: quantising append and scatter bit for
+//! bit against the host quantiser (round to nearest even, saturation, NaN and ±∞), gather's
+//! dequantisation bit for bit, and batch decode, batch prefill and cascade decode over fp8
+//! pages against the f64 reference on the dequantised values (the f16/bf16 bounds of
+//! `ferrinfer_tests::compare`): run-time page sizes (1, 3, 7, 100, 513, page larger than the
+//! sequence, partly full last pages), every group shape, head_dim 64/128/256, NHD and HND, soft
+//! cap and window, empty and one-token sequences, poisoned outputs; and the validation errors.
+use ferrinfer::{
+    bf16, f16, reference, BatchDecodePlan, BatchPrefillPlan, CacheShape, CascadeDecodePlan, DType, DecodeOptions,
+    Device, E4m3, E5m2, Error, GatherPlan, KvDType, KvLayout, KvScales, LayerPools, PageTable, PagedKvCache,
+    PrefillOptions, ScatterPlan, SeqId, SequenceAllocator,
+};
+use ferrinfer_tests::compare::expect_attention_close;
+use ferrinfer_tests::ensure;
+use ferrinfer_tests::harness::{GpuTest, TestResult};
+use ferrinfer_tests::workload::{expect_bitwise_eq, poison, random_table, random_values, rng, shape_for};
+use rand::Rng;
+
+/// The scales of the attention tests: stored values up to about ±16 (E4M3) mean values up to
+/// about ±1, as the 16-bit tests' random values; not powers of two, so rounding of the folded
+/// scales is exercised too.
+const SCALES: KvScales = KvScales { k: 0.0625 * 1.1, v: 0.0625 * 0.9 };
+
+/// A one-layer fp8 cache of random stored values whose dequantised values lie in about
+/// [-1, 1), with `scales`; and the host pools.
+#[allow(clippy::type_complexity)]
+fn random_fp8_cache<C: KvDType>(
+    dev: &Device,
+    r: &mut impl Rng,
+    shape: CacheShape,
+    scales: KvScales,
+) -> ferrinfer::Result<(PagedKvCache<C>, Vec<C>, Vec<C>)> {
+    let mut values = |scale: f32| -> Vec<C> {
+        (0..shape.pool_elems()).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect()
+    };
+    let (k, v) = (values(scales.k), values(scales.v));
+    let mut cache = PagedKvCache::from_layers(shape, vec![LayerPools::new(dev.upload(&k)?, dev.upload(&v)?)])?;
+    cache.set_scales(0, scales)?;
+    Ok((cache, k, v))
+}
+
+/// Ragged input of `n` values: random ones in about ±2/scale (so saturation happens at small
+/// scales), with the special values sprinkled in: NaN, ±∞, huge, tiny, ±0, halfway cases.
+fn special_input<T: KvDType>(r: &mut impl Rng, n: usize) -> Vec<T> {
+    let specials =
+        [f64::NAN, -f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30, -1e30, 70000.0, -500.0, 1e-7, -1e-9, 0.0, -0.0];
+    (0..n)
+        .map(|i| {
+            if i % 37 == 5 {
+                T::from_f64(specials[(i / 37) % specials.len()])
+            } else {
+                T::from_f64(r.random_range(-40.0..40.0))
+            }
+        })
+        .collect()
+}
+
+/// Bit patterns compared as values, NaN equal to NaN (the kernels' and the host's NaN payloads
+/// may differ; what matters is that NaN stays NaN).
+fn expect_values_eq<T: KvDType>(what: &str, got: &[T], want: &[T], row: usize) -> Result<(), String> {
+    ensure!(got.len() == want.len(), "{what}: {} elements, reference has {}", got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.to_f64(), w.to_f64());
+        let same = (g.is_nan() && w.is_nan()) || g.to_bits() == w.to_bits();
+        ensure!(same, "{what}[{i}] (row {}, element {}): GPU {g}, reference {w}", i / row, i % row);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+struct CopyCase {
+    kv_lens: Vec<usize>,
+    page_size: usize,
+    heads: usize,
+    head_dim: usize,
+    layout: KvLayout,
+    scales: KvScales,
+}
+
+/// Appends the last `append_lens` tokens of each sequence (all of them: a whole-sequence
+/// scatter) quantised into layer 1 of a 2-layer fp8 cache, then gathers layer 1 back:
+/// every stored byte of both layers equals the host quantiser's, and the gathered values
+/// the host's dequantisation, bit for bit.
+fn append_gather_case<T: KvDType, C: KvDType>(
+    dev: &Device,
+    c: &CopyCase,
+    append_lens: &[usize],
+    seed: u64,
+) -> TestResult {
+    let mut r = rng(seed);
+    let shape = shape_for(&c.kv_lens, c.page_size, c.heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let host: Vec<(Vec<C>, Vec<C>)> = (0..2)
+        .map(|_| (random_values(&mut r, shape.pool_elems()), random_values(&mut r, shape.pool_elems())))
+        .collect();
+    let layers = host
+        .iter()
+        .map(|(k, v)| Ok(LayerPools::new(dev.upload(k)?, dev.upload(v)?)))
+        .collect::<ferrinfer::Result<_>>()?;
+    let mut cache = PagedKvCache::<C>::from_layers(shape, layers)?;
+    cache.set_scales(1, c.scales)?;
+    let whole = append_lens == c.kv_lens;
+    let append_indptr: Vec<u32> = std::iter::once(0)
+        .chain(append_lens.iter().scan(0, |a, &n| {
+            *a += n as u32;
+            Some(*a)
+        }))
+        .collect();
+    let plan = if whole {
+        ScatterPlan::whole_sequences(dev, &shape, &table)?
+    } else {
+        ScatterPlan::append(dev, &shape, &table, &append_indptr)?
+    };
+    let n = plan.ragged_elems();
+    let (k_in, v_in): (Vec<T>, Vec<T>) = (special_input(&mut r, n), special_input(&mut r, n));
+    plan.run(dev.stream(), &mut cache, 1, &dev.upload(&k_in)?, &dev.upload(&v_in)?)?;
+    let mut want = host.clone();
+    reference::append_quantised(&shape, &mut want[1].0, &table, &append_indptr, &k_in, c.scales.k);
+    reference::append_quantised(&shape, &mut want[1].1, &table, &append_indptr, &v_in, c.scales.v);
+    for (layer, (k, v)) in want.iter().enumerate() {
+        let pools = cache.layer(layer)?;
+        let row = shape.token_elems();
+        expect_bitwise_eq(&format!("layer {layer} K"), &dev.download(pools.k())?, k, row)?;
+        expect_bitwise_eq(&format!("layer {layer} V"), &dev.download(pools.v())?, v, row)?;
+    }
+    // Gather dequantises: into poisoned outputs one element longer than needed.
+    let gather = GatherPlan::new(dev, &shape, &table)?;
+    let m = gather.ragged_elems();
+    let (mut k_out, mut v_out) = (dev.upload(&vec![poison::<T>(); m + 1])?, dev.upload(&vec![poison::<T>(); m + 1])?);
+    let (mut k_view, mut v_view) = (k_out.slice_mut(..m), v_out.slice_mut(..m));
+    gather.run(dev.stream(), &cache, 1, &mut k_view, &mut v_view)?;
+    for (what, out, pool, scale) in [("K", &k_out, &want[1].0, c.scales.k), ("V", &v_out, &want[1].1, c.scales.v)] {
+        let got = dev.download(out)?;
+        ensure!(got[m].to_f64().is_nan(), "gathered {what}: element past the output was written");
+        let expected: Vec<T> = reference::dequantise(&reference::gather(&shape, pool, &table), scale);
+        expect_values_eq(&format!("gathered {what}"), &got[..m], &expected, shape.token_elems())?;
+    }
+    Ok(())
+}
+
+fn copy_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    let lens = |ps: usize| vec![1, ps.saturating_sub(1).max(1), ps, ps + 1, 3 * ps + 5, 0, 700];
+    for (i, ps) in [1usize, 3, 7, 100, 513].into_iter().enumerate() {
+        let layout = if i % 2 == 0 { KvLayout::Nhd } else { KvLayout::Hnd };
+        let name = if layout == KvLayout::Hnd { "_hnd" } else { "" };
+        let scales = KvScales { k: 0.1, v: 0.003 }; // V saturates often
+        let c = CopyCase { kv_lens: lens(ps), page_size: ps, heads: 4, head_dim: 64, layout, scales };
+        let appends: Vec<usize> = c.kv_lens.iter().map(|&n| n.min(3)).collect();
+        let (c1, c2, c3, c4) = (c.clone(), c.clone(), c.clone(), c.clone());
+        let a1 = appends.clone();
+        let a2 = appends;
+        t.push(GpuTest::new(format!("append_f16_into_e4m3_page_size_{ps}{name}_then_gather"), move |d| {
+            append_gather_case::<f16, E4m3>(d, &c1, &a1, ps as u64)
+        }));
+        t.push(GpuTest::new(format!("append_bf16_into_e5m2_page_size_{ps}{name}_then_gather"), move |d| {
+            append_gather_case::<bf16, E5m2>(d, &c2, &a2, 10 + ps as u64)
+        }));
+        t.push(GpuTest::new(format!("scatter_bf16_into_e4m3_page_size_{ps}{name}_then_gather"), move |d| {
+            append_gather_case::<bf16, E4m3>(d, &c3, &c3.kv_lens.clone(), 20 + ps as u64)
+        }));
+        t.push(GpuTest::new(format!("scatter_f16_into_e5m2_page_size_{ps}{name}_then_gather"), move |d| {
+            append_gather_case::<f16, E5m2>(d, &c4, &c4.kv_lens.clone(), 30 + ps as u64)
+        }));
+    }
+    let wide = CopyCase {
+        kv_lens: vec![5, 300],
+        page_size: 16,
+        heads: 2,
+        head_dim: 256,
+        layout: KvLayout::Nhd,
+        scales: KvScales { k: 1.0, v: 2.5 },
+    };
+    t.push(GpuTest::new("scatter_f16_into_e4m3_head_dim_256_scale_1", move |d| {
+        append_gather_case::<f16, E4m3>(d, &wide, &wide.kv_lens.clone(), 99)
+    }));
+    t
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    kv_lens: Vec<usize>,
+    page_size: usize,
+    num_kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    layout: KvLayout,
+    options: DecodeOptions,
+    seed: u64,
+}
+
+impl Case {
+    fn new(kv_lens: &[usize], page_size: usize) -> Self {
+        Case {
+            kv_lens: kv_lens.to_vec(),
+            page_size,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 128,
+            layout: KvLayout::Nhd,
+            options: DecodeOptions::default(),
+            seed: page_size as u64 + 500,
+        }
+    }
+}
+
+fn decode_case<T: KvDType, C: KvDType>(dev: &Device, c: &Case) -> TestResult {
+    let mut r = rng(c.seed);
+    let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let (cache, k, v) = random_fp8_cache::<C>(dev, &mut r, shape, SCALES)?;
+    let heads = c.num_kv_heads * c.group;
+    let q: Vec<T> = random_values(&mut r, c.kv_lens.len() * heads * c.head_dim);
+    let options = DecodeOptions { kv_dtype: Some(C::DTYPE), ..c.options };
+    let mut plan = BatchDecodePlan::new(dev, &shape, heads, &table, options)?;
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; c.kv_lens.len() * heads])?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, want_lse) = reference::decode_scaled(&shape, &k, &v, SCALES, &table, &q, heads, &options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "request")?)
+}
+
+fn add_decode<T: KvDType, C: KvDType>(t: &mut Vec<GpuTest>, name: String, case: Case) {
+    t.push(GpuTest::new(name, move |d| decode_case::<T, C>(d, &case)));
+}
+
+fn decode_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    for ps in [1usize, 3, 7, 16, 100, 513] {
+        // One token, below a page, on and past page boundaries, empty, one long split sequence.
+        let lens = [1, ps.saturating_sub(1).max(1), ps, ps + 1, 3 * ps + 5, 0, 2000];
+        add_decode::<f16, E4m3>(&mut t, format!("decode_e4m3_page_size_{ps}_group_4_f16"), Case::new(&lens, ps));
+        let c = Case { layout: KvLayout::Hnd, seed: 600 + ps as u64, ..Case::new(&lens, ps) };
+        add_decode::<bf16, E5m2>(&mut t, format!("decode_e5m2_page_size_{ps}_group_4_hnd_bf16"), c);
+    }
+    for (group, head_dim) in [(1, 64), (5, 128), (7, 64), (8, 128), (16, 256), (3, 256), (20, 128), (32, 64), (17, 256)]
+    {
+        let c = Case { group, head_dim, seed: 7 * group as u64 + head_dim as u64, ..Case::new(&[37, 1, 700, 129], 7) };
+        add_decode::<f16, E4m3>(
+            &mut t,
+            format!("decode_e4m3_page_size_7_group_{group}_head_dim_{head_dim}_f16"),
+            c.clone(),
+        );
+        add_decode::<bf16, E4m3>(
+            &mut t,
+            format!("decode_e4m3_page_size_7_group_{group}_head_dim_{head_dim}_hnd_bf16"),
+            Case { layout: KvLayout::Hnd, ..c.clone() },
+        );
+        add_decode::<f16, E5m2>(&mut t, format!("decode_e5m2_page_size_7_group_{group}_head_dim_{head_dim}_f16"), c);
+    }
+    // The page is larger than every sequence: one partly full page each.
+    add_decode::<f16, E4m3>(
+        &mut t,
+        "decode_e4m3_page_larger_than_sequence_f16".into(),
+        Case::new(&[3, 1, 250, 0], 256),
+    );
+    let capped = DecodeOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..Default::default() };
+    add_decode::<f16, E4m3>(
+        &mut t,
+        "decode_e4m3_soft_cap_30_f16".into(),
+        Case { options: capped, ..Case::new(&[300, 5, 1200], 16) },
+    );
+    let window = DecodeOptions { window_left: 100, ..Default::default() };
+    add_decode::<bf16, E5m2>(
+        &mut t,
+        "decode_e5m2_window_left_100_bf16".into(),
+        Case { options: window, ..Case::new(&[300, 5, 101, 102, 1200], 3) },
+    );
+    add_decode::<f16, E4m3>(
+        &mut t,
+        "decode_e4m3_kv_len_33000_among_short_f16".into(),
+        Case::new(&[33000, 3, 17, 1], 100),
+    );
+    let long: Vec<usize> = (0..40).map(|i| 500 + (i * 97) % 1100).collect();
+    add_decode::<f16, E4m3>(
+        &mut t,
+        "decode_e4m3_batch_40_long_without_split_f16".into(),
+        Case { num_kv_heads: 8, ..Case::new(&long, 5) },
+    );
+    t
+}
+
+fn prefill_case<T: KvDType, C: KvDType>(
+    dev: &Device,
+    c: &Case,
+    qo_lens: &[usize],
+    options: PrefillOptions,
+) -> TestResult {
+    let mut r = rng(c.seed);
+    let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+    let table = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let (cache, k, v) = random_fp8_cache::<C>(dev, &mut r, shape, SCALES)?;
+    let heads = c.num_kv_heads * c.group;
+    let qo_indptr: Vec<u32> = std::iter::once(0)
+        .chain(qo_lens.iter().scan(0u32, |a, &n| {
+            *a += n as u32;
+            Some(*a)
+        }))
+        .collect();
+    let total_q = *qo_indptr.last().unwrap() as usize;
+    let q: Vec<T> = random_values(&mut r, total_q * heads * c.head_dim);
+    let options = PrefillOptions { kv_dtype: Some(C::DTYPE), ..options };
+    let mut plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; total_q * heads])?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, want_lse) = reference::prefill_scaled(&shape, &k, &v, SCALES, &table, &qo_indptr, &q, heads, &options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
+}
+
+fn prefill_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    let causal = PrefillOptions { causal: true, ..Default::default() };
+    for (ps, group, head_dim) in [(1usize, 4usize, 128usize), (7, 5, 64), (100, 1, 256), (513, 8, 128), (3, 16, 128)] {
+        let kv_lens = vec![300, 1, 0, 77, 1000];
+        let qo_lens = vec![300, 1, 0, 20, 130];
+        let c = Case { group, head_dim, seed: 900 + ps as u64, ..Case::new(&kv_lens, ps) };
+        let (c1, c2, q1, q2) = (c.clone(), Case { layout: KvLayout::Hnd, ..c }, qo_lens.clone(), qo_lens);
+        t.push(GpuTest::new(
+            format!("prefill_e4m3_causal_page_size_{ps}_group_{group}_head_dim_{head_dim}_f16"),
+            move |d| prefill_case::<f16, E4m3>(d, &c1, &q1, causal),
+        ));
+        t.push(GpuTest::new(
+            format!("prefill_e5m2_causal_page_size_{ps}_group_{group}_head_dim_{head_dim}_hnd_bf16"),
+            move |d| prefill_case::<bf16, E5m2>(d, &c2, &q2, causal),
+        ));
+    }
+    let both = PrefillOptions { window_left: 40, logits_soft_cap: 20.0, ..Default::default() };
+    let c = Case::new(&[500, 64, 9], 16);
+    t.push(GpuTest::new("prefill_e4m3_window_40_soft_cap_20_f16", move |d| {
+        prefill_case::<f16, E4m3>(d, &c, &[200, 64, 9], both)
+    }));
+    t
+}
+
+/// Cascade decode over an fp8 cache against plain decode's reference over each request's
+/// whole sequence.
+fn cascade_e4m3_family_of_four_page_size_7(dev: &Device) -> TestResult {
+    let mut r = rng(4242);
+    let shape = CacheShape { num_pages: 2000, page_size: 7, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
+    let (cache, k, v) = random_fp8_cache::<E4m3>(dev, &mut r, shape, SCALES)?;
+    let mut alloc = SequenceAllocator::new(shape.num_pages, shape.page_size)?;
+    let parent = alloc.create();
+    alloc.reserve(parent, 1500)?;
+    let mut members: Vec<SeqId> = vec![parent];
+    for _ in 0..3 {
+        members.push(alloc.fork(parent)?);
+    }
+    for (i, &m) in members.iter().enumerate() {
+        alloc.reserve(m, 1 + 40 * i)?;
+    }
+    let loner = alloc.create();
+    alloc.reserve(loner, 90)?;
+    let families = vec![members.clone(), vec![loner]];
+    let levels = alloc.cascade_levels(&families)?;
+    let all: Vec<SeqId> = families.concat();
+    let whole = alloc.page_table(&all)?;
+    let heads = 8;
+    let options = DecodeOptions { kv_dtype: Some(DType::E4M3), ..Default::default() };
+    let mut plan = CascadeDecodePlan::<f16>::new(dev, &shape, heads, &levels, options)?;
+    let q: Vec<f16> = random_values(&mut r, plan.qo_elems());
+    let mut out = dev.upload(&vec![f16::NAN; q.len()])?;
+    let mut lse = dev.upload(&vec![f32::NAN; all.len() * heads])?;
+    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+    let (want, _) = reference::decode_scaled(&shape, &k, &v, SCALES, &whole, &q, heads, &options);
+    let out = dev.download(&out)?;
+    // Two f16 partials are merged and rounded again: twice the f16 bound (as cascade's tests).
+    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+        let g = g.to_f64();
+        ensure!((g - w).abs() <= 4e-3 + 2e-2 * w.abs(), "out[{i}]: GPU {g}, reference {w}");
+    }
+    Ok(())
+}
+
+fn validation_tests() -> Vec<GpuTest> {
+    let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
+    let table = PageTable { kv_indptr: vec![0, 1], kv_indices: vec![2], kv_last_page_len: vec![3] };
+    let t1 = table.clone();
+    vec![
+        GpuTest::new("fp8_scales_zero_negative_nan_or_infinite_are_errors", move |d| {
+            let mut cache = PagedKvCache::<E4m3>::new(d, shape, 2)?;
+            for bad in [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let e =
+                    cache.set_scales(1, KvScales { k: 1.0, v: bad }).err().ok_or(format!("accepted v_scale {bad}"))?;
+                ensure!(matches!(e, Error::BadScale { what: "v_scale", layer: 1, .. }), "wrong error: {e}");
+                let e =
+                    cache.set_scales(0, KvScales { k: bad, v: 1.0 }).err().ok_or(format!("accepted k_scale {bad}"))?;
+                ensure!(matches!(e, Error::BadScale { what: "k_scale", layer: 0, .. }), "wrong error: {e}");
+            }
+            ensure!(cache.scales(1)? == KvScales::default(), "a rejected scale was kept");
+            let e = cache.set_scales(2, KvScales::default()).err().ok_or("accepted layer 2 of 2")?;
+            ensure!(matches!(e, Error::LayerOutOfRange { layer: 2, .. }), "wrong error: {e}");
+            let mut f16_cache = PagedKvCache::<f16>::new(d, shape, 1)?;
+            let e = f16_cache.set_scales(0, KvScales { k: 2.0, v: 2.0 }).err().ok_or("scaled an f16 cache")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("decode_over_a_cache_of_another_element_type_than_planned_is_an_error", move |d| {
+            let q = d.alloc_zeros::<f16>(4 * 128)?;
+            let mut out = d.alloc_zeros::<f16>(4 * 128)?;
+            let fp8 = PagedKvCache::<E4m3>::new(d, shape, 1)?;
+            let mut plan = BatchDecodePlan::new(d, &shape, 4, &t1, DecodeOptions::default())?;
+            let e = plan.run(d.stream(), &q, &fp8, 0, &mut out, None).err().ok_or("f16 plan read an e4m3 cache")?;
+            ensure!(matches!(e, Error::KvDTypeMismatch { planned: "f16", got: "e4m3" }), "wrong error: {e}");
+            let e5 = PagedKvCache::<E5m2>::new(d, shape, 1)?;
+            let opts = DecodeOptions { kv_dtype: Some(DType::E4M3), ..Default::default() };
+            let mut plan = BatchDecodePlan::new(d, &shape, 4, &t1, opts)?;
+            let e = plan.run(d.stream(), &q, &e5, 0, &mut out, None).err().ok_or("e4m3 plan read an e5m2 cache")?;
+            ensure!(matches!(e, Error::KvDTypeMismatch { planned: "e4m3", got: "e5m2" }), "wrong error: {e}");
+            let f16_cache = PagedKvCache::<f16>::new(d, shape, 1)?;
+            let e = plan.run(d.stream(), &q, &f16_cache, 0, &mut out, None).err().ok_or("e4m3 plan read f16")?;
+            ensure!(matches!(e, Error::KvDTypeMismatch { planned: "e4m3", got: "f16" }), "wrong error: {e}");
+            // f32 queries have no fp8 kernels.
+            let (q32, mut out32) = (d.alloc_zeros::<f32>(4 * 128)?, d.alloc_zeros::<f32>(4 * 128)?);
+            let e = plan.run(d.stream(), &q32, &fp8, 0, &mut out32, None).err().ok_or("f32 over e4m3")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("prefill_over_a_cache_of_another_element_type_than_planned_is_an_error", move |d| {
+            let q = d.alloc_zeros::<bf16>(4 * 128)?;
+            let mut out = d.alloc_zeros::<bf16>(4 * 128)?;
+            let opts = PrefillOptions { kv_dtype: Some(DType::E5M2), ..Default::default() };
+            let mut plan = BatchPrefillPlan::new(d, &shape, 4, &[0, 1], &table, opts)?;
+            let bf = PagedKvCache::<bf16>::new(d, shape, 1)?;
+            let e = plan.run(d.stream(), &q, &bf, 0, &mut out, None).err().ok_or("e5m2 plan read bf16")?;
+            ensure!(matches!(e, Error::KvDTypeMismatch { planned: "e5m2", got: "bf16" }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("copies_between_fp8_and_f32_are_errors", move |d| {
+            let shape = CacheShape { num_pages: 2, page_size: 4, num_kv_heads: 1, head_dim: 16, layout: KvLayout::Nhd };
+            let table = PageTable { kv_indptr: vec![0, 1], kv_indices: vec![1], kv_last_page_len: vec![2] };
+            let mut cache = PagedKvCache::<E4m3>::new(d, shape, 1)?;
+            let plan = ScatterPlan::whole_sequences(d, &shape, &table)?;
+            let x = d.alloc_zeros::<f32>(plan.ragged_elems())?;
+            let e = plan.run(d.stream(), &mut cache, 0, &x, &x).err().ok_or("quantised f32")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            let mut h = d.alloc_zeros::<f16>(plan.ragged_elems())?;
+            let mut h2 = d.alloc_zeros::<f16>(plan.ragged_elems())?;
+            let bf = PagedKvCache::<bf16>::new(d, shape, 1)?;
+            let e = GatherPlan::new(d, &shape, &table)?
+                .run(d.stream(), &bf, 0, &mut h, &mut h2)
+                .err()
+                .ok_or("bf16 → f16")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            Ok(())
+        }),
+    ]
+}
+
+pub fn tests() -> Vec<GpuTest> {
+    let mut t = copy_tests();
+    t.extend(decode_tests());
+    t.extend(prefill_tests());
+    t.push(GpuTest::new("cascade_e4m3_family_of_four_page_size_7", cascade_e4m3_family_of_four_page_size_7));
+    t.extend(validation_tests());
+    t
+}
