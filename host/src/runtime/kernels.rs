@@ -356,6 +356,17 @@ mod tests {
     }
 
     #[test]
+    fn hopper_prefill_reads_16_bit_caches_of_the_query_type_only() {
+        // Plans over fp8 caches rely on finding no Hopper kernel for them (they take the
+        // portable one).
+        let hopper: Vec<_> = variants().iter().filter(|v| v.family == Family::PrefillHopper).collect();
+        assert_eq!(hopper.len(), 2 * attention_head_dims().len());
+        for v in hopper {
+            assert!(v.kv_dtype == v.dtype && matches!(v.dtype, Some(DType::F16 | DType::BF16)), "{}", v.name);
+        }
+    }
+
+    #[test]
     fn head_dims_and_block_heights_come_from_the_table() {
         assert_eq!(attention_head_dims(), [64, 128, 256]);
         assert_eq!(prefill_block_rows(128), [64, 128]);
