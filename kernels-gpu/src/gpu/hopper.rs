@@ -71,215 +71,63 @@ pub fn wgmma_wait<const PENDING: u32, const N: usize>(acc: &mut [f32; N]) {
     }
 }
 
-/// `acc (+)= A · B` for a 64 × 64 tile, k = 16, f16 inputs: A (64 × 16) and B (16 × 64) both
-/// K-major in shared memory (descriptors); `accumulate == 0` overwrites `acc`.
-///
-/// # Safety
-/// The whole warpgroup calls it; the descriptors describe shared memory of the block that no
-/// one writes until the `wgmma` retires.
-#[inline(always)]
-pub unsafe fn wgmma_ss_n64_f16(acc: &mut [f32; 32], a: u64, b: u64, accumulate: u32) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {da}, {db}, p, 1, 1, 0, 0; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         da = in(reg64) a, db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
+/// `$name`: `acc (+)= A · B` for a 64 × `$n` tile, k = 16, `$ty` inputs, A and B both K-major
+/// in shared memory; `acc` is the thread's accumulators `[$first $($i)*]` (`$n / 2` of them).
+macro_rules! wgmma_ss {
+    ($name:ident, $n:literal, $ty:literal, [$first:literal $($i:literal)*]) => {
+        #[doc = concat!("`acc (+)= A · B` for a 64 × ", $n, " tile, k = 16, ", $ty, " inputs: A (64 × 16) and B (16 × ",
+                        $n, ") both K-major in shared memory (descriptors); `accumulate == 0` overwrites `acc`.")]
+        ///
+        /// # Safety
+        /// The whole warpgroup calls it; the descriptors describe shared memory of the block that no
+        /// one writes until the `wgmma` retires.
+        #[inline(always)]
+        pub unsafe fn $name(acc: &mut [f32; $n / 2], a: u64, b: u64, accumulate: u32) {
+            asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
+                         "wgmma.mma_async.sync.aligned.m64n", $n, "k16.f32.", $ty, ".", $ty,
+                         " {{{", stringify!($first), "}", $(", {", stringify!($i), "}",)* "}}, {da}, {db}, p, 1, 1, 0, 0; }}"),
+                 inout(reg32) acc[$first], $(inout(reg32) acc[$i],)*
+                 da = in(reg64) a, db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
+        }
+    };
 }
 
-/// `acc (+)= A · B` for a 64 × 128 tile, k = 16, f16 inputs: A (64 × 16) and B (16 × 128) both
-/// K-major in shared memory (descriptors); `accumulate == 0` overwrites `acc`.
-///
-/// # Safety
-/// The whole warpgroup calls it; the descriptors describe shared memory of the block that no
-/// one writes until the `wgmma` retires.
-#[inline(always)]
-pub unsafe fn wgmma_ss_n128_f16(acc: &mut [f32; 64], a: u64, b: u64, accumulate: u32) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}}}, {da}, {db}, p, 1, 1, 0, 0; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         da = in(reg64) a, db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
+/// `$name`: `acc += A · B` for a 64 × `$n` tile, k = 16, `$ty` inputs, A from registers and B
+/// MN-major in shared memory.
+macro_rules! wgmma_rs {
+    ($name:ident, $n:literal, $ty:literal, [$first:literal $($i:literal)*]) => {
+        #[doc = concat!("`acc += A · B` for a 64 × ", $n, " tile, k = 16, ", $ty, " inputs: A (64 × 16) from registers (each \
+                         warp's 16 rows in the m16n8k16 A layout), B (16 × ", $n, ") MN-major in shared memory.")]
+        ///
+        /// # Safety
+        /// As the shared-memory form.
+        #[inline(always)]
+        pub unsafe fn $name(acc: &mut [f32; $n / 2], a: [u32; 4], b: u64) {
+            asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
+                         "wgmma.mma_async.sync.aligned.m64n", $n, "k16.f32.", $ty, ".", $ty,
+                         " {{{", stringify!($first), "}", $(", {", stringify!($i), "}",)*
+                         "}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
+                 inout(reg32) acc[$first], $(inout(reg32) acc[$i],)*
+                 a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+                 db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
+        }
+    };
 }
 
-/// `acc += A · B` for a 64 × 64 tile, k = 16, f16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 64) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n64_f16(acc: &mut [f32; 32], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
+/// Every form of one tile width `$n`, for both element types, from its accumulator list.
+macro_rules! wgmma_width {
+    ($n:literal, $acc:tt; ss: $($ss:ident $sst:literal),*; rs: $($rs:ident $rst:literal),*) => {
+        $( wgmma_ss!($ss, $n, $sst, $acc); )*
+        $( wgmma_rs!($rs, $n, $rst, $acc); )*
+    };
 }
 
-/// `acc += A · B` for a 64 × 128 tile, k = 16, f16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 128) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n128_f16(acc: &mut [f32; 64], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
-}
-
-/// `acc += A · B` for a 64 × 256 tile, k = 16, f16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 256) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n256_f16(acc: &mut [f32; 128], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}, {64}, {65}, {66}, {67}, {68}, {69}, {70}, {71}, {72}, {73}, {74}, {75}, {76}, {77}, {78}, {79}, {80}, {81}, {82}, {83}, {84}, {85}, {86}, {87}, {88}, {89}, {90}, {91}, {92}, {93}, {94}, {95}, {96}, {97}, {98}, {99}, {100}, {101}, {102}, {103}, {104}, {105}, {106}, {107}, {108}, {109}, {110}, {111}, {112}, {113}, {114}, {115}, {116}, {117}, {118}, {119}, {120}, {121}, {122}, {123}, {124}, {125}, {126}, {127}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         inout(reg32) acc[64], inout(reg32) acc[65], inout(reg32) acc[66], inout(reg32) acc[67], inout(reg32) acc[68], inout(reg32) acc[69], inout(reg32) acc[70], inout(reg32) acc[71],
-         inout(reg32) acc[72], inout(reg32) acc[73], inout(reg32) acc[74], inout(reg32) acc[75], inout(reg32) acc[76], inout(reg32) acc[77], inout(reg32) acc[78], inout(reg32) acc[79],
-         inout(reg32) acc[80], inout(reg32) acc[81], inout(reg32) acc[82], inout(reg32) acc[83], inout(reg32) acc[84], inout(reg32) acc[85], inout(reg32) acc[86], inout(reg32) acc[87],
-         inout(reg32) acc[88], inout(reg32) acc[89], inout(reg32) acc[90], inout(reg32) acc[91], inout(reg32) acc[92], inout(reg32) acc[93], inout(reg32) acc[94], inout(reg32) acc[95],
-         inout(reg32) acc[96], inout(reg32) acc[97], inout(reg32) acc[98], inout(reg32) acc[99], inout(reg32) acc[100], inout(reg32) acc[101], inout(reg32) acc[102], inout(reg32) acc[103],
-         inout(reg32) acc[104], inout(reg32) acc[105], inout(reg32) acc[106], inout(reg32) acc[107], inout(reg32) acc[108], inout(reg32) acc[109], inout(reg32) acc[110], inout(reg32) acc[111],
-         inout(reg32) acc[112], inout(reg32) acc[113], inout(reg32) acc[114], inout(reg32) acc[115], inout(reg32) acc[116], inout(reg32) acc[117], inout(reg32) acc[118], inout(reg32) acc[119],
-         inout(reg32) acc[120], inout(reg32) acc[121], inout(reg32) acc[122], inout(reg32) acc[123], inout(reg32) acc[124], inout(reg32) acc[125], inout(reg32) acc[126], inout(reg32) acc[127],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
-}
-
-/// `acc (+)= A · B` for a 64 × 64 tile, k = 16, bf16 inputs: A (64 × 16) and B (16 × 64) both
-/// K-major in shared memory (descriptors); `accumulate == 0` overwrites `acc`.
-///
-/// # Safety
-/// The whole warpgroup calls it; the descriptors describe shared memory of the block that no
-/// one writes until the `wgmma` retires.
-#[inline(always)]
-pub unsafe fn wgmma_ss_n64_bf16(acc: &mut [f32; 32], a: u64, b: u64, accumulate: u32) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {da}, {db}, p, 1, 1, 0, 0; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         da = in(reg64) a, db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
-}
-
-/// `acc (+)= A · B` for a 64 × 128 tile, k = 16, bf16 inputs: A (64 × 16) and B (16 × 128) both
-/// K-major in shared memory (descriptors); `accumulate == 0` overwrites `acc`.
-///
-/// # Safety
-/// The whole warpgroup calls it; the descriptors describe shared memory of the block that no
-/// one writes until the `wgmma` retires.
-#[inline(always)]
-pub unsafe fn wgmma_ss_n128_bf16(acc: &mut [f32; 64], a: u64, b: u64, accumulate: u32) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}}}, {da}, {db}, p, 1, 1, 0, 0; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         da = in(reg64) a, db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
-}
-
-/// `acc += A · B` for a 64 × 64 tile, k = 16, bf16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 64) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n64_bf16(acc: &mut [f32; 32], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
-}
-
-/// `acc += A · B` for a 64 × 128 tile, k = 16, bf16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 128) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n128_bf16(acc: &mut [f32; 64], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
-}
-
-/// `acc += A · B` for a 64 × 256 tile, k = 16, bf16 inputs: A (64 × 16) from registers (each
-/// warp's 16 rows in the m16n8k16 A layout), B (16 × 256) MN-major in shared memory.
-///
-/// # Safety
-/// As the shared-memory form.
-#[inline(always)]
-pub unsafe fn wgmma_rs_n256_bf16(acc: &mut [f32; 128], a: [u32; 4], b: u64) {
-    asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}, {32}, {33}, {34}, {35}, {36}, {37}, {38}, {39}, {40}, {41}, {42}, {43}, {44}, {45}, {46}, {47}, {48}, {49}, {50}, {51}, {52}, {53}, {54}, {55}, {56}, {57}, {58}, {59}, {60}, {61}, {62}, {63}, {64}, {65}, {66}, {67}, {68}, {69}, {70}, {71}, {72}, {73}, {74}, {75}, {76}, {77}, {78}, {79}, {80}, {81}, {82}, {83}, {84}, {85}, {86}, {87}, {88}, {89}, {90}, {91}, {92}, {93}, {94}, {95}, {96}, {97}, {98}, {99}, {100}, {101}, {102}, {103}, {104}, {105}, {106}, {107}, {108}, {109}, {110}, {111}, {112}, {113}, {114}, {115}, {116}, {117}, {118}, {119}, {120}, {121}, {122}, {123}, {124}, {125}, {126}, {127}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 1; }}"),
-         inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3], inout(reg32) acc[4], inout(reg32) acc[5], inout(reg32) acc[6], inout(reg32) acc[7],
-         inout(reg32) acc[8], inout(reg32) acc[9], inout(reg32) acc[10], inout(reg32) acc[11], inout(reg32) acc[12], inout(reg32) acc[13], inout(reg32) acc[14], inout(reg32) acc[15],
-         inout(reg32) acc[16], inout(reg32) acc[17], inout(reg32) acc[18], inout(reg32) acc[19], inout(reg32) acc[20], inout(reg32) acc[21], inout(reg32) acc[22], inout(reg32) acc[23],
-         inout(reg32) acc[24], inout(reg32) acc[25], inout(reg32) acc[26], inout(reg32) acc[27], inout(reg32) acc[28], inout(reg32) acc[29], inout(reg32) acc[30], inout(reg32) acc[31],
-         inout(reg32) acc[32], inout(reg32) acc[33], inout(reg32) acc[34], inout(reg32) acc[35], inout(reg32) acc[36], inout(reg32) acc[37], inout(reg32) acc[38], inout(reg32) acc[39],
-         inout(reg32) acc[40], inout(reg32) acc[41], inout(reg32) acc[42], inout(reg32) acc[43], inout(reg32) acc[44], inout(reg32) acc[45], inout(reg32) acc[46], inout(reg32) acc[47],
-         inout(reg32) acc[48], inout(reg32) acc[49], inout(reg32) acc[50], inout(reg32) acc[51], inout(reg32) acc[52], inout(reg32) acc[53], inout(reg32) acc[54], inout(reg32) acc[55],
-         inout(reg32) acc[56], inout(reg32) acc[57], inout(reg32) acc[58], inout(reg32) acc[59], inout(reg32) acc[60], inout(reg32) acc[61], inout(reg32) acc[62], inout(reg32) acc[63],
-         inout(reg32) acc[64], inout(reg32) acc[65], inout(reg32) acc[66], inout(reg32) acc[67], inout(reg32) acc[68], inout(reg32) acc[69], inout(reg32) acc[70], inout(reg32) acc[71],
-         inout(reg32) acc[72], inout(reg32) acc[73], inout(reg32) acc[74], inout(reg32) acc[75], inout(reg32) acc[76], inout(reg32) acc[77], inout(reg32) acc[78], inout(reg32) acc[79],
-         inout(reg32) acc[80], inout(reg32) acc[81], inout(reg32) acc[82], inout(reg32) acc[83], inout(reg32) acc[84], inout(reg32) acc[85], inout(reg32) acc[86], inout(reg32) acc[87],
-         inout(reg32) acc[88], inout(reg32) acc[89], inout(reg32) acc[90], inout(reg32) acc[91], inout(reg32) acc[92], inout(reg32) acc[93], inout(reg32) acc[94], inout(reg32) acc[95],
-         inout(reg32) acc[96], inout(reg32) acc[97], inout(reg32) acc[98], inout(reg32) acc[99], inout(reg32) acc[100], inout(reg32) acc[101], inout(reg32) acc[102], inout(reg32) acc[103],
-         inout(reg32) acc[104], inout(reg32) acc[105], inout(reg32) acc[106], inout(reg32) acc[107], inout(reg32) acc[108], inout(reg32) acc[109], inout(reg32) acc[110], inout(reg32) acc[111],
-         inout(reg32) acc[112], inout(reg32) acc[113], inout(reg32) acc[114], inout(reg32) acc[115], inout(reg32) acc[116], inout(reg32) acc[117], inout(reg32) acc[118], inout(reg32) acc[119],
-         inout(reg32) acc[120], inout(reg32) acc[121], inout(reg32) acc[122], inout(reg32) acc[123], inout(reg32) acc[124], inout(reg32) acc[125], inout(reg32) acc[126], inout(reg32) acc[127],
-         a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-         db = in(reg64) b, sc = in(reg32) 1u32, options(nostack, preserves_flags));
-}
+wgmma_width!(64, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31];
+             ss: wgmma_ss_n64_f16 "f16", wgmma_ss_n64_bf16 "bf16"; rs: wgmma_rs_n64_f16 "f16", wgmma_rs_n64_bf16 "bf16");
+wgmma_width!(128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63];
+             ss: wgmma_ss_n128_f16 "f16", wgmma_ss_n128_bf16 "bf16"; rs: wgmma_rs_n128_f16 "f16", wgmma_rs_n128_bf16 "bf16");
+wgmma_width!(256, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127];
+             ss: ; rs: wgmma_rs_n256_f16 "f16", wgmma_rs_n256_bf16 "bf16");
 
 /// The `wgmma` forms an element type has: `N` is the accumulator tile's n-fragments (8
 /// columns each, 4 f32 per thread), so `N = 8` is a 64 × 64 tile, 16 a 64 × 128 and 32 a
