@@ -115,7 +115,7 @@ fuzz_target!(|input: Input| {
     }
     let prefill = PrefillOptions { causal: input.causal, window_left, ..Default::default() };
     // The planner's own choice of kernel (on Hopper or not), or every kernel there is.
-    let splits = if input.every_block_height {
+    let splits: Vec<_> = if input.every_block_height {
         prefill_block_rows(shape.head_dim)
             .into_iter()
             .map(|block_rows| PrefillKernel::Portable { block_rows })
