@@ -10,7 +10,7 @@
 //! by `cvt.rn.satfinite`, on sm_80 by the same integer arithmetic as the host); gather writes each
 //! value times its scale, rounded to nearest even in the ragged type.
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::{validate_indptr, PageTable};
@@ -86,6 +86,16 @@ impl CopyPlan {
 
     fn ragged_elems(&self) -> usize {
         self.total_rows as usize * self.shape.token_elems()
+    }
+
+    /// Checks a run's stream and ragged buffers: the plan's context, and the planned lengths
+    /// (the pools are checked by the cache).
+    fn check_run<T>(&self, stream: &CudaStream, k: &impl DeviceSlice<T>, v: &impl DeviceSlice<T>) -> Result<()> {
+        let device = self.core.device();
+        device.check_stream(stream)?;
+        device.check_buffer("ragged K", k)?;
+        device.check_buffer("ragged V", v)?;
+        self.check_ragged(k.len(), v.len())
     }
 
     /// Checks the ragged buffers' lengths (the pools are checked by the cache).
@@ -225,12 +235,8 @@ impl GatherPlan {
         v_out: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
         let plan = &self.0;
-        let device = plan.core.device();
-        device.check_stream(stream)?;
-        device.check_buffer("ragged K", k_out)?;
-        device.check_buffer("ragged V", v_out)?;
-        plan.check_ragged(k_out.len(), v_out.len())?;
-        let (k_pool, v_pool) = cache.pools_for(device, &plan.shape, layer)?;
+        plan.check_run(stream, &*k_out, &*v_out)?;
+        let (k_pool, v_pool) = cache.pools_for(plan.core.device(), &plan.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr(stream);
         let (v_pages, _g1) = v_pool.device_ptr(stream);
         let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
@@ -314,13 +320,9 @@ impl ScatterPlan {
         v_in: &impl DevicePtr<T>,
     ) -> Result<()> {
         let plan = &self.0;
-        let device = plan.core.device();
-        device.check_stream(stream)?;
-        device.check_buffer("ragged K", k_in)?;
-        device.check_buffer("ragged V", v_in)?;
-        plan.check_ragged(k_in.len(), v_in.len())?;
+        plan.check_run(stream, k_in, v_in)?;
         let scales = cache.scales(layer)?;
-        let (k_pool, v_pool) = cache.pools_for_mut(device, &plan.shape, layer)?;
+        let (k_pool, v_pool) = cache.pools_for_mut(plan.core.device(), &plan.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr_mut(stream);
         let (v_pages, _g1) = v_pool.device_ptr_mut(stream);
         let (k_ragged, _g2) = k_in.device_ptr(stream);
