@@ -9,20 +9,30 @@
 //! four warps takes 16 keys of a tile (S = Q·Kᵀ, online softmax, O += P·V, all in registers);
 //! the warps merge their states through shared memory at the end. The page of a key is looked
 //! up one tile ahead, so that load's latency hides behind the math.
+//!
+//! Over an 8-bit cache the tile loop is its own: the stages hold bytes, and each lane loads the
+//! bytes of its mma B fragments with 16-byte shared loads and converts them in registers (no
+//! widened tiles, no second barrier). K's fragments need a permutation of the head dims, which
+//! the query rows take too (S does not change); V's run along keys, gathered with `prmt`, and a
+//! lane's output dims are 16 apart (8 at head_dim 64), un-permuted when O is parked for the
+//! merge. See [`fp8_scores`] and [`fp8_accumulate`].
 use crate::abi::{
-    decode_smem_bytes, decode_stages, decode_threads, widened_tiles_bytes, DecodeParams, DecodeWorkItem,
-    DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
+    decode_o_stride, decode_smem_bytes, decode_stages, decode_threads, DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS,
+    DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
+use crate::gpu::convert::permute_bytes;
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{exp2, log2, rcp};
-use crate::gpu::mem::Vec16;
-use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
+use crate::gpu::mem::{load_readonly, Vec16};
+use crate::gpu::shared::{
+    dynamic_smem, dynamic_smem_addr, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4,
+};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
-use crate::paged_tile::{swizzled, KvRing, PagedKv};
+use crate::paged_tile::{fp8_swizzled, swizzled, KvRing, PagedKv};
 use crate::softmax::{LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
@@ -43,9 +53,85 @@ fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
     }
 }
 
+/// Logical position (in the query's shared rows: the mma k order) of physical head dim `d` over
+/// an 8-bit cache. K's B fragment pairs (k 2t, 2t + 1) and (k 2t + 8, 2t + 9) of k-step
+/// 4c + j are physical dims 64c + 16t + 4j + {0, 1} and + {2, 3}, so one 16-byte load of a key
+/// row at byte 64c + 16t gives a lane all four k-steps of group c; the query takes the same
+/// permutation, which leaves S = Q·Kᵀ unchanged. With d = 64c + 16t + 4j + 2h + e that is
+/// 64c + 16j + 8h + 2t + e.
+#[inline(always)]
+fn fp8_q_position(d: u32) -> u32 {
+    (d & !63) | ((d & 12) << 2) | ((d & 2) << 2) | ((d >> 3) & 6) | (d & 1)
+}
+
+/// S = Q·Kᵀ for a warp's 16 keys over an 8-bit K stage: `q_lane` is the lane's `ldmatrix`
+/// address of the (permuted, [`fp8_q_position`]) query tile, `k_lane` that of its 16 bytes at
+/// chunk t of key row g (n-tile 0; n-tile 1 is 8 rows on). Per 64-dim group: four A fragments
+/// and, per n-tile, one 16-byte load whose words j are k-step 4c + j's B fragments, two
+/// conversions each.
+#[inline(always)]
+unsafe fn fp8_scores<H: Half, K: KvElem, const HEAD_DIM: u32>(q_lane: u32, k_lane: u32) -> [[f32; 4]; 2] {
+    let mut s = [[0.0f32; 4]; 2];
+    pipelined(
+        HEAD_DIM as usize / 64,
+        |c| {
+            let q = #[inline(always)]
+            |j: u32| load_matrix_x4(q_lane ^ (32 * (4 * c as u32 + j)));
+            let k = #[inline(always)]
+            |n: u32| load_shared_u32x4((k_lane + 8 * n * HEAD_DIM) ^ (64 * c as u32));
+            ([q(0), q(1), q(2), q(3)], [k(0), k(1)])
+        },
+        |_, (a, k): ([[u32; 4]; 4], [[u32; 4]; 2])| {
+            crate::unroll!(j in [0, 1, 2, 3] {
+                crate::unroll!(n in [0, 1] {
+                    H::mma(&mut s[n], a[j], K::widen4::<H>(k[n][j]));
+                });
+            });
+        },
+    );
+    s
+}
+
+/// O += P·V for a warp's 16 keys over an 8-bit V stage. `v_rows` are the lane's addresses of
+/// its bytes in key rows 2t, 2t + 1, 2t + 8, 2t + 9: `LANE_DIMS` (16, or 8 at head_dim 64)
+/// consecutive dims from `dim_base + LANE_DIMS · g`, so that byte n is the B fragment column g
+/// of n-tile n; output n-tile n's column c is thus dim `dim_base + LANE_DIMS · c + n`. `prmt`
+/// pairs each byte of key 2t's word with key 2t + 1's (and 2t + 8's with 2t + 9's): the low
+/// half of [w0.b0, w1.b0, w0.b1, w1.b1] is (k 2t, 2t + 1) of n-tile 4i, the high half of
+/// n-tile 4i + 1; bytes 2 and 3 give n-tiles 4i + 2 and 4i + 3.
+#[inline(always)]
+unsafe fn fp8_accumulate<H: Half, K: KvElem, const LANE_DIMS: u32>(
+    v_rows: [u32; 4],
+    probs: [u32; 4],
+    acc: &mut [[[f32; 4]; 2]; 16],
+) {
+    let mut w = [[0u32; 4]; 4];
+    crate::unroll!(r in [0, 1, 2, 3] {
+        if LANE_DIMS == 16 {
+            w[r] = load_shared_u32x4(v_rows[r]);
+        } else {
+            let [a, b] = load_shared_u32x2(v_rows[r]);
+            w[r] = [a, b, 0, 0];
+        }
+    });
+    crate::unroll!(i in [0, 1, 2, 3] {
+        if i < LANE_DIMS as usize / 4 {
+            let low = [permute_bytes::<0x5140>(w[0][i], w[1][i]), permute_bytes::<0x7362>(w[0][i], w[1][i])];
+            let high = [permute_bytes::<0x5140>(w[2][i], w[3][i]), permute_bytes::<0x7362>(w[2][i], w[3][i])];
+            crate::unroll!(q in [0, 1] {
+                // n-tiles 4i + 2q (acc[2i + q][0]) and 4i + 2q + 1 (acc[2i + q][1]).
+                let (b_low, b_high) = (K::widen4::<H>(low[q]), K::widen4::<H>(high[q]));
+                H::mma(&mut acc[2 * i + q][0], probs, [b_low[0], b_high[0]]);
+                H::mma(&mut acc[2 * i + q][1], probs, [b_low[1], b_high[1]]);
+            });
+        }
+    });
+}
+
 #[inline(always)]
 pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
     const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
+    const { assert!(K::BYTES == 2 || HEAD_DIM % 64 == 0) };
     let smem_bytes = const { decode_smem_bytes(HEAD_DIM, K::BYTES) };
     let out_dims = const {
         if HEAD_DIM < DECODE_WARP_DIMS {
@@ -76,69 +162,117 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     let q_smem = smem;
     let k_smem = q_smem + DECODE_ROWS * HEAD_DIM * 2;
     let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
-    let wide_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
-    let table_smem = wide_smem + widened_tiles_bytes(DECODE_TILE_TOKENS, HEAD_DIM, K::BYTES);
+    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
 
-    // The query rows (zeros past the group) go with the first tile's copies.
+    // Over a 16-bit cache the query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
-    let mut i = tid;
-    while i < DECODE_ROWS * chunks {
-        let (row, chunk) = (i / chunks, i % chunks);
-        let valid = row < rows;
-        let src = if valid { ((request * p.num_qo_heads + first_head + row) * chunks + chunk) as usize } else { 0 };
-        copy_async_or_zero(q_smem + swizzled::<HEAD_DIM>(row, chunk), q.add(src), valid);
-        i += THREADS;
+    if K::BYTES == 2 {
+        let mut i = tid;
+        while i < DECODE_ROWS * chunks {
+            let (row, chunk) = (i / chunks, i % chunks);
+            let valid = row < rows;
+            let src = if valid { ((request * p.num_qo_heads + first_head + row) * chunks + chunk) as usize } else { 0 };
+            copy_async_or_zero(q_smem + swizzled::<HEAD_DIM>(row, chunk), q.add(src), valid);
+            i += THREADS;
+        }
     }
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let mut ring = KvRing::<H, K, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES>::start(
-        kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
+    let mut ring = KvRing::<H, K, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false>::start(
+        kv, start, end, tid, k_smem, v_smem, table_smem, 0,
     );
+    if K::BYTES == 1 {
+        // Over an 8-bit cache the query rows go in permuted (`fp8_q_position`), a pair of dims
+        // per store, while the first tiles are in flight; the first `wait`'s barrier publishes
+        // them.
+        let mut i = tid;
+        while i < DECODE_ROWS * chunks {
+            let (row, chunk) = (i / chunks, i % chunks);
+            let src = ((request * p.num_qo_heads + first_head + row) * chunks + chunk) as usize;
+            let v = if row < rows { load_readonly(q.add(src)).0 } else { [0; 4] };
+            crate::unroll!(u in [0, 1, 2, 3] {
+                let at = fp8_q_position(8 * chunk + 2 * u as u32);
+                store_shared_u32(q_smem + swizzled::<HEAD_DIM>(row, at / 8) + (at % 8) * 2, v[u]);
+            });
+            i += THREADS;
+        }
+    }
 
-    // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds the output
-    // tile of dims dim_base + 8n.. + 8, this thread's dims + 2t and + 2t + 1 of each row.
+    // Per thread: rows g and g + 8 of the warp's state; `acc[n / 2][n % 2]` holds output
+    // n-tile n: over a 16-bit cache dims dim_base + 8n.. + 8, this thread's dims + 2t and
+    // + 2t + 1 of each row; over an 8-bit cache dims dim_base + lane_dims · c + n for columns
+    // c = 2t and 2t + 1.
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
     let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
     let warp_row = key_warp * WARP_TOKENS;
-    for tile in 0..ring.tiles() {
-        let (k_tile, v_tile) = ring.wait(tile);
+    // A lane's output dims over an 8-bit cache: 16 apart (8 at head_dim 64, `fp8_accumulate`).
+    let lane_dims = out_dims / 8;
+    if K::BYTES == 1 {
+        for tile in 0..ring.tiles() {
+            // One barrier per tile: the fragments come from the byte stages themselves.
+            let (k_tile, v_tile) = ring.wait(tile);
+            let lane = thread_x_here() % 32;
+            let (g, t) = (lane / 4, lane % 4);
+            let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
+            let k_lane = k_tile + fp8_swizzled::<HEAD_DIM>(warp_row + g, t);
+            let mut s = fp8_scores::<H, K, HEAD_DIM>(q_lane, k_lane);
+            let factor = scale.apply(&mut s);
+            mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
+            let [probs] = state.update::<H, 2, 1>(&s, factor, &mut acc, out_dims / 8);
+            // Rows 2t and 2t + 8 share their swizzle; 2t + 1 has its own.
+            let (first, byte) = (dim_base + lane_dims * g, (dim_base + lane_dims * g) % 16);
+            let even = v_tile + fp8_swizzled::<HEAD_DIM>(warp_row + 2 * t, first / 16) + byte;
+            let odd = v_tile + fp8_swizzled::<HEAD_DIM>(warp_row + 2 * t + 1, first / 16) + byte;
+            let v_rows = [even, odd, even + 8 * HEAD_DIM, odd + 8 * HEAD_DIM];
+            if lane_dims == 16 {
+                fp8_accumulate::<H, K, 16>(v_rows, probs, &mut acc);
+            } else {
+                fp8_accumulate::<H, K, 8>(v_rows, probs, &mut acc);
+            }
+        }
+    } else {
+        for tile in 0..ring.tiles() {
+            let (k_tile, v_tile) = ring.wait(tile);
 
-        // Fragment addresses: each lane's first, then one xor per step along the row (see
-        // `swizzled`; the stages are multiples of a row from a 1 KiB-aligned base).
-        let lane = thread_x_here() % 32;
-        let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
-        let k_lane = k_tile + swizzled::<HEAD_DIM>(warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-        let v_lane = v_tile + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
-        // S = Q·Kᵀ for the warp's 16 keys: two n-tiles of 8 keys.
-        let mut s = [[0.0f32; 4]; 2];
-        pipelined(
-            HEAD_DIM as usize / 16,
-            |kk| (load_matrix_x4(q_lane ^ (32 * kk as u32)), load_matrix_x4(k_lane ^ (32 * kk as u32))),
-            |_, (a, b)| {
-                H::mma(&mut s[0], a, [b[0], b[1]]);
-                H::mma(&mut s[1], a, [b[2], b[3]]);
-            },
-        );
-        let factor = scale.apply(&mut s);
-        mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
-        let [probs] = state.update::<H, 2, 1>(&s, factor, &mut acc, out_dims / 8);
-        // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
-        pipelined(
-            out_dims as usize / 16,
-            |dp| load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32))),
-            |dp, b| {
-                H::mma(&mut acc[dp][0], probs, [b[0], b[1]]);
-                H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);
-            },
-        );
+            // Fragment addresses: each lane's first, then one xor per step along the row (see
+            // `swizzled`; the stages are multiples of a row from a 1 KiB-aligned base).
+            let lane = thread_x_here() % 32;
+            let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
+            let k_lane = k_tile + swizzled::<HEAD_DIM>(warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+            let v_lane = v_tile + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+            // S = Q·Kᵀ for the warp's 16 keys: two n-tiles of 8 keys.
+            let mut s = [[0.0f32; 4]; 2];
+            pipelined(
+                HEAD_DIM as usize / 16,
+                |kk| (load_matrix_x4(q_lane ^ (32 * kk as u32)), load_matrix_x4(k_lane ^ (32 * kk as u32))),
+                |_, (a, b)| {
+                    H::mma(&mut s[0], a, [b[0], b[1]]);
+                    H::mma(&mut s[1], a, [b[2], b[3]]);
+                },
+            );
+            let factor = scale.apply(&mut s);
+            mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
+            let [probs] = state.update::<H, 2, 1>(&s, factor, &mut acc, out_dims / 8);
+            // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
+            pipelined(
+                out_dims as usize / 16,
+                |dp| load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32))),
+                |dp, b| {
+                    H::mma(&mut acc[dp][0], probs, [b[0], b[1]]);
+                    H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);
+                },
+            );
+        }
     }
     ring.drain();
     sync_threads();
 
     // Merge the warps: each parks (m, d, O) in shared memory, then every thread finishes
-    // 8-dim slices of rows. O rows are padded by 8 floats to spread the stores over the banks.
-    let o_stride = (HEAD_DIM + 8) as usize;
+    // 8-dim slices of rows. O rows are padded by 8 floats to spread the stores over the banks
+    // (over an 8-bit cache, by 4 floats per 32 dims as well: `decode_o_stride`).
+    let o_stride = decode_o_stride(HEAD_DIM, K::BYTES) as usize;
+    let o_col = |dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) };
     let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * HEAD_DIM * 2 / 4) as usize);
     let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
@@ -149,11 +283,27 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
             *stats.add(2 * my_rows[h]) = state.m[h];
             *stats.add(2 * my_rows[h] + 1) = d_row;
         }
-        crate::unroll_to!(n < out_dims / 8, {
-            let o = o_smem.add(my_rows[h] * o_stride + dim_base as usize + 8 * n + 2 * t as usize);
-            *o = acc[n / 2][n % 2][2 * h];
-            *o.add(1) = acc[n / 2][n % 2][2 * h + 1];
-        });
+        if K::BYTES == 2 {
+            crate::unroll_to!(n < out_dims / 8, {
+                let o = o_smem.add(my_rows[h] * o_stride + dim_base as usize + 8 * n + 2 * t as usize);
+                *o = acc[n / 2][n % 2][2 * h];
+                *o.add(1) = acc[n / 2][n % 2][2 * h + 1];
+            });
+        } else {
+            // acc[n][2h + e] is dim dim_base + lane_dims · (2t + e) + n: four n-tiles make four
+            // adjacent dims, one 16-byte store.
+            let o_addr = dynamic_smem_addr() + DECODE_ROWS * HEAD_DIM * 2;
+            crate::unroll!(e in [0, 1] {
+                crate::unroll!(quad in [0, 1, 2, 3] {
+                    if quad < lane_dims as usize / 4 {
+                        let dim = (dim_base + lane_dims * (2 * t + e as u32)) as usize + 4 * quad;
+                        let at = (my_rows[h] * o_stride + o_col(dim)) as u32 * 4;
+                        let n = |k: usize| acc[2 * quad + k / 2][k % 2][2 * h + e].to_bits();
+                        store_shared_u32x4(o_addr + at, [n(0), n(1), n(2), n(3)]);
+                    }
+                });
+            });
+        }
     });
     sync_threads();
 
@@ -170,7 +320,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
             let r = (w * DECODE_ROWS + row) as usize;
             let weight = exp2(*stats.add(2 * r) - m_ref);
             d_all += weight * *stats.add(2 * r + 1);
-            let src = o_smem.add(r * o_stride + 8 * chunk as usize);
+            let src = o_smem.add(r * o_stride + o_col(8 * chunk as usize));
             for e in 0..8 {
                 o[e] += weight * *src.add(e);
             }

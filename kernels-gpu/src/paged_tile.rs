@@ -16,9 +16,11 @@
 //! attention math for issue slots: this keeps it to a handful of instructions per row.
 //!
 //! An 8-bit cache streams its bytes (half the traffic of a 16-bit one) into stages of rows of
-//! `HEAD_DIM` bytes, unswizzled; when a stage has landed, the block widens it into one K and one
-//! V tile of the query's 16-bit type in the layout a 16-bit stage has (`swizzled`), so the
-//! attention math, its fragment loads and mma, is the same code for every cache type.
+//! `HEAD_DIM` bytes. Prefill's ring (`WIDEN_8BIT`) keeps them unswizzled and, when a stage has
+//! landed, the block widens it into one K and one V tile of the query's 16-bit type in the
+//! layout a 16-bit stage has (`swizzled`), so its fragment loads and mma are the same code for
+//! every cache type. Decode's ring hands out the byte stages themselves, swizzled for its
+//! fragment loads ([`fp8_swizzled`]), and converts bytes straight into mma fragments.
 use crate::abi::{kv_table_slots, FastDiv, PagedCacheParams};
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
@@ -37,6 +39,25 @@ use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 #[inline(always)]
 pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
     row * HEAD_DIM * 2 + ((chunk ^ (row % 8)) * 16)
+}
+
+/// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM` one-byte
+/// elements as decode reads it (`decode.rs`): chunks are XOR-swizzled by
+/// `x(r) = 4·(r & 1) ^ 2·((r >> 1) & 3)` (modulo the chunks of a row) so that both of its
+/// 16-byte fragment loads are free of bank conflicts: K's (an 8-lane phase reads rows g, g + 1,
+/// chunks 4c..4c + 4 each: bit 2 of x sends the two rows to different halves of the 128-byte
+/// line) and V's (a phase reads rows o, o + 2, o + 4, o + 6, chunks 2m and 2m + 1: bits 1–2 of x
+/// spread them over the eight 16-byte bank groups). At head_dim 256 a row is two bank lines,
+/// the same pattern in each; at head_dim 64 (4 chunks) V's 8-byte loads read rows of one parity
+/// only, which share half the banks: 2-way conflicts remain there, the least that layout allows.
+///
+/// As with [`swizzled`], XOR-ing a chunk index commutes with the swizzle: for a tile whose
+/// shared address is a multiple of its row size,
+/// `(tile + fp8_swizzled(r, c)) ^ (16 · f) == tile + fp8_swizzled(r, c ^ f)`.
+#[inline(always)]
+pub fn fp8_swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
+    let x = (4 * (row & 1)) ^ (2 * ((row >> 1) & 3));
+    row * HEAD_DIM + (chunk ^ (x % (HEAD_DIM / 16))) * 16
 }
 
 /// Widens a landed 8-bit tile at shared address `src` (`TILE_TOKENS` rows of `HEAD_DIM`
@@ -117,8 +138,9 @@ impl PagedKv {
 /// rewritten only after a barrier that follows every read of it.
 ///
 /// The cache holds elements of `K`; the math reads tiles of `H`. For an 8-bit `K` the stages
-/// hold bytes, and [`wait`](Self::wait) widens each tile into the 16-bit tiles at `wide_smem`
-/// (K, then V).
+/// hold bytes: with `WIDEN_8BIT`, [`wait`](Self::wait) widens each tile into the 16-bit tiles at
+/// `wide_smem` (K, then V); without, it returns the byte stages, laid out by [`fp8_swizzled`].
+/// A 16-bit `K` ignores `WIDEN_8BIT`.
 pub struct KvRing<
     H: Half,
     K: KvElem,
@@ -126,6 +148,7 @@ pub struct KvRing<
     const TILE_TOKENS: u32,
     const THREADS: u32,
     const STAGES: u32,
+    const WIDEN_8BIT: bool,
 > {
     _types: core::marker::PhantomData<(H, K)>,
     kv: PagedKv,
@@ -153,8 +176,15 @@ pub struct KvRing<
     next: (u32, u32),
 }
 
-impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32, const STAGES: u32>
-    KvRing<H, K, HEAD_DIM, TILE_TOKENS, THREADS, STAGES>
+impl<
+        H: Half,
+        K: KvElem,
+        const HEAD_DIM: u32,
+        const TILE_TOKENS: u32,
+        const THREADS: u32,
+        const STAGES: u32,
+        const WIDEN_8BIT: bool,
+    > KvRing<H, K, HEAD_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT>
 {
     const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
     const TILE_BYTES: u32 = TILE_TOKENS * Self::ROW_BYTES;
@@ -174,8 +204,8 @@ impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THRE
     /// # Safety
     /// The page table was validated for positions below `end`, and the pools hold every page it
     /// names; `k_smem` and `v_smem` have room for `STAGES` tiles each, `table_smem` for the
-    /// table, `wide_smem` for two widened tiles when `K` is 8-bit; shared addresses are 16-byte
-    /// aligned, the widened tiles' a multiple of a 16-bit row.
+    /// table, `wide_smem` for two widened tiles when `K` is 8-bit and `WIDEN_8BIT`; shared
+    /// addresses are 16-byte aligned, the widened tiles' a multiple of a 16-bit row.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn start(
@@ -301,9 +331,14 @@ impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THRE
                 let offset = rows[j] as usize * Self::ROW_BYTES as usize;
                 let row = self.row + j as u32 * Self::PASS_ROWS;
                 // 16-bit stages are read by the fragment loads (swizzled); 8-bit ones by the
-                // widening pass (plain rows).
-                let dst =
-                    if K::BYTES == 2 { swizzled::<HEAD_DIM>(row, chunk) } else { row * Self::ROW_BYTES + chunk * 16 };
+                // widening pass (plain rows) or by decode's byte fragment loads (swizzled).
+                let dst = if K::BYTES == 2 {
+                    swizzled::<HEAD_DIM>(row, chunk)
+                } else if WIDEN_8BIT {
+                    row * Self::ROW_BYTES + chunk * 16
+                } else {
+                    fp8_swizzled::<HEAD_DIM>(row, chunk)
+                };
                 copy_async(k_dst + dst, self.k_chunk.add(offset).cast());
                 copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
             });
@@ -314,8 +349,9 @@ impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THRE
     /// Waits for `tile` to land in shared memory (a block barrier: every thread calls this for
     /// every tile in order), refills the stage the previous tile used, resolves the rows of the
     /// tile `STAGES` ahead, and returns the shared addresses of `tile`'s K and V as 16-bit
-    /// swizzled tiles (an 8-bit tile widened first, behind a second barrier; the widened tiles
-    /// are rewritten only after the next call's first barrier, which follows every read of them).
+    /// swizzled tiles (an 8-bit tile widened first with `WIDEN_8BIT`, behind a second barrier;
+    /// the widened tiles are rewritten only after the next call's first barrier, which follows
+    /// every read of them), or without `WIDEN_8BIT` as the 8-bit stages themselves.
     ///
     /// # Safety
     /// As [`start`](Self::start).
@@ -330,7 +366,7 @@ impl<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THRE
         self.store_row(tile + STAGES, thread, self.next);
         self.next = self.look_up(tile + STAGES + 1, thread);
         let (k, v) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
-        if K::BYTES == 2 {
+        if K::BYTES == 2 || !WIDEN_8BIT {
             return (k, v);
         }
         let (k_wide, v_wide) = (self.wide_smem, self.wide_smem + Self::WIDE_BYTES);

@@ -166,7 +166,7 @@ pub unsafe fn prefill<
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
     let (start, end) = (work.kv_start, work.kv_end);
-    let mut ring = KvRing::<H, K, HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES>::start(
+    let mut ring = KvRing::<H, K, HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES, true>::start(
         kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
     );
 

@@ -310,12 +310,17 @@ pub const DECODE_ROWS: u32 = 16;
 pub const DECODE_TILE_TOKENS: u32 = 64;
 
 /// Pipeline depth of the decode ring over a cache of `kv_bytes`-byte elements: about 64 KiB of
-/// 16-bit K/V in flight per block and two blocks per SM where the shared memory allows; an
-/// 8-bit ring has a stage more (its stages are half the bytes, and it adds the widened tiles),
-/// except at head_dim 256, where that would not fit an A100.
+/// 16-bit K/V in flight per block and two blocks per SM where the shared memory allows. Over
+/// an 8-bit cache, whose stages are half the bytes and which decode converts straight into mma
+/// fragments (no widened tiles), the deepest ring the K/V ring supports, 4 stages: at head_dim
+/// 128 a block needs 70 KiB, so the freed shared memory makes three blocks per SM on Hopper
+/// (144 KiB in flight, where a 16-bit cache keeps 96 KiB) and two on an A100. At head_dim 256
+/// (138 KiB, within the A100's 163) one block per SM: with 3 stages two would fit Hopper's
+/// shared memory but not its registers (256 threads at 131–149 registers), so the 4th stage
+/// costs nothing there.
 pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
     match (head_dim, kv_bytes) {
-        (0..=128, 1) => 4,
+        (_, 1) => 4,
         (0..=64, _) => 4,
         (65..=128, _) => 3,
         _ => 2,
@@ -333,16 +338,27 @@ pub const fn widened_tiles_bytes(tile_tokens: u32, head_dim: u32, kv_bytes: u32)
 }
 
 /// Dynamic shared memory of a decode block over a cache of `kv_bytes`-byte elements: the query
-/// tile, the K and V rings, the widened tiles (8-bit caches), their row table, and the key
-/// warps' softmax statistics (the rings are reused for the warps' outputs at the end).
+/// tile, the K and V rings, their row table, and the key warps' softmax statistics (the rings
+/// are reused for the warps' outputs at the end: [`decode_o_stride`] floats a row). An 8-bit
+/// ring needs no widened tiles in decode: its bytes go straight into mma fragments.
 pub const fn decode_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
     let stages = decode_stages(head_dim, kv_bytes);
     let q = DECODE_ROWS * head_dim * 2;
     let ring = 2 * stages * DECODE_TILE_TOKENS * head_dim * kv_bytes;
-    q + ring
-        + widened_tiles_bytes(DECODE_TILE_TOKENS, head_dim, kv_bytes)
-        + kv_table_bytes(stages, DECODE_TILE_TOKENS)
-        + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+    q + ring + kv_table_bytes(stages, DECODE_TILE_TOKENS) + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
+}
+
+/// Floats per row of the warps' parked outputs in a decode block. A 16-bit cache's rows are
+/// padded by 8 floats. Over an 8-bit cache a lane's accumulators hold dims 16 apart (8 at
+/// head_dim 64; `decode.rs`), written four adjacent dims at a time: 4 floats of padding after
+/// every 32 dims and a row stride ≡ 16 (8) mod 32 floats spread an 8-lane phase of those
+/// 16-byte stores over all the banks.
+pub const fn decode_o_stride(head_dim: u32, kv_bytes: u32) -> u32 {
+    if kv_bytes == 2 {
+        return head_dim + 8;
+    }
+    let (padded, lane_dims) = (head_dim + head_dim / 8, if head_dim < DECODE_WARP_DIMS { head_dim / 8 } else { 16 });
+    padded + (lane_dims + 32 - padded % 32) % 32
 }
 
 /// Slots of a K/V ring's row table (the kernels' `paged_tile`): one per stage, at least two.
@@ -721,6 +737,15 @@ macro_rules! assert_variant {
             // Rows of whole 16-byte vectors and whole k16 mma steps; wider heads in 128-dim warps.
             assert!($dim % 16 == 0 && ($dim <= DECODE_WARP_DIMS || $dim % DECODE_WARP_DIMS == 0));
             assert!(decode_smem_bytes($dim, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
+            // The warps' outputs, parked over the ring at the end, end before the statistics.
+            let (q, o_rows) = (DECODE_ROWS * $dim * 2, DECODE_KEY_WARPS * DECODE_ROWS);
+            let stats = DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4;
+            assert!(
+                q + o_rows * decode_o_stride($dim, kv_bytes!($kvname)) * 4 + stats
+                    <= decode_smem_bytes($dim, kv_bytes!($kvname))
+            );
+            // An 8-bit cache's K fragments come in 64-dim groups (`decode.rs`).
+            assert!(kv_bytes!($kvname) == 2 || $dim % 64 == 0);
         };
     };
     (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {

@@ -1,5 +1,5 @@
 //! f16/bf16 ⇄ f32 through PTX `cvt` (core has no half types on this target: values travel as
-//! their bit patterns in `u16`).
+//! their bit patterns in `u16`), and byte shuffles between registers.
 use core::arch::asm;
 
 #[inline(always)]
@@ -32,5 +32,18 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     let r: u16;
     // SAFETY: pure register conversion.
     unsafe { asm!("cvt.rn.bf16.f32 {r}, {x};", r = out(reg16) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// `prmt.b32`: byte `i` of the result is byte `(SELECTOR >> 4i) & 7` of the eight bytes `a`
+/// (0–3) then `b` (4–7). Decode gathers the bytes of two keys' rows into one pair this way.
+#[inline(always)]
+pub fn permute_bytes<const SELECTOR: u32>(a: u32, b: u32) -> u32 {
+    let r: u32;
+    // SAFETY: pure register operation.
+    unsafe {
+        asm!("prmt.b32 {r}, {a}, {b}, {s};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b,
+             s = const SELECTOR, options(pure, nomem, nostack))
+    }
     r
 }

@@ -16,6 +16,9 @@ pub trait KvElem {
     /// Eight stored values (in two `u32`, the first in the low byte) as eight values of `H`,
     /// in four packed pairs. Only 8-bit types are widened.
     fn widen8<H: Half>(v: [u32; 2]) -> [u32; 4];
+    /// Four stored values (the first in the low byte) as two packed pairs of `H`: values 0, 1
+    /// and 2, 3. Only 8-bit types are converted.
+    fn widen4<H: Half>(v: u32) -> [u32; 2];
 }
 
 /// An 8-bit float element type.
@@ -43,6 +46,10 @@ macro_rules! fp8_kv_elem {
                     H::from_f16x2(Self::pair_to_f16x2(v[1])),
                     H::from_f16x2(Self::pair_to_f16x2(v[1] >> 16)),
                 ]
+            }
+            #[inline(always)]
+            fn widen4<H: Half>(v: u32) -> [u32; 2] {
+                [H::from_f16x2(Self::pair_to_f16x2(v)), H::from_f16x2(Self::pair_to_f16x2(v >> 16))]
             }
         }
     )*};

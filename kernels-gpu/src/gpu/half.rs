@@ -24,6 +24,10 @@ macro_rules! same_kv_elem {
             fn widen8<H: Half>(_: [u32; 2]) -> [u32; 4] {
                 super::trap()
             }
+            #[inline(always)]
+            fn widen4<H: Half>(_: u32) -> [u32; 2] {
+                super::trap()
+            }
         }
     )*};
 }
