@@ -234,7 +234,8 @@ fn decode_tests() -> Vec<GpuTest> {
         let c = Case { layout: KvLayout::Hnd, seed: 600 + ps as u64, ..Case::new(&lens, ps) };
         add_decode::<bf16, E5m2>(&mut t, format!("decode_e5m2_page_size_{ps}_group_4_hnd_bf16"), c);
     }
-    for (group, head_dim) in [(1, 64), (5, 128), (7, 64), (8, 128), (16, 256), (3, 256), (20, 128), (32, 64), (17, 256)]
+    for (group, head_dim) in
+        [(1, 64), (5, 128), (7, 64), (8, 128), (16, 256), (3, 256), (5, 256), (20, 128), (32, 64), (17, 256)]
     {
         let c = Case { group, head_dim, seed: 7 * group as u64 + head_dim as u64, ..Case::new(&[37, 1, 700, 129], 7) };
         add_decode::<f16, E4m3>(
