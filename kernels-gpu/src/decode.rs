@@ -272,7 +272,8 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     // 8-dim slices of rows. O rows are padded by 8 floats to spread the stores over the banks
     // (over an 8-bit cache, by 4 floats per 32 dims as well: `decode_o_stride`).
     let o_stride = decode_o_stride(HEAD_DIM, K::BYTES) as usize;
-    let o_col = |dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) };
+    let o_col = #[inline(always)]
+    |dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) };
     let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * HEAD_DIM * 2 / 4) as usize);
     let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
@@ -298,7 +299,8 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
                     if quad < lane_dims as usize / 4 {
                         let dim = (dim_base + lane_dims * (2 * t + e as u32)) as usize + 4 * quad;
                         let at = (my_rows[h] * o_stride + o_col(dim)) as u32 * 4;
-                        let n = |k: usize| acc[2 * quad + k / 2][k % 2][2 * h + e].to_bits();
+                        let n = #[inline(always)]
+                        |k: usize| acc[2 * quad + k / 2][k % 2][2 * h + e].to_bits();
                         store_shared_u32x4(o_addr + at, [n(0), n(1), n(2), n(3)]);
                     }
                 });

@@ -45,8 +45,8 @@ pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
 /// elements as decode reads it (`decode.rs`): chunks are XOR-swizzled by
 /// `x(r) = 4·(r & 1) ^ 2·((r >> 1) & 3)` (modulo the chunks of a row) so that both of its
 /// 16-byte fragment loads are free of bank conflicts: K's (an 8-lane phase reads rows g, g + 1,
-/// chunks 4c..4c + 4 each: bit 2 of x sends the two rows to different halves of the 128-byte
-/// line) and V's (a phase reads rows o, o + 2, o + 4, o + 6, chunks 2m and 2m + 1: bits 1–2 of x
+/// chunks 4c..4c + 4 each: bit 2 of x, which differs between the two, puts their quads of
+/// chunks on different halves of the banks) and V's (a phase reads rows o, o + 2, o + 4, o + 6, chunks 2m and 2m + 1: bits 1–2 of x
 /// spread them over the eight 16-byte bank groups). At head_dim 256 a row is two bank lines,
 /// the same pattern in each; at head_dim 64 (4 chunks) V's 8-byte loads read rows of one parity
 /// only, which share half the banks: 2-way conflicts remain there, the least that layout allows.
