@@ -27,7 +27,8 @@ use crate::abi::{
 };
 use crate::gpu::hopper::{
     claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
-    named_barrier, release_registers, smem_descriptor, wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
+    named_barrier, named_barrier_arrive, release_registers, smem_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::{log2, rcp};
@@ -48,6 +49,8 @@ const CONSUMER_THREADS: u32 = HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS;
 /// Named barriers: 0 is `bar.sync`'s; the two consumer warpgroups share one, and each has its own.
 const BARRIER_CONSUMERS: u32 = 1;
 const BARRIER_WARPGROUP: u32 = 2;
+/// The two consumer warpgroups' turns at the tensor cores (see `consume`).
+const BARRIER_TURN: u32 = 4;
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `rows` rows laid out as
 /// 64-dim slabs, swizzled.
@@ -279,56 +282,136 @@ unsafe fn consume<
     let mut o = [[0.0f32; 4]; O_FRAGS];
     // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
     let q_rows = q_smem + wg_first_row * SLAB_ROW_BYTES;
-    // One tile: S, its softmax (O rescaled in place when a row's maximum moved far enough),
-    // O += P·V. `masked` is a constant in each of its two calls below.
-    let mut step = #[inline(always)]
-    |tile: u32, masked: bool| {
-        let stage = tile % STAGES;
-        mbarrier_wait(ring.full(stage), (tile / STAGES) % 2);
-        fence_proxy_async();
-        let (k_tile, v_tile) = (ring.k_stage(stage), ring.v_stage(stage));
-        let mut s = [[0.0f32; 4]; S_FRAGS];
-        wgmma_fence();
+    // S = Q·Kᵀ of `tile` (its stage landed), issued, not waited for.
+    let issue_s = #[inline(always)]
+    |s: &mut [[f32; 4]; S_FRAGS], tile: u32| {
+        let k_tile = ring.k_stage(tile % STAGES);
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
             let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
             let kd = smem_descriptor(k_tile + slab * TILE * SLAB_ROW_BYTES + step, 16, 1024);
-            H::mma_ss(&mut s, qd, kd, (kk > 0) as u32);
+            H::mma_ss(s, qd, kd, (kk > 0) as u32);
         });
         wgmma_commit();
-        wgmma_wait_frags::<0, S_FRAGS>(&mut s);
-        let factor = scale.apply(&mut s);
-        if masked {
-            visibility.apply(0, &mut s, work.kv_start + tile * TILE, t);
-        }
-        let probs = state.update_rescaling::<H, S_FRAGS, P_FRAGS>(&s, factor, |h, rescale| {
-            crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
-                if n < O_FRAGS {
-                    o[n][2 * h] *= rescale;
-                    o[n][2 * h + 1] *= rescale;
-                }
-            });
-        });
-        // O += P·V, 16 keys a step: V's k-step is two 8-row groups (1 KiB apart), its 64-dim
-        // slabs a whole slab apart.
+    };
+    let land = #[inline(always)]
+    |tile: u32| {
+        mbarrier_wait(ring.full(tile % STAGES), (tile / STAGES) % 2);
+        fence_proxy_async();
+    };
+    // The softmax of `tile`'s S (O rescaled in place when a row's maximum moved far enough):
+    // P, ready for P·V.
+    let softmax =
+        #[inline(always)]
+        |s: &mut [[f32; 4]; S_FRAGS], state: &mut RowState, o: &mut [[f32; 4]; O_FRAGS], tile: u32, masked: bool| {
+            let factor = scale.apply(s);
+            if masked {
+                visibility.apply(0, s, work.kv_start + tile * TILE, t);
+            }
+            state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, factor, |h, rescale| {
+                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+                    if n < O_FRAGS {
+                        o[n][2 * h] *= rescale;
+                        o[n][2 * h + 1] *= rescale;
+                    }
+                });
+            })
+        };
+    // O += P·V of `tile`, issued, not waited for: 16 keys a step; V's k-step is two 8-row
+    // groups (1 KiB apart), its 64-dim slabs a whole slab apart.
+    let issue_pv = #[inline(always)]
+    |o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32| {
         wgmma_fence();
+        let v_tile = ring.v_stage(tile % STAGES);
         crate::unroll_to!(kb < P_FRAGS, {
             let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
-            H::mma_rs(&mut o, probs[kb], vd);
+            H::mma_rs(o, probs[kb], vd);
         });
         wgmma_commit();
-        wgmma_wait_frags::<0, O_FRAGS>(&mut o);
-        mbarrier_arrive(ring.empty(stage));
     };
-    let mut tile = 0;
-    while tile < tiles {
-        if visibility.masks(work.kv_start + tile * TILE) {
-            step(tile, true);
-        } else {
-            step(tile, false);
+    // `masked` (and `last` below) are constants at each call of a step: a `wgmma` under a
+    // branch ptxas cannot prove uniform makes it serialise them all.
+    if O_FRAGS <= 16 {
+        // The two warpgroups take turns at the tensor cores (FlashAttention-3's ping-pong): a
+        // warpgroup's matrix phase (P·V of tile j, then S of tile j + 1) starts only once the
+        // other's has been issued, so each one's softmax runs while the other's products do.
+        // Barrier `BARRIER_TURN + w` opens warpgroup w's phase: it waits there, the other
+        // arrives there after issuing its phase. Both have `tiles + 1` phases; the first
+        // warpgroup's first turn is given at the start, so the second leaves out its last
+        // arrival and the counts balance.
+        let (my_turn, other_turn) = (BARRIER_TURN + warpgroup, BARRIER_TURN + 1 - warpgroup);
+        let mut s = [[0.0f32; 4]; S_FRAGS];
+        if tiles > 0 {
+            if warpgroup == 1 {
+                named_barrier_arrive(other_turn, 2 * 128);
+            }
+            land(0);
+            named_barrier(my_turn, 2 * 128);
+            wgmma_fence();
+            issue_s(&mut s, 0);
+            named_barrier_arrive(other_turn, 2 * 128);
+            wgmma_wait_frags::<0, S_FRAGS>(&mut s);
         }
-        tile += 1;
+        let mut step = #[inline(always)]
+        |tile: u32, masked: bool, last: bool| {
+            let probs = softmax(&mut s, &mut state, &mut o, tile, masked);
+            if !last {
+                land(tile + 1);
+            }
+            named_barrier(my_turn, 2 * 128);
+            issue_pv(&mut o, &probs, tile);
+            if !last {
+                issue_s(&mut s, tile + 1);
+            }
+            if !last || warpgroup == 0 {
+                named_barrier_arrive(other_turn, 2 * 128);
+            }
+            wgmma_wait_frags::<0, O_FRAGS>(&mut o);
+            wgmma_wait_frags::<0, S_FRAGS>(&mut s);
+            mbarrier_arrive(ring.empty(tile % STAGES));
+        };
+        let mut tile = 0;
+        while tile + 1 < tiles {
+            if visibility.masks(work.kv_start + tile * TILE) {
+                step(tile, true, false);
+            } else {
+                step(tile, false, false);
+            }
+            tile += 1;
+        }
+        if tiles > 0 {
+            if visibility.masks(work.kv_start + tile * TILE) {
+                step(tile, true, true);
+            } else {
+                step(tile, false, true);
+            }
+        }
+    } else {
+        // At head_dim 256 the 128 O accumulators leave no registers for the next tile's S
+        // beside this one's P (ping-pong spilled and ran 35% slower): each warpgroup runs its
+        // tiles one after the other, S, softmax, P·V, and the two only overlap by chance.
+        let mut step = #[inline(always)]
+        |tile: u32, masked: bool| {
+            land(tile);
+            let mut s = [[0.0f32; 4]; S_FRAGS];
+            wgmma_fence();
+            issue_s(&mut s, tile);
+            wgmma_wait_frags::<0, S_FRAGS>(&mut s);
+            let probs = softmax(&mut s, &mut state, &mut o, tile, masked);
+            issue_pv(&mut o, &probs, tile);
+            wgmma_wait_frags::<0, O_FRAGS>(&mut o);
+            mbarrier_arrive(ring.empty(tile % STAGES));
+        };
+        let mut tile = 0;
+        while tile < tiles {
+            if visibility.masks(work.kv_start + tile * TILE) {
+                step(tile, true);
+            } else {
+                step(tile, false);
+            }
+            tile += 1;
+        }
     }
 
     // Rows `g` and `g + 8` of the thread's warp, 8-dim blocks `8n + 2t`.

@@ -520,6 +520,18 @@ pub const HOPPER_PRODUCER_THREADS: u32 = 128;
 pub const HOPPER_PRODUCER_REGISTERS: u32 = 40;
 /// See [`HOPPER_PRODUCER_REGISTERS`].
 pub const HOPPER_CONSUMER_REGISTERS: u32 = 232;
+// `setmaxnreg.inc` waits until the registers it asks for are free in the block's own pool,
+// which is what the entry was given (ptxas: 64 Ki over the declared 384 threads, in steps of
+// 8, so 168 a thread) plus what the producer gave back: asking for more never returns (a split
+// of 32 / 240 hung on the H200).
+const _: () = {
+    let entry = 65536 / HOPPER_PREFILL_THREADS / 8 * 8;
+    assert!(
+        HOPPER_PRODUCER_THREADS * HOPPER_PRODUCER_REGISTERS
+            + (HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS) * HOPPER_CONSUMER_REGISTERS
+            <= HOPPER_PREFILL_THREADS * entry
+    )
+};
 
 /// Keys per Hopper prefill stage: 128 (S is a 64 × 128 `wgmma` tile) up to head_dim 128, 64
 /// above (the O accumulators of 256 dims take the registers).

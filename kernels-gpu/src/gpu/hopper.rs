@@ -288,3 +288,11 @@ pub fn named_barrier(id: u32, threads: u32) {
     // sm_70+ a barrier counts arrivals, not program points.
     unsafe { asm!("bar.sync {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack, preserves_flags)) }
 }
+
+/// Arrives at named barrier `id` (counting `threads`) without waiting: the signalling half of a
+/// handshake whose other side waits there with [`named_barrier`].
+#[inline(always)]
+pub fn named_barrier_arrive(id: u32, threads: u32) {
+    // SAFETY: as `named_barrier`.
+    unsafe { asm!("bar.arrive {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack, preserves_flags)) }
+}
