@@ -10,63 +10,17 @@ append_paged_kv_cache of the 8192 rotated keys and values to sequences of 4096 (
 is what ferrinfer's fused row replaces. Prints a markdown table; writes JSON to argv[1]."""
 import json
 import math
-import os
 import sys
 
 import torch
 import flashinfer
-from torch.profiler import ProfilerActivity, profile
+
+from cold_timing import copy_gbs, event_us, kernel_us
 
 HQ, HKV, D = 32, 8, 128
 REQ, PER = 8, 1024
 NNZ = REQ * PER
 CACHE_ROWS = 8192
-NCU = os.environ.get("FERRINFER_NCU") == "1"
-RUNS = 5 if NCU else 30
-flush_write = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-flush_read = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-
-
-def flush():
-    flush_write.zero_()
-    flush_read.sum()
-
-
-def event_us(fn):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(RUNS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def kernel_us(fn, keys):
-    """Per call, the summed median device time of the kernels whose names contain each key."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(RUNS):
-            flush()
-            fn()
-        torch.cuda.synchronize()
-    total = 0.0
-    for key in keys:
-        times = [e.device_time for e in prof.events() if key in e.name.lower() and e.device_time > 0]
-        if not times:
-            return float("nan")
-        total += sorted(times)[len(times) // 2]
-    return total
-
-
-def copy_gbs():
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / event_us(lambda: dst.copy_(src)) / 1e3
 
 
 def main():
@@ -79,7 +33,7 @@ def main():
     rows = []
 
     def report(name, fn, keys, moved, heads):
-        us, kus = event_us(fn), (float("nan") if NCU else kernel_us(fn, keys))
+        us, kus = event_us(fn), kernel_us(fn, keys)
         gbs = moved / us / 1e3
         print(f"| flashinfer {name} | {NNZ} | {heads} | {D} | {moved / 1e6:.1f} | {us:.1f} | {gbs:.0f} | "
               f"{100 * gbs / copy:.1f} | {kus:.1f} |")
