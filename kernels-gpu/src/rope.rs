@@ -161,7 +161,6 @@ unsafe fn gptj<H: Half>(p: &RopeParams, t: &RopeTensor, token: u32, head0: u32, 
         return;
     }
     let position = *(p.positions as *const u32).add(token as usize);
-    // Pairs past rotary_dim keep their values: cos 1, sin 0.
     let (mut c, mut s) = ([1.0f32; 4], [0.0f32; 4]);
     crate::unroll!(j in [0, 1, 2, 3] {
         if d0 + 2 * (j as u32) < p.rotary_dim {
@@ -177,12 +176,22 @@ unsafe fn gptj<H: Half>(p: &RopeParams, t: &RopeTensor, token: u32, head0: u32, 
     crate::unroll!(h in [0, 1, 2, 3] {
         if (h as u32) < heads {
             let x = unpack::<H>(a[h]);
-            let mut y = [0.0f32; 8];
+            let mut y = x;
+            // Pairs past rotary_dim keep their values, bit for bit (±0, ∞ and NaN included).
             crate::unroll!(j in [0, 1, 2, 3] {
-                y[2 * j] = fma(x[2 * j], c[j], -(x[2 * j + 1] * s[j]));
-                y[2 * j + 1] = fma(x[2 * j + 1], c[j], x[2 * j] * s[j]);
+                if d0 + 2 * (j as u32) < p.rotary_dim {
+                    y[2 * j] = fma(x[2 * j], c[j], -(x[2 * j + 1] * s[j]));
+                    y[2 * j + 1] = fma(x[2 * j + 1], c[j], x[2 * j] * s[j]);
+                }
             });
-            store(row(p, t, token, head0 + h as u32).1.add(d0 as usize) as *mut Vec16, pack::<H>(&y));
+            let mut out = pack::<H>(&y);
+            // The unrotated words as they were (the f32 round trip keeps values, not NaN payloads).
+            crate::unroll!(j in [0, 1, 2, 3] {
+                if d0 + 2 * (j as u32) >= p.rotary_dim {
+                    out.0[j] = a[h].0[j];
+                }
+            });
+            store(row(p, t, token, head0 + h as u32).1.add(d0 as usize) as *mut Vec16, out);
         }
     });
 }

@@ -354,6 +354,53 @@ fn append_rope_tests() -> Vec<GpuTest> {
     tests
 }
 
+/// Dims past `rotary_dim` come out as they went in, bit for bit, whatever they hold (±0, ±∞,
+/// NaN, the largest finite value), in place and out of place, for each pairing.
+fn rope_leaves_dims_past_rotary_dim_bit_for_bit<T: KvDType>(
+    dev: &Device,
+    rotary_dim: usize,
+    interleave: bool,
+) -> TestResult {
+    let mut r = rng(rotary_dim as u64);
+    let head_dim = 64;
+    let shape = RopeShape { num_qo_heads: 5, num_kv_heads: 3, head_dim };
+    let positions: Vec<u32> = (0..9).map(|_| r.random_range(0..131072)).collect();
+    let o = RopeOptions { rotary_dim: Some(rotary_dim), interleave, ..Default::default() };
+    let plan = RopePlan::new(dev, shape, RopePositions::PerToken(&positions), o)?;
+    let specials = [-0.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 65504.0, 0.0, -1.5];
+    let fill = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<T> {
+        let mut x: Vec<T> = random_values(r, n);
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % head_dim >= rotary_dim {
+                *v = T::from_f64(specials[i % specials.len()]);
+            }
+        }
+        x
+    };
+    let (q, k) = (fill(&mut r, plan.q_elems()), fill(&mut r, plan.k_elems()));
+    let tails_equal = |what: &str, got: &[T], want: &[T]| -> TestResult {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            ensure!(
+                i % head_dim < rotary_dim || g.to_f64().to_bits() == w.to_f64().to_bits(),
+                "{what}[{i}] (dim {}): {:?}, was {:?}",
+                i % head_dim,
+                g.to_f64(),
+                w.to_f64()
+            );
+        }
+        Ok(())
+    };
+    let (mut qd, mut kd) = (dev.upload(&q)?, dev.upload(&k)?);
+    let (mut qo, mut ko) = (dev.alloc_zeros::<T>(q.len())?, dev.alloc_zeros::<T>(k.len())?);
+    plan.run_out_of_place(dev.stream(), &qd, &kd, &mut qo, &mut ko, None)?;
+    tails_equal("q out of place", &dev.download(&qo)?, &q)?;
+    tails_equal("k out of place", &dev.download(&ko)?, &k)?;
+    plan.run(dev.stream(), &mut qd, &mut kd, None)?;
+    tails_equal("q in place", &dev.download(&qd)?, &q)?;
+    tails_equal("k in place", &dev.download(&kd)?, &k)?;
+    Ok(())
+}
+
 /// Every way to point RoPE outside its buffers is an `Err` before any launch.
 fn rope_refuses_bad_positions_buffers_and_caches(dev: &Device) -> TestResult {
     let mut r = rng(7);
@@ -478,5 +525,15 @@ pub fn tests() -> Vec<GpuTest> {
         "rope_refuses_bad_positions_buffers_and_caches",
         rope_refuses_bad_positions_buffers_and_caches,
     ));
+    for (rd, interleave, pairing) in [(32, false, "neox"), (24, false, "neox_scalar"), (20, true, "gptj")] {
+        tests.push(GpuTest::new(
+            format!("rope_{pairing}_leaves_dims_past_rotary_dim_{rd}_of_64_bit_for_bit_f16"),
+            move |d| rope_leaves_dims_past_rotary_dim_bit_for_bit::<f16>(d, rd, interleave),
+        ));
+        tests.push(GpuTest::new(
+            format!("rope_{pairing}_leaves_dims_past_rotary_dim_{rd}_of_64_bit_for_bit_bf16"),
+            move |d| rope_leaves_dims_past_rotary_dim_bit_for_bit::<bf16>(d, rd, interleave),
+        ));
+    }
     tests
 }
