@@ -6,55 +6,14 @@ sequences of 4096 tokens after the append, f16, NHD, 8 KV heads, head_dim 128, p
 permutation of a pool 25% larger than needed. Prints a markdown table; writes JSON to argv[1]."""
 import json
 import math
-import os
 import sys
 
 import torch
 import flashinfer
-from torch.profiler import ProfilerActivity, profile
+
+from cold_timing import copy_gbs, event_us, kernel_us
 
 HKV, D = 8, 128
-# Under Nsight Compute (FERRINFER_NCU=1) only a few calls, and no torch profiler.
-NCU = os.environ.get("FERRINFER_NCU") == "1"
-RUNS = 5 if NCU else 30
-flush_write = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-flush_read = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-
-
-def flush():
-    flush_write.zero_()
-    flush_read.sum()
-
-
-def event_us(fn):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(RUNS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def kernel_us(fn):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(RUNS):
-            flush()
-            fn()
-        torch.cuda.synchronize()
-    times = [e.device_time for e in prof.events() if "append" in e.name.lower() and e.device_time > 0]
-    return sorted(times)[len(times) // 2] if times else float("nan")
-
-
-def copy_gbs():
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / event_us(lambda: dst.copy_(src)) / 1e3
 
 
 def main():
@@ -81,7 +40,7 @@ def main():
             k = torch.randn(nnz, HKV, D, dtype=torch.float16, device="cuda")
             v = torch.randn(nnz, HKV, D, dtype=torch.float16, device="cuda")
             fn = lambda: flashinfer.append_paged_kv_cache(k, v, bi, pos, kv, indices, indptr, last, "NHD")  # noqa: E731
-            us, kus = event_us(fn), (float("nan") if NCU else kernel_us(fn))
+            us, kus = event_us(fn), kernel_us(fn, ["append"])
             moved = 2 * 2 * nnz * HKV * D * 2
             gbs = moved / us / 1e3
             print(f"| flashinfer append ({ntok} tok/seq) | {ps} | {nreq} | {ntok} | {moved / 1e6:.1f} | {us:.1f} | "

@@ -2,7 +2,9 @@
 //! requests arrive and are prefilled, decode steps append one token per sequence and attend,
 //! a request forks parallel samples that share its prompt's pages (copy-on-write of the shared
 //! last page), finished sequences free their pages. The model itself is left out: K, V and Q
-//! are random stand-ins for its projections. After prefill and after the last decode step the
+//! are random stand-ins for its projections, rotated with Llama 3.1's RoPE as the new tokens'
+//! K/V are appended (`AppendRopePlan`: keys rotated as they are written into the cache, the
+//! layer's queries in the same launch). After prefill and after the last decode step the
 //! last layer's attention output of one sequence is checked against the f64 CPU reference; a
 //! miss ends the example with an error.
 //!
@@ -11,9 +13,10 @@
 //! Needs an NVIDIA GPU (compute capability 8.0+) and driver; without one it says so and exits.
 use std::error::Error;
 
+use cudarc::driver::CudaSlice;
 use ferrinfer::{
-    f16, reference, BatchDecodePlan, BatchPrefillPlan, CacheShape, DecodeOptions, Device, KvLayout, PageTable,
-    PagedKvCache, PrefillOptions, ScatterPlan, SeqId, SequenceAllocator,
+    f16, reference, AppendRopePlan, BatchDecodePlan, BatchPrefillPlan, CacheShape, DecodeOptions, Device, KvLayout,
+    PageTable, PagedKvCache, PrefillOptions, RopeOptions, SeqId, SequenceAllocator,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -27,6 +30,9 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<f16> {
     (0..n).map(|_| f16::from_f64(rng.random_range(-1.0..1.0))).collect()
 }
 
+/// Each layer's queries of a step (`[token][QO_HEADS][HEAD_DIM]`), rotated.
+type LayerQueries = Vec<CudaSlice<f16>>;
+
 /// The engine's state: the cache, its page allocator and the live sequences.
 struct Engine {
     dev: Device,
@@ -39,8 +45,10 @@ struct Engine {
 
 impl Engine {
     /// Grows each of `ids` by `new_tokens[i]`, applies copy-on-write copies, and writes the new
-    /// tokens' K and V into every layer. Returns the page table after the append.
-    fn append(&mut self, ids: &[SeqId], new_tokens: &[usize]) -> Result<PageTable, Box<dyn Error>> {
+    /// tokens' K and V into every layer, keys rotated for their positions (Llama 3.1 RoPE) and
+    /// each layer's queries (random, returned) rotated in the same launch. Returns the page
+    /// table after the append, and the queries of each layer.
+    fn append(&mut self, ids: &[SeqId], new_tokens: &[usize]) -> Result<(PageTable, LayerQueries), Box<dyn Error>> {
         for (&id, &n) in ids.iter().zip(new_tokens) {
             let copies = self.alloc.reserve(id, n)?;
             self.cache.copy_pages(self.dev.stream(), &copies)?;
@@ -50,13 +58,17 @@ impl Engine {
         for &n in new_tokens {
             append_indptr.push(append_indptr[append_indptr.len() - 1] + n as u32);
         }
-        let plan = ScatterPlan::append(&self.dev, &self.shape, &table, &append_indptr)?;
+        let plan =
+            AppendRopePlan::new(&self.dev, &self.shape, &table, &append_indptr, QO_HEADS, RopeOptions::llama31())?;
+        let mut qs = Vec::with_capacity(LAYERS);
         for layer in 0..LAYERS {
+            let mut q = self.dev.upload(&random(&mut self.rng, plan.q_elems()))?;
             let k = self.dev.upload(&random(&mut self.rng, plan.ragged_elems()))?;
             let v = self.dev.upload(&random(&mut self.rng, plan.ragged_elems()))?;
-            plan.run(self.dev.stream(), &mut self.cache, layer, &k, &v)?;
+            plan.run(self.dev.stream(), &mut q, &k, &v, &mut self.cache, layer, None)?;
+            qs.push(q);
         }
-        Ok(table)
+        Ok((table, qs))
     }
 
     /// Checks the last layer's output rows of sequence `seq` of `table` (its queries are rows
@@ -130,18 +142,18 @@ fn main() -> Result<(), Box<dyn Error>> {
     let prompts = [37usize, 200, 5, 129];
     let ids: Vec<SeqId> = prompts.iter().map(|_| e.alloc.create()).collect();
     e.live.extend(&ids);
-    let table = e.append(&ids, &prompts)?;
+    let (table, q_layers) = e.append(&ids, &prompts)?;
     let mut qo_indptr = vec![0u32];
     for &n in &prompts {
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + n as u32);
     }
     let causal = PrefillOptions { causal: true, ..Default::default() };
     let mut prefill = BatchPrefillPlan::new(&e.dev, &e.shape, QO_HEADS, &qo_indptr, &table, causal)?;
-    let q = random(&mut e.rng, prefill.qo_elems());
-    let (q_dev, mut out) = (e.dev.upload(&q)?, e.dev.alloc_zeros::<f16>(prefill.qo_elems())?);
-    for layer in 0..LAYERS {
-        prefill.run(e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
+    let mut out = e.dev.alloc_zeros::<f16>(prefill.qo_elems())?;
+    for (layer, q) in q_layers.iter().enumerate() {
+        prefill.run(e.dev.stream(), q, &e.cache, layer, &mut out, None)?;
     }
+    let q = e.dev.download(&q_layers[LAYERS - 1])?;
     e.report("prefilled 4 prompts")?;
     let error = e.check(&table, &qo_indptr, &q, &e.dev.download(&out)?, 1)?;
     println!("  prefill of request 1 (200 tokens) against the CPU reference: max |error| {error:.2e}");
@@ -160,7 +172,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut plan: Option<BatchDecodePlan> = None;
     for step in 0..8 {
         let live = e.live.clone();
-        let table = e.append(&live, &vec![1; live.len()])?;
+        let (table, q_layers) = e.append(&live, &vec![1; live.len()])?;
         let plan = match &mut plan {
             Some(p) => {
                 p.replan(&e.shape, QO_HEADS, &table, DecodeOptions::default())?;
@@ -168,11 +180,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             }
             None => plan.insert(BatchDecodePlan::new(&e.dev, &e.shape, QO_HEADS, &table, DecodeOptions::default())?),
         };
-        let q = random(&mut e.rng, plan.qo_elems());
-        let (q_dev, mut out) = (e.dev.upload(&q)?, e.dev.alloc_zeros::<f16>(plan.qo_elems())?);
-        for layer in 0..LAYERS {
-            plan.run(e.dev.stream(), &q_dev, &e.cache, layer, &mut out, None)?;
+        let mut out = e.dev.alloc_zeros::<f16>(plan.qo_elems())?;
+        for (layer, q) in q_layers.iter().enumerate() {
+            plan.run(e.dev.stream(), q, &e.cache, layer, &mut out, None)?;
         }
+        let q = e.dev.download(&q_layers[LAYERS - 1])?;
         e.report(&format!("decode step {step}"))?;
         if step == 3 {
             // Request 2 is done: its pages go back to the pool.

@@ -272,6 +272,36 @@ pub enum Error {
         /// The number of elements it should hold.
         expected: usize,
     },
+    /// A RoPE `rotary_dim` that is 0, odd or larger than `head_dim`.
+    #[error("rotary_dim {rotary_dim} must be even and in 2..={head_dim} (head_dim)")]
+    RotaryDim {
+        /// The rotary dimension given.
+        rotary_dim: usize,
+        /// The head dimension.
+        head_dim: usize,
+    },
+    /// A token's RoPE position lies past the end of what the angles cover: the caller's cos/sin
+    /// cache, or the 2^24 positions the kernels compute angles for.
+    #[error("token {token} has position {position}; {what} covers positions below {end}")]
+    PositionOutOfRange {
+        /// The token's row in the ragged batch.
+        token: usize,
+        /// Its position.
+        position: u64,
+        /// The first position not allowed.
+        end: u64,
+        /// What bounds it, e.g. `"the cos/sin cache"`.
+        what: &'static str,
+    },
+    /// A buffer's device address is not a multiple of 16 bytes (the kernels move 16-byte
+    /// vectors); a view that starts part-way into a row has this.
+    #[error("{what} starts at device address {address:#x}, which is not 16-byte aligned")]
+    UnalignedBuffer {
+        /// The name of the buffer, e.g. `"q"`.
+        what: &'static str,
+        /// Its device address.
+        address: u64,
+    },
 }
 
 impl Error {

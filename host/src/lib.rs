@@ -43,7 +43,8 @@
 //! - `plan`: the plan core every plan is built on: its device, metadata and scratch, the
 //!   checks and tracked operands of a run, the launch.
 //! - `attention` ([`BatchDecodePlan`], [`BatchPrefillPlan`], [`CascadeDecodePlan`],
-//!   [`merge_state`] and its kin) and `ops` ([`GatherPlan`], [`ScatterPlan`]): the algorithms.
+//!   [`merge_state`] and its kin) and `ops` ([`GatherPlan`], [`ScatterPlan`], [`RopePlan`],
+//!   [`AppendRopePlan`]): the algorithms.
 //!
 //! [`mod@reference`] is the f64 CPU reference every kernel is tested against.
 #![deny(missing_docs)]
@@ -72,6 +73,7 @@ pub use cache::paged::{KvScales, LayerPools, PagedKvCache};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use ops::page_copy::{GatherPlan, ScatterPlan};
+pub use ops::rope::{AppendRopePlan, RopeAngles, RopeOptions, RopePlan, RopePositions, RopeShape, MAX_ROPE_POSITION};
 pub use runtime::device::Device;
 pub use runtime::dtype::{DType, E4m3, E5m2, KvDType};
 pub use runtime::raw::RawSlice;

@@ -6,6 +6,7 @@ use crate::attention::prefill::PrefillOptions;
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::PageTable;
 use crate::cache::paged::KvScales;
+use crate::ops::rope::{RopeAngles, RopeOptions};
 use crate::runtime::dtype::KvDType;
 
 /// Every token of every sequence of `table`, copied out of `pool` into a ragged
@@ -258,6 +259,81 @@ pub fn merge_states<T: KvDType>(
         }
     }
     (out, lse)
+}
+
+/// Cos and sin of RoPE pair `i` of `rotary_dim` at `position`, from the definition: the angle
+/// in f64 (`position / rope_scale · rope_theta^(−2i / rotary_dim)`; with Llama 3.1 scaling,
+/// Meta's wavelength bands: unscaled below `old_context_len / high_freq_factor`, divided by
+/// `rope_scale` above `old_context_len / low_freq_factor`, interpolated between), or the cache's
+/// row `position` (`cos_sin_cache`, f32 `[max_position][rotary_dim]`).
+pub fn rope_cos_sin(
+    angles: &RopeAngles,
+    rotary_dim: usize,
+    position: u64,
+    i: usize,
+    cos_sin_cache: Option<&[f32]>,
+) -> (f64, f64) {
+    let base = |theta: f64| theta.powf(-2.0 * i as f64 / rotary_dim as f64);
+    let angle = match *angles {
+        RopeAngles::Standard { rope_theta, rope_scale } => position as f64 / rope_scale * base(rope_theta),
+        RopeAngles::Llama31 { rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len } => {
+            let f = base(rope_theta);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let f = if wavelen < old_context_len / high_freq_factor {
+                f
+            } else if wavelen > old_context_len / low_freq_factor {
+                f / rope_scale
+            } else {
+                let smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * f / rope_scale + smooth * f
+            };
+            position as f64 * f
+        }
+        RopeAngles::CosSinCache { .. } => {
+            let cache = cos_sin_cache.expect("a cos/sin cache for RopeAngles::CosSinCache");
+            let row = &cache[position as usize * rotary_dim..][..rotary_dim];
+            return (row[i] as f64, row[rotary_dim / 2 + i] as f64);
+        }
+    };
+    (angle.cos(), angle.sin())
+}
+
+/// RoPE of ragged rows `x` (`[token][heads][head_dim]`, token `t` at `positions[t]`), in f64:
+/// NeoX pairs `(i, i + rotary_dim / 2)` or, with `interleave`, GPT-J pairs `(2i, 2i + 1)`, each
+/// `(a, b)` becoming `(a cos − b sin, b cos + a sin)`; dims from `rotary_dim` on unchanged.
+pub fn rope<T: KvDType>(
+    x: &[T],
+    heads: usize,
+    head_dim: usize,
+    positions: &[u64],
+    options: &RopeOptions,
+    cos_sin_cache: Option<&[f32]>,
+) -> Vec<f64> {
+    let rotary_dim = options.rotary_dim.unwrap_or(head_dim);
+    let half = rotary_dim / 2;
+    let mut out = Vec::with_capacity(x.len());
+    for (token, &position) in positions.iter().enumerate() {
+        for head in 0..heads {
+            let row: Vec<f64> = x[(token * heads + head) * head_dim..][..head_dim].iter().map(|v| v.to_f64()).collect();
+            for d in 0..head_dim {
+                if d >= rotary_dim {
+                    out.push(row[d]);
+                    continue;
+                }
+                // The pair's index, its other element, and whether `d` is its first element.
+                let (i, other, first) = if options.interleave {
+                    (d / 2, d ^ 1, d % 2 == 0)
+                } else if d < half {
+                    (d, d + half, true)
+                } else {
+                    (d - half, d - half, false)
+                };
+                let (c, s) = rope_cos_sin(&options.angles, rotary_dim, position, i, cos_sin_cache);
+                out.push(if first { row[d] * c - row[other] * s } else { row[d] * c + row[other] * s });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

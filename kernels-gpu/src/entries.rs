@@ -8,7 +8,8 @@
 #[allow(unused_imports)]
 use crate::abi::{
     decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_stages, prefill_threads,
-    DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams,
+    DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX,
+    ROPE_NEOX_SCALAR,
 };
 #[allow(unused_imports)]
 use crate::gpu::fp8::{E4m3, E5m2, KvElem};
@@ -69,6 +70,15 @@ macro_rules! entry {
             #[export_name = entry_name!(merge_states $dtype)]
             unsafe extern "ptx-kernel" fn entry(p: MergeStatesParams) {
                 crate::merge::merge_states::<$half>(&p)
+            }
+        };
+    };
+    (rope $half:ident $dtype:ident $mode:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(rope $dtype $mode)]
+            unsafe extern "ptx-kernel" fn entry(p: RopeParams) {
+                crate::rope::rope::<$half, { rope_mode_id!($mode) }>(&p)
             }
         };
     };

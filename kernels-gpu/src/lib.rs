@@ -26,6 +26,8 @@ pub mod prefill;
 pub mod prefill_hopper;
 #[cfg(not(target_feature = "sm_90a"))]
 pub mod read_stream;
+#[cfg(not(target_feature = "sm_90a"))]
+pub mod rope;
 pub mod softmax;
 
 /// A kernel that panics has a bug the host checks should have caught: stop the grid loudly

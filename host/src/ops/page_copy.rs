@@ -35,6 +35,43 @@ fn rows_per_block(total_rows: u32, row_vecs: u32) -> u32 {
     full.min(total_rows.div_ceil(MIN_BLOCKS)).max(1)
 }
 
+/// Per ragged row, its token's element offset in a page pool: sequence `i`'s positions
+/// `first_pos[i]..kv_len(i)`, in order. `table` is already validated for `shape`.
+pub(crate) fn row_offsets(shape: &CacheShape, table: &PageTable, first_pos: &[usize]) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    for (seq, (kv_len, &first)) in table.kv_lens(shape.page_size).into_iter().zip(first_pos).enumerate() {
+        for pos in first..kv_len {
+            let (page, slot) = table.locate(seq, pos, shape.page_size);
+            offsets.push(shape.element_index(page, slot, 0, 0) as u64);
+        }
+    }
+    offsets
+}
+
+/// Validates an append (FlashInfer's `append_paged_kv_cache`) of rows
+/// `append_indptr[i]..append_indptr[i + 1]` to sequence `i` of `table` (which describes the
+/// sequences after it) and returns each sequence's first appended position,
+/// `kv_len(i) − append_len(i)`. Two appended tokens never share a slot.
+pub(crate) fn append_first_positions(
+    shape: &CacheShape,
+    table: &PageTable,
+    append_indptr: &[u32],
+) -> Result<Vec<usize>> {
+    table.validate(shape.page_size, shape.num_pages)?;
+    validate_indptr("append_indptr", append_indptr, table.batch_size())?;
+    let kv_lens = table.kv_lens(shape.page_size);
+    let mut first_pos = Vec::with_capacity(kv_lens.len());
+    for (seq, (w, &kv_len)) in append_indptr.windows(2).zip(&kv_lens).enumerate() {
+        let append_len = (w[1] - w[0]) as usize;
+        if append_len > kv_len {
+            return Err(Error::AppendLongerThanSequence { seq, append_len, kv_len });
+        }
+        first_pos.push(kv_len - append_len);
+    }
+    table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+    Ok(first_pos)
+}
+
 /// Which way a copy goes, and the kernel that does it.
 #[derive(Clone, Copy)]
 enum Direction {
@@ -71,14 +108,7 @@ impl CopyPlan {
         first_pos: &[usize],
         direction: Direction,
     ) -> Result<Self> {
-        // Per ragged row, its token's element offset in a page pool.
-        let mut row_offsets = Vec::new();
-        for (seq, (kv_len, &first)) in table.kv_lens(shape.page_size).into_iter().zip(first_pos).enumerate() {
-            for pos in first..kv_len {
-                let (page, slot) = table.locate(seq, pos, shape.page_size);
-                row_offsets.push(shape.element_index(page, slot, 0, 0) as u64);
-            }
-        }
+        let row_offsets = row_offsets(shape, table, first_pos);
         let mut core = PlanCore::new(device)?;
         core.replan(&[as_bytes(&row_offsets)], ScratchLayout::default())?;
         Ok(CopyPlan { core, shape: *shape, total_rows: row_offsets.len() as u32, direction })
@@ -288,18 +318,7 @@ impl ScatterPlan {
     /// describes the sequences after the append (pages already reserved), so the new tokens
     /// take positions `kv_len(i) − append_len(i)..kv_len(i)`.
     pub fn append(device: &Device, shape: &CacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
-        table.validate(shape.page_size, shape.num_pages)?;
-        validate_indptr("append_indptr", append_indptr, table.batch_size())?;
-        let kv_lens = table.kv_lens(shape.page_size);
-        let mut first_pos = Vec::with_capacity(kv_lens.len());
-        for (seq, (w, &kv_len)) in append_indptr.windows(2).zip(&kv_lens).enumerate() {
-            let append_len = (w[1] - w[0]) as usize;
-            if append_len > kv_len {
-                return Err(Error::AppendLongerThanSequence { seq, append_len, kv_len });
-            }
-            first_pos.push(kv_len - append_len);
-        }
-        table.validate_disjoint_writes(shape.page_size, &first_pos)?;
+        let first_pos = append_first_positions(shape, table, append_indptr)?;
         Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos, Direction::Scatter)?))
     }
 

@@ -619,6 +619,142 @@ pub const fn merge_rows_per_warp(head_dim: u32) -> u32 {
     }
 }
 
+/// Rotary position embeddings (FlashInfer's `apply_rope*`), and RoPE fused into the append of
+/// ragged K/V into the paged cache. Up to three tensors of `[token][head][head_dim]` rows are
+/// read from `src`: `tensors[0]` (queries) and `tensors[1]` (keys) are rotated, `tensors[2]`
+/// (values, fused append only) is copied. Each is written to `dst`, contiguous like `src`
+/// (which may be `src` itself: in place) or, with `paged` set, into a page pool: the row of
+/// token `t` and head `h` starts at element `row_offsets[t] + h · pool_head_stride`.
+///
+/// A tensor's heads come in groups of [`ROPE_GROUP_HEADS`]; a thread takes one *unit* (of
+/// [`rope_units`] per row: a slice of the rotary pairs, or of the dims past `rotary_dim`) of one
+/// token and one head group, computes the unit's angles once and applies them to every head
+/// of the group. Thread `e` of the grid takes unit `e mod units` of group `(e / units) mod
+/// groups` of token `e / (units · groups)`; the groups of `tensors[i]` are
+/// `first_group..first_group + ceil(heads / ROPE_GROUP_HEADS)`.
+///
+/// Angles: with `cos_sin` 0, pair `i` of a token at position `p` turns by `p · f_i`, `f_i` given
+/// by the host as an f32 pair `freqs[i] = (hi, lo)` with `hi + lo` the f64 frequency (see
+/// [`rope_angle`] for the reduction); otherwise `cos_sin` is the caller's f32 cache of
+/// `[max_position][rotary_dim]`, cos of pair `i` at `i` and its sin at `rotary_dim / 2 + i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RopeTensor {
+    /// Element offset `[token][head][head_dim]` rows read (the kernel's element type).
+    pub src: u64,
+    /// Where the rows are written: contiguous rows like `src`, or a page pool (`paged`).
+    pub dst: u64,
+    /// Heads per token; 0 for an absent tensor.
+    pub heads: u32,
+    /// This tensor's first head group among a token's groups.
+    pub first_group: u32,
+    /// 1: `dst` is a page pool addressed through `row_offsets`.
+    pub paged: u32,
+    /// 1: rotate (queries, keys); 0: copy (values).
+    pub rotate: u32,
+    /// 1: write the dims past `rotary_dim` (out of place, or into pages); 0: leave them (in
+    /// place, where they already hold their values).
+    pub copy_tail: u32,
+    /// Padding to 40 bytes; always 0.
+    pub _pad: u32,
+}
+
+/// See [`RopeTensor`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams {
+    /// Queries, keys and values (values only in the fused append; `heads` 0 otherwise).
+    pub tensors: [RopeTensor; 3],
+    /// `*const u32`: each token's position.
+    pub positions: u64,
+    /// `*const [f32; 2]`, `rotary_dim / 2` entries: each pair's frequency as `(hi, lo)`; 0 when
+    /// `cos_sin` is given.
+    pub freqs: u64,
+    /// `*const f32`, `[max_position][rotary_dim]`: the caller's cos/sin cache, or 0.
+    pub cos_sin: u64,
+    /// `*const u64`, one per token: the element index of its first element in a page pool
+    /// (paged tensors only; 0 when none is paged).
+    pub row_offsets: u64,
+    /// Elements between the heads of a token in the page pool.
+    pub pool_head_stride: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Leading dims of each head that are rotated (even, at most `head_dim`).
+    pub rotary_dim: u32,
+    /// Units per row ([`rope_units`]).
+    pub units: FastDiv,
+    /// Head groups per token, all tensors together.
+    pub groups: FastDiv,
+    /// Threads with work: `tokens · groups · units`.
+    pub total: u32,
+}
+
+/// Heads a RoPE thread rotates with the angles it computed once.
+pub const ROPE_GROUP_HEADS: u32 = 4;
+/// Threads of a RoPE block.
+pub const ROPE_THREADS: u32 = 256;
+/// NeoX pairs `(i, i + rotary_dim / 2)` in 16-byte vectors: 8 pairs a unit (`rotary_dim` a
+/// multiple of 16).
+pub const ROPE_NEOX: u32 = 0;
+/// NeoX pairs one at a time (`rotary_dim / 2` not a multiple of 8, GPT-NeoX-20B's 24 of 96).
+pub const ROPE_NEOX_SCALAR: u32 = 1;
+/// GPT-J pairs `(2i, 2i + 1)`: a unit is a 16-byte vector of the row (4 pairs, or dims past
+/// `rotary_dim`).
+pub const ROPE_GPTJ: u32 = 2;
+
+/// The kernel variant for a rotation: [`ROPE_GPTJ`], [`ROPE_NEOX`] or [`ROPE_NEOX_SCALAR`].
+pub const fn rope_mode(interleave: bool, rotary_dim: u32) -> u32 {
+    if interleave {
+        ROPE_GPTJ
+    } else if rotary_dim.is_multiple_of(16) {
+        ROPE_NEOX
+    } else {
+        ROPE_NEOX_SCALAR
+    }
+}
+
+/// Units per row of a rotation in `mode` (copied rows, values, take their 16-byte vectors
+/// `u, u + units, …`): NeoX, `rotary_dim / 16` pair vectors then the `(head_dim − rotary_dim)
+/// / 8` vectors past them; scalar NeoX, `rotary_dim / 2` pairs then `head_dim − rotary_dim`
+/// single dims; GPT-J, the row's `head_dim / 8` vectors.
+pub const fn rope_units(mode: u32, head_dim: u32, rotary_dim: u32) -> u32 {
+    match mode {
+        ROPE_NEOX => rotary_dim / 16 + (head_dim - rotary_dim) / 8,
+        ROPE_NEOX_SCALAR => rotary_dim / 2 + (head_dim - rotary_dim),
+        _ => head_dim / 8,
+    }
+}
+
+/// 2π in two f32 parts (Cody–Waite): `ROPE_TWO_PI[0]` is 2π rounded to f32, `[1]` the rest of
+/// the f64 2π rounded to f32. Their sum is 2π within 2⁻⁴⁸ relative.
+pub const ROPE_TWO_PI: [f32; 2] =
+    [core::f64::consts::TAU as f32, (core::f64::consts::TAU - (core::f64::consts::TAU as f32) as f64) as f32];
+/// 1 / 2π rounded to f32.
+pub const ROPE_INV_TWO_PI: f32 = (1.0 / core::f64::consts::TAU) as f32;
+
+/// The rotation angle `position · frequency`, reduced to about `[−π, π]`, in f32 arithmetic
+/// that keeps the error of the whole product: the frequency is `freq[0] + freq[1]` (the host's
+/// f64 value split in two f32s); `p = position · freq[0]` is rounded but its error `e` is
+/// recovered exactly with an fma (`position` is an integer below 2²⁴, exact in f32) and
+/// `position · freq[1]` added to it; `p` is reduced by `k = rint(p / 2π)` times 2π in two parts
+/// (`ROPE_TWO_PI`), each subtraction one fma, and `e` added last. Each of those three steps
+/// rounds a value below 4 in magnitude (at most 2⁻²³ each), and the two-part 2π is off by
+/// `k · 2π · 2⁻⁴⁸`, so the result is within about 3.6e-7 rad of `position · (freq[0] + freq[1])`
+/// mod 2π for positions below 2²⁴ and frequencies up to 1; over every position up to 131072 the
+/// host tests find at most 2.4e-7 and hold 2⁻²¹ ≈ 4.8e-7. `fma` and `rint` are the caller's
+/// (`fma.rn.f32` and `cvt.rni` on the GPU,
+/// `mul_add` and `round_ties_even` on the host: the same IEEE operations, so the host's result
+/// is the kernel's bit for bit).
+#[inline(always)]
+pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> f32, rint: impl Fn(f32) -> f32) -> f32 {
+    let p = position * freq[0];
+    let e = fma(position, freq[1], fma(position, freq[0], -p));
+    let k = rint(p * ROPE_INV_TWO_PI);
+    let r = fma(-k, ROPE_TWO_PI[0], p);
+    let r = fma(-k, ROPE_TWO_PI[1], r);
+    r + e
+}
+
 /// The one table of kernel variants. Every entry point of the PTX modules is generated from
 /// it (`kernels-gpu/src/entries.rs`), and so is the host's function table
 /// (`runtime/kernels.rs`), so the two cannot disagree. Adding an element type, a head_dim or a
@@ -631,6 +767,7 @@ pub const fn merge_rows_per_warp(head_dim: u32) -> u32 {
 /// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels; over
 ///   16-bit caches),
 /// - `each!(merge_states $Half $dtype)`,
+/// - `each!(rope $Half $dtype $mode)` (`neox`, `neox_scalar` or `gptj`: [`rope_mode`]),
 /// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
 ///   8-bit cache and 16-bit ragged K/V),
 /// - `each!(single $name)` (a kernel without variants, written by name in its own file),
@@ -660,6 +797,9 @@ macro_rules! kernel_variants {
             kernel_variants!(@hopper $each $half $dtype $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims);
             $each!(merge_states $half $dtype);
+            $each!(rope $half $dtype neox);
+            $each!(rope $half $dtype neox_scalar);
+            $each!(rope $half $dtype gptj);
         )*
     };
     (@fp8 $each:ident $half:ident $dtype:ident [$([$kv:ident $kvname:ident])*] $dims:tt) => {
@@ -701,11 +841,28 @@ macro_rules! entry_name {
     (merge_states $dtype:ident) => {
         concat!("merge_states_", stringify!($dtype))
     };
+    (rope $dtype:ident $mode:ident) => {
+        concat!("rope_", stringify!($dtype), "_", stringify!($mode))
+    };
     (paged_copy_fp8 $direction:ident $dtype:ident $kv:ident) => {
         concat!("paged_kv_", stringify!($direction), "_", stringify!($dtype), "_", stringify!($kv))
     };
     (single $name:ident) => {
         stringify!($name)
+    };
+}
+
+/// The [`rope_mode`] constant of a RoPE variant's mode named in [`kernel_variants!`].
+#[allow(unused_macros)]
+macro_rules! rope_mode_id {
+    (neox) => {
+        ROPE_NEOX
+    };
+    (neox_scalar) => {
+        ROPE_NEOX_SCALAR
+    };
+    (gptj) => {
+        ROPE_GPTJ
     };
 }
 
@@ -775,6 +932,7 @@ macro_rules! assert_variant {
         };
     };
     (merge_states $half:ident $dtype:ident) => {};
+    (rope $half:ident $dtype:ident $mode:ident) => {};
     (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {};
     (single $name:ident) => {};
 }

@@ -10,7 +10,7 @@ use cudarc::driver::{CudaFunction, CudaModule};
 
 use super::abi::{
     decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, prefill_smem_bytes, prefill_threads,
-    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS,
+    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
 };
 use super::dtype::DType;
 use crate::error::{Error, Result};
@@ -27,6 +27,9 @@ pub(crate) enum Family {
     GatherFp8,
     /// Scatter (and append) 16-bit ragged K/V into an 8-bit cache (quantising).
     ScatterFp8,
+    /// Rotary position embeddings, and RoPE fused into the append (`Variant::mode` says which
+    /// pairing).
+    Rope,
     /// A kernel without variants: `Variant::name` says which.
     Single,
 }
@@ -46,6 +49,8 @@ pub(crate) struct Variant {
     pub head_dim: u32,
     /// Packed query rows of a prefill block (0 for others).
     pub rows: u32,
+    /// The RoPE kernels' pairing (`abi::rope_mode`; 0 for others).
+    pub mode: u32,
 }
 
 impl Variant {
@@ -60,6 +65,7 @@ impl Variant {
             )),
             Family::PrefillHopper => Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim))),
             Family::MergeStates => Some((MERGE_THREADS, 0)),
+            Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
         }
     }
@@ -94,6 +100,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
                     rows: 0,
+                    mode: 0,
                 })
             };
             (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
@@ -104,6 +111,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
                     rows: $rows,
+                    mode: 0,
                 })
             };
             (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
@@ -114,6 +122,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: dtype(stringify!($dtype)),
                     head_dim: $dim,
                     rows: HOPPER_PREFILL_ROWS,
+                    mode: 0,
                 })
             };
             (merge_states $half:ident $dtype:ident) => {
@@ -124,6 +133,18 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: None,
                     head_dim: 0,
                     rows: 0,
+                    mode: 0,
+                })
+            };
+            (rope $half:ident $dtype:ident $mode:ident) => {
+                table.push(Variant {
+                    name: entry_name!(rope $dtype $mode),
+                    family: Family::Rope,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: None,
+                    head_dim: 0,
+                    rows: 0,
+                    mode: rope_mode_id!($mode),
                 })
             };
             (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {
@@ -134,6 +155,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: 0,
                     rows: 0,
+                    mode: 0,
                 })
             };
             (single $name:ident) => {
@@ -144,6 +166,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: None,
                     head_dim: 0,
                     rows: 0,
+                    mode: 0,
                 })
             };
         }
@@ -299,6 +322,12 @@ impl Kernels {
             .ok_or(Error::UnsupportedDType { what: "merging attention states", dtype: dtype.name() })
     }
 
+    /// The RoPE kernel for rows of `dtype` and pairing `mode` (`abi::rope_mode`).
+    pub fn rope(&self, dtype: DType, mode: u32) -> Result<&Kernel> {
+        self.find(|v| v.family == Family::Rope && v.dtype == Some(dtype) && v.mode == mode)
+            .ok_or(Error::UnsupportedDType { what: "rotary position embeddings (f16 or bf16)", dtype: dtype.name() })
+    }
+
     /// The kernel without variants named `name` (one of the table's `single` lines).
     pub fn single(&self, name: &str) -> &Kernel {
         self.find(|v| v.family == Family::Single && v.name == name)
@@ -353,6 +382,19 @@ mod tests {
         assert!(names.contains(&"decode_bf16_e4m3_256") && names.contains(&"prefill_f16_e5m2_128_rows128"));
         assert!(names.contains(&"paged_kv_scatter_bf16_e5m2") && names.contains(&"paged_kv_gather_f16_e4m3"));
         assert!(names.contains(&"prefill_hopper_f16_128") && names.contains(&"prefill_hopper_bf16_256"));
+        assert!(names.contains(&"rope_f16_neox") && names.contains(&"rope_bf16_gptj"));
+        assert!(names.contains(&"rope_bf16_neox_scalar"));
+    }
+
+    #[test]
+    fn each_rope_pairing_has_a_kernel_of_each_16_bit_type() {
+        for dtype in [DType::F16, DType::BF16] {
+            for mode in [ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_GPTJ] {
+                let n =
+                    variants().iter().filter(|v| v.family == Family::Rope && v.dtype == Some(dtype) && v.mode == mode);
+                assert_eq!(n.count(), 1, "{dtype:?} mode {mode}");
+            }
+        }
     }
 
     #[test]

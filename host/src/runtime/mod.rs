@@ -37,3 +37,5 @@ unsafe impl DeviceRepr for abi::MergeStatesParams {}
 unsafe impl DeviceRepr for abi::ReadStreamParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for abi::HelperCheckParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for abi::RopeParams {}

@@ -20,6 +20,19 @@ pub unsafe fn load_readonly(ptr: *const Vec16) -> Vec16 {
     Vec16([a, b, c, d])
 }
 
+/// Loads 16 bytes through the coherent path: memory this kernel may also write (in place).
+///
+/// # Safety
+/// `ptr` is 16-byte aligned and points into global memory.
+#[inline(always)]
+pub unsafe fn load(ptr: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         p = in(reg64) ptr, options(readonly, nostack, preserves_flags));
+    Vec16([a, b, c, d])
+}
+
 /// Stores 16 bytes.
 ///
 /// # Safety

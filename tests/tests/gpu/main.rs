@@ -11,6 +11,7 @@ mod page_copy;
 mod prefill;
 mod raw;
 mod reliability;
+mod rope;
 mod soundness;
 
 fn main() {
@@ -25,6 +26,7 @@ fn main() {
         .chain(cascade::tests())
         .chain(raw::tests())
         .chain(reliability::tests())
+        .chain(rope::tests())
         .chain(soundness::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
