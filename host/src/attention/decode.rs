@@ -94,8 +94,33 @@ fn decode_chunk(
     if longest_block <= ONE_BLOCK_PER_SM_TILES * DECODE_TILE_TOKENS as usize {
         one_per_sm
     } else {
-        split_chunk(lens, DECODE_TILE_TOKENS, blocks_per_item, sms * blocks_per_sm, max_parts)
+        let slots = sms * blocks_per_sm;
+        split_chunk(lens, DECODE_TILE_TOKENS, blocks_per_item, slots, max_parts)
+            .or_else(|| fuller_last_wave(lens, blocks_per_item, slots, max_parts))
     }
+}
+
+/// Slot-time the blocks of a batch must fill (their count over whole waves of `slots`)
+/// before it is run unsplit.
+const MIN_WAVE_FILL: f64 = 0.9;
+
+/// A batch with more blocks than slots is not split by [`split_chunk`], but can leave its
+/// last wave mostly empty: 64 requests × 8 KV heads are 512 blocks, 1.29 waves of the 396
+/// slots of three fp8 decode blocks per SM on an H200, so the second wave runs 116 equal
+/// blocks while the rest of the GPU idles. The chunk that cuts the longest sequence into the
+/// fewest parts (at most 4) whose blocks fill their waves to [`MIN_WAVE_FILL`], or `None`
+/// when the unsplit batch already does (or no split up to 4 parts does).
+fn fuller_last_wave(lens: &[usize], blocks_per_item: usize, slots: usize, max_parts: usize) -> Option<usize> {
+    let tile = DECODE_TILE_TOKENS as usize;
+    let fill = |chunk: usize| {
+        let blocks = lens.iter().map(|&len| len.div_ceil(chunk).max(1)).sum::<usize>() * blocks_per_item;
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    };
+    let longest_tiles = lens.iter().copied().max()?.div_ceil(tile);
+    if longest_tiles < 2 || fill(longest_tiles * tile) >= MIN_WAVE_FILL {
+        return None;
+    }
+    (2..=max_parts.min(4)).map(|parts| longest_tiles.div_ceil(parts) * tile).find(|&chunk| fill(chunk) >= MIN_WAVE_FILL)
 }
 
 /// A decode batch's work split: what a plan uploads.
@@ -368,6 +393,18 @@ impl BatchDecodePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_1_29_waves_is_cut_until_its_waves_are_full() {
+        let tile = DECODE_TILE_TOKENS as usize;
+        // 64 × 4096 at 8 KV heads on 132 SMs × 3 slots: 512 blocks, 1.29 waves → 3 parts
+        // (1536 blocks, 97% of 4 waves); at 2 slots a SM (528) it is 0.97 of 2 waves: unsplit.
+        assert_eq!(fuller_last_wave(&[4096; 64], 8, 396, 16), Some(4096 / tile / 3 * tile + tile));
+        assert_eq!(decode_chunk(&[4096; 64], 8, 132, 2, 16), None);
+        assert_eq!(fuller_last_wave(&[4096; 64], 8, 264, 16), None);
+        // Never more parts than the merge staging allows.
+        assert_eq!(fuller_last_wave(&[4096; 64], 8, 396, 2), None);
+    }
 
     #[test]
     fn split_fills_one_wave_with_whole_tiles() {
