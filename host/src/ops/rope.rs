@@ -264,12 +264,9 @@ impl Rotation {
         if let Some(token) = positions.iter().position(|&p| p >= end) {
             return Err(Error::PositionOutOfRange { token, position: positions[token], end, what });
         }
-        let mode = rope_mode(options.interleave, rotary_dim as u32);
-        let rotation =
-            |core| Rotation { core, head_dim, rotary_dim, mode, cos_sin_rows, tokens: positions.len(), heads };
-        let threads = positions.len() as u64
-            * rotation_groups(heads) as u64
-            * rope_units(mode, head_dim as u32, rotary_dim as u32) as u64;
+        let (mode, tokens) = (rope_mode(options.interleave, rotary_dim as u32), positions.len());
+        let threads =
+            tokens as u64 * rotation_groups(heads) as u64 * rope_units(mode, head_dim as u32, rotary_dim as u32) as u64;
         if threads > FastDiv::MAX_DIVIDEND as u64 {
             return Err(Error::TooLarge {
                 what: "RoPE work (tokens × head groups × units)",
@@ -282,15 +279,15 @@ impl Rotation {
         let positions: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let mut core = PlanCore::new(device)?;
         core.replan(&[as_bytes(&positions), as_bytes(&freqs), as_bytes(row_offsets)], ScratchLayout::default())?;
-        Ok(rotation(core))
+        Ok(Rotation { core, head_dim, rotary_dim, mode, cos_sin_rows, tokens, heads })
     }
 
     fn elems(&self, tensor: usize) -> usize {
         self.tokens * self.heads[tensor] * self.head_dim
     }
 
-    /// Checks the stream, the cos/sin cache against the plan, and each `(name, address)`'s
-    /// alignment; returns the kernel for `T`.
+    /// Checks the stream and the cos/sin cache against the plan; returns the kernel for `T`.
+    /// (Each run checks its own buffers.)
     fn check<T: KvDType>(
         &self,
         stream: &CudaStream,
