@@ -83,6 +83,7 @@ fn attend<T: KvDType, C: KvDType>(
     q: &[T],
     sm_scale: f64,
     cap: f64,
+    sink: Option<f64>,
     out: &mut Vec<f64>,
 ) -> f64 {
     let dim = shape.head_dim;
@@ -101,9 +102,11 @@ fn attend<T: KvDType, C: KvDType>(
             }
         })
         .collect();
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // A sink is a key of value zero: in the maximum and the sum, not in the weighted values.
+    let sink = sink.filter(|&s| s > f64::NEG_INFINITY);
+    let max = logits.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    let total: f64 = weights.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
     for d in 0..dim {
         let acc: f64 = weights
             .iter()
@@ -153,6 +156,24 @@ pub fn decode_scaled<T: KvDType, C: KvDType>(
     num_qo_heads: usize,
     options: &DecodeOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    decode_with_sinks(shape, k_pool, v_pool, scales, table, q, num_qo_heads, options, None)
+}
+
+/// [`decode_scaled`] with attention sinks (`sinks`, if given: one logit per query head in the
+/// units of the scaled logits, −∞ for none), each joining its head's softmax denominator as a
+/// key of value zero, in the LSE too; an empty sequence gives zeros and the sink as LSE.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_with_sinks<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: KvScales,
+    table: &PageTable,
+    q: &[T],
+    num_qo_heads: usize,
+    options: &DecodeOptions,
+    sinks: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
     let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
@@ -165,7 +186,8 @@ pub fn decode_scaled<T: KvDType, C: KvDType>(
         let slots: Vec<(usize, usize)> = (first..kv_len).map(|pos| table.locate(seq, pos, shape.page_size)).collect();
         for h in 0..num_qo_heads {
             let qh = &q[(seq * num_qo_heads + h) * dim..][..dim];
-            lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, &mut out));
+            let sink = sinks.map(|s| s[h] as f64);
+            lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, sink, &mut out));
         }
     }
     (out, lse)
@@ -204,6 +226,23 @@ pub fn prefill_scaled<T: KvDType, C: KvDType>(
     num_qo_heads: usize,
     options: &PrefillOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    prefill_with_sinks(shape, k_pool, v_pool, scales, table, qo_indptr, q, num_qo_heads, options, None)
+}
+
+/// [`prefill_scaled`] with attention sinks, as [`decode_with_sinks`].
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_with_sinks<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: KvScales,
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q: &[T],
+    num_qo_heads: usize,
+    options: &PrefillOptions,
+    sinks: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
     let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
@@ -221,7 +260,8 @@ pub fn prefill_scaled<T: KvDType, C: KvDType>(
             let slots: Vec<(usize, usize)> = (lo..hi).map(|key| table.locate(seq, key, shape.page_size)).collect();
             for h in 0..num_qo_heads {
                 let qh = &q[((first_row + j) * num_qo_heads + h) * dim..][..dim];
-                lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, &mut out));
+                let sink = sinks.map(|s| s[h] as f64);
+                lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, sink, &mut out));
             }
         }
     }
@@ -466,6 +506,25 @@ mod tests {
                 assert_eq!(prefill(&shape, &k, &v, &table, &[0, 1, 2, 3], &q, 6, &opts), want, "{opts:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_sink_is_a_key_of_value_zero_and_minus_infinity_is_none() {
+        // Keys with values 1, 4 and logits 0, ln 2 (sm_scale 1, q = 1, one head); sink ln 3:
+        // weights 1, 2 and 3 over a sum of 6, the sink's value zero.
+        let shape = CacheShape { num_pages: 2, page_size: 1, num_kv_heads: 1, head_dim: 1, layout: KvLayout::Nhd };
+        let (k, v) = (vec![0.0f32, (2.0f64).ln() as f32], vec![1.0f32, 4.0]);
+        let opts = DecodeOptions { sm_scale: Some(1.0), ..Default::default() };
+        let table = PageTable { kv_indptr: vec![0, 2, 2], kv_indices: vec![0, 1], kv_last_page_len: vec![1, 0] };
+        let scales = KvScales::default();
+        let sink = [(3.0f64).ln() as f32];
+        let (out, lse) = decode_with_sinks(&shape, &k, &v, scales, &table, &[1.0f32, 1.0], 1, &opts, Some(&sink));
+        assert!((out[0] - 9.0 / 6.0).abs() < 1e-6 && (lse[0] - 6.0f64.log2()).abs() < 1e-6, "{out:?} {lse:?}");
+        // An empty sequence: zero output, the sink as LSE.
+        assert!(out[1] == 0.0 && (lse[1] - 3.0f64.log2()).abs() < 1e-6, "{out:?} {lse:?}");
+        let none =
+            decode_with_sinks(&shape, &k, &v, scales, &table, &[1.0f32, 1.0], 1, &opts, Some(&[f32::NEG_INFINITY]));
+        assert_eq!(none, decode(&shape, &k, &v, &table, &[1.0f32, 1.0], 1, &opts));
     }
 
     #[test]

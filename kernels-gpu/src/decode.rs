@@ -24,7 +24,7 @@ use crate::gpu::convert::permute_bytes;
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
-use crate::gpu::math::{exp2, log2, rcp};
+use crate::gpu::math::exp2;
 use crate::gpu::mem::{load_readonly, Vec16};
 use crate::gpu::shared::{
     dynamic_smem, dynamic_smem_addr, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4,
@@ -33,7 +33,7 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
 use crate::paged_tile::{fp8_swizzled, swizzled, KvRing, PagedKv};
-use crate::softmax::{LogitScale, RowState};
+use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
 const WARP_TOKENS: u32 = DECODE_TILE_TOKENS / DECODE_KEY_WARPS;
@@ -327,12 +327,14 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
                 o[e] += weight * *src.add(e);
             }
         }
+        // A split request's sink waits for the merge (partials are sink-free).
+        let sink = if work.slot == NO_PARTIAL { sink_logit(p.sinks, first_head + row) } else { f32::NEG_INFINITY };
+        let (inv, lse) = finish_row(m_ref, d_all, sink);
         // V's dequantisation scale goes with the normalisation: partials and merges are linear.
-        let inv = if d_all > 0.0 { rcp(d_all) * p.v_scale } else { 0.0 };
+        let inv = inv * p.v_scale;
         for e in &mut o {
             *e *= inv;
         }
-        let lse = if d_all > 0.0 { m_all + log2(d_all) } else { f32::NEG_INFINITY };
         let out_row = (request * p.num_qo_heads + first_head + row) as usize;
         if work.slot == NO_PARTIAL {
             store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse);
@@ -355,6 +357,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     let partial_row = |part: u32, row: u32| ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize;
     merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
         let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
-        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, o, lse)
+        let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, first_head + row));
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse)
     });
 }

@@ -22,13 +22,12 @@ use crate::abi::{
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
-use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, Block};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
-use crate::softmax::{LogitScale, RowState};
+use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Which keys the block's rows may see (causal and window bounds), and whether a tile of `TILE`
 /// keys starting at `first_key` has any key some row of the block may not see. Row warps are
@@ -272,9 +271,12 @@ pub unsafe fn prefill<
             let d = state.row_sum(h);
             let row = my_first_row + 16 * f as u32 + 8 * h as u32;
             if row < rows {
+                let (token, head) = p.group_size.divmod(row);
+                // A split tile's sink waits for the merge (partials are sink-free).
+                let sink = if split { f32::NEG_INFINITY } else { sink_logit(p.sinks, kv_head * group + head) };
+                let (inv, lse) = finish_row(state.m[h], d, sink);
                 // V's dequantisation scale goes with the normalisation (merging is linear).
-                let inv = if d > 0.0 { rcp(d) * p.v_scale } else { 0.0 };
-                let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
+                let inv = inv * p.v_scale;
                 let first_dim = (dim_base + 2 * t) as usize;
                 if split {
                     let prow = ((work.slot * p.num_kv_heads + kv_head) * block_rows + row - work.first_row) as usize;
@@ -287,7 +289,6 @@ pub unsafe fn prefill<
                         *(p.split.partial_lse as *mut f32).add(prow) = lse;
                     }
                 } else {
-                    let (token, head) = p.group_size.divmod(row);
                     let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
                     let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
                     crate::unroll_to!(n < out_dims / 8, {
@@ -318,6 +319,7 @@ pub unsafe fn prefill<
     merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
         let (token, head) = p.group_size.divmod(work.first_row + row);
         let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
-        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
+        let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, kv_head * group + head));
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
     });
 }

@@ -31,7 +31,6 @@ use crate::gpu::hopper::{
     wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
-use crate::gpu::math::{log2, rcp};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::sync::sync_threads;
@@ -40,7 +39,7 @@ use crate::gpu::warp::shfl_idx_u32;
 use crate::merge::{last_to_finish, merge, store_output, Team};
 use crate::paged_tile::PagedKv;
 use crate::prefill::Visibility;
-use crate::softmax::{LogitScale, RowState};
+use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Bytes of a row of a 64-dim slab (the swizzle atom's width).
 const SLAB_ROW_BYTES: u32 = 128;
@@ -421,8 +420,10 @@ unsafe fn consume<
         let d = state.row_sum(h);
         let row = my_first_row + 8 * h as u32;
         if row < rows {
-            let inv = if d > 0.0 { rcp(d) } else { 0.0 };
-            let lse = if d > 0.0 { state.m[h] + log2(d) } else { f32::NEG_INFINITY };
+            let (token, head) = p.group_size.divmod(row);
+            // A split tile's sink waits for the merge (partials are sink-free).
+            let sink = if split { f32::NEG_INFINITY } else { sink_logit(p.sinks, kv_head * group + head) };
+            let (inv, lse) = finish_row(state.m[h], d, sink);
             let first_dim = (2 * t) as usize;
             if split {
                 let prow =
@@ -439,7 +440,6 @@ unsafe fn consume<
                     *(p.split.partial_lse as *mut f32).add(prow) = lse;
                 }
             } else {
-                let (token, head) = p.group_size.divmod(row);
                 let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
                 let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
                 crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
@@ -471,6 +471,7 @@ unsafe fn consume<
     merge::<Consumers, HEAD_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
         let (token, head) = p.group_size.divmod(work.first_row + row);
         let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
-        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, o, lse)
+        let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, kv_head * group + head));
+        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
     });
 }

@@ -5,7 +5,7 @@
 //! (the C layout of `mma.sync`). Logits are base 2 (log2 e folded into the scale), so one
 //! `ex2` per probability; the LSE this yields is base 2, as FlashInfer's.
 use crate::gpu::half::Half;
-use crate::gpu::math::{exp2, fma, rcp};
+use crate::gpu::math::{exp2, fma, log2, rcp};
 use crate::gpu::warp::{any, shfl_xor_f32};
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
@@ -183,4 +183,46 @@ impl RowState {
         });
         probs
     }
+}
+
+/// The base-2 sink logit of query head `head` from `sinks` (`*const f32` of natural-log logits,
+/// `DecodeParams::sinks`), or −∞ (no sink) when `sinks` is 0.
+#[inline(always)]
+pub unsafe fn sink_logit(sinks: u64, head: u32) -> f32 {
+    if sinks == 0 {
+        f32::NEG_INFINITY
+    } else {
+        *(sinks as *const f32).add(head as usize) * LOG2_E
+    }
+}
+
+/// A row's normalisation: the factor that turns its output accumulator (relative to reference
+/// maximum `m`, probabilities summing to `d`) into the output, and its base-2 LSE. A sink
+/// (base-2 logit `sink`, −∞ for none) joins the sum as a key of value zero; a row without keys
+/// then gets a zero output and the sink as its LSE.
+#[inline(always)]
+pub fn finish_row(m: f32, d: f32, sink: f32) -> (f32, f32) {
+    if sink == f32::NEG_INFINITY {
+        return if d > 0.0 { (rcp(d), m + log2(d)) } else { (0.0, f32::NEG_INFINITY) };
+    }
+    // d > 0 means m is finite; rescale both terms to the larger maximum.
+    let (m_new, keep) = if d > 0.0 {
+        let m_new = m.max(sink);
+        (m_new, exp2(m - m_new))
+    } else {
+        (sink, 0.0)
+    };
+    let total = fma(d, keep, exp2(sink - m_new));
+    (keep * rcp(total), m_new + log2(total))
+}
+
+/// A normalised output slice `o` of LSE `lse` with the sink `sink` (as in [`finish_row`])
+/// folded in: the final output and LSE of a merged split row.
+#[inline(always)]
+pub fn fold_sink(o: &[f32; 8], lse: f32, sink: f32) -> ([f32; 8], f32) {
+    if sink == f32::NEG_INFINITY {
+        return (*o, lse);
+    }
+    let (factor, lse) = finish_row(lse, if lse == f32::NEG_INFINITY { 0.0 } else { 1.0 }, sink);
+    (o.map(|x| x * factor), lse)
 }

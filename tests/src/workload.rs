@@ -91,3 +91,10 @@ pub fn expect_bitwise_eq<T: KvDType>(what: &str, got: &[T], want: &[T], row_elem
         }
     }
 }
+
+/// Attention sinks for `heads` query heads: uniform in [−2, 8) (around the log of the
+/// softmax sums of random short and long sequences, so they weigh in), except head 0's −∞, which
+/// means no sink.
+pub fn random_sinks(rng: &mut impl Rng, heads: usize) -> Vec<f32> {
+    (0..heads).map(|h| if h == 0 { f32::NEG_INFINITY } else { rng.random_range(-2.0..8.0) }).collect()
+}

@@ -210,6 +210,23 @@ impl<T: KvDType> CascadeDecodePlan<T> {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
+        self.run_with_sinks(stream, q, cache, layer, None, out, lse)
+    }
+
+    /// [`run`](Self::run) with attention sinks (`[num_qo_heads]`, as
+    /// [`BatchDecodePlan::run_with_sinks`]): the unique level's decode folds them in and the
+    /// shared level's stays sink-free, so the merge counts each sink once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_sinks<C: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        cache: &PagedKvCache<C>,
+        layer: usize,
+        sinks: Option<&dyn DevicePtr<f32>>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
         check_lengths(&[("lse", lse.as_ref().map_or(self.rows, |l| l.len()), self.rows)])?;
         let device = self.unique.device().clone();
         device.check_stream(stream)?;
@@ -221,7 +238,7 @@ impl<T: KvDType> CascadeDecodePlan<T> {
             Some(l) => l,
             None => &mut self.unique_lse,
         };
-        self.unique.run(stream, q, cache, layer, out, Some(&mut *lse))?;
+        self.unique.run_with_sinks(stream, q, cache, layer, sinks, out, Some(&mut *lse))?;
         self.join.record(&self.side).map_err(Error::driver("recording an event"))?;
         stream.wait(&self.join).map_err(Error::driver("joining the side stream"))?;
         // What level 0 read, `stream` now reads too: cudarc's read events of q and the pools

@@ -232,6 +232,9 @@ impl AttentionLaunch for DecodeWork {
     fn rows(&self) -> usize {
         self.batch_size * self.num_qo_heads
     }
+    fn num_qo_heads(&self) -> usize {
+        self.num_qo_heads
+    }
     fn head_dim(&self) -> usize {
         self.shape.head_dim
     }
@@ -254,6 +257,7 @@ impl AttentionLaunch for DecodeWork {
             work: parts[1],
             out: ops.out,
             lse: ops.lse,
+            sinks: ops.sinks,
             split,
             num_qo_heads: self.num_qo_heads as u32,
             num_items: self.grid.0,
@@ -362,9 +366,32 @@ impl BatchDecodePlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
+        self.run_with_sinks(stream, q, cache, layer, None, out, lse)
+    }
+
+    /// [`run`](Self::run) with attention sinks (gpt-oss; FlashInfer's
+    /// `BatchAttentionWithAttentionSinkWrapper`): `sinks`, if given, holds one logit per query
+    /// head (`[num_qo_heads]`, in the units of the scaled and soft-capped logits) that joins
+    /// each row's softmax denominator as a key whose value is zero, window or not:
+    /// `out = Σ e^{s_i} v_i / (e^{sink} + Σ e^{s_i})`. The LSE is then `log2(e^{sink} + Σ e^{s_i})`,
+    /// so the output and LSE are an attention state that merges with sink-free states of other
+    /// keys (cascade levels, [`merge_states`](crate::merge_states)) to the attention over all
+    /// of them with the sink counted once. An empty sequence gives zeros and the sink's LSE; a
+    /// sink of −∞ is no sink.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_sinks<T: KvDType, C: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        cache: &PagedKvCache<C>,
+        layer: usize,
+        sinks: Option<&dyn DevicePtr<f32>>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
         let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
         let scales = cache.scales(layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, scales, out, lse)
+        self.core.run_attention(&self.work, stream, q, k, v, scales, sinks, out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k_pages` and

@@ -359,6 +359,9 @@ impl AttentionLaunch for PrefillWork {
     fn rows(&self) -> usize {
         self.total_q * self.num_qo_heads
     }
+    fn num_qo_heads(&self) -> usize {
+        self.num_qo_heads
+    }
     fn head_dim(&self) -> usize {
         self.shape.head_dim
     }
@@ -386,6 +389,7 @@ impl AttentionLaunch for PrefillWork {
             work: parts[1],
             out: ops.out,
             lse: ops.lse,
+            sinks: ops.sinks,
             split,
             num_qo_heads: self.num_qo_heads as u32,
             num_kv_heads: self.shape.num_kv_heads as u32,
@@ -572,9 +576,26 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
+        self.run_with_sinks(stream, q, cache, layer, None, out, lse)
+    }
+
+    /// [`run`](Self::run) with attention sinks, one logit per query head (`[num_qo_heads]`),
+    /// as [`BatchDecodePlan::run_with_sinks`](crate::BatchDecodePlan::run_with_sinks) defines
+    /// them: every query row's softmax denominator gains `e^{sink}`, and the LSE with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_sinks<T: KvDType, C: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        cache: &PagedKvCache<C>,
+        layer: usize,
+        sinks: Option<&dyn DevicePtr<f32>>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
         let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
         let scales = cache.scales(layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, scales, out, lse)
+        self.core.run_attention(&self.work, stream, q, k, v, scales, sinks, out, lse)
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
@@ -588,7 +609,23 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        self.core.run_attention(&self.work, stream, q, k, v, Default::default(), out, lse)
+        self.run_ragged_with_sinks(stream, q, k, v, None, out, lse)
+    }
+
+    /// [`run_ragged`](Self::run_ragged) with attention sinks, as
+    /// [`run_with_sinks`](Self::run_with_sinks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_ragged_with_sinks<T: KvDType>(
+        &mut self,
+        stream: &CudaStream,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        sinks: Option<&dyn DevicePtr<f32>>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<()> {
+        self.core.run_attention(&self.work, stream, q, k, v, Default::default(), sinks, out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one

@@ -69,6 +69,8 @@ pub(crate) struct Addresses {
     pub out: u64,
     /// 0 when no LSE is wanted.
     pub lse: u64,
+    /// The query heads' attention sinks; 0 for none.
+    pub sinks: u64,
     /// The cache layer's dequantisation scales (1 for a 16-bit cache).
     pub scales: KvScales,
 }
@@ -81,6 +83,8 @@ pub(crate) trait AttentionLaunch {
     const WHAT: &'static str;
     /// Rows of `q` and `out` (tokens × query heads), each `head_dim` elements.
     fn rows(&self) -> usize;
+    /// Query heads per token (the length of the sinks).
+    fn num_qo_heads(&self) -> usize;
     fn head_dim(&self) -> usize;
     /// Elements of each of K and V the launch addresses.
     fn kv_elems(&self) -> usize;
@@ -246,7 +250,8 @@ impl PlanCore {
     /// Runs `launch` on `stream` over cudarc buffers: checks the context of the stream and of
     /// every operand, the element types (the cache's `C` the planned one), and every length
     /// (`q`, `out`: `rows × head_dim`; `lse`: `rows`; `k`, `v`: `kv_elems`), then launches with
-    /// every buffer tracked. `scales` are the cache layer's (checked when they were set).
+    /// every buffer tracked. `scales` are the cache layer's (checked when they were set);
+    /// `sinks`, if given, one per query head.
     #[allow(clippy::too_many_arguments)]
     pub fn run_attention<T: KvDType, C: KvDType, L: AttentionLaunch>(
         &mut self,
@@ -256,6 +261,7 @@ impl PlanCore {
         k: &(impl DevicePtr<C> + ?Sized),
         v: &(impl DevicePtr<C> + ?Sized),
         scales: KvScales,
+        sinks: Option<&dyn DevicePtr<f32>>,
         out: &mut (impl DevicePtrMut<T> + ?Sized),
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
@@ -269,12 +275,17 @@ impl PlanCore {
         if let Some(lse) = &lse {
             dev.check_buffer("lse", &**lse)?;
         }
+        if let Some(sinks) = sinks {
+            dev.check_buffer("sinks", sinks)?;
+        }
         let kernel = kernel_for(launch, dev.kernels(), T::DTYPE, C::DTYPE)?;
         let (rows, elems, kv) = (launch.rows(), launch.rows() * launch.head_dim(), launch.kv_elems());
+        let heads = launch.num_qo_heads();
         check_lengths(&[
             ("q", q.len(), elems),
             ("out", out.len(), elems),
             ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
+            ("sinks", sinks.map_or(heads, |s| s.len()), heads),
             ("k", k.len(), kv),
             ("v", v.len(), kv),
         ])?;
@@ -292,13 +303,21 @@ impl PlanCore {
             }
             None => (0, None),
         };
+        let (sinks, _g7) = match sinks {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let (metadata, _g5) = self.metadata.device_ptr(stream);
         let parts = self.part_addresses(metadata);
         let (scratch, _g6) = self.scratch.device_ptr_mut(stream);
-        let params = launch.params(&Addresses { q, k, v, out, lse, scales }, &parts, self.layout.at(scratch));
+        let params = launch.params(&Addresses { q, k, v, out, lse, sinks, scales }, &parts, self.layout.at(scratch));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);
         // SAFETY: the plan validated its work against its shape, so the kernel reads K/V only
-        // below `kv_elems` elements, q and out only below `rows × head_dim`, and its metadata and
+        // below `kv_elems` elements, q and out only below `rows × head_dim`, sinks only below
+        // `num_qo_heads`, and its metadata and
         // scratch only inside what it uploaded and sized; every operand was checked to have
         // those lengths and to live in this context, and every buffer outlives the launch's
         // enqueueing (the guards above record cudarc's events after it).
@@ -344,6 +363,7 @@ impl PlanCore {
             v: v.ptr(),
             out: out.ptr(),
             lse: lse.map_or(0, |l| l.ptr()),
+            sinks: 0,
             scales: KvScales::default(),
         };
         let params = launch.params(&ops, &self.part_addresses(self.metadata_base), self.layout.at(self.scratch_base));

@@ -254,6 +254,14 @@ pub struct DecodeParams {
     pub out: u64,
     /// `*mut f32`, `[batch][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
+    /// `*const f32`, `[num_qo_heads]`, or 0 for none: attention sinks (gpt-oss; FlashInfer's
+    /// `BatchAttentionWithAttentionSinkWrapper`), one logit per query head in the units of the
+    /// scaled (and soft-capped) logits, that joins every row's softmax denominator as a key
+    /// whose value is zero: `out = Σ e^{s_i} v_i / (e^{sink} + Σ e^{s_i})`, LSE
+    /// `log2(e^{sink} + Σ e^{s_i})`. Such a state merges with sink-free states of other keys as
+    /// usual, so the sink is folded in once: by an unsplit block, or by the merge of a split
+    /// one (partials never carry it). A sink of −∞ is no sink.
+    pub sinks: u64,
     /// Split requests' partials (`[slots][num_qo_heads][head_dim]`), and a counter per (split
     /// request, KV head, row tile).
     pub split: SplitScratch,
@@ -403,6 +411,9 @@ pub struct PrefillParams {
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
     pub lse: u64,
+    /// `*const f32`, `[num_qo_heads]`, or 0 for none: attention sinks, as
+    /// [`DecodeParams::sinks`].
+    pub sinks: u64,
     /// Split row tiles' partials (`[slots][num_kv_heads][prefill_rows][head_dim]`), and a
     /// counter per (split row tile, KV head).
     pub split: SplitScratch,

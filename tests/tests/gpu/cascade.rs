@@ -2,12 +2,12 @@
 //! sequence: forked families of random prefix and suffix lengths, requests that share nothing,
 //! page sizes 1, 7 and 16, several group sizes, soft cap.
 use ferrinfer::{
-    f16, reference, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, SeqId, SequenceAllocator,
+    f16, reference, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, KvScales, SeqId, SequenceAllocator,
 };
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{random_cache, random_values, rng};
+use ferrinfer_tests::workload::{random_cache, random_sinks, random_values, rng};
 use rand::Rng;
 
 #[derive(Clone, Debug)]
@@ -17,6 +17,8 @@ struct Case {
     families: Vec<(usize, Vec<usize>)>,
     group: usize,
     options: DecodeOptions,
+    /// Run with random attention sinks (`random_sinks`).
+    sinks: bool,
 }
 
 fn cascade_case(dev: &Device, c: &Case) -> TestResult {
@@ -50,8 +52,16 @@ fn cascade_case(dev: &Device, c: &Case) -> TestResult {
     let q: Vec<f16> = random_values(&mut r, plan.qo_elems());
     let mut out = dev.upload(&vec![f16::NAN; q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; all.len() * heads])?;
-    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
-    let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &whole, &q, heads, &c.options);
+    let (k, v) = (&host[0].0, &host[0].1);
+    let (want, want_lse) = if c.sinks {
+        let sinks = random_sinks(&mut r, heads);
+        let on_device = dev.upload(&sinks)?;
+        plan.run_with_sinks(dev.stream(), &dev.upload(&q)?, &cache, 0, Some(&on_device), &mut out, Some(&mut lse))?;
+        reference::decode_with_sinks(&shape, k, v, KvScales::default(), &whole, &q, heads, &c.options, Some(&sinks))
+    } else {
+        plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+        reference::decode(&shape, k, v, &whole, &q, heads, &c.options)
+    };
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     // Two f16 partials are merged and rounded again: twice the f16 bound.
     for (i, (g, w)) in out.iter().zip(&want).enumerate() {
@@ -77,12 +87,22 @@ pub fn tests() -> Vec<GpuTest> {
         let families: Vec<(usize, Vec<usize>)> = (0..3)
             .map(|f| (r.random_range(1..3000), (0..[5, 1, 3][f]).map(|_| r.random_range(0..300)).collect()))
             .collect();
-        let c = Case { page_size, families, group, options: DecodeOptions::default() };
+        let c = Case { page_size, families, group, options: DecodeOptions::default(), sinks: false };
         t.push(GpuTest::new(format!("cascade_page_size_{page_size}_group_{group}_f16"), move |d| cascade_case(d, &c)));
     }
     let capped = DecodeOptions { logits_soft_cap: 20.0, sm_scale: Some(0.3), ..Default::default() };
-    let c = Case { page_size: 16, families: vec![(8192, vec![256; 8]), (15, vec![0, 3])], group: 4, options: capped };
+    let c = Case {
+        page_size: 16,
+        families: vec![(8192, vec![256; 8]), (15, vec![0, 3])],
+        group: 4,
+        options: capped,
+        sinks: false,
+    };
     t.push(GpuTest::new("cascade_long_shared_prompt_soft_cap_f16", move |d| cascade_case(d, &c)));
+    // The sink joins once: the unique level folds it in, the shared level stays sink-free.
+    let families = vec![(3000, vec![5, 0, 300]), (0, vec![17]), (40, vec![0])];
+    let c = Case { page_size: 7, families, group: 5, options: DecodeOptions::default(), sinks: true };
+    t.push(GpuTest::new("cascade_sinks_page_size_7_group_5_f16", move |d| cascade_case(d, &c)));
     t.push(GpuTest::new("cascade_replays_from_a_cuda_graph", cascade_replays_from_a_cuda_graph));
     t
 }

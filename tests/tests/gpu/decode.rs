@@ -3,14 +3,14 @@
 //! sequences, validation errors, and replay from a CUDA graph.
 //! Error bounds: `ferrinfer_tests::compare`.
 use ferrinfer::{
-    bf16, f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, Device, Error, KvDType, KvLayout, PageTable,
-    PagedKvCache,
+    bf16, f16, reference, BatchDecodePlan, CacheShape, DecodeOptions, Device, Error, KvDType, KvLayout, KvScales,
+    PageTable, PagedKvCache,
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
+use ferrinfer_tests::workload::{poison, random_cache, random_sinks, random_table, random_values, rng, shape_for};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -21,6 +21,8 @@ struct Case {
     head_dim: usize,
     layout: KvLayout,
     options: DecodeOptions,
+    /// Run with random attention sinks (`random_sinks`).
+    sinks: bool,
     seed: u64,
 }
 
@@ -34,6 +36,7 @@ impl Case {
             head_dim: 128,
             layout: KvLayout::Nhd,
             options: DecodeOptions::default(),
+            sinks: false,
             seed: page_size as u64,
         }
     }
@@ -49,8 +52,16 @@ fn decode_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut plan = BatchDecodePlan::new(dev, &shape, heads, &table, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; c.kv_lens.len() * heads])?;
-    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
-    let (want, want_lse) = reference::decode(&shape, &host[0].0, &host[0].1, &table, &q, heads, &c.options);
+    let (k, v) = (&host[0].0, &host[0].1);
+    let (want, want_lse) = if c.sinks {
+        let sinks = random_sinks(&mut r, heads);
+        let on_device = dev.upload(&sinks)?;
+        plan.run_with_sinks(dev.stream(), &dev.upload(&q)?, &cache, 0, Some(&on_device), &mut out, Some(&mut lse))?;
+        reference::decode_with_sinks(&shape, k, v, KvScales::default(), &table, &q, heads, &c.options, Some(&sinks))
+    } else {
+        plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+        reference::decode(&shape, k, v, &table, &q, heads, &c.options)
+    };
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "request")?)
 }
@@ -107,6 +118,16 @@ fn case_tests() -> Vec<GpuTest> {
         "decode_empty_sequences_yield_zeros_and_minus_infinity_bf16".into(),
         Case::new(&[0, 5, 0, 40], 16),
     );
+    // Sinks: in unsplit and split requests (folded in once, by the merge), empty sequences
+    // (zeros, the sink as LSE), a window, a soft cap, steep logits; head 0 has none (−∞).
+    let sinks = Case { sinks: true, ..Case::new(&[0, 1, 5, 700, 33000, 64], 7) };
+    add::<f16>(&mut t, "decode_sinks_split_and_empty_page_size_7_f16".into(), sinks.clone());
+    let c = Case { group: 5, head_dim: 64, layout: KvLayout::Hnd, ..sinks.clone() };
+    add::<bf16>(&mut t, "decode_sinks_page_size_7_group_5_head_dim_64_hnd_bf16".into(), c);
+    let c = Case { options: DecodeOptions { window_left: 100, logits_soft_cap: 30.0, ..Default::default() }, ..sinks };
+    add::<bf16>(&mut t, "decode_sinks_window_left_100_soft_cap_30_bf16".into(), c);
+    let c = Case { sinks: true, options: steep, group: 16, head_dim: 256, ..Case::new(&[900, 3, 5000], 1) };
+    add::<f16>(&mut t, "decode_sinks_steep_logits_page_size_1_group_16_head_dim_256_f16".into(), c);
     let many: Vec<usize> = (0..300).map(|i| 1 + (i * 13) % 90).collect();
     add::<f16>(&mut t, "decode_batch_300_without_split_f16".into(), Case { num_kv_heads: 8, ..Case::new(&many, 16) });
     // Enough blocks to fill the GPU unsplit, each streaming many key tiles through the ring.
@@ -140,7 +161,7 @@ fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
 fn validation_tests() -> Vec<GpuTest> {
     let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
     let table = PageTable { kv_indptr: vec![0, 1], kv_indices: vec![2], kv_last_page_len: vec![3] };
-    let (t1, t2, t3) = (table.clone(), table.clone(), table.clone());
+    let (t1, t2, t3, t4) = (table.clone(), table.clone(), table.clone(), table.clone());
     vec![
         GpuTest::new("decode_rejects_query_heads_not_a_multiple_of_kv_heads", move |d| {
             let e = BatchDecodePlan::new(d, &shape, 5, &t1, DecodeOptions::default())
@@ -154,6 +175,18 @@ fn validation_tests() -> Vec<GpuTest> {
             let e =
                 BatchDecodePlan::new(d, &s, 4, &t2, DecodeOptions::default()).err().ok_or("accepted head_dim 96")?;
             ensure!(matches!(e, Error::UnsupportedHeadDim { head_dim: 96, .. }), "wrong error: {e}");
+            Ok(())
+        }),
+        GpuTest::new("decode_rejects_sinks_not_one_per_query_head", move |d| {
+            let mut plan = BatchDecodePlan::new(d, &shape, 4, &t4, DecodeOptions::default())?;
+            let cache = PagedKvCache::<f16>::new(d, shape, 1)?;
+            let (q, mut out) = (d.alloc_zeros::<f16>(4 * 128)?, d.alloc_zeros::<f16>(4 * 128)?);
+            let sinks = d.alloc_zeros::<f32>(3)?;
+            let e = plan
+                .run_with_sinks(d.stream(), &q, &cache, 0, Some(&sinks), &mut out, None)
+                .err()
+                .ok_or("accepted 3 sinks for 4 heads")?;
+            ensure!(matches!(e, Error::BufferLength { what: "sinks", got: 3, expected: 4 }), "wrong error: {e}");
             Ok(())
         }),
         GpuTest::new("decode_rejects_query_of_wrong_length_and_f32", move |d| {

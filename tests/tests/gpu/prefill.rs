@@ -7,14 +7,14 @@
 //! the Hopper kernel) and, as `…_portable`, on `Device::with_portable_kernels` (`mma.sync`).
 //! The `prefill_hopper_…` cases also check that the Hopper kernel ran where the GPU has it.
 use ferrinfer::{
-    bf16, f16, reference, BatchPrefillPlan, CacheShape, Device, Error, KvDType, KvLayout, PageTable, PagedKvCache,
-    PrefillKernel, PrefillOptions,
+    bf16, f16, reference, BatchPrefillPlan, CacheShape, Device, Error, KvDType, KvLayout, KvScales, PageTable,
+    PagedKvCache, PrefillKernel, PrefillOptions,
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
+use ferrinfer_tests::workload::{poison, random_cache, random_sinks, random_table, random_values, rng, shape_for};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -26,6 +26,8 @@ struct Case {
     head_dim: usize,
     layout: KvLayout,
     options: PrefillOptions,
+    /// Run with random attention sinks (`random_sinks`).
+    sinks: bool,
     seed: u64,
 }
 
@@ -42,6 +44,7 @@ impl Case {
             head_dim: 128,
             layout: KvLayout::Nhd,
             options: CAUSAL,
+            sinks: false,
             seed: page_size as u64,
         }
     }
@@ -68,9 +71,16 @@ fn prefill_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; tokens * heads])?;
-    plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
-    let (want, want_lse) =
-        reference::prefill(&shape, &host[0].0, &host[0].1, &table, &qo_indptr, &q, heads, &c.options);
+    let (k, v, o) = (&host[0].0, &host[0].1, &c.options);
+    let (want, want_lse) = if c.sinks {
+        let sinks = random_sinks(&mut r, heads);
+        let on_device = dev.upload(&sinks)?;
+        plan.run_with_sinks(dev.stream(), &dev.upload(&q)?, &cache, 0, Some(&on_device), &mut out, Some(&mut lse))?;
+        reference::prefill_with_sinks(&shape, k, v, KvScales::default(), &table, &qo_indptr, &q, heads, o, Some(&sinks))
+    } else {
+        plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
+        reference::prefill(&shape, k, v, &table, &qo_indptr, &q, heads, o)
+    };
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
 }
@@ -94,7 +104,14 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut plan = BatchPrefillPlan::ragged(dev, c.num_kv_heads, c.head_dim, heads, &qo_indptr, &kv_indptr, c.options)?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; q.len() / c.head_dim])?;
-    plan.run_ragged(dev.stream(), &dev.upload(&q)?, &dev.upload(&k)?, &dev.upload(&v)?, &mut out, Some(&mut lse))?;
+    let sinks = random_sinks(&mut r, heads);
+    let on_device = dev.upload(&sinks)?;
+    let (q_dev, k_dev, v_dev) = (dev.upload(&q)?, dev.upload(&k)?, dev.upload(&v)?);
+    if c.sinks {
+        plan.run_ragged_with_sinks(dev.stream(), &q_dev, &k_dev, &v_dev, Some(&on_device), &mut out, Some(&mut lse))?;
+    } else {
+        plan.run_ragged(dev.stream(), &q_dev, &k_dev, &v_dev, &mut out, Some(&mut lse))?;
+    }
     let shape = CacheShape {
         num_pages: total_kv.max(1),
         page_size: 1,
@@ -107,7 +124,22 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
         kv_indices: (0..total_kv as u32).collect(),
         kv_last_page_len: c.lens.iter().map(|&(_, kv)| (kv > 0) as u32).collect(),
     };
-    let (want, want_lse) = reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, heads, &c.options);
+    let (want, want_lse) = if c.sinks {
+        reference::prefill_with_sinks(
+            &shape,
+            &k,
+            &v,
+            KvScales::default(),
+            &table,
+            &qo_indptr,
+            &q,
+            heads,
+            &c.options,
+            Some(&sinks),
+        )
+    } else {
+        reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, heads, &c.options)
+    };
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
 }
@@ -188,6 +220,21 @@ fn hopper_tests() -> Vec<GpuTest> {
         "prefill_hopper_steep_logits_rescale_mid_sequence_bf16".into(),
         Case { options: steep, ..Case::new(&[(600, 600), (200, 900)], 16) },
     );
+    let sinks = Case { sinks: true, ..Case::new(&lens, 3) };
+    add_hopper::<f16>(&mut t, "prefill_hopper_sinks_causal_page_size_3_f16".into(), sinks.clone());
+    let c = Case {
+        sinks: true,
+        group: 3,
+        head_dim: 256,
+        options: full,
+        ..Case::new(&[(300, 300), (70, 1000), (129, 0)], 48)
+    };
+    add_hopper::<bf16>(&mut t, "prefill_hopper_sinks_full_group_3_head_dim_256_bf16".into(), c);
+    t.push(GpuTest::new("prefill_hopper_sinks_one_long_request_splits_its_keys_bf16", |d| {
+        let c = Case { sinks: true, ..Case::new(&[(40, 20000), (30, 30), (70, 9000)], 16) };
+        ensure!(planned(d, &c)?.0 > 0, "the case should split");
+        prefill_case::<bf16>(d, &c)
+    }));
     // One long request among short ones, too few row tiles for the GPU: split keys, merged by
     // the consumer warpgroups of the last part.
     t.push(GpuTest::new("prefill_hopper_one_long_request_splits_its_keys_f16", |d| {
@@ -287,6 +334,31 @@ fn case_tests() -> Vec<GpuTest> {
         ..Case::new(&[(200, 12000)], 7)
     };
     add::<bf16>(&mut t, "prefill_split_keys_window_3000_soft_cap_group_7_bf16".into(), windowed);
+    // Sinks: unsplit and split tiles (folded in once, by the merge), queries without keys,
+    // window and soft cap, head dims 64 and 256; head 0 has none.
+    let sinks = Case { sinks: true, ..Case::new(&[(200, 200), (37, 400), (1, 1), (5, 5)], 7) };
+    add::<f16>(&mut t, "prefill_sinks_causal_page_size_7_f16".into(), sinks.clone());
+    let c = Case {
+        group: 5,
+        head_dim: 64,
+        layout: KvLayout::Hnd,
+        options: PrefillOptions { causal: false, ..CAUSAL },
+        // Queries without keys (only without a causal mask): zeros, and the sink as LSE.
+        lens: vec![(200, 200), (37, 400), (1, 1), (5, 0)],
+        ..sinks.clone()
+    };
+    add::<bf16>(&mut t, "prefill_sinks_full_group_5_head_dim_64_hnd_bf16".into(), c);
+    let c = Case {
+        group: 2,
+        head_dim: 256,
+        options: PrefillOptions { window_left: 100, logits_soft_cap: 30.0, ..CAUSAL },
+        ..sinks
+    };
+    add::<f16>(&mut t, "prefill_sinks_window_left_100_soft_cap_30_head_dim_256_f16".into(), c);
+    let c = Case { sinks: true, ..Case::new(&[(1, 20000), (3, 3), (70, 9000), (5, 40)], 16) };
+    add::<bf16>(&mut t, "prefill_sinks_one_long_request_splits_its_keys_bf16".into(), c);
+    let c = Case { sinks: true, group: 5, ..Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1) };
+    t.push(GpuTest::new("prefill_ragged_sinks_causal_group_5_f16", move |d| ragged_case::<f16>(d, &c)));
     // Contiguous K/V: the same kernel through one-token pages.
     let ragged = Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1);
     let r2 = ragged.clone();

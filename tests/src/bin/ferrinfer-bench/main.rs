@@ -53,6 +53,10 @@ struct Args {
     /// Decode batches.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 256])]
     decode_batches: Vec<usize>,
+    /// Each decode row is measured a second time with attention sinks (`run_with_sinks`, one
+    /// random logit per query head), printed as a `decode+sinks` row below it.
+    #[arg(long)]
+    sinks: bool,
     /// Decode query heads per KV head (4: 32 query heads over 8 KV heads).
     #[arg(long, value_delimiter = ',', default_values_t = vec![4])]
     decode_groups: Vec<usize>,
@@ -282,7 +286,7 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows, {elapsed} {msg}").expect("a valid template"),
     );
-    let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress };
+    let mut b = Bench { dev, timer, shapes: args.shapes(), copy_gbs, read_gbs, progress, sinks: args.sinks };
     let mut results = Vec::new();
     if gather_sizes.len() + append_sizes.len() > 0 {
         page_ops::header(&b);

@@ -23,6 +23,8 @@ pub struct Bench<'d> {
     pub read_gbs: f64,
     /// The sweep's progress (on stderr, and only on a terminal); table lines print above it.
     pub progress: ProgressBar,
+    /// Decode rows are measured with attention sinks too (`--sinks`).
+    pub sinks: bool,
 }
 
 impl Bench<'_> {
