@@ -28,7 +28,10 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*")
     ap.add_argument("--kv-lens", type=int, nargs="*")
     ap.add_argument("--tc-only", action="store_true", help="only the tensor-core path")
+    ap.add_argument("--head-dim", type=int, default=fb.D, help="head_dim (JIT-built for it)")
     args = ap.parse_args()
+    fb.D = args.head_dim
+    os.environ["FB_HEAD_DIM"] = str(args.head_dim)
     fb.DECODE_PAGE_SIZES = args.page_sizes or fb.DECODE_PAGE_SIZES
     fb.DECODE_BATCHES = args.batches or fb.DECODE_BATCHES
     fb.DECODE_KV_LENS = args.kv_lens or fb.DECODE_KV_LENS

@@ -17,8 +17,8 @@
 //! lane's output dims are 16 apart (8 at head_dim 64), un-permuted when O is parked for the
 //! merge. See [`fp8_scores`] and [`fp8_accumulate`].
 use crate::abi::{
-    decode_o_stride, decode_smem_bytes, decode_stages, decode_threads, DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS,
-    DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
+    decode_o_stride, decode_smem_bytes, decode_stages, decode_threads, tile_dim, DecodeParams, DecodeWorkItem,
+    DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
 use crate::gpu::convert::permute_bytes;
 use crate::gpu::fp8::KvElem;
@@ -160,9 +160,11 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
 
     let smem = dynamic_smem_addr();
     let q_smem = smem;
-    let k_smem = q_smem + DECODE_ROWS * HEAD_DIM * 2;
-    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
-    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * HEAD_DIM * K::BYTES;
+    // Shared rows are `tile_dim` wide (the next power of two: 128 for head dims 80 and 96).
+    let stage_dim = const { tile_dim(HEAD_DIM) };
+    let k_smem = q_smem + DECODE_ROWS * stage_dim * 2;
+    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * stage_dim * K::BYTES;
+    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * stage_dim * K::BYTES;
 
     // Over a 16-bit cache the query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
@@ -274,7 +276,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     let o_stride = decode_o_stride(HEAD_DIM, K::BYTES) as usize;
     let o_col = #[inline(always)]
     |dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) };
-    let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * HEAD_DIM * 2 / 4) as usize);
+    let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * stage_dim * 2 / 4) as usize);
     let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
@@ -293,7 +295,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
         } else {
             // acc[n][2h + e] is dim dim_base + lane_dims · (2t + e) + n: four n-tiles make four
             // adjacent dims, one 16-byte store.
-            let o_addr = dynamic_smem_addr() + DECODE_ROWS * HEAD_DIM * 2;
+            let o_addr = dynamic_smem_addr() + DECODE_ROWS * stage_dim * 2;
             crate::unroll!(e in [0, 1] {
                 crate::unroll!(quad in [0, 1, 2, 3] {
                     if quad < lane_dims as usize / 4 {

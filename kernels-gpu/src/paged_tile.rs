@@ -21,7 +21,7 @@
 //! layout a 16-bit stage has (`swizzled`), so its fragment loads and mma are the same code for
 //! every cache type. Decode's ring hands out the byte stages themselves, swizzled for its
 //! fragment loads ([`fp8_swizzled`]), and converts bytes straight into mma fragments.
-use crate::abi::{kv_table_slots, FastDiv, PagedCacheParams};
+use crate::abi::{kv_table_slots, tile_dim, FastDiv, PagedCacheParams};
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::shared::{load_shared_u32, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
@@ -29,7 +29,8 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM`-element
-/// rows. Chunks are XOR-swizzled by the row so the eight rows an `ldmatrix` reads at one
+/// rows, each [`tile_dim`]`(HEAD_DIM)` elements wide (head dims 80 and 96 leave the end of a
+/// row unused). Chunks are XOR-swizzled by the row so the eight rows an `ldmatrix` reads at one
 /// column fall in eight different bank groups.
 ///
 /// Rows are a power of two bytes and chunks stay within their row, so XOR-ing a chunk index
@@ -38,7 +39,7 @@ use crate::gpu::tensor::{commit_async_copies, copy_async, wait_async_copies};
 /// this to step along a row with one `xor` each.
 #[inline(always)]
 pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
-    row * HEAD_DIM * 2 + ((chunk ^ (row % 8)) * 16)
+    row * tile_dim(HEAD_DIM) * 2 + ((chunk ^ (row % 8)) * 16)
 }
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM` one-byte
@@ -70,6 +71,8 @@ unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS:
     dst: u32,
     thread: u32,
 ) {
+    // 8-bit caches come in power-of-two head dims only (instantiated, never called, for others).
+    const { assert!(K::BYTES == 2 || HEAD_DIM == tile_dim(HEAD_DIM)) };
     let per_thread = const { TILE_TOKENS * HEAD_DIM / 8 / THREADS };
     const { assert!((TILE_TOKENS * HEAD_DIM / 8) % THREADS == 0 && TILE_TOKENS * HEAD_DIM / 8 / THREADS <= 16) };
     let chunks = HEAD_DIM / 8;
@@ -186,16 +189,20 @@ impl<
         const WIDEN_8BIT: bool,
     > KvRing<H, K, HEAD_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT>
 {
+    /// Bytes of a head row in the pool, and of a row of a stage (a power of two: `tile_dim`).
     const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
-    const TILE_BYTES: u32 = TILE_TOKENS * Self::ROW_BYTES;
-    /// 16-byte chunks of a stored row.
-    const CHUNKS: u32 = Self::ROW_BYTES / 16;
+    const STAGE_ROW_BYTES: u32 = tile_dim(HEAD_DIM) * K::BYTES;
+    const TILE_BYTES: u32 = TILE_TOKENS * Self::STAGE_ROW_BYTES;
+    /// 16-byte chunks of a stage's row, and those of them a head row fills (threads of the
+    /// others copy nothing: 80 and 96 dims).
+    const CHUNKS: u32 = Self::STAGE_ROW_BYTES / 16;
+    const FILLED_CHUNKS: u32 = Self::ROW_BYTES / 16;
     const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
     /// Rows per thread and tile: 2, or a multiple of 4 up to 16.
     const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
     const SLOTS: u32 = kv_table_slots(STAGES);
     /// Bytes of one widened 16-bit tile.
-    const WIDE_BYTES: u32 = TILE_TOKENS * HEAD_DIM * 2;
+    const WIDE_BYTES: u32 = TILE_TOKENS * tile_dim(HEAD_DIM) * 2;
 
     /// Resolves the first `STAGES` tiles' rows and starts copying the first `STAGES − 1` tiles
     /// (every thread of the block calls this; the first commit group also carries whatever
@@ -311,9 +318,9 @@ impl<
     /// with the tiles.
     #[inline(always)]
     unsafe fn issue(&self, tile: u32) {
-        if tile < self.tiles {
+        let chunk = crate::gpu::index::thread_x_here() % Self::CHUNKS;
+        if tile < self.tiles && (Self::FILLED_CHUNKS == Self::CHUNKS || chunk < Self::FILLED_CHUNKS) {
             let (k_dst, v_dst) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
-            let chunk = crate::gpu::index::thread_x_here() % Self::CHUNKS;
             // All of this thread's rows first: a copy writes shared memory, so a table read
             // after it would wait for it.
             let mut rows = [0u32; 16];
@@ -335,7 +342,7 @@ impl<
                 let dst = if K::BYTES == 2 {
                     swizzled::<HEAD_DIM>(row, chunk)
                 } else if WIDEN_8BIT {
-                    row * Self::ROW_BYTES + chunk * 16
+                    row * Self::STAGE_ROW_BYTES + chunk * 16
                 } else {
                     fp8_swizzled::<HEAD_DIM>(row, chunk)
                 };

@@ -16,7 +16,7 @@
 //! When the batch is too small to fill the GPU, `plan` splits long row tiles' keys over several
 //! blocks, merged by the last of them (`merge`).
 use crate::abi::{
-    kv_table_bytes, prefill_rows, prefill_smem_bytes, prefill_stages, prefill_threads, widened_tiles_bytes,
+    kv_table_bytes, prefill_rows, prefill_smem_bytes, prefill_stages, prefill_threads, tile_dim, widened_tiles_bytes,
     PrefillParams, PrefillWorkItem, NO_PARTIAL, PREFILL_TILE_TOKENS, PREFILL_WARP_DIMS,
 };
 use crate::gpu::fp8::KvElem;
@@ -116,7 +116,8 @@ pub unsafe fn prefill<
     let block_rows = const { prefill_rows(ROW_FRAGS as u32) };
     let warp_rows = 16 * ROW_FRAGS as u32;
     let chunks = HEAD_DIM / 8;
-    let row_bytes = HEAD_DIM * 2;
+    // Shared rows are `tile_dim` wide (the next power of two: 128 for head dims 80 and 96).
+    let row_bytes = const { tile_dim(HEAD_DIM) * 2 };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     // Warp `warp` owns rows `warp_rows · row_warp..` of the block and output dims
@@ -133,7 +134,7 @@ pub unsafe fn prefill<
 
     let smem = dynamic_smem_addr();
     let q_smem = smem;
-    let kv_row_bytes = HEAD_DIM * K::BYTES;
+    let kv_row_bytes = const { tile_dim(HEAD_DIM) * K::BYTES };
     let k_smem = q_smem + block_rows * row_bytes;
     let v_smem = k_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
     let wide_smem = v_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
@@ -142,8 +143,8 @@ pub unsafe fn prefill<
     const {
         assert!(
             prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32, K::BYTES)
-                == prefill_rows(ROW_FRAGS as u32) * HEAD_DIM * 2
-                    + 2 * STAGES * PREFILL_TILE_TOKENS * HEAD_DIM * K::BYTES
+                == prefill_rows(ROW_FRAGS as u32) * tile_dim(HEAD_DIM) * 2
+                    + 2 * STAGES * PREFILL_TILE_TOKENS * tile_dim(HEAD_DIM) * K::BYTES
                     + widened_tiles_bytes(PREFILL_TILE_TOKENS, HEAD_DIM, K::BYTES)
                     + kv_table_bytes(STAGES, PREFILL_TILE_TOKENS)
         )

@@ -335,13 +335,21 @@ pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
     }
 }
 
+/// Elements of a row of a shared-memory tile of `head_dim`-element rows: the next power of two,
+/// so that the XOR swizzle of 16-byte chunks stays within a row and one `xor` steps a fragment
+/// load along it (`paged_tile::swizzled`). Head dims 80 and 96 leave the rest of a 128-wide row
+/// unused: shared memory as for 128, global traffic and math for their own width.
+pub const fn tile_dim(head_dim: u32) -> u32 {
+    head_dim.next_power_of_two()
+}
+
 /// Bytes of the 16-bit K and V tiles an 8-bit ring widens each arriving stage into (the tiles
 /// the fragment loads read); none for a 16-bit cache, whose stages are read as they are.
 pub const fn widened_tiles_bytes(tile_tokens: u32, head_dim: u32, kv_bytes: u32) -> u32 {
     if kv_bytes == 2 {
         0
     } else {
-        2 * tile_tokens * head_dim * 2
+        2 * tile_tokens * tile_dim(head_dim) * 2
     }
 }
 
@@ -351,8 +359,8 @@ pub const fn widened_tiles_bytes(tile_tokens: u32, head_dim: u32, kv_bytes: u32)
 /// ring needs no widened tiles in decode: its bytes go straight into mma fragments.
 pub const fn decode_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
     let stages = decode_stages(head_dim, kv_bytes);
-    let q = DECODE_ROWS * head_dim * 2;
-    let ring = 2 * stages * DECODE_TILE_TOKENS * head_dim * kv_bytes;
+    let q = DECODE_ROWS * tile_dim(head_dim) * 2;
+    let ring = 2 * stages * DECODE_TILE_TOKENS * tile_dim(head_dim) * kv_bytes;
     q + ring + kv_table_bytes(stages, DECODE_TILE_TOKENS) + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
 }
 
@@ -507,8 +515,8 @@ pub const fn prefill_stages(head_dim: u32, row_frags: u32) -> u32 {
 /// query tile, the K and V rings, the widened tiles (8-bit caches) and the ring's row table.
 pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32, kv_bytes: u32) -> u32 {
     let stages = prefill_stages(head_dim, row_frags);
-    prefill_rows(row_frags) * head_dim * 2
-        + 2 * stages * PREFILL_TILE_TOKENS * head_dim * kv_bytes
+    prefill_rows(row_frags) * tile_dim(head_dim) * 2
+        + 2 * stages * PREFILL_TILE_TOKENS * tile_dim(head_dim) * kv_bytes
         + widened_tiles_bytes(PREFILL_TILE_TOKENS, head_dim, kv_bytes)
         + kv_table_bytes(stages, PREFILL_TILE_TOKENS)
 }
@@ -794,17 +802,22 @@ macro_rules! kernel_variants {
             [F16 f16] [Bf16 bf16];
             // KV cache element types read as either of them: 8-bit floats, with scales.
             [[E4m3 e4m3] [E5m2 e5m2]];
-            // Head dims, each with the prefill block heights (query rows) built for it.
-            [[64: 64 128] [128: 64 128] [256: 64]]
+            // Head dims, each with the prefill block heights (query rows) built for it: over
+            // every cache type, and on Hopper's prefill too.
+            [[64: 64 128] [128: 64 128] [256: 64]];
+            // Head dims over 16-bit caches on the portable kernels only, in shared rows of the
+            // next power of two (`tile_dim`).
+            [[80: 64 128] [96: 64 128]]
         );
         $each!(single paged_kv_gather);
         $each!(single paged_kv_scatter);
         $each!(single read_stream);
         $each!(single helper_check);
     };
-    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt) => {
+    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt ; $portable_dims:tt) => {
         $(
             kernel_variants!(@dims $each $half $dtype $half same $dims);
+            kernel_variants!(@dims $each $half $dtype $half same $portable_dims);
             kernel_variants!(@hopper $each $half $dtype $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims);
             $each!(merge_states $half $dtype);

@@ -287,10 +287,15 @@ impl Kernels {
             };
             return Err(Error::UnsupportedDType { what, dtype: kv_dtype.name() });
         }
-        self.find(|v| {
-            of_family(v) && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype) && v.head_dim as usize == head_dim
+        let of_types = |v: &Variant| of_family(v) && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype);
+        self.find(|v| of_types(v) && v.head_dim as usize == head_dim).ok_or_else(|| {
+            // Head dims 80 and 96 run over 16-bit caches only: name what this pair supports.
+            let mut supported: Vec<usize> =
+                self.all.iter().filter(|k| of_types(&k.variant)).map(|k| k.variant.head_dim as usize).collect();
+            supported.sort_unstable();
+            supported.dedup();
+            Error::UnsupportedHeadDim { head_dim, supported }
         })
-        .ok_or_else(|| Error::UnsupportedHeadDim { head_dim, supported: attention_head_dims() })
     }
 
     /// The copy between an 8-bit cache of `kv_dtype` and 16-bit ragged K/V of `dtype`:
@@ -402,7 +407,8 @@ mod tests {
         // Plans over fp8 caches rely on finding no Hopper kernel for them (they take the
         // portable one).
         let hopper: Vec<_> = variants().iter().filter(|v| v.family == Family::PrefillHopper).collect();
-        assert_eq!(hopper.len(), 2 * attention_head_dims().len());
+        // Head dims 64, 128 and 256 (80 and 96 take the portable kernel everywhere).
+        assert_eq!(hopper.len(), 2 * 3);
         for v in hopper {
             assert!(v.kv_dtype == v.dtype && matches!(v.dtype, Some(DType::F16 | DType::BF16)), "{}", v.name);
         }
@@ -410,14 +416,17 @@ mod tests {
 
     #[test]
     fn head_dims_and_block_heights_come_from_the_table() {
-        assert_eq!(attention_head_dims(), [64, 128, 256]);
+        assert_eq!(attention_head_dims(), [64, 80, 96, 128, 256]);
         assert_eq!(prefill_block_rows(128), [64, 128]);
+        assert_eq!(prefill_block_rows(96), [64, 128]);
         assert_eq!(prefill_block_rows(256), [64]);
-        assert!(prefill_block_rows(96).is_empty());
-        // Every decode head_dim has prefill kernels, for both element types.
+        assert!(prefill_block_rows(112).is_empty());
+        // Every decode head_dim has prefill kernels, for both element types, and over 8-bit
+        // caches too unless it is 80 or 96 (16-bit caches only).
         for dim in attention_head_dims() {
             for dtype in [DType::F16, DType::BF16] {
-                for kv_dtype in [dtype, DType::E4M3, DType::E5M2] {
+                let fp8 = if dim == 80 || dim == 96 { &[][..] } else { &[DType::E4M3, DType::E5M2][..] };
+                for &kv_dtype in [dtype].iter().chain(fp8) {
                     let of = |f: Family| {
                         variants().iter().any(|v| {
                             v.family == f

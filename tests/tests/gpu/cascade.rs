@@ -16,6 +16,7 @@ struct Case {
     /// Per family: the parent's prompt length and each member's own tokens after the fork.
     families: Vec<(usize, Vec<usize>)>,
     group: usize,
+    head_dim: usize,
     options: DecodeOptions,
     /// Run with random attention sinks (`random_sinks`).
     sinks: bool,
@@ -27,7 +28,7 @@ fn cascade_case(dev: &Device, c: &Case) -> TestResult {
         num_pages: 40_000 / c.page_size + 64,
         page_size: c.page_size,
         num_kv_heads: 2,
-        head_dim: 128,
+        head_dim: c.head_dim,
         layout: KvLayout::Nhd,
     };
     let (cache, host) = random_cache::<f16>(dev, &mut r, shape, 1)?;
@@ -69,7 +70,7 @@ fn cascade_case(dev: &Device, c: &Case) -> TestResult {
         ensure!(
             (g - w).abs() <= 4e-3 + 2e-2 * w.abs(),
             "out[{i}] (request {}): GPU {g}, reference {w}",
-            i / (heads * 128)
+            i / (heads * c.head_dim)
         );
     }
     for (i, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
@@ -87,7 +88,7 @@ pub fn tests() -> Vec<GpuTest> {
         let families: Vec<(usize, Vec<usize>)> = (0..3)
             .map(|f| (r.random_range(1..3000), (0..[5, 1, 3][f]).map(|_| r.random_range(0..300)).collect()))
             .collect();
-        let c = Case { page_size, families, group, options: DecodeOptions::default(), sinks: false };
+        let c = Case { page_size, families, group, head_dim: 128, options: DecodeOptions::default(), sinks: false };
         t.push(GpuTest::new(format!("cascade_page_size_{page_size}_group_{group}_f16"), move |d| cascade_case(d, &c)));
     }
     let capped = DecodeOptions { logits_soft_cap: 20.0, sm_scale: Some(0.3), ..Default::default() };
@@ -95,14 +96,22 @@ pub fn tests() -> Vec<GpuTest> {
         page_size: 16,
         families: vec![(8192, vec![256; 8]), (15, vec![0, 3])],
         group: 4,
+        head_dim: 128,
         options: capped,
         sinks: false,
     };
     t.push(GpuTest::new("cascade_long_shared_prompt_soft_cap_f16", move |d| cascade_case(d, &c)));
     // The sink joins once: the unique level folds it in, the shared level stays sink-free.
     let families = vec![(3000, vec![5, 0, 300]), (0, vec![17]), (40, vec![0])];
-    let c = Case { page_size: 7, families, group: 5, options: DecodeOptions::default(), sinks: true };
+    let c = Case { page_size: 7, families, group: 5, head_dim: 128, options: DecodeOptions::default(), sinks: true };
     t.push(GpuTest::new("cascade_sinks_page_size_7_group_5_f16", move |d| cascade_case(d, &c)));
+    for head_dim in [80, 96] {
+        let families = vec![(2000, vec![5, 0, 300]), (9, vec![17, 1])];
+        let c = Case { page_size: 3, families, group: 4, head_dim, options: DecodeOptions::default(), sinks: true };
+        t.push(GpuTest::new(format!("cascade_sinks_page_size_3_head_dim_{head_dim}_f16"), move |d| {
+            cascade_case(d, &c)
+        }));
+    }
     t.push(GpuTest::new("cascade_replays_from_a_cuda_graph", cascade_replays_from_a_cuda_graph));
     t
 }

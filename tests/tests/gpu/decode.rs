@@ -91,6 +91,19 @@ fn case_tests() -> Vec<GpuTest> {
             Case { layout: KvLayout::Hnd, ..c },
         );
     }
+    // Head dims 80 and 96: rows of 10 and 12 chunks in 16-chunk shared rows.
+    for head_dim in [80, 96] {
+        for (ps, group) in [(1, 4), (7, 5), (16, 1), (100, 16)] {
+            let c =
+                Case { group, head_dim, seed: ps as u64 + head_dim as u64, ..Case::new(&[37, 1, 0, 700, 5000], ps) };
+            add::<f16>(&mut t, format!("decode_page_size_{ps}_group_{group}_head_dim_{head_dim}_f16"), c.clone());
+            let c = Case { layout: KvLayout::Hnd, ..c };
+            add::<bf16>(&mut t, format!("decode_page_size_{ps}_group_{group}_head_dim_{head_dim}_hnd_bf16"), c);
+        }
+        let options = DecodeOptions { window_left: 100, logits_soft_cap: 30.0, ..Default::default() };
+        let c = Case { head_dim, options, sinks: true, ..Case::new(&[300, 5, 33000], 3) };
+        add::<bf16>(&mut t, format!("decode_sinks_window_soft_cap_split_head_dim_{head_dim}_bf16"), c);
+    }
     let capped = DecodeOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..Default::default() };
     add::<f16>(&mut t, "decode_soft_cap_30_f16".into(), Case { options: capped, ..Case::new(&[300, 5, 1200], 16) });
     // Maxima that keep rising past the online softmax's rescale margin after the first tile.
@@ -161,7 +174,7 @@ fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
 fn validation_tests() -> Vec<GpuTest> {
     let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
     let table = PageTable { kv_indptr: vec![0, 1], kv_indices: vec![2], kv_last_page_len: vec![3] };
-    let (t1, t2, t3, t4) = (table.clone(), table.clone(), table.clone(), table.clone());
+    let (t1, t2, t3, t4, t5) = (table.clone(), table.clone(), table.clone(), table.clone(), table.clone());
     vec![
         GpuTest::new("decode_rejects_query_heads_not_a_multiple_of_kv_heads", move |d| {
             let e = BatchDecodePlan::new(d, &shape, 5, &t1, DecodeOptions::default())
@@ -171,10 +184,28 @@ fn validation_tests() -> Vec<GpuTest> {
             Ok(())
         }),
         GpuTest::new("decode_rejects_unsupported_head_dim", move |d| {
-            let s = CacheShape { head_dim: 96, ..shape };
+            let s = CacheShape { head_dim: 112, ..shape };
             let e =
-                BatchDecodePlan::new(d, &s, 4, &t2, DecodeOptions::default()).err().ok_or("accepted head_dim 96")?;
-            ensure!(matches!(e, Error::UnsupportedHeadDim { head_dim: 96, .. }), "wrong error: {e}");
+                BatchDecodePlan::new(d, &s, 4, &t2, DecodeOptions::default()).err().ok_or("accepted head_dim 112")?;
+            ensure!(matches!(e, Error::UnsupportedHeadDim { head_dim: 112, .. }), "wrong error: {e}");
+            ensure!(e.to_string().contains("64, 80, 96, 128, 256"), "the error should name the head dims: {e}");
+            Ok(())
+        }),
+        GpuTest::new("decode_over_fp8_rejects_head_dim_96_naming_its_head_dims", move |d| {
+            let s = CacheShape { head_dim: 96, ..shape };
+            let fp8 = DecodeOptions { kv_dtype: Some(ferrinfer::DType::E4M3), ..Default::default() };
+            let e = match BatchDecodePlan::new(d, &s, 4, &t5, fp8) {
+                Err(e) => e,
+                Ok(mut plan) => {
+                    let cache = PagedKvCache::<ferrinfer::E4m3>::new(d, s, 1)?;
+                    let (q, mut out) = (d.alloc_zeros::<f16>(4 * 96)?, d.alloc_zeros::<f16>(4 * 96)?);
+                    plan.run(d.stream(), &q, &cache, 0, &mut out, None).err().ok_or("ran head_dim 96 over e4m3")?
+                }
+            };
+            ensure!(
+                matches!(&e, Error::UnsupportedHeadDim { head_dim: 96, supported } if supported == &[64, 128, 256]),
+                "wrong error: {e}"
+            );
             Ok(())
         }),
         GpuTest::new("decode_rejects_sinks_not_one_per_query_head", move |d| {

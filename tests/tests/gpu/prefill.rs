@@ -334,6 +334,32 @@ fn case_tests() -> Vec<GpuTest> {
         ..Case::new(&[(200, 12000)], 7)
     };
     add::<bf16>(&mut t, "prefill_split_keys_window_3000_soft_cap_group_7_bf16".into(), windowed);
+    // Head dims 80 and 96 (the portable kernel on every GPU): rows of 10 and 12 chunks in
+    // 16-chunk shared rows; both block heights, split keys, a window with sinks.
+    for head_dim in [80, 96] {
+        for (ps, group) in [(1, 4), (7, 5), (48, 1), (100, 8)] {
+            let c = Case {
+                group,
+                head_dim,
+                seed: ps as u64 + head_dim as u64,
+                ..Case::new(&[(200, 200), (37, 400), (1, 1), (5, 5)], ps)
+            };
+            add::<f16>(
+                &mut t,
+                format!("prefill_causal_page_size_{ps}_group_{group}_head_dim_{head_dim}_f16"),
+                c.clone(),
+            );
+            let c = Case { layout: KvLayout::Hnd, options: PrefillOptions { causal: false, ..CAUSAL }, ..c };
+            add::<bf16>(&mut t, format!("prefill_full_page_size_{ps}_group_{group}_head_dim_{head_dim}_hnd_bf16"), c);
+        }
+        let options = PrefillOptions { window_left: 300, logits_soft_cap: 20.0, ..CAUSAL };
+        let c = Case { head_dim, options, sinks: true, ..Case::new(&[(1, 20000), (3, 3), (70, 9000)], 16) };
+        add::<bf16>(&mut t, format!("prefill_split_keys_window_sinks_head_dim_{head_dim}_bf16"), c);
+        let c = Case { head_dim, group: 3, ..Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64)], 1) };
+        t.push(GpuTest::new(format!("prefill_ragged_causal_group_3_head_dim_{head_dim}_f16"), move |d| {
+            ragged_case::<f16>(d, &c)
+        }));
+    }
     // Sinks: unsplit and split tiles (folded in once, by the merge), queries without keys,
     // window and soft cap, head dims 64 and 256; head 0 has none.
     let sinks = Case { sinks: true, ..Case::new(&[(200, 200), (37, 400), (1, 1), (5, 5)], 7) };
