@@ -222,6 +222,16 @@ pub enum Error {
         /// The head dimensions the kernels are built for.
         supported: Vec<usize>,
     },
+    /// Prefill with values narrower than queries and keys is not built for these head dims.
+    #[error("head_dim_qk {head_dim_qk} with head_dim_vo {head_dim_vo} is not supported here; supported (qk, vo): {supported:?}")]
+    UnsupportedHeadDims {
+        /// The query and key head dimension given.
+        head_dim_qk: usize,
+        /// The value and output head dimension given.
+        head_dim_vo: usize,
+        /// The (query/key, value) pairs the kernels are built for.
+        supported: Vec<(usize, usize)>,
+    },
     /// An operation was called with an element type it does not take.
     #[error("{what} does not take {dtype}")]
     UnsupportedDType {

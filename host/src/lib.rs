@@ -76,4 +76,5 @@ pub use ops::page_copy::{GatherPlan, ScatterPlan};
 pub use ops::rope::{AppendRopePlan, RopeAngles, RopeOptions, RopePlan, RopePositions, RopeShape, MAX_ROPE_POSITION};
 pub use runtime::device::Device;
 pub use runtime::dtype::{DType, E4m3, E5m2, KvDType};
+pub use runtime::kernels::qk_vo_head_dims;
 pub use runtime::raw::RawSlice;

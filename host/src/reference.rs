@@ -268,6 +268,63 @@ pub fn prefill_with_sinks<T: KvDType, C: KvDType>(
     (out, lse)
 }
 
+/// Ragged batch prefill in f64 with queries and keys of `head_dim_qk` dims and values of
+/// `head_dim_vo` (DeepSeek-style prefill): `q` is `[total_q][num_qo_heads][head_dim_qk]`, `k`
+/// `[total_kv][num_kv_heads][head_dim_qk]`, `v` `[total_kv][num_kv_heads][head_dim_vo]`, request
+/// `i`'s keys rows `kv_indptr[i]..kv_indptr[i + 1]`; positions, mask, window, scale (default
+/// `1 / √head_dim_qk`) and soft cap as in [`prefill`]. Returns `out`
+/// (`[total_q][num_qo_heads][head_dim_vo]`) and the base-2 LSE per (token, head).
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_ragged_qk_vo<T: KvDType>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    qo_indptr: &[u32],
+    kv_indptr: &[u32],
+    (num_qo_heads, num_kv_heads): (usize, usize),
+    (head_dim_qk, head_dim_vo): (usize, usize),
+    options: &PrefillOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let group = num_qo_heads / num_kv_heads;
+    let sm_scale = options.sm_scale.map_or(1.0 / (head_dim_qk as f64).sqrt(), |s| s as f64);
+    let cap = options.logits_soft_cap as f64;
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    for seq in 0..qo_indptr.len() - 1 {
+        let (first_q, qo_len) = (qo_indptr[seq] as usize, (qo_indptr[seq + 1] - qo_indptr[seq]) as usize);
+        let (first_kv, kv_len) = (kv_indptr[seq] as usize, (kv_indptr[seq + 1] - kv_indptr[seq]) as usize);
+        for j in 0..qo_len {
+            let pos = (kv_len + j).saturating_sub(qo_len);
+            let hi = if options.causal { pos + 1 } else { kv_len };
+            let lo = if options.window_left < 0 { 0 } else { pos.saturating_sub(options.window_left as usize) };
+            for h in 0..num_qo_heads {
+                let qh = &q[((first_q + j) * num_qo_heads + h) * head_dim_qk..][..head_dim_qk];
+                let row = |key: usize| (first_kv + key) * num_kv_heads + h / group;
+                let logits: Vec<f64> = (lo..hi)
+                    .map(|key| {
+                        let kh = &k[row(key) * head_dim_qk..][..head_dim_qk];
+                        let s = sm_scale * qh.iter().zip(kh).map(|(a, b)| a.to_f64() * b.to_f64()).sum::<f64>();
+                        if cap > 0.0 {
+                            cap * (s / cap).tanh()
+                        } else {
+                            s
+                        }
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim_vo {
+                    let acc: f64 =
+                        weights.iter().zip(lo..hi).map(|(w, key)| w * v[row(key) * head_dim_vo + d].to_f64()).sum();
+                    out.push(if total > 0.0 { acc / total } else { 0.0 });
+                }
+                lse.push(if total > 0.0 { (max + total.ln()) * std::f64::consts::LOG2_E } else { f64::NEG_INFINITY });
+            }
+        }
+    }
+    (out, lse)
+}
+
 /// Merged attention states in f64: for each (token, head), states `k` with outputs `v_k`
 /// (`v`: `[tokens][num_states][heads][head_dim]`) and base-2 LSEs `s_k` (`[tokens][num_states][heads]`)
 /// give `Σ_k 2^(s_k − s) v_k` and `s = log2 Σ_k 2^(s_k)`; no finite LSE gives zeros and −∞.
@@ -502,9 +559,30 @@ mod tests {
                     logits_soft_cap: base.logits_soft_cap,
                     window_left,
                     kv_dtype: None,
+                    head_dim_vo: None,
                 };
                 assert_eq!(prefill(&shape, &k, &v, &table, &[0, 1, 2, 3], &q, 6, &opts), want, "{opts:?}");
             }
+        }
+    }
+
+    #[test]
+    fn ragged_qk_vo_with_equal_dims_is_prefill_over_one_token_pages() {
+        let value = |i: usize| ((i * 7919) % 201) as f32 / 100.0 - 1.0;
+        let (kv_indptr, qo_indptr) = ([0u32, 5, 5, 12], [0u32, 3, 4, 6]);
+        let (heads, kv_heads, dim) = (4, 2, 8);
+        let k: Vec<f32> = (0..12 * kv_heads * dim).map(value).collect();
+        let v: Vec<f32> = (0..12 * kv_heads * dim).map(|i| value(i + 3)).collect();
+        let q: Vec<f32> = (0..6 * heads * dim).map(|i| value(2 * i + 1)).collect();
+        let shape =
+            CacheShape { num_pages: 12, page_size: 1, num_kv_heads: kv_heads, head_dim: dim, layout: KvLayout::Nhd };
+        let table =
+            PageTable { kv_indptr: kv_indptr.to_vec(), kv_indices: (0..12).collect(), kv_last_page_len: vec![1, 0, 1] };
+        for causal in [false, true] {
+            let opts = PrefillOptions { causal, logits_soft_cap: 3.0, window_left: 2, ..Default::default() };
+            let want = prefill(&shape, &k, &v, &table, &qo_indptr, &q, heads, &opts);
+            let got = prefill_ragged_qk_vo(&q, &k, &v, &qo_indptr, &kv_indptr, (heads, kv_heads), (dim, dim), &opts);
+            assert_eq!(got, want, "causal {causal}");
         }
     }
 

@@ -180,7 +180,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     }
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let mut ring = KvRing::<H, K, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false>::start(
+    let mut ring = KvRing::<H, K, HEAD_DIM, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false>::start(
         kv, start, end, tid, k_smem, v_smem, table_smem, 0,
     );
     if K::BYTES == 1 {

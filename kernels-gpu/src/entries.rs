@@ -40,9 +40,27 @@ macro_rules! entry {
                     $half,
                     $kv,
                     $dim,
+                    $dim,
                     { $rows / 64 },
                     { prefill_threads($dim) },
                     { prefill_stages($dim, $rows / 64) },
+                >(&p)
+            }
+        };
+    };
+    (prefill_qk_vo $half:ident $dtype:ident $qk:literal $vo:literal $rows:literal) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(prefill_qk_vo $dtype $qk $vo $rows)]
+            unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
+                crate::prefill::prefill::<
+                    $half,
+                    $half,
+                    $qk,
+                    $vo,
+                    { $rows / 64 },
+                    { prefill_threads($vo) },
+                    { prefill_stages($qk, $rows / 64) },
                 >(&p)
             }
         };

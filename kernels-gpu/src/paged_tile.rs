@@ -144,10 +144,15 @@ impl PagedKv {
 /// hold bytes: with `WIDEN_8BIT`, [`wait`](Self::wait) widens each tile into the 16-bit tiles at
 /// `wide_smem` (K, then V); without, it returns the byte stages, laid out by [`fp8_swizzled`].
 /// A 16-bit `K` ignores `WIDEN_8BIT`.
+///
+/// K rows have `HEAD_DIM` elements, V rows `V_DIM` (at most as many: DeepSeek-style prefill's
+/// 192 and 128; both positions count the same head rows); V's copies are the first `V_DIM / 8`
+/// chunks' threads' of each row. 8-bit caches need the two equal.
 pub struct KvRing<
     H: Half,
     K: KvElem,
     const HEAD_DIM: u32,
+    const V_DIM: u32,
     const TILE_TOKENS: u32,
     const THREADS: u32,
     const STAGES: u32,
@@ -183,11 +188,12 @@ impl<
         H: Half,
         K: KvElem,
         const HEAD_DIM: u32,
+        const V_DIM: u32,
         const TILE_TOKENS: u32,
         const THREADS: u32,
         const STAGES: u32,
         const WIDEN_8BIT: bool,
-    > KvRing<H, K, HEAD_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT>
+    > KvRing<H, K, HEAD_DIM, V_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT>
 {
     /// Bytes of a head row in the pool, and of a row of a stage (a power of two: `tile_dim`).
     const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
@@ -197,6 +203,10 @@ impl<
     /// others copy nothing: 80 and 96 dims).
     const CHUNKS: u32 = Self::STAGE_ROW_BYTES / 16;
     const FILLED_CHUNKS: u32 = Self::ROW_BYTES / 16;
+    /// The same for V's rows.
+    const V_ROW_BYTES: u32 = V_DIM * K::BYTES;
+    const V_TILE_BYTES: u32 = TILE_TOKENS * tile_dim(V_DIM) * K::BYTES;
+    const V_FILLED_CHUNKS: u32 = Self::V_ROW_BYTES / 16;
     const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
     /// Rows per thread and tile: 2, or a multiple of 4 up to 16.
     const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
@@ -228,6 +238,7 @@ impl<
         const {
             assert!(THREADS >= TILE_TOKENS && (Self::PASSES == 2 || Self::PASSES % 4 == 0) && Self::PASSES <= 16);
             assert!(Self::SLOTS >= STAGES && STAGES <= 4);
+            assert!(V_DIM <= HEAD_DIM && (K::BYTES == 2 || V_DIM == HEAD_DIM));
         };
         let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
         let mut ring = KvRing {
@@ -282,6 +293,12 @@ impl<
         (tile % STAGES) * Self::TILE_BYTES
     }
 
+    /// Shared offset of `tile`'s V stage.
+    #[inline(always)]
+    fn v_stage_offset(tile: u32) -> u32 {
+        (tile % STAGES) * Self::V_TILE_BYTES
+    }
+
     /// Shared address of `row`'s entry in `tile`'s table slot: rows `r + j · PASS_ROWS` sit
     /// side by side, in `j` order.
     #[inline(always)]
@@ -320,7 +337,7 @@ impl<
     unsafe fn issue(&self, tile: u32) {
         let chunk = crate::gpu::index::thread_x_here() % Self::CHUNKS;
         if tile < self.tiles && (Self::FILLED_CHUNKS == Self::CHUNKS || chunk < Self::FILLED_CHUNKS) {
-            let (k_dst, v_dst) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+            let (k_dst, v_dst) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::v_stage_offset(tile));
             // All of this thread's rows first: a copy writes shared memory, so a table read
             // after it would wait for it.
             let mut rows = [0u32; 16];
@@ -347,7 +364,12 @@ impl<
                     fp8_swizzled::<HEAD_DIM>(row, chunk)
                 };
                 copy_async(k_dst + dst, self.k_chunk.add(offset).cast());
-                copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
+                if V_DIM == HEAD_DIM {
+                    copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
+                } else if chunk < Self::V_FILLED_CHUNKS {
+                    let offset = rows[j] as usize * Self::V_ROW_BYTES as usize;
+                    copy_async(v_dst + swizzled::<V_DIM>(row, chunk), self.v_chunk.add(offset).cast());
+                }
             });
         }
         commit_async_copies();
@@ -372,7 +394,7 @@ impl<
         let thread = crate::gpu::index::thread_x_here();
         self.store_row(tile + STAGES, thread, self.next);
         self.next = self.look_up(tile + STAGES + 1, thread);
-        let (k, v) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::stage_offset(tile));
+        let (k, v) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::v_stage_offset(tile));
         if K::BYTES == 2 || !WIDEN_8BIT {
             return (k, v);
         }

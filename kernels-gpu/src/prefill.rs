@@ -91,12 +91,14 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
 const S_FRAGS: usize = PREFILL_TILE_TOKENS as usize / 8;
 const P_FRAGS: usize = S_FRAGS / 2;
 
-/// The kernel for `ROW_FRAGS` row fragments per warp.
+/// The kernel for `ROW_FRAGS` row fragments per warp; queries and keys of `HEAD_DIM` dims,
+/// values and outputs of `VO_DIM` (the same, or fewer: DeepSeek-style prefill's 192 and 128).
 #[inline(always)]
 pub unsafe fn prefill<
     H: Half,
     K: KvElem,
     const HEAD_DIM: u32,
+    const VO_DIM: u32,
     const ROW_FRAGS: usize,
     const THREADS: u32,
     const STAGES: u32,
@@ -104,11 +106,11 @@ pub unsafe fn prefill<
     p: &PrefillParams,
 ) {
     const {
-        assert!(THREADS == prefill_threads(HEAD_DIM) && STAGES == prefill_stages(HEAD_DIM, ROW_FRAGS as u32));
+        assert!(THREADS == prefill_threads(VO_DIM) && STAGES == prefill_stages(HEAD_DIM, ROW_FRAGS as u32));
     };
     let out_dims = const {
-        if HEAD_DIM < PREFILL_WARP_DIMS {
-            HEAD_DIM
+        if VO_DIM < PREFILL_WARP_DIMS {
+            VO_DIM
         } else {
             PREFILL_WARP_DIMS
         }
@@ -135,16 +137,18 @@ pub unsafe fn prefill<
     let smem = dynamic_smem_addr();
     let q_smem = smem;
     let kv_row_bytes = const { tile_dim(HEAD_DIM) * K::BYTES };
+    // V's shared rows (of the query's type once widened), `VO_DIM` wide.
+    let v_row_bytes = const { tile_dim(VO_DIM) * 2 };
     let k_smem = q_smem + block_rows * row_bytes;
     let v_smem = k_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
-    let wide_smem = v_smem + STAGES * PREFILL_TILE_TOKENS * kv_row_bytes;
+    let wide_smem = v_smem + STAGES * PREFILL_TILE_TOKENS * tile_dim(VO_DIM) * K::BYTES;
     let table_smem = wide_smem + widened_tiles_bytes(PREFILL_TILE_TOKENS, HEAD_DIM, K::BYTES);
-    let smem_bytes = const { prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32, K::BYTES) };
+    let smem_bytes = const { prefill_smem_bytes(HEAD_DIM, VO_DIM, ROW_FRAGS as u32, K::BYTES) };
     const {
         assert!(
-            prefill_smem_bytes(HEAD_DIM, ROW_FRAGS as u32, K::BYTES)
+            prefill_smem_bytes(HEAD_DIM, VO_DIM, ROW_FRAGS as u32, K::BYTES)
                 == prefill_rows(ROW_FRAGS as u32) * tile_dim(HEAD_DIM) * 2
-                    + 2 * STAGES * PREFILL_TILE_TOKENS * tile_dim(HEAD_DIM) * K::BYTES
+                    + STAGES * PREFILL_TILE_TOKENS * (tile_dim(HEAD_DIM) + tile_dim(VO_DIM)) * K::BYTES
                     + widened_tiles_bytes(PREFILL_TILE_TOKENS, HEAD_DIM, K::BYTES)
                     + kv_table_bytes(STAGES, PREFILL_TILE_TOKENS)
         )
@@ -166,7 +170,7 @@ pub unsafe fn prefill<
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
     let (start, end) = (work.kv_start, work.kv_end);
-    let mut ring = KvRing::<H, K, HEAD_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES, true>::start(
+    let mut ring = KvRing::<H, K, HEAD_DIM, VO_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES, true>::start(
         kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
     );
 
@@ -199,7 +203,7 @@ pub unsafe fn prefill<
         let lane = thread_x_here() % 32;
         let q_lane = q_smem + swizzled::<HEAD_DIM>(warp_rows * row_warp + lane % 16, lane / 16);
         let k_lane = k_tile + swizzled::<HEAD_DIM>((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-        let v_lane = v_tile + swizzled::<HEAD_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+        let v_lane = v_tile + swizzled::<VO_DIM>(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
         let first_key = start + tile * PREFILL_TILE_TOKENS;
         // S = Q·Kᵀ for the warp's rows and the tile's keys, each K fragment feeding every row
         // fragment.
@@ -243,7 +247,7 @@ pub unsafe fn prefill<
             P_FRAGS * dim_steps,
             |i| {
                 let (kb, dp) = ((i / dim_steps) as u32, (i % dim_steps) as u32);
-                load_matrix_x4_trans((v_lane ^ (16 * (dim_base / 8 + 2 * dp))) + kb * 16 * row_bytes)
+                load_matrix_x4_trans((v_lane ^ (16 * (dim_base / 8 + 2 * dp))) + kb * 16 * v_row_bytes)
             },
             |i, v| {
                 let (kb, dp) = (i / dim_steps, i % dim_steps);
@@ -281,7 +285,7 @@ pub unsafe fn prefill<
                 let first_dim = (dim_base + 2 * t) as usize;
                 if split {
                     let prow = ((work.slot * p.num_kv_heads + kv_head) * block_rows + row - work.first_row) as usize;
-                    let dst = (p.split.partial_out as *mut f32).add(prow * HEAD_DIM as usize + first_dim);
+                    let dst = (p.split.partial_out as *mut f32).add(prow * VO_DIM as usize + first_dim);
                     crate::unroll_to!(n < out_dims / 8, {
                         *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
                         *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
@@ -291,7 +295,7 @@ pub unsafe fn prefill<
                     }
                 } else {
                     let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
-                    let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
+                    let out = (p.out as *mut u32).add((out_row as usize * VO_DIM as usize + first_dim) / 2);
                     crate::unroll_to!(n < out_dims / 8, {
                         *out.add(4 * n) =
                             H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
@@ -317,10 +321,10 @@ pub unsafe fn prefill<
         ((work.first_slot + part) * p.num_kv_heads + kv_head) as usize * block_rows as usize + row as usize
     };
     let tile_rows = (rows - work.first_row).min(block_rows);
-    merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
+    merge::<Block<THREADS>, VO_DIM>(&p.split, work.parts, tile_rows, partial_row, |row, chunk, o, lse| {
         let (token, head) = p.group_size.divmod(work.first_row + row);
         let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
         let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, kv_head * group + head));
-        store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
+        store_output::<H, VO_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
     });
 }

@@ -182,6 +182,7 @@ impl<T: KvDType> CascadeDecodePlan<T> {
             logits_soft_cap: options.logits_soft_cap,
             window_left: -1,
             kv_dtype: options.kv_dtype,
+            head_dim_vo: None,
         };
         Ok((shared, batch * num_qo_heads))
     }

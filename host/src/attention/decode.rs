@@ -7,7 +7,7 @@
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{check_heads_and_options, split_chunk};
+use super::{check_head_dim, check_heads_and_options, split_chunk};
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::PageTable;
 use crate::cache::paged::PagedKvCache;
@@ -152,8 +152,9 @@ pub fn decode_split(
     sms: usize,
     blocks_per_sm: usize,
 ) -> Result<DecodeSplit> {
-    let (group_size, sm_scale) =
-        check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)?;
+    let (group_size, sm_scale) = check_head_dim(shape.head_dim).and_then(|_| {
+        check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)
+    })?;
     table.validate(shape.page_size, shape.num_pages)?;
     let row_tiles = group_size.div_ceil(DECODE_ROWS as usize);
 

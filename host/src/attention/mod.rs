@@ -11,8 +11,18 @@ use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
 use crate::runtime::kernels::attention_head_dims;
 
-/// Checks the cache shape, the query heads and the options every attention kernel takes, and
-/// returns the group size (query heads per KV head) and the resolved `sm_scale`.
+/// Checks that the attention kernels are built for `head_dim` (queries, keys and values alike).
+pub(crate) fn check_head_dim(head_dim: usize) -> Result<()> {
+    let supported = attention_head_dims();
+    if !supported.contains(&head_dim) {
+        return Err(Error::UnsupportedHeadDim { head_dim, supported });
+    }
+    Ok(())
+}
+
+/// Checks the cache shape, the query heads and the options every attention kernel takes (the
+/// head dim is the caller's to check), and returns the group size (query heads per KV head) and
+/// the resolved `sm_scale`.
 pub(crate) fn check_heads_and_options(
     shape: &CacheShape,
     num_qo_heads: usize,
@@ -21,10 +31,6 @@ pub(crate) fn check_heads_and_options(
     window_left: i32,
 ) -> Result<(usize, f32)> {
     shape.validate(DType::F16)?;
-    let supported = attention_head_dims();
-    if !supported.contains(&shape.head_dim) {
-        return Err(Error::UnsupportedHeadDim { head_dim: shape.head_dim, supported });
-    }
     if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(shape.num_kv_heads) {
         return Err(Error::GroupSize { num_qo_heads, num_kv_heads: shape.num_kv_heads });
     }

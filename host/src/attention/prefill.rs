@@ -14,7 +14,7 @@
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{check_heads_and_options, split_chunk};
+use super::{check_head_dim, check_heads_and_options, split_chunk};
 use crate::cache::layout::{CacheShape, KvLayout, MAX_INDEX};
 use crate::cache::page_table::{validate_indptr, PageTable};
 use crate::cache::paged::PagedKvCache;
@@ -27,7 +27,7 @@ use crate::runtime::abi::{
 };
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{DType, KvDType};
-use crate::runtime::kernels::{prefill_block_rows, Kernel, Kernels};
+use crate::runtime::kernels::{prefill_block_rows, qk_vo_head_dims, qk_vo_prefill_kernels, Kernel, Kernels};
 use crate::runtime::raw::RawSlice;
 
 /// Run-time options, as FlashInfer's `plan` takes them.
@@ -46,11 +46,29 @@ pub struct PrefillOptions {
     /// `None` for the queries' own type; [`DType::E4M3`] or [`DType::E5M2`] for an 8-bit cache.
     /// A run over a cache of another type is an error.
     pub kv_dtype: Option<DType>,
+    /// The head dim of values and outputs where it differs from queries' and keys' (FlashInfer's
+    /// `head_dim_vo`; `None`: the same): ragged plans only, 16-bit K/V, the pairs
+    /// [`qk_vo_head_dims`](crate::qk_vo_head_dims) lists (DeepSeek-style prefill's 192 and 128).
+    pub head_dim_vo: Option<usize>,
 }
 
 impl Default for PrefillOptions {
     fn default() -> Self {
-        PrefillOptions { causal: false, sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None }
+        PrefillOptions {
+            causal: false,
+            sm_scale: None,
+            logits_soft_cap: 0.0,
+            window_left: -1,
+            kv_dtype: None,
+            head_dim_vo: None,
+        }
+    }
+}
+
+impl PrefillOptions {
+    /// Values' and outputs' head dim for queries and keys of `head_dim`.
+    fn vo_dim(&self, head_dim: usize) -> usize {
+        self.head_dim_vo.unwrap_or(head_dim)
     }
 }
 
@@ -87,16 +105,13 @@ impl PrefillKernel {
     /// Most parts a split row tile may have: the merging block stages 8 sums per thread,
     /// (parts + 1) weights per row and a flag in its shared memory (the Hopper kernel's
     /// below its mbarriers, with its consumer threads).
-    fn max_parts(self, head_dim: u32) -> usize {
+    /// Values (and outputs) have `head_dim_vo` dims, queries and keys `head_dim`.
+    fn max_parts(self, head_dim: u32, head_dim_vo: u32) -> usize {
         let words = match self {
             // Whatever the cache's element type: the smaller block's shared memory.
             PrefillKernel::Portable { block_rows } => {
-                let smem = prefill_smem_bytes(head_dim, block_rows / 64, 1).min(prefill_smem_bytes(
-                    head_dim,
-                    block_rows / 64,
-                    2,
-                ));
-                smem / 4 - 1 - 8 * prefill_threads(head_dim)
+                let smem = |kv_bytes| prefill_smem_bytes(head_dim, head_dim_vo, block_rows / 64, kv_bytes);
+                smem(1).min(smem(2)) / 4 - 1 - 8 * prefill_threads(head_dim_vo)
             }
             PrefillKernel::Hopper => {
                 (hopper_prefill_smem_bytes(head_dim) - 16 * hopper_prefill_stages(head_dim) - 16) / 4
@@ -261,6 +276,7 @@ pub fn prefill_split(
     sms: usize,
     blocks_per_sm: usize,
 ) -> Result<PrefillSplit> {
+    check_prefill_head_dims(shape.head_dim, &options)?;
     let (group_size, sm_scale) =
         check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)?;
     table.validate(shape.page_size, shape.num_pages)?;
@@ -288,7 +304,8 @@ pub fn prefill_split(
     let spans: Vec<usize> = tiles.iter().map(|t| (t.kv_end - t.kv_start) as usize).collect();
     let capacity = sms * blocks_per_sm;
     let dim = shape.head_dim as u32;
-    let chunk = split_chunk(&spans, kernel.tile_tokens(dim), shape.num_kv_heads, capacity, kernel.max_parts(dim));
+    let vo = options.vo_dim(shape.head_dim) as u32;
+    let chunk = split_chunk(&spans, kernel.tile_tokens(dim), shape.num_kv_heads, capacity, kernel.max_parts(dim, vo));
     let (work, slots, split) = split_tiles(tiles, chunk, shape.num_kv_heads);
     let blocks = work.len() * shape.num_kv_heads;
     if blocks > i32::MAX as usize {
@@ -299,6 +316,26 @@ pub fn prefill_split(
         });
     }
     Ok(PrefillSplit { work, slots, split_tiles: split, group_size, kernel, total_q, sm_scale })
+}
+
+/// Checks that prefill kernels exist for queries and keys of `head_dim` and the values of
+/// `options.head_dim_vo`: one head dim of `attention_head_dims`, or a pair of
+/// [`qk_vo_head_dims`] over 16-bit K/V.
+fn check_prefill_head_dims(head_dim: usize, options: &PrefillOptions) -> Result<()> {
+    let head_dim_vo = options.vo_dim(head_dim);
+    if head_dim_vo == head_dim {
+        return check_head_dim(head_dim);
+    }
+    if !qk_vo_head_dims().contains(&(head_dim, head_dim_vo)) {
+        return Err(Error::UnsupportedHeadDims { head_dim_qk: head_dim, head_dim_vo, supported: qk_vo_head_dims() });
+    }
+    match options.kv_dtype {
+        Some(dtype) if dtype.size_bytes() == 1 => Err(Error::UnsupportedDType {
+            what: "prefill with head_dim_vo other than head_dim (16-bit K/V only)",
+            dtype: dtype.name(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The split `plan` uploads. With `hopper` (the GPU runs the Hopper kernel), batches of long
@@ -320,10 +357,16 @@ pub fn plan_prefill_split(
 ) -> Result<PrefillSplit> {
     let split_on =
         |kernel| prefill_split(shape, num_qo_heads, qo_indptr, table, options, kernel, sms, blocks_per_sm(kernel));
-    if hopper && long_queries(num_qo_heads, shape.num_kv_heads, qo_indptr) {
+    let head_dim_vo = options.vo_dim(shape.head_dim);
+    if hopper && head_dim_vo == shape.head_dim && long_queries(num_qo_heads, shape.num_kv_heads, qo_indptr) {
         return split_on(PrefillKernel::Hopper);
     }
-    let heights = prefill_block_rows(shape.head_dim);
+    let heights: Vec<u32> = if head_dim_vo == shape.head_dim {
+        prefill_block_rows(shape.head_dim)
+    } else {
+        let pair = |&(qk, vo, _): &(usize, usize, u32)| (qk, vo) == (shape.head_dim, head_dim_vo);
+        qk_vo_prefill_kernels().iter().filter(|k| pair(k)).map(|&(_, _, rows)| rows).collect()
+    };
     let preferred = preferred_block_rows(&heights, num_qo_heads, shape.num_kv_heads, qo_indptr);
     let split = split_on(PrefillKernel::Portable { block_rows: preferred })?;
     match heights.first() {
@@ -371,8 +414,24 @@ impl AttentionLaunch for PrefillWork {
     fn kv_dtype(&self) -> Option<DType> {
         self.options.kv_dtype
     }
+    fn head_dim_vo(&self) -> usize {
+        self.options.vo_dim(self.shape.head_dim)
+    }
+    fn v_elems(&self) -> usize {
+        self.kv_elems / self.shape.head_dim * self.head_dim_vo()
+    }
     fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel> {
+        let (head_dim, head_dim_vo) = (self.shape.head_dim, self.head_dim_vo());
         match self.kernel {
+            PrefillKernel::Portable { block_rows } if head_dim_vo != head_dim => {
+                if kv_dtype != dtype {
+                    return Err(Error::UnsupportedDType {
+                        what: "prefill with head_dim_vo other than head_dim (K/V of the queries' type only)",
+                        dtype: kv_dtype.name(),
+                    });
+                }
+                kernels.prefill_qk_vo(dtype, head_dim, head_dim_vo, block_rows)
+            }
             PrefillKernel::Portable { block_rows } => kernels.prefill(dtype, kv_dtype, self.shape.head_dim, block_rows),
             PrefillKernel::Hopper => kernels
                 .prefill_hopper(dtype, kv_dtype, self.shape.head_dim)
@@ -431,6 +490,9 @@ impl BatchPrefillPlan {
         table: &PageTable,
         options: PrefillOptions,
     ) -> Result<()> {
+        if options.vo_dim(shape.head_dim) != shape.head_dim {
+            return Err(Error::BadOption { what: "head_dim_vo other than head_dim needs a ragged plan" });
+        }
         self.replan_with(shape, num_qo_heads, qo_indptr, table, options, shape.pool_elems())
     }
 
@@ -474,6 +536,7 @@ impl BatchPrefillPlan {
             kv_indices: (0..total_kv as u32).collect(),
             kv_last_page_len: kv_indptr.windows(2).map(|w| (w[1] > w[0]) as u32).collect(),
         };
+        // K's elements; V's follow from `options.head_dim_vo` (`PrefillWork::v_elems`).
         self.replan_with(&shape, num_qo_heads, qo_indptr, &table, options, total_kv * num_kv_heads * head_dim)
     }
 
@@ -492,8 +555,12 @@ impl BatchPrefillPlan {
         // the run's (f16 when the plan does not say); fp8 caches have no Hopper kernel.
         let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
         let hopper = device.prefill_hopper(kv_dtype, kv_dtype, shape.head_dim).is_some();
+        let head_dim_vo = options.vo_dim(shape.head_dim);
         let blocks_per_sm = |kernel| {
             match kernel {
+                PrefillKernel::Portable { block_rows } if head_dim_vo != shape.head_dim => {
+                    kernels.prefill_qk_vo(kv_dtype, shape.head_dim, head_dim_vo, block_rows).ok()
+                }
                 PrefillKernel::Portable { block_rows } => {
                     kernels.prefill(DType::F16, kv_dtype, shape.head_dim, block_rows).ok()
                 }
@@ -514,7 +581,8 @@ impl BatchPrefillPlan {
         let scratch = ScratchLayout {
             counters: split_tiles * shape.num_kv_heads,
             partial_rows: slots * shape.num_kv_heads * kernel.block_rows() as usize,
-            head_dim: shape.head_dim,
+            // Partial outputs are rows of values.
+            head_dim: head_dim_vo,
         };
         self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
         self.work = PrefillWork {
@@ -537,9 +605,15 @@ impl BatchPrefillPlan {
         self.core.device()
     }
 
-    /// Elements of `q` and `out`: `total_q × num_qo_heads × head_dim`.
+    /// Elements of `q` (and of `out`, unless values are narrower: [`out_elems`](Self::out_elems)):
+    /// `total_q × num_qo_heads × head_dim`.
     pub fn qo_elems(&self) -> usize {
         self.work.rows() * self.work.shape.head_dim
+    }
+
+    /// Elements of `out`: `total_q × num_qo_heads × head_dim_vo`.
+    pub fn out_elems(&self) -> usize {
+        self.work.rows() * self.work.head_dim_vo()
     }
 
     /// Blocks of the launch: work items (row tiles, or parts of split ones) × KV heads.

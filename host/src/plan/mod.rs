@@ -86,8 +86,16 @@ pub(crate) trait AttentionLaunch {
     /// Query heads per token (the length of the sinks).
     fn num_qo_heads(&self) -> usize;
     fn head_dim(&self) -> usize;
-    /// Elements of each of K and V the launch addresses.
+    /// Elements of each row of `out` (and of V's rows): `head_dim` unless values are narrower.
+    fn head_dim_vo(&self) -> usize {
+        self.head_dim()
+    }
+    /// Elements of K (and of V, unless its rows are narrower) the launch addresses.
     fn kv_elems(&self) -> usize;
+    /// Elements of V the launch addresses.
+    fn v_elems(&self) -> usize {
+        self.kv_elems()
+    }
     /// The kernel variant for the queries' element type and the cache's.
     fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel>;
     /// The cache element type the plan was made for; `None`: the queries' own.
@@ -280,14 +288,15 @@ impl PlanCore {
         }
         let kernel = kernel_for(launch, dev.kernels(), T::DTYPE, C::DTYPE)?;
         let (rows, elems, kv) = (launch.rows(), launch.rows() * launch.head_dim(), launch.kv_elems());
+        let (out_elems, v_elems) = (rows * launch.head_dim_vo(), launch.v_elems());
         let heads = launch.num_qo_heads();
         check_lengths(&[
             ("q", q.len(), elems),
-            ("out", out.len(), elems),
+            ("out", out.len(), out_elems),
             ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
             ("sinks", sinks.map_or(heads, |s| s.len()), heads),
             ("k", k.len(), kv),
-            ("v", v.len(), kv),
+            ("v", v.len(), v_elems),
         ])?;
         if launch.blocks() == 0 {
             return Ok(());
@@ -316,7 +325,8 @@ impl PlanCore {
         let params = launch.params(&Addresses { q, k, v, out, lse, sinks, scales }, &parts, self.layout.at(scratch));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);
         // SAFETY: the plan validated its work against its shape, so the kernel reads K/V only
-        // below `kv_elems` elements, q and out only below `rows × head_dim`, sinks only below
+        // below `kv_elems` (V: `v_elems`) elements, q and out only below `rows × head_dim` (out:
+        // `head_dim_vo`), sinks only below
         // `num_qo_heads`, and its metadata and
         // scratch only inside what it uploaded and sized; every operand was checked to have
         // those lengths and to live in this context, and every buffer outlives the launch's
@@ -346,12 +356,13 @@ impl PlanCore {
         dev.check_raw_stream(stream)?;
         let kernel = kernel_for(launch, dev.kernels(), T::DTYPE, T::DTYPE)?;
         let (rows, elems, kv) = (launch.rows(), launch.rows() * launch.head_dim(), launch.kv_elems());
+        let (out_elems, v_elems) = (rows * launch.head_dim_vo(), launch.v_elems());
         check_lengths(&[
             ("q", q.len(), elems),
-            ("out", out.len(), elems),
+            ("out", out.len(), out_elems),
             ("lse", lse.map_or(rows, |l| l.len()), rows),
             ("k", k.len(), kv),
-            ("v", v.len(), kv),
+            ("v", v.len(), v_elems),
         ])?;
         if launch.blocks() == 0 {
             return Ok(());

@@ -511,12 +511,14 @@ pub const fn prefill_stages(head_dim: u32, row_frags: u32) -> u32 {
     }
 }
 
-/// Dynamic shared memory of a prefill block over a cache of `kv_bytes`-byte elements: the
-/// query tile, the K and V rings, the widened tiles (8-bit caches) and the ring's row table.
-pub const fn prefill_smem_bytes(head_dim: u32, row_frags: u32, kv_bytes: u32) -> u32 {
+/// Dynamic shared memory of a prefill block with queries and keys of `head_dim_qk` dims and
+/// values of `head_dim_vo` over a cache of `kv_bytes`-byte elements: the query tile, the K and
+/// V rings, the widened tiles (8-bit caches) and the ring's row table.
+pub const fn prefill_smem_bytes(head_dim_qk: u32, head_dim_vo: u32, row_frags: u32, kv_bytes: u32) -> u32 {
+    let head_dim = head_dim_qk;
     let stages = prefill_stages(head_dim, row_frags);
     prefill_rows(row_frags) * tile_dim(head_dim) * 2
-        + 2 * stages * PREFILL_TILE_TOKENS * tile_dim(head_dim) * kv_bytes
+        + stages * PREFILL_TILE_TOKENS * (tile_dim(head_dim) + tile_dim(head_dim_vo)) * kv_bytes
         + widened_tiles_bytes(PREFILL_TILE_TOKENS, head_dim, kv_bytes)
         + kv_table_bytes(stages, PREFILL_TILE_TOKENS)
 }
@@ -783,6 +785,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 /// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
 /// - `each!(decode $Half $dtype $Kv $kv $head_dim)`,
 /// - `each!(prefill $Half $dtype $Kv $kv $head_dim $rows)` (blocks of `$rows` packed query rows),
+/// - `each!(prefill_qk_vo $Half $dtype $head_dim_qk $head_dim_vo $rows)` (prefill whose values
+///   are narrower than its queries and keys, over 16-bit K/V),
 /// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels; over
 ///   16-bit caches),
 /// - `each!(merge_states $Half $dtype)`,
@@ -807,17 +811,21 @@ macro_rules! kernel_variants {
             [[64: 64 128] [128: 64 128] [256: 64]];
             // Head dims over 16-bit caches on the portable kernels only, in shared rows of the
             // next power of two (`tile_dim`).
-            [[80: 64 128] [96: 64 128]]
+            [[80: 64 128] [96: 64 128]];
+            // Query/key and value head dims of prefill with narrower values (DeepSeek's 192 and
+            // 128), over 16-bit K/V, with their block heights.
+            [[192 128: 64]]
         );
         $each!(single paged_kv_gather);
         $each!(single paged_kv_scatter);
         $each!(single read_stream);
         $each!(single helper_check);
     };
-    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt ; $portable_dims:tt) => {
+    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt ; $portable_dims:tt ; $qk_vo:tt) => {
         $(
             kernel_variants!(@dims $each $half $dtype $half same $dims);
             kernel_variants!(@dims $each $half $dtype $half same $portable_dims);
+            kernel_variants!(@qk_vo $each $half $dtype $qk_vo);
             kernel_variants!(@hopper $each $half $dtype $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims);
             $each!(merge_states $half $dtype);
@@ -832,6 +840,9 @@ macro_rules! kernel_variants {
             $each!(paged_copy_fp8 gather $half $dtype $kv $kvname);
             $each!(paged_copy_fp8 scatter $half $dtype $kv $kvname);
         )*
+    };
+    (@qk_vo $each:ident $half:ident $dtype:ident [$([$qk:literal $vo:literal : $($rows:literal)*])*]) => {
+        $( $( $each!(prefill_qk_vo $half $dtype $qk $vo $rows); )* )*
     };
     (@hopper $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
         $( $each!(prefill_hopper $half $dtype $dim); )*
@@ -858,6 +869,9 @@ macro_rules! entry_name {
     };
     (prefill_hopper $dtype:ident $dim:literal) => {
         concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($dim))
+    };
+    (prefill_qk_vo $dtype:ident $qk:literal $vo:literal $rows:literal) => {
+        concat!("prefill_", stringify!($dtype), "_", stringify!($qk), "x", stringify!($vo), "_rows", stringify!($rows))
     };
     (prefill $dtype:ident $kv:ident $dim:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim), "_rows", stringify!($rows))
@@ -931,7 +945,7 @@ macro_rules! assert_variant {
             assert!($dim % 16 == 0 && ($dim <= DECODE_WARP_DIMS || $dim % DECODE_WARP_DIMS == 0));
             assert!(decode_smem_bytes($dim, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
             // The warps' outputs, parked over the ring at the end, end before the statistics.
-            let (q, o_rows) = (DECODE_ROWS * $dim * 2, DECODE_KEY_WARPS * DECODE_ROWS);
+            let (q, o_rows) = (DECODE_ROWS * tile_dim($dim) * 2, DECODE_KEY_WARPS * DECODE_ROWS);
             let stats = DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4;
             assert!(
                 q + o_rows * decode_o_stride($dim, kv_bytes!($kvname)) * 4 + stats
@@ -945,7 +959,15 @@ macro_rules! assert_variant {
         const _: () = {
             assert!($dim % 16 == 0 && ($dim <= PREFILL_WARP_DIMS || $dim % PREFILL_WARP_DIMS == 0));
             assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($dim));
-            assert!(prefill_smem_bytes($dim, $rows / 64, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
+            assert!(prefill_smem_bytes($dim, $dim, $rows / 64, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
+        };
+    };
+    (prefill_qk_vo $half:ident $dtype:ident $qk:literal $vo:literal $rows:literal) => {
+        const _: () = {
+            // Values in one warp's 128 dims, no wider than the keys (their copies ride on K's).
+            assert!($qk % 16 == 0 && $vo % 16 == 0 && $vo <= PREFILL_WARP_DIMS && $vo <= $qk);
+            assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($vo));
+            assert!(prefill_smem_bytes($qk, $vo, $rows / 64, 2) <= MAX_BLOCK_SMEM_BYTES);
         };
     };
     (prefill_hopper $half:ident $dtype:ident $dim:literal) => {

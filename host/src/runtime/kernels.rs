@@ -45,8 +45,11 @@ pub(crate) struct Variant {
     pub dtype: Option<DType>,
     /// The cache's element type (attention and fp8 copies).
     pub kv_dtype: Option<DType>,
-    /// The head dimension of the attention kernels (0 for others).
+    /// The head dimension of the attention kernels (0 for others); of queries and keys where
+    /// values differ.
     pub head_dim: u32,
+    /// The head dimension of values and outputs: `head_dim` but in prefill with narrower values.
+    pub head_dim_vo: u32,
     /// Packed query rows of a prefill block (0 for others).
     pub rows: u32,
     /// The RoPE kernels' pairing (`abi::rope_mode`; 0 for others).
@@ -60,8 +63,8 @@ impl Variant {
         match self.family {
             Family::Decode => Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim, self.kv_bytes()))),
             Family::Prefill => Some((
-                prefill_threads(self.head_dim),
-                prefill_smem_bytes(self.head_dim, self.rows / 64, self.kv_bytes()),
+                prefill_threads(self.head_dim_vo),
+                prefill_smem_bytes(self.head_dim, self.head_dim_vo, self.rows / 64, self.kv_bytes()),
             )),
             Family::PrefillHopper => Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim))),
             Family::MergeStates => Some((MERGE_THREADS, 0)),
@@ -99,6 +102,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
+                    head_dim_vo: $dim,
                     rows: 0,
                     mode: 0,
                 })
@@ -110,6 +114,19 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
+                    head_dim_vo: $dim,
+                    rows: $rows,
+                    mode: 0,
+                })
+            };
+            (prefill_qk_vo $half:ident $dtype:ident $qk:literal $vo:literal $rows:literal) => {
+                table.push(Variant {
+                    name: entry_name!(prefill_qk_vo $dtype $qk $vo $rows),
+                    family: Family::Prefill,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: dtype(stringify!($dtype)),
+                    head_dim: $qk,
+                    head_dim_vo: $vo,
                     rows: $rows,
                     mode: 0,
                 })
@@ -121,6 +138,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: dtype(stringify!($dtype)),
                     head_dim: $dim,
+                    head_dim_vo: $dim,
                     rows: HOPPER_PREFILL_ROWS,
                     mode: 0,
                 })
@@ -132,6 +150,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: None,
                     head_dim: 0,
+                    head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
                 })
@@ -143,6 +162,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: None,
                     head_dim: 0,
+                    head_dim_vo: 0,
                     rows: 0,
                     mode: rope_mode_id!($mode),
                 })
@@ -154,6 +174,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: 0,
+                    head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
                 })
@@ -165,6 +186,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     dtype: None,
                     kv_dtype: None,
                     head_dim: 0,
+                    head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
                 })
@@ -184,12 +206,33 @@ pub(crate) fn attention_head_dims() -> Vec<usize> {
     dims
 }
 
+/// The (query/key, value) head dims of prefill with narrower values, and the block heights of
+/// each (ascending; one element type's).
+pub fn qk_vo_prefill_kernels() -> Vec<(usize, usize, u32)> {
+    let mut dims: Vec<(usize, usize, u32)> = variants()
+        .iter()
+        .filter(|v| v.family == Family::Prefill && v.head_dim_vo != v.head_dim)
+        .map(|v| (v.head_dim as usize, v.head_dim_vo as usize, v.rows))
+        .collect();
+    dims.sort_unstable();
+    dims.dedup();
+    dims
+}
+
+/// The (query/key, value) head dims of the prefill kernels whose values are narrower than their
+/// queries and keys ([`PrefillOptions::head_dim_vo`](crate::PrefillOptions::head_dim_vo)): DeepSeek-style 192 and 128.
+pub fn qk_vo_head_dims() -> Vec<(usize, usize)> {
+    let mut dims: Vec<(usize, usize)> = qk_vo_prefill_kernels().into_iter().map(|(qk, vo, _)| (qk, vo)).collect();
+    dims.dedup();
+    dims
+}
+
 /// Block heights (packed query rows) the prefill kernels of `head_dim` come in, ascending
 /// (the same for every element type).
 pub fn prefill_block_rows(head_dim: usize) -> Vec<u32> {
     let mut rows: Vec<u32> = variants()
         .iter()
-        .filter(|v| v.family == Family::Prefill && v.head_dim as usize == head_dim)
+        .filter(|v| v.family == Family::Prefill && v.head_dim as usize == head_dim && v.head_dim_vo == v.head_dim)
         .map(|v| v.rows)
         .collect();
     rows.sort_unstable();
@@ -265,6 +308,19 @@ impl Kernels {
         self.attention(Family::Prefill, dtype, kv_dtype, head_dim, rows, "prefill attention")
     }
 
+    /// The prefill kernel for queries and keys of `head_dim_qk` dims and values of a narrower
+    /// `head_dim_vo`, over 16-bit K/V of the queries' `dtype`, with blocks of `rows` query rows.
+    pub fn prefill_qk_vo(&self, dtype: DType, head_dim_qk: usize, head_dim_vo: usize, rows: u32) -> Result<&Kernel> {
+        self.find(|v| {
+            v.family == Family::Prefill
+                && v.dtype == Some(dtype)
+                && v.kv_dtype == Some(dtype)
+                && (v.head_dim as usize, v.head_dim_vo as usize) == (head_dim_qk, head_dim_vo)
+                && v.rows == rows
+        })
+        .ok_or(Error::UnsupportedHeadDims { head_dim_qk, head_dim_vo, supported: qk_vo_head_dims() })
+    }
+
     fn attention(
         &self,
         family: Family,
@@ -274,7 +330,7 @@ impl Kernels {
         rows: u32,
         what: &'static str,
     ) -> Result<&Kernel> {
-        let of_family = |v: &Variant| v.family == family && v.rows == rows;
+        let of_family = |v: &Variant| v.family == family && v.rows == rows && v.head_dim_vo == v.head_dim;
         if self.find(|v| of_family(v) && v.dtype == Some(dtype)).is_none() {
             return Err(Error::UnsupportedDType { what, dtype: dtype.name() });
         }
@@ -421,6 +477,9 @@ mod tests {
         assert_eq!(prefill_block_rows(96), [64, 128]);
         assert_eq!(prefill_block_rows(256), [64]);
         assert!(prefill_block_rows(112).is_empty());
+        // Narrower values: DeepSeek's 192 / 128 in 64-row blocks, not among the one-dim heights.
+        assert_eq!(qk_vo_prefill_kernels(), [(192, 128, 64)]);
+        assert!(prefill_block_rows(192).is_empty());
         // Every decode head_dim has prefill kernels, for both element types, and over 8-bit
         // caches too unless it is 80 or 96 (16-bit caches only).
         for dim in attention_head_dims() {

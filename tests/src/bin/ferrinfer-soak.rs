@@ -162,8 +162,14 @@ fn round<T: KvDType>(dev: &Device, r: &mut StdRng, batches: usize, counts: &mut 
         for &n in &new_tokens {
             qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + n as u32);
         }
-        let options =
-            PrefillOptions { causal: r.random(), sm_scale: None, logits_soft_cap, window_left, kv_dtype: None };
+        let options = PrefillOptions {
+            causal: r.random(),
+            sm_scale: None,
+            logits_soft_cap,
+            window_left,
+            kv_dtype: None,
+            head_dim_vo: None,
+        };
         let mut prefill = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
         let q: Vec<T> = random_values(r, prefill.qo_elems());
         let q_dev = dev.upload(&q)?;

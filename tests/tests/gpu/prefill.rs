@@ -31,8 +31,14 @@ struct Case {
     seed: u64,
 }
 
-const CAUSAL: PrefillOptions =
-    PrefillOptions { causal: true, sm_scale: None, logits_soft_cap: 0.0, window_left: -1, kv_dtype: None };
+const CAUSAL: PrefillOptions = PrefillOptions {
+    causal: true,
+    sm_scale: None,
+    logits_soft_cap: 0.0,
+    window_left: -1,
+    kv_dtype: None,
+    head_dim_vo: None,
+};
 
 impl Case {
     fn new(lens: &[(usize, usize)], page_size: usize) -> Self {
@@ -142,6 +148,36 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     };
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
+}
+
+/// `c` over ragged K/V with queries and keys of `head_dim_qk` dims and values (and outputs) of
+/// `head_dim_vo` (DeepSeek-style prefill), against the f64 reference written for it.
+fn ragged_qk_vo_case<T: KvDType>(dev: &Device, c: &Case, (head_dim_qk, head_dim_vo): (usize, usize)) -> TestResult {
+    let mut r = rng(c.seed);
+    let mut kv_indptr = vec![0u32];
+    for &(_, kv) in &c.lens {
+        kv_indptr.push(kv_indptr[kv_indptr.len() - 1] + kv as u32);
+    }
+    let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
+    let heads = c.num_kv_heads * c.group;
+    let k: Vec<T> = random_values(&mut r, total_kv * c.num_kv_heads * head_dim_qk);
+    let v: Vec<T> = random_values(&mut r, total_kv * c.num_kv_heads * head_dim_vo);
+    let qo_indptr = c.qo_indptr();
+    let tokens = qo_indptr[qo_indptr.len() - 1] as usize;
+    let q: Vec<T> = random_values(&mut r, tokens * heads * head_dim_qk);
+    let options = PrefillOptions { head_dim_vo: Some(head_dim_vo), ..c.options };
+    let mut plan = BatchPrefillPlan::ragged(dev, c.num_kv_heads, head_dim_qk, heads, &qo_indptr, &kv_indptr, options)?;
+    ensure!(plan.qo_elems() == tokens * heads * head_dim_qk, "qo_elems counts the queries' elements");
+    ensure!(plan.out_elems() == tokens * heads * head_dim_vo, "out_elems counts the outputs' elements");
+    let mut out = dev.upload(&vec![poison::<T>(); tokens * heads * head_dim_vo])?;
+    let mut lse = dev.upload(&vec![f32::NAN; tokens * heads])?;
+    let (q_dev, k_dev, v_dev) = (dev.upload(&q)?, dev.upload(&k)?, dev.upload(&v)?);
+    plan.run_ragged(dev.stream(), &q_dev, &k_dev, &v_dev, &mut out, Some(&mut lse))?;
+    let dims = (head_dim_qk, head_dim_vo);
+    let (want, want_lse) =
+        reference::prefill_ragged_qk_vo(&q, &k, &v, &qo_indptr, &kv_indptr, (heads, c.num_kv_heads), dims, &options);
+    let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
+    Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, head_dim_vo, "token")?)
 }
 
 /// The plan of `c`: row tiles it splits, and the kernel it launches.
@@ -360,6 +396,30 @@ fn case_tests() -> Vec<GpuTest> {
             ragged_case::<f16>(d, &c)
         }));
     }
+    // Queries and keys of 192 dims, values of 128 (DeepSeek-style prefill, ragged K/V): causal
+    // and not, window and soft cap, groups 1 to 16, requests without keys or queries, and one
+    // long request whose keys are split and merged.
+    let qk_vo = (192, 128);
+    for (group, options, seed) in [
+        (4, CAUSAL, 1),
+        (1, PrefillOptions { causal: false, ..CAUSAL }, 2),
+        (16, PrefillOptions { window_left: 50, logits_soft_cap: 20.0, ..CAUSAL }, 3),
+        (5, PrefillOptions { causal: false, sm_scale: Some(0.3), ..CAUSAL }, 4),
+    ] {
+        let c = Case { group, options, seed, ..Case::new(&[(100, 100), (3, 517), (0, 9), (64, 64), (1, 1)], 1) };
+        let name = format!("prefill_ragged_head_dim_qk_192_vo_128_group_{group}_case_{seed}");
+        let c2 = c.clone();
+        t.push(GpuTest::new(format!("{name}_f16"), move |d| ragged_qk_vo_case::<f16>(d, &c, qk_vo)));
+        t.push(GpuTest::new(format!("{name}_bf16"), move |d| ragged_qk_vo_case::<bf16>(d, &c2, qk_vo)));
+    }
+    let c = Case { options: PrefillOptions { causal: false, ..CAUSAL }, ..Case::new(&[(5, 0), (7, 3)], 1) };
+    t.push(GpuTest::new("prefill_ragged_head_dim_qk_192_vo_128_queries_without_keys_f16", move |d| {
+        ragged_qk_vo_case::<f16>(d, &c, qk_vo)
+    }));
+    let c = Case::new(&[(1, 20000), (3, 3), (70, 9000)], 1);
+    t.push(GpuTest::new("prefill_ragged_head_dim_qk_192_vo_128_splits_its_keys_bf16", move |d| {
+        ragged_qk_vo_case::<bf16>(d, &c, qk_vo)
+    }));
     // Sinks: unsplit and split tiles (folded in once, by the merge), queries without keys,
     // window and soft cap, head dims 64 and 256; head 0 has none.
     let sinks = Case { sinks: true, ..Case::new(&[(200, 200), (37, 400), (1, 1), (5, 5)], 7) };
@@ -435,8 +495,32 @@ fn validation_tests() -> Vec<GpuTest> {
     let shape = CacheShape { num_pages: 4, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
     // One request of 19 keys.
     let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![2, 0], kv_last_page_len: vec![3] };
-    let (t1, t2, t3) = (table.clone(), table.clone(), table.clone());
+    let (t1, t2, t3, t4) = (table.clone(), table.clone(), table.clone(), table.clone());
     vec![
+        GpuTest::new("prefill_head_dim_vo_is_ragged_16_bit_and_192_128_only", move |d| {
+            let narrow = PrefillOptions { head_dim_vo: Some(64), ..CAUSAL };
+            let e = BatchPrefillPlan::new(d, &shape, 4, &[0, 3], &t4, narrow).err().ok_or("paged with head_dim_vo")?;
+            ensure!(matches!(e, Error::BadOption { .. }), "wrong error: {e}");
+            let (qo, kv) = ([0u32, 3], [0u32, 10]);
+            let e = BatchPrefillPlan::ragged(d, 2, 128, 4, &qo, &kv, narrow).err().ok_or("accepted 128 / 64")?;
+            let named = matches!(&e, Error::UnsupportedHeadDims { head_dim_qk: 128, head_dim_vo: 64, supported }
+                if supported == &[(192, 128)]);
+            ensure!(named, "wrong error: {e}");
+            let deepseek = PrefillOptions { head_dim_vo: Some(128), ..CAUSAL };
+            let fp8 = PrefillOptions { kv_dtype: Some(ferrinfer::DType::E4M3), ..deepseek };
+            let e = BatchPrefillPlan::ragged(d, 2, 192, 4, &qo, &kv, fp8).err().ok_or("accepted fp8 192 / 128")?;
+            ensure!(matches!(e, Error::UnsupportedDType { .. }), "wrong error: {e}");
+            // V and out are checked at their own width.
+            let mut plan = BatchPrefillPlan::ragged(d, 2, 192, 4, &qo, &kv, deepseek)?;
+            let (q, k) = (d.alloc_zeros::<f16>(3 * 4 * 192)?, d.alloc_zeros::<f16>(10 * 2 * 192)?);
+            let (v, mut out) = (d.alloc_zeros::<f16>(10 * 2 * 192)?, d.alloc_zeros::<f16>(3 * 4 * 128)?);
+            let e = plan.run_ragged(d.stream(), &q, &k, &v, &mut out, None).err().ok_or("accepted a 192-wide v")?;
+            ensure!(matches!(e, Error::BufferLength { what: "v", expected: 2560, .. }), "wrong error: {e}");
+            let (v, mut out) = (d.alloc_zeros::<f16>(10 * 2 * 128)?, d.alloc_zeros::<f16>(3 * 4 * 192)?);
+            let e = plan.run_ragged(d.stream(), &q, &k, &v, &mut out, None).err().ok_or("accepted a 192-wide out")?;
+            ensure!(matches!(e, Error::BufferLength { what: "out", expected: 1536, .. }), "wrong error: {e}");
+            Ok(())
+        }),
         GpuTest::new("prefill_rejects_more_queries_than_keys", move |d| {
             let e = BatchPrefillPlan::new(d, &shape, 4, &[0, 20], &t1, CAUSAL).err().ok_or("accepted 20 queries")?;
             ensure!(matches!(e, Error::QueryLongerThanKeys { seq: 0, qo_len: 20, kv_len: 19 }), "wrong error: {e}");
