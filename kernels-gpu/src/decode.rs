@@ -17,8 +17,8 @@
 //! lane's output dims are 16 apart (8 at head_dim 64), un-permuted when O is parked for the
 //! merge. See [`fp8_scores`] and [`fp8_accumulate`].
 use crate::abi::{
-    decode_o_stride, decode_smem_bytes, decode_stages, decode_threads, tile_dim, DecodeParams, DecodeWorkItem,
-    DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
+    decode_dense_stages, decode_o_stride, decode_smem_bytes, decode_stage_dim, decode_stages, decode_threads, tile_dim,
+    DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
 use crate::gpu::convert::permute_bytes;
 use crate::gpu::fp8::KvElem;
@@ -32,7 +32,7 @@ use crate::gpu::shared::{
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
-use crate::paged_tile::{fp8_swizzled, swizzled, KvRing, PagedKv};
+use crate::paged_tile::{fp8_swizzled, swizzled, KvRing, LaneAddr, PagedKv};
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
@@ -129,8 +129,18 @@ unsafe fn fp8_accumulate<H: Half, K: KvElem, const LANE_DIMS: u32>(
 }
 
 #[inline(always)]
-pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32, const STAGES: u32>(p: &DecodeParams) {
+pub unsafe fn decode<
+    H: Half,
+    K: KvElem,
+    const HEAD_DIM: u32,
+    const THREADS: u32,
+    const STAGES: u32,
+    const DENSE: bool,
+>(
+    p: &DecodeParams,
+) {
     const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
+    const { assert!(DENSE == decode_dense_stages(HEAD_DIM, K::BYTES)) };
     const { assert!(K::BYTES == 2 || HEAD_DIM % 64 == 0) };
     let smem_bytes = const { decode_smem_bytes(HEAD_DIM, K::BYTES) };
     let out_dims = const {
@@ -162,9 +172,11 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     let q_smem = smem;
     // Shared rows are `tile_dim` wide (the next power of two: 128 for head dims 80 and 96).
     let stage_dim = const { tile_dim(HEAD_DIM) };
+    // K/V stages: the same, or dense rows of `HEAD_DIM` (`decode_dense_stages`).
+    let kv_dim = const { decode_stage_dim(HEAD_DIM, K::BYTES) };
     let k_smem = q_smem + DECODE_ROWS * stage_dim * 2;
-    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * stage_dim * K::BYTES;
-    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * stage_dim * K::BYTES;
+    let v_smem = k_smem + STAGES * DECODE_TILE_TOKENS * kv_dim * K::BYTES;
+    let table_smem = v_smem + STAGES * DECODE_TILE_TOKENS * kv_dim * K::BYTES;
 
     // Over a 16-bit cache the query rows (zeros past the group) go with the first tile's copies.
     let q = p.q as *const Vec16;
@@ -180,7 +192,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
     }
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let mut ring = KvRing::<H, K, HEAD_DIM, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false>::start(
+    let mut ring = KvRing::<H, K, HEAD_DIM, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false, DENSE>::start(
         kv, start, end, tid, k_smem, v_smem, table_smem, 0,
     );
     if K::BYTES == 1 {
@@ -241,13 +253,15 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
             // `swizzled`; the stages are multiples of a row from a 1 KiB-aligned base).
             let lane = thread_x_here() % 32;
             let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
-            let k_lane = k_tile + swizzled::<HEAD_DIM>(warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-            let v_lane = v_tile + swizzled::<HEAD_DIM>(warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+            let k_lane =
+                LaneAddr::new::<HEAD_DIM, DENSE>(k_tile, warp_row + (lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+            let v_lane =
+                LaneAddr::new::<HEAD_DIM, DENSE>(v_tile, warp_row + ((lane / 8) % 2) * 8 + lane % 8, lane / 16);
             // S = Q·Kᵀ for the warp's 16 keys: two n-tiles of 8 keys.
             let mut s = [[0.0f32; 4]; 2];
             pipelined(
                 HEAD_DIM as usize / 16,
-                |kk| (load_matrix_x4(q_lane ^ (32 * kk as u32)), load_matrix_x4(k_lane ^ (32 * kk as u32))),
+                |kk| (load_matrix_x4(q_lane ^ (32 * kk as u32)), load_matrix_x4(k_lane.at(32 * kk as u32))),
                 |_, (a, b)| {
                     H::mma(&mut s[0], a, [b[0], b[1]]);
                     H::mma(&mut s[1], a, [b[2], b[3]]);
@@ -259,7 +273,7 @@ pub unsafe fn decode<H: Half, K: KvElem, const HEAD_DIM: u32, const THREADS: u32
             // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
             pipelined(
                 out_dims as usize / 16,
-                |dp| load_matrix_x4_trans(v_lane ^ (16 * (dim_base / 8 + 2 * dp as u32))),
+                |dp| load_matrix_x4_trans(v_lane.at(16 * (dim_base / 8 + 2 * dp as u32))),
                 |dp, b| {
                     H::mma(&mut acc[dp][0], probs, [b[0], b[1]]);
                     H::mma(&mut acc[dp][1], probs, [b[2], b[3]]);

@@ -7,9 +7,9 @@
 //! `sm_80` and `sm_90` modules hold all the others.
 #[allow(unused_imports)]
 use crate::abi::{
-    decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_stages, prefill_threads,
-    DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX,
-    ROPE_NEOX_SCALAR,
+    decode_dense_stages, decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens,
+    prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams, RopeParams,
+    ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
 };
 #[allow(unused_imports)]
 use crate::gpu::fp8::{E4m3, E5m2, KvElem};
@@ -27,6 +27,7 @@ macro_rules! entry {
                     $dim,
                     { decode_threads($dim) },
                     { decode_stages($dim, <$kv as KvElem>::BYTES) },
+                    { decode_dense_stages($dim, <$kv as KvElem>::BYTES) },
                 >(&p)
             }
         };

@@ -42,6 +42,46 @@ pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
     row * tile_dim(HEAD_DIM) * 2 + ((chunk ^ (row % 8)) * 16)
 }
 
+/// Byte offset of 16-byte chunk `chunk` of row `row` in a dense shared tile of 12-chunk rows
+/// (96 dims of 16 bits: `abi::decode_dense_stages`). Rows are 192 bytes, so 16-byte bank group
+/// `(12 r + chunk) mod 8` alternates by 4 between even and odd rows; XOR-ing the chunk with
+/// `(r >> 1) & 3` spreads the four even (and four odd) rows of an 8-row `ldmatrix` phase over
+/// the other two bits: eight rows, eight groups. The XOR changes a chunk's low two bits only, so
+/// it stays in its row, and `dense_swizzled(r, c ^ f) == row start + ((dense offset) ^ 16 f)`
+/// ([`LaneAddr`] steps along a row that way).
+#[inline(always)]
+pub fn dense_swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
+    row * HEAD_DIM * 2 + (chunk ^ ((row >> 1) & 3)) * 16
+}
+
+/// A lane's fragment address in a swizzled tile, stepped along its row by XOR-ing a chunk
+/// offset: `base + (offset ^ step)`. In a tile of power-of-two rows the whole address XORs
+/// (`base` 0); in a dense tile only the offset within the row does.
+#[derive(Clone, Copy)]
+pub struct LaneAddr {
+    base: u32,
+    offset: u32,
+}
+
+impl LaneAddr {
+    /// Chunk `chunk` of row `row` of the tile at `tile` (a multiple of its row size), dense
+    /// (`dense_swizzled`) or not (`swizzled`).
+    #[inline(always)]
+    pub fn new<const HEAD_DIM: u32, const DENSE: bool>(tile: u32, row: u32, chunk: u32) -> Self {
+        if DENSE {
+            LaneAddr { base: tile + row * HEAD_DIM * 2, offset: (chunk ^ ((row >> 1) & 3)) * 16 }
+        } else {
+            LaneAddr { base: 0, offset: tile + swizzled::<HEAD_DIM>(row, chunk) }
+        }
+    }
+
+    /// The address `step` bytes (a multiple of 16, XOR-ed) along the row.
+    #[inline(always)]
+    pub fn at(self, step: u32) -> u32 {
+        self.base + (self.offset ^ step)
+    }
+}
+
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a shared tile of `HEAD_DIM` one-byte
 /// elements as decode reads it (`decode.rs`): chunks are XOR-swizzled by
 /// `x(r) = 4·(r & 1) ^ 2·((r >> 1) & 3)` (modulo the chunks of a row) so that both of its
@@ -145,6 +185,8 @@ impl PagedKv {
 /// `wide_smem` (K, then V); without, it returns the byte stages, laid out by [`fp8_swizzled`].
 /// A 16-bit `K` ignores `WIDEN_8BIT`.
 ///
+/// With `DENSE` (16-bit, 96 dims: decode) the stages' rows are [`dense_swizzled`] 192-byte rows.
+///
 /// K rows have `HEAD_DIM` elements, V rows `V_DIM` (at most as many: DeepSeek-style prefill's
 /// 192 and 128; both positions count the same head rows); V's copies are the first `V_DIM / 8`
 /// chunks' threads' of each row. 8-bit caches need the two equal.
@@ -157,6 +199,7 @@ pub struct KvRing<
     const THREADS: u32,
     const STAGES: u32,
     const WIDEN_8BIT: bool,
+    const DENSE: bool,
 > {
     _types: core::marker::PhantomData<(H, K)>,
     kv: PagedKv,
@@ -193,19 +236,20 @@ impl<
         const THREADS: u32,
         const STAGES: u32,
         const WIDEN_8BIT: bool,
-    > KvRing<H, K, HEAD_DIM, V_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT>
+        const DENSE: bool,
+    > KvRing<H, K, HEAD_DIM, V_DIM, TILE_TOKENS, THREADS, STAGES, WIDEN_8BIT, DENSE>
 {
     /// Bytes of a head row in the pool, and of a row of a stage (a power of two: `tile_dim`).
     const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
     const STAGE_ROW_BYTES: u32 = tile_dim(HEAD_DIM) * K::BYTES;
-    const TILE_BYTES: u32 = TILE_TOKENS * Self::STAGE_ROW_BYTES;
-    /// 16-byte chunks of a stage's row, and those of them a head row fills (threads of the
-    /// others copy nothing: 80 and 96 dims).
+    const TILE_BYTES: u32 = TILE_TOKENS * if DENSE { Self::ROW_BYTES } else { Self::STAGE_ROW_BYTES };
+    /// 16-byte chunks of a `tile_dim` row, and those of them a head row fills (threads of the
+    /// others copy nothing: 80 and 96 dims; dense stages keep this mapping).
     const CHUNKS: u32 = Self::STAGE_ROW_BYTES / 16;
     const FILLED_CHUNKS: u32 = Self::ROW_BYTES / 16;
     /// The same for V's rows.
     const V_ROW_BYTES: u32 = V_DIM * K::BYTES;
-    const V_TILE_BYTES: u32 = TILE_TOKENS * tile_dim(V_DIM) * K::BYTES;
+    const V_TILE_BYTES: u32 = TILE_TOKENS * if DENSE { Self::V_ROW_BYTES } else { tile_dim(V_DIM) * K::BYTES };
     const V_FILLED_CHUNKS: u32 = Self::V_ROW_BYTES / 16;
     const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
     /// Rows per thread and tile: 2, or a multiple of 4 up to 16.
@@ -239,6 +283,7 @@ impl<
             assert!(THREADS >= TILE_TOKENS && (Self::PASSES == 2 || Self::PASSES % 4 == 0) && Self::PASSES <= 16);
             assert!(Self::SLOTS >= STAGES && STAGES <= 4);
             assert!(V_DIM <= HEAD_DIM && (K::BYTES == 2 || V_DIM == HEAD_DIM));
+            assert!(!DENSE || (K::BYTES == 2 && V_DIM == HEAD_DIM && HEAD_DIM == 96));
         };
         let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
         let mut ring = KvRing {
@@ -356,7 +401,9 @@ impl<
                 let row = self.row + j as u32 * Self::PASS_ROWS;
                 // 16-bit stages are read by the fragment loads (swizzled); 8-bit ones by the
                 // widening pass (plain rows) or by decode's byte fragment loads (swizzled).
-                let dst = if K::BYTES == 2 {
+                let dst = if DENSE {
+                    dense_swizzled::<HEAD_DIM>(row, chunk)
+                } else if K::BYTES == 2 {
                     swizzled::<HEAD_DIM>(row, chunk)
                 } else if WIDEN_8BIT {
                     row * Self::STAGE_ROW_BYTES + chunk * 16

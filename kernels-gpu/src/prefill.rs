@@ -170,7 +170,7 @@ pub unsafe fn prefill<
 
     let kv = PagedKv::new(&p.cache, work.pages, kv_head);
     let (start, end) = (work.kv_start, work.kv_end);
-    let mut ring = KvRing::<H, K, HEAD_DIM, VO_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES, true>::start(
+    let mut ring = KvRing::<H, K, HEAD_DIM, VO_DIM, PREFILL_TILE_TOKENS, THREADS, STAGES, true, false>::start(
         kv, start, end, tid, k_smem, v_smem, table_smem, wide_smem,
     );
 

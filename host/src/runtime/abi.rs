@@ -326,10 +326,13 @@ pub const DECODE_TILE_TOKENS: u32 = 64;
 /// (138 KiB, within the A100's 163) one block per SM: with 3 stages two would fit Hopper's
 /// shared memory but not its registers (256 threads at 131–149 registers), so the 4th stage
 /// costs nothing there.
+///
+/// At head_dim 96 the stages are dense ([`decode_dense_stages`]): four of them, as much in flight
+/// as three of 128 dims, in the same shared memory.
 pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
     match (head_dim, kv_bytes) {
         (_, 1) => 4,
-        (0..=64, _) => 4,
+        (0..=64, _) | (96, _) => 4,
         (65..=128, _) => 3,
         _ => 2,
     }
@@ -341,6 +344,23 @@ pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
 /// unused: shared memory as for 128, global traffic and math for their own width.
 pub const fn tile_dim(head_dim: u32) -> u32 {
     head_dim.next_power_of_two()
+}
+
+/// Whether decode's K/V stages of a 16-bit cache at `head_dim` are dense: rows of exactly
+/// `head_dim` elements (192 bytes at 96) swizzled within their 12 chunks
+/// (`paged_tile::dense_swizzled`), instead of [`tile_dim`]-wide rows; a padded 96-dim ring would
+/// hold a quarter fewer bytes in flight than a 128-dim one in the same shared memory.
+pub const fn decode_dense_stages(head_dim: u32, kv_bytes: u32) -> bool {
+    head_dim == 96 && kv_bytes == 2
+}
+
+/// Elements a row of decode's K/V stages takes in shared memory.
+pub const fn decode_stage_dim(head_dim: u32, kv_bytes: u32) -> u32 {
+    if decode_dense_stages(head_dim, kv_bytes) {
+        head_dim
+    } else {
+        tile_dim(head_dim)
+    }
 }
 
 /// Bytes of the 16-bit K and V tiles an 8-bit ring widens each arriving stage into (the tiles
@@ -360,7 +380,7 @@ pub const fn widened_tiles_bytes(tile_tokens: u32, head_dim: u32, kv_bytes: u32)
 pub const fn decode_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
     let stages = decode_stages(head_dim, kv_bytes);
     let q = DECODE_ROWS * tile_dim(head_dim) * 2;
-    let ring = 2 * stages * DECODE_TILE_TOKENS * tile_dim(head_dim) * kv_bytes;
+    let ring = 2 * stages * DECODE_TILE_TOKENS * decode_stage_dim(head_dim, kv_bytes) * kv_bytes;
     q + ring + kv_table_bytes(stages, DECODE_TILE_TOKENS) + DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4
 }
 
