@@ -55,6 +55,15 @@ impl Case {
         }
     }
 
+    /// Ragged K/V's row offsets of the requests' keys.
+    fn kv_indptr(&self) -> Vec<u32> {
+        let mut indptr = vec![0u32];
+        for &(_, kv) in &self.lens {
+            indptr.push(indptr[indptr.len() - 1] + kv as u32);
+        }
+        indptr
+    }
+
     fn qo_indptr(&self) -> Vec<u32> {
         let mut indptr = vec![0u32];
         for &(qo, _) in &self.lens {
@@ -95,10 +104,7 @@ fn prefill_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
 /// equivalent cache of one-token pages in order.
 fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut r = rng(c.seed);
-    let mut kv_indptr = vec![0u32];
-    for &(_, kv) in &c.lens {
-        kv_indptr.push(kv_indptr[kv_indptr.len() - 1] + kv as u32);
-    }
+    let kv_indptr = c.kv_indptr();
     let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
     let heads = c.num_kv_heads * c.group;
     let (k, v): (Vec<T>, Vec<T>) = (
@@ -154,10 +160,7 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
 /// `head_dim_vo` (DeepSeek-style prefill), against the f64 reference written for it.
 fn ragged_qk_vo_case<T: KvDType>(dev: &Device, c: &Case, (head_dim_qk, head_dim_vo): (usize, usize)) -> TestResult {
     let mut r = rng(c.seed);
-    let mut kv_indptr = vec![0u32];
-    for &(_, kv) in &c.lens {
-        kv_indptr.push(kv_indptr[kv_indptr.len() - 1] + kv as u32);
-    }
+    let kv_indptr = c.kv_indptr();
     let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
     let heads = c.num_kv_heads * c.group;
     let k: Vec<T> = random_values(&mut r, total_kv * c.num_kv_heads * head_dim_qk);

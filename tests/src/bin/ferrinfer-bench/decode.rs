@@ -97,14 +97,18 @@ pub fn decode<T: KvDType, C: KvDType>(
     let bytes = (2 * batch * kv_len * s.kv_heads * s.head_dim * C::DTYPE.size_bytes()) as f64;
     let gbs = bytes / us / 1e3;
     let ((items, kv_heads, tiles), merged) = plan.launch_shape();
-    b.print(&format!(
-        "| {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
-        label::<T, C>("decode"),
-        bytes / 1e6,
-        100.0 * gbs / b.copy_gbs,
-        100.0 * gbs / b.read_gbs,
-        items * kv_heads * tiles
-    ));
+    let print_row = |b: &Bench, kernel: &str, us: f64, check: &str| {
+        let gbs = bytes / us / 1e3;
+        b.print(&format!(
+            "| {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {check} |",
+            label::<T, C>(kernel),
+            bytes / 1e6,
+            100.0 * gbs / b.copy_gbs,
+            100.0 * gbs / b.read_gbs,
+            items * kv_heads * tiles
+        ))
+    };
+    print_row(b, "decode", us, &check);
     let mut sinks_us = None;
     if b.sinks {
         let sinks_host = random_sinks(&mut rng(4), heads);
@@ -113,16 +117,7 @@ pub fn decode<T: KvDType, C: KvDType>(
             b.timer.median_us(|| plan.run_with_sinks(dev.stream(), &q, &c.cache, 0, Some(&sinks), &mut out, None))?;
         let sink_wrong = sampled_wrong(&c, &q_host, &dev.download(&out)?, heads, Some(&sinks_host));
         wrong += sink_wrong;
-        let gbs = bytes / us / 1e3;
-        b.print(&format!(
-            "| {} | {page_size} | {batch} | {kv_len} | {group} | {:.0} | {us:.1} | {gbs:.0} | {:.1} | {:.1} | {} | {merged} | {} |",
-            label::<T, C>("decode+sinks"),
-            bytes / 1e6,
-            100.0 * gbs / b.copy_gbs,
-            100.0 * gbs / b.read_gbs,
-            items * kv_heads * tiles,
-            check_cell(sink_wrong)
-        ));
+        print_row(b, "decode+sinks", us, &check_cell(sink_wrong));
         sinks_us = Some(us);
     }
     let row = json!({"kernel": "decode", "sinks_median_us": sinks_us, "dtype": T::DTYPE.name(), "kv_dtype": C::DTYPE.name(), "page_size": page_size, "batch": batch, "kv_len": kv_len, "group": group,
