@@ -13,6 +13,9 @@
 //! 64-key tile at once, as in FlashInfer: each k-step's mma go to eight accumulators per row
 //! fragment, and the softmax runs once per tile.
 //! Only the tiles a mask cuts pay for masking: whether a tile does is uniform across the block.
+//! A custom mask (bit-packed, per request `qo_len × kv_len` bits; 64-row blocks only) may cut
+//! any tile: each thread then reads, per row and tile, the 64 bits of its row's keys as three
+//! words (`MaskBits`).
 //! When the batch is too small to fill the GPU, `plan` splits long row tiles' keys over several
 //! blocks, merged by the last of them (`merge`).
 use crate::abi::{
@@ -68,6 +71,13 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
         self.block_first_row + self.warp_rows * ((tid / 32 - FIRST_WARP) % ROW_WARPS) + (tid % 32) / 4
     }
 
+    /// Packed rows `g` and `g + 8` of the thread's row fragment `f`.
+    #[inline(always)]
+    fn rows(&self, f: usize) -> [u32; 2] {
+        let first_row = self.thread_first_row(thread_x_here());
+        [0, 1].map(|h| first_row + 16 * f as u32 + 8 * h)
+    }
+
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
     /// keys `first_key + 8n..`). Only tiles a mask cuts come here, so the bounds are worked
     /// out here from the thread index read afresh: derived from values the loop keeps anyway,
@@ -85,6 +95,92 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
                 }
             });
         });
+    }
+
+    /// [`apply`](Self::apply) with a custom mask: `bits(token)` gives query token `token`'s
+    /// mask bits of keys `first_key + 2t..` (bit `8n + c`: key `first_key + 8n + 2t + c`, the
+    /// thread's keys of `s[n]`), and a key whose bit is clear is masked too.
+    #[inline(always)]
+    pub fn apply_custom<const N: usize>(
+        &self,
+        f: usize,
+        s: &mut [[f32; 4]; N],
+        first_key: u32,
+        t: u32,
+        bits: impl Fn(u32) -> u64,
+    ) {
+        const { assert!(N <= 8) };
+        self.apply_where(f, s, first_key, t, |row| bits(self.p.group_size.div(row)));
+    }
+
+    /// [`apply`](Self::apply)'s loop with the mask's bits: key `first_key + 8n + 2t + c` of
+    /// packed row `row` stays when it is below `end`, within the row's bounds and bit `8n + c`
+    /// of `bits(row)` is set. (`apply` keeps its own copy: routed through here with all-ones
+    /// bits, LLVM moves the 128-row kernels' window bound into the loop and ptxas spills more.)
+    #[inline(always)]
+    fn apply_where<const N: usize>(
+        &self,
+        f: usize,
+        s: &mut [[f32; 4]; N],
+        first_key: u32,
+        t: u32,
+        bits: impl Fn(u32) -> u64,
+    ) {
+        let rows = self.rows(f);
+        let bounds = rows.map(|row| self.bounds(row));
+        let keep = rows.map(bits);
+        crate::unroll_to!(n < N, {
+            crate::unroll!(c in [0, 1, 2, 3] {
+                let key = first_key + 8 * n as u32 + 2 * t + (c % 2) as u32;
+                let (lo, hi) = bounds[c / 2];
+                let kept = keep[c / 2].wrapping_shr((8 * n + c % 2) as u32) & 1 != 0;
+                if !(key < self.end && key >= lo && key <= hi && kept) {
+                    s[n][c] = f32::NEG_INFINITY;
+                }
+            });
+        });
+    }
+}
+
+/// A request's custom mask (`PrefillWorkItem::mask_word`), read 64 bits of a row at a time: three
+/// word loads and two funnel shifts, where a byte per logit would take sixteen loads a row.
+struct MaskBits {
+    /// The request's first word.
+    words: *const u32,
+    kv_len: u32,
+    last_token: u32,
+}
+
+impl MaskBits {
+    /// The block's request's mask, if it has one, from its work item read afresh: the tile
+    /// loop's closure captures nothing new for it (the 128-row kernels' code, which has no mask
+    /// path, moved and spilled more when it did).
+    #[inline(always)]
+    unsafe fn of_block(p: &PrefillParams) -> Option<Self> {
+        let work = &*(p.work as *const PrefillWorkItem).add((block_x() / p.num_kv_heads) as usize);
+        (work.mask_word != 0).then(|| MaskBits {
+            words: (p.work as *const u32).add(work.mask_word as usize),
+            kv_len: work.kv_len,
+            last_token: work.qo_len - 1,
+        })
+    }
+
+    /// Bits of keys `key..key + 64` of query token `token` (bit `i`: key `key + i`). Rows past
+    /// the request (a block's padding, never stored) read its last row instead, so every read
+    /// starts at most a few bits past the request's last one (`key` is below `kv_len` plus the
+    /// thread's `2t`); the plan pads the mask with the words that follow.
+    ///
+    /// # Safety
+    /// `key < kv_len + 8`, and the plan laid out and padded the mask as
+    /// `PrefillWorkItem::mask_word` says.
+    #[inline(always)]
+    unsafe fn row(&self, token: u32, key: u32) -> u64 {
+        let bit = token.min(self.last_token) * self.kv_len + key;
+        let w = self.words.add((bit / 32) as usize);
+        let (a, b, c, shift) = (*w as u64, *w.add(1) as u64, *w.add(2) as u64, bit % 32);
+        let lo = ((b << 32 | a) >> shift) as u32 as u64;
+        let hi = ((c << 32 | b) >> shift) as u32 as u64;
+        hi << 32 | lo
     }
 }
 
@@ -182,6 +278,12 @@ pub unsafe fn prefill<
     let my_first_row = visibility.thread_first_row(tid);
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
+    if const { ROW_FRAGS == 1 } {
+        if work.mask_word != 0 {
+            // A custom mask may cut any tile: no tile is unmasked for every row.
+            visibility.all_lo = u32::MAX;
+        }
+    }
 
     // `acc[f][n / 2][n % 2]` holds row fragment f's output tile of dims dim_base + 8n.. + 8.
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
@@ -231,7 +333,16 @@ pub unsafe fn prefill<
         crate::unroll_to!(f < ROW_FRAGS, {
             let factor = scale.apply(&mut s[f]);
             if masked {
-                visibility.apply(f, &mut s[f], first_key, t);
+                // Custom masks run in 64-row blocks only (the plan's choice): the 128-row
+                // kernels have no registers to spare for reading one.
+                // (`if const`: the 128-row kernels' code then never holds the dead mask path,
+                // which moved their code and added spills even though it folds away.)
+                match if const { ROW_FRAGS == 1 } { MaskBits::of_block(visibility.p) } else { None } {
+                    Some(mask) => {
+                        visibility.apply_custom(f, &mut s[f], first_key, t, |token| mask.row(token, first_key + 2 * t))
+                    }
+                    None => visibility.apply(f, &mut s[f], first_key, t),
+                }
             }
             probs[f] = state[f].update::<H, S_FRAGS, P_FRAGS>(&s[f], factor, &mut acc[f], out_dims / 8);
         });

@@ -454,8 +454,13 @@ pub struct PrefillWorkItem {
     pub parts: u32,
     /// The row tile's first merge counter; one per KV head follows.
     pub counters: u32,
-    /// Padding to 48 bytes; always 0.
-    pub _pad: u32,
+    /// 0 without a custom mask. With one, the plan uploads it right after the work items, and
+    /// the request's mask starts at 32-bit word `mask_word` from `PrefillParams::work`: bit
+    /// `j · kv_len + key` (little-endian bit order, as `flashinfer.packbits`; a request has
+    /// fewer than 2^32 − 64) set when query `j` may see `key`, padded so that the three words
+    /// from any bit of a request may be read. Only the 64-row portable kernels read it (the
+    /// plan launches those); `causal` is then 0: a mask replaces it.
+    pub mask_word: u32,
 }
 
 /// Query rows of a prefill block whose warps take `row_frags` 16-row fragments each (four
