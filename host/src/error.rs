@@ -248,6 +248,32 @@ pub enum Error {
         /// The number of KV heads of the cache.
         num_kv_heads: usize,
     },
+    /// A prefill custom mask does not have the length the batch needs: the flattened booleans
+    /// `Σ qo_len · kv_len`, the packed bytes `mask_indptr`'s last entry.
+    #[error("{what} has {got} entries; the batch needs {expected}")]
+    MaskLength {
+        /// `"custom_mask"` or `"packed_custom_mask"`.
+        what: &'static str,
+        /// Its length.
+        got: usize,
+        /// The length the batch needs.
+        expected: usize,
+    },
+    /// A request's segment of a packed custom mask is not the `⌈qo_len · kv_len / 8⌉` bytes its
+    /// queries and keys need.
+    #[error("mask_indptr gives request {seq} {got} bytes; its {qo_len} × {kv_len} mask needs {expected}")]
+    MaskSegment {
+        /// The request.
+        seq: usize,
+        /// `mask_indptr[seq + 1] − mask_indptr[seq]`.
+        got: usize,
+        /// `⌈qo_len · kv_len / 8⌉`.
+        expected: usize,
+        /// The request's query tokens.
+        qo_len: usize,
+        /// The request's keys.
+        kv_len: usize,
+    },
     /// An attention option is out of range.
     #[error("bad option: {what}")]
     BadOption {

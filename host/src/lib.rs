@@ -65,7 +65,7 @@ pub mod reference;
 pub use attention::cascade::{CascadeDecodePlan, CascadeLevels};
 pub use attention::decode::{BatchDecodePlan, DecodeOptions};
 pub use attention::merge::{merge_state, merge_state_in_place, merge_states, StateShape};
-pub use attention::prefill::{BatchPrefillPlan, PrefillKernel, PrefillOptions};
+pub use attention::prefill::{BatchPrefillPlan, CustomMask, PrefillKernel, PrefillOptions};
 pub use cache::allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::layout::{CacheShape, KvLayout, MAX_INDEX};
 pub use cache::page_table::PageTable;

@@ -325,6 +325,60 @@ pub fn prefill_ragged_qk_vo<T: KvDType>(
     (out, lse)
 }
 
+/// Batch prefill in f64 with a custom mask: as [`prefill`], each query attending over the keys
+/// whose entry in `mask` is true (request `i`'s `qo_len × kv_len` entries, query after query,
+/// requests one after another, as [`CustomMask::Flat`](crate::CustomMask::Flat)) and, with a
+/// window, at positions `≥ kv_len − qo_len + j − window_left`; `options.causal` is ignored.
+/// A query whose keys are all masked gets zeros and an LSE of −∞.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_masked<T: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[T],
+    v_pool: &[T],
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q: &[T],
+    num_qo_heads: usize,
+    mask: &[bool],
+    options: &PrefillOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let dim = shape.head_dim;
+    let group = num_qo_heads / shape.num_kv_heads;
+    let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    let mut entry = 0;
+    for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+        let (first_row, qo_len) = (qo_indptr[seq] as usize, (qo_indptr[seq + 1] - qo_indptr[seq]) as usize);
+        for j in 0..qo_len {
+            let row_mask = &mask[entry..entry + kv_len];
+            entry += kv_len;
+            let in_window =
+                |key: usize| options.window_left < 0 || key + qo_len + options.window_left as usize >= kv_len + j;
+            let slots: Vec<(usize, usize)> = (0..kv_len)
+                .filter(|&key| row_mask[key] && in_window(key))
+                .map(|key| table.locate(seq, key, shape.page_size))
+                .collect();
+            for h in 0..num_qo_heads {
+                let qh = &q[((first_row + j) * num_qo_heads + h) * dim..][..dim];
+                lse.push(attend(
+                    shape,
+                    k_pool,
+                    v_pool,
+                    KvScales::default(),
+                    &slots,
+                    h / group,
+                    qh,
+                    sm_scale,
+                    cap,
+                    None,
+                    &mut out,
+                ));
+            }
+        }
+    }
+    (out, lse)
+}
+
 /// Merged attention states in f64: for each (token, head), states `k` with outputs `v_k`
 /// (`v`: `[tokens][num_states][heads][head_dim]`) and base-2 LSEs `s_k` (`[tokens][num_states][heads]`)
 /// give `Σ_k 2^(s_k − s) v_k` and `s = log2 Σ_k 2^(s_k)`; no finite LSE gives zeros and −∞.
@@ -458,6 +512,43 @@ mod tests {
         append(&shape, &mut pool, &table, &[0, 2, 3], &[7, 8, 9]);
         assert_eq!(pool, vec![8, 0, 9, 0, 0, 7]);
         assert_eq!(gather(&shape, &pool, &table), vec![0, 7, 8, 9]);
+    }
+
+    #[test]
+    fn prefill_masked_matches_the_causal_and_full_prefill_for_their_masks() {
+        let shape = CacheShape { num_pages: 5, page_size: 2, num_kv_heads: 1, head_dim: 2, layout: KvLayout::Nhd };
+        let k: Vec<f32> = (0..20).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let v: Vec<f32> = (0..20).map(|i| (i % 5) as f32).collect();
+        // Requests of 3 queries over 5 keys and 2 over 4.
+        let table =
+            PageTable { kv_indptr: vec![0, 3, 5], kv_indices: vec![4, 0, 2, 1, 3], kv_last_page_len: vec![1, 2] };
+        let qo_indptr = [0, 3, 5];
+        let q: Vec<f32> = (0..10).map(|i| (i as f32 - 4.0) / 2.0).collect();
+        let lens = [(3, 5), (2, 4)];
+        let mask_of = |keep: &dyn Fn(usize, usize, usize, usize) -> bool| -> Vec<bool> {
+            lens.iter()
+                .flat_map(|&(qo, kv)| (0..qo).flat_map(move |j| (0..kv).map(move |key| (qo, kv, j, key))))
+                .map(|(qo, kv, j, key)| keep(qo, kv, j, key))
+                .collect()
+        };
+        let full = PrefillOptions::default();
+        let causal = PrefillOptions { causal: true, ..full };
+        let causal_mask = mask_of(&|qo, kv, j, key| key + qo <= kv + j);
+        // `causal` in the options is ignored with a mask: the mask alone decides.
+        let got = prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, 1, &causal_mask, &full);
+        assert_eq!(got, prefill(&shape, &k, &v, &table, &qo_indptr, &q, 1, &causal));
+        let everything = mask_of(&|_, _, _, _| true);
+        let got = prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, 1, &everything, &causal);
+        assert_eq!(got, prefill(&shape, &k, &v, &table, &qo_indptr, &q, 1, &full));
+        // A window applies on top of the mask.
+        let window = PrefillOptions { window_left: 1, ..full };
+        let got = prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, 1, &everything, &window);
+        assert_eq!(got, prefill(&shape, &k, &v, &table, &qo_indptr, &q, 1, &window));
+        // A query with every key masked: zeros and −∞, as over no keys.
+        let (out, lse) =
+            prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, 1, &mask_of(&|_, _, j, _| j != 1), &full);
+        assert_eq!((&out[2..4], lse[1]), (&[0.0, 0.0][..], f64::NEG_INFINITY));
+        assert!(lse[0].is_finite() && lse[2].is_finite());
     }
 
     #[test]

@@ -45,6 +45,25 @@ macro_rules! entry {
                     { $rows / 64 },
                     { prefill_threads($dim) },
                     { prefill_stages($dim, $rows / 64) },
+                    false,
+                >(&p)
+            }
+        };
+    };
+    (prefill_masked $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(prefill_masked $dtype $kvname $dim)]
+            unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
+                crate::prefill::prefill::<
+                    $half,
+                    $kv,
+                    $dim,
+                    $dim,
+                    1,
+                    { prefill_threads($dim) },
+                    { prefill_stages($dim, 1) },
+                    true,
                 >(&p)
             }
         };
@@ -62,6 +81,7 @@ macro_rules! entry {
                     { $rows / 64 },
                     { prefill_threads($vo) },
                     { prefill_stages($qk, $rows / 64) },
+                    false,
                 >(&p)
             }
         };

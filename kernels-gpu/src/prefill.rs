@@ -13,6 +13,9 @@
 //! 64-key tile at once, as in FlashInfer: each k-step's mma go to eight accumulators per row
 //! fragment, and the softmax runs once per tile.
 //! Only the tiles a mask cuts pay for masking: whether a tile does is uniform across the block.
+//! A custom mask (bit-packed, per request `qo_len × kv_len` bits; 64-row blocks only) may cut
+//! any tile: each thread then reads, per row and tile, the 64 bits of its row's keys as three
+//! words (`MaskBits`).
 //! When the batch is too small to fill the GPU, `plan` splits long row tiles' keys over several
 //! blocks, merged by the last of them (`merge`).
 use crate::abi::{
@@ -67,6 +70,13 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
         self.block_first_row + self.warp_rows * ((tid / 32 - FIRST_WARP) % ROW_WARPS) + (tid % 32) / 4
     }
 
+    /// Packed rows `g` and `g + 8` of the thread's row fragment `f`.
+    #[inline(always)]
+    fn rows(&self, f: usize) -> [u32; 2] {
+        let first_row = self.thread_first_row(thread_x_here());
+        [0, 1].map(|h| first_row + 16 * f as u32 + 8 * h)
+    }
+
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
     /// keys `first_key + 8n..`). Only tiles a mask cuts come here, so the bounds are worked
     /// out here from the thread index read afresh: derived from values the loop keeps anyway,
@@ -85,6 +95,66 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
             });
         });
     }
+
+    /// After [`apply`](Self::apply), a custom mask's: `bits(token)` gives query token `token`'s
+    /// mask bits of keys `first_key + 2t..` (bit `8n + c`: key `first_key + 8n + 2t + c`, the
+    /// thread's keys of `s[n]`), and a key whose bit is clear is masked too. (A pass of its own,
+    /// so that the kernels without masks keep `apply`'s code as it was: folded into it, the
+    /// 128-row kernels' code moved and spilled more.)
+    #[inline(always)]
+    pub fn apply_custom<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], bits: impl Fn(u32) -> u64) {
+        const { assert!(N <= 8) };
+        let keep = self.rows(f).map(|row| bits(self.p.group_size.div(row)));
+        crate::unroll_to!(n < N, {
+            crate::unroll!(c in [0, 1, 2, 3] {
+                if keep[c / 2].wrapping_shr((8 * n + c % 2) as u32) & 1 == 0 {
+                    s[n][c] = f32::NEG_INFINITY;
+                }
+            });
+        });
+    }
+}
+
+/// A request's custom mask (`PrefillWorkItem::mask_word`), read 64 bits of a row at a time: three
+/// word loads and two funnel shifts, where a byte per logit would take sixteen loads a row.
+struct MaskBits {
+    /// The request's first word.
+    words: *const u32,
+    kv_len: u32,
+    last_token: u32,
+}
+
+impl MaskBits {
+    /// The block's request's mask, if it has one, from its work item read afresh: the tile
+    /// loop's closure captures nothing new for it (the 128-row kernels' code, which has no mask
+    /// path, moved and spilled more when it did).
+    #[inline(always)]
+    unsafe fn of_block(p: &PrefillParams) -> Option<Self> {
+        let work = &*(p.work as *const PrefillWorkItem).add((block_x() / p.num_kv_heads) as usize);
+        (work.mask_word != 0).then(|| MaskBits {
+            words: (p.work as *const u32).add(work.mask_word as usize),
+            kv_len: work.kv_len,
+            last_token: work.qo_len - 1,
+        })
+    }
+
+    /// Bits of keys `key..key + 64` of query token `token` (bit `i`: key `key + i`). Rows past
+    /// the request (a block's padding, never stored) read its last row instead, so every read
+    /// starts at most a few bits past the request's last one (`key` is below `kv_len` plus the
+    /// thread's `2t`); the plan pads the mask with the words that follow.
+    ///
+    /// # Safety
+    /// `key < kv_len + 8`, and the plan laid out and padded the mask as
+    /// `PrefillWorkItem::mask_word` says.
+    #[inline(always)]
+    unsafe fn row(&self, token: u32, key: u32) -> u64 {
+        let bit = token.min(self.last_token) * self.kv_len + key;
+        let w = self.words.add((bit / 32) as usize);
+        let (a, b, c, shift) = (*w as u64, *w.add(1) as u64, *w.add(2) as u64, bit % 32);
+        let lo = ((b << 32 | a) >> shift) as u32 as u64;
+        let hi = ((c << 32 | b) >> shift) as u32 as u64;
+        hi << 32 | lo
+    }
 }
 
 /// n-fragments of 8 keys in a tile's S, and 16-key A fragments of its P.
@@ -93,6 +163,9 @@ const P_FRAGS: usize = S_FRAGS / 2;
 
 /// The kernel for `ROW_FRAGS` row fragments per warp; queries and keys of `HEAD_DIM` dims,
 /// values and outputs of `VO_DIM` (the same, or fewer: DeepSeek-style prefill's 192 and 128).
+/// With `CUSTOM_MASK` (64-row blocks: their own entry points, `prefill_masked`) it reads the
+/// work items' custom masks; without, the code is that of a kernel with no mask path at all
+/// (the 128-row kernels spill more when it is merely folded away).
 #[inline(always)]
 pub unsafe fn prefill<
     H: Half,
@@ -102,11 +175,13 @@ pub unsafe fn prefill<
     const ROW_FRAGS: usize,
     const THREADS: u32,
     const STAGES: u32,
+    const CUSTOM_MASK: bool,
 >(
     p: &PrefillParams,
 ) {
     const {
         assert!(THREADS == prefill_threads(VO_DIM) && STAGES == prefill_stages(HEAD_DIM, ROW_FRAGS as u32));
+        assert!(!CUSTOM_MASK || ROW_FRAGS == 1);
     };
     let out_dims = const {
         if VO_DIM < PREFILL_WARP_DIMS {
@@ -186,6 +261,12 @@ pub unsafe fn prefill<
     let my_first_row = visibility.thread_first_row(tid);
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
+    if CUSTOM_MASK {
+        if work.mask_word != 0 {
+            // A custom mask may cut any tile: no tile is unmasked for every row.
+            visibility.all_lo = u32::MAX;
+        }
+    }
 
     // `acc[f][n / 2][n % 2]` holds row fragment f's output tile of dims dim_base + 8n.. + 8.
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
@@ -235,7 +316,14 @@ pub unsafe fn prefill<
         crate::unroll_to!(f < ROW_FRAGS, {
             let factor = scale.apply(&mut s[f]);
             if masked {
+                // Custom masks run in 64-row blocks only, in kernels of their own (the plan's
+                // choice): the 128-row kernels have no registers to spare for reading one.
                 visibility.apply(f, &mut s[f], first_key, t);
+                if CUSTOM_MASK {
+                    if let Some(mask) = MaskBits::of_block(visibility.p) {
+                        visibility.apply_custom(f, &mut s[f], |token| mask.row(token, first_key + 2 * t));
+                    }
+                }
             }
             probs[f] = state[f].update::<H, S_FRAGS, P_FRAGS>(&s[f], factor, &mut acc[f], out_dims / 8);
         });

@@ -10,7 +10,9 @@
 //!
 //! Two kernels run the same work items: the portable one (`mma.sync`, every GPU) and, on
 //! compute capability 9.0 (H100, H200), the Hopper one (`wgmma`, warp-specialised, 128-row
-//! blocks), which `plan` picks for batches of long queries; see [`PrefillKernel`].
+//! blocks), which `plan` picks for batches of long queries; see [`PrefillKernel`]. A plan with a
+//! custom mask ([`CustomMask`]: `new_masked` and kin) always runs the portable kernel in 64-row
+//! blocks, the only one that reads a mask.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
@@ -69,6 +71,109 @@ impl PrefillOptions {
     /// Values' and outputs' head dim for queries and keys of `head_dim`.
     fn vo_dim(&self, head_dim: usize) -> usize {
         self.head_dim_vo.unwrap_or(head_dim)
+    }
+}
+
+/// A custom attention mask for batch prefill (FlashInfer's `custom_mask` and
+/// `packed_custom_mask`): request `i` has a `qo_len(i) × kv_len(i)` boolean mask, query after
+/// query; entry `(j, key)` true keeps query `j`'s logit of `key`, false sets it to −∞ before the
+/// softmax (after the scale and soft cap). A query whose keys are all masked gets zeros and an
+/// LSE of −∞, as over an empty sequence. This is how a speculative-decoding token tree is
+/// verified in one call: each draft token sees the prefix and its ancestors.
+///
+/// With a mask, `causal` is ignored (FlashInfer's rule); a window (`window_left`) still
+/// applies, on top of the mask. Masked plans run the portable kernel in 64-row blocks
+/// ([`PrefillKernel::Portable`]) on every GPU.
+#[derive(Clone, Copy, Debug)]
+pub enum CustomMask<'a> {
+    /// The requests' masks flattened, request after request (FlashInfer's `custom_mask`):
+    /// `Σ qo_len · kv_len` entries. The plan packs them.
+    Flat(&'a [bool]),
+    /// Bit-packed (FlashInfer's `packed_custom_mask` and `mask_indptr`, as
+    /// `flashinfer.segment_packbits` makes them): request `i`'s mask is bytes
+    /// `indptr[i]..indptr[i + 1]` of `bits`, `⌈qo_len · kv_len / 8⌉` of them, entry `e` of its
+    /// flattened mask in bit `e % 8` (little-endian bit order) of byte `e / 8`.
+    Packed {
+        /// The packed masks, `indptr`'s last entry bytes.
+        bits: &'a [u8],
+        /// `batch_size + 1` byte offsets, from 0.
+        indptr: &'a [u32],
+    },
+}
+
+/// Zero bytes after a mask as the plan uploads it: the kernel reads three 32-bit words from
+/// the word holding a row's first bit, which starts at most 7 bits past a request's last bit.
+const MASK_PADDING: usize = 16;
+
+/// Most bits of one request's mask (`qo_len × kv_len`): the kernel indexes them in 32 bits.
+const MAX_REQUEST_MASK_BITS: usize = u32::MAX as usize - 64;
+
+/// One byte of a flattened mask's entries: entry `i` in bit `i` (little-endian bit order).
+fn pack_byte(entries: &[bool]) -> u8 {
+    entries.iter().rev().fold(0, |byte, &keep| byte << 1 | keep as u8)
+}
+
+impl CustomMask<'_> {
+    /// Validates the mask against the batch (`qo_indptr` and `kv_lens` valid, of one length
+    /// less and equal) and lays it out for the kernel: each request's bits from a fresh 32-bit
+    /// word, [`MASK_PADDING`] zero bytes after the last. Returns the bytes and each request's
+    /// first word.
+    fn packed_for(&self, qo_indptr: &[u32], kv_lens: &[usize]) -> Result<(Vec<u8>, Vec<u32>)> {
+        let bits: Vec<usize> =
+            kv_lens.iter().enumerate().map(|(i, &kv)| (qo_indptr[i + 1] - qo_indptr[i]) as usize * kv).collect();
+        match *self {
+            CustomMask::Flat(mask) => {
+                let expected = bits.iter().sum();
+                if mask.len() != expected {
+                    return Err(Error::MaskLength { what: "custom_mask", got: mask.len(), expected });
+                }
+            }
+            CustomMask::Packed { bits: bytes, indptr } => {
+                validate_indptr("mask_indptr", indptr, kv_lens.len())?;
+                for (seq, (&n, w)) in bits.iter().zip(indptr.windows(2)).enumerate() {
+                    let (got, expected) = ((w[1] - w[0]) as usize, n.div_ceil(8));
+                    if got != expected {
+                        let (qo_len, kv_len) = ((qo_indptr[seq + 1] - qo_indptr[seq]) as usize, kv_lens[seq]);
+                        return Err(Error::MaskSegment { seq, got, expected, qo_len, kv_len });
+                    }
+                }
+                let expected = indptr[indptr.len() - 1] as usize;
+                if bytes.len() != expected {
+                    return Err(Error::MaskLength { what: "packed_custom_mask", got: bytes.len(), expected });
+                }
+            }
+        }
+        if let Some(&value) = bits.iter().find(|&&n| n > MAX_REQUEST_MASK_BITS) {
+            let what = "custom mask bits of one request (qo_len × kv_len)";
+            return Err(Error::TooLarge { what, value, max: MAX_REQUEST_MASK_BITS });
+        }
+        let (mut packed, mut words, mut entry) = (Vec::new(), Vec::with_capacity(bits.len()), 0);
+        for (seq, &n) in bits.iter().enumerate() {
+            words.push(packed.len() / 4);
+            match *self {
+                CustomMask::Flat(mask) => packed.extend(mask[entry..entry + n].chunks(8).map(pack_byte)),
+                CustomMask::Packed { bits: bytes, indptr } => {
+                    packed.extend_from_slice(&bytes[indptr[seq] as usize..indptr[seq + 1] as usize])
+                }
+            }
+            entry += n;
+            packed.resize(packed.len().next_multiple_of(4), 0);
+        }
+        if packed.len() / 4 > u32::MAX as usize {
+            return Err(Error::TooLarge { what: "custom mask words", value: packed.len() / 4, max: u32::MAX as usize });
+        }
+        packed.resize(packed.len() + MASK_PADDING, 0);
+        Ok((packed, words.into_iter().map(|w| w as u32).collect()))
+    }
+}
+
+/// Sets each work item's `mask_word` to its request's first mask word (`words[request]`) past
+/// `first_word`, where the mask starts. Items exist only for requests with queries, and such a
+/// request is the last whose `qo_indptr` entry is at most its first query token.
+fn set_mask_words(work: &mut [PrefillWorkItem], qo_indptr: &[u32], words: &[u32], first_word: u32) {
+    for item in work {
+        let request = qo_indptr.partition_point(|&q| q <= item.q_start) - 1;
+        item.mask_word = first_word + words[request];
     }
 }
 
@@ -393,6 +498,8 @@ struct PrefillWork {
     kv_elems: usize,
     #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     split_tiles: usize,
+    /// The work items carry a custom mask: the 64-row kernel that reads one runs.
+    custom_mask: bool,
 }
 
 impl AttentionLaunch for PrefillWork {
@@ -432,6 +539,7 @@ impl AttentionLaunch for PrefillWork {
                 }
                 kernels.prefill_qk_vo(dtype, head_dim, head_dim_vo, block_rows)
             }
+            PrefillKernel::Portable { .. } if self.custom_mask => kernels.prefill_masked(dtype, kv_dtype, head_dim),
             PrefillKernel::Portable { block_rows } => kernels.prefill(dtype, kv_dtype, self.shape.head_dim, block_rows),
             PrefillKernel::Hopper => kernels
                 .prefill_hopper(dtype, kv_dtype, self.shape.head_dim)
@@ -493,7 +601,37 @@ impl BatchPrefillPlan {
         if options.vo_dim(shape.head_dim) != shape.head_dim {
             return Err(Error::BadOption { what: "head_dim_vo other than head_dim needs a ragged plan" });
         }
-        self.replan_with(shape, num_qo_heads, qo_indptr, table, options, shape.pool_elems())
+        self.replan_with(shape, num_qo_heads, qo_indptr, table, None, options, shape.pool_elems())
+    }
+
+    /// [`new`](Self::new) with a custom mask (see [`CustomMask`]: `options.causal` is ignored,
+    /// and the plan runs the portable kernel).
+    pub fn new_masked(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        mask: CustomMask,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let mut plan = BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) };
+        plan.replan_masked(shape, num_qo_heads, qo_indptr, table, mask, options)?;
+        Ok(plan)
+    }
+
+    /// [`replan`](Self::replan) with a custom mask, validated against the batch and uploaded
+    /// with the plan's metadata.
+    pub fn replan_masked(
+        &mut self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        mask: CustomMask,
+        options: PrefillOptions,
+    ) -> Result<()> {
+        self.replan_with(shape, num_qo_heads, qo_indptr, table, Some(mask), options, shape.pool_elems())
     }
 
     /// Plans prefill over contiguous ("ragged") K and V, FlashInfer's
@@ -517,6 +655,25 @@ impl BatchPrefillPlan {
         Ok(plan)
     }
 
+    /// [`ragged`](Self::ragged) with a custom mask (see [`CustomMask`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ragged_masked(
+        device: &Device,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        mask: CustomMask,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let empty = CacheShape { num_pages: 1, page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
+        let mut plan =
+            BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(&empty, num_qo_heads) };
+        plan.replan_ragged_masked(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, mask, options)?;
+        Ok(plan)
+    }
+
     /// [`replan`](Self::replan) for a [`ragged`](Self::ragged) plan.
     pub fn replan_ragged(
         &mut self,
@@ -525,6 +682,35 @@ impl BatchPrefillPlan {
         num_qo_heads: usize,
         qo_indptr: &[u32],
         kv_indptr: &[u32],
+        options: PrefillOptions,
+    ) -> Result<()> {
+        self.replan_ragged_with(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, None, options)
+    }
+
+    /// [`replan_ragged`](Self::replan_ragged) with a custom mask (see [`CustomMask`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn replan_ragged_masked(
+        &mut self,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        mask: CustomMask,
+        options: PrefillOptions,
+    ) -> Result<()> {
+        self.replan_ragged_with(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, Some(mask), options)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn replan_ragged_with(
+        &mut self,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        kv_indptr: &[u32],
+        mask: Option<CustomMask>,
         options: PrefillOptions,
     ) -> Result<()> {
         validate_indptr("kv_indptr", kv_indptr, qo_indptr.len().saturating_sub(1))?;
@@ -537,18 +723,25 @@ impl BatchPrefillPlan {
             kv_last_page_len: kv_indptr.windows(2).map(|w| (w[1] > w[0]) as u32).collect(),
         };
         // K's elements; V's follow from `options.head_dim_vo` (`PrefillWork::v_elems`).
-        self.replan_with(&shape, num_qo_heads, qo_indptr, &table, options, total_kv * num_kv_heads * head_dim)
+        self.replan_with(&shape, num_qo_heads, qo_indptr, &table, mask, options, total_kv * num_kv_heads * head_dim)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn replan_with(
         &mut self,
         shape: &CacheShape,
         num_qo_heads: usize,
         qo_indptr: &[u32],
         table: &PageTable,
+        mask: Option<CustomMask>,
         options: PrefillOptions,
         kv_elems: usize,
     ) -> Result<()> {
+        // A mask replaces the causal one (FlashInfer's rule), so the key ranges are not cut.
+        let options = PrefillOptions { causal: options.causal && mask.is_none(), ..options };
+        if mask.is_some() && options.vo_dim(shape.head_dim) != shape.head_dim {
+            return Err(Error::BadOption { what: "a custom mask with head_dim_vo other than head_dim" });
+        }
         let device = self.core.device();
         let kernels = device.kernels();
         // The kernels of a 16-bit cache take queries of its own type, so its type stands for
@@ -568,23 +761,42 @@ impl BatchPrefillPlan {
             }
             .map_or(1, |k| k.blocks_per_sm)
         };
-        let PrefillSplit { work, slots, split_tiles, group_size, kernel, total_q, sm_scale } = plan_prefill_split(
-            shape,
-            num_qo_heads,
-            qo_indptr,
-            table,
-            options,
-            hopper,
-            device.multiprocessor_count(),
-            blocks_per_sm,
-        )?;
+        // Only the portable kernel's 64-row blocks read a mask (the Hopper kernel reads none,
+        // the 128-row ones have no registers to spare for it).
+        let sms = device.multiprocessor_count();
+        let split = match mask {
+            Some(_) => {
+                let kernel = PrefillKernel::Portable { block_rows: 64 };
+                let blocks_per_sm =
+                    kernels.prefill_masked(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
+                prefill_split(shape, num_qo_heads, qo_indptr, table, options, kernel, sms, blocks_per_sm)?
+            }
+            None => plan_prefill_split(shape, num_qo_heads, qo_indptr, table, options, hopper, sms, blocks_per_sm)?,
+        };
+        let PrefillSplit { mut work, slots, split_tiles, group_size, kernel, total_q, sm_scale } = split;
         let scratch = ScratchLayout {
             counters: split_tiles * shape.num_kv_heads,
             partial_rows: slots * shape.num_kv_heads * kernel.block_rows() as usize,
             // Partial outputs are rows of values.
             head_dim: head_dim_vo,
         };
-        self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
+        // The batch is valid (planned above), so the mask can be checked against it. It goes
+        // right after the work items, which find it by their offset from the first.
+        let work_part: std::borrow::Cow<[u8]> = match mask {
+            Some(mask) => {
+                let (packed, words) = mask.packed_for(qo_indptr, &table.kv_lens(shape.page_size))?;
+                let first_word = std::mem::size_of_val(&work[..]) / 4;
+                let last_word = first_word + packed.len() / 4;
+                if last_word > u32::MAX as usize {
+                    let what = "custom mask and work items (32-bit words)";
+                    return Err(Error::TooLarge { what, value: last_word, max: u32::MAX as usize });
+                }
+                set_mask_words(&mut work, qo_indptr, &words, first_word as u32);
+                [as_bytes(&work), &packed].concat().into()
+            }
+            None => as_bytes(&work).into(),
+        };
+        self.core.replan(&[as_bytes(&table.kv_indices), &work_part], scratch)?;
         self.work = PrefillWork {
             shape: *shape,
             num_qo_heads,
@@ -596,6 +808,7 @@ impl BatchPrefillPlan {
             items: work.len(),
             kv_elems,
             split_tiles,
+            custom_mask: mask.is_some(),
         };
         Ok(())
     }
@@ -622,7 +835,7 @@ impl BatchPrefillPlan {
         self.work.blocks() as usize
     }
 
-    /// The kernel the plan launches.
+    /// The kernel the plan launches (for a masked plan always the portable one, 64-row blocks).
     pub fn kernel(&self) -> PrefillKernel {
         self.work.kernel
     }
@@ -740,6 +953,7 @@ impl PrefillWork {
             items: 0,
             kv_elems: 0,
             split_tiles: 0,
+            custom_mask: false,
         }
     }
 }
@@ -855,6 +1069,54 @@ mod tests {
         assert_eq!(plan(&[0, 64], false).kernel, PrefillKernel::Portable { block_rows: 64 });
         // 16 queries, group 4: 64 rows, not more: the portable kernel's 64-row blocks.
         assert_eq!(plan(&[0, 16], true).kernel, PrefillKernel::Portable { block_rows: 64 });
+    }
+
+    #[test]
+    fn a_flat_mask_packs_each_request_from_a_fresh_word_little_endian_and_padded() {
+        // Requests of 2 × 5 (10 bits: 2 bytes), 0 × 3 (none) and 1 × 3 (3 bits: 1 byte).
+        let qo_indptr = [0, 2, 2, 3];
+        let mut mask = vec![false; 13];
+        for e in [0, 3, 8, 9, 10, 12] {
+            mask[e] = true;
+        }
+        let (packed, words) = CustomMask::Flat(&mask).packed_for(&qo_indptr, &[5, 3, 3]).unwrap();
+        assert_eq!(words, [0, 1, 1]);
+        assert_eq!(packed[..8], [0b0000_1001, 0b0000_0011, 0, 0, 0b0000_0101, 0, 0, 0]);
+        assert!(packed.len() == 8 + MASK_PADDING && packed[8..].iter().all(|&b| b == 0));
+        // The same bits handed over packed (FlashInfer's byte segments) give the same upload.
+        let bits = [0b0000_1001, 0b0000_0011, 0b0000_0101];
+        let packed_too =
+            CustomMask::Packed { bits: &bits, indptr: &[0, 2, 2, 3] }.packed_for(&qo_indptr, &[5, 3, 3]).unwrap();
+        assert_eq!(packed_too, (packed, words));
+    }
+
+    #[test]
+    fn a_mask_of_the_wrong_length_or_segments_is_an_error_naming_it() {
+        let (qo_indptr, kv_lens) = ([0, 2, 3], [5, 9]);
+        let e = CustomMask::Flat(&[true; 18]).packed_for(&qo_indptr, &kv_lens).unwrap_err();
+        assert!(matches!(e, Error::MaskLength { what: "custom_mask", got: 18, expected: 19 }), "{e}");
+        let packed = |bits: &'static [u8], indptr: &'static [u32]| {
+            CustomMask::Packed { bits, indptr }.packed_for(&qo_indptr, &kv_lens).unwrap_err()
+        };
+        let e = packed(&[0; 3], &[0, 2, 4]);
+        assert!(matches!(e, Error::MaskLength { what: "packed_custom_mask", got: 3, expected: 4 }), "{e}");
+        let e = packed(&[0; 4], &[0, 1, 4]);
+        assert!(matches!(e, Error::MaskSegment { seq: 0, got: 1, expected: 2, qo_len: 2, kv_len: 5 }), "{e}");
+        let e = packed(&[0; 4], &[0, 2]);
+        assert!(matches!(e, Error::IndptrLength { what: "mask_indptr", got: 2, batch: 2 }), "{e}");
+        let e = packed(&[0; 4], &[1, 2, 4]);
+        assert!(matches!(e, Error::IndptrStart { what: "mask_indptr", first: 1 }), "{e}");
+    }
+
+    #[test]
+    fn work_items_find_their_requests_mask_past_requests_without_queries() {
+        let qo_indptr = [0, 0, 100, 100, 101];
+        let mut work = items(&qo_indptr, &[4, 200, 7, 9], 1, PrefillOptions::default());
+        set_mask_words(&mut work, &qo_indptr, &[0, 0, 625, 625], 36);
+        for w in &work {
+            assert_eq!(w.mask_word, if w.q_start == 100 { 661 } else { 36 }, "{w:?}");
+        }
+        assert_eq!(work.len(), 3);
     }
 
     #[test]

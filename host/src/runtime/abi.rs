@@ -493,8 +493,13 @@ pub struct PrefillWorkItem {
     pub parts: u32,
     /// The row tile's first merge counter; one per KV head follows.
     pub counters: u32,
-    /// Padding to 48 bytes; always 0.
-    pub _pad: u32,
+    /// 0 without a custom mask. With one, the plan uploads it right after the work items, and
+    /// the request's mask starts at 32-bit word `mask_word` from `PrefillParams::work`: bit
+    /// `j · kv_len + key` (little-endian bit order, as `flashinfer.packbits`; a request has
+    /// fewer than 2^32 − 64) set when query `j` may see `key`, padded so that the three words
+    /// from any bit of a request may be read. Only the 64-row portable kernels read it (the
+    /// plan launches those); `causal` is then 0: a mask replaces it.
+    pub mask_word: u32,
 }
 
 /// Query rows of a prefill block whose warps take `row_frags` 16-row fragments each (four
@@ -805,6 +810,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 /// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
 /// - `each!(decode $Half $dtype $Kv $kv $head_dim)`,
 /// - `each!(prefill $Half $dtype $Kv $kv $head_dim $rows)` (blocks of `$rows` packed query rows),
+/// - `each!(prefill_masked $Half $dtype $Kv $kv $head_dim)` (64-row blocks that read a custom
+///   mask: `PrefillWorkItem::mask_word`),
 /// - `each!(prefill_qk_vo $Half $dtype $head_dim_qk $head_dim_vo $rows)` (prefill whose values
 ///   are narrower than its queries and keys, over 16-bit K/V),
 /// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels; over
@@ -871,6 +878,7 @@ macro_rules! kernel_variants {
         $(
             $each!(decode $half $dtype $kv $kvname $dim);
             $( $each!(prefill $half $dtype $kv $kvname $dim $rows); )*
+            $each!(prefill_masked $half $dtype $kv $kvname $dim);
         )*
     };
 }
@@ -889,6 +897,12 @@ macro_rules! entry_name {
     };
     (prefill_hopper $dtype:ident $dim:literal) => {
         concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($dim))
+    };
+    (prefill_masked $dtype:ident same $dim:literal) => {
+        concat!("prefill_masked_", stringify!($dtype), "_", stringify!($dim), "_rows64")
+    };
+    (prefill_masked $dtype:ident $kv:ident $dim:literal) => {
+        concat!("prefill_masked_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim), "_rows64")
     };
     (prefill_qk_vo $dtype:ident $qk:literal $vo:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($qk), "x", stringify!($vo), "_rows", stringify!($rows))
@@ -980,6 +994,11 @@ macro_rules! assert_variant {
             assert!($dim % 16 == 0 && ($dim <= PREFILL_WARP_DIMS || $dim % PREFILL_WARP_DIMS == 0));
             assert!($rows % 64 == 0 && $rows / 64 >= 1 && $rows / 64 <= prefill_max_row_frags($dim));
             assert!(prefill_smem_bytes($dim, $dim, $rows / 64, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
+        };
+    };
+    (prefill_masked $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
+        const _: () = {
+            assert!(prefill_smem_bytes($dim, $dim, 1, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
         };
     };
     (prefill_qk_vo $half:ident $dtype:ident $qk:literal $vo:literal $rows:literal) => {

@@ -54,6 +54,8 @@ pub(crate) struct Variant {
     pub rows: u32,
     /// The RoPE kernels' pairing (`abi::rope_mode`; 0 for others).
     pub mode: u32,
+    /// A prefill kernel that reads custom masks (`PrefillWorkItem::mask_word`).
+    pub custom_mask: bool,
 }
 
 impl Variant {
@@ -105,6 +107,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: $dim,
                     rows: 0,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
             (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
@@ -117,6 +120,20 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: $dim,
                     rows: $rows,
                     mode: 0,
+                    custom_mask: false,
+                })
+            };
+            (prefill_masked $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
+                table.push(Variant {
+                    name: entry_name!(prefill_masked $dtype $kvname $dim),
+                    family: Family::Prefill,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
+                    head_dim: $dim,
+                    head_dim_vo: $dim,
+                    rows: 64,
+                    mode: 0,
+                    custom_mask: true,
                 })
             };
             (prefill_qk_vo $half:ident $dtype:ident $qk:literal $vo:literal $rows:literal) => {
@@ -129,6 +146,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: $vo,
                     rows: $rows,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
             (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
@@ -141,6 +159,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: $dim,
                     rows: HOPPER_PREFILL_ROWS,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
             (merge_states $half:ident $dtype:ident) => {
@@ -153,6 +172,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
             (rope $half:ident $dtype:ident $mode:ident) => {
@@ -165,6 +185,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: 0,
                     rows: 0,
                     mode: rope_mode_id!($mode),
+                    custom_mask: false,
                 })
             };
             (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {
@@ -177,6 +198,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
             (single $name:ident) => {
@@ -189,6 +211,7 @@ pub(crate) fn variants() -> &'static [Variant] {
                     head_dim_vo: 0,
                     rows: 0,
                     mode: 0,
+                    custom_mask: false,
                 })
             };
         }
@@ -232,7 +255,12 @@ pub fn qk_vo_head_dims() -> Vec<(usize, usize)> {
 pub fn prefill_block_rows(head_dim: usize) -> Vec<u32> {
     let mut rows: Vec<u32> = variants()
         .iter()
-        .filter(|v| v.family == Family::Prefill && v.head_dim as usize == head_dim && v.head_dim_vo == v.head_dim)
+        .filter(|v| {
+            v.family == Family::Prefill
+                && v.head_dim as usize == head_dim
+                && v.head_dim_vo == v.head_dim
+                && !v.custom_mask
+        })
         .map(|v| v.rows)
         .collect();
     rows.sort_unstable();
@@ -299,13 +327,19 @@ impl Kernels {
 
     /// The decode kernel for queries of `dtype` over a cache of `kv_dtype`, and `head_dim`.
     pub fn decode(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Result<&Kernel> {
-        self.attention(Family::Decode, dtype, kv_dtype, head_dim, 0, "decode attention")
+        self.attention(Family::Decode, dtype, kv_dtype, head_dim, 0, false, "decode attention")
     }
 
     /// The prefill kernel for queries of `dtype` over a cache of `kv_dtype`, `head_dim` and
     /// blocks of `rows` query rows.
     pub fn prefill(&self, dtype: DType, kv_dtype: DType, head_dim: usize, rows: u32) -> Result<&Kernel> {
-        self.attention(Family::Prefill, dtype, kv_dtype, head_dim, rows, "prefill attention")
+        self.attention(Family::Prefill, dtype, kv_dtype, head_dim, rows, false, "prefill attention")
+    }
+
+    /// The 64-row prefill kernel that reads custom masks, for queries of `dtype` over a cache of
+    /// `kv_dtype`, and `head_dim`.
+    pub fn prefill_masked(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Result<&Kernel> {
+        self.attention(Family::Prefill, dtype, kv_dtype, head_dim, 64, true, "prefill attention with a custom mask")
     }
 
     /// The prefill kernel for queries and keys of `head_dim_qk` dims and values of a narrower
@@ -321,6 +355,7 @@ impl Kernels {
         .ok_or(Error::UnsupportedHeadDims { head_dim_qk, head_dim_vo, supported: qk_vo_head_dims() })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         family: Family,
@@ -328,9 +363,12 @@ impl Kernels {
         kv_dtype: DType,
         head_dim: usize,
         rows: u32,
+        custom_mask: bool,
         what: &'static str,
     ) -> Result<&Kernel> {
-        let of_family = |v: &Variant| v.family == family && v.rows == rows && v.head_dim_vo == v.head_dim;
+        let of_family = |v: &Variant| {
+            v.family == family && v.rows == rows && v.head_dim_vo == v.head_dim && v.custom_mask == custom_mask
+        };
         if self.find(|v| of_family(v) && v.dtype == Some(dtype)).is_none() {
             return Err(Error::UnsupportedDType { what, dtype: dtype.name() });
         }

@@ -9,6 +9,7 @@ mod helpers;
 mod merge;
 mod page_copy;
 mod prefill;
+mod prefill_mask;
 mod raw;
 mod reliability;
 mod rope;
@@ -22,6 +23,7 @@ fn main() {
         .chain(decode::tests())
         .chain(fp8::tests())
         .chain(prefill::tests())
+        .chain(prefill_mask::tests())
         .chain(merge::tests())
         .chain(cascade::tests())
         .chain(raw::tests())

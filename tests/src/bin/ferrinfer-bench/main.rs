@@ -10,6 +10,7 @@ mod page_ops;
 mod plan_time;
 mod plot;
 mod prefill;
+mod prefill_mask;
 mod rope;
 mod sampled;
 mod timing;
@@ -129,6 +130,10 @@ enum Kernel {
     Merge,
     /// Host time of planning: decode batches 1, 64, 256 (kv 4096) and prefill batch 8.
     Plan,
+    /// Prefill with a custom mask, tree verification as in EAGLE: 8 requests of 64 draft tokens
+    /// forming random trees (a fixed seed) at the end of 4096 keys, page sizes 16 and 1.
+    #[value(name = "prefill-mask", alias = "prefill_mask")]
+    PrefillMask,
     /// RoPE on 8192 tokens × (32 query + `--kv-heads`) heads: FlashInfer's four functions, out
     /// of place, and the fused append+RoPE against RoPE then append at each page size.
     Rope,
@@ -275,7 +280,11 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     let merges = args.kernels.contains(&Kernel::Merge) as usize;
     let plans = if args.kernels.contains(&Kernel::Plan) { PLAN_ROWS.len() } else { 0 };
     let ropes = if args.kernels.contains(&Kernel::Rope) { ROPE_VARIANTS.len() + 2 * args.page_sizes.len() } else { 0 };
+    let mask_page_sizes: &[usize] = if args.kernels.contains(&Kernel::PrefillMask) { &[16, 1] } else { &[] };
+    let mask_rows: Vec<(Dtype, usize)> =
+        args.dtypes.iter().flat_map(|&d| mask_page_sizes.iter().map(move |&ps| (d, ps))).collect();
     let total = gather_sizes.len()
+        + mask_rows.len()
         + appends.len() * append_sizes.len()
         + decode_rows.len()
         + prefill_rows.len()
@@ -341,6 +350,20 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
             (Dtype::Bf16, KvDtype::E4m3) => prefill::prefill::<bf16, E4m3>(&mut b, n, len, ps, 4, causal)?,
             (Dtype::F16, KvDtype::E5m2) => prefill::prefill::<f16, E5m2>(&mut b, n, len, ps, 4, causal)?,
             (Dtype::Bf16, KvDtype::E5m2) => prefill::prefill::<bf16, E5m2>(&mut b, n, len, ps, 4, causal)?,
+        };
+        results.push(row);
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
+    if !mask_rows.is_empty() {
+        b.print("");
+        prefill_mask::header(&b);
+    }
+    for &(dtype, ps) in &mask_rows {
+        b.progress.set_message(format!("prefill with a tree mask, 8 × 64 over 4096, page_size {ps}"));
+        let (row, row_wrong) = match dtype {
+            Dtype::F16 => prefill_mask::prefill_mask::<f16>(&mut b, 8, 64, 4096, ps, 4)?,
+            Dtype::Bf16 => prefill_mask::prefill_mask::<bf16>(&mut b, 8, 64, 4096, ps, 4)?,
         };
         results.push(row);
         wrong += row_wrong;
@@ -413,7 +436,7 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     if ropes > 0 {
         println!("RoPE: the first 64 tokens of every row within 1 f16 ulp + 6e-6 of the f64 reference; fused and unfused appends wrote identical pools.");
     }
-    if decode_rows.len() + prefill_rows.len() > 0 {
+    if decode_rows.len() + prefill_rows.len() + mask_rows.len() > 0 {
         let (atol, rtol) = ferrinfer_tests::compare::tolerance(ferrinfer::DType::F16);
         println!("Decode and prefill: sampled requests of every row checked against the f64 CPU reference (|error| ≤ {atol} + {rtol}·|expected|): {}.",
                  if wrong == 0 { "all matched".to_string() } else { format!("{wrong} elements WRONG") });
