@@ -261,12 +261,6 @@ pub unsafe fn prefill<
     let my_first_row = visibility.thread_first_row(tid);
     let last_row = (work.first_row + block_rows).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
-    if CUSTOM_MASK {
-        if work.mask_word != 0 {
-            // A custom mask may cut any tile: no tile is unmasked for every row.
-            visibility.all_lo = u32::MAX;
-        }
-    }
 
     // `acc[f][n / 2][n % 2]` holds row fragment f's output tile of dims dim_base + 8n.. + 8.
     let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
@@ -347,7 +341,8 @@ pub unsafe fn prefill<
         );
     };
     for tile in 0..tiles {
-        if visibility.masks(start + tile * PREFILL_TILE_TOKENS) {
+        // A custom mask may cut any tile (the masked kernels run only for masked plans).
+        if CUSTOM_MASK || visibility.masks(start + tile * PREFILL_TILE_TOKENS) {
             step(tile, true);
         } else {
             step(tile, false);
