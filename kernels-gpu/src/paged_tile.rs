@@ -51,7 +51,13 @@ pub fn swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
 /// ([`LaneAddr`] steps along a row that way).
 #[inline(always)]
 pub fn dense_swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
-    row * HEAD_DIM * 2 + (chunk ^ ((row >> 1) & 3)) * 16
+    row * HEAD_DIM * 2 + dense_chunk_offset(row, chunk)
+}
+
+/// [`dense_swizzled`]'s offset within row `row`.
+#[inline(always)]
+fn dense_chunk_offset(row: u32, chunk: u32) -> u32 {
+    (chunk ^ ((row >> 1) & 3)) * 16
 }
 
 /// A lane's fragment address in a swizzled tile, stepped along its row by XOR-ing a chunk
@@ -69,7 +75,7 @@ impl LaneAddr {
     #[inline(always)]
     pub fn new<const HEAD_DIM: u32, const DENSE: bool>(tile: u32, row: u32, chunk: u32) -> Self {
         if DENSE {
-            LaneAddr { base: tile + row * HEAD_DIM * 2, offset: (chunk ^ ((row >> 1) & 3)) * 16 }
+            LaneAddr { base: tile + row * HEAD_DIM * 2, offset: dense_chunk_offset(row, chunk) }
         } else {
             LaneAddr { base: 0, offset: tile + swizzled::<HEAD_DIM>(row, chunk) }
         }
@@ -188,8 +194,8 @@ impl PagedKv {
 /// With `DENSE` (16-bit, 96 dims: decode) the stages' rows are [`dense_swizzled`] 192-byte rows.
 ///
 /// K rows have `HEAD_DIM` elements, V rows `V_DIM` (at most as many: DeepSeek-style prefill's
-/// 192 and 128; both positions count the same head rows); V's copies are the first `V_DIM / 8`
-/// chunks' threads' of each row. 8-bit caches need the two equal.
+/// 192 and 128; both count the same head rows); the threads of a K row's first `V_DIM / 8`
+/// chunks copy V's row too. 8-bit caches need the two equal.
 pub struct KvRing<
     H: Half,
     K: KvElem,
