@@ -98,3 +98,23 @@ pub fn expect_bitwise_eq<T: KvDType>(what: &str, got: &[T], want: &[T], row_elem
 pub fn random_sinks(rng: &mut impl Rng, heads: usize) -> Vec<f32> {
     (0..heads).map(|h| if h == 0 { f32::NEG_INFINITY } else { rng.random_range(-2.0..8.0) }).collect()
 }
+
+/// Ragged K/V (`[total_kv][num_kv_heads][head_dim]`, request `i`'s keys rows
+/// `kv_indptr[i]..kv_indptr[i + 1]`) seen as a paged cache of one-token pages in order, for the
+/// reference: its shape and page table.
+pub fn ragged_as_pages(kv_indptr: &[u32], num_kv_heads: usize, head_dim: usize) -> (CacheShape, PageTable) {
+    let total_kv = kv_indptr[kv_indptr.len() - 1] as usize;
+    let shape = CacheShape {
+        num_pages: total_kv.max(1),
+        page_size: 1,
+        num_kv_heads,
+        head_dim,
+        layout: ferrinfer::KvLayout::Nhd,
+    };
+    let table = PageTable {
+        kv_indptr: kv_indptr.to_vec(),
+        kv_indices: (0..total_kv as u32).collect(),
+        kv_last_page_len: kv_indptr.windows(2).map(|w| (w[1] > w[0]) as u32).collect(),
+    };
+    (shape, table)
+}

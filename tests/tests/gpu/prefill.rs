@@ -14,7 +14,9 @@ use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::expect_graph_replay_matches;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{poison, random_cache, random_sinks, random_table, random_values, rng, shape_for};
+use ferrinfer_tests::workload::{
+    poison, ragged_as_pages, random_cache, random_sinks, random_table, random_values, rng, shape_for,
+};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -124,18 +126,7 @@ fn ragged_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     } else {
         plan.run_ragged(dev.stream(), &q_dev, &k_dev, &v_dev, &mut out, Some(&mut lse))?;
     }
-    let shape = CacheShape {
-        num_pages: total_kv.max(1),
-        page_size: 1,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        layout: KvLayout::Nhd,
-    };
-    let table = PageTable {
-        kv_indptr: kv_indptr.clone(),
-        kv_indices: (0..total_kv as u32).collect(),
-        kv_last_page_len: c.lens.iter().map(|&(_, kv)| (kv > 0) as u32).collect(),
-    };
+    let (shape, table) = ragged_as_pages(&kv_indptr, c.num_kv_heads, c.head_dim);
     let (want, want_lse) = if c.sinks {
         reference::prefill_with_sinks(
             &shape,

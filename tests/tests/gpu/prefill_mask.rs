@@ -11,7 +11,7 @@ use ferrinfer::{
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{poison, random_cache, random_table, random_values, rng, shape_for};
+use ferrinfer_tests::workload::{poison, ragged_as_pages, random_cache, random_table, random_values, rng, shape_for};
 use rand::Rng;
 
 #[derive(Clone, Copy, Debug)]
@@ -171,18 +171,7 @@ fn ragged_masked_case<T: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; q.len() / c.head_dim])?;
     plan.run_ragged(dev.stream(), &dev.upload(&q)?, &dev.upload(&k)?, &dev.upload(&v)?, &mut out, Some(&mut lse))?;
-    let shape = CacheShape {
-        num_pages: total_kv.max(1),
-        page_size: 1,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        layout: KvLayout::Nhd,
-    };
-    let table = PageTable {
-        kv_indptr: kv_indptr.clone(),
-        kv_indices: (0..total_kv as u32).collect(),
-        kv_last_page_len: c.lens.iter().map(|&(_, kv)| (kv > 0) as u32).collect(),
-    };
+    let (shape, table) = ragged_as_pages(&kv_indptr, c.num_kv_heads, c.head_dim);
     let (want, want_lse) = reference::prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, heads, &mask, &c.options);
     let (out, lse) = (dev.download(&out)?, dev.download(&lse)?);
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "token")?)
