@@ -571,6 +571,11 @@ impl AttentionLaunch for PrefillWork {
 }
 
 impl BatchPrefillPlan {
+    /// A plan on `device` with no work yet, for the constructors to replan.
+    fn unplanned(device: &Device, shape: &CacheShape, num_qo_heads: usize) -> Result<Self> {
+        Ok(BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) })
+    }
+
     /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
     /// tokens are rows `qo_indptr[i]..qo_indptr[i + 1]` of `q`, with `num_qo_heads` query heads
     /// (a multiple of `shape.num_kv_heads`), on `device`.
@@ -582,7 +587,7 @@ impl BatchPrefillPlan {
         table: &PageTable,
         options: PrefillOptions,
     ) -> Result<Self> {
-        let mut plan = BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) };
+        let mut plan = Self::unplanned(device, shape, num_qo_heads)?;
         plan.replan(shape, num_qo_heads, qo_indptr, table, options)?;
         Ok(plan)
     }
@@ -615,7 +620,7 @@ impl BatchPrefillPlan {
         mask: CustomMask,
         options: PrefillOptions,
     ) -> Result<Self> {
-        let mut plan = BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) };
+        let mut plan = Self::unplanned(device, shape, num_qo_heads)?;
         plan.replan_masked(shape, num_qo_heads, qo_indptr, table, mask, options)?;
         Ok(plan)
     }
@@ -649,8 +654,7 @@ impl BatchPrefillPlan {
         options: PrefillOptions,
     ) -> Result<Self> {
         let empty = CacheShape { num_pages: 1, page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
-        let mut plan =
-            BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(&empty, num_qo_heads) };
+        let mut plan = Self::unplanned(device, &empty, num_qo_heads)?;
         plan.replan_ragged(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, options)?;
         Ok(plan)
     }
@@ -668,8 +672,7 @@ impl BatchPrefillPlan {
         options: PrefillOptions,
     ) -> Result<Self> {
         let empty = CacheShape { num_pages: 1, page_size: 1, num_kv_heads, head_dim, layout: KvLayout::Nhd };
-        let mut plan =
-            BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(&empty, num_qo_heads) };
+        let mut plan = Self::unplanned(device, &empty, num_qo_heads)?;
         plan.replan_ragged_masked(num_kv_heads, head_dim, num_qo_heads, qo_indptr, kv_indptr, mask, options)?;
         Ok(plan)
     }
