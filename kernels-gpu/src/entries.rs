@@ -7,9 +7,9 @@
 //! `sm_80` and `sm_90` modules hold all the others.
 #[allow(unused_imports)]
 use crate::abi::{
-    decode_dense_stages, decode_stages, decode_threads, hopper_prefill_stages, hopper_prefill_tile_tokens,
-    prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, PagedCopyParams, PrefillParams, RopeParams,
-    ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
+    decode_dense_stages, decode_stages, decode_threads, hopper_prefill_byte_stages, hopper_prefill_stages,
+    hopper_prefill_tile_tokens, prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, PagedCopyParams,
+    PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
 };
 #[allow(unused_imports)]
 use crate::gpu::fp8::{E4m3, E5m2, KvElem};
@@ -86,18 +86,20 @@ macro_rules! entry {
             }
         };
     };
-    (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+    (prefill_hopper $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
         #[cfg(target_feature = "sm_90a")]
         const _: () = {
-            #[export_name = entry_name!(prefill_hopper $dtype $dim)]
+            #[export_name = entry_name!(prefill_hopper $dtype $kvname $dim)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
                 crate::prefill_hopper::prefill_hopper::<
                     $half,
+                    $kv,
                     $dim,
-                    { hopper_prefill_tile_tokens($dim) },
-                    { hopper_prefill_stages($dim) },
-                    { hopper_prefill_tile_tokens($dim) as usize / 8 },
-                    { hopper_prefill_tile_tokens($dim) as usize / 16 },
+                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) },
+                    { hopper_prefill_stages($dim, <$kv as KvElem>::BYTES) },
+                    { hopper_prefill_byte_stages($dim, <$kv as KvElem>::BYTES) },
+                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) as usize / 8 },
+                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) as usize / 16 },
                     { $dim / 8 },
                 >(&p)
             }

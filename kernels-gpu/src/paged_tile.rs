@@ -108,13 +108,16 @@ pub fn fp8_swizzled<const HEAD_DIM: u32>(row: u32, chunk: u32) -> u32 {
 }
 
 /// Widens a landed 8-bit tile at shared address `src` (`TILE_TOKENS` rows of `HEAD_DIM`
-/// bytes) into the 16-bit tile at `dst` (swizzled rows), `THREADS` threads each taking eight
-/// values at a time: an 8-byte load, four conversions and a 16-byte store; consecutive threads
-/// take consecutive pieces of a row, so neither side has bank conflicts.
+/// bytes) into the 16-bit tile at `dst`, whose 16-byte chunk `c` of row `r` is at `dst +
+/// place(r, c)` (a swizzled layout: [`swizzled`] for the `mma.sync` kernels, the 128-byte
+/// `wgmma` slabs for Hopper's), `THREADS` threads each taking eight values at a time: an 8-byte
+/// load, four conversions and a 16-byte store; consecutive threads take consecutive pieces of a
+/// row, so neither side has bank conflicts.
 #[inline(always)]
-unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32>(
+pub unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS: u32, const THREADS: u32>(
     src: u32,
     dst: u32,
+    place: impl Fn(u32, u32) -> u32,
     thread: u32,
 ) {
     // 8-bit caches come in power-of-two head dims only (instantiated, never called, for others).
@@ -135,7 +138,7 @@ unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOKENS:
             crate::unroll!(j in [0, 1, 2, 3] {
                 if batch + j < per_thread as usize {
                     let piece = thread + (batch + j) as u32 * THREADS;
-                    let at = dst + swizzled::<HEAD_DIM>(piece / chunks, piece % chunks);
+                    let at = dst + place(piece / chunks, piece % chunks);
                     store_shared_u32x4(at, K::widen8::<H>(bytes[j]));
                 }
             });
@@ -452,8 +455,8 @@ impl<
             return (k, v);
         }
         let (k_wide, v_wide) = (self.wide_smem, self.wide_smem + Self::WIDE_BYTES);
-        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(k, k_wide, thread);
-        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(v, v_wide, thread);
+        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(k, k_wide, swizzled::<HEAD_DIM>, thread);
+        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(v, v_wide, swizzled::<HEAD_DIM>, thread);
         sync_threads();
         (k_wide, v_wide)
     }

@@ -14,6 +14,12 @@
 //! gives registers up (`setmaxnreg`) so the consumers can hold S, P and O. The two consumer
 //! warpgroups run out of step, so one's softmax overlaps the other's `wgmma`.
 //!
+//! Over an 8-bit cache (e4m3, e5m2) the producer's copies land in byte stages (half the bytes
+//! of a 16-bit tile) and the producer widens each tile into a ring stage itself, eight values
+//! a thread at a time, before signalling it full (a fence first: `wgmma` reads through the
+//! async proxy). The consumers run the same code as over a 16-bit cache, `wgmma` on 16-bit
+//! tiles; queries stay f16/bf16, unlike FlashAttention-3's fp8 path, which quantises them.
+//!
 //! Shared tiles are 64-dim slabs of 128-byte rows with the 128-byte swizzle (16-byte chunk `c`
 //! of row `r` at chunk `c ^ (r % 8)`), the layout `wgmma` descriptors name; every tile starts on
 //! a 1 KiB boundary, so a k-step within a slab is a 32-byte offset of the descriptor's start.
@@ -22,9 +28,10 @@
 //! `j − 1`'s P·V within a warpgroup, and a persistent grid striding over the work; together they
 //! were 9–13% slower on the H200.
 use crate::abi::{
-    hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem, HOPPER_CONSUMER_REGISTERS, HOPPER_PREFILL_ROWS,
-    HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_PRODUCER_THREADS, NO_PARTIAL,
+    hopper_prefill_bars_offset, hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem, HOPPER_CONSUMER_REGISTERS,
+    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_PRODUCER_THREADS, NO_PARTIAL,
 };
+use crate::gpu::fp8::KvElem;
 use crate::gpu::hopper::{
     claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
     named_barrier, named_barrier_arrive, release_registers, smem_descriptor, wgmma_commit, wgmma_fence,
@@ -37,19 +44,19 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::shfl_idx_u32;
 use crate::merge::{last_to_finish, merge, store_output, Team};
-use crate::paged_tile::PagedKv;
+use crate::paged_tile::{widen_tile, PagedKv};
 use crate::prefill::Visibility;
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Bytes of a row of a 64-dim slab (the swizzle atom's width).
 const SLAB_ROW_BYTES: u32 = 128;
-/// Threads of the two consumer warpgroups.
-const CONSUMER_THREADS: u32 = HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS;
 /// Named barriers: 0 is `bar.sync`'s; the two consumer warpgroups share one, and each has its own.
 const BARRIER_CONSUMERS: u32 = 1;
 const BARRIER_WARPGROUP: u32 = 2;
-/// The two consumer warpgroups' turns at the tensor cores (see `consume`).
+/// The two consumer warpgroups' turns at the tensor cores (see `consume`): 4 and 5.
 const BARRIER_TURN: u32 = 4;
+/// The producer warpgroup, between its byte stages' copies and their widening (8-bit caches).
+const BARRIER_PRODUCER: u32 = 6;
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `rows` rows laid out as
 /// 64-dim slabs, swizzled.
@@ -57,6 +64,9 @@ const BARRIER_TURN: u32 = 4;
 fn slab_offset(rows: u32, row: u32, chunk: u32) -> u32 {
     (chunk / 8) * rows * SLAB_ROW_BYTES + row * SLAB_ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16)
 }
+
+/// Threads of the two consumer warpgroups.
+const CONSUMER_THREADS: u32 = HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS;
 
 /// The consumer warpgroups, for the split merge (the producer has left by then).
 struct Consumers;
@@ -73,16 +83,31 @@ impl Team for Consumers {
     }
 }
 
-/// Shared addresses of the ring: K and V stages and their mbarriers.
+/// Shared addresses of the ring: K and V stages and their mbarriers, and an 8-bit cache's K
+/// and V byte stages.
 #[derive(Clone, Copy)]
 struct Ring<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> {
     k: u32,
     v: u32,
+    k_bytes: u32,
+    v_bytes: u32,
     bars: u32,
 }
 
 impl<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> Ring<HEAD_DIM, TILE, STAGES> {
     const STAGE_BYTES: u32 = TILE * HEAD_DIM * 2;
+    /// Bytes of a K (or V) byte stage: a tile of 8-bit rows.
+    const BYTE_STAGE_BYTES: u32 = TILE * HEAD_DIM;
+
+    /// The ring after Q at `q_smem`, with `byte_stages` byte stages (8-bit caches) after it.
+    #[inline(always)]
+    fn after(q_smem: u32, byte_stages: u32) -> Self {
+        let k = q_smem + HOPPER_PREFILL_ROWS * HEAD_DIM * 2;
+        let v = k + STAGES * Self::STAGE_BYTES;
+        let k_bytes = v + STAGES * Self::STAGE_BYTES;
+        let v_bytes = k_bytes + byte_stages * Self::BYTE_STAGE_BYTES;
+        Ring { k, v, k_bytes, v_bytes, bars: v_bytes + byte_stages * Self::BYTE_STAGE_BYTES }
+    }
 
     #[inline(always)]
     fn k_stage(&self, stage: u32) -> u32 {
@@ -110,9 +135,11 @@ impl<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> Ring<HEAD_DIM, TIL
 #[inline(always)]
 pub unsafe fn prefill_hopper<
     H: Wgmma,
+    K: KvElem,
     const HEAD_DIM: u32,
     const TILE: u32,
     const STAGES: u32,
+    const BYTE_STAGES: u32,
     const S_FRAGS: usize,
     const P_FRAGS: usize,
     const O_FRAGS: usize,
@@ -126,16 +153,18 @@ pub unsafe fn prefill_hopper<
     let tid = thread_x();
     let (item, kv_head) = (block_x() / p.num_kv_heads, block_x() % p.num_kv_heads);
     let work = *(p.work as *const PrefillWorkItem).add(item as usize);
-    let smem = dynamic_smem_addr();
-    let q_smem = smem;
-    let k = q_smem + HOPPER_PREFILL_ROWS * HEAD_DIM * 2;
-    let v = k + STAGES * TILE * HEAD_DIM * 2;
-    let ring = Ring::<HEAD_DIM, TILE, STAGES> { k, v, bars: v + STAGES * TILE * HEAD_DIM * 2 };
+    let q_smem = dynamic_smem_addr();
+    let ring = Ring::<HEAD_DIM, TILE, STAGES>::after(q_smem, BYTE_STAGES);
     const {
         assert!(
-            hopper_prefill_smem_bytes(HEAD_DIM)
-                == (HOPPER_PREFILL_ROWS + 2 * STAGES * TILE) * HEAD_DIM * 2 + 16 * STAGES + 16
-        )
+            hopper_prefill_bars_offset(HEAD_DIM, K::BYTES)
+                == (HOPPER_PREFILL_ROWS + 2 * STAGES * TILE) * HEAD_DIM * 2 + 2 * BYTE_STAGES * TILE * HEAD_DIM
+        );
+        assert!(
+            hopper_prefill_smem_bytes(HEAD_DIM, K::BYTES)
+                == hopper_prefill_bars_offset(HEAD_DIM, K::BYTES) + 16 * STAGES + 16
+        );
+        assert!((K::BYTES == 2) == (BYTE_STAGES == 0));
     };
     let tiles = (work.kv_end - work.kv_start).div_ceil(TILE);
 
@@ -151,18 +180,97 @@ pub unsafe fn prefill_hopper<
     // Each warpgroup's role is one branch (`setmaxnreg` needs it so).
     if tid < HOPPER_PRODUCER_THREADS {
         release_registers::<HOPPER_PRODUCER_REGISTERS>();
-        produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, tiles, tid);
+        if K::BYTES == 2 {
+            produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, tiles, tid);
+        } else {
+            produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &work, kv_head, ring, tiles, tid);
+        }
     } else {
         claim_registers::<HOPPER_CONSUMER_REGISTERS>();
-        consume::<H, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p, &work, kv_head, q_smem, ring, tiles, tid);
+        consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p, &work, kv_head, q_smem, ring, tiles, tid);
     }
 }
 
-/// The producer warpgroup: gathers tile after tile into the ring (tile `n` in stage
-/// `n % STAGES`, round `n / STAGES`). Thread `tid` resolves key `tid % (TILE / 4)` of its warp's
-/// quarter of a tile; a copy instruction moves whole rows (`32 / chunks` rows of `chunks`
-/// 16-byte chunks), its lanes taking their row's pool offset from the resolving lane by a
-/// shuffle.
+/// A producer thread's part in gathering a tile's K and V rows (`K::BYTES` a value) from the
+/// pages. Thread `tid` resolves key `tid % (TILE / 4)` of its warp's quarter of a tile; a copy
+/// instruction moves whole rows (`32 / chunks` rows of `chunks` 16-byte chunks), its lanes
+/// taking their row's pool offset from the resolving lane by a shuffle.
+struct TileGather<K: KvElem, const HEAD_DIM: u32, const TILE: u32> {
+    _elem: core::marker::PhantomData<K>,
+    kv: PagedKv,
+    warp: u32,
+    lane: u32,
+    /// The request's first and last key positions (keys past the end repeat the last one:
+    /// their logits are masked, see `paged_tile`).
+    first: u32,
+    last: u32,
+    /// This lane's 16-byte chunk of a row, and the pools advanced by it.
+    chunk: u32,
+    k_chunk: *const u8,
+    v_chunk: *const u8,
+    /// The pool offset, in head rows, of this KV head's row of page 0's slot 0; head rows per
+    /// page and per slot.
+    head_row: u32,
+    page_rows: u32,
+    slot_rows: u32,
+}
+
+impl<K: KvElem, const HEAD_DIM: u32, const TILE: u32> TileGather<K, HEAD_DIM, TILE> {
+    const ROW_BYTES: u32 = HEAD_DIM * K::BYTES;
+    const CHUNKS: u32 = Self::ROW_BYTES / 16;
+    const WARP_ROWS: u32 = TILE / 4;
+    const ROWS_PER_COPY: u32 = if Self::CHUNKS >= 32 { 1 } else { 32 / Self::CHUNKS };
+
+    #[inline(always)]
+    unsafe fn new(p: &PrefillParams, work: &PrefillWorkItem, kv_head: u32, tid: u32) -> Self {
+        let kv = PagedKv::new(&p.cache, work.pages, kv_head);
+        let lane = tid % 32;
+        let chunk = lane % Self::CHUNKS;
+        TileGather {
+            _elem: core::marker::PhantomData,
+            kv,
+            warp: tid / 32,
+            lane,
+            first: work.kv_start,
+            last: work.kv_end.max(work.kv_start + 1) - 1,
+            chunk,
+            k_chunk: kv.k_pages.add(chunk as usize * 16),
+            v_chunk: kv.v_pages.add(chunk as usize * 16),
+            head_row: kv.head_offset / HEAD_DIM,
+            page_rows: kv.page_elems / HEAD_DIM,
+            slot_rows: kv.slot_stride / HEAD_DIM,
+        }
+    }
+
+    /// The pool offset, in head rows, of this lane's key of `tile` (a page-table load).
+    #[inline(always)]
+    unsafe fn look_up(&self, tile: u32) -> u32 {
+        let position =
+            (self.first + tile * TILE + self.warp * Self::WARP_ROWS + self.lane % Self::WARP_ROWS).min(self.last);
+        let (page, slot) = self.kv.page_size.divmod(position);
+        *self.kv.pages.add(page as usize) * self.page_rows + slot * self.slot_rows + self.head_row
+    }
+
+    /// Starts copying this warp's rows of the tile whose keys' offsets this warp's lanes hold
+    /// (`offset`, from [`look_up`](Self::look_up)) to `k_dst` and `v_dst`, chunk `c` of row `r`
+    /// at `place(r, c)`.
+    #[inline(always)]
+    unsafe fn copy(&self, offset: u32, k_dst: u32, v_dst: u32, place: impl Fn(u32, u32) -> u32) {
+        let mut i = 0;
+        while i < Self::WARP_ROWS / Self::ROWS_PER_COPY {
+            let warp_row = i * Self::ROWS_PER_COPY + self.lane / Self::CHUNKS;
+            let row_offset = shfl_idx_u32(offset, warp_row) as usize * Self::ROW_BYTES as usize;
+            let dst = place(self.warp * Self::WARP_ROWS + warp_row, self.chunk);
+            copy_async(k_dst + dst, self.k_chunk.add(row_offset).cast::<Vec16>());
+            copy_async(v_dst + dst, self.v_chunk.add(row_offset).cast::<Vec16>());
+            i += 1;
+        }
+    }
+}
+
+/// The producer warpgroup over a 16-bit cache: gathers tile after tile into the ring (tile
+/// `n` in stage `n % STAGES`, round `n / STAGES`), each stage's copies arriving on its "full"
+/// mbarrier as they land.
 #[inline(always)]
 unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
     p: &PrefillParams,
@@ -172,48 +280,88 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
     tiles: u32,
     tid: u32,
 ) {
-    let chunks = HEAD_DIM / 8;
-    let warp_rows = TILE / 4;
-    let rows_per_copy = (32 / chunks).max(1);
-    let (warp, lane) = (tid / 32, tid % 32);
-    let kv = PagedKv::new(&p.cache, work.pages, kv_head);
-    let row_bytes = HEAD_DIM as usize * 2;
-    let chunk = lane % chunks;
-    let k_chunk = kv.k_pages.add(chunk as usize * 16);
-    let v_chunk = kv.v_pages.add(chunk as usize * 16);
-    let (head_row, page_rows, slot_rows) =
-        (kv.head_offset / HEAD_DIM, kv.page_elems / HEAD_DIM, kv.slot_stride / HEAD_DIM);
-    let last = work.kv_end.max(work.kv_start + 1) - 1;
-    // The pool offset, in head rows, of this lane's key of `tile` (keys past the end repeat
-    // the last one: their logits are masked, see `paged_tile`).
-    let look_up = |tile: u32| {
-        let position = (work.kv_start + tile * TILE + warp * warp_rows + lane % warp_rows).min(last);
-        let (page, slot) = kv.page_size.divmod(position);
-        *kv.pages.add(page as usize) * page_rows + slot * slot_rows + head_row
-    };
+    let gather = TileGather::<crate::gpu::half::F16, HEAD_DIM, TILE>::new(p, work, kv_head, tid);
     let mut tile = 0;
     while tile < tiles {
         let stage = tile % STAGES;
         // The page id's load is in flight while the stage drains.
-        let offset = look_up(tile);
+        let offset = gather.look_up(tile);
         if tile >= STAGES {
             mbarrier_wait(ring.empty(stage), (tile / STAGES + 1) % 2);
         }
-        let (k_dst, v_dst) = (ring.k_stage(stage), ring.v_stage(stage));
-        let mut i = 0;
-        while i < warp_rows / rows_per_copy {
-            let warp_row = i * rows_per_copy + lane / chunks;
-            let row_offset = shfl_idx_u32(offset, warp_row) as usize * row_bytes;
-            let dst = slab_offset(TILE, warp * warp_rows + warp_row, chunk);
-            copy_async(k_dst + dst, k_chunk.add(row_offset).cast::<Vec16>());
-            copy_async(v_dst + dst, v_chunk.add(row_offset).cast::<Vec16>());
-            i += 1;
-        }
+        gather.copy(offset, ring.k_stage(stage), ring.v_stage(stage), |r, c| slab_offset(TILE, r, c));
         mbarrier_arrive_on_async_copies(ring.full(stage));
         tile += 1;
     }
     // Leave only once this thread's copies have landed.
     commit_async_copies();
+    wait_async_copies(0);
+}
+
+/// The producer warpgroup over an 8-bit cache: gathers tile `n`'s bytes into byte stage
+/// `n % BYTE_STAGES` (`BYTE_STAGES − 1` tiles in flight ahead), then widens them into ring
+/// stage `n % STAGES` once the consumers have emptied it, and signals it full. The consumers
+/// read the ring as over a 16-bit cache.
+#[inline(always)]
+unsafe fn produce_widening<
+    H: Wgmma,
+    K: KvElem,
+    const HEAD_DIM: u32,
+    const TILE: u32,
+    const STAGES: u32,
+    const BYTE_STAGES: u32,
+>(
+    p: &PrefillParams,
+    work: &PrefillWorkItem,
+    kv_head: u32,
+    ring: Ring<HEAD_DIM, TILE, STAGES>,
+    tiles: u32,
+    tid: u32,
+) {
+    // Instantiated, never called, over 16-bit caches.
+    const { assert!(K::BYTES == 2 || BYTE_STAGES >= 2) };
+    let gather = TileGather::<K, HEAD_DIM, TILE>::new(p, work, kv_head, tid);
+    let byte_stage = |tile: u32| (tile % BYTE_STAGES) * Ring::<HEAD_DIM, TILE, STAGES>::BYTE_STAGE_BYTES;
+    // Byte stages hold plain rows: the widening reads them in order.
+    let plain = |r: u32, c: u32| r * HEAD_DIM + c * 16;
+    let issue = |tile: u32, offset: u32| {
+        if tile < tiles {
+            gather.copy(offset, ring.k_bytes + byte_stage(tile), ring.v_bytes + byte_stage(tile), plain);
+        }
+        // One commit group a tile, copies or not, so the count stays in step.
+        commit_async_copies();
+    };
+    let mut tile = 0;
+    while tile + 1 < BYTE_STAGES {
+        issue(tile, gather.look_up(tile));
+        tile += 1;
+    }
+    // Page ids are loaded an iteration before their copies are issued, so the load's latency
+    // hides behind a widening instead of stalling the issue.
+    let mut next = gather.look_up(BYTE_STAGES - 1);
+    let mut tile = 0;
+    while tile < tiles {
+        let ahead = tile + BYTE_STAGES - 1;
+        let after = gather.look_up(ahead + 1);
+        // This thread's copies of `tile` have landed; after the barrier everyone's have, and
+        // everyone has widened `tile − 1`, whose byte stage `ahead` refills.
+        wait_async_copies(BYTE_STAGES - 2);
+        named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
+        issue(ahead, next);
+        next = after;
+        let stage = tile % STAGES;
+        if tile >= STAGES {
+            mbarrier_wait(ring.empty(stage), (tile / STAGES + 1) % 2);
+        }
+        let place = |r: u32, c: u32| slab_offset(TILE, r, c);
+        let (k_src, v_src) = (ring.k_bytes + byte_stage(tile), ring.v_bytes + byte_stage(tile));
+        widen_tile::<H, K, HEAD_DIM, TILE, HOPPER_PRODUCER_THREADS>(k_src, ring.k_stage(stage), place, tid);
+        widen_tile::<H, K, HEAD_DIM, TILE, HOPPER_PRODUCER_THREADS>(v_src, ring.v_stage(stage), place, tid);
+        // The widened rows are plain shared stores, which `wgmma` (the async proxy) reads.
+        fence_proxy_async();
+        mbarrier_arrive(ring.full(stage));
+        tile += 1;
+    }
     wait_async_copies(0);
 }
 
@@ -223,6 +371,7 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<
     H: Wgmma,
+    K: KvElem,
     const HEAD_DIM: u32,
     const TILE: u32,
     const STAGES: u32,
@@ -424,6 +573,8 @@ unsafe fn consume<
             // A split tile's sink waits for the merge (partials are sink-free).
             let sink = if split { f32::NEG_INFINITY } else { sink_logit(p.sinks, kv_head * group + head) };
             let (inv, lse) = finish_row(state.m[h], d, sink);
+            // V's dequantisation scale goes with the normalisation (merging is linear).
+            let inv = if K::BYTES == 1 { inv * p.v_scale } else { inv };
             let first_dim = (2 * t) as usize;
             if split {
                 let prow =
@@ -459,7 +610,7 @@ unsafe fn consume<
     }
     // The last part of the row tile to finish (for this KV head) merges all of them, with the
     // consumer threads only; the ring is free by now, the flag lives past the mbarriers.
-    let last_flag = dynamic_smem::<u32>().add((hopper_prefill_smem_bytes(HEAD_DIM) / 4 - 1) as usize);
+    let last_flag = dynamic_smem::<u32>().add((hopper_prefill_smem_bytes(HEAD_DIM, K::BYTES) / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
     if !last_to_finish::<Consumers>(counter, work.parts, last_flag) {
         return;

@@ -73,8 +73,8 @@ fn compile(tc: &toolchain::KernelToolchain, root: &Path, arch: &str) -> crate::R
 fn launch_bounds() -> Vec<(&'static str, u32)> {
     let mut bounds = Vec::new();
     macro_rules! each {
-        (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
-            bounds.push((entry_name!(prefill_hopper $dtype $dim), crate::abi::HOPPER_PREFILL_THREADS))
+        (prefill_hopper $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
+            bounds.push((entry_name!(prefill_hopper $dtype $kvname $dim), crate::abi::HOPPER_PREFILL_THREADS))
         };
         ($($other:tt)*) => {};
     }

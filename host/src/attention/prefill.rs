@@ -10,7 +10,8 @@
 //!
 //! Two kernels run the same work items: the portable one (`mma.sync`, every GPU) and, on
 //! compute capability 9.0 (H100, H200), the Hopper one (`wgmma`, warp-specialised, 128-row
-//! blocks), which `plan` picks for batches of long queries; see [`PrefillKernel`]. A plan with a
+//! blocks), which `plan` picks for batches of long queries, over 16-bit caches at head_dim 64,
+//! 128 and 256 and over 8-bit ones at 64 and 128; see [`PrefillKernel`]. A plan with a
 //! custom mask ([`CustomMask`]: `new_masked` and kin) always runs the portable kernel in 64-row
 //! blocks, the only one that reads a mask.
 use cudarc::driver::sys::CUstream;
@@ -23,9 +24,9 @@ use crate::cache::paged::PagedKvCache;
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, paged_cache_params, Addresses, AttentionLaunch, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
-    hopper_prefill_smem_bytes, hopper_prefill_stages, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads,
-    FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS,
-    HOPPER_PRODUCER_THREADS, NO_PARTIAL, PREFILL_TILE_TOKENS,
+    hopper_prefill_bars_offset, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads, FastDiv,
+    PrefillParams, PrefillWorkItem, SplitScratch, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_THREADS,
+    NO_PARTIAL, PREFILL_TILE_TOKENS,
 };
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{DType, KvDType};
@@ -203,7 +204,8 @@ impl PrefillKernel {
     fn tile_tokens(self, head_dim: u32) -> u32 {
         match self {
             PrefillKernel::Portable { .. } => PREFILL_TILE_TOKENS,
-            PrefillKernel::Hopper => hopper_prefill_tile_tokens(head_dim),
+            // The 16-bit cache's tile, a multiple of the 8-bit one's.
+            PrefillKernel::Hopper => hopper_prefill_tile_tokens(head_dim, 2),
         }
     }
 
@@ -218,8 +220,9 @@ impl PrefillKernel {
                 let smem = |kv_bytes| prefill_smem_bytes(head_dim, head_dim_vo, block_rows / 64, kv_bytes);
                 smem(1).min(smem(2)) / 4 - 1 - 8 * prefill_threads(head_dim_vo)
             }
+            // Below the mbarriers, whatever the cache's element type.
             PrefillKernel::Hopper => {
-                (hopper_prefill_smem_bytes(head_dim) - 16 * hopper_prefill_stages(head_dim) - 16) / 4
+                hopper_prefill_bars_offset(head_dim, 1).min(hopper_prefill_bars_offset(head_dim, 2)) / 4
                     - 8 * (HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS)
             }
         };
@@ -748,9 +751,11 @@ impl BatchPrefillPlan {
         let device = self.core.device();
         let kernels = device.kernels();
         // The kernels of a 16-bit cache take queries of its own type, so its type stands for
-        // the run's (f16 when the plan does not say); fp8 caches have no Hopper kernel.
+        // the run's (f16 when the plan does not say); an 8-bit cache's kernels exist for both
+        // query types alike, so f16 stands for them.
         let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
-        let hopper = device.prefill_hopper(kv_dtype, kv_dtype, shape.head_dim).is_some();
+        let q_dtype = if kv_dtype.is_fp8() { DType::F16 } else { kv_dtype };
+        let hopper = device.prefill_hopper(q_dtype, kv_dtype, shape.head_dim).is_some();
         let head_dim_vo = options.vo_dim(shape.head_dim);
         let blocks_per_sm = |kernel| {
             match kernel {
@@ -760,7 +765,7 @@ impl BatchPrefillPlan {
                 PrefillKernel::Portable { block_rows } => {
                     kernels.prefill(DType::F16, kv_dtype, shape.head_dim, block_rows).ok()
                 }
-                PrefillKernel::Hopper => device.prefill_hopper(kv_dtype, kv_dtype, shape.head_dim),
+                PrefillKernel::Hopper => device.prefill_hopper(q_dtype, kv_dtype, shape.head_dim),
             }
             .map_or(1, |k| k.blocks_per_sm)
         };

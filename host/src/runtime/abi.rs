@@ -554,7 +554,9 @@ pub const fn prefill_smem_bytes(head_dim_qk: u32, head_dim_vo: u32, row_frags: u
 /// `cp.async` into a [`hopper_prefill_stages`]-deep shared ring, signalling each stage full on
 /// an mbarrier; two consumer warpgroups of 64 rows compute S = Q·Kᵀ and O += P·V with `wgmma`
 /// (P from registers) and hand each stage back on an "empty" mbarrier. Shared tiles are laid
-/// out for `wgmma`'s 128-byte swizzle: 64-dim slabs of 128-byte rows.
+/// out for `wgmma`'s 128-byte swizzle: 64-dim slabs of 128-byte rows. Over an 8-bit cache the
+/// copies land in byte stages ([`hopper_prefill_byte_stages`]) and the producer widens each
+/// tile into the ring before signalling it full: the consumers' code is the same.
 pub const HOPPER_PREFILL_ROWS: u32 = 128;
 /// Threads of a Hopper prefill block: the producer warpgroup, then two consumer warpgroups.
 pub const HOPPER_PREFILL_THREADS: u32 = 384;
@@ -562,7 +564,9 @@ pub const HOPPER_PREFILL_THREADS: u32 = 384;
 pub const HOPPER_PRODUCER_THREADS: u32 = 128;
 /// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): 128 · 40 +
 /// 256 · 232 fits the SM's 64 Ki registers for one block. (24 for the producer, and 240 for
-/// the consumers at head_dim 256, was tried: the producer spills more than the consumers gain.)
+/// the consumers at head_dim 256, was tried: the producer spills more than the consumers gain.
+/// Two producer warpgroups over 8-bit caches, at 32 registers beside consumers at 224, were no
+/// faster: docs/perf.md, Hopper prefill over fp8.)
 pub const HOPPER_PRODUCER_REGISTERS: u32 = 40;
 /// See [`HOPPER_PRODUCER_REGISTERS`].
 pub const HOPPER_CONSUMER_REGISTERS: u32 = 232;
@@ -580,32 +584,51 @@ const _: () = {
 };
 
 /// Keys per Hopper prefill stage: 128 (S is a 64 × 128 `wgmma` tile) up to head_dim 128, 64
-/// above (the O accumulators of 256 dims take the registers).
-pub const fn hopper_prefill_tile_tokens(head_dim: u32) -> u32 {
-    if head_dim <= 128 {
-        128
-    } else {
-        64
+/// above (the O accumulators of 256 dims take the registers), and 64 over an 8-bit cache at
+/// head_dim 128: twice the stages in the same shared memory, so the producer can widen a
+/// tile well before the consumers reach it (with two 128-key stages it had half a tile's time).
+pub const fn hopper_prefill_tile_tokens(head_dim: u32, kv_bytes: u32) -> u32 {
+    match (head_dim, kv_bytes) {
+        (0..=64, _) | (65..=128, 2) => 128,
+        _ => 64,
     }
 }
 
-/// Stages of the Hopper prefill ring: as many as the 227 KiB of shared memory hold.
-pub const fn hopper_prefill_stages(head_dim: u32) -> u32 {
-    match head_dim {
-        0..=64 => 4,
-        65..=128 => 3,
+/// Stages of the Hopper prefill ring (16-bit K/V tiles, what the consumers read): as many as
+/// the 227 KiB of shared memory hold beside Q, and beside the byte stages of an 8-bit cache.
+pub const fn hopper_prefill_stages(head_dim: u32, kv_bytes: u32) -> u32 {
+    match (head_dim, kv_bytes) {
+        (0..=64, _) | (65..=128, 1) => 4,
+        (65..=128, _) => 3,
         _ => 2,
     }
 }
 
-/// Dynamic shared memory of a Hopper prefill block: Q, the K and V rings, a full and an empty
-/// mbarrier per stage, and a word for the split merge's flag (padded to 16 bytes).
-pub const fn hopper_prefill_smem_bytes(head_dim: u32) -> u32 {
-    let stages = hopper_prefill_stages(head_dim);
+/// Byte stages of the Hopper prefill over an 8-bit cache: the producer's copies land there and
+/// it widens each tile into a ring stage (none over a 16-bit cache, whose copies land in the
+/// ring itself). Four at head_dim 64 and 128 (with Q and four ring stages: 208 and 224 KiB);
+/// head_dim 256 would leave room for one only, so 8-bit caches run the portable kernel there.
+pub const fn hopper_prefill_byte_stages(head_dim: u32, kv_bytes: u32) -> u32 {
+    match (head_dim, kv_bytes) {
+        (_, 2) => 0,
+        _ => 4,
+    }
+}
+
+/// Offset of the mbarriers in a Hopper prefill block's shared memory: after Q, the K and V
+/// ring stages and the K and V byte stages.
+pub const fn hopper_prefill_bars_offset(head_dim: u32, kv_bytes: u32) -> u32 {
+    let tile_bytes = hopper_prefill_tile_tokens(head_dim, kv_bytes) * head_dim;
     HOPPER_PREFILL_ROWS * head_dim * 2
-        + 2 * stages * hopper_prefill_tile_tokens(head_dim) * head_dim * 2
-        + 16 * stages
-        + 16
+        + 2 * tile_bytes
+            * (2 * hopper_prefill_stages(head_dim, kv_bytes) + hopper_prefill_byte_stages(head_dim, kv_bytes))
+}
+
+/// Dynamic shared memory of a Hopper prefill block over a cache of `kv_bytes`-byte elements:
+/// [`hopper_prefill_bars_offset`], then a full and an empty mbarrier per ring stage and a word
+/// for the split merge's flag (padded to 16 bytes).
+pub const fn hopper_prefill_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
+    hopper_prefill_bars_offset(head_dim, kv_bytes) + 16 * hopper_prefill_stages(head_dim, kv_bytes) + 16
 }
 
 /// Dynamic shared memory an H100 or H200 gives one block (227 KiB).
@@ -814,8 +837,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 ///   mask: `PrefillWorkItem::mask_word`),
 /// - `each!(prefill_qk_vo $Half $dtype $head_dim_qk $head_dim_vo $rows)` (prefill whose values
 ///   are narrower than its queries and keys, over 16-bit K/V),
-/// - `each!(prefill_hopper $Half $dtype $head_dim)` (the `sm_90a` module's only kernels; over
-///   16-bit caches),
+/// - `each!(prefill_hopper $Half $dtype $Kv $kv $head_dim)` (the `sm_90a` module's only
+///   kernels),
 /// - `each!(merge_states $Half $dtype)`,
 /// - `each!(rope $Half $dtype $mode)` (`neox`, `neox_scalar` or `gptj`: [`rope_mode`]),
 /// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
@@ -841,29 +864,33 @@ macro_rules! kernel_variants {
             [[80: 64 128] [96: 64 128]];
             // Query/key and value head dims of prefill with narrower values (DeepSeek's 192 and
             // 128), over 16-bit K/V, with their block heights.
-            [[192 128: 64]]
+            [[192 128: 64]];
+            // Head dims of Hopper's prefill over 8-bit caches (`hopper_prefill_byte_stages`).
+            [64 128]
         );
         $each!(single paged_kv_gather);
         $each!(single paged_kv_scatter);
         $each!(single read_stream);
         $each!(single helper_check);
     };
-    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt ; $portable_dims:tt ; $qk_vo:tt) => {
+    (@dtypes $each:ident $([$half:ident $dtype:ident])* ; $fp8s:tt ; $dims:tt ; $portable_dims:tt ; $qk_vo:tt ;
+     $hopper_fp8_dims:tt) => {
         $(
             kernel_variants!(@dims $each $half $dtype $half same $dims);
             kernel_variants!(@dims $each $half $dtype $half same $portable_dims);
             kernel_variants!(@qk_vo $each $half $dtype $qk_vo);
-            kernel_variants!(@hopper $each $half $dtype $dims);
-            kernel_variants!(@fp8 $each $half $dtype $fp8s $dims);
+            kernel_variants!(@hopper $each $half $dtype $half same $dims);
+            kernel_variants!(@fp8 $each $half $dtype $fp8s $dims $hopper_fp8_dims);
             $each!(merge_states $half $dtype);
             $each!(rope $half $dtype neox);
             $each!(rope $half $dtype neox_scalar);
             $each!(rope $half $dtype gptj);
         )*
     };
-    (@fp8 $each:ident $half:ident $dtype:ident [$([$kv:ident $kvname:ident])*] $dims:tt) => {
+    (@fp8 $each:ident $half:ident $dtype:ident [$([$kv:ident $kvname:ident])*] $dims:tt $hopper_dims:tt) => {
         $(
             kernel_variants!(@dims $each $half $dtype $kv $kvname $dims);
+            kernel_variants!(@hopper_fp8 $each $half $dtype $kv $kvname $hopper_dims);
             $each!(paged_copy_fp8 gather $half $dtype $kv $kvname);
             $each!(paged_copy_fp8 scatter $half $dtype $kv $kvname);
         )*
@@ -871,8 +898,11 @@ macro_rules! kernel_variants {
     (@qk_vo $each:ident $half:ident $dtype:ident [$([$qk:literal $vo:literal : $($rows:literal)*])*]) => {
         $( $( $each!(prefill_qk_vo $half $dtype $qk $vo $rows); )* )*
     };
-    (@hopper $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
-        $( $each!(prefill_hopper $half $dtype $dim); )*
+    (@hopper_fp8 $each:ident $half:ident $dtype:ident $kv:ident $kvname:ident [$($dim:literal)*]) => {
+        $( $each!(prefill_hopper $half $dtype $kv $kvname $dim); )*
+    };
+    (@hopper $each:ident $half:ident $dtype:ident $kv:ident $kvname:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+        $( $each!(prefill_hopper $half $dtype $kv $kvname $dim); )*
     };
     (@dims $each:ident $half:ident $dtype:ident $kv:ident $kvname:ident [$([$dim:literal : $($rows:literal)*])*]) => {
         $(
@@ -895,8 +925,11 @@ macro_rules! entry_name {
     (prefill $dtype:ident same $dim:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($dim), "_rows", stringify!($rows))
     };
-    (prefill_hopper $dtype:ident $dim:literal) => {
+    (prefill_hopper $dtype:ident same $dim:literal) => {
         concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($dim))
+    };
+    (prefill_hopper $dtype:ident $kv:ident $dim:literal) => {
+        concat!("prefill_hopper_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim))
     };
     (prefill_masked $dtype:ident same $dim:literal) => {
         concat!("prefill_masked_", stringify!($dtype), "_", stringify!($dim), "_rows64")
@@ -1009,11 +1042,15 @@ macro_rules! assert_variant {
             assert!(prefill_smem_bytes($qk, $vo, $rows / 64, 2) <= MAX_BLOCK_SMEM_BYTES);
         };
     };
-    (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+    (prefill_hopper $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
         const _: () = {
             // Whole 64-dim slabs (the 128-byte swizzle atom), and 64 × N wgmma tiles with N ≤ 256.
             assert!($dim % 64 == 0 && $dim <= 256);
-            assert!(hopper_prefill_smem_bytes($dim) <= HOPPER_MAX_BLOCK_SMEM_BYTES);
+            assert!(hopper_prefill_smem_bytes($dim, kv_bytes!($kvname)) <= HOPPER_MAX_BLOCK_SMEM_BYTES);
+            // An 8-bit cache's tiles go through at least two byte stages; plans cut split keys
+            // in 16-bit tiles, so those must be whole tiles of every cache type.
+            assert!(kv_bytes!($kvname) == 2 || hopper_prefill_byte_stages($dim, kv_bytes!($kvname)) >= 2);
+            assert!(hopper_prefill_tile_tokens($dim, 2) % hopper_prefill_tile_tokens($dim, kv_bytes!($kvname)) == 0);
         };
     };
     (merge_states $half:ident $dtype:ident) => {};

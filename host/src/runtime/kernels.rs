@@ -68,7 +68,9 @@ impl Variant {
                 prefill_threads(self.head_dim_vo),
                 prefill_smem_bytes(self.head_dim, self.head_dim_vo, self.rows / 64, self.kv_bytes()),
             )),
-            Family::PrefillHopper => Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim))),
+            Family::PrefillHopper => {
+                Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim, self.kv_bytes())))
+            }
             Family::MergeStates => Some((MERGE_THREADS, 0)),
             Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
@@ -149,12 +151,12 @@ pub(crate) fn variants() -> &'static [Variant] {
                     custom_mask: false,
                 })
             };
-            (prefill_hopper $half:ident $dtype:ident $dim:literal) => {
+            (prefill_hopper $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
                 table.push(Variant {
-                    name: entry_name!(prefill_hopper $dtype $dim),
+                    name: entry_name!(prefill_hopper $dtype $kvname $dim),
                     family: Family::PrefillHopper,
                     dtype: dtype(stringify!($dtype)),
-                    kv_dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: $dim,
                     head_dim_vo: $dim,
                     rows: HOPPER_PREFILL_ROWS,
@@ -481,6 +483,7 @@ mod tests {
         assert!(names.contains(&"decode_bf16_e4m3_256") && names.contains(&"prefill_f16_e5m2_128_rows128"));
         assert!(names.contains(&"paged_kv_scatter_bf16_e5m2") && names.contains(&"paged_kv_gather_f16_e4m3"));
         assert!(names.contains(&"prefill_hopper_f16_128") && names.contains(&"prefill_hopper_bf16_256"));
+        assert!(names.contains(&"prefill_hopper_f16_e4m3_128") && names.contains(&"prefill_hopper_bf16_e5m2_64"));
         assert!(names.contains(&"rope_f16_neox") && names.contains(&"rope_bf16_gptj"));
         assert!(names.contains(&"rope_bf16_neox_scalar"));
     }
@@ -497,14 +500,16 @@ mod tests {
     }
 
     #[test]
-    fn hopper_prefill_reads_16_bit_caches_of_the_query_type_only() {
-        // Plans over fp8 caches rely on finding no Hopper kernel for them (they take the
-        // portable one).
+    fn hopper_prefill_reads_16_bit_caches_of_the_query_type_and_8_bit_ones_up_to_head_dim_128() {
+        // Plans rely on finding no Hopper kernel where there is none (they take the portable one).
         let hopper: Vec<_> = variants().iter().filter(|v| v.family == Family::PrefillHopper).collect();
-        // Head dims 64, 128 and 256 (80 and 96 take the portable kernel everywhere).
-        assert_eq!(hopper.len(), 2 * 3);
+        // 16-bit: head dims 64, 128 and 256 (80 and 96 take the portable kernel everywhere);
+        // 8-bit: 64 and 128, for either query type.
+        assert_eq!(hopper.len(), 2 * 3 + 2 * 2 * 2);
         for v in hopper {
-            assert!(v.kv_dtype == v.dtype && matches!(v.dtype, Some(DType::F16 | DType::BF16)), "{}", v.name);
+            assert!(matches!(v.dtype, Some(DType::F16 | DType::BF16)), "{}", v.name);
+            let fp8 = matches!(v.kv_dtype, Some(DType::E4M3 | DType::E5M2));
+            assert!(v.kv_dtype == v.dtype || (fp8 && v.head_dim <= 128), "{}", v.name);
         }
     }
 

@@ -8,7 +8,7 @@
 use ferrinfer::{
     bf16, f16, reference, BatchDecodePlan, BatchPrefillPlan, CacheShape, CascadeDecodePlan, DType, DecodeOptions,
     Device, E4m3, E5m2, Error, GatherPlan, KvDType, KvLayout, KvScales, LayerPools, PageTable, PagedKvCache,
-    PrefillOptions, ScatterPlan, SeqId, SequenceAllocator,
+    PrefillKernel, PrefillOptions, ScatterPlan, SeqId, SequenceAllocator,
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
@@ -282,11 +282,23 @@ fn decode_tests() -> Vec<GpuTest> {
     t
 }
 
+/// What a prefill case checks of its plan besides the output.
+#[derive(Clone, Copy, PartialEq)]
+enum Planned {
+    Any,
+    /// The Hopper kernel, where the GPU runs it.
+    Hopper,
+    /// The Hopper kernel where the GPU runs it, and split keys.
+    HopperSplit,
+}
+
+/// Prefill of `qo_lens` new tokens over `c`'s fp8 pages against the f64 reference.
 fn prefill_case<T: KvDType, C: KvDType>(
     dev: &Device,
     c: &Case,
     qo_lens: &[usize],
     options: PrefillOptions,
+    planned: Planned,
 ) -> TestResult {
     let mut r = rng(c.seed);
     let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
@@ -303,6 +315,10 @@ fn prefill_case<T: KvDType, C: KvDType>(
     let q: Vec<T> = random_values(&mut r, total_q * heads * c.head_dim);
     let options = PrefillOptions { kv_dtype: Some(C::DTYPE), ..options };
     let mut plan = BatchPrefillPlan::new(dev, &shape, heads, &qo_indptr, &table, options)?;
+    if planned != Planned::Any && dev.arch_specific_ptx() == Some("sm_90a") {
+        ensure!(plan.kernel() == PrefillKernel::Hopper, "planned {:?} on a GPU with the Hopper kernel", plan.kernel());
+    }
+    ensure!(planned != Planned::HopperSplit || plan.split_tiles().0 > 0, "the case should split");
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; total_q * heads])?;
     plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, Some(&mut lse))?;
@@ -321,17 +337,89 @@ fn prefill_tests() -> Vec<GpuTest> {
         let (c1, c2, q1, q2) = (c.clone(), Case { layout: KvLayout::Hnd, ..c }, qo_lens.clone(), qo_lens);
         t.push(GpuTest::new(
             format!("prefill_e4m3_causal_page_size_{ps}_group_{group}_head_dim_{head_dim}_f16"),
-            move |d| prefill_case::<f16, E4m3>(d, &c1, &q1, causal),
+            move |d| prefill_case::<f16, E4m3>(d, &c1, &q1, causal, Planned::Any),
         ));
         t.push(GpuTest::new(
             format!("prefill_e5m2_causal_page_size_{ps}_group_{group}_head_dim_{head_dim}_hnd_bf16"),
-            move |d| prefill_case::<bf16, E5m2>(d, &c2, &q2, causal),
+            move |d| prefill_case::<bf16, E5m2>(d, &c2, &q2, causal, Planned::Any),
         ));
     }
     let both = PrefillOptions { window_left: 40, logits_soft_cap: 20.0, ..Default::default() };
     let c = Case::new(&[500, 64, 9], 16);
     t.push(GpuTest::new("prefill_e4m3_window_40_soft_cap_20_f16", move |d| {
-        prefill_case::<f16, E4m3>(d, &c, &[200, 64, 9], both)
+        prefill_case::<f16, E4m3>(d, &c, &[200, 64, 9], both, Planned::Any)
+    }));
+    t
+}
+
+/// `case` with `qo_lens` on the Hopper kernel where the GPU runs it (checked), and as
+/// `…_portable` on the portable kernel.
+fn add_hopper<T: KvDType, C: KvDType>(
+    t: &mut Vec<GpuTest>,
+    name: String,
+    case: Case,
+    qo_lens: &[usize],
+    options: PrefillOptions,
+) {
+    let (c, q) = (case.clone(), qo_lens.to_vec());
+    t.push(GpuTest::new(name.clone(), move |d| prefill_case::<T, C>(d, &c, &q, options, Planned::Hopper)));
+    let q = qo_lens.to_vec();
+    t.push(GpuTest::new(format!("{name}_portable"), move |d| {
+        prefill_case::<T, C>(&d.with_portable_kernels(), &case, &q, options, Planned::Any)
+    }));
+}
+
+/// Prefill over fp8 pages on Hopper's kernel, whose producer widens the byte tiles: the page
+/// sizes and tile edges of the 16-bit Hopper tests (keys on and off the 128-key tile, queries
+/// on and off the 128-row block), both layouts, head dims 64 and 128, window and soft cap,
+/// and one long request whose keys are split.
+fn hopper_prefill_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    let causal = PrefillOptions { causal: true, ..Default::default() };
+    let kv_lens = [256, 384, 1000, 129, 127, 128, 1];
+    let qo_lens = [256, 128, 130, 1, 77, 32, 1];
+    for ps in [1usize, 3, 16, 48, 257] {
+        let c = Case { seed: 1300 + ps as u64, ..Case::new(&kv_lens, ps) };
+        add_hopper::<f16, E4m3>(
+            &mut t,
+            format!("prefill_hopper_e4m3_causal_page_size_{ps}_group_4_f16"),
+            c,
+            &qo_lens,
+            causal,
+        );
+        let c =
+            Case { head_dim: 64, group: 5, layout: KvLayout::Hnd, seed: 1400 + ps as u64, ..Case::new(&kv_lens, ps) };
+        add_hopper::<bf16, E5m2>(
+            &mut t,
+            format!("prefill_hopper_e5m2_causal_page_size_{ps}_group_5_head_dim_64_hnd_bf16"),
+            c,
+            &qo_lens,
+            causal,
+        );
+    }
+    let full = PrefillOptions::default();
+    let c = Case { group: 3, head_dim: 64, seed: 1500, ..Case::new(&[300, 1000, 129], 48) };
+    add_hopper::<f16, E4m3>(
+        &mut t,
+        "prefill_hopper_e4m3_full_group_3_head_dim_64_f16".into(),
+        c,
+        &[300, 70, 129],
+        full,
+    );
+    let c = Case { group: 1, layout: KvLayout::Hnd, seed: 1501, ..Case::new(&[300, 1000, 129], 48) };
+    add_hopper::<bf16, E4m3>(&mut t, "prefill_hopper_e4m3_full_group_1_hnd_bf16".into(), c, &[300, 70, 129], full);
+    let both = PrefillOptions { window_left: 200, logits_soft_cap: 30.0, ..causal };
+    let c = Case { seed: 1502, ..Case::new(&[900, 1300], 7) };
+    add_hopper::<f16, E5m2>(
+        &mut t,
+        "prefill_hopper_e5m2_window_left_200_soft_cap_30_page_size_7_f16".into(),
+        c,
+        &[700, 129],
+        both,
+    );
+    t.push(GpuTest::new("prefill_hopper_e4m3_one_long_request_splits_its_keys_f16", move |d| {
+        let c = Case { seed: 1503, ..Case::new(&[20000, 30, 9000], 16) };
+        prefill_case::<f16, E4m3>(d, &c, &[40, 30, 70], causal, Planned::HopperSplit)
     }));
     t
 }
@@ -454,6 +542,7 @@ pub fn tests() -> Vec<GpuTest> {
     let mut t = copy_tests();
     t.extend(decode_tests());
     t.extend(prefill_tests());
+    t.extend(hopper_prefill_tests());
     t.push(GpuTest::new("cascade_e4m3_family_of_four_page_size_7", cascade_e4m3_family_of_four_page_size_7));
     t.extend(validation_tests());
     t
