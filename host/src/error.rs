@@ -281,12 +281,18 @@ pub enum Error {
         what: &'static str,
     },
     /// A KV dequantisation scale that is zero, negative, NaN or infinite.
-    #[error("{what} of layer {layer} is {value}; a scale must be finite and positive")]
+    #[error(
+        "{what}{} of layer {layer} is {value}; a scale must be finite and positive",
+        .kv_head.map_or(String::new(), |h| format!(" of KV head {h}"))
+    )]
     BadScale {
-        /// Which scale, e.g. `"k_scale"` or `"v_scale of KV head 3"`.
+        /// Which scale: `"k_scale"` or `"v_scale"` (a layer's), `"k head scale"` or
+        /// `"v head scale"` (a KV head's).
         what: &'static str,
         /// The layer it was given for.
         layer: usize,
+        /// The KV head, for a head's scale.
+        kv_head: Option<usize>,
         /// The value given.
         value: f32,
     },

@@ -69,7 +69,7 @@ pub use attention::prefill::{BatchPrefillPlan, CustomMask, PrefillKernel, Prefil
 pub use cache::allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::layout::{CacheShape, KvLayout, MAX_INDEX};
 pub use cache::page_table::PageTable;
-pub use cache::paged::{KvScales, LayerPools, PagedKvCache};
+pub use cache::paged::{KvHeadScales, KvScales, LayerPools, PagedKvCache};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use ops::page_copy::{GatherPlan, ScatterPlan};

@@ -5,7 +5,7 @@ use crate::attention::decode::DecodeOptions;
 use crate::attention::prefill::PrefillOptions;
 use crate::cache::layout::CacheShape;
 use crate::cache::page_table::PageTable;
-use crate::cache::paged::KvScales;
+use crate::cache::paged::{KvHeadScales, KvScales};
 use crate::ops::rope::{RopeAngles, RopeOptions};
 use crate::runtime::dtype::KvDType;
 
@@ -58,14 +58,90 @@ pub fn append_quantised<T: KvDType, C: KvDType>(
     ragged: &[T],
     scale: f32,
 ) {
-    let quantised: Vec<C> = ragged.iter().map(|x| C::from_f64((x.to_f64() as f32 * (1.0 / scale)) as f64)).collect();
+    append_quantised_heads(shape, pool, table, append_indptr, ragged, scale, &vec![1.0; shape.num_kv_heads]);
+}
+
+/// [`append_quantised`] into a layer with per-KV-head scales (`head_scales[h]`: K's or V's scale
+/// of KV head `h`, as given to [`PagedKvCache::set_head_scales`](crate::PagedKvCache::set_head_scales)):
+/// a value of head `h` is stored as
+/// [`E4m3::quantise_head`](crate::E4m3::quantise_head)`(x, scale, head_scales[h])`, the kernels' f32
+/// operations in their order.
+pub fn append_quantised_heads<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    pool: &mut [C],
+    table: &PageTable,
+    append_indptr: &[u32],
+    ragged: &[T],
+    scale: f32,
+    head_scales: &[f32],
+) {
+    let quantised: Vec<C> = ragged
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let head = head_scales[i / shape.head_dim % shape.num_kv_heads];
+            C::from_f64((x.to_f64() as f32 * ((1.0 / scale) * (1.0 / head))) as f64)
+        })
+        .collect();
     append(shape, pool, table, append_indptr, &quantised);
 }
 
 /// An 8-bit pool's values dequantised as gather writes them: each value times `scale`, in
 /// f32, rounded to `T`.
 pub fn dequantise<C: KvDType, T: KvDType>(values: &[C], scale: f32) -> Vec<T> {
-    values.iter().map(|x| T::from_f64((x.to_f64() as f32 * scale) as f64)).collect()
+    dequantise_heads(values, scale, &[1.0], 1)
+}
+
+/// [`dequantise`] of ragged `[token][head][dim]` values (`head_dim` dims) of a layer with
+/// per-KV-head scales `head_scales` (K's or V's, one per head): a value of head `h` times
+/// `scale · head_scales[h]` (that product first, in f32, as gather computes it).
+pub fn dequantise_heads<C: KvDType, T: KvDType>(
+    values: &[C],
+    scale: f32,
+    head_scales: &[f32],
+    head_dim: usize,
+) -> Vec<T> {
+    let head = |i: usize| head_scales[i / head_dim % head_scales.len()];
+    values.iter().enumerate().map(|(i, x)| T::from_f64((x.to_f64() as f32 * (scale * head(i))) as f64)).collect()
+}
+
+/// Dequantisation scales by KV head, as the reference applies them (in f64): a stored K value
+/// `x` of KV head `h` means `x × k(h)`, a V value `x × v(h)`. [`KvScales`] gives every head the
+/// layer's scales; [`PerHeadScales`] the layer's times each head's.
+pub trait Dequantisation: Copy {
+    /// K's scale of KV head `kv_head`.
+    fn k(&self, kv_head: usize) -> f64;
+    /// V's scale of KV head `kv_head`.
+    fn v(&self, kv_head: usize) -> f64;
+}
+
+impl Dequantisation for KvScales {
+    fn k(&self, _: usize) -> f64 {
+        self.k as f64
+    }
+    fn v(&self, _: usize) -> f64 {
+        self.v as f64
+    }
+}
+
+/// A layer's [`KvScales`] with per-KV-head scales
+/// ([`PagedKvCache::set_head_scales`](crate::PagedKvCache::set_head_scales)): head `h`'s K
+/// scale is `layer.k × heads.k[h]`, its V scale `layer.v × heads.v[h]` (exact in f64).
+#[derive(Clone, Copy, Debug)]
+pub struct PerHeadScales<'a> {
+    /// The layer's scales.
+    pub layer: KvScales,
+    /// Each KV head's.
+    pub heads: KvHeadScales<'a>,
+}
+
+impl Dequantisation for PerHeadScales<'_> {
+    fn k(&self, kv_head: usize) -> f64 {
+        self.layer.k as f64 * self.heads.k[kv_head] as f64
+    }
+    fn v(&self, kv_head: usize) -> f64 {
+        self.layer.v as f64 * self.heads.v[kv_head] as f64
+    }
 }
 
 /// One query row `q` (head_dim elements) attending over the keys at `slots` of KV head
@@ -77,7 +153,7 @@ fn attend<T: KvDType, C: KvDType>(
     shape: &CacheShape,
     k_pool: &[C],
     v_pool: &[C],
-    scales: KvScales,
+    scales: impl Dequantisation,
     slots: &[(usize, usize)],
     kv_head: usize,
     q: &[T],
@@ -87,7 +163,7 @@ fn attend<T: KvDType, C: KvDType>(
     out: &mut Vec<f64>,
 ) -> f64 {
     let dim = shape.head_dim;
-    let (k_scale, v_scale) = (scales.k as f64, scales.v as f64);
+    let (k_scale, v_scale) = (scales.k(kv_head), scales.v(kv_head));
     let logits: Vec<f64> = slots
         .iter()
         .map(|&(page, slot)| {
@@ -144,13 +220,13 @@ pub fn decode<T: KvDType>(
 }
 
 /// [`decode`] over pools of another element type (an 8-bit cache), whose values mean their
-/// value times `scales`.
+/// value times `scales` (a layer's [`KvScales`], or [`PerHeadScales`] with its KV heads').
 #[allow(clippy::too_many_arguments)]
 pub fn decode_scaled<T: KvDType, C: KvDType>(
     shape: &CacheShape,
     k_pool: &[C],
     v_pool: &[C],
-    scales: KvScales,
+    scales: impl Dequantisation,
     table: &PageTable,
     q: &[T],
     num_qo_heads: usize,
@@ -167,7 +243,7 @@ pub fn decode_with_sinks<T: KvDType, C: KvDType>(
     shape: &CacheShape,
     k_pool: &[C],
     v_pool: &[C],
-    scales: KvScales,
+    scales: impl Dequantisation,
     table: &PageTable,
     q: &[T],
     num_qo_heads: usize,
@@ -213,13 +289,13 @@ pub fn prefill<T: KvDType>(
 }
 
 /// [`prefill`] over pools of another element type (an 8-bit cache), whose values mean their
-/// value times `scales`.
+/// value times `scales` (a layer's [`KvScales`], or [`PerHeadScales`] with its KV heads').
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_scaled<T: KvDType, C: KvDType>(
     shape: &CacheShape,
     k_pool: &[C],
     v_pool: &[C],
-    scales: KvScales,
+    scales: impl Dequantisation,
     table: &PageTable,
     qo_indptr: &[u32],
     q: &[T],
@@ -235,7 +311,7 @@ pub fn prefill_with_sinks<T: KvDType, C: KvDType>(
     shape: &CacheShape,
     k_pool: &[C],
     v_pool: &[C],
-    scales: KvScales,
+    scales: impl Dequantisation,
     table: &PageTable,
     qo_indptr: &[u32],
     q: &[T],
@@ -342,6 +418,25 @@ pub fn prefill_masked<T: KvDType>(
     mask: &[bool],
     options: &PrefillOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    let scales = KvScales::default();
+    prefill_masked_scaled(shape, k_pool, v_pool, scales, table, qo_indptr, q, num_qo_heads, mask, options)
+}
+
+/// [`prefill_masked`] over pools of another element type (an 8-bit cache), whose values mean
+/// their value times `scales`, as [`prefill_scaled`].
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_masked_scaled<T: KvDType, C: KvDType>(
+    shape: &CacheShape,
+    k_pool: &[C],
+    v_pool: &[C],
+    scales: impl Dequantisation,
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q: &[T],
+    num_qo_heads: usize,
+    mask: &[bool],
+    options: &PrefillOptions,
+) -> (Vec<f64>, Vec<f64>) {
     let dim = shape.head_dim;
     let group = num_qo_heads / shape.num_kv_heads;
     let (sm_scale, cap) = logit_scales(shape, options.sm_scale, options.logits_soft_cap);
@@ -360,19 +455,7 @@ pub fn prefill_masked<T: KvDType>(
                 .collect();
             for h in 0..num_qo_heads {
                 let qh = &q[((first_row + j) * num_qo_heads + h) * dim..][..dim];
-                lse.push(attend(
-                    shape,
-                    k_pool,
-                    v_pool,
-                    KvScales::default(),
-                    &slots,
-                    h / group,
-                    qh,
-                    sm_scale,
-                    cap,
-                    None,
-                    &mut out,
-                ));
+                lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, None, &mut out));
             }
         }
     }
@@ -601,20 +684,25 @@ mod tests {
         assert_eq!(prefill(&shape, &k, &v, &table, &[0, 2], &[1.0f32; 2], 1, &own).0, vec![4.0, 7.0]);
     }
 
+    /// E4M3 pools of `shape` with codes of every sign and magnitude, and a table of two
+    /// sequences (6 and 9 tokens) over its 5 pages of 3, for the scaled references.
+    fn e4m3_pools_and_table(shape: &CacheShape) -> (Vec<crate::E4m3>, Vec<crate::E4m3>, PageTable) {
+        let code = |i: usize| crate::E4m3(((i * 37) % 0x7E) as u8 | if i.is_multiple_of(3) { 0x80 } else { 0 });
+        let table =
+            PageTable { kv_indptr: vec![0, 2, 5], kv_indices: vec![4, 0, 2, 1, 3], kv_last_page_len: vec![2, 3] };
+        ((0..shape.pool_elems()).map(code).collect(), (0..shape.pool_elems()).map(|i| code(i + 11)).collect(), table)
+    }
+
     #[test]
     fn scaled_fp8_pools_read_as_their_values_times_the_scales() {
         // Power-of-two scales keep the dequantised values exact in f32, so attention over an
         // e4m3 pool with scales must equal attention over the f32 pool of those values.
         use crate::runtime::dtype::E4m3;
         let shape = CacheShape { num_pages: 5, page_size: 3, num_kv_heads: 1, head_dim: 4, layout: KvLayout::Nhd };
-        let code = |i: usize| E4m3(((i * 37) % 0x7E) as u8 | if i.is_multiple_of(3) { 0x80 } else { 0 });
-        let (k8, v8): (Vec<E4m3>, Vec<E4m3>) =
-            ((0..shape.pool_elems()).map(code).collect(), (0..shape.pool_elems()).map(|i| code(i + 11)).collect());
+        let (k8, v8, table) = e4m3_pools_and_table(&shape);
         let scales = KvScales { k: 0.0078125, v: 4.0 };
         let k: Vec<f32> = k8.iter().map(|x| x.to_f32() * scales.k).collect();
         let v: Vec<f32> = v8.iter().map(|x| x.to_f32() * scales.v).collect();
-        let table =
-            PageTable { kv_indptr: vec![0, 2, 5], kv_indices: vec![4, 0, 2, 1, 3], kv_last_page_len: vec![2, 3] };
         let q = [0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.125];
         let opts = DecodeOptions::default();
         let want = decode(&shape, &k, &v, &table, &q, 1, &opts);
@@ -625,6 +713,52 @@ mod tests {
         append_quantised(&shape, &mut pool, &table, &[0, 1, 2], &ragged, 0.3);
         let (page, slot) = table.locate(1, 8, 3); // sequence 1 (9 tokens) appends its last token
         assert_eq!(pool[shape.element_index(page, slot, 0, 2)], E4m3::quantise(ragged[6], 0.3));
+    }
+
+    #[test]
+    fn per_head_scaled_fp8_pools_read_as_their_values_times_both_scales() {
+        // Power-of-two scales again, distinct per KV head: attention over the e4m3 pools with
+        // the layer's and the heads' scales equals attention over the f32 pools of the values.
+        use crate::runtime::dtype::E4m3;
+        let shape = CacheShape { num_pages: 5, page_size: 3, num_kv_heads: 2, head_dim: 4, layout: KvLayout::Hnd };
+        let (k8, v8, table) = e4m3_pools_and_table(&shape);
+        let layer = KvScales { k: 0.0078125, v: 4.0 };
+        let (head_k, head_v) = ([2.0f32, 0.25], [0.5f32, 8.0]);
+        let heads = KvHeadScales { k: &head_k, v: &head_v };
+        let (mut k, mut v) = (vec![0.0f32; shape.pool_elems()], vec![0.0f32; shape.pool_elems()]);
+        for page in 0..shape.num_pages {
+            for slot in 0..shape.page_size {
+                for head in 0..shape.num_kv_heads {
+                    for d in 0..shape.head_dim {
+                        let i = shape.element_index(page, slot, head, d);
+                        k[i] = k8[i].to_f32() * layer.k * head_k[head];
+                        v[i] = v8[i].to_f32() * layer.v * head_v[head];
+                    }
+                }
+            }
+        }
+        let q: Vec<f32> = (0..2 * 4 * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        let opts = DecodeOptions::default();
+        let scales = PerHeadScales { layer, heads };
+        assert_eq!(
+            decode_scaled(&shape, &k8, &v8, scales, &table, &q, 4, &opts),
+            decode(&shape, &k, &v, &table, &q, 4, &opts)
+        );
+        // The quantising append stores what `E4m3::quantise_head` gives, head by head, and
+        // dequantising reads back the value times both scales.
+        let mut pool = vec![E4m3(0); shape.pool_elems()];
+        let ragged: Vec<f32> = (0..2 * 2 * 4).map(|i| i as f32 * 3.3 - 20.0).collect();
+        append_quantised_heads(&shape, &mut pool, &table, &[0, 1, 2], &ragged, 0.3, &[0.7, 3.0]);
+        let (page, slot) = table.locate(1, 8, 3); // sequence 1 (9 tokens) appends its last token
+        for (head, h) in [(0, 0.7), (1, 3.0)] {
+            let x = ragged[(2 + head) * 4 + 1];
+            assert_eq!(pool[shape.element_index(page, slot, head, 1)], E4m3::quantise_head(x, 0.3, h));
+        }
+        let codes = [E4m3(0x38), E4m3(0x38), E4m3(0x38), E4m3(0x38)]; // 1.0: head 0, then head 1
+        assert_eq!(dequantise_heads::<E4m3, f32>(&codes, 0.5, &[3.0, 5.0], 2), [1.5, 1.5, 2.5, 2.5]);
+        // Head scales of 1 are no head scales.
+        assert_eq!(E4m3::quantise_head(7.7, 0.3, 1.0), E4m3::quantise(7.7, 0.3));
+        assert_eq!(dequantise::<E4m3, f32>(&codes, 0.5), [0.5; 4]);
     }
 
     #[test]

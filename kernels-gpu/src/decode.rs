@@ -32,7 +32,7 @@ use crate::gpu::shared::{
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
-use crate::paged_tile::{fp8_swizzled, swizzled, KvRing, LaneAddr, PagedKv};
+use crate::paged_tile::{fp8_swizzled, kv_head_scale, swizzled, KvRing, LaneAddr, PagedKv};
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Keys of a tile each warp takes.
@@ -216,7 +216,11 @@ pub unsafe fn decode<
     // n-tile n: over a 16-bit cache dims dim_base + 8n.. + 8, this thread's dims + 2t and
     // + 2t + 1 of each row; over an 8-bit cache dims dim_base + lane_dims · c + n for columns
     // c = 2t and 2t + 1.
-    let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
+    // Over an 8-bit cache the block's KV head's K scale joins the logit scale (its V scale the
+    // normalisation, after the tile loop); 16-bit kernels have none.
+    let sm_scale =
+        if K::BYTES == 1 { p.sm_scale * kv_head_scale::<false>(p.kv_head_scales, kv_head) } else { p.sm_scale };
+    let scale = LogitScale::new(sm_scale, p.logits_soft_cap);
     let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
     let warp_row = key_warp * WARP_TOKENS;
@@ -325,6 +329,8 @@ pub unsafe fn decode<
     });
     sync_threads();
 
+    // 8-bit caches: the block's KV head's V scale, read once, after the tile loop.
+    let v_head = if K::BYTES == 1 { kv_head_scale::<true>(p.kv_head_scales, kv_head) } else { 1.0 };
     let mut i = tid;
     while i < rows * chunks {
         let (row, chunk) = (i / chunks, i % chunks);
@@ -346,8 +352,8 @@ pub unsafe fn decode<
         // A split request's sink waits for the merge (partials are sink-free).
         let sink = if work.slot == NO_PARTIAL { sink_logit(p.sinks, first_head + row) } else { f32::NEG_INFINITY };
         let (inv, lse) = finish_row(m_ref, d_all, sink);
-        // V's dequantisation scale goes with the normalisation: partials and merges are linear.
-        let inv = inv * p.v_scale;
+        // V's dequantisation scales go with the normalisation: partials and merges are linear.
+        let inv = if K::BYTES == 1 { inv * (p.v_scale * v_head) } else { inv * p.v_scale };
         for e in &mut o {
             *e *= inv;
         }

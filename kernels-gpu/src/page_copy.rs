@@ -9,8 +9,9 @@
 //! Between an 8-bit cache and 16-bit ragged K/V (`paged_copy_fp8`) the unit is one 16-byte
 //! vector of the pool (sixteen values) and two of the ragged side: quantised on the way in
 //! (times the reciprocal of the scale, then rounded to nearest even, saturating), dequantised
-//! on the way out (the exact value times the scale, rounded to the ragged type).
-use crate::abi::PagedCopyParams;
+//! on the way out (the exact value times the scale, rounded to the ragged type). With
+//! per-KV-head scales a vector's factor is the layer's times its head's (or their reciprocals').
+use crate::abi::{KvHeadScale, PagedCopyParams};
 use crate::gpu::fp8::{to_f32, Fp8};
 use crate::gpu::half::{pack, Half};
 use crate::gpu::index::{block_dim_x, block_x, block_y, thread_x};
@@ -93,15 +94,35 @@ fn dequantise16<H: Half, F: Fp8>(v: Vec16, factor: f32) -> [Vec16; 2] {
     [pack::<H>(&x[0]), pack::<H>(&x[1])]
 }
 
+/// The factor of KV head `head`'s values: the layer's `factor` times the head's scale (gather)
+/// or its reciprocal (scatter) from the per-KV-head scales at `scales` (0: none, `factor`).
+/// One f32 product, as the host's quantiser and dequantiser compute it.
+#[inline(always)]
+unsafe fn head_factor<const TO_PAGES: bool>(scales: u64, v: bool, head: u32, factor: f32) -> f32 {
+    if scales == 0 {
+        return factor;
+    }
+    let s = &*(scales as *const KvHeadScale).add(head as usize);
+    factor
+        * match (TO_PAGES, v) {
+            (false, false) => s.k,
+            (false, true) => s.v,
+            (true, false) => s.k_rcp,
+            (true, true) => s.v_rcp,
+        }
+}
+
 /// [`paged_copy`] between an 8-bit cache and 16-bit ragged K/V. Pool vectors hold sixteen
 /// values; `vec_shift` is 4 and the layout and `row_vecs` count pool vectors, so ragged vector
-/// `2e` and `2e + 1` go with pool vector `e`.
+/// `2e` and `2e + 1` go with pool vector `e`. Vector `v` of a row (pool vectors, `[head][dim]`
+/// in either layout) is of KV head `v / head_vecs`, whose scale joins the factor.
 #[inline(always)]
 pub unsafe fn paged_copy_fp8<const TO_PAGES: bool, H: Half, F: Fp8>(p: &PagedCopyParams) {
-    let (pages, ragged, factor) = if block_y() == 0 {
-        (p.k_pages as *mut Vec16, p.k_ragged as *mut Vec16, p.k_factor)
-    } else {
+    let is_v = block_y() != 0;
+    let (pages, ragged, factor) = if is_v {
         (p.v_pages as *mut Vec16, p.v_ragged as *mut Vec16, p.v_factor)
+    } else {
+        (p.k_pages as *mut Vec16, p.k_ragged as *mut Vec16, p.k_factor)
     };
     let row0 = block_x() * p.rows_per_block;
     let rows = p.rows_per_block.min(p.total_rows - row0);
@@ -115,6 +136,7 @@ pub unsafe fn paged_copy_fp8<const TO_PAGES: bool, H: Half, F: Fp8>(p: &PagedCop
         // Loads of every step first, then conversions and stores.
         let mut loaded = [[Vec16::default(); 2]; UNROLL as usize];
         let mut paged_at = [core::ptr::null_mut::<Vec16>(); UNROLL as usize];
+        let mut factors = [factor; UNROLL as usize];
         crate::unroll!(u in [0, 1, 2, 3] {
             let e = e0 + u as u32 * stride;
             if e < n {
@@ -123,6 +145,7 @@ pub unsafe fn paged_copy_fp8<const TO_PAGES: bool, H: Half, F: Fp8>(p: &PagedCop
                 let paged = pages.add((row + p.layout.vec_offset(v) as u64) as usize);
                 let flat = ragged.add(2 * e as usize);
                 paged_at[u] = paged;
+                factors[u] = head_factor::<TO_PAGES>(p.kv_head_scales, is_v, p.layout.head_vecs.div(v), factor);
                 loaded[u] = if TO_PAGES {
                     [load_readonly(flat), load_readonly(flat.add(1))]
                 } else {
@@ -135,10 +158,10 @@ pub unsafe fn paged_copy_fp8<const TO_PAGES: bool, H: Half, F: Fp8>(p: &PagedCop
             if e < n {
                 let [a, b] = loaded[u];
                 if TO_PAGES {
-                    store(paged_at[u], quantise16::<H, F>(a, b, factor));
+                    store(paged_at[u], quantise16::<H, F>(a, b, factors[u]));
                 } else {
                     let flat = ragged.add(2 * e as usize);
-                    let [lo, hi] = dequantise16::<H, F>(a, factor);
+                    let [lo, hi] = dequantise16::<H, F>(a, factors[u]);
                     store(flat, lo);
                     store(flat.add(1), hi);
                 }

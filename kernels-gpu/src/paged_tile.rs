@@ -21,7 +21,7 @@
 //! layout a 16-bit stage has (`swizzled`), so its fragment loads and mma are the same code for
 //! every cache type. Decode's ring hands out the byte stages themselves, swizzled for its
 //! fragment loads ([`fp8_swizzled`]), and converts bytes straight into mma fragments.
-use crate::abi::{kv_table_slots, tile_dim, FastDiv, PagedCacheParams};
+use crate::abi::{kv_table_slots, tile_dim, FastDiv, KvHeadScale, PagedCacheParams};
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::shared::{load_shared_u32, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
@@ -144,6 +144,22 @@ pub unsafe fn widen_tile<H: Half, K: KvElem, const HEAD_DIM: u32, const TILE_TOK
             });
         }
     });
+}
+
+/// KV head `kv_head`'s dequantisation scale of V (`V`) or K in a layer's per-KV-head scales
+/// at `scales` (`KvHeadScale`s; 0 for none: 1). One load, the same for the whole block: an
+/// attention block's keys are all of one KV head.
+#[inline(always)]
+pub unsafe fn kv_head_scale<const V: bool>(scales: u64, kv_head: u32) -> f32 {
+    if scales == 0 {
+        return 1.0;
+    }
+    let head = &*(scales as *const KvHeadScale).add(kv_head as usize);
+    if V {
+        head.v
+    } else {
+        head.k
+    }
 }
 
 /// Where one request's keys live: its pages (from `kv_indices[kv_indptr[request]..]`) and

@@ -29,7 +29,7 @@ use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{last_to_finish, merge, store_output, Block};
-use crate::paged_tile::{swizzled, KvRing, PagedKv};
+use crate::paged_tile::{kv_head_scale, swizzled, KvRing, PagedKv};
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
 /// Which keys the block's rows may see (causal and window bounds), and whether a tile of `TILE`
@@ -263,7 +263,12 @@ pub unsafe fn prefill<
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
 
     // `acc[f][n / 2][n % 2]` holds row fragment f's output tile of dims dim_base + 8n.. + 8.
-    let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
+    // Over an 8-bit cache the block's KV head's K scale joins the logit scale (its V scale the
+    // normalisation, read after the tile loop: no register held through it); 16-bit kernels
+    // have none.
+    let sm_scale =
+        if K::BYTES == 1 { p.sm_scale * kv_head_scale::<false>(p.kv_head_scales, kv_head) } else { p.sm_scale };
+    let scale = LogitScale::new(sm_scale, p.logits_soft_cap);
     let mut state = [const { RowState::new() }; ROW_FRAGS];
     let mut acc = [[[[0.0f32; 4]; 2]; 16]; ROW_FRAGS];
     let tiles = ring.tiles();
@@ -353,6 +358,8 @@ pub unsafe fn prefill<
     // Each warp finishes its own rows: no state to merge across warps. A split row tile's part
     // writes f32 partial rows (slot, KV head, row of the tile) instead.
     let split = work.slot != NO_PARTIAL;
+    // 8-bit caches: the block's KV head's V scale, read once, after the tile loop.
+    let v_head = if K::BYTES == 1 { kv_head_scale::<true>(p.kv_head_scales, kv_head) } else { 1.0 };
     crate::unroll_to!(f < ROW_FRAGS, {
         crate::unroll!(h in [0, 1] {
             let (state, acc) = (&state[f], &acc[f]);
@@ -363,8 +370,8 @@ pub unsafe fn prefill<
                 // A split tile's sink waits for the merge (partials are sink-free).
                 let sink = if split { f32::NEG_INFINITY } else { sink_logit(p.sinks, kv_head * group + head) };
                 let (inv, lse) = finish_row(state.m[h], d, sink);
-                // V's dequantisation scale goes with the normalisation (merging is linear).
-                let inv = inv * p.v_scale;
+                // V's dequantisation scales go with the normalisation (merging is linear).
+                let inv = if K::BYTES == 1 { inv * (p.v_scale * v_head) } else { inv * p.v_scale };
                 let first_dim = (dim_base + 2 * t) as usize;
                 if split {
                     let prow = ((work.slot * p.num_kv_heads + kv_head) * block_rows + row - work.first_row) as usize;

@@ -44,7 +44,7 @@ use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::shfl_idx_u32;
 use crate::merge::{last_to_finish, merge, store_output, Team};
-use crate::paged_tile::{widen_tile, PagedKv};
+use crate::paged_tile::{kv_head_scale, widen_tile, PagedKv};
 use crate::prefill::Visibility;
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 
@@ -425,7 +425,11 @@ unsafe fn consume<
     let last_row = (work.first_row + HOPPER_PREFILL_ROWS).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
 
-    let scale = LogitScale::new(p.sm_scale, p.logits_soft_cap);
+    // Over an 8-bit cache the block's KV head's K scale joins the logit scale (its V scale the
+    // normalisation); 16-bit kernels have none.
+    let sm_scale =
+        if K::BYTES == 1 { p.sm_scale * kv_head_scale::<false>(p.kv_head_scales, kv_head) } else { p.sm_scale };
+    let scale = LogitScale::new(sm_scale, p.logits_soft_cap);
     let mut state = RowState::new();
     let mut o = [[0.0f32; 4]; O_FRAGS];
     // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
@@ -562,8 +566,10 @@ unsafe fn consume<
         }
     }
 
-    // Rows `g` and `g + 8` of the thread's warp, 8-dim blocks `8n + 2t`.
+    // Rows `g` and `g + 8` of the thread's warp, 8-dim blocks `8n + 2t`; an 8-bit cache's V
+    // scales, the layer's and the KV head's.
     let my_first_row = visibility.thread_first_row(thread_x_here());
+    let v_scale = if K::BYTES == 1 { p.v_scale * kv_head_scale::<true>(p.kv_head_scales, kv_head) } else { 1.0 };
     let split = work.slot != NO_PARTIAL;
     crate::unroll!(h in [0, 1] {
         let d = state.row_sum(h);
@@ -574,7 +580,7 @@ unsafe fn consume<
             let sink = if split { f32::NEG_INFINITY } else { sink_logit(p.sinks, kv_head * group + head) };
             let (inv, lse) = finish_row(state.m[h], d, sink);
             // V's dequantisation scale goes with the normalisation (merging is linear).
-            let inv = if K::BYTES == 1 { inv * p.v_scale } else { inv };
+            let inv = if K::BYTES == 1 { inv * v_scale } else { inv };
             let first_dim = (2 * t) as usize;
             if split {
                 let prow =

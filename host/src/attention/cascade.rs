@@ -19,7 +19,7 @@ use crate::cache::layout::CacheShape;
 use crate::cache::page_table::PageTable;
 use crate::cache::paged::PagedKvCache;
 use crate::error::{Error, Result};
-use crate::plan::check_lengths;
+use crate::plan::{check_lengths, head_scales_on};
 use crate::runtime::device::Device;
 use crate::runtime::dtype::KvDType;
 
@@ -242,10 +242,12 @@ impl<T: KvDType> CascadeDecodePlan<T> {
         self.unique.run_with_sinks(stream, q, cache, layer, sinks, out, Some(&mut *lse))?;
         self.join.record(&self.side).map_err(Error::driver("recording an event"))?;
         stream.wait(&self.join).map_err(Error::driver("joining the side stream"))?;
-        // What level 0 read, `stream` now reads too: cudarc's read events of q and the pools
-        // (recorded per stream) then cover both levels for whoever writes them next.
-        let pools = cache.layer(layer)?;
+        // What level 0 read, `stream` now reads too: cudarc's read events of q, the pools and
+        // the head scales (recorded per stream) then cover both levels for whoever writes them
+        // next.
+        let (pools, dequant) = (cache.layer(layer)?, cache.layer_dequant(layer)?);
         let _reads = (q.device_ptr(stream).1, pools.k().device_ptr(stream).1, pools.v().device_ptr(stream).1);
+        let _head_scales = head_scales_on(dequant.heads, stream).1;
         merge_state_in_place(&device, stream, self.state, out, lse, &self.shared_out, &self.shared_lse)
     }
 }

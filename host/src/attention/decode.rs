@@ -266,6 +266,7 @@ impl AttentionLaunch for DecodeWork {
             sm_scale: self.sm_scale * ops.scales.k,
             logits_soft_cap: self.logits_soft_cap,
             v_scale: ops.scales.v,
+            kv_head_scales: ops.head_scales,
         }
     }
 }
@@ -390,9 +391,8 @@ impl BatchDecodePlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        let scales = cache.scales(layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, scales, sinks, out, lse)
+        let (k, v, dequant) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, dequant, sinks, out, lse)
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k_pages` and

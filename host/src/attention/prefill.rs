@@ -566,6 +566,7 @@ impl AttentionLaunch for PrefillWork {
             group_size: FastDiv::new(self.group_size as u32),
             sm_scale: self.sm_scale * ops.scales.k,
             v_scale: ops.scales.v,
+            kv_head_scales: ops.head_scales,
             logits_soft_cap: self.options.logits_soft_cap,
             window_left: self.options.window_left,
             causal: self.options.causal as u32,
@@ -888,9 +889,8 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        let (k, v) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        let scales = cache.scales(layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, scales, sinks, out, lse)
+        let (k, v, dequant) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
+        self.core.run_attention(&self.work, stream, q, k, v, dequant, sinks, out, lse)
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's

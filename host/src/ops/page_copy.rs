@@ -8,7 +8,10 @@
 //! `x · (1 / scale)` rounded to nearest even, saturating to the largest finite value (±∞ too;
 //! NaN becomes the positive NaN code), exactly as [`E4m3::quantise`](crate::E4m3::quantise) (on sm_89+
 //! by `cvt.rn.satfinite`, on sm_80 by the same integer arithmetic as the host); gather writes each
-//! value times its scale, rounded to nearest even in the ragged type.
+//! value times its scale, rounded to nearest even in the ragged type. With the layer's
+//! per-KV-head scales ([`PagedKvCache::set_head_scales`]) a value of KV head `h` is stored as
+//! `x · ((1 / scale) · (1 / head_scale[h]))` ([`E4m3::quantise_head`](crate::E4m3::quantise_head))
+//! and gathered as its value times `scale · head_scale[h]`.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
@@ -16,7 +19,7 @@ use crate::cache::layout::CacheShape;
 use crate::cache::page_table::{validate_indptr, PageTable};
 use crate::cache::paged::{KvScales, PagedKvCache};
 use crate::error::{Error, Result};
-use crate::plan::{as_bytes, check_lengths, PlanCore, ScratchLayout};
+use crate::plan::{as_bytes, check_lengths, head_scales_on, PlanCore, ScratchLayout};
 use crate::runtime::abi::{FastDiv, PagedCopyParams};
 use crate::runtime::device::{launch_config, Device, LaunchStream};
 use crate::runtime::dtype::KvDType;
@@ -153,7 +156,8 @@ impl CopyPlan {
 
     /// Launches the plan's kernel for `[k_pages, v_pages, k_ragged, v_ragged]`, which the caller
     /// checked against the plan and keeps alive, with the row offsets at `row_offsets`; an
-    /// 8-bit cache's values are converted with `scales`.
+    /// 8-bit cache's values are converted with `scales` and the per-KV-head scales at
+    /// `head_scales` (0 for none).
     ///
     /// # Safety
     /// Every address is a live allocation of the plan's device with the lengths the plan
@@ -165,6 +169,7 @@ impl CopyPlan {
         buffers: [u64; 4],
         row_offsets: u64,
         scales: KvScales,
+        head_scales: u64,
     ) -> Result<()> {
         let kernel = self.kernel::<T, C>()?;
         if self.total_rows == 0 {
@@ -193,6 +198,7 @@ impl CopyPlan {
             rows_per_block,
             k_factor: factor(scales.k),
             v_factor: factor(scales.v),
+            kv_head_scales: head_scales,
         };
         let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), 2), THREADS, rows_per_block * 8);
         let device = self.core.device();
@@ -220,7 +226,7 @@ impl CopyPlan {
         let row_offsets = self.core.raw_parts()?[0];
         self.core.order_after_upload(stream)?;
         let buffers = [pools[0].ptr(), pools[1].ptr(), ragged[0].ptr(), ragged[1].ptr()];
-        self.launch::<T, T>(LaunchStream::Raw(stream), buffers, row_offsets, KvScales::default())
+        self.launch::<T, T>(LaunchStream::Raw(stream), buffers, row_offsets, KvScales::default(), 0)
     }
 }
 
@@ -266,18 +272,18 @@ impl GatherPlan {
     ) -> Result<()> {
         let plan = &self.0;
         plan.check_run(stream, &*k_out, &*v_out)?;
-        let (k_pool, v_pool) = cache.pools_for(plan.core.device(), &plan.shape, layer)?;
+        let (k_pool, v_pool, dequant) = cache.pools_for(plan.core.device(), &plan.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr(stream);
         let (v_pages, _g1) = v_pool.device_ptr(stream);
         let (k_ragged, _g2) = k_out.device_ptr_mut(stream);
         let (v_ragged, _g3) = v_out.device_ptr_mut(stream);
         let (parts, _g4) = plan.core.metadata_on(stream)?;
-        let scales = cache.scales(layer)?;
+        let (head_scales, _g5) = head_scales_on(dequant.heads, stream);
+        let buffers = [k_pages, v_pages, k_ragged, v_ragged];
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
-        // context; every buffer outlives the launch's enqueueing (guards above).
-        unsafe {
-            plan.launch::<T, C>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0], scales)
-        }
+        // context, the head scales are the cache's (one per KV head); every buffer outlives the
+        // launch's enqueueing (guards above).
+        unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales) }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: one layer's pools (`shape.pool_elems()`
@@ -340,19 +346,18 @@ impl ScatterPlan {
     ) -> Result<()> {
         let plan = &self.0;
         plan.check_run(stream, k_in, v_in)?;
-        let scales = cache.scales(layer)?;
-        let (k_pool, v_pool) = cache.pools_for_mut(plan.core.device(), &plan.shape, layer)?;
+        let (k_pool, v_pool, dequant) = cache.pools_for_mut(plan.core.device(), &plan.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr_mut(stream);
         let (v_pages, _g1) = v_pool.device_ptr_mut(stream);
         let (k_ragged, _g2) = k_in.device_ptr(stream);
         let (v_ragged, _g3) = v_in.device_ptr(stream);
         let (parts, _g4) = plan.core.metadata_on(stream)?;
+        let (head_scales, _g5) = head_scales_on(dequant.heads, stream);
+        let buffers = [k_pages, v_pages, k_ragged, v_ragged];
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
-        // context; its writes were found disjoint when planning; every buffer outlives the
-        // launch's enqueueing (guards above).
-        unsafe {
-            plan.launch::<T, C>(LaunchStream::Cudarc(stream), [k_pages, v_pages, k_ragged, v_ragged], parts[0], scales)
-        }
+        // context, the head scales are the cache's (one per KV head); its writes were found
+        // disjoint when planning; every buffer outlives the launch's enqueueing (guards above).
+        unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales) }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: ragged `k_in` and `v_in` into one layer's

@@ -585,7 +585,8 @@ impl AppendRopePlan {
         device.check_buffer("ragged V", v)?;
         let n = rot.elems(1);
         check_lengths(&[("q", q.len(), rot.elems(0)), ("ragged K", k.len(), n), ("ragged V", v.len(), n)])?;
-        let (k_pool, v_pool) = cache.pools_for_mut(device, &self.shape, layer)?;
+        // The cache holds the ragged type: 16 bits, nothing to dequantise.
+        let (k_pool, v_pool, _) = cache.pools_for_mut(device, &self.shape, layer)?;
         let (k_pages, _g0) = k_pool.device_ptr_mut(stream);
         let (v_pages, _g1) = v_pool.device_ptr_mut(stream);
         let (q, _g2) = q.device_ptr_mut(stream);

@@ -7,12 +7,12 @@
 //! the scratch *written*, so two runs of one plan on two streams are ordered), and launches.
 //! The algorithms supply their work split and parameter block only ([`AttentionLaunch`]).
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
 
 use crate::cache::layout::CacheShape;
-use crate::cache::paged::KvScales;
+use crate::cache::paged::{KvScales, LayerDequant};
 use crate::error::{Error, Result};
-use crate::runtime::abi::{FastDiv, PagedCacheParams, SplitScratch};
+use crate::runtime::abi::{FastDiv, KvHeadScale, PagedCacheParams, SplitScratch};
 use crate::runtime::device::{launch_config, Device, LaunchStream};
 use crate::runtime::dtype::{DType, KvDType};
 use crate::runtime::kernels::{Kernel, Kernels};
@@ -73,6 +73,8 @@ pub(crate) struct Addresses {
     pub sinks: u64,
     /// The cache layer's dequantisation scales (1 for a 16-bit cache).
     pub scales: KvScales,
+    /// The cache layer's per-KV-head scales (`*const KvHeadScale`); 0 for none.
+    pub head_scales: u64,
 }
 
 /// What an attention algorithm (decode, prefill) supplies to the shared run.
@@ -134,6 +136,21 @@ fn kernel_for<'k, L: AttentionLaunch>(
         return Err(Error::KvDTypeMismatch { planned: planned.name(), got: got.name() });
     }
     launch.kernel(kernels, query, got)
+}
+
+/// A cache layer's per-KV-head scales, if it has them, tracked for a read on `stream`: the
+/// address (0 for none) and the guard to hold until the launch is enqueued.
+pub(crate) fn head_scales_on<'a>(
+    heads: Option<CudaView<'a, KvHeadScale>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match heads {
+        Some(h) => {
+            let (ptr, guard) = h.view_ptr(stream);
+            (ptr, Some(guard))
+        }
+        None => (0, None),
+    }
 }
 
 /// A new buffer's device address (fixed for its lifetime), taken on the stream that made it.
@@ -258,8 +275,8 @@ impl PlanCore {
     /// Runs `launch` on `stream` over cudarc buffers: checks the context of the stream and of
     /// every operand, the element types (the cache's `C` the planned one), and every length
     /// (`q`, `out`: `rows × head_dim`; `lse`: `rows`; `k`, `v`: `kv_elems`), then launches with
-    /// every buffer tracked. `scales` are the cache layer's (checked when they were set);
-    /// `sinks`, if given, one per query head.
+    /// every buffer tracked. `dequant` is the cache layer's (its scales checked when they were
+    /// set, its head scales `num_kv_heads` long); `sinks`, if given, one per query head.
     #[allow(clippy::too_many_arguments)]
     pub fn run_attention<T: KvDType, C: KvDType, L: AttentionLaunch>(
         &mut self,
@@ -268,7 +285,7 @@ impl PlanCore {
         q: &(impl DevicePtr<T> + ?Sized),
         k: &(impl DevicePtr<C> + ?Sized),
         v: &(impl DevicePtr<C> + ?Sized),
-        scales: KvScales,
+        dequant: LayerDequant<'_>,
         sinks: Option<&dyn DevicePtr<f32>>,
         out: &mut (impl DevicePtrMut<T> + ?Sized),
         lse: Option<&mut dyn DevicePtrMut<f32>>,
@@ -319,10 +336,12 @@ impl PlanCore {
             }
             None => (0, None),
         };
+        let (head_scales, _g8) = head_scales_on(dequant.heads, stream);
         let (metadata, _g5) = self.metadata.device_ptr(stream);
         let parts = self.part_addresses(metadata);
         let (scratch, _g6) = self.scratch.device_ptr_mut(stream);
-        let params = launch.params(&Addresses { q, k, v, out, lse, sinks, scales }, &parts, self.layout.at(scratch));
+        let ops = Addresses { q, k, v, out, lse, sinks, scales: dequant.scales, head_scales };
+        let params = launch.params(&ops, &parts, self.layout.at(scratch));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);
         // SAFETY: the plan validated its work against its shape, so the kernel reads K/V only
         // below `kv_elems` (V: `v_elems`) elements, q and out only below `rows × head_dim` (out:
@@ -376,6 +395,7 @@ impl PlanCore {
             lse: lse.map_or(0, |l| l.ptr()),
             sinks: 0,
             scales: KvScales::default(),
+            head_scales: 0,
         };
         let params = launch.params(&ops, &self.part_addresses(self.metadata_base), self.layout.at(self.scratch_base));
         let cfg = launch_config((launch.blocks(), 1), kernel.threads, kernel.smem_bytes);

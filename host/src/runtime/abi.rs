@@ -104,7 +104,39 @@ pub struct PagedCopyParams {
     pub k_factor: f32,
     /// As `k_factor`, for V.
     pub v_factor: f32,
+    /// `*const KvHeadScale`, one per KV head, or 0 for none: the 8-bit copies multiply
+    /// `k_factor` (`v_factor`) by each vector's KV head's K (V) scale when gathering, by its
+    /// reciprocal when scattering (one f32 product, then the values by it). The 16-bit copies
+    /// ignore it.
+    pub kv_head_scales: u64,
 }
+
+/// One KV head's dequantisation scales of a layer of an 8-bit cache
+/// (`PagedKvCache::set_head_scales`), as the kernels read them: a stored value `x` of the head
+/// means `x × layer scale × k` (K) or `x × layer scale × v` (V). The reciprocals are the host's
+/// f32 `1 / k` and `1 / v`, so that no kernel divides and the host's quantiser reproduces the
+/// kernels' products bit for bit.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvHeadScale {
+    /// K's scale of the head.
+    pub k: f32,
+    /// V's scale of the head.
+    pub v: f32,
+    /// `1 / k`, rounded to f32.
+    pub k_rcp: f32,
+    /// `1 / v`, rounded to f32.
+    pub v_rcp: f32,
+}
+
+impl KvHeadScale {
+    /// A head's scales `k` and `v`, with their reciprocals.
+    pub fn new(k: f32, v: f32) -> Self {
+        KvHeadScale { k, v, k_rcp: 1.0 / k, v_rcp: 1.0 / v }
+    }
+}
+// The kernels index an array of them: 16 bytes each, one vector load.
+const _: () = assert!(core::mem::size_of::<KvHeadScale>() == 16);
 
 /// Rounds `x` to the nearest value of an 8-bit float with `MANT` mantissa bits, exponent bias
 /// `BIAS` and largest finite code `max_code` (positive), ties to even, saturating: every finite
@@ -278,6 +310,11 @@ pub struct DecodeParams {
     /// Multiplies the output: the cache's V dequantisation scale (1 for a 16-bit cache). K's
     /// scale is folded into `sm_scale`.
     pub v_scale: f32,
+    /// `*const KvHeadScale`, `[num_kv_heads]`, or 0 for none: the cache layer's per-KV-head
+    /// scales. An 8-bit kernel reads its block's KV head's once and multiplies K's into
+    /// `sm_scale` and V's into `v_scale`; the 16-bit kernels ignore it. (Last in the block, so
+    /// that the other fields keep their offsets.)
+    pub kv_head_scales: u64,
 }
 
 /// One decode block's share of a request, resolved by `plan` (two 16-byte loads).
@@ -462,6 +499,9 @@ pub struct PrefillParams {
     /// Multiplies the output: the cache's V dequantisation scale (1 for a 16-bit cache). K's
     /// scale is folded into `sm_scale`.
     pub v_scale: f32,
+    /// Per-KV-head scales, as [`DecodeParams::kv_head_scales`] (the portable 8-bit kernels
+    /// read them; the Hopper kernels, over 16-bit caches only, do not).
+    pub kv_head_scales: u64,
 }
 
 /// One prefill block's rows of a request and keys of them, resolved by `plan` (three 16-byte

@@ -143,6 +143,16 @@ macro_rules! fp8_type {
                 Self::from_f32(x * (1.0 / scale))
             }
 
+            /// What the cache stores for input `x` of a KV head with scale `head_scale` (see
+            /// [`PagedKvCache::set_head_scales`](crate::PagedKvCache::set_head_scales)) under
+            /// the layer's `scale`: `x · ((1 / scale) · (1 / head_scale))` (each reciprocal
+            /// rounded to f32, then two f32 products in that order), then
+            /// [`from_f32`](Self::from_f32), as the append and scatter kernels compute it. With
+            /// `head_scale` 1 it is [`quantise`](Self::quantise).
+            pub fn quantise_head(x: f32, scale: f32, head_scale: f32) -> Self {
+                Self::from_f32(x * ((1.0 / scale) * (1.0 / head_scale)))
+            }
+
             /// The exact value (`f32` holds every 8-bit float exactly).
             pub fn to_f32(self) -> f32 {
                 KvDType::to_f64(self) as f32
@@ -207,12 +217,18 @@ impl E5m2 {
     }
 }
 
-/// Checks a dequantisation scale: finite and positive.
-pub(crate) fn check_scale(what: &'static str, layer: usize, value: f32) -> crate::error::Result<()> {
+/// Checks a dequantisation scale of layer `layer` (and KV head `kv_head`, for a head's):
+/// finite and positive.
+pub(crate) fn check_scale(
+    what: &'static str,
+    layer: usize,
+    kv_head: Option<usize>,
+    value: f32,
+) -> crate::error::Result<()> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {
-        Err(crate::error::Error::BadScale { what, layer, value })
+        Err(crate::error::Error::BadScale { what, layer, kv_head, value })
     }
 }
 

@@ -39,3 +39,6 @@ unsafe impl DeviceRepr for abi::ReadStreamParams {}
 unsafe impl DeviceRepr for abi::HelperCheckParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for abi::RopeParams {}
+// SAFETY: plain `#[repr(C)]` f32s without padding, read by the kernels from a device buffer
+// (a cache's per-KV-head scales).
+unsafe impl DeviceRepr for abi::KvHeadScale {}
