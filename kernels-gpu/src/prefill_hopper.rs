@@ -331,14 +331,17 @@ unsafe fn produce_widening<
         // One commit group a tile, copies or not, so the count stays in step.
         commit_async_copies();
     };
+    // Look-ups past the last tile load the last key's page again, harmless, but with no keys
+    // there is no page to look up (an empty request's `kv_indices` entry may be past the end).
+    let look_up_ahead = |tile: u32| if tiles > 0 { gather.look_up(tile) } else { 0 };
     let mut tile = 0;
     while tile + 1 < BYTE_STAGES {
-        issue(tile, gather.look_up(tile));
+        issue(tile, look_up_ahead(tile));
         tile += 1;
     }
     // Page ids are loaded an iteration before their copies are issued, so the load's latency
     // hides behind a widening instead of stalling the issue.
-    let mut next = gather.look_up(BYTE_STAGES - 1);
+    let mut next = look_up_ahead(BYTE_STAGES - 1);
     let mut tile = 0;
     while tile < tiles {
         let ahead = tile + BYTE_STAGES - 1;

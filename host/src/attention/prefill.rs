@@ -57,18 +57,24 @@ pub struct PrefillOptions {
 
 impl Default for PrefillOptions {
     fn default() -> Self {
-        PrefillOptions {
-            causal: false,
-            sm_scale: None,
-            logits_soft_cap: 0.0,
-            window_left: -1,
-            kv_dtype: None,
-            head_dim_vo: None,
-        }
+        PrefillOptions::DEFAULT
     }
 }
 
 impl PrefillOptions {
+    /// The defaults (`Default::default()` in a `const`): no causal mask, `1/√head_dim`, no soft
+    /// cap, no window, the query's own KV type, values as wide as the keys.
+    pub const DEFAULT: PrefillOptions = PrefillOptions {
+        causal: false,
+        sm_scale: None,
+        logits_soft_cap: 0.0,
+        window_left: -1,
+        kv_dtype: None,
+        head_dim_vo: None,
+    };
+    /// [`DEFAULT`](Self::DEFAULT) with the causal mask (a prompt's usual prefill).
+    pub const CAUSAL: PrefillOptions = PrefillOptions { causal: true, ..PrefillOptions::DEFAULT };
+
     /// Values' and outputs' head dim for queries and keys of `head_dim`.
     fn vo_dim(&self, head_dim: usize) -> usize {
         self.head_dim_vo.unwrap_or(head_dim)

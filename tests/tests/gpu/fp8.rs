@@ -618,6 +618,16 @@ fn hopper_prefill_tests() -> Vec<GpuTest> {
         &[300, 70, 129],
         full,
     );
+    // The last request has queries and no keys (a work item with no tiles: its producer looks
+    // up no page; `kv_indices` ends before its entry would be).
+    let c = Case { group: 3, seed: 1504, ..Case::new(&[300, 1000, 0], 16) };
+    add_hopper::<f16, E5m2>(
+        &mut t,
+        "prefill_hopper_e5m2_full_last_request_without_keys_f16".into(),
+        c,
+        &[300, 70, 129],
+        full,
+    );
     let c = Case { group: 1, layout: KvLayout::Hnd, seed: 1501, ..Case::new(&[300, 1000, 129], 48) };
     add_hopper::<bf16, E4m3>(&mut t, "prefill_hopper_e4m3_full_group_1_hnd_bf16".into(), c, &[300, 70, 129], full);
     let both = PrefillOptions { window_left: 200, logits_soft_cap: 30.0, ..causal };

@@ -33,14 +33,7 @@ struct Case {
     seed: u64,
 }
 
-const CAUSAL: PrefillOptions = PrefillOptions {
-    causal: true,
-    sm_scale: None,
-    logits_soft_cap: 0.0,
-    window_left: -1,
-    kv_dtype: None,
-    head_dim_vo: None,
-};
+const CAUSAL: PrefillOptions = PrefillOptions::CAUSAL;
 
 impl Case {
     fn new(lens: &[(usize, usize)], page_size: usize) -> Self {

@@ -10,14 +10,7 @@ use crate::page_ops::Bench;
 use crate::sampled::{count_wrong, BenchCache};
 use crate::timing::BoxResult;
 
-const CAUSAL: PrefillOptions = PrefillOptions {
-    causal: true,
-    sm_scale: None,
-    logits_soft_cap: 0.0,
-    window_left: -1,
-    kv_dtype: None,
-    head_dim_vo: None,
-};
+const CAUSAL: PrefillOptions = PrefillOptions::CAUSAL;
 
 pub fn header(b: &Bench) {
     b.print("| kernel | page_size | batch | qo_len = kv_len | group | median us | TFLOP/s | blocks | path | check |");
