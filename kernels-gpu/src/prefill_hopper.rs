@@ -38,8 +38,8 @@ use crate::gpu::hopper::{
     wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
-use crate::gpu::mem::Vec16;
-use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr};
+use crate::gpu::mem::{store, Vec16};
+use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr, load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::shfl_idx_u32;
@@ -574,6 +574,10 @@ unsafe fn consume<
     let my_first_row = visibility.thread_first_row(thread_x_here());
     let v_scale = if K::BYTES == 1 { p.v_scale * kv_head_scale::<true>(p.kv_head_scales, kv_head) } else { 1.0 };
     let split = work.slot != NO_PARTIAL;
+    // The output goes through this warpgroup's Q rows, free now (its last S has completed; the
+    // other warpgroup reads only its own rows), in Q's swizzled slab layout: the fragments'
+    // 4-byte stores there are free of bank conflicts, and whole rows leave in 16-byte stores
+    // (a 4-byte global store a fragment pair kept the load/store unit's queue full, docs/perf.md).
     crate::unroll!(h in [0, 1] {
         let d = state.row_sum(h);
         let row = my_first_row + 8 * h as u32;
@@ -600,21 +604,37 @@ unsafe fn consume<
                     *(p.split.partial_lse as *mut f32).add(prow) = lse;
                 }
             } else {
-                let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
-                let out = (p.out as *mut u32).add((out_row as usize * HEAD_DIM as usize + first_dim) / 2);
+                let staged = q_smem + (4 * t) as u32;
                 crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                      16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
                     if n < O_FRAGS {
-                        *out.add(4 * n) = H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+                        let at = staged + slab_offset(HOPPER_PREFILL_ROWS, row - work.first_row, n as u32);
+                        store_shared_u32(at, H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv));
                     }
                 });
                 if p.lse != 0 && t == 0 {
+                    let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
                     *(p.lse as *mut f32).add(out_row as usize) = lse;
                 }
             }
         }
     });
     if !split {
+        named_barrier(BARRIER_WARPGROUP + warpgroup, 128);
+        // Row `i / chunks` of the warpgroup's 64, 16-byte chunk `i % chunks`: consecutive
+        // threads write consecutive bytes of a row.
+        let mut i = tid % 128;
+        while i < 64 * chunks {
+            let (row, chunk) = (wg_first_row + i / chunks, i % chunks);
+            let packed = work.first_row + row;
+            if packed < rows {
+                let (token, head) = p.group_size.divmod(packed);
+                let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+                let value = load_shared_u32x4(q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, chunk));
+                store((p.out as *mut Vec16).add(out_row as usize * chunks as usize + chunk as usize), Vec16(value));
+            }
+            i += 128;
+        }
         return;
     }
     // The last part of the row tile to finish (for this KV head) merges all of them, with the

@@ -25,6 +25,13 @@ pub trait KvElem {
 pub trait Fp8: KvElem {
     /// Two values (the low 16 bits of `pair`, the first in the low byte) as an f16x2, exactly.
     fn pair_to_f16x2(pair: u32) -> u32;
+    /// Four values (the first in the low byte) as two f16x2, values 0, 1 and 2, 3, exactly.
+    /// On sm_89 and newer one conversion takes each 16-bit half of the register as it is,
+    /// where converting pair by pair shifted the high pair down first (docs/perf.md).
+    #[inline(always)]
+    fn quad_to_f16x2(quad: u32) -> [u32; 2] {
+        [Self::pair_to_f16x2(quad), Self::pair_to_f16x2(quad >> 16)]
+    }
     /// `lo` and `hi` rounded to nearest even, saturating (±∞ to ±max, NaN to the positive NaN
     /// code), `lo` in the low byte: the host's quantiser (`abi::f32_to_fp8`) on the sm_80
     /// module, `cvt.rn.satfinite` (the same results) on sm_89 and newer.
@@ -40,16 +47,12 @@ macro_rules! fp8_kv_elem {
             const BYTES: u32 = 1;
             #[inline(always)]
             fn widen8<H: Half>(v: [u32; 2]) -> [u32; 4] {
-                [
-                    H::from_f16x2(Self::pair_to_f16x2(v[0])),
-                    H::from_f16x2(Self::pair_to_f16x2(v[0] >> 16)),
-                    H::from_f16x2(Self::pair_to_f16x2(v[1])),
-                    H::from_f16x2(Self::pair_to_f16x2(v[1] >> 16)),
-                ]
+                let ([a, b], [c, d]) = (Self::widen4::<H>(v[0]), Self::widen4::<H>(v[1]));
+                [a, b, c, d]
             }
             #[inline(always)]
             fn widen4<H: Half>(v: u32) -> [u32; 2] {
-                [H::from_f16x2(Self::pair_to_f16x2(v)), H::from_f16x2(Self::pair_to_f16x2(v >> 16))]
+                Self::quad_to_f16x2(v).map(H::from_f16x2)
             }
         }
     )*};
@@ -67,6 +70,18 @@ impl Fp8 for E4m3 {
                  r = out(reg32) r, p = in(reg32) pair, options(pure, nomem, nostack))
         }
         r
+    }
+    #[cfg(target_feature = "sm_89")]
+    #[inline(always)]
+    fn quad_to_f16x2(quad: u32) -> [u32; 2] {
+        let (r0, r1): (u32, u32);
+        // SAFETY: pure register conversions (sm_89+, PTX 7.8).
+        unsafe {
+            core::arch::asm!("{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, {q}; cvt.rn.f16x2.e4m3x2 {r0}, lo; \
+                              cvt.rn.f16x2.e4m3x2 {r1}, hi; }}",
+                 r0 = out(reg32) r0, r1 = out(reg32) r1, q = in(reg32) quad, options(pure, nomem, nostack))
+        }
+        [r0, r1]
     }
     #[cfg(not(target_feature = "sm_89"))]
     #[inline(always)]
@@ -112,6 +127,18 @@ impl Fp8 for E5m2 {
                  r = out(reg32) r, p = in(reg32) pair, options(pure, nomem, nostack))
         }
         r
+    }
+    #[cfg(target_feature = "sm_89")]
+    #[inline(always)]
+    fn quad_to_f16x2(quad: u32) -> [u32; 2] {
+        let (r0, r1): (u32, u32);
+        // SAFETY: pure register conversions (sm_89+, PTX 7.8).
+        unsafe {
+            core::arch::asm!("{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, {q}; cvt.rn.f16x2.e5m2x2 {r0}, lo; \
+                              cvt.rn.f16x2.e5m2x2 {r1}, hi; }}",
+                 r0 = out(reg32) r0, r1 = out(reg32) r1, q = in(reg32) quad, options(pure, nomem, nostack))
+        }
+        [r0, r1]
     }
     #[cfg(not(target_feature = "sm_89"))]
     #[inline(always)]
