@@ -41,6 +41,23 @@ pub trait Fp8: KvElem {
 pub struct E4m3;
 pub struct E5m2;
 
+/// Both 16-bit halves of a `u32` (four 8-bit values) through `cvt.rn.f16x2.<$ty>` (sm_89+): the
+/// f16x2 of values 0, 1 and of values 2, 3.
+#[cfg(target_feature = "sm_89")]
+macro_rules! cvt_halves {
+    ($quad:expr, $ty:literal) => {{
+        let (r0, r1): (u32, u32);
+        // SAFETY: pure register conversions (sm_89+, PTX 7.8).
+        unsafe {
+            core::arch::asm!(
+                concat!("{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, {q}; cvt.rn.f16x2.", $ty, " {r0}, lo; \
+                         cvt.rn.f16x2.", $ty, " {r1}, hi; }}"),
+                r0 = out(reg32) r0, r1 = out(reg32) r1, q = in(reg32) $quad, options(pure, nomem, nostack))
+        }
+        [r0, r1]
+    }};
+}
+
 macro_rules! fp8_kv_elem {
     ($($fp8:ident)*) => {$(
         impl KvElem for $fp8 {
@@ -74,14 +91,7 @@ impl Fp8 for E4m3 {
     #[cfg(target_feature = "sm_89")]
     #[inline(always)]
     fn quad_to_f16x2(quad: u32) -> [u32; 2] {
-        let (r0, r1): (u32, u32);
-        // SAFETY: pure register conversions (sm_89+, PTX 7.8).
-        unsafe {
-            core::arch::asm!("{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, {q}; cvt.rn.f16x2.e4m3x2 {r0}, lo; \
-                              cvt.rn.f16x2.e4m3x2 {r1}, hi; }}",
-                 r0 = out(reg32) r0, r1 = out(reg32) r1, q = in(reg32) quad, options(pure, nomem, nostack))
-        }
-        [r0, r1]
+        cvt_halves!(quad, "e4m3x2")
     }
     #[cfg(not(target_feature = "sm_89"))]
     #[inline(always)]
@@ -131,14 +141,7 @@ impl Fp8 for E5m2 {
     #[cfg(target_feature = "sm_89")]
     #[inline(always)]
     fn quad_to_f16x2(quad: u32) -> [u32; 2] {
-        let (r0, r1): (u32, u32);
-        // SAFETY: pure register conversions (sm_89+, PTX 7.8).
-        unsafe {
-            core::arch::asm!("{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, {q}; cvt.rn.f16x2.e5m2x2 {r0}, lo; \
-                              cvt.rn.f16x2.e5m2x2 {r1}, hi; }}",
-                 r0 = out(reg32) r0, r1 = out(reg32) r1, q = in(reg32) quad, options(pure, nomem, nostack))
-        }
-        [r0, r1]
+        cvt_halves!(quad, "e5m2x2")
     }
     #[cfg(not(target_feature = "sm_89"))]
     #[inline(always)]
