@@ -24,9 +24,16 @@
 //! of row `r` at chunk `c ^ (r % 8)`), the layout `wgmma` descriptors name; every tile starts on
 //! a 1 KiB boundary, so a k-step within a slab is a 32-byte offset of the descriptor's start.
 //!
+//! Blocks are persistent, one an SM: `plan` deals the units (a work item for one KV head) to
+//! them longest first, each to the least loaded (`PrefillParams::schedule`), and a block runs
+//! its units back to back. The ring's stages and phases, and the consumers' turns, run on from
+//! one unit to the next: the producer gathers a unit's first tiles (and asks the L2 for its
+//! query rows) while the consumers finish the last one, and one consumer warpgroup starts a
+//! unit while the other writes the last one's output.
+//!
 //! Tried and not kept (docs/perf.md, Hopper prefill v2): issuing tile `j`'s S beside tile
-//! `j − 1`'s P·V within a warpgroup, and a persistent grid striding over the work; together they
-//! were 9–13% slower on the H200.
+//! `j − 1`'s P·V within a warpgroup, together with persistent blocks that strode over the units
+//! (block `b` took units `b`, `b + grid`, …; before ping-pong): 9–13% slower on the H200.
 use crate::abi::{
     hopper_prefill_bars_offset, hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem, HOPPER_CONSUMER_REGISTERS,
     HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_PRODUCER_THREADS, NO_PARTIAL,
@@ -38,7 +45,7 @@ use crate::gpu::hopper::{
     wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
-use crate::gpu::mem::{store, Vec16};
+use crate::gpu::mem::{prefetch_l2, store, Vec16};
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr, load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
@@ -151,8 +158,15 @@ pub unsafe fn prefill_hopper<
         assert!(TILE % 64 == 0 && HEAD_DIM % 64 == 0 && HEAD_DIM <= 256);
     };
     let tid = thread_x();
-    let (item, kv_head) = (block_x() / p.num_kv_heads, block_x() % p.num_kv_heads);
-    let work = *(p.work as *const PrefillWorkItem).add(item as usize);
+    let schedule = p.schedule as *const u32;
+    let (first_unit, end_unit) = (*schedule.add(block_x() as usize), *schedule.add(block_x() as usize + 1));
+    // Unit `at` of the block's list: its work item, KV head and key tiles.
+    let unit = |at: u32| {
+        let unit = *schedule.add(at as usize);
+        let (item, kv_head) = (unit / p.num_kv_heads, unit % p.num_kv_heads);
+        let work = *(p.work as *const PrefillWorkItem).add(item as usize);
+        (work, kv_head, (work.kv_end - work.kv_start).div_ceil(TILE))
+    };
     let q_smem = dynamic_smem_addr();
     let ring = Ring::<HEAD_DIM, TILE, STAGES>::after(q_smem, BYTE_STAGES);
     const {
@@ -166,7 +180,6 @@ pub unsafe fn prefill_hopper<
         );
         assert!((K::BYTES == 2) == (BYTE_STAGES == 0));
     };
-    let tiles = (work.kv_end - work.kv_start).div_ceil(TILE);
 
     if tid == 0 {
         let mut stage = 0;
@@ -177,17 +190,74 @@ pub unsafe fn prefill_hopper<
         }
     }
     sync_threads();
-    // Each warpgroup's role is one branch (`setmaxnreg` needs it so).
+    // Each warpgroup's role is one branch (`setmaxnreg` needs it so). Both run the block's
+    // units in order; the ring's stages and phases continue from one unit to the next (`base`:
+    // the tiles of the units before), so the producer gathers a unit's first tiles while the
+    // consumers still work on the last one's.
     if tid < HOPPER_PRODUCER_THREADS {
         release_registers::<HOPPER_PRODUCER_REGISTERS>();
-        if K::BYTES == 2 {
-            produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, tiles, tid);
-        } else {
-            produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &work, kv_head, ring, tiles, tid);
+        let (mut at, mut base) = (first_unit, 0);
+        while at < end_unit {
+            let (work, kv_head, tiles) = unit(at);
+            prefetch_queries::<HEAD_DIM>(p, &work, kv_head, tid);
+            if K::BYTES == 2 {
+                produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, base, tiles, tid);
+            } else {
+                produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(
+                    p, &work, kv_head, ring, base, tiles, tid,
+                );
+            }
+            (at, base) = (at + 1, base + tiles);
         }
+        // Leave only once this thread's copies have landed.
+        commit_async_copies();
+        wait_async_copies(0);
     } else {
         claim_registers::<HOPPER_CONSUMER_REGISTERS>();
-        consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p, &work, kv_head, q_smem, ring, tiles, tid);
+        // The ping-pong turns (see `consume`) run on through the block's units: the second
+        // warpgroup gives the first its first turn here, and the first takes the second's last
+        // handover at the end of its last unit, so the counts balance.
+        let ping_pong = O_FRAGS <= 16;
+        let warpgroup = tid / 128 - 1;
+        if ping_pong && warpgroup == 1 {
+            named_barrier_arrive(BARRIER_TURN, 2 * 128);
+        }
+        let (mut at, mut base) = (first_unit, 0);
+        while at < end_unit {
+            let (work, kv_head, tiles) = unit(at);
+            consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                p,
+                &work,
+                kv_head,
+                q_smem,
+                ring,
+                base,
+                tiles,
+                at + 1 == end_unit,
+                tid,
+            );
+            (at, base) = (at + 1, base + tiles);
+        }
+    }
+}
+
+/// Asks the L2 for a unit's query rows: the producer reaches a unit tiles before the consumers,
+/// who load its rows only once they are done with the unit before.
+#[inline(always)]
+unsafe fn prefetch_queries<const HEAD_DIM: u32>(p: &PrefillParams, work: &PrefillWorkItem, kv_head: u32, tid: u32) {
+    // 128-byte lines a row.
+    let lines = HEAD_DIM * 2 / 128;
+    let group = p.group_size.divisor;
+    let rows = work.qo_len * group;
+    let mut i = tid;
+    while i < HOPPER_PREFILL_ROWS * lines {
+        let packed = work.first_row + i / lines;
+        if packed < rows {
+            let (token, head) = p.group_size.divmod(packed);
+            let row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+            prefetch_l2((p.q as *const u8).add(row as usize * HEAD_DIM as usize * 2 + (i % lines) as usize * 128));
+        }
+        i += HOPPER_PRODUCER_THREADS;
     }
 }
 
@@ -268,40 +338,40 @@ impl<K: KvElem, const HEAD_DIM: u32, const TILE: u32> TileGather<K, HEAD_DIM, TI
     }
 }
 
-/// The producer warpgroup over a 16-bit cache: gathers tile after tile into the ring (tile
-/// `n` in stage `n % STAGES`, round `n / STAGES`), each stage's copies arriving on its "full"
-/// mbarrier as they land.
+/// The producer warpgroup over a 16-bit cache: gathers a unit's tiles into the ring (the
+/// block's tile `n`, counting from its first unit, `base` before this one's, in stage
+/// `n % STAGES`, round `n / STAGES`), each stage's copies arriving on its "full" mbarrier as
+/// they land.
 #[inline(always)]
 unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
     p: &PrefillParams,
     work: &PrefillWorkItem,
     kv_head: u32,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
+    base: u32,
     tiles: u32,
     tid: u32,
 ) {
     let gather = TileGather::<crate::gpu::half::F16, HEAD_DIM, TILE>::new(p, work, kv_head, tid);
     let mut tile = 0;
     while tile < tiles {
-        let stage = tile % STAGES;
+        let n = base + tile;
+        let stage = n % STAGES;
         // The page id's load is in flight while the stage drains.
         let offset = gather.look_up(tile);
-        if tile >= STAGES {
-            mbarrier_wait(ring.empty(stage), (tile / STAGES + 1) % 2);
+        if n >= STAGES {
+            mbarrier_wait(ring.empty(stage), (n / STAGES + 1) % 2);
         }
         gather.copy(offset, ring.k_stage(stage), ring.v_stage(stage), |r, c| slab_offset(TILE, r, c));
         mbarrier_arrive_on_async_copies(ring.full(stage));
         tile += 1;
     }
-    // Leave only once this thread's copies have landed.
-    commit_async_copies();
-    wait_async_copies(0);
 }
 
-/// The producer warpgroup over an 8-bit cache: gathers tile `n`'s bytes into byte stage
-/// `n % BYTE_STAGES` (`BYTE_STAGES − 1` tiles in flight ahead), then widens them into ring
-/// stage `n % STAGES` once the consumers have emptied it, and signals it full. The consumers
-/// read the ring as over a 16-bit cache.
+/// The producer warpgroup over an 8-bit cache: gathers a unit's tile `n` bytes into byte stage
+/// `n % BYTE_STAGES` (`BYTE_STAGES − 1` tiles in flight ahead), then widens them into the ring
+/// stage of the block's tile `base + n` (see [`produce`]) once the consumers have emptied it,
+/// and signals it full. The consumers read the ring as over a 16-bit cache.
 #[inline(always)]
 unsafe fn produce_widening<
     H: Wgmma,
@@ -315,6 +385,7 @@ unsafe fn produce_widening<
     work: &PrefillWorkItem,
     kv_head: u32,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
+    base: u32,
     tiles: u32,
     tid: u32,
 ) {
@@ -334,6 +405,8 @@ unsafe fn produce_widening<
     // Look-ups past the last tile load the last key's page again, harmless, but with no keys
     // there is no page to look up (an empty request's `kv_indices` entry may be past the end).
     let look_up_ahead = |tile: u32| if tiles > 0 { gather.look_up(tile) } else { 0 };
+    // Everyone has widened the last unit's tiles before their byte stages refill.
+    named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
     let mut tile = 0;
     while tile + 1 < BYTE_STAGES {
         issue(tile, look_up_ahead(tile));
@@ -352,9 +425,9 @@ unsafe fn produce_widening<
         named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
         issue(ahead, next);
         next = after;
-        let stage = tile % STAGES;
-        if tile >= STAGES {
-            mbarrier_wait(ring.empty(stage), (tile / STAGES + 1) % 2);
+        let (n, stage) = (base + tile, (base + tile) % STAGES);
+        if n >= STAGES {
+            mbarrier_wait(ring.empty(stage), (n / STAGES + 1) % 2);
         }
         let place = |r: u32, c: u32| slab_offset(TILE, r, c);
         let (k_src, v_src) = (ring.k_bytes + byte_stage(tile), ring.v_bytes + byte_stage(tile));
@@ -387,7 +460,9 @@ unsafe fn consume<
     kv_head: u32,
     q_smem: u32,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
+    base: u32,
     tiles: u32,
+    last_unit: bool,
     tid: u32,
 ) {
     let chunks = HEAD_DIM / 8;
@@ -399,7 +474,8 @@ unsafe fn consume<
     let t = lane % 4;
 
     // This warpgroup's 64 query rows (zeros past the request's last row), made visible to
-    // `wgmma` before its first tile.
+    // `wgmma` before its first tile. A thread's chunks are the ones it read the last unit's
+    // output from, so nothing else waits for those reads.
     let q = p.q as *const Vec16;
     let mut i = tid % 128;
     while i < 64 * chunks {
@@ -440,7 +516,7 @@ unsafe fn consume<
     // S = Q·Kᵀ of `tile` (its stage landed), issued, not waited for.
     let issue_s = #[inline(always)]
     |s: &mut [[f32; 4]; S_FRAGS], tile: u32| {
-        let k_tile = ring.k_stage(tile % STAGES);
+        let k_tile = ring.k_stage((base + tile) % STAGES);
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
             let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
@@ -451,7 +527,7 @@ unsafe fn consume<
     };
     let land = #[inline(always)]
     |tile: u32| {
-        mbarrier_wait(ring.full(tile % STAGES), (tile / STAGES) % 2);
+        mbarrier_wait(ring.full((base + tile) % STAGES), ((base + tile) / STAGES) % 2);
         fence_proxy_async();
     };
     // The softmax of `tile`'s S (O rescaled in place when a row's maximum moved far enough):
@@ -478,7 +554,7 @@ unsafe fn consume<
     let issue_pv = #[inline(always)]
     |o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32| {
         wgmma_fence();
-        let v_tile = ring.v_stage(tile % STAGES);
+        let v_tile = ring.v_stage((base + tile) % STAGES);
         crate::unroll_to!(kb < P_FRAGS, {
             let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
             H::mma_rs(o, probs[kb], vd);
@@ -492,15 +568,13 @@ unsafe fn consume<
         // warpgroup's matrix phase (P·V of tile j, then S of tile j + 1) starts only once the
         // other's has been issued, so each one's softmax runs while the other's products do.
         // Barrier `BARRIER_TURN + w` opens warpgroup w's phase: it waits there, the other
-        // arrives there after issuing its phase. Both have `tiles + 1` phases; the first
-        // warpgroup's first turn is given at the start, so the second leaves out its last
-        // arrival and the counts balance.
+        // arrives there after issuing its phase. Both have `tiles + 1` phases a unit; the turns
+        // run on from one unit to the next (the block gives the first one and takes the last,
+        // `prefill_hopper`), so a warpgroup starts a unit as soon as the other has issued its
+        // last products of the one before, not after that one's output.
         let (my_turn, other_turn) = (BARRIER_TURN + warpgroup, BARRIER_TURN + 1 - warpgroup);
         let mut s = [[0.0f32; 4]; S_FRAGS];
         if tiles > 0 {
-            if warpgroup == 1 {
-                named_barrier_arrive(other_turn, 2 * 128);
-            }
             land(0);
             named_barrier(my_turn, 2 * 128);
             wgmma_fence();
@@ -519,12 +593,10 @@ unsafe fn consume<
             if !last {
                 issue_s(&mut s, tile + 1);
             }
-            if !last || warpgroup == 0 {
-                named_barrier_arrive(other_turn, 2 * 128);
-            }
+            named_barrier_arrive(other_turn, 2 * 128);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
             wgmma_wait_frags::<0, S_FRAGS>(&mut s);
-            mbarrier_arrive(ring.empty(tile % STAGES));
+            mbarrier_arrive(ring.empty((base + tile) % STAGES));
         };
         let mut tile = 0;
         while tile + 1 < tiles {
@@ -542,6 +614,9 @@ unsafe fn consume<
                 step(tile, false, true);
             }
         }
+        if last_unit && warpgroup == 0 {
+            named_barrier(my_turn, 2 * 128);
+        }
     } else {
         // At head_dim 256 the 128 O accumulators leave no registers for the next tile's S
         // beside this one's P (ping-pong spilled and ran 35% slower): each warpgroup runs its
@@ -556,7 +631,7 @@ unsafe fn consume<
             let probs = softmax(&mut s, &mut state, &mut o, tile, masked);
             issue_pv(&mut o, &probs, tile);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
-            mbarrier_arrive(ring.empty(tile % STAGES));
+            mbarrier_arrive(ring.empty((base + tile) % STAGES));
         };
         let mut tile = 0;
         while tile < tiles {
@@ -638,7 +713,8 @@ unsafe fn consume<
         return;
     }
     // The last part of the row tile to finish (for this KV head) merges all of them, with the
-    // consumer threads only; the ring is free by now, the flag lives past the mbarriers.
+    // consumer threads only; the ring is free by now (a block with a split item runs no other
+    // unit, so the producer has nothing left to gather), the flag lives past the mbarriers.
     let last_flag = dynamic_smem::<u32>().add((hopper_prefill_smem_bytes(HEAD_DIM, K::BYTES) / 4 - 1) as usize);
     let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head) as usize);
     if !last_to_finish::<Consumers>(counter, work.parts, last_flag) {

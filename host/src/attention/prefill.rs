@@ -339,6 +339,48 @@ fn split_tiles(
     (work, slots as usize, split as usize)
 }
 
+/// Per-unit cost of a Hopper block beyond its key tiles, in tiles: the Q load, the diagonal
+/// tile's mask and the output (a fit of the 1024- and 4096-token rows, docs/perf.md).
+const HOPPER_UNIT_OVERHEAD_TILES: u64 = 2;
+
+/// The Hopper kernel's persistent schedule ([`PrefillParams::schedule`]) for `work` (longest
+/// key range first): its units (item, KV head) dealt to at most `ctas` blocks longest first,
+/// each to the block with the least work so far (FlashInfer's Hopper planner does the same),
+/// a unit costing its key tiles of `tile_tokens` plus [`HOPPER_UNIT_OVERHEAD_TILES`]. A split
+/// item's last part merges in the ring's shared memory, so with split items every unit gets a
+/// block of its own. Returns the schedule and its blocks.
+fn persistent_schedule(
+    work: &[PrefillWorkItem],
+    num_kv_heads: usize,
+    tile_tokens: u32,
+    ctas: usize,
+) -> (Vec<u32>, usize) {
+    use std::cmp::Reverse;
+    let units = work.len() * num_kv_heads;
+    let split = work.iter().any(|w| w.slot != NO_PARTIAL);
+    let ctas = if split { units } else { ctas.min(units) };
+    let mut lists = vec![Vec::new(); ctas];
+    let mut least_loaded: std::collections::BinaryHeap<Reverse<(u64, usize)>> =
+        (0..ctas).map(|cta| Reverse((0, cta))).collect();
+    for (item, w) in work.iter().enumerate() {
+        let cost = (w.kv_end - w.kv_start).div_ceil(tile_tokens) as u64 + HOPPER_UNIT_OVERHEAD_TILES;
+        for kv_head in 0..num_kv_heads {
+            let Some(Reverse((load, cta))) = least_loaded.pop() else { break };
+            lists[cta].push((item * num_kv_heads + kv_head) as u32);
+            least_loaded.push(Reverse((load + cost, cta)));
+        }
+    }
+    let mut schedule = Vec::with_capacity(ctas + 1 + units);
+    let mut at = (ctas + 1) as u32;
+    for list in &lists {
+        schedule.push(at);
+        at += list.len() as u32;
+    }
+    schedule.push(at);
+    schedule.extend(lists.into_iter().flatten());
+    (schedule, ctas)
+}
+
 /// A prefill batch's work split: what a plan uploads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrefillSplit {
@@ -501,7 +543,8 @@ struct PrefillWork {
     group_size: usize,
     /// The kernel, and so the packed query rows of a block.
     kernel: PrefillKernel,
-    items: usize,
+    /// Blocks of the launch: items × KV heads, or the Hopper kernel's persistent blocks.
+    blocks: usize,
     /// Elements of each of K and V the launch addresses (a paged plan: the pools'; a ragged
     /// one: the batch's rows).
     kv_elems: usize,
@@ -556,13 +599,14 @@ impl AttentionLaunch for PrefillWork {
         }
     }
     fn blocks(&self) -> u32 {
-        (self.items * self.shape.num_kv_heads) as u32
+        self.blocks as u32
     }
     fn params(&self, ops: &Addresses, parts: &[u64], split: SplitScratch) -> PrefillParams {
         PrefillParams {
             q: ops.q,
             cache: paged_cache_params(&self.shape, ops.k, ops.v, parts[0]),
             work: parts[1],
+            schedule: parts[2],
             out: ops.out,
             lse: ops.lse,
             sinks: ops.sinks,
@@ -811,7 +855,14 @@ impl BatchPrefillPlan {
             }
             None => as_bytes(&work).into(),
         };
-        self.core.replan(&[as_bytes(&table.kv_indices), &work_part], scratch)?;
+        let (schedule, blocks) = match kernel {
+            PrefillKernel::Hopper => {
+                let tile_tokens = hopper_prefill_tile_tokens(shape.head_dim as u32, kv_dtype.size_bytes() as u32);
+                persistent_schedule(&work, shape.num_kv_heads, tile_tokens, sms * blocks_per_sm(kernel))
+            }
+            PrefillKernel::Portable { .. } => (Vec::new(), work.len() * shape.num_kv_heads),
+        };
+        self.core.replan(&[as_bytes(&table.kv_indices), &work_part, as_bytes(&schedule)], scratch)?;
         self.work = PrefillWork {
             shape: *shape,
             num_qo_heads,
@@ -820,7 +871,7 @@ impl BatchPrefillPlan {
             sm_scale,
             group_size,
             kernel,
-            items: work.len(),
+            blocks,
             kv_elems,
             split_tiles,
             custom_mask: mask.is_some(),
@@ -844,7 +895,8 @@ impl BatchPrefillPlan {
         self.work.rows() * self.work.head_dim_vo()
     }
 
-    /// Blocks of the launch: work items (row tiles, or parts of split ones) × KV heads.
+    /// Blocks of the launch: work items (row tiles, or parts of split ones) × KV heads, or the
+    /// Hopper kernel's persistent blocks (at most one an SM's worth).
     #[cfg(feature = "internals")]
     pub fn num_blocks(&self) -> usize {
         self.work.blocks() as usize
@@ -964,7 +1016,7 @@ impl PrefillWork {
             sm_scale: 1.0,
             group_size: 1,
             kernel: PrefillKernel::Portable { block_rows: 64 },
-            items: 0,
+            blocks: 0,
             kv_elems: 0,
             split_tiles: 0,
             custom_mask: false,
@@ -1083,6 +1135,66 @@ mod tests {
         assert_eq!(plan(&[0, 64], false).kernel, PrefillKernel::Portable { block_rows: 64 });
         // 16 queries, group 4: 64 rows, not more: the portable kernel's 64-row blocks.
         assert_eq!(plan(&[0, 16], true).kernel, PrefillKernel::Portable { block_rows: 64 });
+    }
+
+    /// The blocks' unit lists of a persistent schedule, checked to cover `units` once each.
+    fn schedule_lists(schedule: &[u32], blocks: usize, units: usize) -> Vec<Vec<u32>> {
+        assert_eq!(schedule[0] as usize, blocks + 1);
+        assert_eq!(schedule[blocks] as usize, schedule.len());
+        let lists: Vec<Vec<u32>> =
+            (0..blocks).map(|b| schedule[schedule[b] as usize..schedule[b + 1] as usize].to_vec()).collect();
+        let mut all: Vec<u32> = lists.concat();
+        all.sort();
+        assert_eq!(all, (0..units as u32).collect::<Vec<_>>());
+        lists
+    }
+
+    #[test]
+    fn a_causal_batch_is_dealt_to_one_block_an_sm_longest_first_and_balanced() {
+        let shape = CacheShape { num_pages: 8192, page_size: 1, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+        let table = PageTable {
+            kv_indptr: (0..=8).map(|r| r * 1024).collect(),
+            kv_indices: (0..8192).rev().collect(),
+            kv_last_page_len: vec![1; 8],
+        };
+        let qo: Vec<u32> = (0..=8).map(|r| r * 1024).collect();
+        let opts = PrefillOptions { causal: true, ..Default::default() };
+        let split = plan_prefill_split(&shape, 32, &qo, &table, opts, true, 132, |_| 1).unwrap();
+        assert_eq!((split.kernel, split.split_tiles), (PrefillKernel::Hopper, 0));
+        let units = split.work.len() * 8;
+        let (schedule, blocks) = persistent_schedule(&split.work, 8, 128, 132);
+        assert_eq!((units, blocks), (2048, 132));
+        let cost = |u: u32| {
+            let w = &split.work[u as usize / 8];
+            (w.kv_end - w.kv_start).div_ceil(128) as u64 + HOPPER_UNIT_OVERHEAD_TILES
+        };
+        let loads: Vec<u64> = schedule_lists(&schedule, blocks, units)
+            .iter()
+            .map(|list| {
+                // Each block runs its units longest first.
+                assert!(list.windows(2).all(|p| cost(p[0]) >= cost(p[1])));
+                list.iter().map(|&u| cost(u)).sum()
+            })
+            .collect();
+        // Greedy to the least loaded: no block ends more than one unit (at most 8 tiles and
+        // the overhead) after another.
+        let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(hi - lo <= 8 + HOPPER_UNIT_OVERHEAD_TILES, "{lo}..{hi}");
+    }
+
+    #[test]
+    fn a_schedule_with_split_items_gives_every_unit_its_own_block_and_fewer_units_than_sms_too() {
+        let tile = |kv_end, slot| PrefillWorkItem { kv_end, slot, parts: 1, ..Default::default() };
+        let work = [tile(4096, 0), tile(4096, 1), tile(300, NO_PARTIAL)];
+        let (schedule, blocks) = persistent_schedule(&work, 2, 128, 4);
+        assert_eq!(blocks, 6);
+        assert!(schedule_lists(&schedule, blocks, 6).iter().enumerate().all(|(b, l)| l == &[b as u32]));
+        let work = [tile(4096, NO_PARTIAL), tile(128, NO_PARTIAL)];
+        let (schedule, blocks) = persistent_schedule(&work, 2, 128, 132);
+        assert_eq!(blocks, 4);
+        assert!(schedule_lists(&schedule, blocks, 4).iter().all(|l| l.len() == 1));
+        let (schedule, blocks) = persistent_schedule(&[], 8, 128, 132);
+        assert_eq!((schedule, blocks), (vec![1], 0));
     }
 
     #[test]

@@ -470,8 +470,13 @@ pub struct PrefillParams {
     pub q: u64,
     /// The paged cache's pools, page table and geometry.
     pub cache: PagedCacheParams,
-    /// `*const PrefillWorkItem`, one per `blockIdx.x / num_kv_heads`.
+    /// `*const PrefillWorkItem`, one per `blockIdx.x / num_kv_heads` (the portable kernels).
     pub work: u64,
+    /// The Hopper kernel's units: `*const u32`, block `b` runs the units at entries
+    /// `schedule[b]..schedule[b + 1]` of the same array, in order, unit `u` being work item
+    /// `u / num_kv_heads` for KV head `u % num_kv_heads`. A block with a split item runs that
+    /// unit alone (its merge uses the ring's shared memory). 0 for the portable kernels.
+    pub schedule: u64,
     /// `[total_q][num_qo_heads][head_dim]`, the query's dtype.
     pub out: u64,
     /// `*mut f32`, `[total_q][num_qo_heads]`; 0 when not wanted.
@@ -596,20 +601,24 @@ pub const fn prefill_smem_bytes(head_dim_qk: u32, head_dim_vo: u32, row_frags: u
 /// (P from registers) and hand each stage back on an "empty" mbarrier. Shared tiles are laid
 /// out for `wgmma`'s 128-byte swizzle: 64-dim slabs of 128-byte rows. Over an 8-bit cache the
 /// copies land in byte stages ([`hopper_prefill_byte_stages`]) and the producer widens each
-/// tile into the ring before signalling it full: the consumers' code is the same.
+/// tile into the ring before signalling it full: the consumers' code is the same. Blocks are
+/// persistent (one an SM): each runs its list of units from [`PrefillParams::schedule`], and
+/// the producer gathers the next unit's tiles while the consumers finish the last one.
 pub const HOPPER_PREFILL_ROWS: u32 = 128;
 /// Threads of a Hopper prefill block: the producer warpgroup, then two consumer warpgroups.
 pub const HOPPER_PREFILL_THREADS: u32 = 384;
 /// Threads of the producer warpgroup (the block's first).
 pub const HOPPER_PRODUCER_THREADS: u32 = 128;
-/// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): 128 · 40 +
-/// 256 · 232 fits the SM's 64 Ki registers for one block. (24 for the producer, and 240 for
-/// the consumers at head_dim 256, was tried: the producer spills more than the consumers gain.
-/// Two producer warpgroups over 8-bit caches, at 32 registers beside consumers at 224, were no
-/// faster: docs/perf.md, Hopper prefill over fp8.)
-pub const HOPPER_PRODUCER_REGISTERS: u32 = 40;
+/// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): 128 · 56 +
+/// 256 · 224 is exactly the SM's 64 Ki registers for one block. The persistent producer keeps
+/// its unit list's place beside a unit's gather state: at 40 the widening producer spilled
+/// 280 bytes, at 56 none, and ptxas spills no more consumer registers at 224 than at 232.
+/// (24 for the producer, and 240 for the consumers at head_dim 256, was tried: the producer
+/// spills more than the consumers gain. Two producer warpgroups over 8-bit caches, at 32
+/// registers beside consumers at 224, were no faster: docs/perf.md, Hopper prefill over fp8.)
+pub const HOPPER_PRODUCER_REGISTERS: u32 = 56;
 /// See [`HOPPER_PRODUCER_REGISTERS`].
-pub const HOPPER_CONSUMER_REGISTERS: u32 = 232;
+pub const HOPPER_CONSUMER_REGISTERS: u32 = 224;
 // `setmaxnreg.inc` waits until the registers it asks for are free in the block's own pool,
 // which is what the entry was given (ptxas: 64 Ki over the declared 384 threads, in steps of
 // 8, so 168 a thread) plus what the producer gave back: asking for more never returns (a split

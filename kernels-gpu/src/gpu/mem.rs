@@ -69,3 +69,13 @@ pub unsafe fn load_l2_f32(ptr: *const f32) -> f32 {
     asm!("ld.global.cg.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) ptr, options(readonly, nostack, preserves_flags));
     r
 }
+
+/// Asks the L2 for the 128-byte line holding `ptr`, without waiting: a later load of it (by
+/// another warp) finds it there.
+///
+/// # Safety
+/// `ptr` points into global memory.
+#[inline(always)]
+pub unsafe fn prefetch_l2(ptr: *const u8) {
+    asm!("prefetch.global.L2 [{p}];", p = in(reg64) ptr, options(nostack, preserves_flags));
+}

@@ -428,14 +428,16 @@ struct Planned {
     rows: Option<u32>,
     split: Option<bool>,
     hopper: bool,
+    /// On the Hopper kernel, fewer persistent blocks than units (row tiles × KV heads).
+    persistent: bool,
 }
 
 impl Planned {
-    const ANY: Planned = Planned { rows: None, split: None, hopper: false };
-    const HOPPER: Planned = Planned { rows: None, split: None, hopper: true };
+    const ANY: Planned = Planned { rows: None, split: None, hopper: false, persistent: false };
+    const HOPPER: Planned = Planned { hopper: true, ..Planned::ANY };
 
     fn rows(rows: u32, split: Option<bool>) -> Planned {
-        Planned { rows: Some(rows), split, hopper: false }
+        Planned { rows: Some(rows), split, ..Planned::ANY }
     }
 }
 
@@ -493,6 +495,9 @@ fn prefill_case_masked<T: KvDType, C: KvDType>(
     }
     if planned.hopper && dev.arch_specific_ptx() == Some("sm_90a") {
         ensure!(plan.kernel() == PrefillKernel::Hopper, "planned {:?} on a GPU with the Hopper kernel", plan.kernel());
+        let units = qo_lens.iter().map(|q| (q * c.group).div_ceil(128)).sum::<usize>() * c.num_kv_heads;
+        let blocks = plan.num_blocks();
+        ensure!(!planned.persistent || blocks < units, "{blocks} blocks for {units} units");
     }
     set_heads(dev, &mut cache, 0, c.head_scales.then_some(&hs))?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
@@ -639,15 +644,27 @@ fn hopper_prefill_tests() -> Vec<GpuTest> {
         &[700, 129],
         both,
     );
+    // Persistent blocks, several units each (many short requests, some without queries), the
+    // producer's byte stages refilled from one unit to the next.
+    let mut r = rng(1505);
+    let qo_lens: Vec<usize> = (0..200).map(|i| if i % 17 == 5 { 0 } else { r.random_range(1..=60) }).collect();
+    let kv_lens: Vec<usize> = qo_lens.iter().map(|q| q + r.random_range(0..=300)).collect();
+    let persistent = Planned { split: Some(false), persistent: true, ..Planned::HOPPER };
+    for (ps, seed) in [(1usize, 1506u64), (7, 1507)] {
+        let (c, q) = (Case { seed, ..Case::new(&kv_lens, ps) }.with_head_scales(2), qo_lens.clone());
+        t.push(GpuTest::new(
+            format!("prefill_hopper_e4m3_persistent_many_short_requests_page_size_{ps}_f16"),
+            move |d| prefill_case::<f16, E4m3>(d, &c, &q, causal, persistent),
+        ));
+    }
+    let c = Case { head_dim: 64, group: 3, layout: KvLayout::Hnd, seed: 1508, ..Case::new(&kv_lens, 16) };
+    let q = qo_lens.clone();
+    t.push(GpuTest::new("prefill_hopper_e5m2_persistent_many_short_requests_head_dim_64_hnd_bf16", move |d| {
+        prefill_case::<bf16, E5m2>(d, &c, &q, causal, persistent)
+    }));
     t.push(GpuTest::new("prefill_hopper_e4m3_head_scales_one_long_request_splits_its_keys_f16", move |d| {
         let c = Case { seed: 1503, ..Case::new(&[20000, 30, 9000], 16) }.with_head_scales(2);
-        prefill_case::<f16, E4m3>(
-            d,
-            &c,
-            &[40, 30, 70],
-            causal,
-            Planned { split: Some(true), hopper: true, ..Planned::ANY },
-        )
+        prefill_case::<f16, E4m3>(d, &c, &[40, 30, 70], causal, Planned { split: Some(true), ..Planned::HOPPER })
     }));
     t
 }

@@ -17,6 +17,7 @@ use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{
     poison, ragged_as_pages, random_cache, random_sinks, random_table, random_values, rng, shape_for,
 };
+use rand::Rng;
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -176,6 +177,38 @@ fn planned(dev: &Device, c: &Case) -> Result<(usize, PrefillKernel), Box<dyn std
     Ok((plan.split_tiles().0, plan.kernel()))
 }
 
+/// Units (row tiles × KV heads) of `c`'s unsplit plan: `c` on the Hopper kernel where the GPU
+/// runs it (checked), its blocks persistent, fewer than its units, so blocks run several each.
+fn add_persistent<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    tests.push(GpuTest::new(name, move |d| {
+        if d.arch_specific_ptx() == Some("sm_90a") {
+            let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
+            let shape = shape_for(&kv_lens, case.page_size, case.num_kv_heads, case.head_dim, case.layout);
+            let table = random_table(&mut rng(case.seed), &kv_lens, case.page_size, shape.num_pages);
+            let heads = case.num_kv_heads * case.group;
+            let plan = BatchPrefillPlan::new(d, &shape, heads, &case.qo_indptr(), &table, case.options)?;
+            let units: usize =
+                case.lens.iter().map(|&(qo, _)| (qo * case.group).div_ceil(128)).sum::<usize>() * case.num_kv_heads;
+            let (split, kernel, blocks) = (plan.split_tiles().0, plan.kernel(), plan.num_blocks());
+            ensure!(kernel == PrefillKernel::Hopper && split == 0, "planned {kernel:?}, {split} split tiles");
+            ensure!(blocks <= d.multiprocessor_count() && blocks < units, "{blocks} blocks for {units} units");
+        }
+        prefill_case::<T>(d, &case)
+    }));
+}
+
+/// Many short requests (1 to 60 queries over up to 300 more keys, some without queries):
+/// several hundred units, several a block.
+fn many_short_requests(seed: u64) -> Vec<(usize, usize)> {
+    let mut r = rng(seed);
+    (0..200)
+        .map(|i| {
+            let qo = if i % 17 == 5 { 0 } else { r.random_range(1..=60usize) };
+            (qo, qo + r.random_range(0..=300usize))
+        })
+        .collect()
+}
+
 fn split_tiles(dev: &Device, c: &Case) -> Result<usize, Box<dyn std::error::Error>> {
     Ok(planned(dev, c)?.0)
 }
@@ -258,6 +291,28 @@ fn hopper_tests() -> Vec<GpuTest> {
         ensure!(planned(d, &c)?.0 > 0, "the case should split");
         prefill_case::<bf16>(d, &c)
     }));
+    // Persistent blocks: each runs several units back to back, the ring's stages and phases
+    // carried from one unit to the next (page sizes 1, 7 and 100; one whole page per request
+    // at 100 for most).
+    for (ps, seed) in [(1usize, 31u64), (7, 32), (100, 33)] {
+        let c = Case { seed, ..Case::new(&many_short_requests(seed), ps) };
+        add_persistent::<f16>(&mut t, format!("prefill_hopper_persistent_many_short_requests_page_size_{ps}_f16"), c);
+    }
+    let c = Case { layout: KvLayout::Hnd, seed: 34, ..Case::new(&many_short_requests(34), 3) };
+    add_persistent::<bf16>(&mut t, "prefill_hopper_persistent_many_short_requests_page_size_3_hnd_bf16".into(), c);
+    let long = [(1024, 1024), (700, 1500), (333, 900), (1, 1), (0, 50), (512, 512), (129, 4000), (1200, 1200)];
+    add_persistent::<f16>(
+        &mut t,
+        "prefill_hopper_persistent_long_and_short_requests_page_size_7_f16".into(),
+        Case { seed: 35, ..Case::new(&long, 7) },
+    );
+    let c = Case { head_dim: 64, group: 3, seed: 36, ..Case::new(&many_short_requests(36), 16) };
+    add_persistent::<f16>(&mut t, "prefill_hopper_persistent_many_short_requests_head_dim_64_f16".into(), c);
+    let c = Case { head_dim: 256, options: full, seed: 37, ..Case::new(&many_short_requests(37), 48) };
+    add_persistent::<bf16>(&mut t, "prefill_hopper_persistent_full_many_short_requests_head_dim_256_bf16".into(), c);
+    let window = PrefillOptions { window_left: 40, logits_soft_cap: 30.0, ..CAUSAL };
+    let c = Case { options: window, sinks: true, seed: 38, ..Case::new(&many_short_requests(38), 5) };
+    add_persistent::<f16>(&mut t, "prefill_hopper_persistent_sinks_window_40_soft_cap_page_size_5_f16".into(), c);
     // One long request among short ones, too few row tiles for the GPU: split keys, merged by
     // the consumer warpgroups of the last part.
     t.push(GpuTest::new("prefill_hopper_one_long_request_splits_its_keys_f16", |d| {
