@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use ferrinfer::internals::{decode_split, plan_prefill_split, prefill_block_rows, prefill_split, NO_PARTIAL};
+use ferrinfer::internals::{
+    decode_split, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split, PrefillWorkItem,
+    NO_PARTIAL,
+};
 use ferrinfer::{CacheShape, DecodeOptions, KvLayout, PageTable, PrefillKernel, PrefillOptions};
 use libfuzzer_sys::fuzz_target;
 
@@ -128,6 +131,9 @@ fuzz_target!(|input: Input| {
             .into()
     };
     for split in splits.into_iter().flatten() {
+        if split.kernel == PrefillKernel::Hopper {
+            check_schedule(&split.work, shape.num_kv_heads, sms * per_sm);
+        }
         let tile_rows = split.kernel.block_rows();
         let group = split.group_size;
         let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
@@ -171,3 +177,25 @@ fuzz_target!(|input: Input| {
         }
     }
 });
+
+/// The Hopper kernel's persistent schedule, which the kernel indexes unchecked: block `b`'s
+/// entries lie inside the array, past the offsets, and together name every unit once; at most
+/// `ctas` blocks unless an item is split, and then a block a unit.
+fn check_schedule(work: &[PrefillWorkItem], num_kv_heads: usize, ctas: usize) {
+    let units = work.len() * num_kv_heads;
+    let (schedule, blocks) = persistent_schedule(work, num_kv_heads, 128, ctas);
+    let split = work.iter().any(|w| w.parts > 1);
+    assert!(if split { blocks == units } else { blocks == ctas.max(1).min(units) });
+    assert_eq!(schedule.len(), blocks + 1 + units);
+    assert_eq!(schedule[0] as usize, blocks + 1);
+    assert!(schedule[..=blocks].windows(2).all(|w| w[0] <= w[1]) && schedule[blocks] as usize == schedule.len());
+    let mut seen = vec![false; units];
+    for b in 0..blocks {
+        let list = &schedule[schedule[b] as usize..schedule[b + 1] as usize];
+        assert!(!list.is_empty() && (!split || list.len() == 1), "block {b}: {list:?}");
+        for &u in list {
+            assert!(!std::mem::replace(&mut seen[u as usize], true), "unit {u} twice");
+        }
+    }
+    assert!(seen.iter().all(|&s| s));
+}

@@ -349,7 +349,7 @@ const HOPPER_UNIT_OVERHEAD_TILES: u64 = 2;
 /// a unit costing its key tiles of `tile_tokens` plus [`HOPPER_UNIT_OVERHEAD_TILES`]. A split
 /// item's last part merges in the ring's shared memory, so with split items every unit gets a
 /// block of its own. Returns the schedule and its blocks.
-fn persistent_schedule(
+pub fn persistent_schedule(
     work: &[PrefillWorkItem],
     num_kv_heads: usize,
     tile_tokens: u32,
@@ -358,7 +358,7 @@ fn persistent_schedule(
     use std::cmp::Reverse;
     let units = work.len() * num_kv_heads;
     let split = work.iter().any(|w| w.slot != NO_PARTIAL);
-    let ctas = if split { units } else { ctas.min(units) };
+    let ctas = if split { units } else { ctas.max(1).min(units) };
     let mut lists = vec![Vec::new(); ctas];
     let mut least_loaded: std::collections::BinaryHeap<Reverse<(u64, usize)>> =
         (0..ctas).map(|cta| Reverse((0, cta))).collect();
