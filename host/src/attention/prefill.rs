@@ -10,9 +10,10 @@
 //!
 //! Two kernels run the same work items: the portable one (`mma.sync`, every GPU) and, on
 //! compute capability 9.0 (H100, H200), the Hopper one (`wgmma`, warp-specialised, 128-row
-//! blocks), which `plan` picks for batches of long queries, over 16-bit caches at head_dim 64,
-//! 128 and 256 and over 8-bit ones at 64 and 128; see [`PrefillKernel`]. A plan with a
-//! custom mask ([`CustomMask`]: `new_masked` and kin) always runs the portable kernel in 64-row
+//! tiles, persistent blocks that each run a list of them, dealt by `plan` longest first to the
+//! least loaded), which `plan` picks for batches of long queries, over 16-bit caches at
+//! head_dim 64, 128 and 256 and over 8-bit ones at 64 and 128; see [`PrefillKernel`]. A plan
+//! with a custom mask ([`CustomMask`]: `new_masked` and kin) always runs the portable kernel in 64-row
 //! blocks, the only one that reads a mask.
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
