@@ -177,8 +177,8 @@ fn planned(dev: &Device, c: &Case) -> Result<(usize, PrefillKernel), Box<dyn std
     Ok((plan.split_tiles().0, plan.kernel()))
 }
 
-/// Units (row tiles × KV heads) of `c`'s unsplit plan: `c` on the Hopper kernel where the GPU
-/// runs it (checked), its blocks persistent, fewer than its units, so blocks run several each.
+/// `case` as `name`, on the Hopper kernel where the GPU runs it (checked), unsplit, with fewer
+/// persistent blocks than units (row tiles × KV heads): blocks run several units each.
 fn add_persistent<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
     tests.push(GpuTest::new(name, move |d| {
         if d.arch_specific_ptx() == Some("sm_90a") {
