@@ -136,6 +136,16 @@ impl<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32> Ring<HEAD_DIM, TIL
     }
 }
 
+/// One unit of a block's list: a work item for one KV head, whose `tiles` key tiles are the
+/// block's tiles `base..base + tiles`, counted over all its units (the block's tile `n` goes
+/// through ring stage `n % STAGES` in round `n / STAGES`, which names its mbarriers' phase).
+struct Unit {
+    work: PrefillWorkItem,
+    kv_head: u32,
+    base: u32,
+    tiles: u32,
+}
+
 /// The kernel: `S_FRAGS = TILE / 8` n-fragments of S, `P_FRAGS = TILE / 16` A fragments of P,
 /// `O_FRAGS = HEAD_DIM / 8` n-fragments of O (stable Rust cannot size arrays by expressions of
 /// const parameters; the entry passes them and this checks them).
@@ -160,12 +170,12 @@ pub unsafe fn prefill_hopper<
     let tid = thread_x();
     let schedule = p.schedule as *const u32;
     let (first_unit, end_unit) = (*schedule.add(block_x() as usize), *schedule.add(block_x() as usize + 1));
-    // Unit `at` of the block's list: its work item, KV head and key tiles.
-    let unit = |at: u32| {
+    // Unit `at` of the block's list, whose tiles follow the block's first `base`.
+    let unit = |at: u32, base: u32| {
         let unit = *schedule.add(at as usize);
         let (item, kv_head) = (unit / p.num_kv_heads, unit % p.num_kv_heads);
         let work = *(p.work as *const PrefillWorkItem).add(item as usize);
-        (work, kv_head, (work.kv_end - work.kv_start).div_ceil(TILE))
+        Unit { work, kv_head, base, tiles: (work.kv_end - work.kv_start).div_ceil(TILE) }
     };
     let q_smem = dynamic_smem_addr();
     let ring = Ring::<HEAD_DIM, TILE, STAGES>::after(q_smem, BYTE_STAGES);
@@ -198,16 +208,14 @@ pub unsafe fn prefill_hopper<
         release_registers::<HOPPER_PRODUCER_REGISTERS>();
         let (mut at, mut base) = (first_unit, 0);
         while at < end_unit {
-            let (work, kv_head, tiles) = unit(at);
-            prefetch_queries::<HEAD_DIM>(p, &work, kv_head, tid);
+            let unit = unit(at, base);
+            prefetch_queries::<HEAD_DIM>(p, &unit, tid);
             if K::BYTES == 2 {
-                produce::<HEAD_DIM, TILE, STAGES>(p, &work, kv_head, ring, base, tiles, tid);
+                produce::<HEAD_DIM, TILE, STAGES>(p, &unit, ring, tid);
             } else {
-                produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(
-                    p, &work, kv_head, ring, base, tiles, tid,
-                );
+                produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
             }
-            (at, base) = (at + 1, base + tiles);
+            (at, base) = (at + 1, base + unit.tiles);
         }
         // Leave only once this thread's copies have landed.
         commit_async_copies();
@@ -224,19 +232,16 @@ pub unsafe fn prefill_hopper<
         }
         let (mut at, mut base) = (first_unit, 0);
         while at < end_unit {
-            let (work, kv_head, tiles) = unit(at);
+            let unit = unit(at, base);
             consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                 p,
-                &work,
-                kv_head,
+                &unit,
                 q_smem,
                 ring,
-                base,
-                tiles,
                 at + 1 == end_unit,
                 tid,
             );
-            (at, base) = (at + 1, base + tiles);
+            (at, base) = (at + 1, base + unit.tiles);
         }
     }
 }
@@ -244,7 +249,8 @@ pub unsafe fn prefill_hopper<
 /// Asks the L2 for a unit's query rows: the producer reaches a unit tiles before the consumers,
 /// who load its rows only once they are done with the unit before.
 #[inline(always)]
-unsafe fn prefetch_queries<const HEAD_DIM: u32>(p: &PrefillParams, work: &PrefillWorkItem, kv_head: u32, tid: u32) {
+unsafe fn prefetch_queries<const HEAD_DIM: u32>(p: &PrefillParams, unit: &Unit, tid: u32) {
+    let (work, kv_head) = (&unit.work, unit.kv_head);
     // 128-byte lines a row.
     let lines = HEAD_DIM * 2 / 128;
     let group = p.group_size.divisor;
@@ -338,24 +344,19 @@ impl<K: KvElem, const HEAD_DIM: u32, const TILE: u32> TileGather<K, HEAD_DIM, TI
     }
 }
 
-/// The producer warpgroup over a 16-bit cache: gathers a unit's tiles into the ring (the
-/// block's tile `n`, counting from its first unit, `base` before this one's, in stage
-/// `n % STAGES`, round `n / STAGES`), each stage's copies arriving on its "full" mbarrier as
-/// they land.
+/// The producer warpgroup over a 16-bit cache: gathers a unit's tiles into the ring, each
+/// stage's copies arriving on its "full" mbarrier as they land.
 #[inline(always)]
 unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
     p: &PrefillParams,
-    work: &PrefillWorkItem,
-    kv_head: u32,
+    unit: &Unit,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
-    base: u32,
-    tiles: u32,
     tid: u32,
 ) {
-    let gather = TileGather::<crate::gpu::half::F16, HEAD_DIM, TILE>::new(p, work, kv_head, tid);
+    let gather = TileGather::<crate::gpu::half::F16, HEAD_DIM, TILE>::new(p, &unit.work, unit.kv_head, tid);
     let mut tile = 0;
-    while tile < tiles {
-        let n = base + tile;
+    while tile < unit.tiles {
+        let n = unit.base + tile;
         let stage = n % STAGES;
         // The page id's load is in flight while the stage drains.
         let offset = gather.look_up(tile);
@@ -370,8 +371,8 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
 
 /// The producer warpgroup over an 8-bit cache: gathers a unit's tile `n` bytes into byte stage
 /// `n % BYTE_STAGES` (`BYTE_STAGES − 1` tiles in flight ahead), then widens them into the ring
-/// stage of the block's tile `base + n` (see [`produce`]) once the consumers have emptied it,
-/// and signals it full. The consumers read the ring as over a 16-bit cache.
+/// once the consumers have emptied its stage, and signals it full. The consumers read the ring
+/// as over a 16-bit cache.
 #[inline(always)]
 unsafe fn produce_widening<
     H: Wgmma,
@@ -382,16 +383,14 @@ unsafe fn produce_widening<
     const BYTE_STAGES: u32,
 >(
     p: &PrefillParams,
-    work: &PrefillWorkItem,
-    kv_head: u32,
+    unit: &Unit,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
-    base: u32,
-    tiles: u32,
     tid: u32,
 ) {
     // Instantiated, never called, over 16-bit caches.
     const { assert!(K::BYTES == 2 || BYTE_STAGES >= 2) };
-    let gather = TileGather::<K, HEAD_DIM, TILE>::new(p, work, kv_head, tid);
+    let tiles = unit.tiles;
+    let gather = TileGather::<K, HEAD_DIM, TILE>::new(p, &unit.work, unit.kv_head, tid);
     let byte_stage = |tile: u32| (tile % BYTE_STAGES) * Ring::<HEAD_DIM, TILE, STAGES>::BYTE_STAGE_BYTES;
     // Byte stages hold plain rows: the widening reads them in order.
     let plain = |r: u32, c: u32| r * HEAD_DIM + c * 16;
@@ -425,7 +424,7 @@ unsafe fn produce_widening<
         named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
         issue(ahead, next);
         next = after;
-        let (n, stage) = (base + tile, (base + tile) % STAGES);
+        let (n, stage) = (unit.base + tile, (unit.base + tile) % STAGES);
         if n >= STAGES {
             mbarrier_wait(ring.empty(stage), (n / STAGES + 1) % 2);
         }
@@ -456,15 +455,13 @@ unsafe fn consume<
     const O_FRAGS: usize,
 >(
     p: &PrefillParams,
-    work: &PrefillWorkItem,
-    kv_head: u32,
+    unit: &Unit,
     q_smem: u32,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
-    base: u32,
-    tiles: u32,
     last_unit: bool,
     tid: u32,
 ) {
+    let (work, kv_head, base, tiles) = (&unit.work, unit.kv_head, unit.base, unit.tiles);
     let chunks = HEAD_DIM / 8;
     let group = p.group_size.divisor;
     let rows = work.qo_len * group;
