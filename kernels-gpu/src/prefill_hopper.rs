@@ -500,6 +500,25 @@ unsafe fn consume<
         Visibility::<TILE, 4, 8> { p, diag, block_first_row: work.first_row, warp_rows: 16, all_lo: 0, all_hi: 0, end };
     let last_row = (work.first_row + HOPPER_PREFILL_ROWS).min(rows) - 1;
     (visibility.all_lo, visibility.all_hi) = (visibility.bounds(last_row).0, visibility.bounds(work.first_row).1);
+    // The n-fragments of the unit's last tile that hold keys its rows may see: all, or the
+    // first half when no row sees past it (on a causal diagonal, or at the item's end, the rest
+    // is masked for every row), and then that tile's S, softmax and P·V run at half width.
+    // Rows are tokens × group: with a group of 4 a unit's 128 rows are 32 tokens, whose
+    // diagonal tile's visible keys end 32, 64, 96 or 128 keys into a 128-key tile, so half the
+    // diagonal tiles halve. (Not at head_dim 256, which has no ping-pong: its last tile taken
+    // apart spilled.)
+    let last_live = if tiles == 0 || O_FRAGS > 16 {
+        S_FRAGS
+    } else {
+        let first_key = work.kv_start + (tiles - 1) * TILE;
+        let max_key = visibility.bounds(last_row).1.min(end - 1);
+        let keys = (max_key + 1).saturating_sub(first_key);
+        if keys <= TILE / 2 {
+            S_FRAGS / 2
+        } else {
+            S_FRAGS
+        }
+    };
 
     // Over an 8-bit cache the block's KV head's K scale joins the logit scale (its V scale the
     // normalisation); 16-bit kernels have none.
@@ -511,16 +530,31 @@ unsafe fn consume<
     // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
     let q_rows = q_smem + wg_first_row * SLAB_ROW_BYTES;
     // S = Q·Kᵀ of `tile` (its stage landed), issued, not waited for.
+    // Only the first `live` n-fragments (the tile's first `8 live` keys: the rows of a K-major
+    // operand, so the same descriptor) are computed; `live` is a constant at each call.
     let issue_s = #[inline(always)]
-    |s: &mut [[f32; 4]; S_FRAGS], tile: u32| {
+    |s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
         let k_tile = ring.k_stage((base + tile) % STAGES);
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
             let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
             let kd = smem_descriptor(k_tile + slab * TILE * SLAB_ROW_BYTES + step, 16, 1024);
-            H::mma_ss(s, qd, kd, (kk > 0) as u32);
+            let accumulate = (kk > 0) as u32;
+            match live {
+                4 => H::mma_ss(prefix_mut::<S_FRAGS, 4>(s), qd, kd, accumulate),
+                8 => H::mma_ss(prefix_mut::<S_FRAGS, 8>(s), qd, kd, accumulate),
+                _ => H::mma_ss(s, qd, kd, accumulate),
+            }
         });
         wgmma_commit();
+    };
+    // Waits for S's first `live` n-fragments (as `issue_s` wrote them: the others' registers
+    // hold the tile before's logits and stay out of the `wgmma` pipeline).
+    let wait_s = #[inline(always)]
+    |s: &mut [[f32; 4]; S_FRAGS], live: usize| match live {
+        4 => wgmma_wait_frags::<0, 4>(prefix_mut::<S_FRAGS, 4>(s)),
+        8 => wgmma_wait_frags::<0, 8>(prefix_mut::<S_FRAGS, 8>(s)),
+        _ => wgmma_wait_frags::<0, S_FRAGS>(s),
     };
     let land = #[inline(always)]
     |tile: u32| {
@@ -529,87 +563,119 @@ unsafe fn consume<
     };
     // The softmax of `tile`'s S (O rescaled in place when a row's maximum moved far enough):
     // P, ready for P·V.
-    let softmax =
-        #[inline(always)]
-        |s: &mut [[f32; 4]; S_FRAGS], state: &mut RowState, o: &mut [[f32; 4]; O_FRAGS], tile: u32, masked: bool| {
-            let factor = scale.apply(s);
-            if masked {
-                visibility.apply(0, s, work.kv_start + tile * TILE, t);
-            }
-            state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, factor, |h, rescale| {
-                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
-                    if n < O_FRAGS {
-                        o[n][2 * h] *= rescale;
-                        o[n][2 * h + 1] *= rescale;
-                    }
-                });
-            })
+    let softmax = #[inline(always)]
+    |s: &mut [[f32; 4]; S_FRAGS],
+                   state: &mut RowState,
+                   o: &mut [[f32; 4]; O_FRAGS],
+                   tile: u32,
+                   masked: bool,
+                   live: usize| {
+        // Fragments past `live` are left alone (they hold the tile before's logits).
+        let first_key = work.kv_start + tile * TILE;
+        let factor = match live {
+            4 => scale.apply(prefix_mut::<S_FRAGS, 4>(s)),
+            8 => scale.apply(prefix_mut::<S_FRAGS, 8>(s)),
+            _ => scale.apply(s),
         };
+        if masked {
+            match live {
+                4 => visibility.apply(0, prefix_mut::<S_FRAGS, 4>(s), first_key, t),
+                8 => visibility.apply(0, prefix_mut::<S_FRAGS, 8>(s), first_key, t),
+                _ => visibility.apply(0, s, first_key, t),
+            }
+        }
+        state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, |h, rescale| {
+            crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+                if n < O_FRAGS {
+                    o[n][2 * h] *= rescale;
+                    o[n][2 * h + 1] *= rescale;
+                }
+            });
+        })
+    };
     // O += P·V of `tile`, issued, not waited for: 16 keys a step; V's k-step is two 8-row
     // groups (1 KiB apart), its 64-dim slabs a whole slab apart.
+    // (Keys past the first `8 live` have zero probabilities: their steps are skipped.)
     let issue_pv = #[inline(always)]
-    |o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32| {
+    |o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32, live: usize| {
         wgmma_fence();
         let v_tile = ring.v_stage((base + tile) % STAGES);
-        crate::unroll_to!(kb < P_FRAGS, {
+        crate::unroll_to!(kb < live.min(S_FRAGS) / 2, {
             let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
             H::mma_rs(o, probs[kb], vd);
         });
         wgmma_commit();
     };
-    // `masked` (and `last` below) are constants at each call of a step: a `wgmma` under a
-    // branch ptxas cannot prove uniform makes it serialise them all.
+    // `last` and `live` below are constants at each call of a step (`wgmma`s of several widths
+    // under one branch ptxas cannot prove uniform make it serialise them all); `masked` only
+    // chooses whether the softmax masks, outside any `wgmma`'s flight.
     if O_FRAGS <= 16 {
         // The two warpgroups take turns at the tensor cores (FlashAttention-3's ping-pong): a
         // warpgroup's matrix phase (P·V of tile j, then S of tile j + 1) starts only once the
         // other's has been issued, so each one's softmax runs while the other's products do.
         // Barrier `BARRIER_TURN + w` opens warpgroup w's phase: it waits there, the other
-        // arrives there after issuing its phase. Both have `tiles + 1` phases a unit; the turns
+        // arrives there after issuing its phase. Both have `tiles + 1` phases a unit (one more
+        // when its last tile is halved, below); the turns
         // run on from one unit to the next (the block gives the first one and takes the last,
         // `prefill_hopper`), so a warpgroup starts a unit as soon as the other has issued its
         // last products of the one before, not after that one's output.
         let (my_turn, other_turn) = (BARRIER_TURN + warpgroup, BARRIER_TURN + 1 - warpgroup);
         let mut s = [[0.0f32; 4]; S_FRAGS];
-        if tiles > 0 {
-            land(0);
+        // A phase of S alone: the unit's first tile's, or its halved last one's.
+        let s_alone = #[inline(always)]
+        |s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
+            land(tile);
             named_barrier(my_turn, 2 * 128);
             wgmma_fence();
-            issue_s(&mut s, 0);
+            issue_s(s, tile, live);
             named_barrier_arrive(other_turn, 2 * 128);
-            wgmma_wait_frags::<0, S_FRAGS>(&mut s);
-        }
+            wait_s(s, live);
+        };
+        // Tile `tile`'s softmax (its first `live` n-fragments; the mask where `masked`) and
+        // P·V, with the next tile's S unless `last`.
         let mut step = #[inline(always)]
-        |tile: u32, masked: bool, last: bool| {
-            let probs = softmax(&mut s, &mut state, &mut o, tile, masked);
+        |s: &mut [[f32; 4]; S_FRAGS], tile: u32, masked: bool, last: bool, live: usize| {
+            let probs = softmax(s, &mut state, &mut o, tile, masked, live);
             if !last {
                 land(tile + 1);
             }
             named_barrier(my_turn, 2 * 128);
-            issue_pv(&mut o, &probs, tile);
+            issue_pv(&mut o, &probs, tile, live);
             if !last {
-                issue_s(&mut s, tile + 1);
+                issue_s(s, tile + 1, S_FRAGS);
             }
             named_barrier_arrive(other_turn, 2 * 128);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
-            wgmma_wait_frags::<0, S_FRAGS>(&mut s);
+            if !last {
+                wgmma_wait_frags::<0, S_FRAGS>(s);
+            }
             mbarrier_arrive(ring.empty((base + tile) % STAGES));
         };
+        // A unit whose last tile no row sees past half of (`last_live`) runs it apart, in two
+        // phases of its own (S alone, then softmax and P·V) at half width, after the tiles
+        // before it as a unit of one tile fewer: one phase more, for both warpgroups alike
+        // (`last_live` is the unit's). So each step is one copy of code for every unit: a copy
+        // for each width and mask of the last two steps (nine steps in all, 80% more code)
+        // made the kernel slower at 1024 tokens than the tensor work saved (docs/perf.md).
+        let halved = last_live < S_FRAGS;
+        let chained = tiles - halved as u32;
         let mut tile = 0;
-        while tile + 1 < tiles {
-            if visibility.masks(work.kv_start + tile * TILE) {
-                step(tile, true, false);
-            } else {
-                step(tile, false, false);
+        if chained > 0 {
+            s_alone(&mut s, 0, S_FRAGS);
+            while tile + 1 < chained {
+                step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), false, S_FRAGS);
+                tile += 1;
             }
+            step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), true, S_FRAGS);
             tile += 1;
         }
-        if tiles > 0 {
-            if visibility.masks(work.kv_start + tile * TILE) {
-                step(tile, true, true);
-            } else {
-                step(tile, false, true);
-            }
+        if halved {
+            // Registers of its own: sharing the full S's, ptxas found no allocation that fits
+            // both widths' `wgmma` and serialised them.
+            let mut s_last = [[0.0f32; 4]; S_FRAGS];
+            s_alone(&mut s_last, tile, S_FRAGS / 2);
+            step(&mut s_last, tile, true, true, S_FRAGS / 2);
         }
         if last_unit && warpgroup == 0 {
             named_barrier(my_turn, 2 * 128);
@@ -619,23 +685,23 @@ unsafe fn consume<
         // beside this one's P (ping-pong spilled and ran 35% slower): each warpgroup runs its
         // tiles one after the other, S, softmax, P·V, and the two only overlap by chance.
         let mut step = #[inline(always)]
-        |tile: u32, masked: bool| {
+        |tile: u32, masked: bool, live: usize| {
             land(tile);
             let mut s = [[0.0f32; 4]; S_FRAGS];
             wgmma_fence();
-            issue_s(&mut s, tile);
+            issue_s(&mut s, tile, live);
             wgmma_wait_frags::<0, S_FRAGS>(&mut s);
-            let probs = softmax(&mut s, &mut state, &mut o, tile, masked);
-            issue_pv(&mut o, &probs, tile);
+            let probs = softmax(&mut s, &mut state, &mut o, tile, masked, live);
+            issue_pv(&mut o, &probs, tile, live);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
             mbarrier_arrive(ring.empty((base + tile) % STAGES));
         };
         let mut tile = 0;
         while tile < tiles {
             if visibility.masks(work.kv_start + tile * TILE) {
-                step(tile, true);
+                step(tile, true, S_FRAGS);
             } else {
-                step(tile, false);
+                step(tile, false, S_FRAGS);
             }
             tile += 1;
         }
@@ -727,4 +793,15 @@ unsafe fn consume<
         let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, kv_head * group + head));
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
     });
+}
+
+/// The first `L` n-fragments of `acc` (a prefix, so the `wgmma` of a narrower tile writes the
+/// same registers as the first columns of the full one).
+#[inline(always)]
+fn prefix_mut<const N: usize, const L: usize>(acc: &mut [[f32; 4]; N]) -> &mut [[f32; 4]; L] {
+    if L > N {
+        crate::gpu::trap();
+    }
+    // SAFETY: `L <= N` (checked), so the first `L` entries lie inside `acc`.
+    unsafe { &mut *(acc as *mut [[f32; 4]; N] as *mut [[f32; 4]; L]) }
 }

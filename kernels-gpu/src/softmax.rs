@@ -122,7 +122,7 @@ impl RowState {
         acc: &mut [[[f32; 4]; 2]; 16],
         out_frags: u32,
     ) -> [[u32; 4]; K] {
-        self.update_rescaling::<H, N, K>(s, factor, |h, rescale| {
+        self.update_rescaling::<H, N, K>(s, N, factor, |h, rescale| {
             crate::unroll_to!(n < out_frags, {
                 acc[n / 2][n % 2][2 * h] *= rescale;
                 acc[n / 2][n % 2][2 * h + 1] *= rescale;
@@ -131,11 +131,14 @@ impl RowState {
     }
 
     /// [`update`](Self::update) for any accumulator layout: `rescale_rows(h, factor)` multiplies
-    /// the thread's output accumulators of row `g + 8h` by `factor`.
+    /// the thread's output accumulators of row `g + 8h` by `factor`. Only the first `live`
+    /// n-fragments (even, a constant where inlined) hold logits: the others count as masked,
+    /// and their probabilities are neither computed nor returned (left zero).
     #[inline(always)]
     pub fn update_rescaling<H: Half, const N: usize, const K: usize>(
         &mut self,
         s: &[[f32; 4]; N],
+        live: usize,
         factor: f32,
         mut rescale_rows: impl FnMut(usize, f32),
     ) -> [[u32; 4]; K] {
@@ -144,12 +147,12 @@ impl RowState {
         // and the exponentials is log2 N deep rather than 2N.
         let row_max = |h: usize| {
             let mut x = [0.0f32; N];
-            crate::unroll_to!(n < N, {
+            crate::unroll_to!(n < live.min(N), {
                 x[n] = s[n][2 * h].max(s[n][2 * h + 1]);
             });
             crate::unroll!(width in [8, 4, 2, 1] {
                 crate::unroll_to!(n < width, {
-                    if n + width < N {
+                    if n + width < live.min(N) {
                         x[n] = x[n].max(x[n + width]);
                     }
                 });
@@ -172,7 +175,7 @@ impl RowState {
         let m_ref = finite(self.m);
         let mut probs = [[0u32; 4]; K];
         crate::unroll!(h in [0, 1] {
-            crate::unroll_to!(kb < K, {
+            crate::unroll_to!(kb < live.min(N) / 2, {
                 let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
                 let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
                 self.sums[h] += (e[0] + e[1]) + (e[2] + e[3]);

@@ -1,7 +1,9 @@
 //! Assembling PTX with NVIDIA's `ptxas`, which needs no GPU. It catches what rustc cannot
 //! (unresolved symbols, invalid PTX) and reports each kernel's registers, shared memory, stack
 //! frame and spills. A stack frame or spill fails the build unless
-//! `kernels-gpu/ptxas-allowance.txt` allows it.
+//! `kernels-gpu/ptxas-allowance.txt` allows it; so does a kernel whose `wgmma`s ptxas
+//! serialises (it says so only as a "Potential Performance Loss" note, and the kernel then runs
+//! its matrix products one at a time).
 //!
 //! ptxas comes from `FERRINFER_PTXAS`, else the copy xtask installs under `target/tools/` from
 //! PyPI's `nvidia-cuda-nvcc-cu12` (pinned), else `ptxas` on PATH.
@@ -21,6 +23,8 @@ pub struct KernelResources {
     pub smem_bytes: u32,
     pub stack_bytes: u32,
     pub spill_bytes: u32,
+    /// ptxas's reason for serialising the kernel's `wgmma`s, if it did.
+    pub wgmma_serialized: Option<String>,
 }
 
 fn tools_dir() -> PathBuf {
@@ -66,8 +70,13 @@ pub fn parse_report(text: &str) -> Vec<KernelResources> {
     // "Function properties for F" heads the stack line of F, which may be a device function the
     // kernel calls rather than the kernel: only the kernel's own lines count.
     let mut properties_of = String::new();
+    let mut serialized = Vec::new();
     for line in text.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+        // "… wgmma.mma_async instructions are serialized due to <reason> in the function 'F'".
+        if let Some(rest) = line.split("wgmma.mma_async instructions are serialized ").nth(1) {
+            let (reason, function) = rest.split_once(" in the function '").unwrap_or((rest, ""));
+            serialized.push((function.trim_end_matches('\'').to_string(), reason.to_string()));
+        } else if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let kernel = rest.split('\'').next().unwrap_or_default().to_string();
             out.push(KernelResources { kernel, ..Default::default() });
         } else if let Some(rest) = line.split("Function properties for ").nth(1) {
@@ -80,6 +89,11 @@ pub fn parse_report(text: &str) -> Vec<KernelResources> {
                 k.registers = line.split("Used ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
                 k.smem_bytes = number_before(line, "bytes smem");
             }
+        }
+    }
+    for (function, reason) in serialized {
+        if let Some(k) = out.iter_mut().find(|k| k.kernel == function) {
+            k.wgmma_serialized = Some(reason);
         }
     }
     out
@@ -125,6 +139,9 @@ pub fn assemble(files: &[(String, PathBuf)]) -> crate::Result<Vec<(String, Kerne
                 "{:<8} {:<32} {:>5} {:>10} {:>7} {:>7}",
                 arch, k.kernel, k.registers, k.smem_bytes, k.stack_bytes, k.spill_bytes
             );
+            if let Some(reason) = &k.wgmma_serialized {
+                problems.push(format!("{arch} {}: ptxas serialised its wgmma instructions {reason}", k.kernel));
+            }
             let (stack, spill) = allowance(arch, &k.kernel);
             if k.stack_bytes > stack || k.spill_bytes > spill {
                 problems.push(format!(
@@ -138,7 +155,7 @@ pub fn assemble(files: &[(String, PathBuf)]) -> crate::Result<Vec<(String, Kerne
     if problems.is_empty() {
         Ok(all)
     } else {
-        Err(format!("unexpected stack frames or spills:\n  {}", problems.join("\n  ")))
+        Err(format!("unexpected stack frames, spills or serialised wgmma:\n  {}", problems.join("\n  ")))
     }
 }
 
@@ -176,8 +193,23 @@ mod tests {
                 registers: 40,
                 smem_bytes: 2048,
                 stack_bytes: 16,
-                spill_bytes: 12
+                spill_bytes: 12,
+                wgmma_serialized: None
             }]
+        );
+    }
+
+    #[test]
+    fn a_serialised_wgmma_is_reported_against_its_kernel() {
+        let text = "ptxas info    : Compiling entry function 'a' for 'sm_90a'\n\
+            ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due \
+            to insufficient register resources for the wgmma pipeline in the function 'b'\n\
+            ptxas info    : Compiling entry function 'b' for 'sm_90a'\n";
+        let kernels = parse_report(text);
+        assert_eq!(kernels[0].wgmma_serialized, None);
+        assert_eq!(
+            kernels[1].wgmma_serialized.as_deref(),
+            Some("due to insufficient register resources for the wgmma pipeline")
         );
     }
 }

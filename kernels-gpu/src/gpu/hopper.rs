@@ -122,6 +122,8 @@ macro_rules! wgmma_width {
     };
 }
 
+wgmma_width!(32, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15];
+             ss: wgmma_ss_n32_f16 "f16", wgmma_ss_n32_bf16 "bf16"; rs: );
 wgmma_width!(64, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31];
              ss: wgmma_ss_n64_f16 "f16", wgmma_ss_n64_bf16 "bf16"; rs: wgmma_rs_n64_f16 "f16", wgmma_rs_n64_bf16 "bf16");
 wgmma_width!(128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63];
@@ -131,7 +133,8 @@ wgmma_width!(256, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
 
 /// The `wgmma` forms an element type has: `N` is the accumulator tile's n-fragments (8
 /// columns each, 4 f32 per thread), so `N = 8` is a 64 × 64 tile, 16 a 64 × 128 and 32 a
-/// 64 × 256 one.
+/// 64 × 256 one. The shared-memory form also takes 4 (a 64-key tile halved: a causal
+/// diagonal's visible keys).
 pub trait Wgmma: crate::gpu::half::Half {
     /// `acc (+)= A · B`, both operands K-major in shared memory (see [`wgmma_ss_n64_f16`]).
     ///
@@ -156,11 +159,12 @@ unsafe fn flat<const N: usize, const M: usize>(acc: &mut [[f32; 4]; N]) -> &mut 
 }
 
 macro_rules! impl_wgmma {
-    ($half:ty, $ss64:ident, $ss128:ident, $rs64:ident, $rs128:ident, $rs256:ident) => {
+    ($half:ty, $ss32:ident, $ss64:ident, $ss128:ident, $rs64:ident, $rs128:ident, $rs256:ident) => {
         impl Wgmma for $half {
             #[inline(always)]
             unsafe fn mma_ss<const N: usize>(acc: &mut [[f32; 4]; N], a: u64, b: u64, accumulate: u32) {
                 match N {
+                    4 => $ss32(flat::<N, 16>(acc), a, b, accumulate),
                     8 => $ss64(flat::<N, 32>(acc), a, b, accumulate),
                     16 => $ss128(flat::<N, 64>(acc), a, b, accumulate),
                     _ => crate::gpu::trap(),
@@ -180,6 +184,7 @@ macro_rules! impl_wgmma {
 }
 impl_wgmma!(
     crate::gpu::half::F16,
+    wgmma_ss_n32_f16,
     wgmma_ss_n64_f16,
     wgmma_ss_n128_f16,
     wgmma_rs_n64_f16,
@@ -188,6 +193,7 @@ impl_wgmma!(
 );
 impl_wgmma!(
     crate::gpu::half::Bf16,
+    wgmma_ss_n32_bf16,
     wgmma_ss_n64_bf16,
     wgmma_ss_n128_bf16,
     wgmma_rs_n64_bf16,

@@ -635,6 +635,16 @@ fn hopper_prefill_tests() -> Vec<GpuTest> {
     );
     let c = Case { group: 1, layout: KvLayout::Hnd, seed: 1501, ..Case::new(&[300, 1000, 129], 48) };
     add_hopper::<bf16, E4m3>(&mut t, "prefill_hopper_e4m3_full_group_1_hnd_bf16".into(), c, &[300, 70, 129], full);
+    // The last 64-key tile halved (head_dim 128 over fp8 runs 64-key tiles): diagonals at each
+    // 32-token offset, keys ahead of the queries, keys ending inside a tile's first half.
+    let c = Case { seed: 1505, ..Case::new(&[256, 237, 65, 160, 193, 337], 7) };
+    add_hopper::<f16, E4m3>(
+        &mut t,
+        "prefill_hopper_e4m3_last_tile_halved_causal_page_size_7_f16".into(),
+        c,
+        &[256, 200, 65, 96, 1, 300],
+        causal,
+    );
     let both = PrefillOptions { window_left: 200, logits_soft_cap: 30.0, ..causal };
     let c = Case { seed: 1502, ..Case::new(&[900, 1300], 7) };
     add_hopper::<f16, E5m2>(

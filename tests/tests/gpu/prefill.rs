@@ -264,6 +264,19 @@ fn hopper_tests() -> Vec<GpuTest> {
             c,
         );
     }
+    // A unit's last tile that no row of it sees past the first half of runs at half width:
+    // causal diagonals at each 32-token offset into the tile (group 4: 32-token units; group 8:
+    // 16; group 1: 128, which halve only with the keys 37 ahead of the queries), keys 37 ahead
+    // of the queries (units across a tile's edge), and keys ending just past a tile or at its
+    // middle (full attention).
+    let halved = [(256, 256), (200, 237), (65, 65), (64, 64), (96, 160), (1, 193), (300, 337)];
+    for group in [1usize, 4, 8] {
+        let c = Case { group, seed: 400 + group as u64, ..Case::new(&halved, 7) };
+        add_hopper::<f16>(&mut t, format!("prefill_hopper_last_tile_halved_causal_group_{group}_page_size_7_f16"), c);
+    }
+    let c =
+        Case { head_dim: 64, options: full, seed: 409, ..Case::new(&[(100, 129), (30, 192), (64, 193), (7, 64)], 1) };
+    add_hopper::<bf16>(&mut t, "prefill_hopper_last_tile_halved_full_head_dim_64_page_size_1_bf16".into(), c);
     let window = PrefillOptions { window_left: 200, logits_soft_cap: 30.0, ..CAUSAL };
     add_hopper::<f16>(
         &mut t,
