@@ -570,7 +570,7 @@ unsafe fn consume<
                    tile: u32,
                    masked: bool,
                    live: usize| {
-        // Fragments past `live` are left alone (they hold the tile before's logits).
+        // Fragments past `live` are left alone (they hold no logits of this tile).
         let first_key = work.kv_start + tile * TILE;
         let factor = match live {
             4 => scale.apply(prefix_mut::<S_FRAGS, 4>(s)),
@@ -616,10 +616,10 @@ unsafe fn consume<
         // other's has been issued, so each one's softmax runs while the other's products do.
         // Barrier `BARRIER_TURN + w` opens warpgroup w's phase: it waits there, the other
         // arrives there after issuing its phase. Both have `tiles + 1` phases a unit (one more
-        // when its last tile is halved, below); the turns
-        // run on from one unit to the next (the block gives the first one and takes the last,
-        // `prefill_hopper`), so a warpgroup starts a unit as soon as the other has issued its
-        // last products of the one before, not after that one's output.
+        // when its last tile is halved, below); the turns run on from one unit to the next
+        // (the block gives the first one and takes the last, `prefill_hopper`), so a
+        // warpgroup starts a unit as soon as the other has issued its last products of the one
+        // before, not after that one's output.
         let (my_turn, other_turn) = (BARRIER_TURN + warpgroup, BARRIER_TURN + 1 - warpgroup);
         let mut s = [[0.0f32; 4]; S_FRAGS];
         // A phase of S alone: the unit's first tile's, or its halved last one's.
