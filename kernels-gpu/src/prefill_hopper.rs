@@ -529,6 +529,26 @@ unsafe fn consume<
     let mut o = [[0.0f32; 4]; O_FRAGS];
     // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
     let q_rows = q_smem + wg_first_row * SLAB_ROW_BYTES;
+    // `on_live!(s, live, |p| body)`: `body` with `p` the first `live` n-fragments of `s` (4, 8
+    // or all; `live` is a constant at each call, so one arm remains).
+    macro_rules! on_live {
+        ($s:expr, $live:expr, |$p:ident| $body:expr) => {
+            match $live {
+                4 => {
+                    let $p = prefix_mut::<S_FRAGS, 4>($s);
+                    $body
+                }
+                8 => {
+                    let $p = prefix_mut::<S_FRAGS, 8>($s);
+                    $body
+                }
+                _ => {
+                    let $p = &mut *$s;
+                    $body
+                }
+            }
+        };
+    }
     // S = Q·Kᵀ of `tile` (its stage landed), issued, not waited for.
     // Only the first `live` n-fragments (the tile's first `8 live` keys: the rows of a K-major
     // operand, so the same descriptor) are computed; `live` is a constant at each call.
@@ -540,22 +560,15 @@ unsafe fn consume<
             let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
             let kd = smem_descriptor(k_tile + slab * TILE * SLAB_ROW_BYTES + step, 16, 1024);
             let accumulate = (kk > 0) as u32;
-            match live {
-                4 => H::mma_ss(prefix_mut::<S_FRAGS, 4>(s), qd, kd, accumulate),
-                8 => H::mma_ss(prefix_mut::<S_FRAGS, 8>(s), qd, kd, accumulate),
-                _ => H::mma_ss(s, qd, kd, accumulate),
-            }
+            on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));
         });
         wgmma_commit();
     };
     // Waits for S's first `live` n-fragments (as `issue_s` wrote them: the others' registers
     // hold the tile before's logits and stay out of the `wgmma` pipeline).
-    let wait_s = #[inline(always)]
-    |s: &mut [[f32; 4]; S_FRAGS], live: usize| match live {
-        4 => wgmma_wait_frags::<0, 4>(prefix_mut::<S_FRAGS, 4>(s)),
-        8 => wgmma_wait_frags::<0, 8>(prefix_mut::<S_FRAGS, 8>(s)),
-        _ => wgmma_wait_frags::<0, S_FRAGS>(s),
-    };
+    let wait_s =
+        #[inline(always)]
+        |s: &mut [[f32; 4]; S_FRAGS], live: usize| on_live!(s, live, |prefix| wgmma_wait_frags::<0, _>(prefix));
     let land = #[inline(always)]
     |tile: u32| {
         mbarrier_wait(ring.full((base + tile) % STAGES), ((base + tile) / STAGES) % 2);
@@ -572,17 +585,9 @@ unsafe fn consume<
                    live: usize| {
         // Fragments past `live` are left alone (they hold no logits of this tile).
         let first_key = work.kv_start + tile * TILE;
-        let factor = match live {
-            4 => scale.apply(prefix_mut::<S_FRAGS, 4>(s)),
-            8 => scale.apply(prefix_mut::<S_FRAGS, 8>(s)),
-            _ => scale.apply(s),
-        };
+        let factor = on_live!(s, live, |prefix| scale.apply(prefix));
         if masked {
-            match live {
-                4 => visibility.apply(0, prefix_mut::<S_FRAGS, 4>(s), first_key, t),
-                8 => visibility.apply(0, prefix_mut::<S_FRAGS, 8>(s), first_key, t),
-                _ => visibility.apply(0, s, first_key, t),
-            }
+            on_live!(s, live, |prefix| visibility.apply(0, prefix, first_key, t));
         }
         state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, |h, rescale| {
             crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
@@ -685,23 +690,23 @@ unsafe fn consume<
         // beside this one's P (ping-pong spilled and ran 35% slower): each warpgroup runs its
         // tiles one after the other, S, softmax, P·V, and the two only overlap by chance.
         let mut step = #[inline(always)]
-        |tile: u32, masked: bool, live: usize| {
+        |tile: u32, masked: bool| {
             land(tile);
             let mut s = [[0.0f32; 4]; S_FRAGS];
             wgmma_fence();
-            issue_s(&mut s, tile, live);
+            issue_s(&mut s, tile, S_FRAGS);
             wgmma_wait_frags::<0, S_FRAGS>(&mut s);
-            let probs = softmax(&mut s, &mut state, &mut o, tile, masked, live);
-            issue_pv(&mut o, &probs, tile, live);
+            let probs = softmax(&mut s, &mut state, &mut o, tile, masked, S_FRAGS);
+            issue_pv(&mut o, &probs, tile, S_FRAGS);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
             mbarrier_arrive(ring.empty((base + tile) % STAGES));
         };
         let mut tile = 0;
         while tile < tiles {
             if visibility.masks(work.kv_start + tile * TILE) {
-                step(tile, true, S_FRAGS);
+                step(tile, true);
             } else {
-                step(tile, false, S_FRAGS);
+                step(tile, false);
             }
             tile += 1;
         }
