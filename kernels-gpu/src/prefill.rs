@@ -80,9 +80,32 @@ impl<const TILE: u32, const FIRST_WARP: u32, const ROW_WARPS: u32> Visibility<'_
     /// Sets the logits of keys row `g + 8h` of row fragment `f` may not see to −∞ (`s[n]`:
     /// keys `first_key + 8n..`). Only tiles a mask cuts come here, so the bounds are worked
     /// out here from the thread index read afresh: derived from values the loop keeps anyway,
-    /// the compiler would hoist them, holding eight registers through every tile.
+    /// the compiler would hoist them, holding eight registers through every tile. The bounds
+    /// are offsets from the thread's first key (the item's end folded into the upper one): two
+    /// compares with constants a logit.
     #[inline(always)]
     pub fn apply<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
+        let first_row = self.thread_first_row(thread_x_here());
+        let thread_key = (first_key + 2 * t) as i32;
+        crate::unroll!(h in [0, 1] {
+            let (lo, hi) = self.bounds(first_row + 16 * f as u32 + 8 * h as u32);
+            // The item ends after its first key, so `end - 1` does not wrap.
+            let (lo, hi) = (lo as i32 - thread_key, hi.min(self.end - 1) as i32 - thread_key);
+            crate::unroll_to!(n < N, {
+                crate::unroll!(c in [0, 1] {
+                    let offset = (8 * n + c) as i32;
+                    if offset > hi || offset < lo {
+                        s[n][2 * h + c] = f32::NEG_INFINITY;
+                    }
+                });
+            });
+        });
+    }
+
+    /// [`apply`](Self::apply) comparing key positions (three compares a logit): the Hopper
+    /// kernel at head_dim 256 keeps it, where `apply`'s form made ptxas spill (docs/perf.md).
+    #[inline(always)]
+    pub fn apply_positions<const N: usize>(&self, f: usize, s: &mut [[f32; 4]; N], first_key: u32, t: u32) {
         let first_row = self.thread_first_row(thread_x_here());
         let bounds = [0, 1].map(|h| self.bounds(first_row + 16 * f as u32 + 8 * h));
         crate::unroll_to!(n < N, {

@@ -230,20 +230,68 @@ pub unsafe fn prefill_hopper<
         if ping_pong && warpgroup == 1 {
             named_barrier_arrive(BARRIER_TURN, 2 * 128);
         }
+        // Each unit's queries are on their way before it starts: the first unit's from here,
+        // the next one's from the unit before, once its last S has read its Q rows (`consume`).
+        // (With ping-pong only: at head_dim 256 each unit loads its own, as it starts.)
+        if ping_pong && first_unit < end_unit {
+            load_queries::<HEAD_DIM>(p, &unit(first_unit, 0), q_smem, tid);
+        }
         let (mut at, mut base) = (first_unit, 0);
         while at < end_unit {
-            let unit = unit(at, base);
-            consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
-                p,
-                &unit,
-                q_smem,
-                ring,
-                at + 1 == end_unit,
-                tid,
-            );
-            (at, base) = (at + 1, base + unit.tiles);
+            let this = unit(at, base);
+            let last = at + 1 == end_unit;
+            if ping_pong {
+                let load_next = #[inline(always)]
+                || {
+                    if !last {
+                        load_queries::<HEAD_DIM>(p, &unit(at + 1, 0), q_smem, tid);
+                    }
+                };
+                consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                    p, &this, q_smem, ring, last, load_next, tid,
+                );
+            } else {
+                consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                    p,
+                    &this,
+                    q_smem,
+                    ring,
+                    last,
+                    || {},
+                    tid,
+                );
+            }
+            (at, base) = (at + 1, base + this.tiles);
         }
     }
+}
+
+/// Starts copying a unit's query rows of this consumer thread's warpgroup (64; zeros past the
+/// request's last row) into the warpgroup's Q rows, in one commit group; `consume` waits.
+#[inline(always)]
+unsafe fn load_queries<const HEAD_DIM: u32>(p: &PrefillParams, unit: &Unit, q_smem: u32, tid: u32) {
+    let (work, kv_head) = (&unit.work, unit.kv_head);
+    let chunks = HEAD_DIM / 8;
+    let group = p.group_size.divisor;
+    let rows = work.qo_len * group;
+    let wg_first_row = 64 * (tid / 128 - 1);
+    let q = p.q as *const Vec16;
+    let mut i = tid % 128;
+    while i < 64 * chunks {
+        let (row, chunk) = (wg_first_row + i / chunks, i % chunks);
+        let packed = work.first_row + row;
+        let valid = packed < rows;
+        let (token, head) = p.group_size.divmod(packed);
+        let src = ((work.q_start + token) * p.num_qo_heads + kv_head * group + head) as usize * chunks as usize
+            + chunk as usize;
+        copy_async_or_zero(
+            q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, chunk),
+            q.add(if valid { src } else { 0 }),
+            valid,
+        );
+        i += 128;
+    }
+    commit_async_copies();
 }
 
 /// Asks the L2 for a unit's query rows: the producer reaches a unit tiles before the consumers,
@@ -459,6 +507,7 @@ unsafe fn consume<
     q_smem: u32,
     ring: Ring<HEAD_DIM, TILE, STAGES>,
     last_unit: bool,
+    load_next: impl Fn(),
     tid: u32,
 ) {
     let (work, kv_head, base, tiles) = (&unit.work, unit.kv_head, unit.base, unit.tiles);
@@ -470,26 +519,29 @@ unsafe fn consume<
     let lane = tid % 32;
     let t = lane % 4;
 
-    // This warpgroup's 64 query rows (zeros past the request's last row), made visible to
-    // `wgmma` before its first tile. A thread's chunks are the ones it read the last unit's
-    // output from, so nothing else waits for those reads.
-    let q = p.q as *const Vec16;
-    let mut i = tid % 128;
-    while i < 64 * chunks {
-        let (row, chunk) = (wg_first_row + i / chunks, i % chunks);
-        let packed = work.first_row + row;
-        let valid = packed < rows;
-        let (token, head) = p.group_size.divmod(packed);
-        let src = ((work.q_start + token) * p.num_qo_heads + kv_head * group + head) as usize * chunks as usize
-            + chunk as usize;
-        copy_async_or_zero(
-            q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, chunk),
-            q.add(if valid { src } else { 0 }),
-            valid,
-        );
-        i += 128;
+    // This warpgroup's 64 query rows, made visible to `wgmma` before its first tile: with
+    // ping-pong loading since the unit before (`load_next`), at head_dim 256 from here. (The
+    // loop is `load_queries`' written out: called here, its code made ptxas spill 56 bytes at
+    // head_dim 256.)
+    if O_FRAGS > 16 {
+        let q = p.q as *const Vec16;
+        let mut i = tid % 128;
+        while i < 64 * chunks {
+            let (row, chunk) = (wg_first_row + i / chunks, i % chunks);
+            let packed = work.first_row + row;
+            let valid = packed < rows;
+            let (token, head) = p.group_size.divmod(packed);
+            let src = ((work.q_start + token) * p.num_qo_heads + kv_head * group + head) as usize * chunks as usize
+                + chunk as usize;
+            copy_async_or_zero(
+                q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, chunk),
+                q.add(if valid { src } else { 0 }),
+                valid,
+            );
+            i += 128;
+        }
+        commit_async_copies();
     }
-    commit_async_copies();
     wait_async_copies(0);
     fence_proxy_async();
     named_barrier(BARRIER_WARPGROUP + warpgroup, 128);
@@ -586,8 +638,10 @@ unsafe fn consume<
         // Fragments past `live` are left alone (they hold no logits of this tile).
         let first_key = work.kv_start + tile * TILE;
         let factor = on_live!(s, live, |prefix| scale.apply(prefix));
-        if masked {
+        if masked && O_FRAGS <= 16 {
             on_live!(s, live, |prefix| visibility.apply(0, prefix, first_key, t));
+        } else if masked {
+            visibility.apply_positions(0, s, first_key, t);
         }
         state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, |h, rescale| {
             crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
@@ -639,40 +693,51 @@ unsafe fn consume<
         };
         // Tile `tile`'s softmax (its first `live` n-fragments; the mask where `masked`) and
         // P·V, with the next tile's S unless `last`.
-        let mut step = #[inline(always)]
-        |s: &mut [[f32; 4]; S_FRAGS], tile: u32, masked: bool, last: bool, live: usize| {
-            let probs = softmax(s, &mut state, &mut o, tile, masked, live);
-            if !last {
-                land(tile + 1);
-            }
-            named_barrier(my_turn, 2 * 128);
-            issue_pv(&mut o, &probs, tile, live);
-            if !last {
-                issue_s(s, tile + 1, S_FRAGS);
-            }
-            named_barrier_arrive(other_turn, 2 * 128);
-            wgmma_wait_frags::<0, O_FRAGS>(&mut o);
-            if !last {
-                wgmma_wait_frags::<0, S_FRAGS>(s);
-            }
-            mbarrier_arrive(ring.empty((base + tile) % STAGES));
-        };
+        let mut step =
+            #[inline(always)]
+            |s: &mut [[f32; 4]; S_FRAGS], tile: u32, masked: bool, last: bool, live: usize, queries: bool| {
+                let probs = softmax(s, &mut state, &mut o, tile, masked, live);
+                if !last {
+                    land(tile + 1);
+                }
+                named_barrier(my_turn, 2 * 128);
+                issue_pv(&mut o, &probs, tile, live);
+                if !last {
+                    issue_s(s, tile + 1, S_FRAGS);
+                }
+                named_barrier_arrive(other_turn, 2 * 128);
+                // The unit's last S has read this warpgroup's Q rows (`queries`, in its last step):
+                // the next unit's come in while P·V and the output finish.
+                if last && queries {
+                    load_next();
+                }
+                wgmma_wait_frags::<0, O_FRAGS>(&mut o);
+                if !last {
+                    wgmma_wait_frags::<0, S_FRAGS>(s);
+                }
+                mbarrier_arrive(ring.empty((base + tile) % STAGES));
+            };
         // A unit whose last tile no row sees past half of (`last_live`) runs it apart, in two
         // phases of its own (S alone, then softmax and P·V) at half width, after the tiles
         // before it as a unit of one tile fewer: one phase more, for both warpgroups alike
         // (`last_live` is the unit's). So each step is one copy of code for every unit: a copy
         // for each width and mask of the last two steps (nine steps in all, 80% more code)
         // made the kernel slower at 1024 tokens than the tensor work saved (docs/perf.md).
+        if tiles == 0 {
+            load_next();
+        }
         let halved = last_live < S_FRAGS;
         let chained = tiles - halved as u32;
         let mut tile = 0;
         if chained > 0 {
             s_alone(&mut s, 0, S_FRAGS);
             while tile + 1 < chained {
-                step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), false, S_FRAGS);
+                step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), false, S_FRAGS, false);
                 tile += 1;
             }
-            step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), true, S_FRAGS);
+            // The unit's last S has read this warpgroup's Q rows: the next unit's queries may
+            // come in while the last tile and the output finish.
+            step(&mut s, tile, visibility.masks(work.kv_start + tile * TILE), true, S_FRAGS, !halved);
             tile += 1;
         }
         if halved {
@@ -680,7 +745,7 @@ unsafe fn consume<
             // both widths' `wgmma` and serialised them.
             let mut s_last = [[0.0f32; 4]; S_FRAGS];
             s_alone(&mut s_last, tile, S_FRAGS / 2);
-            step(&mut s_last, tile, true, true, S_FRAGS / 2);
+            step(&mut s_last, tile, true, true, S_FRAGS / 2, true);
         }
         if last_unit && warpgroup == 0 {
             named_barrier(my_turn, 2 * 128);
@@ -717,10 +782,18 @@ unsafe fn consume<
     let my_first_row = visibility.thread_first_row(thread_x_here());
     let v_scale = if K::BYTES == 1 { p.v_scale * kv_head_scale::<true>(p.kv_head_scales, kv_head) } else { 1.0 };
     let split = work.slot != NO_PARTIAL;
-    // The output goes through this warpgroup's Q rows, free now (its last S has completed; the
-    // other warpgroup reads only its own rows), in Q's swizzled slab layout: the fragments'
-    // 4-byte stores there are free of bank conflicts, and whole rows leave in 16-byte stores
-    // (a 4-byte global store a fragment pair kept the load/store unit's queue full, docs/perf.md).
+    if O_FRAGS <= 16 && !split {
+        // With ping-pong the output leaves from registers (`store_output_rows`): the Q rows are the
+        // next unit's by now (`load_next`), so it cannot be staged there.
+        store_output_rows::<H, O_FRAGS>(p, work, kv_head, &state, &o, my_first_row, v_scale, tid);
+        return;
+    }
+    // Otherwise (a split part's partial output, or head_dim 256, where from registers ptxas
+    // spilled 276 bytes) it goes through this warpgroup's Q rows, free now at head_dim 256
+    // (its last S has completed; the other warpgroup reads only its own rows), in Q's swizzled
+    // slab layout: the fragments' 4-byte stores there are free of bank conflicts, and whole rows
+    // leave in 16-byte stores (a 4-byte global store a fragment pair kept the load/store unit's
+    // queue full, docs/perf.md).
     crate::unroll!(h in [0, 1] {
         let d = state.row_sum(h);
         let row = my_first_row + 8 * h as u32;
@@ -809,4 +882,81 @@ fn prefix_mut<const N: usize, const L: usize>(acc: &mut [[f32; 4]; N]) -> &mut [
     }
     // SAFETY: `L <= N` (checked), so the first `L` entries lie inside `acc`.
     unsafe { &mut *(acc as *mut [[f32; 4]; N] as *mut [[f32; 4]; L]) }
+}
+
+/// Writes a unit's output rows of this thread (packed rows `my_first_row` and `my_first_row +
+/// 8`, dims `8n + 2t..`) and their LSE from the O accumulators, in 16-byte stores: the four
+/// threads of a quad hold the 8 dims of each 8-dim block as four pairs, and exchange them
+/// (three shuffles for four blocks) so that each holds one block's 16 contiguous bytes (a
+/// 4-byte global store a pair kept the load/store unit's queue full, docs/perf.md). Every lane
+/// shuffles; only rows of the request store.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_output_rows<H: Wgmma, const O_FRAGS: usize>(
+    p: &PrefillParams,
+    work: &PrefillWorkItem,
+    kv_head: u32,
+    state: &RowState,
+    o: &[[f32; 4]; O_FRAGS],
+    my_first_row: u32,
+    v_scale: f32,
+    tid: u32,
+) {
+    let (group, chunks) = (p.group_size.divisor, O_FRAGS);
+    let rows = work.qo_len * group;
+    let lane = tid % 32;
+    let t = lane % 4;
+    let quad = lane & !3;
+    crate::unroll!(h in [0, 1] {
+        let d = state.row_sum(h);
+        let row = my_first_row + 8 * h as u32;
+        let valid = row < rows;
+        let (token, head) = p.group_size.divmod(row);
+        let sink = if valid { sink_logit(p.sinks, kv_head * group + head) } else { f32::NEG_INFINITY };
+        let (inv, lse) = finish_row(state.m[h], d, sink);
+        // V's dequantisation scale (1 for a 16-bit cache) goes with the normalisation.
+        let inv = inv * v_scale;
+        let out_row = (work.q_start + token) * p.num_qo_heads + kv_head * group + head;
+        let dst = (p.out as *mut Vec16).add(out_row as usize * chunks as usize);
+        crate::unroll!(m in [0, 1, 2, 3] {
+            if 4 * m < O_FRAGS {
+                // Blocks 4m..4m + 3; thread t ends with block 4m + t. Round r sends this
+                // thread's pair of block 4m + (t + r) % 4 to thread (t + r) % 4 and takes
+                // thread (t − r) % 4's pair of block 4m + t.
+                // Arrays written out, not `array::map`: its instances, though never run at head_dim
+                // 256, changed that kernel's code and made ptxas spill there.
+                let pair = |j: usize| H::pack2(o[4 * m + j][2 * h] * inv, o[4 * m + j][2 * h + 1] * inv);
+                let pairs = [pair(0), pair(1), pair(2), pair(3)];
+                let send = rotate_left(pairs, t);
+                let take = |r: u32| shfl_idx_u32(send[r as usize], quad + (t + 4 - r) % 4);
+                let taken = [send[0], take(1), take(2), take(3)];
+                // taken[r] is thread (t − r)'s pair: in dim order, pair j is taken[(t − j) % 4].
+                let block = rotate_right([taken[0], taken[3], taken[2], taken[1]], t);
+                if valid {
+                    store(dst.add(4 * m + t as usize), Vec16(block));
+                }
+            }
+        });
+        if valid && p.lse != 0 && t == 0 {
+            *(p.lse as *mut f32).add(out_row as usize) = lse;
+        }
+    });
+}
+
+/// `v` rotated left by `by` places (`[v[by], v[by + 1], …]`), `by` in 0..4 at run time: two
+/// selects a word, where indexing by `by` would go through local memory.
+#[inline(always)]
+fn rotate_left(v: [u32; 4], by: u32) -> [u32; 4] {
+    let v = if by & 1 != 0 { [v[1], v[2], v[3], v[0]] } else { v };
+    if by & 2 != 0 {
+        [v[2], v[3], v[0], v[1]]
+    } else {
+        v
+    }
+}
+
+/// `v` rotated right by `by` places (`[v[−by], …]`, indices mod 4), as [`rotate_left`].
+#[inline(always)]
+fn rotate_right(v: [u32; 4], by: u32) -> [u32; 4] {
+    rotate_left(v, (4 - by) % 4)
 }
