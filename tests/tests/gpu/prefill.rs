@@ -323,6 +323,16 @@ fn hopper_tests() -> Vec<GpuTest> {
     add_persistent::<f16>(&mut t, "prefill_hopper_persistent_many_short_requests_head_dim_64_f16".into(), c);
     let c = Case { head_dim: 256, options: full, seed: 37, ..Case::new(&many_short_requests(37), 48) };
     add_persistent::<bf16>(&mut t, "prefill_hopper_persistent_full_many_short_requests_head_dim_256_bf16".into(), c);
+    // Queries without keys between the others (full attention): units of no key tile, several
+    // back to back in a block, each starting the next unit's query load before its own output.
+    let mut without_keys = many_short_requests(39);
+    for (i, (qo, kv)) in without_keys.iter_mut().enumerate() {
+        if i % 3 == 1 {
+            (*qo, *kv) = ((*qo).max(1), 0);
+        }
+    }
+    let c = Case { options: full, seed: 39, ..Case::new(&without_keys, 7) };
+    add_persistent::<f16>(&mut t, "prefill_hopper_persistent_full_queries_without_keys_between_others_f16".into(), c);
     let window = PrefillOptions { window_left: 40, logits_soft_cap: 30.0, ..CAUSAL };
     let c = Case { options: window, sinks: true, seed: 38, ..Case::new(&many_short_requests(38), 5) };
     add_persistent::<f16>(&mut t, "prefill_hopper_persistent_sinks_window_40_soft_cap_page_size_5_f16".into(), c);
