@@ -123,17 +123,7 @@ def main():
             k, v = fb.gather_kv(kv5d, indices, BATCH, KV_LEN, ps)
             want = masked_reference(q[:QO_LEN], k[0], v[0], mask_dev.view(BATCH, QO_LEN, KV_LEN)[0])
             row["request0_max_abs_err"] = float((o[:QO_LEN].float() - want).abs().max())
-            ts, method = fb.bench_events(fn, warmup=5, reps=30)
-            row.update(fb.summarize(ts))
-            row["method"] = method
-            row["TFLOPs"] = flops / (row["median_us"] * 1e-6) / 1e12
-            try:
-                kk = fb.bench_kineto(fn, reps=10)
-                if kk:
-                    row["kineto"] = kk
-                    row["TFLOPs_kineto"] = flops / (kk["kernel_sum_us_median"] * 1e-6) / 1e12
-            except Exception as e:  # noqa: BLE001
-                row["kineto_error"] = repr(e)[:300]
+            fb.time_call(row, fn, flops)
             del w, q, o
         except Exception as e:  # noqa: BLE001
             row["error"] = repr(e)[:500]
@@ -148,11 +138,7 @@ def main():
     print("| backend | page_size | median us | TFLOP/s | kernel us | kernel TFLOP/s | max abs err (request 0) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        k = r.get("kineto", {}).get("kernel_sum_us_median")
-        cells = [r.get("median_us"), r.get("TFLOPs"), k, r.get("TFLOPs_kineto")]
-        err = r.get("request0_max_abs_err")
-        print(f"| {r.get('backend', r['backend_requested'])} | {r['page_size']} | "
-              + " | ".join(fb._f(c) for c in cells) + f" | {err if err is None else f'{err:.2e}'} |")
+        print(f"| {r.get('backend', r['backend_requested'])} | {r['page_size']} | {fb.timed_cells(r)} |")
         if "error" in r:
             print(f"  error: {r['error']}")
 

@@ -1,5 +1,5 @@
-//! The decode and prefill planners (`decode_split`, `prefill_split` and `plan_prefill_split`,
-//! the device-free part of planning) against a bounds model: every accepted batch's work items read
+//! The decode, prefill and MLA planners (`decode_split`, `prefill_split`, `plan_prefill_split`
+//! and `mla_split`, the device-free part of planning) against a bounds model: every accepted batch's work items read
 //! only keys below their request's length, through their request's pages, write only rows of
 //! their request's queries, cover every key a query may see exactly once across a split's
 //! parts, and use partial slots and merge counters inside what the plan sized. Nothing panics.
@@ -11,7 +11,9 @@ use ferrinfer::internals::{
     decode_split, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split, PrefillWorkItem,
     NO_PARTIAL,
 };
-use ferrinfer::{CacheShape, DecodeOptions, KvLayout, PageTable, PrefillKernel, PrefillOptions};
+use ferrinfer::{
+    mla_split, CacheShape, DecodeOptions, KvLayout, MlaCacheShape, MlaOptions, PageTable, PrefillKernel, PrefillOptions,
+};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -116,6 +118,7 @@ fuzz_target!(|input: Input| {
         let qo = if input.unchecked_qo { qo as usize } else { qo as usize % (kv + 1) };
         qo_indptr.push(qo_indptr[qo_indptr.len() - 1] + qo as u32);
     }
+    check_mla(&input, &kv_lens, &qo_indptr, &table, num_pages, sms, per_sm);
     let prefill = PrefillOptions { causal: input.causal, window_left, ..Default::default() };
     // The planner's own choice of kernel (on Hopper or not), or every kernel there is.
     let splits: Vec<_> = if input.every_block_height {
@@ -198,4 +201,45 @@ fn check_schedule(work: &[PrefillWorkItem], num_kv_heads: usize, ctas: usize) {
         }
     }
     assert!(seen.iter().all(|&s| s));
+}
+
+/// MLA's split: its work items (one KV head, a group of all the heads, 64-row tiles) as
+/// prefill's, each split tile's parts at most `MLA_MAX_PARTS` with one merge entry naming them.
+fn check_mla(
+    input: &Input,
+    kv_lens: &[usize],
+    qo_indptr: &[u32],
+    table: &PageTable,
+    num_pages: usize,
+    sms: usize,
+    per_sm: usize,
+) {
+    let shape = MlaCacheShape { num_pages, page_size: input.page_size as usize };
+    let heads = input.group as usize % 130;
+    let options = MlaOptions { sm_scale: 0.1, causal: input.causal };
+    let Ok(split) = mla_split(&shape, heads, qo_indptr, table, options, sms, per_sm) else { return };
+    let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
+    for w in &split.work {
+        let r = (0..kv_lens.len())
+            .find(|&r| qo_indptr[r] == w.q_start && qo_indptr[r + 1] - qo_indptr[r] == w.qo_len && w.qo_len > 0)
+            .expect("an item of a request with queries");
+        assert!(w.kv_len as usize == kv_lens[r] && w.pages == table.kv_indptr[r]);
+        assert!(!input.causal || w.qo_len <= w.kv_len, "causal queries outnumber the keys");
+        assert!(w.first_row % 64 == 0 && (w.first_row as usize) < w.qo_len as usize * heads);
+        assert!(w.kv_start <= w.kv_end && w.kv_end <= w.kv_len && w.parts <= 256);
+        assert!((w.q_start + w.qo_len) as usize <= split.total_q);
+        tiles.entry((r as u32, w.first_row)).or_default().push((w.kv_start, w.kv_end, w.slot, w.first_slot, w.parts));
+    }
+    let split_tiles = tiles.values().filter(|parts| parts[0].4 > 1).count();
+    assert_eq!(split.merge_tiles.len(), split_tiles, "one merge entry a split tile");
+    for m in &split.merge_tiles {
+        let parts = tiles.values().find(|p| p.iter().any(|x| x.3 == m.first_slot && x.4 > 1)).expect("its tile");
+        assert_eq!((parts.len() as u32, m.slot), (m.parts, m.first_slot));
+    }
+    for ((r, _), parts) in tiles {
+        let kv_len = kv_lens[r as usize] as u32;
+        let (lo, hi) = (parts.iter().map(|p| p.0).min().unwrap(), parts.iter().map(|p| p.1).max().unwrap());
+        assert!(lo == 0 && (input.causal || hi == kv_len));
+        check_parts(parts, lo, hi, split.slots);
+    }
 }

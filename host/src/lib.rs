@@ -39,12 +39,12 @@
 //!   variants), the embedded PTX modules, [`Device`] (context, streams, function table,
 //!   launches), element types, [`RawSlice`], uploads through pinned staging; no algorithm.
 //! - `cache`: [`CacheShape`], [`PageTable`] and its validation, [`SequenceAllocator`],
-//!   [`PagedKvCache`].
+//!   [`PagedKvCache`], and MLA's latent cache [`MlaKvCache`].
 //! - `plan`: the plan core every plan is built on: its device, metadata and scratch, the
 //!   checks and tracked operands of a run, the launch.
 //! - `attention` ([`BatchDecodePlan`], [`BatchPrefillPlan`], [`CascadeDecodePlan`],
-//!   [`merge_state`] and its kin) and `ops` ([`GatherPlan`], [`ScatterPlan`], [`RopePlan`],
-//!   [`AppendRopePlan`]): the algorithms.
+//!   [`BatchMlaPlan`], [`merge_state`] and its kin) and `ops` ([`GatherPlan`], [`ScatterPlan`],
+//!   [`MlaAppendPlan`], [`RopePlan`], [`AppendRopePlan`]): the algorithms.
 //!
 //! [`mod@reference`] is the f64 CPU reference every kernel is tested against.
 #![deny(missing_docs)]
@@ -65,14 +65,16 @@ pub mod reference;
 pub use attention::cascade::{CascadeDecodePlan, CascadeLevels};
 pub use attention::decode::{BatchDecodePlan, DecodeOptions};
 pub use attention::merge::{merge_state, merge_state_in_place, merge_states, StateShape};
+pub use attention::mla::{mla_split, BatchMlaPlan, MlaOptions, MlaSplit};
 pub use attention::prefill::{BatchPrefillPlan, CustomMask, PrefillKernel, PrefillOptions};
 pub use cache::allocator::{PageCopy, SeqId, SequenceAllocator};
 pub use cache::layout::{CacheShape, KvLayout, MAX_INDEX};
+pub use cache::mla::{MlaCacheShape, MlaKvCache, MlaLayerPools};
 pub use cache::page_table::PageTable;
 pub use cache::paged::{KvHeadScales, KvScales, LayerPools, PagedKvCache};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
-pub use ops::page_copy::{GatherPlan, ScatterPlan};
+pub use ops::page_copy::{GatherPlan, MlaAppendPlan, ScatterPlan};
 pub use ops::rope::{AppendRopePlan, RopeAngles, RopeOptions, RopePlan, RopePositions, RopeShape, MAX_ROPE_POSITION};
 pub use runtime::device::Device;
 pub use runtime::dtype::{DType, E4m3, E5m2, KvDType};

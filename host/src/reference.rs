@@ -2,8 +2,10 @@
 //! independently of the kernels' addressing, with f64 accumulation where kernels accumulate.
 //! GPU tests compare against these.
 use crate::attention::decode::DecodeOptions;
+use crate::attention::mla::MlaOptions;
 use crate::attention::prefill::PrefillOptions;
 use crate::cache::layout::CacheShape;
+use crate::cache::mla::MlaCacheShape;
 use crate::cache::page_table::PageTable;
 use crate::cache::paged::{KvHeadScales, KvScales};
 use crate::ops::rope::{RopeAngles, RopeOptions};
@@ -264,6 +266,67 @@ pub fn decode_with_sinks<T: KvDType, C: KvDType>(
             let qh = &q[(seq * num_qo_heads + h) * dim..][..dim];
             let sink = sinks.map(|s| s[h] as f64);
             lse.push(attend(shape, k_pool, v_pool, scales, &slots, h / group, qh, sm_scale, cap, sink, &mut out));
+        }
+    }
+    (out, lse)
+}
+
+/// Multi-head latent attention in f64, weights absorbed (as
+/// [`BatchMlaPlan`](crate::BatchMlaPlan)): request `i`'s query token `j` (row `qo_indptr[i] + j`)
+/// sits at key position `p = kv_len − qo_len + j`; for each head `h` its logits over the
+/// request's keys (`0..=p` when causal, else all) are
+/// `sm_scale · (q_nope·ckv_k + q_pe·kpe_k)`, its output `Σ softmax_k · ckv_k` (512 dims) and its
+/// base-2 LSE `log2 Σ exp(s_k)`: zeros and −∞ over no keys. The pools are `[page][slot][dim]`
+/// (token `(page, slot)`'s ckv row at element `(page · page_size + slot) · 512`). Returns `out`
+/// (`[total_q][num_heads][512]`) and the LSE per (token, head).
+#[allow(clippy::too_many_arguments)]
+pub fn mla<T: KvDType>(
+    shape: &MlaCacheShape,
+    ckv: &[T],
+    kpe: &[T],
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q_nope: &[T],
+    q_pe: &[T],
+    num_heads: usize,
+    options: &MlaOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let (ckv_dim, kpe_dim) = (MlaCacheShape::CKV_DIM, MlaCacheShape::KPE_DIM);
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+        // Each key's two rows, in f64, once per request.
+        let keys: Vec<(Vec<f64>, Vec<f64>)> = (0..kv_len)
+            .map(|pos| {
+                let (page, slot) = table.locate(seq, pos, shape.page_size);
+                let token = page * shape.page_size + slot;
+                let row = |pool: &[T], dim: usize| pool[token * dim..][..dim].iter().map(|x| x.to_f64()).collect();
+                (row(ckv, ckv_dim), row(kpe, kpe_dim))
+            })
+            .collect();
+        let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
+        for j in 0..qo_len {
+            let visible = if options.causal { kv_len - qo_len + j + 1 } else { kv_len };
+            let token = qo_indptr[seq] as usize + j;
+            for h in 0..num_heads {
+                let row = token * num_heads + h;
+                let qn: Vec<f64> = q_nope[row * ckv_dim..][..ckv_dim].iter().map(|x| x.to_f64()).collect();
+                let qp: Vec<f64> = q_pe[row * kpe_dim..][..kpe_dim].iter().map(|x| x.to_f64()).collect();
+                let logits: Vec<f64> = keys[..visible]
+                    .iter()
+                    .map(|(c, p)| {
+                        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+                        options.sm_scale as f64 * (dot(&qn, c) + dot(&qp, p))
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..ckv_dim {
+                    let acc: f64 = weights.iter().zip(&keys).map(|(w, (c, _))| w * c[d]).sum();
+                    out.push(if total > 0.0 { acc / total } else { 0.0 });
+                }
+                lse.push(if total > 0.0 { (max + total.ln()) * std::f64::consts::LOG2_E } else { f64::NEG_INFINITY });
+            }
         }
     }
     (out, lse)

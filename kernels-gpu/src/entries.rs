@@ -8,8 +8,8 @@
 #[allow(unused_imports)]
 use crate::abi::{
     decode_dense_stages, decode_stages, decode_threads, hopper_prefill_byte_stages, hopper_prefill_stages,
-    hopper_prefill_tile_tokens, prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, PagedCopyParams,
-    PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
+    hopper_prefill_tile_tokens, prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, MlaMergeParams,
+    MlaParams, PagedCopyParams, PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
 };
 #[allow(unused_imports)]
 use crate::gpu::fp8::{E4m3, E5m2, KvElem};
@@ -111,6 +111,24 @@ macro_rules! entry {
             #[export_name = entry_name!(merge_states $dtype)]
             unsafe extern "ptx-kernel" fn entry(p: MergeStatesParams) {
                 crate::merge::merge_states::<$half>(&p)
+            }
+        };
+    };
+    (mla $half:ident $dtype:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(mla $dtype)]
+            unsafe extern "ptx-kernel" fn entry(p: MlaParams) {
+                crate::mla::mla::<$half>(&p)
+            }
+        };
+    };
+    (mla_merge $half:ident $dtype:ident) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(mla_merge $dtype)]
+            unsafe extern "ptx-kernel" fn entry(p: MlaMergeParams) {
+                crate::mla::mla_merge::<$half>(&p)
             }
         };
     };

@@ -20,6 +20,8 @@ mod entries;
 pub mod helper_check;
 pub mod merge;
 #[cfg(not(target_feature = "sm_90a"))]
+pub mod mla;
+#[cfg(not(target_feature = "sm_90a"))]
 pub mod page_copy;
 pub mod paged_tile;
 pub mod prefill;

@@ -140,6 +140,22 @@ impl RowState {
         s: &[[f32; 4]; N],
         live: usize,
         factor: f32,
+        rescale_rows: impl FnMut(usize, f32),
+    ) -> [[u32; 4]; K] {
+        self.update_sharing_max::<H, N, K>(s, live, factor, |m| m, rescale_rows)
+    }
+
+    /// [`update_rescaling`](Self::update_rescaling) for rows whose tile of keys is split over
+    /// several warps (MLA's): `tile_max(own)` turns the maxima of the thread's rows over this
+    /// warp's keys into those over the whole tile (exchanged with the other warps), so that
+    /// every warp of a row keeps the same reference maximum and their sums add up.
+    #[inline(always)]
+    pub fn update_sharing_max<H: Half, const N: usize, const K: usize>(
+        &mut self,
+        s: &[[f32; 4]; N],
+        live: usize,
+        factor: f32,
+        tile_max: impl FnOnce([f32; 2]) -> [f32; 2],
         mut rescale_rows: impl FnMut(usize, f32),
     ) -> [[u32; 4]; K] {
         const { assert!(N == 2 * K && N <= 16) };
@@ -159,7 +175,7 @@ impl RowState {
             });
             quad_max(x[0]) * factor
         };
-        let tile_max = [row_max(0), row_max(1)];
+        let tile_max = tile_max([row_max(0), row_max(1)]);
         let m_new = [self.m[0].max(tile_max[0]), self.m[1].max(tile_max[1])];
         // All keys so far masked: keep everything at zero rather than computing −∞ − −∞.
         let finite = |m: [f32; 2]| m.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });

@@ -4,6 +4,7 @@
 pub(crate) mod cascade;
 pub(crate) mod decode;
 pub(crate) mod merge;
+pub(crate) mod mla;
 pub(crate) mod prefill;
 
 use crate::cache::layout::CacheShape;

@@ -268,7 +268,7 @@ pub struct BatchPrefillPlan {
 
 /// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
 /// `tile_rows`, each with the key range its rows may see.
-fn row_tiles(
+pub(crate) fn row_tiles(
     qo_indptr: &[u32],
     kv_lens: &[usize],
     kv_indptr: &[u32],
@@ -309,7 +309,7 @@ fn row_tiles(
 /// split into parts with consecutive partial slots and one merge counter per KV head, longest
 /// key range first so the slowest blocks start in the first wave. Returns the items, the
 /// slots and the split tiles.
-fn split_tiles(
+pub(crate) fn split_tiles(
     tiles: Vec<PrefillWorkItem>,
     chunk: Option<usize>,
     num_kv_heads: usize,
@@ -437,24 +437,8 @@ pub fn prefill_split(
     let (group_size, sm_scale) =
         check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)?;
     table.validate(shape.page_size, shape.num_pages)?;
-    let batch = table.batch_size();
-    validate_indptr("qo_indptr", qo_indptr, batch)?;
-    let kv_lens = table.kv_lens(shape.page_size);
-    for (seq, &kv_len) in kv_lens.iter().enumerate() {
-        let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
-        // With a causal mask or a window, query j sits at key position kv_len − qo_len + j,
-        // so the queries must be among the keys; without either, any number of queries may
-        // attend (the multi-query form cascade attention's shared level uses).
-        let positioned = options.causal || options.window_left >= 0;
-        if qo_len > kv_len && positioned {
-            return Err(Error::QueryLongerThanKeys { seq, qo_len, kv_len });
-        }
-    }
-    let total_q = qo_indptr[batch] as usize;
-    let rows = total_q * num_qo_heads;
-    if rows > MAX_INDEX {
-        return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
-    }
+    let positioned = options.causal || options.window_left >= 0;
+    let (kv_lens, total_q) = check_queries(table, shape.page_size, qo_indptr, num_qo_heads, positioned)?;
     // Split the keys of long row tiles only when the tiles alone cannot fill the GPU.
     let tile_rows = kernel.block_rows() as usize;
     let tiles = row_tiles(qo_indptr, &kv_lens, &table.kv_indptr, group_size, tile_rows, &options);
@@ -473,6 +457,36 @@ pub fn prefill_split(
         });
     }
     Ok(PrefillSplit { work, slots, split_tiles: split, group_size, kernel, total_q, sm_scale })
+}
+
+/// Checks a batch's queries against its page table (valid for pages of `page_size`):
+/// `qo_indptr` describes the table's requests; with `positioned` (a causal mask or a window)
+/// query `j` sits at key position `kv_len − qo_len + j`, so the queries must be among the keys
+/// (without, any number of queries may attend: the multi-query form cascade attention's shared
+/// level uses); the packed rows (tokens × heads) stay within the kernels' 32-bit indexing.
+/// Returns each request's kv_len and the batch's query tokens.
+pub(crate) fn check_queries(
+    table: &PageTable,
+    page_size: usize,
+    qo_indptr: &[u32],
+    num_qo_heads: usize,
+    positioned: bool,
+) -> Result<(Vec<usize>, usize)> {
+    let batch = table.batch_size();
+    validate_indptr("qo_indptr", qo_indptr, batch)?;
+    let kv_lens = table.kv_lens(page_size);
+    for (seq, &kv_len) in kv_lens.iter().enumerate() {
+        let qo_len = (qo_indptr[seq + 1] - qo_indptr[seq]) as usize;
+        if qo_len > kv_len && positioned {
+            return Err(Error::QueryLongerThanKeys { seq, qo_len, kv_len });
+        }
+    }
+    let total_q = qo_indptr[batch] as usize;
+    let rows = total_q * num_qo_heads;
+    if rows > MAX_INDEX {
+        return Err(Error::TooLarge { what: "query rows (tokens × query heads)", value: rows, max: MAX_INDEX });
+    }
+    Ok((kv_lens, total_q))
 }
 
 /// Checks that prefill kernels exist for queries and keys of `head_dim` and the values of

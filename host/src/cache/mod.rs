@@ -3,5 +3,6 @@
 //! and launches no kernel; it builds on the runtime layer only.
 pub(crate) mod allocator;
 pub(crate) mod layout;
+pub(crate) mod mla;
 pub(crate) mod page_table;
 pub(crate) mod paged;

@@ -400,34 +400,44 @@ impl<T: KvDType> PagedKvCache<T> {
             return Err(Error::DeviceMismatch { what: "stream" });
         }
         let (n, num_pages) = (self.shape.page_elems(), self.shape.num_pages);
-        for c in copies {
-            for page in [c.src, c.dst] {
-                if page as usize >= num_pages {
-                    return Err(Error::TooLarge {
-                        what: "page of a page copy",
-                        value: page as usize,
-                        max: num_pages - 1,
-                    });
-                }
-            }
-        }
         for layer in &mut self.layers {
-            for pool in [&mut layer.k, &mut layer.v] {
-                for c in copies.iter().filter(|c| c.src != c.dst) {
-                    let (src, dst) = (c.src as usize * n, c.dst as usize * n);
-                    // Disjoint halves of one allocation: split at the later page.
-                    let (mut lo, mut hi) = pool.split_at_mut(src.max(dst));
-                    let (from, mut to) = if src < dst {
-                        (lo.slice(src..src + n), hi.slice_mut(0..n))
-                    } else {
-                        (hi.slice(0..n), lo.slice_mut(dst..dst + n))
-                    };
-                    stream.memcpy_dtod(&from, &mut to).map_err(Error::driver("copying a page"))?;
-                }
-            }
+            copy_pages_in_pool(stream, &mut layer.k, n, num_pages, copies)?;
+            copy_pages_in_pool(stream, &mut layer.v, n, num_pages, copies)?;
         }
         Ok(())
     }
+}
+
+/// Copies page `c.src` of `pool` (pages of `page_elems` contiguous elements, `num_pages` of
+/// them) onto page `c.dst` for each copy, on `stream`; a page past the pool is an error, found
+/// before anything is copied.
+pub(crate) fn copy_pages_in_pool<T: KvDType>(
+    stream: &Arc<CudaStream>,
+    pool: &mut CudaSlice<T>,
+    page_elems: usize,
+    num_pages: usize,
+    copies: &[PageCopy],
+) -> Result<()> {
+    for c in copies {
+        for page in [c.src, c.dst] {
+            if page as usize >= num_pages {
+                return Err(Error::TooLarge { what: "page of a page copy", value: page as usize, max: num_pages - 1 });
+            }
+        }
+    }
+    let n = page_elems;
+    for c in copies.iter().filter(|c| c.src != c.dst) {
+        let (src, dst) = (c.src as usize * n, c.dst as usize * n);
+        // Disjoint halves of one allocation: split at the later page.
+        let (mut lo, mut hi) = pool.split_at_mut(src.max(dst));
+        let (from, mut to) = if src < dst {
+            (lo.slice(src..src + n), hi.slice_mut(0..n))
+        } else {
+            (hi.slice(0..n), lo.slice_mut(dst..dst + n))
+        };
+        stream.memcpy_dtod(&from, &mut to).map_err(Error::driver("copying a page"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

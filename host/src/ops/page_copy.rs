@@ -16,6 +16,7 @@ use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::cache::layout::CacheShape;
+use crate::cache::mla::{MlaCacheShape, MlaKvCache};
 use crate::cache::page_table::{validate_indptr, PageTable};
 use crate::cache::paged::{KvScales, PagedKvCache};
 use crate::error::{Error, Result};
@@ -99,6 +100,8 @@ struct CopyPlan {
     shape: CacheShape,
     total_rows: u32,
     direction: Direction,
+    /// Pools a launch copies: 2 (K and V, `blockIdx.y`), or 1 (K only: an MLA pool).
+    pools: u32,
 }
 
 impl CopyPlan {
@@ -114,7 +117,7 @@ impl CopyPlan {
         let row_offsets = row_offsets(shape, table, first_pos);
         let mut core = PlanCore::new(device)?;
         core.replan(&[as_bytes(&row_offsets)], ScratchLayout::default())?;
-        Ok(CopyPlan { core, shape: *shape, total_rows: row_offsets.len() as u32, direction })
+        Ok(CopyPlan { core, shape: *shape, total_rows: row_offsets.len() as u32, direction, pools: 2 })
     }
 
     fn ragged_elems(&self) -> usize {
@@ -200,7 +203,7 @@ impl CopyPlan {
             v_factor: factor(scales.v),
             kv_head_scales: head_scales,
         };
-        let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), 2), THREADS, rows_per_block * 8);
+        let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), self.pools), THREADS, rows_per_block * 8);
         let device = self.core.device();
         // SAFETY: the table was validated against this shape (and, for writes, found disjoint)
         // when planning, so every row offset lies inside a pool; the caller vouches for the
@@ -376,5 +379,94 @@ impl ScatterPlan {
         v_in: RawSlice<T>,
     ) -> Result<()> {
         self.0.run_raw(stream, pools, [k_in, v_in])
+    }
+}
+
+/// FlashInfer's `append_paged_mla_kv_cache`: sequence `i` appends rows
+/// `append_indptr[i]..append_indptr[i + 1]` of ragged ckv (`[rows][512]`) and kpe
+/// (`[rows][64]`) as its last tokens to an [`MlaKvCache`]. `table` describes the sequences
+/// after the append (pages already reserved), as for [`ScatterPlan::append`]; planning rejects
+/// any batch in which two tokens would land in one slot.
+///
+/// ```no_run
+/// use ferrinfer::{bf16, Device, MlaAppendPlan, MlaCacheShape, MlaKvCache, PageTable};
+///
+/// let dev = Device::new(0)?;
+/// let shape = MlaCacheShape { num_pages: 16, page_size: 64 };
+/// let mut cache = MlaKvCache::<bf16>::new(&dev, shape, 1)?;
+/// // One sequence of 70 tokens after appending its last 6.
+/// let table = PageTable { kv_indptr: vec![0, 2], kv_indices: vec![3, 8], kv_last_page_len: vec![6] };
+/// let plan = MlaAppendPlan::new(&dev, &shape, &table, &[0, 6])?;
+/// let ckv = dev.alloc_zeros::<bf16>(plan.ckv_elems())?; // [6][512]
+/// let kpe = dev.alloc_zeros::<bf16>(plan.kpe_elems())?; // [6][64]
+/// plan.run(dev.stream(), &mut cache, 0, &ckv, &kpe)?;
+/// # Ok::<(), ferrinfer::Error>(())
+/// ```
+pub struct MlaAppendPlan {
+    shape: MlaCacheShape,
+    ckv: CopyPlan,
+    kpe: CopyPlan,
+}
+
+impl MlaAppendPlan {
+    /// Validates the append against `shape` and uploads where each new token goes.
+    pub fn new(device: &Device, shape: &MlaCacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
+        shape.validate()?;
+        let first_pos = append_first_positions(&shape.ckv(), table, append_indptr)?;
+        let pool = |pool: CacheShape| -> Result<CopyPlan> {
+            Ok(CopyPlan { pools: 1, ..CopyPlan::new(device, &pool, table, &first_pos, Direction::Scatter)? })
+        };
+        Ok(MlaAppendPlan { shape: *shape, ckv: pool(shape.ckv())?, kpe: pool(shape.kpe())? })
+    }
+
+    /// Elements of the ragged ckv input: `tokens written × 512`.
+    pub fn ckv_elems(&self) -> usize {
+        self.ckv.ragged_elems()
+    }
+
+    /// Elements of the ragged kpe input: `tokens written × 64`.
+    pub fn kpe_elems(&self) -> usize {
+        self.kpe.ragged_elems()
+    }
+
+    /// Writes `ckv_in` and `kpe_in` (cudarc slices or views) into layer `layer` of `cache` on
+    /// `stream` (a stream of the plan's device).
+    pub fn run<T: KvDType>(
+        &self,
+        stream: &CudaStream,
+        cache: &mut MlaKvCache<T>,
+        layer: usize,
+        ckv_in: &impl DevicePtr<T>,
+        kpe_in: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let device = self.ckv.core.device();
+        device.check_stream(stream)?;
+        device.check_buffer("ragged ckv", ckv_in)?;
+        device.check_buffer("ragged kpe", kpe_in)?;
+        check_lengths(&[
+            ("ragged ckv", ckv_in.len(), self.ckv_elems()),
+            ("ragged kpe", kpe_in.len(), self.kpe_elems()),
+        ])?;
+        let (ckv_pool, kpe_pool) = cache.pools_for_mut(device, &self.shape, layer)?;
+        for (plan, pool, ragged) in [(&self.ckv, ckv_pool, ckv_in as &dyn DevicePtr<T>), (&self.kpe, kpe_pool, kpe_in)]
+        {
+            let (pages, _g0) = pool.device_ptr_mut(stream);
+            let (ragged, _g1) = ragged.device_ptr(stream);
+            let (parts, _g2) = plan.core.metadata_on(stream)?;
+            // SAFETY: the pool is the cache's, checked against the plan's shape (its pool's
+            // length) and context, the ragged input was checked to have the planned length and
+            // context; the writes were found disjoint when planning; every buffer outlives the
+            // launch's enqueueing (guards above). The launch copies K only (`pools` 1).
+            unsafe {
+                plan.launch::<T, T>(
+                    LaunchStream::Cudarc(stream),
+                    [pages, 0, ragged, 0],
+                    parts[0],
+                    KvScales::default(),
+                    0,
+                )?
+            };
+        }
+        Ok(())
     }
 }

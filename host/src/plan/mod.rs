@@ -425,6 +425,20 @@ impl PlanCore {
         Ok((self.part_addresses(base), guard))
     }
 
+    /// The metadata tracked for a read and the scratch for a write on `stream`, for a run of
+    /// several launches (MLA's attention and merge): the parts' addresses, the scratch regions,
+    /// and the guards to hold until the launches are enqueued.
+    pub fn buffers_on<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+    ) -> Result<(Vec<u64>, SplitScratch, [cudarc::driver::SyncOnDrop<'a>; 2])> {
+        self.check_usable()?;
+        let (base, read) = self.metadata.device_ptr(stream);
+        let parts = self.part_addresses(base);
+        let (scratch, written) = self.scratch.device_ptr_mut(stream);
+        Ok((parts, self.layout.at(scratch), [read, written]))
+    }
+
     /// The metadata parts' addresses for a raw run (checks the plan is usable).
     pub fn raw_parts(&self) -> Result<Vec<u64>> {
         self.check_usable()?;

@@ -683,6 +683,90 @@ pub const fn hopper_prefill_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
 /// Dynamic shared memory an H100 or H200 gives one block (227 KiB).
 pub const HOPPER_MAX_BLOCK_SMEM_BYTES: u32 = 227 * 1024;
 
+/// Multi-head latent attention (DeepSeek's MLA, FlashInfer's `BatchMLAPagedAttentionWrapper`,
+/// weights absorbed) over a paged latent cache: per token a compressed latent `ckv` of
+/// [`MLA_CKV_DIM`] elements and a rotary part `kpe` of [`MLA_KPE_DIM`], each in its own page
+/// pool (`[page][slot][dim]`, one page table for both). Query row `(token, head)` has `q_nope`
+/// (`[total_q][heads][512]`) and `q_pe` (`[total_q][heads][64]`); its logits are
+/// `sm_scale · (q_nope·ckvᵀ + q_pe·kpeᵀ)` and its output `softmax · ckv` (`[total_q][heads][512]`),
+/// with the base-2 LSE.
+///
+/// Every head attends to the same keys, so MLA is prefill with one KV head and a group of all
+/// the heads: the parameter block is a [`PrefillParams`] read that way (`q` is `q_nope`,
+/// `cache.k_pages` the ckv pool and `cache.v_pages` the kpe pool, `cache.page_elems` and
+/// `cache.slot_stride` counted in ckv elements, `num_kv_heads` 1, `group_size` the heads;
+/// no window, sinks, soft cap or scales), its work items are prefill's ([`PrefillWorkItem`], one
+/// block each: [`MLA_ROWS`] packed rows `token · heads + head`), plus `q_pe`.
+///
+/// A block's eight warps split both products: warp `w` computes S for rows `16 (w mod 4)..`
+/// and keys `16 (w / 4)..` of each [`MLA_TILE_TOKENS`]-key tile (the two warps of a row range
+/// share their row maxima and P through shared memory), and O for the same rows and output dims
+/// `256 (w / 4)..`. A split row tile's parts write f32 partials (`[slot][MLA_ROWS][512]`) that
+/// the merge kernel ([`MlaMergeParams`]) combines: with 512 dims a row, one block merging a
+/// whole tile would take longer than the parts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MlaParams {
+    /// As described above.
+    pub attention: PrefillParams,
+    /// `[total_q][heads][MLA_KPE_DIM]`, the queries' type.
+    pub q_pe: u64,
+}
+
+/// Elements of the compressed latent (`ckv`) of a token, and of an MLA query's `q_nope` and
+/// output row.
+pub const MLA_CKV_DIM: u32 = 512;
+/// Elements of the rotary part (`kpe`) of a token and of an MLA query's `q_pe` row.
+pub const MLA_KPE_DIM: u32 = 64;
+/// Packed query rows of an MLA block.
+pub const MLA_ROWS: u32 = 64;
+/// Keys per MLA pipeline stage.
+pub const MLA_TILE_TOKENS: u32 = 32;
+/// Threads of an MLA block: four row ranges × two halves (of a tile's keys, of the output dims).
+pub const MLA_THREADS: u32 = 256;
+/// Depth of the MLA block's K ring (a stage is 36 KiB).
+pub const MLA_STAGES: u32 = 2;
+
+/// Dynamic shared memory of an MLA block: the queries (`q_nope`, then `q_pe`, as swizzled
+/// tiles), the ckv and kpe rings, the ring's row table, the warps' P fragments and their
+/// row maxima (at the end, row sums).
+pub const fn mla_smem_bytes() -> u32 {
+    let dims = MLA_CKV_DIM + MLA_KPE_DIM;
+    MLA_ROWS * dims * 2
+        + MLA_STAGES * MLA_TILE_TOKENS * dims * 2
+        + kv_table_bytes(MLA_STAGES, MLA_TILE_TOKENS)
+        + MLA_ROWS * MLA_TILE_TOKENS * 2
+        + 2 * MLA_ROWS * 4
+}
+
+/// The merge of split MLA row tiles: block `(x, y)` merges row `y` of split tile `x`, whose
+/// first part's work item is entry `x` of `tiles`; part `i`'s partial row is
+/// `(first_slot + i) · MLA_ROWS + row` of `split`. Writes the output row and its LSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MlaMergeParams {
+    /// The MLA launch's partials.
+    pub split: SplitScratch,
+    /// `*const PrefillWorkItem`, one per split row tile.
+    pub tiles: u64,
+    /// `[total_q][heads][MLA_CKV_DIM]`, the queries' type.
+    pub out: u64,
+    /// `*mut f32`, `[total_q][heads]`; 0 when not wanted.
+    pub lse: u64,
+    /// Query heads per token.
+    pub heads: u32,
+}
+
+/// Threads of an MLA merge block: 64 slices of a row, each summed over the parts by two threads.
+pub const MLA_MERGE_THREADS: u32 = 128;
+/// Parts an MLA row tile's keys are split into at most (the merge stages a weight per part).
+pub const MLA_MAX_PARTS: u32 = 256;
+
+/// Dynamic shared memory of an MLA merge block: the threads' sums, a weight per part, the LSE.
+pub const fn mla_merge_smem_bytes() -> u32 {
+    (8 * MLA_MERGE_THREADS + MLA_MAX_PARTS + 1) * 4
+}
+
 /// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)
 /// rows, `num_states` partial outputs `v_k` with base-2 LSEs `s_k` become
 /// `v = Σ 2^(s_k − s) v_k` with `s = log2 Σ 2^(s_k)`. A warp takes [`merge_rows_per_warp`]
@@ -889,6 +973,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 /// - `each!(prefill_hopper $Half $dtype $Kv $kv $head_dim)` (the `sm_90a` module's only
 ///   kernels),
 /// - `each!(merge_states $Half $dtype)`,
+/// - `each!(mla $Half $dtype)` and `each!(mla_merge $Half $dtype)` (multi-head latent attention
+///   and the merge of its split row tiles: [`MlaParams`]),
 /// - `each!(rope $Half $dtype $mode)` (`neox`, `neox_scalar` or `gptj`: [`rope_mode`]),
 /// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
 ///   8-bit cache and 16-bit ragged K/V),
@@ -931,6 +1017,8 @@ macro_rules! kernel_variants {
             kernel_variants!(@hopper $each $half $dtype $half same $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims $hopper_fp8_dims);
             $each!(merge_states $half $dtype);
+            $each!(mla $half $dtype);
+            $each!(mla_merge $half $dtype);
             $each!(rope $half $dtype neox);
             $each!(rope $half $dtype neox_scalar);
             $each!(rope $half $dtype gptj);
@@ -994,6 +1082,12 @@ macro_rules! entry_name {
     };
     (merge_states $dtype:ident) => {
         concat!("merge_states_", stringify!($dtype))
+    };
+    (mla $dtype:ident) => {
+        concat!("mla_", stringify!($dtype))
+    };
+    (mla_merge $dtype:ident) => {
+        concat!("mla_merge_", stringify!($dtype))
     };
     (rope $dtype:ident $mode:ident) => {
         concat!("rope_", stringify!($dtype), "_", stringify!($mode))
@@ -1103,6 +1197,10 @@ macro_rules! assert_variant {
         };
     };
     (merge_states $half:ident $dtype:ident) => {};
+    (mla $half:ident $dtype:ident) => {
+        const _: () = assert!(mla_smem_bytes() <= MAX_BLOCK_SMEM_BYTES);
+    };
+    (mla_merge $half:ident $dtype:ident) => {};
     (rope $half:ident $dtype:ident $mode:ident) => {};
     (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {};
     (single $name:ident) => {};

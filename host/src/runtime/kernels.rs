@@ -9,8 +9,9 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule};
 
 use super::abi::{
-    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, prefill_smem_bytes, prefill_threads,
-    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
+    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, mla_merge_smem_bytes, mla_smem_bytes,
+    prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS, MLA_CKV_DIM,
+    MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
 };
 use super::dtype::DType;
 use crate::error::{Error, Result};
@@ -23,6 +24,9 @@ pub(crate) enum Family {
     /// Batch prefill on Hopper's `wgmma` (the `sm_90a` module only).
     PrefillHopper,
     MergeStates,
+    /// Multi-head latent attention, and the merge of its split row tiles.
+    Mla,
+    MlaMerge,
     /// Gather from an 8-bit cache into 16-bit ragged K/V (dequantising).
     GatherFp8,
     /// Scatter (and append) 16-bit ragged K/V into an 8-bit cache (quantising).
@@ -72,6 +76,8 @@ impl Variant {
                 Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim, self.kv_bytes())))
             }
             Family::MergeStates => Some((MERGE_THREADS, 0)),
+            Family::Mla => Some((MLA_THREADS, mla_smem_bytes())),
+            Family::MlaMerge => Some((MLA_MERGE_THREADS, mla_merge_smem_bytes())),
             Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
         }
@@ -172,6 +178,32 @@ pub(crate) fn variants() -> &'static [Variant] {
                     kv_dtype: None,
                     head_dim: 0,
                     head_dim_vo: 0,
+                    rows: 0,
+                    mode: 0,
+                    custom_mask: false,
+                })
+            };
+            (mla $half:ident $dtype:ident) => {
+                table.push(Variant {
+                    name: entry_name!(mla $dtype),
+                    family: Family::Mla,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: dtype(stringify!($dtype)),
+                    head_dim: MLA_CKV_DIM + MLA_KPE_DIM,
+                    head_dim_vo: MLA_CKV_DIM,
+                    rows: MLA_ROWS,
+                    mode: 0,
+                    custom_mask: false,
+                })
+            };
+            (mla_merge $half:ident $dtype:ident) => {
+                table.push(Variant {
+                    name: entry_name!(mla_merge $dtype),
+                    family: Family::MlaMerge,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: None,
+                    head_dim: 0,
+                    head_dim_vo: MLA_CKV_DIM,
                     rows: 0,
                     mode: 0,
                     custom_mask: false,
@@ -423,6 +455,16 @@ impl Kernels {
             .ok_or(Error::UnsupportedDType { what: "merging attention states", dtype: dtype.name() })
     }
 
+    /// The MLA kernel and the merge of its split row tiles for queries, cache and outputs of
+    /// `dtype` (f16 or bf16).
+    pub fn mla(&self, dtype: DType) -> Result<(&Kernel, &Kernel)> {
+        let of = |family: Family| self.find(|v| v.family == family && v.dtype == Some(dtype));
+        of(Family::Mla).zip(of(Family::MlaMerge)).ok_or(Error::UnsupportedDType {
+            what: "multi-head latent attention (f16 or bf16 queries and cache)",
+            dtype: dtype.name(),
+        })
+    }
+
     /// The RoPE kernel for rows of `dtype` and pairing `mode` (`abi::rope_mode`).
     pub fn rope(&self, dtype: DType, mode: u32) -> Result<&Kernel> {
         self.find(|v| v.family == Family::Rope && v.dtype == Some(dtype) && v.mode == mode)
@@ -486,6 +528,7 @@ mod tests {
         assert!(names.contains(&"prefill_hopper_f16_e4m3_128") && names.contains(&"prefill_hopper_bf16_e5m2_64"));
         assert!(names.contains(&"rope_f16_neox") && names.contains(&"rope_bf16_gptj"));
         assert!(names.contains(&"rope_bf16_neox_scalar"));
+        assert!(names.contains(&"mla_f16") && names.contains(&"mla_merge_bf16"));
     }
 
     #[test]

@@ -34,6 +34,10 @@ unsafe impl DeviceRepr for abi::PrefillWorkItem {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for abi::MergeStatesParams {}
 // SAFETY: as above.
+unsafe impl DeviceRepr for abi::MlaParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for abi::MlaMergeParams {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for abi::ReadStreamParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for abi::HelperCheckParams {}

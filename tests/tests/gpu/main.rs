@@ -7,6 +7,7 @@ mod decode;
 mod fp8;
 mod helpers;
 mod merge;
+mod mla;
 mod page_copy;
 mod prefill;
 mod prefill_mask;
@@ -25,6 +26,7 @@ fn main() {
         .chain(prefill::tests())
         .chain(prefill_mask::tests())
         .chain(merge::tests())
+        .chain(mla::tests())
         .chain(cascade::tests())
         .chain(raw::tests())
         .chain(reliability::tests())

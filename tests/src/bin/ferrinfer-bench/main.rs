@@ -6,6 +6,7 @@ mod cascade;
 mod check;
 mod decode;
 mod merge;
+mod mla;
 mod page_ops;
 mod plan_time;
 mod plot;
@@ -84,6 +85,18 @@ struct Args {
     /// prefill (and cascade's shared level) on `mma.sync` instead of Hopper's `wgmma`.
     #[arg(long)]
     portable: bool,
+    /// MLA decode batches.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 128])]
+    mla_batches: Vec<usize>,
+    /// MLA decode sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 8192, 32768])]
+    mla_kv_lens: Vec<usize>,
+    /// MLA query heads (128: DeepSeek-V3 unsharded; 16: one shard of eight).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![128])]
+    mla_heads: Vec<usize>,
+    /// MLA page sizes.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![64, 1])]
+    mla_page_sizes: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -137,6 +150,9 @@ enum Kernel {
     /// RoPE on 8192 tokens × (32 query + `--kv-heads`) heads: FlashInfer's four functions, out
     /// of place, and the fused append+RoPE against RoPE then append at each page size.
     Rope,
+    /// MLA decode (DeepSeek's 512 + 64 dims): `--mla-batches` × `--mla-kv-lens` ×
+    /// `--mla-heads` at page sizes 64 and 1 (issue 24's rows).
+    Mla,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -283,7 +299,23 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     let mask_page_sizes: &[usize] = if args.kernels.contains(&Kernel::PrefillMask) { &[16, 1] } else { &[] };
     let mask_rows: Vec<(Dtype, usize)> =
         args.dtypes.iter().flat_map(|&d| mask_page_sizes.iter().map(move |&ps| (d, ps))).collect();
-    let total = gather_sizes.len()
+    let mla_rows: Vec<(Dtype, usize, usize, usize, usize)> = if args.kernels.contains(&Kernel::Mla) {
+        let mut rows = Vec::new();
+        for &ps in &args.mla_page_sizes {
+            for &batch in &args.mla_batches {
+                for &kv_len in &args.mla_kv_lens {
+                    for &heads in &args.mla_heads {
+                        rows.extend(args.dtypes.iter().map(|&d| (d, ps, batch, kv_len, heads)));
+                    }
+                }
+            }
+        }
+        rows
+    } else {
+        Vec::new()
+    };
+    let total = mla_rows.len()
+        + gather_sizes.len()
         + mask_rows.len()
         + appends.len() * append_sizes.len()
         + decode_rows.len()
@@ -369,6 +401,20 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
         wrong += row_wrong;
         b.progress.inc(1);
     }
+    if !mla_rows.is_empty() {
+        b.print("");
+        mla::header(&b);
+    }
+    for &(dtype, ps, batch, kv_len, heads) in &mla_rows {
+        b.progress.set_message(format!("MLA decode {batch} × {kv_len}, {heads} heads, page_size {ps}"));
+        let (row, row_wrong) = match dtype {
+            Dtype::F16 => mla::mla_decode::<f16>(&mut b, batch, kv_len, ps, heads)?,
+            Dtype::Bf16 => mla::mla_decode::<bf16>(&mut b, batch, kv_len, ps, heads)?,
+        };
+        results.push(row);
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
     let cascade_sizes = if args.kernels.contains(&Kernel::Cascade) { &args.page_sizes[..] } else { &[] };
     if !cascade_sizes.is_empty() {
         b.print("");
@@ -436,9 +482,9 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     if ropes > 0 {
         println!("RoPE: the first 64 tokens of every row within 1 f16 ulp + 6e-6 of the f64 reference; fused and unfused appends wrote identical pools.");
     }
-    if decode_rows.len() + prefill_rows.len() + mask_rows.len() > 0 {
+    if decode_rows.len() + prefill_rows.len() + mask_rows.len() + mla_rows.len() > 0 {
         let (atol, rtol) = ferrinfer_tests::compare::tolerance(ferrinfer::DType::F16);
-        println!("Decode and prefill: sampled requests of every row checked against the f64 CPU reference (|error| ≤ {atol} + {rtol}·|expected|): {}.",
+        println!("Decode, prefill and MLA: sampled requests of every row checked against the f64 CPU reference (|error| ≤ {atol} + {rtol}·|expected|): {}.",
                  if wrong == 0 { "all matched".to_string() } else { format!("{wrong} elements WRONG") });
     }
     if let Some(path) = &args.json {
