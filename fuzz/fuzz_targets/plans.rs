@@ -216,7 +216,7 @@ fn check_mla(
 ) {
     let shape = MlaCacheShape { num_pages, page_size: input.page_size as usize };
     let heads = input.group as usize % 130;
-    let options = MlaOptions { sm_scale: 0.1, causal: input.causal };
+    let options = MlaOptions { sm_scale: 0.1, causal: input.causal, kv_dtype: None };
     let Ok(split) = mla_split(&shape, heads, qo_indptr, table, options, sms, per_sm) else { return };
     let mut tiles: BTreeMap<(u32, u32), Vec<_>> = BTreeMap::new();
     for w in &split.work {

@@ -291,6 +291,24 @@ pub fn mla<T: KvDType>(
     num_heads: usize,
     options: &MlaOptions,
 ) -> (Vec<f64>, Vec<f64>) {
+    mla_scaled(shape, ckv, kpe, 1.0, table, qo_indptr, q_nope, q_pe, num_heads, options)
+}
+
+/// [`mla`] over pools of another element type (an 8-bit latent cache), whose values mean their
+/// value times `scale` (exact in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn mla_scaled<T: KvDType, C: KvDType>(
+    shape: &MlaCacheShape,
+    ckv: &[C],
+    kpe: &[C],
+    scale: f32,
+    table: &PageTable,
+    qo_indptr: &[u32],
+    q_nope: &[T],
+    q_pe: &[T],
+    num_heads: usize,
+    options: &MlaOptions,
+) -> (Vec<f64>, Vec<f64>) {
     let (ckv_dim, kpe_dim) = (MlaCacheShape::CKV_DIM, MlaCacheShape::KPE_DIM);
     let (mut out, mut lse) = (Vec::new(), Vec::new());
     for (seq, kv_len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
@@ -299,7 +317,9 @@ pub fn mla<T: KvDType>(
             .map(|pos| {
                 let (page, slot) = table.locate(seq, pos, shape.page_size);
                 let token = page * shape.page_size + slot;
-                let row = |pool: &[T], dim: usize| pool[token * dim..][..dim].iter().map(|x| x.to_f64()).collect();
+                let row = |pool: &[C], dim: usize| {
+                    pool[token * dim..][..dim].iter().map(|x| x.to_f64() * scale as f64).collect()
+                };
                 (row(ckv, ckv_dim), row(kpe, kpe_dim))
             })
             .collect();
@@ -658,6 +678,47 @@ mod tests {
         append(&shape, &mut pool, &table, &[0, 2, 3], &[7, 8, 9]);
         assert_eq!(pool, vec![8, 0, 9, 0, 0, 7]);
         assert_eq!(gather(&shape, &pool, &table), vec![0, 7, 8, 9]);
+    }
+
+    #[test]
+    fn mla_is_ragged_prefill_of_one_kv_head_with_keys_ckv_and_kpe_and_values_ckv() {
+        let (ckv_dim, kpe_dim) = (MlaCacheShape::CKV_DIM, MlaCacheShape::KPE_DIM);
+        let shape = MlaCacheShape { num_pages: 4, page_size: 3 };
+        // Requests of 5 keys (pages 2, 0) with 2 causal queries, and 3 keys (page 3) with 1.
+        let table = PageTable { kv_indptr: vec![0, 2, 3], kv_indices: vec![2, 0, 3], kv_last_page_len: vec![2, 3] };
+        let value = |i: usize, m: usize| ((i * m % 13) as f32 - 6.0) / 40.0;
+        let ckv: Vec<f32> = (0..shape.ckv_pool_elems()).map(|i| value(i, 7)).collect();
+        let kpe: Vec<f32> = (0..shape.kpe_pool_elems()).map(|i| value(i, 5)).collect();
+        let heads = 3;
+        let q_nope: Vec<f32> = (0..3 * heads * ckv_dim).map(|i| value(i, 3)).collect();
+        let q_pe: Vec<f32> = (0..3 * heads * kpe_dim).map(|i| value(i, 11)).collect();
+        let options = MlaOptions { sm_scale: 0.3, causal: true, kv_dtype: None };
+        let scale = 0.5;
+        let got = mla_scaled(&shape, &ckv, &kpe, scale, &table, &[0, 2, 3], &q_nope, &q_pe, heads, &options);
+        // The same keys gathered in order: K = [ckv | kpe], V = ckv, Q = [q_nope | q_pe].
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for (seq, len) in table.kv_lens(shape.page_size).into_iter().enumerate() {
+            for pos in 0..len {
+                let (page, slot) = table.locate(seq, pos, shape.page_size);
+                let token = page * shape.page_size + slot;
+                let c: Vec<f32> = ckv[token * ckv_dim..][..ckv_dim].iter().map(|x| x * scale).collect();
+                k.extend(&c);
+                k.extend(kpe[token * kpe_dim..][..kpe_dim].iter().map(|x| x * scale));
+                v.extend(c);
+            }
+        }
+        let q: Vec<f32> = (0..3 * heads)
+            .flat_map(|row| q_nope[row * ckv_dim..][..ckv_dim].iter().chain(&q_pe[row * kpe_dim..][..kpe_dim]))
+            .copied()
+            .collect();
+        let prefill = PrefillOptions { sm_scale: Some(0.3), ..PrefillOptions::CAUSAL };
+        let dims = (ckv_dim + kpe_dim, ckv_dim);
+        let want = prefill_ragged_qk_vo(&q, &k, &v, &[0, 2, 3], &[0, 5, 8], (heads, 1), dims, &prefill);
+        assert_eq!(got.0.len(), want.0.len());
+        for (g, w) in got.0.iter().chain(&got.1).zip(want.0.iter().chain(&want.1)) {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{g} against {w}");
+        }
     }
 
     #[test]

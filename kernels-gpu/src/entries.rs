@@ -114,12 +114,12 @@ macro_rules! entry {
             }
         };
     };
-    (mla $half:ident $dtype:ident) => {
+    (mla $half:ident $dtype:ident $kv:ident $kvname:ident) => {
         #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {
-            #[export_name = entry_name!(mla $dtype)]
+            #[export_name = entry_name!(mla $dtype $kvname)]
             unsafe extern "ptx-kernel" fn entry(p: MlaParams) {
-                crate::mla::mla::<$half>(&p)
+                crate::mla::mla::<$half, $kv>(&p)
             }
         };
     };

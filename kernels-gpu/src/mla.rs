@@ -4,7 +4,8 @@
 //! Every query head reads the same keys, so a block takes 64 packed rows (`token · heads +
 //! head`) of one request and streams its keys once: 32-key tiles of the ckv (512 dims) and kpe
 //! (64 dims) pools, through the page table with prefill's ring (`paged_tile`; the kpe rows ride
-//! on the ckv rows' copies as a narrower "V"). With 576 query-key dims and 512 output dims a
+//! on the ckv rows' copies as a narrower "V"; an 8-bit cache's stages are widened into 16-bit
+//! tiles as prefill's are, its one scale folded into the logits and the output). With 576 query-key dims and 512 output dims a
 //! warp cannot hold a 16-row slice of O alone (256 f32 a thread), so the eight warps split both
 //! products: warp `w` computes S for rows `16 (w mod 4)..` and the tile's keys `16 (w / 4)..`,
 //! and O for the same rows and output dims `256 (w / 4)..`. The two warps of a row range (a
@@ -17,8 +18,8 @@
 //! block per row: a tile's parts hold 64 × 512 floats each, too much for one block to merge
 //! after the others as prefill's last part does.
 use crate::abi::{
-    kv_table_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, PrefillWorkItem, MLA_CKV_DIM, MLA_KPE_DIM,
-    MLA_MERGE_THREADS, MLA_ROWS, MLA_STAGES, MLA_THREADS, MLA_TILE_TOKENS, NO_PARTIAL,
+    kv_table_bytes, mla_smem_bytes, mla_widened_bytes, MlaMergeParams, MlaParams, PrefillWorkItem, MLA_CKV_DIM,
+    MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_STAGES, MLA_THREADS, MLA_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
@@ -37,25 +38,37 @@ const KPE: u32 = MLA_KPE_DIM;
 /// Output dims of a warp: half a row.
 const WARP_DIMS: u32 = CKV / 2;
 
-/// Shared-memory offsets from the block's base: the query tiles, the rings, the row table, P
-/// and the pairs' row statistics.
-const Q_PE: u32 = MLA_ROWS * CKV * 2;
-const CKV_RING: u32 = Q_PE + MLA_ROWS * KPE * 2;
-const KPE_RING: u32 = CKV_RING + MLA_STAGES * MLA_TILE_TOKENS * CKV * 2;
-const TABLE: u32 = KPE_RING + MLA_STAGES * MLA_TILE_TOKENS * KPE * 2;
-const P_FRAGS: u32 = TABLE + kv_table_bytes(MLA_STAGES, MLA_TILE_TOKENS);
-const ROW_STATS: u32 = P_FRAGS + MLA_ROWS * MLA_TILE_TOKENS * 2;
+/// Shared-memory offsets from the block's base over a cache of `kv_bytes`-byte elements: the
+/// query tiles, the rings, an 8-bit cache's widened tiles, the row table, P and the pairs' row
+/// statistics (`[q_pe, ckv ring, kpe ring, widened tiles, table, P, statistics]`).
+const fn layout(kv_bytes: u32) -> [u32; 7] {
+    let q_pe = MLA_ROWS * CKV * 2;
+    let ckv_ring = q_pe + MLA_ROWS * KPE * 2;
+    let kpe_ring = ckv_ring + MLA_STAGES * MLA_TILE_TOKENS * CKV * kv_bytes;
+    let wide = kpe_ring + MLA_STAGES * MLA_TILE_TOKENS * KPE * kv_bytes;
+    let table = wide + mla_widened_bytes(kv_bytes);
+    let p = table + kv_table_bytes(MLA_STAGES, MLA_TILE_TOKENS);
+    [q_pe, ckv_ring, kpe_ring, wide, table, p, p + MLA_ROWS * MLA_TILE_TOKENS * 2]
+}
+
 const _: () = {
-    assert!(ROW_STATS + 2 * MLA_ROWS * 4 == mla_smem_bytes());
-    // Swizzled tiles step along their rows by XOR: each starts at a multiple of its row bytes.
-    assert!(Q_PE % (KPE * 2) == 0 && CKV_RING % (CKV * 2) == 0 && KPE_RING % (KPE * 2) == 0);
+    let mut kv_bytes = 1;
+    while kv_bytes <= 2 {
+        let [q_pe, ckv_ring, kpe_ring, wide, _, _, stats] = layout(kv_bytes);
+        assert!(stats + 2 * MLA_ROWS * 4 == mla_smem_bytes(kv_bytes));
+        // Swizzled tiles step along their rows by XOR: each starts at a multiple of its row
+        // bytes (a 16-bit ring's stages, and the widened ckv tile with its kpe tile after it).
+        assert!(q_pe % (KPE * 2) == 0 && ckv_ring % (CKV * 2) == 0 && kpe_ring % (KPE * 2) == 0);
+        assert!(wide % (CKV * 2) == 0 && (MLA_TILE_TOKENS * CKV * 2) % (KPE * 2) == 0);
+        kv_bytes += 1;
+    }
     // Eight warps: four row ranges of 16 (the block's rows) × two halves of a tile's keys.
     assert!(MLA_THREADS == 256 && MLA_ROWS == 64 && MLA_TILE_TOKENS == 32);
 };
 
 /// The MLA kernel (module documentation). Grid: one block per work item.
 #[inline(always)]
-pub unsafe fn mla<H: Half + KvElem>(p: &MlaParams) {
+pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
     let a = &p.attention;
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
@@ -69,8 +82,9 @@ pub unsafe fn mla<H: Half + KvElem>(p: &MlaParams) {
     let diag = work.kv_len.saturating_sub(work.qo_len);
 
     let smem = dynamic_smem_addr();
-    let (q_nope_smem, q_pe_smem) = (smem, smem + Q_PE);
-    let (p_smem, stats_smem) = (smem + P_FRAGS, smem + ROW_STATS);
+    let [q_pe, ckv_ring, kpe_ring, wide, table, p_frags, stats] = const { layout(K::BYTES) };
+    let (q_nope_smem, q_pe_smem) = (smem, smem + q_pe);
+    let (p_smem, stats_smem) = (smem + p_frags, smem + stats);
 
     // The queries (zeros past the request's last row) go with the first tile's copies.
     let (nope_chunks, pe_chunks) = (CKV / 8, KPE / 8);
@@ -95,15 +109,17 @@ pub unsafe fn mla<H: Half + KvElem>(p: &MlaParams) {
 
     let kv = PagedKv::new(&a.cache, work.pages, 0);
     let (start, end) = (work.kv_start, work.kv_end);
-    let mut ring = KvRing::<H, H, CKV, KPE, MLA_TILE_TOKENS, MLA_THREADS, MLA_STAGES, false, false>::start(
+    // An 8-bit cache's stages are widened into 16-bit ckv and kpe tiles (`WIDEN_8BIT`): the
+    // fragment loads and mma below are the same code for every cache type.
+    let mut ring = KvRing::<H, K, CKV, KPE, MLA_TILE_TOKENS, MLA_THREADS, MLA_STAGES, true, false>::start(
         kv,
         start,
         end,
         tid,
-        smem + CKV_RING,
-        smem + KPE_RING,
-        smem + TABLE,
-        0,
+        smem + ckv_ring,
+        smem + kpe_ring,
+        smem + table,
+        smem + wide,
     );
 
     let mut visibility = Visibility::<MLA_TILE_TOKENS, 0, 4> {
@@ -233,6 +249,8 @@ pub unsafe fn mla<H: Half + KvElem>(p: &MlaParams) {
         let row = work.first_row + my_row + 8 * h as u32;
         if row < rows {
             let (inv, lse) = finish_row(state.m[h], own[h] + other[h], f32::NEG_INFINITY);
+            // An 8-bit cache's scale (1 for a 16-bit one) goes with the normalisation.
+            let inv = inv * a.v_scale;
             let first_dim = (WARP_DIMS * half + 2 * t) as usize;
             if split {
                 let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;

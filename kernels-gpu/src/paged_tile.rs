@@ -213,8 +213,9 @@ impl PagedKv {
 /// With `DENSE` (16-bit, 96 dims: decode) the stages' rows are [`dense_swizzled`] 192-byte rows.
 ///
 /// K rows have `HEAD_DIM` elements, V rows `V_DIM` (at most as many: DeepSeek-style prefill's
-/// 192 and 128; both count the same head rows); the threads of a K row's first `V_DIM / 8`
-/// chunks copy V's row too. 8-bit caches need the two equal.
+/// 192 and 128, MLA's 512 and 64; both count the same head rows); the threads of a K row's first
+/// `V_DIM · K::BYTES / 16` chunks copy V's row too. 8-bit caches need the two equal unless
+/// widened (`WIDEN_8BIT`: V's widened tile then follows K's at `wide_smem`).
 pub struct KvRing<
     H: Half,
     K: KvElem,
@@ -307,7 +308,7 @@ impl<
         const {
             assert!(THREADS >= TILE_TOKENS && (Self::PASSES == 2 || Self::PASSES % 4 == 0) && Self::PASSES <= 16);
             assert!(Self::SLOTS >= STAGES && STAGES <= 4);
-            assert!(V_DIM <= HEAD_DIM && (K::BYTES == 2 || V_DIM == HEAD_DIM));
+            assert!(V_DIM <= HEAD_DIM && (K::BYTES == 2 || V_DIM == HEAD_DIM || WIDEN_8BIT));
             assert!(!DENSE || (K::BYTES == 2 && V_DIM == HEAD_DIM && HEAD_DIM == 96));
         };
         let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
@@ -440,7 +441,13 @@ impl<
                     copy_async(v_dst + dst, self.v_chunk.add(offset).cast());
                 } else if chunk < Self::V_FILLED_CHUNKS {
                     let offset = rows[j] as usize * Self::V_ROW_BYTES as usize;
-                    copy_async(v_dst + swizzled::<V_DIM>(row, chunk), self.v_chunk.add(offset).cast());
+                    // 8-bit (widened, then: MLA's) in plain rows, as K's.
+                    let v_at = if K::BYTES == 2 {
+                        swizzled::<V_DIM>(row, chunk)
+                    } else {
+                        row * Self::V_ROW_BYTES + chunk * 16
+                    };
+                    copy_async(v_dst + v_at, self.v_chunk.add(offset).cast());
                 }
             });
         }
@@ -472,7 +479,7 @@ impl<
         }
         let (k_wide, v_wide) = (self.wide_smem, self.wide_smem + Self::WIDE_BYTES);
         widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(k, k_wide, swizzled::<HEAD_DIM>, thread);
-        widen_tile::<H, K, HEAD_DIM, TILE_TOKENS, THREADS>(v, v_wide, swizzled::<HEAD_DIM>, thread);
+        widen_tile::<H, K, V_DIM, TILE_TOKENS, THREADS>(v, v_wide, swizzled::<V_DIM>, thread);
         sync_threads();
         (k_wide, v_wide)
     }

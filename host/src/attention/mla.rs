@@ -33,6 +33,10 @@ pub struct MlaOptions {
     pub sm_scale: f32,
     /// Query `j` of a request sees keys up to its position `kv_len − qo_len + j` only.
     pub causal: bool,
+    /// The element type of the cache the plan runs over (FlashInfer's `kv_data_type`): `None`
+    /// for the queries' own type; [`DType::E4M3`] or [`DType::E5M2`] for an 8-bit latent cache.
+    /// A run over a cache of another type is an error.
+    pub kv_dtype: Option<DType>,
 }
 
 /// Keys a part of a split row tile takes at least: a part also loads its 64 rows of queries
@@ -120,7 +124,7 @@ struct MlaWork {
 /// let cache = MlaKvCache::<bf16>::new(&dev, shape, 1)?;
 /// // Two requests decoding one token each, over 100 and 7 cached tokens.
 /// let table = PageTable { kv_indptr: vec![0, 2, 3], kv_indices: vec![5, 9, 2], kv_last_page_len: vec![36, 7] };
-/// let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: false };
+/// let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: false, kv_dtype: None };
 /// let mut plan = BatchMlaPlan::new(&dev, &shape, 128, &[0, 1, 2], &table, options)?;
 /// let q_nope = dev.alloc_zeros::<bf16>(plan.q_nope_elems())?; // [2][128][512]
 /// let q_pe = dev.alloc_zeros::<bf16>(plan.q_pe_elems())?; // [2][128][64]
@@ -164,7 +168,7 @@ impl BatchMlaPlan {
     ) -> Result<()> {
         let device = self.core.device();
         // The kernels' element types share one geometry: f16's occupancy serves both.
-        let blocks_per_sm = device.kernels().mla(DType::F16).map_or(1, |(k, _)| k.blocks_per_sm);
+        let blocks_per_sm = device.kernels().mla(DType::F16, DType::F16).map_or(1, |(k, _)| k.blocks_per_sm);
         let split =
             mla_split(shape, num_heads, qo_indptr, table, options, device.multiprocessor_count(), blocks_per_sm)?;
         let scratch = ScratchLayout {
@@ -221,13 +225,17 @@ impl BatchMlaPlan {
     /// the base-2 LSE `log2 Σ exp(s)` per (token, head) into `lse` (`[total_q][num_heads]`; −∞
     /// and a zero output for a row without keys). Only launches, on `stream` (a stream of the
     /// plan's device); every buffer is checked against the plan first.
+    ///
+    /// The cache holds the queries' type `T`, or, for a plan made with an 8-bit `kv_dtype`,
+    /// that type (`C`), read as its values times the layer's scale (the LSE is that of the
+    /// scaled logits).
     #[allow(clippy::too_many_arguments)]
-    pub fn run<T: KvDType>(
+    pub fn run<T: KvDType, C: KvDType>(
         &mut self,
         stream: &CudaStream,
         q_nope: &impl DevicePtr<T>,
         q_pe: &impl DevicePtr<T>,
-        cache: &MlaKvCache<T>,
+        cache: &MlaKvCache<C>,
         layer: usize,
         out: &mut impl DevicePtrMut<T>,
         mut lse: Option<&mut dyn DevicePtrMut<f32>>,
@@ -240,7 +248,11 @@ impl BatchMlaPlan {
         if let Some(lse) = &lse {
             device.check_buffer("lse", &**lse)?;
         }
-        let (attention, merge) = device.kernels().mla(T::DTYPE)?;
+        let planned = self.work.options.kv_dtype.unwrap_or(T::DTYPE);
+        if C::DTYPE != planned {
+            return Err(Error::KvDTypeMismatch { planned: planned.name(), got: C::DTYPE.name() });
+        }
+        let (attention, merge) = device.kernels().mla(T::DTYPE, C::DTYPE)?;
         let rows = self.lse_elems();
         check_lengths(&[
             ("q_nope", q_nope.len(), self.q_nope_elems()),
@@ -249,7 +261,7 @@ impl BatchMlaPlan {
             ("lse", lse.as_ref().map_or(rows, |l| l.len()), rows),
         ])?;
         let work = &self.work;
-        let (ckv, kpe) = cache.pools_for(&device, &work.shape, layer)?;
+        let (ckv, kpe, scale) = cache.pools_for(&device, &work.shape, layer)?;
         if work.blocks == 0 {
             return Ok(());
         }
@@ -280,11 +292,11 @@ impl BatchMlaPlan {
                 num_qo_heads: heads,
                 num_kv_heads: 1,
                 group_size: FastDiv::new(heads),
-                sm_scale: work.options.sm_scale,
+                sm_scale: work.options.sm_scale * scale,
                 logits_soft_cap: 0.0,
                 window_left: -1,
                 causal: work.options.causal as u32,
-                v_scale: 1.0,
+                v_scale: scale,
                 kv_head_scales: 0,
             },
             q_pe,
@@ -332,7 +344,7 @@ mod tests {
         t
     }
 
-    const DECODE: MlaOptions = MlaOptions { sm_scale: 0.07, causal: false };
+    const DECODE: MlaOptions = MlaOptions { sm_scale: 0.07, causal: false, kv_dtype: None };
 
     #[test]
     fn a_full_decode_batch_takes_a_block_per_64_heads_of_a_request_unsplit() {
@@ -398,7 +410,7 @@ mod tests {
         let causal = MlaOptions { causal: true, ..DECODE };
         let e = mla_split(&shape, 16, &[0, 6, 7], &t, causal, 132, 1).unwrap_err();
         assert!(matches!(e, Error::QueryLongerThanKeys { seq: 0, qo_len: 6, kv_len: 5 }), "{e}");
-        let nan = MlaOptions { sm_scale: f32::NAN, causal: false };
+        let nan = MlaOptions { sm_scale: f32::NAN, ..DECODE };
         assert!(matches!(mla_split(&shape, 16, &[0, 1, 2], &t, nan, 132, 1), Err(Error::BadOption { .. })));
         // A page past the pool.
         let bad = PageTable { kv_indices: vec![0, 10], ..t.clone() };

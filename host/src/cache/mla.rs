@@ -14,7 +14,7 @@ use super::paged::copy_pages_in_pool;
 use crate::error::{Error, Result};
 use crate::runtime::abi::{MLA_CKV_DIM, MLA_KPE_DIM};
 use crate::runtime::device::Device;
-use crate::runtime::dtype::{DType, KvDType};
+use crate::runtime::dtype::{check_scale, DType, KvDType};
 
 /// Dimensions of an MLA cache's pools: `num_pages × page_size` tokens, each a ckv row of
 /// [`CKV_DIM`](Self::CKV_DIM) and a kpe row of [`KPE_DIM`](Self::KPE_DIM) elements. Any page
@@ -121,7 +121,10 @@ impl<T: KvDType> MlaLayerPools<T> {
     }
 }
 
-/// The paged latent cache of MLA for `num_layers` layers (module documentation): f16 or bf16.
+/// The paged latent cache of MLA for `num_layers` layers (module documentation): f16 or bf16,
+/// or 8-bit ([`E4m3`](crate::E4m3), [`E5m2`](crate::E5m2)) with one dequantisation scale per
+/// layer for both pools (vLLM's MLA `k_scale`: a stored value `x` means `x × scale`; 1 until
+/// [`set_scale`](Self::set_scale)), which appends quantise with and attention reads with.
 /// Every pool has exactly the shape's length and lives in one CUDA context, from construction
 /// on; nothing can replace a pool, so a plan that checked the shape and the context launches
 /// only inside the pools.
@@ -138,15 +141,17 @@ impl<T: KvDType> MlaLayerPools<T> {
 pub struct MlaKvCache<T: KvDType> {
     shape: MlaCacheShape,
     layers: Vec<MlaLayerPools<T>>,
+    /// Each layer's dequantisation scale (1 for a 16-bit cache).
+    scales: Vec<f32>,
     ctx: Arc<CudaContext>,
 }
 
 /// The element types an MLA cache holds (those its kernels read).
 fn check_mla_dtype(dtype: DType) -> Result<()> {
-    if matches!(dtype, DType::F16 | DType::BF16) {
+    if matches!(dtype, DType::F16 | DType::BF16) || dtype.is_fp8() {
         Ok(())
     } else {
-        Err(Error::UnsupportedDType { what: "an MLA cache (f16 or bf16)", dtype: dtype.name() })
+        Err(Error::UnsupportedDType { what: "an MLA cache (f16, bf16, e4m3 or e5m2)", dtype: dtype.name() })
     }
 }
 
@@ -166,7 +171,7 @@ impl<T: KvDType> MlaKvCache<T> {
                 ))
             })
             .collect::<Result<_>>()?;
-        Ok(MlaKvCache { shape, layers, ctx: device.context().clone() })
+        Ok(MlaKvCache { shape, layers, scales: vec![1.0; num_layers], ctx: device.context().clone() })
     }
 
     /// Wraps existing pools (for example filled by the caller), checking their lengths and that
@@ -190,7 +195,27 @@ impl<T: KvDType> MlaKvCache<T> {
                 }
             }
         }
-        Ok(MlaKvCache { shape, layers, ctx })
+        Ok(MlaKvCache { shape, scales: vec![1.0; layers.len()], layers, ctx })
+    }
+
+    /// Sets layer `layer`'s dequantisation scale (8-bit caches only): stored values `x` of both
+    /// pools mean `x × scale` from now on (values already in the layer are not rewritten), and
+    /// appends store `x · (1 / scale)` quantised. A scale that is zero, negative, NaN or
+    /// infinite is an error, as is a 16-bit cache.
+    pub fn set_scale(&mut self, layer: usize, scale: f32) -> Result<()> {
+        if !T::DTYPE.is_fp8() {
+            return Err(Error::UnsupportedDType { what: "an MLA scale (8-bit caches only)", dtype: T::DTYPE.name() });
+        }
+        check_scale("MLA scale", layer, None, scale)?;
+        let num_layers = self.layers.len();
+        *self.scales.get_mut(layer).ok_or(Error::LayerOutOfRange { layer, num_layers })? = scale;
+        Ok(())
+    }
+
+    /// Layer `layer`'s dequantisation scale (1 for a 16-bit cache).
+    pub fn scale(&self, layer: usize) -> Result<f32> {
+        let num_layers = self.layers.len();
+        self.scales.get(layer).copied().ok_or(Error::LayerOutOfRange { layer, num_layers })
     }
 
     /// The pools, layer by layer (the reverse of [`from_layers`](Self::from_layers)).
@@ -228,13 +253,13 @@ impl<T: KvDType> MlaKvCache<T> {
     }
 
     /// Layer `layer`'s pools for a launch planned for `shape`: the same shape and the same
-    /// context as `device`; the lengths are checked again, cheaply.
+    /// context as `device`; the lengths are checked again, cheaply. With the layer's scale.
     pub(crate) fn pools_for(
         &self,
         device: &Device,
         shape: &MlaCacheShape,
         layer: usize,
-    ) -> Result<(&CudaSlice<T>, &CudaSlice<T>)> {
+    ) -> Result<(&CudaSlice<T>, &CudaSlice<T>, f32)> {
         if self.shape != *shape {
             return Err(Error::ShapeMismatch { planned: shape.to_string(), got: self.shape.to_string() });
         }
@@ -247,20 +272,20 @@ impl<T: KvDType> MlaKvCache<T> {
                 return Err(Error::BufferLength { what, got: pool.len(), expected });
             }
         }
-        Ok((&pools.ckv, &pools.kpe))
+        Ok((&pools.ckv, &pools.kpe, self.scales[layer]))
     }
 
     /// Layer `layer`'s pools to write, for a launch planned for `shape` (as
-    /// [`pools_for`](Self::pools_for)).
+    /// [`pools_for`](Self::pools_for)), with the layer's scale.
     pub(crate) fn pools_for_mut(
         &mut self,
         device: &Device,
         shape: &MlaCacheShape,
         layer: usize,
-    ) -> Result<(&mut CudaSlice<T>, &mut CudaSlice<T>)> {
+    ) -> Result<(&mut CudaSlice<T>, &mut CudaSlice<T>, f32)> {
         self.pools_for(device, shape, layer)?;
         let pools = &mut self.layers[layer];
-        Ok((&mut pools.ckv, &mut pools.kpe))
+        Ok((&mut pools.ckv, &mut pools.kpe, self.scales[layer]))
     }
 
     /// Applies the allocator's copy-on-write copies: each `dst` page becomes a copy of `src`, in
@@ -303,10 +328,10 @@ mod tests {
     }
 
     #[test]
-    fn only_16_bit_mla_caches_are_made() {
-        assert!(check_mla_dtype(DType::F16).is_ok() && check_mla_dtype(DType::BF16).is_ok());
-        for dtype in [DType::F32, DType::E4M3, DType::E5M2] {
-            assert!(matches!(check_mla_dtype(dtype), Err(Error::UnsupportedDType { .. })), "{dtype:?}");
+    fn mla_caches_are_16_or_8_bit() {
+        for dtype in [DType::F16, DType::BF16, DType::E4M3, DType::E5M2] {
+            assert!(check_mla_dtype(dtype).is_ok(), "{dtype:?}");
         }
+        assert!(matches!(check_mla_dtype(DType::F32), Err(Error::UnsupportedDType { .. })));
     }
 }

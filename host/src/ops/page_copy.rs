@@ -430,11 +430,12 @@ impl MlaAppendPlan {
     }
 
     /// Writes `ckv_in` and `kpe_in` (cudarc slices or views) into layer `layer` of `cache` on
-    /// `stream` (a stream of the plan's device).
-    pub fn run<T: KvDType>(
+    /// `stream` (a stream of the plan's device). From f16/bf16 into an 8-bit cache the values are
+    /// quantised with the layer's scale (as [`ScatterPlan::run`] does K's with K's scale).
+    pub fn run<T: KvDType, C: KvDType>(
         &self,
         stream: &CudaStream,
-        cache: &mut MlaKvCache<T>,
+        cache: &mut MlaKvCache<C>,
         layer: usize,
         ckv_in: &impl DevicePtr<T>,
         kpe_in: &impl DevicePtr<T>,
@@ -447,9 +448,12 @@ impl MlaAppendPlan {
             ("ragged ckv", ckv_in.len(), self.ckv_elems()),
             ("ragged kpe", kpe_in.len(), self.kpe_elems()),
         ])?;
-        let (ckv_pool, kpe_pool) = cache.pools_for_mut(device, &self.shape, layer)?;
-        for (plan, pool, ragged) in [(&self.ckv, ckv_pool, ckv_in as &dyn DevicePtr<T>), (&self.kpe, kpe_pool, kpe_in)]
-        {
+        // The pair of types has a kernel (checked before any buffer is touched).
+        self.ckv.kernel::<T, C>()?;
+        let (ckv_pool, kpe_pool, scale) = cache.pools_for_mut(device, &self.shape, layer)?;
+        let scales = KvScales { k: scale, v: scale };
+        let pools = [(&self.ckv, ckv_pool, ckv_in as &dyn DevicePtr<T>), (&self.kpe, kpe_pool, kpe_in)];
+        for (plan, pool, ragged) in pools {
             let (pages, _g0) = pool.device_ptr_mut(stream);
             let (ragged, _g1) = ragged.device_ptr(stream);
             let (parts, _g2) = plan.core.metadata_on(stream)?;
@@ -457,15 +461,7 @@ impl MlaAppendPlan {
             // length) and context, the ragged input was checked to have the planned length and
             // context; the writes were found disjoint when planning; every buffer outlives the
             // launch's enqueueing (guards above). The launch copies K only (`pools` 1).
-            unsafe {
-                plan.launch::<T, T>(
-                    LaunchStream::Cudarc(stream),
-                    [pages, 0, ragged, 0],
-                    parts[0],
-                    KvScales::default(),
-                    0,
-                )?
-            };
+            unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), [pages, 0, ragged, 0], parts[0], scales, 0)? };
         }
         Ok(())
     }

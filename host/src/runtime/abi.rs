@@ -695,7 +695,8 @@ pub const HOPPER_MAX_BLOCK_SMEM_BYTES: u32 = 227 * 1024;
 /// the heads: the parameter block is a [`PrefillParams`] read that way (`q` is `q_nope`,
 /// `cache.k_pages` the ckv pool and `cache.v_pages` the kpe pool, `cache.page_elems` and
 /// `cache.slot_stride` counted in ckv elements, `num_kv_heads` 1, `group_size` the heads;
-/// no window, sinks, soft cap or scales), its work items are prefill's ([`PrefillWorkItem`], one
+/// no window, sinks, soft cap or per-head scales; over an 8-bit cache its one scale is folded
+/// into `sm_scale` and is `v_scale`), its work items are prefill's ([`PrefillWorkItem`], one
 /// block each: [`MLA_ROWS`] packed rows `token · heads + head`), plus `q_pe`.
 ///
 /// A block's eight warps split both products: warp `w` computes S for rows `16 (w mod 4)..`
@@ -727,16 +728,28 @@ pub const MLA_THREADS: u32 = 256;
 /// Depth of the MLA block's K ring (a stage is 36 KiB).
 pub const MLA_STAGES: u32 = 2;
 
-/// Dynamic shared memory of an MLA block: the queries (`q_nope`, then `q_pe`, as swizzled
-/// tiles), the ckv and kpe rings, the ring's row table, the warps' P fragments and their
-/// row maxima (at the end, row sums).
-pub const fn mla_smem_bytes() -> u32 {
+/// Dynamic shared memory of an MLA block over a cache of `kv_bytes`-byte elements: the queries
+/// (`q_nope`, then `q_pe`, as swizzled tiles), the ckv and kpe rings, an 8-bit cache's widened
+/// ckv and kpe tiles, the ring's row table, the warps' P fragments and their row maxima (at the
+/// end, row sums). The same for both cache widths: an 8-bit ring's bytes and its widened tiles
+/// take what a 16-bit ring does.
+pub const fn mla_smem_bytes(kv_bytes: u32) -> u32 {
     let dims = MLA_CKV_DIM + MLA_KPE_DIM;
     MLA_ROWS * dims * 2
-        + MLA_STAGES * MLA_TILE_TOKENS * dims * 2
+        + MLA_STAGES * MLA_TILE_TOKENS * dims * kv_bytes
+        + mla_widened_bytes(kv_bytes)
         + kv_table_bytes(MLA_STAGES, MLA_TILE_TOKENS)
         + MLA_ROWS * MLA_TILE_TOKENS * 2
         + 2 * MLA_ROWS * 4
+}
+
+/// Bytes of the 16-bit ckv and kpe tiles an 8-bit MLA ring widens each stage into.
+pub const fn mla_widened_bytes(kv_bytes: u32) -> u32 {
+    if kv_bytes == 2 {
+        0
+    } else {
+        MLA_TILE_TOKENS * (MLA_CKV_DIM + MLA_KPE_DIM) * 2
+    }
 }
 
 /// The merge of split MLA row tiles: block `(x, y)` merges row `y` of split tile `x`, whose
@@ -973,8 +986,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 /// - `each!(prefill_hopper $Half $dtype $Kv $kv $head_dim)` (the `sm_90a` module's only
 ///   kernels),
 /// - `each!(merge_states $Half $dtype)`,
-/// - `each!(mla $Half $dtype)` and `each!(mla_merge $Half $dtype)` (multi-head latent attention
-///   and the merge of its split row tiles: [`MlaParams`]),
+/// - `each!(mla $Half $dtype $Kv $kv)` and `each!(mla_merge $Half $dtype)` (multi-head latent
+///   attention over a latent cache of `$Kv`, and the merge of its split row tiles: [`MlaParams`]),
 /// - `each!(rope $Half $dtype $mode)` (`neox`, `neox_scalar` or `gptj`: [`rope_mode`]),
 /// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
 ///   8-bit cache and 16-bit ragged K/V),
@@ -1017,7 +1030,7 @@ macro_rules! kernel_variants {
             kernel_variants!(@hopper $each $half $dtype $half same $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims $hopper_fp8_dims);
             $each!(merge_states $half $dtype);
-            $each!(mla $half $dtype);
+            $each!(mla $half $dtype $half same);
             $each!(mla_merge $half $dtype);
             $each!(rope $half $dtype neox);
             $each!(rope $half $dtype neox_scalar);
@@ -1030,6 +1043,7 @@ macro_rules! kernel_variants {
             kernel_variants!(@hopper_fp8 $each $half $dtype $kv $kvname $hopper_dims);
             $each!(paged_copy_fp8 gather $half $dtype $kv $kvname);
             $each!(paged_copy_fp8 scatter $half $dtype $kv $kvname);
+            $each!(mla $half $dtype $kv $kvname);
         )*
     };
     (@qk_vo $each:ident $half:ident $dtype:ident [$([$qk:literal $vo:literal : $($rows:literal)*])*]) => {
@@ -1083,8 +1097,11 @@ macro_rules! entry_name {
     (merge_states $dtype:ident) => {
         concat!("merge_states_", stringify!($dtype))
     };
-    (mla $dtype:ident) => {
+    (mla $dtype:ident same) => {
         concat!("mla_", stringify!($dtype))
+    };
+    (mla $dtype:ident $kv:ident) => {
+        concat!("mla_", stringify!($dtype), "_", stringify!($kv))
     };
     (mla_merge $dtype:ident) => {
         concat!("mla_merge_", stringify!($dtype))
@@ -1197,8 +1214,8 @@ macro_rules! assert_variant {
         };
     };
     (merge_states $half:ident $dtype:ident) => {};
-    (mla $half:ident $dtype:ident) => {
-        const _: () = assert!(mla_smem_bytes() <= MAX_BLOCK_SMEM_BYTES);
+    (mla $half:ident $dtype:ident $kv:ident $kvname:ident) => {
+        const _: () = assert!(mla_smem_bytes(kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
     };
     (mla_merge $half:ident $dtype:ident) => {};
     (rope $half:ident $dtype:ident $mode:ident) => {};

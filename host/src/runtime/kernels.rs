@@ -76,7 +76,7 @@ impl Variant {
                 Some((HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(self.head_dim, self.kv_bytes())))
             }
             Family::MergeStates => Some((MERGE_THREADS, 0)),
-            Family::Mla => Some((MLA_THREADS, mla_smem_bytes())),
+            Family::Mla => Some((MLA_THREADS, mla_smem_bytes(self.kv_bytes()))),
             Family::MlaMerge => Some((MLA_MERGE_THREADS, mla_merge_smem_bytes())),
             Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
@@ -183,12 +183,12 @@ pub(crate) fn variants() -> &'static [Variant] {
                     custom_mask: false,
                 })
             };
-            (mla $half:ident $dtype:ident) => {
+            (mla $half:ident $dtype:ident $kv:ident $kvname:ident) => {
                 table.push(Variant {
-                    name: entry_name!(mla $dtype),
+                    name: entry_name!(mla $dtype $kvname),
                     family: Family::Mla,
                     dtype: dtype(stringify!($dtype)),
-                    kv_dtype: dtype(stringify!($dtype)),
+                    kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
                     head_dim: MLA_CKV_DIM + MLA_KPE_DIM,
                     head_dim_vo: MLA_CKV_DIM,
                     rows: MLA_ROWS,
@@ -455,14 +455,21 @@ impl Kernels {
             .ok_or(Error::UnsupportedDType { what: "merging attention states", dtype: dtype.name() })
     }
 
-    /// The MLA kernel and the merge of its split row tiles for queries, cache and outputs of
-    /// `dtype` (f16 or bf16).
-    pub fn mla(&self, dtype: DType) -> Result<(&Kernel, &Kernel)> {
-        let of = |family: Family| self.find(|v| v.family == family && v.dtype == Some(dtype));
-        of(Family::Mla).zip(of(Family::MlaMerge)).ok_or(Error::UnsupportedDType {
-            what: "multi-head latent attention (f16 or bf16 queries and cache)",
-            dtype: dtype.name(),
-        })
+    /// The MLA kernel for queries and outputs of `dtype` over a latent cache of `kv_dtype`, and
+    /// the merge of its split row tiles.
+    pub fn mla(&self, dtype: DType, kv_dtype: DType) -> Result<(&Kernel, &Kernel)> {
+        let merge =
+            self.find(|v| v.family == Family::MlaMerge && v.dtype == Some(dtype)).ok_or(Error::UnsupportedDType {
+                what: "multi-head latent attention (f16 or bf16 queries)",
+                dtype: dtype.name(),
+            })?;
+        let attention = self
+            .find(|v| v.family == Family::Mla && v.dtype == Some(dtype) && v.kv_dtype == Some(kv_dtype))
+            .ok_or(Error::UnsupportedDType {
+                what: "multi-head latent attention over this cache (f16, bf16 or fp8 of f16/bf16 queries)",
+                dtype: kv_dtype.name(),
+            })?;
+        Ok((attention, merge))
     }
 
     /// The RoPE kernel for rows of `dtype` and pairing `mode` (`abi::rope_mode`).
@@ -528,7 +535,7 @@ mod tests {
         assert!(names.contains(&"prefill_hopper_f16_e4m3_128") && names.contains(&"prefill_hopper_bf16_e5m2_64"));
         assert!(names.contains(&"rope_f16_neox") && names.contains(&"rope_bf16_gptj"));
         assert!(names.contains(&"rope_bf16_neox_scalar"));
-        assert!(names.contains(&"mla_f16") && names.contains(&"mla_merge_bf16"));
+        assert!(names.contains(&"mla_f16") && names.contains(&"mla_merge_bf16") && names.contains(&"mla_bf16_e5m2"));
     }
 
     #[test]

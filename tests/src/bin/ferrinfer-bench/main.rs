@@ -69,7 +69,8 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Dtype::F16])]
     dtypes: Vec<Dtype>,
     /// The cache's element type for decode, prefill and append: the queries' own (`same`), or
-    /// an 8-bit float (FlashInfer's `kv_data_type=torch.float8_e4m3fn`: `e4m3`).
+    /// an 8-bit float (FlashInfer's `kv_data_type=torch.float8_e4m3fn`: `e4m3`); MLA's latent
+    /// cache too.
     #[arg(long, value_enum, default_value = "same")]
     kv_dtype: KvDtype,
     /// Prefill prompt lengths (qo_len = kv_len, causal).
@@ -407,9 +408,13 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     }
     for &(dtype, ps, batch, kv_len, heads) in &mla_rows {
         b.progress.set_message(format!("MLA decode {batch} × {kv_len}, {heads} heads, page_size {ps}"));
-        let (row, row_wrong) = match dtype {
-            Dtype::F16 => mla::mla_decode::<f16>(&mut b, batch, kv_len, ps, heads)?,
-            Dtype::Bf16 => mla::mla_decode::<bf16>(&mut b, batch, kv_len, ps, heads)?,
+        let (row, row_wrong) = match (dtype, args.kv_dtype) {
+            (Dtype::F16, KvDtype::Same) => mla::mla_decode::<f16, f16>(&mut b, batch, kv_len, ps, heads)?,
+            (Dtype::Bf16, KvDtype::Same) => mla::mla_decode::<bf16, bf16>(&mut b, batch, kv_len, ps, heads)?,
+            (Dtype::F16, KvDtype::E4m3) => mla::mla_decode::<f16, E4m3>(&mut b, batch, kv_len, ps, heads)?,
+            (Dtype::Bf16, KvDtype::E4m3) => mla::mla_decode::<bf16, E4m3>(&mut b, batch, kv_len, ps, heads)?,
+            (Dtype::F16, KvDtype::E5m2) => mla::mla_decode::<f16, E5m2>(&mut b, batch, kv_len, ps, heads)?,
+            (Dtype::Bf16, KvDtype::E5m2) => mla::mla_decode::<bf16, E5m2>(&mut b, batch, kv_len, ps, heads)?,
         };
         results.push(row);
         wrong += row_wrong;

@@ -44,7 +44,7 @@ fn sample_pool<T: KvDType>(
 }
 
 /// Measures one decode row; the second field counts the checked output elements that missed.
-pub fn mla_decode<T: KvDType>(
+pub fn mla_decode<T: KvDType, C: KvDType>(
     b: &mut Bench,
     batch: usize,
     kv_len: usize,
@@ -56,7 +56,8 @@ pub fn mla_decode<T: KvDType>(
     let pages: usize = kv_len.div_ceil(page_size) * batch;
     let shape = MlaCacheShape { num_pages: pages + pages / 4 + 1, page_size };
     let table = random_table(&mut rng(page_size as u64), &kv_lens, page_size, shape.num_pages);
-    let blocks: [Vec<T>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
+    // An 8-bit cache keeps its scale at 1 (speed does not depend on it).
+    let blocks: [Vec<C>; 2] = [1, 2].map(|seed| random_values(&mut rng(seed), 1 << 22));
     let layer = MlaLayerPools::new(
         filled_pool(dev, shape.ckv_pool_elems(), &blocks[0])?,
         filled_pool(dev, shape.kpe_pool_elems(), &blocks[1])?,
@@ -64,7 +65,8 @@ pub fn mla_decode<T: KvDType>(
     let cache = MlaKvCache::from_layers(shape, vec![layer])?;
     let qo_indptr: Vec<u32> = (0..=batch as u32).collect();
     // DeepSeek-V3's scale: 1 / √(128 + 64).
-    let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: false };
+    let kv_dtype = (T::DTYPE != C::DTYPE).then_some(C::DTYPE);
+    let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: false, kv_dtype };
     let mut plan = BatchMlaPlan::new(dev, &shape, num_heads, &qo_indptr, &table, options)?;
     let (q_nope_host, q_pe_host): (Vec<T>, Vec<T>) =
         (random_values(&mut rng(3), plan.q_nope_elems()), random_values(&mut rng(4), plan.q_pe_elems()));
@@ -88,24 +90,25 @@ pub fn mla_decode<T: KvDType>(
         let heads = num_heads.min(CHECKED_HEADS);
         let q_nope = &q_nope_host[request * row..][..heads * CKV];
         let q_pe = &q_pe_host[request * num_heads * KPE..][..heads * KPE];
-        let (want, _) = reference::mla(&own, &ckv, &kpe, &own_table, &[0, 1], q_nope, q_pe, heads, &options);
+        let (want, _) =
+            reference::mla_scaled(&own, &ckv, &kpe, 1.0, &own_table, &[0, 1], q_nope, q_pe, heads, &options);
         wrong += count_wrong(&out_host[request * row..][..heads * CKV], &want);
     }
     let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
-    let elem = T::DTYPE.size_bytes() as f64;
-    let bytes = (batch * kv_len * (CKV + KPE)) as f64 * elem + (batch * num_heads * (2 * CKV + KPE)) as f64 * elem;
+    let (elem, kv_elem) = (T::DTYPE.size_bytes() as f64, C::DTYPE.size_bytes() as f64);
+    let bytes = (batch * kv_len * (CKV + KPE)) as f64 * kv_elem + (batch * num_heads * (2 * CKV + KPE)) as f64 * elem;
     let gbs = bytes / us / 1e3;
     let flops = (batch * num_heads * kv_len * 2 * (CKV + KPE + CKV)) as f64;
     let tflops = flops / us / 1e6;
     let launch = plan.launch_shape();
     b.print(&format!(
         "| {} | {page_size} | {batch} | {kv_len} | {num_heads} | {us:.1} | {gbs:.0} | {:.1} | {tflops:.0} | {} | {} | {check} |",
-        crate::decode::label::<T, T>("mla decode"),
+        crate::decode::label::<T, C>("mla decode"),
         100.0 * gbs / b.read_gbs,
         launch.0,
         launch.1
     ));
-    let row = json!({"kernel": "mla_decode", "dtype": T::DTYPE.name(), "page_size": page_size, "batch": batch,
+    let row = json!({"kernel": "mla_decode", "dtype": T::DTYPE.name(), "kv_dtype": C::DTYPE.name(), "page_size": page_size, "batch": batch,
                      "kv_len": kv_len, "heads": num_heads, "median_us": us, "bytes": bytes, "gbs": gbs,
                      "pct_read": 100.0 * gbs / b.read_gbs, "flops": flops, "tflops": tflops, "blocks": launch.0,
                      "merged_tiles": launch.1, "sampled_elements_wrong": wrong});
