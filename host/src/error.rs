@@ -23,6 +23,43 @@ pub enum Error {
         /// The driver's error.
         source: DriverError,
     },
+    /// An operation on one GPU of a [`TensorParallel`](crate::TensorParallel) group failed.
+    #[error("GPU {gpu}: {source}")]
+    Gpu {
+        /// The GPU's rank in the group.
+        gpu: usize,
+        /// What went wrong there.
+        source: Box<Error>,
+    },
+    /// The NCCL library (libnccl) could not be loaded.
+    #[error("no NCCL found (libnccl.so could not be loaded); tensor-parallel runs need NCCL 2.18 or newer")]
+    NoNccl,
+    /// An NCCL call failed.
+    #[error("NCCL error while {context}: {code}")]
+    Nccl {
+        /// What ferrinfer was doing, e.g. `"all-gathering"`.
+        context: &'static str,
+        /// NCCL's result code.
+        code: String,
+    },
+    /// One GPU was given twice to a [`TensorParallel`](crate::TensorParallel) group.
+    #[error("devices {first} and {second} of the group are the same GPU")]
+    SameGpuTwice {
+        /// The first handle's rank.
+        first: usize,
+        /// The second's.
+        second: usize,
+    },
+    /// Heads do not split evenly over the GPUs of a tensor-parallel group.
+    #[error("{what} = {count} does not split evenly over {gpus} GPUs")]
+    UnevenShards {
+        /// What is split, e.g. `"num_kv_heads"`.
+        what: &'static str,
+        /// Its count.
+        count: usize,
+        /// GPUs in the group.
+        gpus: usize,
+    },
     /// The GPU's compute capability is below 8.0 (no PTX module fits it).
     #[error("GPU {name} has compute capability {major}.{minor}; ferrinfer needs 8.0 (Ampere) or newer")]
     UnsupportedDevice {
@@ -347,6 +384,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// This error, as one of GPU `gpu` of a tensor-parallel group ([`Error::Gpu`]); an error
+    /// that already names its GPU is left as it is.
+    pub fn on_gpu(self, gpu: usize) -> Error {
+        match self {
+            Error::Gpu { .. } => self,
+            e => Error::Gpu { gpu, source: Box::new(e) },
+        }
+    }
+
     /// Wraps a driver error with what ferrinfer was doing.
     pub(crate) fn driver(context: &'static str) -> impl FnOnce(DriverError) -> Error {
         move |source| Error::Driver { context, source }

@@ -1,5 +1,5 @@
 //! The layering rule, checked: each folder of the crate imports only from the layers below it
-//! (`error` < `runtime` < `cache` < `plan` < `attention`, `ops`), so the import graph has no
+//! (`error` < `runtime` < `cache` < `plan` < `attention`, `ops` < `parallel`), so the import graph has no
 //! circles and the runtime knows no algorithm.
 use std::path::Path;
 
@@ -11,6 +11,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("plan", &["error", "runtime", "cache"]),
     ("attention", &["error", "runtime", "cache", "plan"]),
     ("ops", &["error", "runtime", "cache", "plan"]),
+    ("parallel", &["error", "runtime", "cache", "plan", "attention", "ops"]),
 ];
 
 /// The crate-root modules a source file names through `crate::` paths (`crate::a::b` and

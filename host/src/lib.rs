@@ -45,6 +45,8 @@
 //! - `attention` ([`BatchDecodePlan`], [`BatchPrefillPlan`], [`CascadeDecodePlan`],
 //!   [`BatchMlaPlan`], [`merge_state`] and its kin) and `ops` ([`GatherPlan`], [`ScatterPlan`],
 //!   [`MlaAppendPlan`], [`RopePlan`], [`AppendRopePlan`]): the algorithms.
+//! - `parallel` ([`TensorParallel`]): the algorithms over several GPUs, heads sharded, outputs
+//!   all-gathered through NCCL.
 //!
 //! [`mod@reference`] is the f64 CPU reference every kernel is tested against.
 #![deny(missing_docs)]
@@ -59,6 +61,7 @@ pub mod internals;
 #[cfg(test)]
 mod layers;
 mod ops;
+mod parallel;
 mod plan;
 pub mod reference;
 
@@ -76,6 +79,7 @@ pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use ops::page_copy::{GatherPlan, MlaAppendPlan, ScatterPlan};
 pub use ops::rope::{AppendRopePlan, RopeAngles, RopeOptions, RopePlan, RopePositions, RopeShape, MAX_ROPE_POSITION};
+pub use parallel::TensorParallel;
 pub use runtime::device::Device;
 pub use runtime::dtype::{DType, E4m3, E5m2, KvDType};
 pub use runtime::kernels::qk_vo_head_dims;

@@ -12,11 +12,22 @@ pub type TestResult = Result<(), Failed>;
 pub struct GpuTest {
     pub name: String,
     pub body: Box<dyn Fn(&Device) -> TestResult + Send + Sync>,
+    /// GPUs the test needs (its body opens those past the first itself).
+    pub gpus: usize,
+    /// Whether the test needs NCCL (`TensorParallel`).
+    pub nccl: bool,
 }
 
 impl GpuTest {
     pub fn new(name: impl Into<String>, body: impl Fn(&Device) -> TestResult + Send + Sync + 'static) -> Self {
-        GpuTest { name: name.into(), body: Box::new(body) }
+        GpuTest { name: name.into(), body: Box::new(body), gpus: 1, nccl: false }
+    }
+
+    /// The test needs `gpus` GPUs and NCCL: where either is missing it is reported as ignored,
+    /// after a line saying why.
+    pub fn tensor_parallel(mut self, gpus: usize) -> Self {
+        (self.gpus, self.nccl) = (gpus, true);
+        self
     }
 }
 
@@ -44,11 +55,20 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
         Err(reason) if !args.list => eprintln!("GPU tests SKIPPED, no GPU could be opened: {reason}"),
         Err(_) => {}
     }
+    let (gpus, nccl) = (ferrinfer::TensorParallel::gpu_count(), ferrinfer::TensorParallel::nccl_present());
+    let unmet = |t: &GpuTest| t.gpus > gpus || (t.nccl && !nccl);
+    let skipped = tests.iter().filter(|t| unmet(t)).count();
+    if skipped > 0 && device.is_ok() {
+        eprintln!(
+            "{skipped} tensor-parallel GPU test(s) SKIPPED: this machine has {gpus} GPU(s) and {} NCCL (libnccl.so)",
+            if nccl { "" } else { "no" }
+        );
+    }
     let trials = tests
         .into_iter()
         .map(|t| {
             let device = device.clone();
-            let skip = device.is_err();
+            let skip = device.is_err() || unmet(&t);
             Trial::test(t.name, move || match &device {
                 Ok(d) => (t.body)(d),
                 Err(reason) => Err(format!("no GPU: {reason}").into()),

@@ -13,7 +13,7 @@ const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
 /// the whole bundle); the limit leaves room for some growth before it asks for a look.
 const MAX_BUNDLE_BYTES: u64 = 192 << 20;
 /// The host crate's examples, each run on the GPU machine as `bundle/NAME`.
-const EXAMPLES: [&str; 1] = ["serving_loop"];
+const EXAMPLES: [&str; 2] = ["serving_loop", "tensor_parallel"];
 
 /// Builds with `cargo <args> --message-format=json` and returns the executable of target `name`
 /// of kind `kind` (`test` or `bin`): building an integration test also builds the package's

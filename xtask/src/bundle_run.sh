@@ -35,8 +35,27 @@ if [ "$tool" = all ]; then
   [ "$failed" -eq 0 ]; exit
 fi
 
+# NCCL for the tensor-parallel tests and example: cudarc loads libnccl.so, and PyTorch's
+# wheel (nvidia-nccl-cu12) ships only libnccl.so.2: link one to the other on the library path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  nccl=$( { python3 -c 'import importlib.util, os; s = importlib.util.find_spec("nvidia.nccl"); print(os.path.join(list(s.submodule_search_locations)[0], "lib"))' 2>/dev/null; echo /usr/lib/x86_64-linux-gnu; } |
+    while read -r d; do [ -e "$d/libnccl.so.2" ] && { echo "$d"; break; }; done)
+  if [ -n "$nccl" ]; then
+    link=$(mktemp -d); ln -s "$nccl/libnccl.so.2" "$link/libnccl.so"
+    export LD_LIBRARY_PATH="$link:$nccl:${LD_LIBRARY_PATH:-}"
+    echo "NCCL: $nccl/libnccl.so.2"
+  fi
+fi
+
 cmd=("$here/gpu-tests" --test-threads=1)
 [ -n "$filter" ] && cmd+=("$filter")
+# The two-GPU tensor-parallel tests need two GPUs: on one they are left out, saying so (the
+# harness would report them ignored, which this script counts as failures).
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "${gpus:-0}" -lt 2 ]; then
+  echo "this machine has ${gpus:-0} GPU(s): the tests named *on_two_gpus* are left out (they need two)"
+  cmd+=(--skip on_two_gpus)
+fi
 if [ -n "$tool" ]; then
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
   [ -n "$sanitizer" ] || { echo "compute-sanitizer not found"; echo "0 passed, 1 failed"; exit 1; }

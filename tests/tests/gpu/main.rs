@@ -9,6 +9,7 @@ mod helpers;
 mod merge;
 mod mla;
 mod page_copy;
+mod parallel;
 mod prefill;
 mod prefill_mask;
 mod raw;
@@ -32,6 +33,7 @@ fn main() {
         .chain(reliability::tests())
         .chain(rope::tests())
         .chain(soundness::tests())
+        .chain(parallel::tests())
         .collect();
     ferrinfer_tests::harness::run(tests)
 }

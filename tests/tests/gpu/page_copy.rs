@@ -116,8 +116,9 @@ const PAGE_SIZES: [usize; 10] = [1, 2, 3, 7, 16, 100, 512, 513, 4096, 37];
 
 fn case_tests() -> Vec<GpuTest> {
     let mut tests = Vec::new();
-    let mut add =
-        |name: String, body: Box<dyn Fn(&Device) -> TestResult + Send + Sync>| tests.push(GpuTest { name, body });
+    let mut add = |name: String, body: Box<dyn Fn(&Device) -> TestResult + Send + Sync>| {
+        tests.push(GpuTest { name, body, gpus: 1, nccl: false })
+    };
     for page_size in PAGE_SIZES {
         for layout in [KvLayout::Nhd, KvLayout::Hnd] {
             let l = format!("{layout:?}").to_lowercase();

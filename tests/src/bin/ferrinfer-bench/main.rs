@@ -14,6 +14,7 @@ mod prefill;
 mod prefill_mask;
 mod rope;
 mod sampled;
+mod tensor_parallel;
 mod timing;
 
 use std::time::Instant;
@@ -154,6 +155,11 @@ enum Kernel {
     /// MLA decode (DeepSeek's 512 + 64 dims): `--mla-batches` × `--mla-kv-lens` ×
     /// `--mla-heads` at page sizes 64 and 1 (issue 24's rows).
     Mla,
+    /// Tensor-parallel decode, 64 × 4096 (issue 25's row): `--kv-heads` KV heads and 4 query
+    /// heads each on one GPU, then on every GPU of the machine up to 2 with NCCL's all-gather
+    /// (also on one GPU with it, for its overhead).
+    #[value(name = "tensor-parallel", alias = "tensor_parallel")]
+    TensorParallel,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -419,6 +425,24 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
         results.push(row);
         wrong += row_wrong;
         b.progress.inc(1);
+    }
+    if args.kernels.contains(&Kernel::TensorParallel) {
+        b.print("");
+        tensor_parallel::header(&b);
+        b.progress.set_message("tensor-parallel decode 64 × 4096");
+        let (row, row_wrong, one_gpu_us) = tensor_parallel::tensor_parallel_decode(&mut b, 1, 64, 4096, 4, 0.0)?;
+        results.push(row);
+        wrong += row_wrong;
+        if ferrinfer::TensorParallel::nccl_present() {
+            let gpus = ferrinfer::TensorParallel::gpu_count().clamp(1, 2);
+            for n in if gpus > 1 { vec![1, gpus] } else { vec![1] } {
+                let (row, row_wrong, _) = tensor_parallel::tensor_parallel_decode(&mut b, n, 64, 4096, 4, one_gpu_us)?;
+                results.push(row);
+                wrong += row_wrong;
+            }
+        } else {
+            b.print("(no NCCL found: the all-gather rows are left out)");
+        }
     }
     let cascade_sizes = if args.kernels.contains(&Kernel::Cascade) { &args.page_sizes[..] } else { &[] };
     if !cascade_sizes.is_empty() {

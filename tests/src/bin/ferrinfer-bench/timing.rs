@@ -33,6 +33,11 @@ impl Timer {
         Ok(())
     }
 
+    /// Timed runs per measurement.
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
     /// Median microseconds of `f` over the configured runs, after 3 warm-up calls.
     pub fn median_us(&mut self, mut f: impl FnMut() -> ferrinfer::Result<()>) -> BoxResult<f64> {
         for _ in 0..3 {
