@@ -8,10 +8,11 @@ use std::process::{Command, Stdio};
 use crate::workspace_root;
 
 const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
-/// About 160 MiB now: four executables of 38-40 MiB, each mostly the three embedded PTX modules
-/// (37 MB since head dims 80 and 96 and the custom-mask kernels; about 8 MiB xz-compressed for
-/// the whole bundle); the limit leaves room for some growth before it asks for a look.
-const MAX_BUNDLE_BYTES: u64 = 192 << 20;
+/// About 195 MiB now: five executables of 38-42 MiB, each mostly the three embedded PTX modules
+/// (37 MB since head dims 80 and 96 and the custom-mask kernels, more with MLA's; about 9 MiB
+/// xz-compressed for the whole bundle); the limit leaves room for some growth before it asks for
+/// a look.
+const MAX_BUNDLE_BYTES: u64 = 256 << 20;
 /// The host crate's examples, each run on the GPU machine as `bundle/NAME`.
 const EXAMPLES: [&str; 2] = ["serving_loop", "tensor_parallel"];
 
