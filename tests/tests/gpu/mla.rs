@@ -224,6 +224,27 @@ pub fn tests() -> Vec<GpuTest> {
     t.push(GpuTest::new("mla_append_quantises_into_e4m3_page_size_7_f16", |d| append_case::<f16, E4m3>(d, 7)));
     t.push(GpuTest::new("mla_append_quantises_into_e5m2_page_size_64_bf16", |d| append_case::<bf16, E5m2>(d, 64)));
 
+    t.push(GpuTest::new("mla_copy_pages_copies_both_pools_and_refuses_a_page_past_them_bf16", |d| {
+        let mut r = rng(11);
+        let (mut cache, (mut ckv, mut kpe), _) = random_mla_cache::<bf16>(d, &mut r, &[20], 7)?;
+        let (pages, ps) = (cache.shape().num_pages, 7);
+        cache.copy_pages(
+            d.stream(),
+            &[ferrinfer::PageCopy { src: 1, dst: 3 }, ferrinfer::PageCopy { src: 4, dst: 0 }],
+        )?;
+        for (pool, dim) in [(&mut ckv, CKV), (&mut kpe, KPE)] {
+            let page = ps * dim;
+            pool.copy_within(page..2 * page, 3 * page);
+            pool.copy_within(4 * page..5 * page, 0);
+        }
+        let layer = cache.layer(0)?;
+        expect_bitwise_eq("ckv pool", &d.download(layer.ckv())?, &ckv, CKV)?;
+        expect_bitwise_eq("kpe pool", &d.download(layer.kpe())?, &kpe, KPE)?;
+        let past = [ferrinfer::PageCopy { src: 0, dst: pages as u32 }];
+        ensure!(matches!(cache.copy_pages(d.stream(), &past), Err(Error::TooLarge { .. })), "a page past the pools");
+        Ok(())
+    }));
+
     t.push(GpuTest::new("mla_run_replays_from_a_cuda_graph_split_and_not_f16", |d| {
         for kv_lens in [vec![20000], vec![300; 64]] {
             let mut r = rng(9);
