@@ -109,7 +109,8 @@ struct MlaWork {
 
 /// A validated MLA batch with its work split and metadata on the device (FlashInfer's
 /// `BatchMLAPagedAttentionWrapper.plan`): any page size, any number of query heads (16 to 128
-/// in the models that use it), f16 or bf16.
+/// in the models that use it), f16 or bf16 queries over a latent cache of their type or of
+/// e4m3/e5m2 (`MlaOptions::kv_dtype`).
 ///
 /// The plan holds its [`Device`] and its scratch (split tiles' partial outputs): `run` takes
 /// `&mut self` and tracks the scratch as written, so runs of one plan on two streams are
