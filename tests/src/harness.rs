@@ -60,8 +60,8 @@ pub fn run(tests: Vec<GpuTest>) -> ! {
     let skipped = tests.iter().filter(|t| unmet(t)).count();
     if skipped > 0 && device.is_ok() {
         eprintln!(
-            "{skipped} tensor-parallel GPU test(s) SKIPPED: this machine has {gpus} GPU(s) and {} NCCL (libnccl.so)",
-            if nccl { "" } else { "no" }
+            "{skipped} tensor-parallel GPU test(s) SKIPPED: this machine has {gpus} GPU(s) and {}",
+            if nccl { "NCCL" } else { "no NCCL (libnccl.so)" }
         );
     }
     let trials = tests
