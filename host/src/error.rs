@@ -383,6 +383,15 @@ pub enum Error {
     },
 }
 
+/// `(what, got, expected)` for each buffer: the first mismatch is the error
+/// ([`Error::BufferLength`]). Here, at the bottom, so that every layer checks lengths alike.
+pub(crate) fn check_lengths(buffers: &[(&'static str, usize, usize)]) -> Result<()> {
+    match buffers.iter().find(|(_, got, expected)| got != expected) {
+        Some(&(what, got, expected)) => Err(Error::BufferLength { what, got, expected }),
+        None => Ok(()),
+    }
+}
+
 impl Error {
     /// This error, as one of GPU `gpu` of a tensor-parallel group ([`Error::Gpu`]); an error
     /// that already names its GPU is left as it is.

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaViewMut};
 use super::allocator::PageCopy;
 use super::layout::{CacheShape, KvLayout};
 use super::paged::copy_pages_in_pool;
-use crate::error::{Error, Result};
+use crate::error::{check_lengths, Error, Result};
 use crate::runtime::abi::{MLA_CKV_DIM, MLA_KPE_DIM};
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{check_scale, DType, KvDType};
@@ -119,6 +119,15 @@ impl<T: KvDType> MlaLayerPools<T> {
     pub fn into_parts(self) -> (CudaSlice<T>, CudaSlice<T>) {
         (self.ckv, self.kpe)
     }
+
+    /// Whether each pool has `shape`'s length.
+    fn check_lengths(&self, shape: &MlaCacheShape) -> Result<()> {
+        let (ckv, kpe) = (
+            ("ckv pool", self.ckv.len(), shape.ckv_pool_elems()),
+            ("kpe pool", self.kpe.len(), shape.kpe_pool_elems()),
+        );
+        check_lengths(&[ckv, kpe])
+    }
 }
 
 /// The paged latent cache of MLA for `num_layers` layers (module documentation): f16 or bf16,
@@ -184,12 +193,8 @@ impl<T: KvDType> MlaKvCache<T> {
         };
         let ctx = first.ckv.context().clone();
         for layer in &layers {
-            for (what, buf, expected) in
-                [("ckv pool", &layer.ckv, shape.ckv_pool_elems()), ("kpe pool", &layer.kpe, shape.kpe_pool_elems())]
-            {
-                if buf.len() != expected {
-                    return Err(Error::BufferLength { what, got: buf.len(), expected });
-                }
+            layer.check_lengths(&shape)?;
+            for (what, buf) in [("ckv pool", &layer.ckv), ("kpe pool", &layer.kpe)] {
                 if buf.context().cu_ctx() != ctx.cu_ctx() {
                     return Err(Error::DeviceMismatch { what });
                 }
@@ -265,13 +270,7 @@ impl<T: KvDType> MlaKvCache<T> {
         }
         device.check_context("cache", &self.ctx)?;
         let pools = self.layer(layer)?;
-        for (what, pool, expected) in
-            [("ckv pool", &pools.ckv, shape.ckv_pool_elems()), ("kpe pool", &pools.kpe, shape.kpe_pool_elems())]
-        {
-            if pool.len() != expected {
-                return Err(Error::BufferLength { what, got: pool.len(), expected });
-            }
-        }
+        pools.check_lengths(shape)?;
         Ok((&pools.ckv, &pools.kpe, self.scales[layer]))
     }
 

@@ -159,13 +159,7 @@ fn base_address(buffer: &CudaSlice<u8>, stream: &CudaStream) -> u64 {
     ptr
 }
 
-/// `(what, got, expected)` for each buffer: the first mismatch is the error.
-pub(crate) fn check_lengths(buffers: &[(&'static str, usize, usize)]) -> Result<()> {
-    match buffers.iter().find(|(_, got, expected)| got != expected) {
-        Some(&(what, got, expected)) => Err(Error::BufferLength { what, got, expected }),
-        None => Ok(()),
-    }
-}
+pub(crate) use crate::error::check_lengths;
 
 /// A plan's device, metadata and scratch (see the module's documentation).
 pub(crate) struct PlanCore {
