@@ -160,14 +160,19 @@ impl CopyPlan {
     /// Launches the plan's kernel for `[k_pages, v_pages, k_ragged, v_ragged]`, which the caller
     /// checked against the plan and keeps alive, with the row offsets at `row_offsets`; an
     /// 8-bit cache's values are converted with `scales` and the per-KV-head scales at
-    /// `head_scales` (0 for none).
+    /// `head_scales` (0 for none). The pools are the plan's shape's, or (an MLA append's kpe
+    /// pool) a narrower one-head `pool` whose token rows are `2^offset_shift` times shorter,
+    /// so that the plan's row offsets shifted by that address its rows.
     ///
     /// # Safety
     /// Every address is a live allocation of the plan's device with the lengths the plan
-    /// expects (the pools `shape.pool_elems()` elements of `C`, the ragged buffers
-    /// `ragged_elems()` of `T`), and a raw stream belongs to the device's context.
+    /// expects (the pools `pool.pool_elems()` elements of `C`, the ragged buffers
+    /// `total_rows × pool.token_elems()` of `T`), and a raw stream belongs to the device's
+    /// context.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn launch<T: KvDType, C: KvDType>(
         &self,
+        (pool, offset_shift): (&CacheShape, u32),
         stream: LaunchStream,
         buffers: [u64; 4],
         row_offsets: u64,
@@ -180,8 +185,8 @@ impl CopyPlan {
         }
         let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
         // Vectors of the pool: sixteen values of an 8-bit cache (two ragged vectors each).
-        let layout = self.shape.token_layout(C::DTYPE);
-        let row_vecs = self.shape.num_kv_heads as u32 * layout.head_vecs.divisor;
+        let layout = pool.token_layout(C::DTYPE);
+        let row_vecs = pool.num_kv_heads as u32 * layout.head_vecs.divisor;
         let rows_per_block = rows_per_block(self.total_rows, row_vecs);
         // Quantising multiplies by the reciprocal (`E4m3::quantise`), dequantising by the scale.
         let factor = |scale: f32| match self.direction {
@@ -194,7 +199,7 @@ impl CopyPlan {
             k_ragged,
             v_ragged,
             row_offsets,
-            vec_shift: (16 / C::DTYPE.size_bytes()).trailing_zeros(),
+            vec_shift: (16 / C::DTYPE.size_bytes()).trailing_zeros() + offset_shift,
             layout,
             row_vecs: FastDiv::new(row_vecs),
             total_rows: self.total_rows,
@@ -229,7 +234,7 @@ impl CopyPlan {
         let row_offsets = self.core.raw_parts()?[0];
         self.core.order_after_upload(stream)?;
         let buffers = [pools[0].ptr(), pools[1].ptr(), ragged[0].ptr(), ragged[1].ptr()];
-        self.launch::<T, T>(LaunchStream::Raw(stream), buffers, row_offsets, KvScales::default(), 0)
+        self.launch::<T, T>((&self.shape, 0), LaunchStream::Raw(stream), buffers, row_offsets, KvScales::default(), 0)
     }
 }
 
@@ -286,7 +291,10 @@ impl GatherPlan {
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
         // context, the head scales are the cache's (one per KV head); every buffer outlives the
         // launch's enqueueing (guards above).
-        unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales) }
+        unsafe {
+            let pool = (&plan.shape, 0);
+            plan.launch::<T, C>(pool, LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales)
+        }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: one layer's pools (`shape.pool_elems()`
@@ -360,7 +368,10 @@ impl ScatterPlan {
         // SAFETY: the pools and ragged buffers were checked against the plan and live in its
         // context, the head scales are the cache's (one per KV head); its writes were found
         // disjoint when planning; every buffer outlives the launch's enqueueing (guards above).
-        unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales) }
+        unsafe {
+            let pool = (&plan.shape, 0);
+            plan.launch::<T, C>(pool, LaunchStream::Cudarc(stream), buffers, parts[0], dequant.scales, head_scales)
+        }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: ragged `k_in` and `v_in` into one layer's
@@ -404,29 +415,32 @@ impl ScatterPlan {
 /// ```
 pub struct MlaAppendPlan {
     shape: MlaCacheShape,
-    ckv: CopyPlan,
-    kpe: CopyPlan,
+    /// The new tokens' places, as element offsets in a ckv pool; the kpe pool's are the same
+    /// token rows, [`KPE_OFFSET_SHIFT`] narrower.
+    plan: CopyPlan,
 }
+
+/// log2 of how much shorter a kpe row is than a ckv row (512 / 64).
+const KPE_OFFSET_SHIFT: u32 = (MlaCacheShape::CKV_DIM / MlaCacheShape::KPE_DIM).trailing_zeros();
+const _: () = assert!(MlaCacheShape::KPE_DIM << KPE_OFFSET_SHIFT == MlaCacheShape::CKV_DIM);
 
 impl MlaAppendPlan {
     /// Validates the append against `shape` and uploads where each new token goes.
     pub fn new(device: &Device, shape: &MlaCacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
         shape.validate()?;
         let first_pos = append_first_positions(&shape.ckv(), table, append_indptr)?;
-        let pool = |pool: CacheShape| -> Result<CopyPlan> {
-            Ok(CopyPlan { pools: 1, ..CopyPlan::new(device, &pool, table, &first_pos, Direction::Scatter)? })
-        };
-        Ok(MlaAppendPlan { shape: *shape, ckv: pool(shape.ckv())?, kpe: pool(shape.kpe())? })
+        let plan = CopyPlan { pools: 1, ..CopyPlan::new(device, &shape.ckv(), table, &first_pos, Direction::Scatter)? };
+        Ok(MlaAppendPlan { shape: *shape, plan })
     }
 
     /// Elements of the ragged ckv input: `tokens written × 512`.
     pub fn ckv_elems(&self) -> usize {
-        self.ckv.ragged_elems()
+        self.plan.total_rows as usize * MlaCacheShape::CKV_DIM
     }
 
     /// Elements of the ragged kpe input: `tokens written × 64`.
     pub fn kpe_elems(&self) -> usize {
-        self.kpe.ragged_elems()
+        self.plan.total_rows as usize * MlaCacheShape::KPE_DIM
     }
 
     /// Writes `ckv_in` and `kpe_in` (cudarc slices or views) into layer `layer` of `cache` on
@@ -440,7 +454,7 @@ impl MlaAppendPlan {
         ckv_in: &impl DevicePtr<T>,
         kpe_in: &impl DevicePtr<T>,
     ) -> Result<()> {
-        let device = self.ckv.core.device();
+        let device = self.plan.core.device();
         device.check_stream(stream)?;
         device.check_buffer("ragged ckv", ckv_in)?;
         device.check_buffer("ragged kpe", kpe_in)?;
@@ -449,19 +463,30 @@ impl MlaAppendPlan {
             ("ragged kpe", kpe_in.len(), self.kpe_elems()),
         ])?;
         // The pair of types has a kernel (checked before any buffer is touched).
-        self.ckv.kernel::<T, C>()?;
+        self.plan.kernel::<T, C>()?;
         let (ckv_pool, kpe_pool, scale) = cache.pools_for_mut(device, &self.shape, layer)?;
         let scales = KvScales { k: scale, v: scale };
-        let pools = [(&self.ckv, ckv_pool, ckv_in as &dyn DevicePtr<T>), (&self.kpe, kpe_pool, kpe_in)];
-        for (plan, pool, ragged) in pools {
-            let (pages, _g0) = pool.device_ptr_mut(stream);
-            let (ragged, _g1) = ragged.device_ptr(stream);
-            let (parts, _g2) = plan.core.metadata_on(stream)?;
+        let (ckv, kpe) = (self.shape.ckv(), self.shape.kpe());
+        let pools = [((&ckv, 0), ckv_pool, ckv_in as &dyn DevicePtr<T>), ((&kpe, KPE_OFFSET_SHIFT), kpe_pool, kpe_in)];
+        let (parts, _g0) = self.plan.core.metadata_on(stream)?;
+        for (pool, pages, ragged) in pools {
+            let (pages, _g1) = pages.device_ptr_mut(stream);
+            let (ragged, _g2) = ragged.device_ptr(stream);
             // SAFETY: the pool is the cache's, checked against the plan's shape (its pool's
             // length) and context, the ragged input was checked to have the planned length and
-            // context; the writes were found disjoint when planning; every buffer outlives the
-            // launch's enqueueing (guards above). The launch copies K only (`pools` 1).
-            unsafe { plan.launch::<T, C>(LaunchStream::Cudarc(stream), [pages, 0, ragged, 0], parts[0], scales, 0)? };
+            // context; the writes were found disjoint when planning; the row offsets, ckv
+            // element offsets, shifted address the kpe pool's rows alike; every buffer outlives
+            // the launch's enqueueing (guards above). The launch copies K only (`pools` 1).
+            unsafe {
+                self.plan.launch::<T, C>(
+                    pool,
+                    LaunchStream::Cudarc(stream),
+                    [pages, 0, ragged, 0],
+                    parts[0],
+                    scales,
+                    0,
+                )?
+            };
         }
         Ok(())
     }
