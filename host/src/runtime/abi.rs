@@ -88,7 +88,9 @@ pub struct PagedCopyParams {
     pub v_ragged: u64,
     /// `*const u64`, `total_rows` entries, in elements (a multiple of a vector's elements).
     pub row_offsets: u64,
-    /// log2 of the elements in a 16-byte vector (3 for f16/bf16, 2 for f32).
+    /// `row_offsets[r] >> vec_shift` is the row's first 16-byte vector of the pool: log2 of the
+    /// elements in a vector (3 for f16/bf16, 2 for f32, 4 for 8-bit), plus 3 for an MLA kpe
+    /// pool, whose copy reads the ckv pool's offsets (its rows are an eighth as long).
     pub vec_shift: u32,
     /// Where a token's vectors lie relative to its first element.
     pub layout: TokenLayout,
