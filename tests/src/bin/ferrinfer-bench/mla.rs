@@ -5,12 +5,14 @@
 //! `batch · heads · kv_len · 2 · (576 + 512)`. The pools repeat one random block (`sampled`),
 //! so the first and last request's first [`CHECKED_HEADS`] heads are checked against the f64
 //! reference.
-use ferrinfer::{reference, BatchMlaPlan, KvDType, MlaCacheShape, MlaKvCache, MlaLayerPools, MlaOptions, PageTable};
+use ferrinfer::{
+    reference, BatchMlaPlan, CacheShape, KvDType, KvLayout, MlaCacheShape, MlaKvCache, MlaLayerPools, MlaOptions,
+};
 use ferrinfer_tests::workload::{random_table, random_values, rng};
 use serde_json::{json, Value};
 
 use crate::page_ops::Bench;
-use crate::sampled::{count_wrong, filled_pool};
+use crate::sampled::{count_wrong, filled_pool, own_pages, rebuild_pages};
 use crate::timing::BoxResult;
 
 const CKV: usize = MlaCacheShape::CKV_DIM;
@@ -22,25 +24,6 @@ const CHECKED_HEADS: usize = 8;
 pub fn header(b: &Bench) {
     b.print("| kernel | page_size | batch | kv_len | heads | median us | GB/s | % read | TFLOP/s | blocks | merged tiles | check |");
     b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-}
-
-/// Request `request`'s `kv_len` tokens of a pool repeating `block` (`dim` elements a token), in
-/// order: the one-request pool the reference reads.
-fn sample_pool<T: KvDType>(
-    table: &PageTable,
-    page_size: usize,
-    block: &[T],
-    dim: usize,
-    request: usize,
-    kv_len: usize,
-) -> Vec<T> {
-    (0..kv_len)
-        .flat_map(|pos| {
-            let page = table.kv_indices[table.kv_indptr[request] as usize + pos / page_size] as usize;
-            let first = (page * page_size + pos % page_size) * dim;
-            (0..dim).map(move |d| block[(first + d) % block.len()])
-        })
-        .collect()
 }
 
 /// Measures one decode row; the second field counts the checked output elements that missed.
@@ -78,14 +61,18 @@ pub fn mla_decode<T: KvDType, C: KvDType>(
     let mut wrong = 0;
     let row = num_heads * CKV;
     for request in [0, batch - 1].into_iter().take(batch.min(2)) {
-        let own = MlaCacheShape { num_pages: kv_len.max(1), page_size: 1 };
-        let own_table = PageTable {
-            kv_indptr: vec![0, kv_len as u32],
-            kv_indices: (0..kv_len as u32).collect(),
-            kv_last_page_len: vec![1],
+        // The request's pages of each pool, as one-head caches of their own.
+        let pool = |dim| CacheShape {
+            num_pages: shape.num_pages,
+            page_size,
+            num_kv_heads: 1,
+            head_dim: dim,
+            layout: KvLayout::Nhd,
         };
-        let ckv = sample_pool(&table, page_size, &blocks[0], CKV, request, kv_len);
-        let kpe = sample_pool(&table, page_size, &blocks[1], KPE, request, kv_len);
+        let ckv = rebuild_pages(&pool(CKV), &table, &blocks[0], request, kv_len);
+        let kpe = rebuild_pages(&pool(KPE), &table, &blocks[1], request, kv_len);
+        let (own_pool, own_table) = own_pages(&pool(CKV), &table, request, kv_len);
+        let own = MlaCacheShape { num_pages: own_pool.num_pages, page_size };
         // The first heads only: each head's output depends on its own queries alone.
         let heads = num_heads.min(CHECKED_HEADS);
         let q_nope = &q_nope_host[request * row..][..heads * CKV];

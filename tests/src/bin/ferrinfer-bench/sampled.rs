@@ -62,30 +62,67 @@ pub struct SampledRequest<T> {
 
 impl<T: KvDType> SampledRequest<T> {
     pub fn new(shape: &CacheShape, table: &PageTable, blocks: (&[T], &[T]), request: usize, kv_len: usize) -> Self {
-        let pages = &table.kv_indices[table.kv_indptr[request] as usize..][..kv_len.div_ceil(shape.page_size)];
-        let page_elems = shape.page_elems();
-        let rebuild = |block: &[T]| -> Vec<T> {
-            let first = |page: u32| page as usize * page_elems;
-            pages
-                .iter()
-                .flat_map(|&page| (0..page_elems).map(move |i| block[(first(page) + i) % block.len()]))
-                .collect()
-        };
-        let last = if kv_len == 0 { 0 } else { (kv_len - 1) % shape.page_size + 1 };
+        let (own_shape, own_table) = own_pages(shape, table, request, kv_len);
         SampledRequest {
-            shape: CacheShape { num_pages: pages.len().max(1), ..*shape },
-            table: PageTable {
-                kv_indptr: vec![0, pages.len() as u32],
-                kv_indices: (0..pages.len() as u32).collect(),
-                kv_last_page_len: vec![last as u32],
-            },
-            k: rebuild(blocks.0),
-            v: rebuild(blocks.1),
+            shape: own_shape,
+            table: own_table,
+            k: rebuild_pages(shape, table, blocks.0, request, kv_len),
+            v: rebuild_pages(shape, table, blocks.1, request, kv_len),
         }
     }
+}
+
+/// The pages of request `request`'s first `kv_len` keys in a pool of `shape` repeating `block`,
+/// rebuilt on the host in order (the pool of [`own_pages`]).
+pub fn rebuild_pages<T: KvDType>(
+    shape: &CacheShape,
+    table: &PageTable,
+    block: &[T],
+    request: usize,
+    kv_len: usize,
+) -> Vec<T> {
+    let pages = &table.kv_indices[table.kv_indptr[request] as usize..][..kv_len.div_ceil(shape.page_size)];
+    let page_elems = shape.page_elems();
+    let first = |page: u32| page as usize * page_elems;
+    pages.iter().flat_map(|&page| (0..page_elems).map(move |i| block[(first(page) + i) % block.len()])).collect()
+}
+
+/// The shape and page table of those keys as a cache of their own: pages `0..n` in order.
+pub fn own_pages(shape: &CacheShape, table: &PageTable, request: usize, kv_len: usize) -> (CacheShape, PageTable) {
+    let pages = kv_len.div_ceil(shape.page_size);
+    debug_assert!(table.kv_indptr[request] as usize + pages <= table.kv_indices.len());
+    let last = if kv_len == 0 { 0 } else { (kv_len - 1) % shape.page_size + 1 };
+    let own = PageTable {
+        kv_indptr: vec![0, pages as u32],
+        kv_indices: (0..pages as u32).collect(),
+        kv_last_page_len: vec![last as u32],
+    };
+    (CacheShape { num_pages: pages.max(1), ..*shape }, own)
 }
 
 /// Elements of `got` that miss the f64 reference `want` (NaN always does).
 pub fn count_wrong<T: KvDType>(got: &[T], want: &[f64]) -> usize {
     got.iter().zip(want).filter(|&(g, &w)| !close(g.to_f64(), w, T::DTYPE)).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrinfer::{f16, reference, KvLayout};
+
+    #[test]
+    fn a_rebuilt_request_holds_the_same_keys_as_the_repeating_pool() {
+        let shape = CacheShape { num_pages: 9, page_size: 3, num_kv_heads: 2, head_dim: 8, layout: KvLayout::Hnd };
+        let table = random_table(&mut rng(4), &[5, 7], 3, 9);
+        let block: Vec<f16> = random_values(&mut rng(5), 37);
+        let pool: Vec<f16> = (0..shape.pool_elems()).map(|i| block[i % block.len()]).collect();
+        let all = reference::gather(&shape, &pool, &table);
+        for (request, (first, kv_len)) in [(0, (0, 5)), (1, (5, 7))] {
+            let (own_shape, own_table) = own_pages(&shape, &table, request, kv_len);
+            let own =
+                reference::gather(&own_shape, &rebuild_pages(&shape, &table, &block, request, kv_len), &own_table);
+            let row = shape.token_elems();
+            assert_eq!(own, all[first * row..(first + kv_len) * row], "request {request}");
+        }
+    }
 }
