@@ -2,9 +2,11 @@
 //! planners' work splits as plain data, the kernel ABI's work items, the read-stream probe and
 //! the device-helper self-test. Not part of the supported API.
 pub use crate::attention::decode::{decode_split, DecodeSplit};
+pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{
     persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_split, PrefillSplit,
 };
+pub use crate::runtime::abi;
 pub use crate::runtime::abi::{DecodeWorkItem, PrefillWorkItem, NO_PARTIAL};
 pub use crate::runtime::kernels::prefill_block_rows;
 pub use crate::runtime::probe::ReadStream;

@@ -75,10 +75,8 @@ unsafe fn fp8_scores<H: Half, K: KvElem, const HEAD_DIM: u32>(q_lane: u32, k_lan
     pipelined(
         HEAD_DIM as usize / 64,
         |c| {
-            let q = #[inline(always)]
-            |j: u32| load_matrix_x4(q_lane ^ (32 * (4 * c as u32 + j)));
-            let k = #[inline(always)]
-            |n: u32| load_shared_u32x4((k_lane + 8 * n * HEAD_DIM) ^ (64 * c as u32));
+            let q = crate::inline_always!(|j: u32| load_matrix_x4(q_lane ^ (32 * (4 * c as u32 + j))));
+            let k = crate::inline_always!(|n: u32| load_shared_u32x4((k_lane + 8 * n * HEAD_DIM) ^ (64 * c as u32)));
             ([q(0), q(1), q(2), q(3)], [k(0), k(1)])
         },
         |_, (a, k): ([[u32; 4]; 4], [[u32; 4]; 2])| {
@@ -292,8 +290,7 @@ pub unsafe fn decode<
     // 8-dim slices of rows. O rows are padded by 8 floats to spread the stores over the banks
     // (over an 8-bit cache, by 4 floats per 32 dims as well: `decode_o_stride`).
     let o_stride = decode_o_stride(HEAD_DIM, K::BYTES) as usize;
-    let o_col = #[inline(always)]
-    |dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) };
+    let o_col = crate::inline_always!(|dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) });
     let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * stage_dim * 2 / 4) as usize);
     let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
@@ -319,8 +316,8 @@ pub unsafe fn decode<
                     if quad < lane_dims as usize / 4 {
                         let dim = (dim_base + lane_dims * (2 * t + e as u32)) as usize + 4 * quad;
                         let at = (my_rows[h] * o_stride + o_col(dim)) as u32 * 4;
-                        let n = #[inline(always)]
-                        |k: usize| acc[2 * quad + k / 2][k % 2][2 * h + e].to_bits();
+                        let n = crate::inline_always!(
+                        |k: usize| acc[2 * quad + k / 2][k % 2][2 * h + e].to_bits());
                         store_shared_u32x4(o_addr + at, [n(0), n(1), n(2), n(3)]);
                     }
                 });

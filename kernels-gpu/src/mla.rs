@@ -38,6 +38,16 @@ const KPE: u32 = MLA_KPE_DIM;
 /// Output dims of a warp: half a row.
 const WARP_DIMS: u32 = CKV / 2;
 
+/// Repeats `$body` for each of a warp's 32 output tiles of 8 dims (`acc[n / 2][n % 2]`, dims
+/// `8n..` of its 256), `$n` bound to the tile, unrolled (`unroll_to!` covers 16 only).
+macro_rules! each_out_tile {
+    ($n:ident, $body:block) => {
+        const { assert!(WARP_DIMS / 8 == 32) };
+        crate::unroll!($n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                              16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] $body)
+    };
+}
+
 /// Shared-memory offsets from the block's base over a cache of `kv_bytes`-byte elements: the
 /// query tiles, the rings, an 8-bit cache's widened tiles, the row table, P and the pairs' row
 /// statistics (`[q_pe, ckv ring, kpe ring, widened tiles, table, P, statistics]`).
@@ -162,9 +172,10 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
         let (ckv_tile, kpe_tile) = ring.wait(tile);
         let first_key = start + tile * MLA_TILE_TOKENS + 16 * half;
 
-        // S = q_nope·ckvᵀ + q_pe·kpeᵀ for the warp's 16 rows and 16 keys: 36 k-steps, over four
-        // independent accumulator pairs so that consecutive mma do not wait for each other.
-        let mut parts = [[[0.0f32; 4]; 2]; 4];
+        // S = q_nope·ckvᵀ + q_pe·kpeᵀ for the warp's 16 rows and 16 keys: 36 k-steps, over two
+        // independent accumulator pairs so that consecutive mma do not wait for each other (four
+        // spill inside the tile loop beside the 128 output accumulators).
+        let mut parts = [[[0.0f32; 4]; 2]; 2];
         let lane_addr = |tile: u32, row_base: u32, row: u32, chunk: u32, wide: bool| {
             if wide {
                 tile + swizzled::<CKV>(row_base + row, chunk)
@@ -182,8 +193,8 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
                 steps as usize,
                 |kk| [load_matrix_x4(q ^ (32 * kk as u32)), load_matrix_x4(k ^ (32 * kk as u32))],
                 |kk, [qf, kf]: [[u32; 4]; 2]| {
-                    H::mma(&mut parts[kk % 4][0], qf, [kf[0], kf[1]]);
-                    H::mma(&mut parts[kk % 4][1], qf, [kf[2], kf[3]]);
+                    H::mma(&mut parts[kk % 2][0], qf, [kf[0], kf[1]]);
+                    H::mma(&mut parts[kk % 2][1], qf, [kf[2], kf[3]]);
                 },
             )
         };
@@ -192,7 +203,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
         let mut s = [[0.0f32; 4]; 2];
         crate::unroll!(n in [0, 1] {
             crate::unroll!(c in [0, 1, 2, 3] {
-                s[n][c] = (parts[0][n][c] + parts[1][n][c]) + (parts[2][n][c] + parts[3][n][c]);
+                s[n][c] = parts[0][n][c] + parts[1][n][c];
             });
         });
 
@@ -209,7 +220,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
                 [own[0].max(other[0]), own[1].max(other[1])]
             },
             |h, rescale| {
-                crate::unroll_to!(n < WARP_DIMS / 8, {
+                each_out_tile!(n, {
                     acc[n / 2][n % 2][2 * h] *= rescale;
                     acc[n / 2][n % 2][2 * h + 1] *= rescale;
                 });
@@ -255,7 +266,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
             if split {
                 let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;
                 let dst = (a.split.partial_out as *mut f32).add(prow * CKV as usize + first_dim);
-                crate::unroll_to!(n < WARP_DIMS / 8, {
+                each_out_tile!(n, {
                     *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
                     *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
                 });
@@ -265,7 +276,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
             } else {
                 let out_row = (work.q_start * heads + row) as usize;
                 let out = (a.out as *mut u32).add((out_row * CKV as usize + first_dim) / 2);
-                crate::unroll_to!(n < WARP_DIMS / 8, {
+                each_out_tile!(n, {
                     *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
                 });
                 if a.lse != 0 && t == 0 && half == 0 {

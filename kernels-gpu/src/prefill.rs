@@ -297,8 +297,7 @@ pub unsafe fn prefill<
     let tiles = ring.tiles();
     // One tile of keys; `masked` is a constant in each of its two copies below, so the tiles no
     // mask cuts (nearly all of them) run without a test or branch per row fragment.
-    let mut step = #[inline(always)]
-    |tile: u32, masked: bool| {
+    let mut step = crate::inline_always!(|tile: u32, masked: bool| {
         let (k_tile, v_tile) = ring.wait(tile);
 
         // Fragment addresses: each lane's first, then whole 16-key blocks (multiples of a row)
@@ -367,7 +366,7 @@ pub unsafe fn prefill<
                 });
             },
         );
-    };
+    });
     for tile in 0..tiles {
         // A custom mask may cut any tile (the masked kernels run only for masked plans).
         if CUSTOM_MASK || visibility.masks(start + tile * PREFILL_TILE_TOKENS) {

@@ -18,8 +18,8 @@ use crate::cache::page_table::PageTable;
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, check_lengths, paged_cache_params, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
-    FastDiv, MlaMergeParams, MlaParams, PrefillParams, PrefillWorkItem, MLA_CKV_DIM, MLA_KPE_DIM, MLA_MAX_PARTS,
-    MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
+    FastDiv, MlaMergeParams, MlaParams, PrefillParams, PrefillWorkItem, SplitScratch, MLA_CKV_DIM, MLA_KPE_DIM,
+    MLA_MAX_PARTS, MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::runtime::device::{launch_config, Device, LaunchStream};
 use crate::runtime::dtype::{DType, KvDType};
@@ -279,29 +279,19 @@ impl BatchMlaPlan {
             None => (0, None),
         };
         let (parts, split, _g6) = self.core.buffers_on(stream)?;
-        let heads = work.num_heads as u32;
-        let params = MlaParams {
-            attention: PrefillParams {
-                q: q_nope,
-                cache: paged_cache_params(&work.shape.ckv(), ckv, kpe, parts[0]),
-                work: parts[1],
-                schedule: 0,
-                out,
-                lse,
-                sinks: 0,
-                split,
-                num_qo_heads: heads,
-                num_kv_heads: 1,
-                group_size: FastDiv::new(heads),
-                sm_scale: work.options.sm_scale * scale,
-                logits_soft_cap: 0.0,
-                window_left: -1,
-                causal: work.options.causal as u32,
-                v_scale: scale,
-                kv_head_scales: 0,
-            },
+        let addresses = MlaAddresses {
+            q_nope,
             q_pe,
+            ckv,
+            kpe,
+            kv_indices: parts[0],
+            work: parts[1],
+            merge_tiles: parts[2],
+            out,
+            lse,
+            split,
         };
+        let (params, merge_params) = mla_params(&work.shape, work.num_heads, &work.options, scale, &addresses);
         let cfg = launch_config((work.blocks, 1), attention.threads, attention.smem_bytes);
         // SAFETY: the plan validated its page table against the shape, so the kernel reads the
         // pools only at tokens below `num_pages × page_size` (the pools were checked to have
@@ -321,12 +311,74 @@ impl BatchMlaPlan {
         if work.merge_tiles == 0 {
             return Ok(());
         }
-        let params = MlaMergeParams { split, tiles: parts[2], out, lse, heads };
         let cfg = launch_config((work.merge_tiles, MLA_ROWS), merge.threads, merge.smem_bytes);
         // SAFETY: as above: the merge reads the partials the first launch wrote (stream order)
         // at the slots of the uploaded tiles, and writes the rows of those tiles.
-        unsafe { device.launch(&merge.function, cfg, LaunchStream::Cudarc(stream), &params, "merging split MLA rows") }
+        unsafe {
+            device.launch(&merge.function, cfg, LaunchStream::Cudarc(stream), &merge_params, "merging split MLA rows")
+        }
     }
+}
+
+/// Device addresses of an MLA batch's operands, metadata and scratch.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaAddresses {
+    /// `[total_q][heads][512]` queries.
+    pub q_nope: u64,
+    /// `[total_q][heads][64]` queries.
+    pub q_pe: u64,
+    /// The layer's ckv pool.
+    pub ckv: u64,
+    /// The layer's kpe pool.
+    pub kpe: u64,
+    /// The page table's `kv_indices`.
+    pub kv_indices: u64,
+    /// The split's work items ([`MlaSplit::work`]).
+    pub work: u64,
+    /// The split's merged tiles ([`MlaSplit::merge_tiles`]).
+    pub merge_tiles: u64,
+    /// `[total_q][heads][512]` output.
+    pub out: u64,
+    /// `[total_q][heads]` LSE, or 0 for none.
+    pub lse: u64,
+    /// Partial rows of the split tiles (`MlaSplit::slots × MLA_ROWS` rows of 512 f32).
+    pub split: SplitScratch,
+}
+
+/// The parameter blocks of an MLA batch's two launches (attention, then the merge of split
+/// tiles) over a cache of `shape` whose layer scale is `scale` (1 for a 16-bit cache).
+pub fn mla_params(
+    shape: &MlaCacheShape,
+    num_heads: usize,
+    options: &MlaOptions,
+    scale: f32,
+    a: &MlaAddresses,
+) -> (MlaParams, MlaMergeParams) {
+    let heads = num_heads as u32;
+    let attention = MlaParams {
+        attention: PrefillParams {
+            q: a.q_nope,
+            cache: paged_cache_params(&shape.ckv(), a.ckv, a.kpe, a.kv_indices),
+            work: a.work,
+            schedule: 0,
+            out: a.out,
+            lse: a.lse,
+            sinks: 0,
+            split: a.split,
+            num_qo_heads: heads,
+            num_kv_heads: 1,
+            group_size: FastDiv::new(heads),
+            sm_scale: options.sm_scale * scale,
+            logits_soft_cap: 0.0,
+            window_left: -1,
+            causal: options.causal as u32,
+            v_scale: scale,
+            kv_head_scales: 0,
+        },
+        q_pe: a.q_pe,
+    };
+    let merge = MlaMergeParams { split: a.split, tiles: a.merge_tiles, out: a.out, lse: a.lse, heads };
+    (attention, merge)
 }
 
 #[cfg(test)]

@@ -3,7 +3,13 @@
 //! one table of kernel variants and PTX modules), the embedded modules, the device (context,
 //! streams, function table, launches, checks that operands belong to it), element types, raw
 //! buffers, and uploads through pinned staging. It imports nothing from the layers above.
-// Shared with the kernel crate and xtask: each uses a different part of it.
+// Shared with the kernel crate and xtask: each uses a different part of it (and, through
+// `internals`, with the CPU emulator of the kernels).
+#[cfg(feature = "internals")]
+#[macro_use]
+#[allow(dead_code)]
+pub mod abi;
+#[cfg(not(feature = "internals"))]
 #[macro_use]
 #[allow(dead_code)]
 pub(crate) mod abi;

@@ -98,12 +98,8 @@ impl Fp8 for E4m3 {
     fn pair_to_f16x2(pair: u32) -> u32 {
         // Each byte's sign to bit 15 of its half, exponent and mantissa to bits 7..=13.
         let spread = ((pair & 0x7F) << 7) | ((pair & 0x80) << 8) | ((pair & 0x7F00) << 15) | ((pair & 0x8000) << 16);
-        let r: u32;
-        // SAFETY: pure register arithmetic; 0x5C00 is 256 in f16 (f16 arithmetic keeps subnormals).
-        unsafe {
-            core::arch::asm!("mul.rn.f16x2 {r}, {x}, {c};", r = out(reg32) r, x = in(reg32) spread,
-                 c = in(reg32) 0x5C00_5C00u32, options(pure, nomem, nostack))
-        }
+        // 0x5C00 is 256 in f16 (f16 arithmetic keeps subnormals).
+        let r = super::convert::mul_f16x2(spread, 0x5C00_5C00);
         let lo_nan = if pair & 0x7F == 0x7F { 0x7FFF } else { 0 };
         let hi_nan = if pair & 0x7F00 == 0x7F00 { 0x7FFF_0000 } else { 0 };
         r | lo_nan | hi_nan

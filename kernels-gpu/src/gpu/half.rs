@@ -1,8 +1,7 @@
 //! The 16-bit float types kernels are generic over, and 16-byte vectors of eight of them.
-use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, pack_bf16x2, pack_f16x2};
 use super::mem::Vec16;
 use super::tensor::{mma_bf16, mma_f16};
-use core::arch::asm;
 
 pub trait Half {
     fn to_f32(bits: u16) -> f32;
@@ -47,12 +46,7 @@ impl Half for F16 {
     }
     #[inline(always)]
     fn pack2(lo: f32, hi: f32) -> u32 {
-        let r: u32;
-        // SAFETY: pure register conversion.
-        unsafe {
-            asm!("cvt.rn.f16x2.f32 {r}, {h}, {l};", r = out(reg32) r, h = in(reg32) hi, l = in(reg32) lo, options(pure, nomem, nostack))
-        }
-        r
+        pack_f16x2(lo, hi)
     }
     #[inline(always)]
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
@@ -75,12 +69,7 @@ impl Half for Bf16 {
     }
     #[inline(always)]
     fn pack2(lo: f32, hi: f32) -> u32 {
-        let r: u32;
-        // SAFETY: pure register conversion (sm_80+).
-        unsafe {
-            asm!("cvt.rn.bf16x2.f32 {r}, {h}, {l};", r = out(reg32) r, h = in(reg32) hi, l = in(reg32) lo, options(pure, nomem, nostack))
-        }
-        r
+        pack_bf16x2(lo, hi)
     }
     #[inline(always)]
     fn mma(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {

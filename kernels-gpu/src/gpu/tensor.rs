@@ -11,6 +11,7 @@
 use core::arch::asm;
 
 use super::mem::Vec16;
+pub use super::plain::pipelined;
 
 /// Starts copying 16 bytes from global `src` to shared address `dst`; writes 16 zero bytes and
 /// reads nothing when `!valid`. Completes at a later [`wait_async_copies`].
@@ -107,23 +108,3 @@ macro_rules! mma_16816 {
 
 mma_16816!(mma_f16, "f16");
 mma_16816!(mma_bf16, "bf16");
-
-/// Runs `compute(i, load(i))` for `i` in `0..n` (unrolled, `n ≤ 32` a constant), loading step
-/// `i + 1`'s fragments before step `i`'s math, so each `ldmatrix` has a step of mma to land
-/// behind. The asm keeps this order into the PTX; left to itself, ptxas may reload one
-/// fragment register per mma and stall on every load.
-#[inline(always)]
-#[allow(unused_assignments)] // the last step's `next` (its load is guarded out)
-pub fn pipelined<F: Copy>(n: usize, mut load: impl FnMut(usize) -> F, mut compute: impl FnMut(usize, F)) {
-    let mut next = load(0);
-    crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                         16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
-        if i < n {
-            let current = next;
-            if i + 1 < n {
-                next = load(i + 1);
-            }
-            compute(i, current);
-        }
-    });
-}

@@ -6,6 +6,8 @@
 //! 31 lanes out of a full-mask shuffle). Side-effecting asm stays where it is written.
 use core::arch::asm;
 
+pub use super::plain::{reduce_max_f32, reduce_sum_f32};
+
 const FULL_MASK: u32 = 0xffff_ffff;
 
 /// Value of `x` held by lane `lane ^ mask`.
@@ -38,28 +40,6 @@ pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {
              options(nostack))
     }
     r
-}
-
-/// Sum over the warp; every lane gets the result.
-#[inline(always)]
-pub fn reduce_sum_f32(mut x: f32) -> f32 {
-    let mut mask = 16;
-    while mask > 0 {
-        x += shfl_xor_f32(x, mask);
-        mask /= 2;
-    }
-    x
-}
-
-/// Maximum over the warp; every lane gets the result.
-#[inline(always)]
-pub fn reduce_max_f32(mut x: f32) -> f32 {
-    let mut mask = 16;
-    while mask > 0 {
-        x = x.max(shfl_xor_f32(x, mask));
-        mask /= 2;
-    }
-    x
 }
 
 /// Whether `pred` holds on any lane (every lane gets the same answer).

@@ -1,0 +1,30 @@
+//! The special-function unit's approximations, computed exactly in f32 with their flushing of
+//! subnormals to zero (`.ftz`).
+fn ftz(x: f32) -> f32 {
+    if x.is_subnormal() {
+        0.0f32.copysign(x)
+    } else {
+        x
+    }
+}
+pub fn exp2(x: f32) -> f32 {
+    ftz(ftz(x).exp2())
+}
+pub fn log2(x: f32) -> f32 {
+    ftz(ftz(x).log2())
+}
+pub fn rcp(x: f32) -> f32 {
+    ftz(1.0 / ftz(x))
+}
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+pub fn rint(x: f32) -> f32 {
+    x.round_ties_even()
+}
+pub fn sin(x: f32) -> f32 {
+    x.sin()
+}
+pub fn cos(x: f32) -> f32 {
+    x.cos()
+}

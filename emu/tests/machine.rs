@@ -1,0 +1,189 @@
+//! The emulator itself: its collectives give what the PTX ISA says, and what it promises to
+//! catch it catches (divergent warps, deadlocks, accesses outside the buffers or the shared
+//! memory, a read of an asynchronous copy before waiting for it).
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use ferrinfer_emu::gpu::index::{block_x, lane, thread_x, warp};
+use ferrinfer_emu::gpu::mem::{load_readonly, Vec16};
+use ferrinfer_emu::gpu::shared::{dynamic_smem_addr, load_shared_u32, store_shared_u32, store_shared_u32x4};
+use ferrinfer_emu::gpu::sync::sync_threads;
+use ferrinfer_emu::gpu::tensor::{
+    commit_async_copies, copy_async, load_matrix_x4, load_matrix_x4_trans, mma_f16, wait_async_copies,
+};
+use ferrinfer_emu::gpu::warp::{any, reduce_sum_f32, shfl_idx_u32, shfl_xor_u32};
+use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig};
+use half::f16;
+
+fn one_block(threads: u32, smem_bytes: u32) -> LaunchConfig {
+    LaunchConfig { grid: (1, 1), threads, smem_bytes }
+}
+
+/// Collects one value per thread.
+fn per_thread<T: Copy + Default + 'static>(threads: u32, f: impl Fn() -> T + 'static) -> Vec<T> {
+    let out = Rc::new(RefCell::new(vec![T::default(); threads as usize]));
+    let o = out.clone();
+    launch(one_block(threads, 4096), move || {
+        let v = f();
+        o.borrow_mut()[thread_x() as usize] = v;
+    })
+    .unwrap();
+    let v = out.borrow().clone();
+    v
+}
+
+#[test]
+fn shuffles_votes_and_reductions_follow_the_ptx_semantics() {
+    let xor = per_thread(64, || shfl_xor_u32(thread_x(), 5));
+    assert!(xor.iter().enumerate().all(|(t, &v)| v as usize == (t & !31) | ((t % 32) ^ 5)));
+    let idx = per_thread(64, || shfl_idx_u32(thread_x() * 10, 31 - lane()));
+    assert!(idx.iter().enumerate().all(|(t, &v)| v as usize == 10 * ((t & !31) + 31 - t % 32)));
+    let votes = per_thread(64, || any(thread_x() == 40) as u32);
+    assert_eq!(votes, [vec![0; 32], vec![1; 32]].concat());
+    let sums = per_thread(32, || reduce_sum_f32(lane() as f32));
+    assert!(sums.iter().all(|&s| s == 496.0));
+}
+
+#[test]
+fn ldmatrix_and_mma_compute_a_16x16_by_16x8_product_in_the_documented_fragments() {
+    // A row-major 16 × 16 at shared offset 0, B stored as Bᵀ (8 × 16, `[n][k]`) at 512:
+    // A[r][k] = r + k / 16, B[k][n] = 1 where k = n, 0.5 where k = n + 8.
+    let a = |r: usize, k: usize| r as f32 + k as f32 / 16.0;
+    let b = |k: usize, n: usize| (k == n) as u32 as f32 + 0.5 * (k == n + 8) as u32 as f32;
+    let d = per_thread(32, move || {
+        let base = dynamic_smem_addr();
+        let l = lane() as usize;
+        // Lane l writes half l % 2 of A's row l / 2 and a quarter of Bᵀ's row l / 4, in pairs.
+        for e in 0..4 {
+            let (r, k) = (l / 2, 8 * (l % 2) + 2 * e);
+            let w = f16::from_f32(a(r, k)).to_bits() as u32 | (f16::from_f32(a(r, k + 1)).to_bits() as u32) << 16;
+            unsafe { store_shared_u32(base + 2 * (r * 16 + k) as u32, w) };
+        }
+        for e in 0..2 {
+            let (n, k) = (l / 4, 4 * (l % 4) + 2 * e);
+            let w = f16::from_f32(b(k, n)).to_bits() as u32 | (f16::from_f32(b(k + 1, n)).to_bits() as u32) << 16;
+            unsafe { store_shared_u32(base + 512 + 2 * (n * 16 + k) as u32, w) };
+        }
+        sync_threads();
+        // A: lanes 0–15 rows 0–15 at k 0, lanes 16–31 the same rows at k 8. Bᵀ: lanes 0–7 rows
+        // (n) 0–7 at k 0, lanes 8–15 at k 8.
+        let fa = unsafe { load_matrix_x4(base + 2 * ((l % 16) * 16 + 8 * (l / 16)) as u32) };
+        let fb = unsafe { load_matrix_x4(base + 512 + 2 * ((l % 8) * 16 + 8 * ((l / 8) % 2)) as u32) };
+        let mut acc = [1.0f32; 4];
+        mma_f16(&mut acc, fa, [fb[0], fb[1]]);
+        acc
+    });
+    for (l, acc) in d.iter().enumerate() {
+        let (g, t) = (l / 4, l % 4);
+        for (c, &got) in acc.iter().enumerate() {
+            let (r, n) = (g + 8 * (c / 2), 2 * t + c % 2);
+            // A's values rounded to f16 as stored; B's are exact.
+            let want = (0..16).fold(1.0f32, |s, k| s + f16::from_f32(a(r, k)).to_f32() * b(k, n));
+            assert!((got - want).abs() < 1e-3, "lane {l} entry {c}: {got} against {want}");
+        }
+    }
+}
+
+#[test]
+fn transposed_ldmatrix_gives_each_lane_a_column_pair() {
+    let q = per_thread(32, || {
+        let base = dynamic_smem_addr();
+        // Matrix i, row r, column c holds 1000 i + 10 r + c (as u16).
+        let l = lane();
+        for c in 0..8u32 {
+            let (i, r) = (l / 8, l % 8);
+            let v = 1000 * i + 10 * r + c;
+            let addr = base + 16 * l + 2 * c;
+            unsafe { store_shared_u32(addr & !3, if c % 2 == 0 { v } else { load_shared_u32(addr & !3) | v << 16 }) };
+        }
+        sync_threads();
+        unsafe { load_matrix_x4_trans(base + 16 * l) }
+    });
+    for (l, regs) in q.iter().enumerate() {
+        let (g, t) = (l as u32 / 4, l as u32 % 4);
+        for (i, &w) in regs.iter().enumerate() {
+            let i = i as u32;
+            assert_eq!(w & 0xFFFF, 1000 * i + 10 * (2 * t) + g, "lane {l} matrix {i}");
+            assert_eq!(w >> 16, 1000 * i + 10 * (2 * t + 1) + g, "lane {l} matrix {i}");
+        }
+    }
+}
+
+#[test]
+fn a_shuffle_that_half_a_warp_skips_is_a_fault() {
+    let fault = launch(one_block(32, 0), || {
+        if lane() < 16 {
+            shfl_xor_u32(1, 1);
+        }
+    })
+    .unwrap_err();
+    assert!(fault.what.contains("deadlock"), "{fault}");
+}
+
+#[test]
+fn lanes_at_different_collectives_are_a_fault() {
+    let fault = launch(one_block(32, 0), || {
+        if lane() < 16 {
+            shfl_xor_u32(1, 1);
+        } else {
+            any(true);
+        }
+    })
+    .unwrap_err();
+    assert!(fault.what.contains("diverged"), "{fault}");
+}
+
+#[test]
+fn a_block_barrier_that_a_warp_skips_deadlocks() {
+    let fault = launch(one_block(64, 0), || {
+        if warp() == 0 {
+            sync_threads();
+        }
+    })
+    .unwrap_err();
+    assert!(fault.what.contains("deadlock"), "{fault}");
+}
+
+#[test]
+fn a_global_load_past_the_buffer_is_a_fault_naming_it() {
+    let buf = DeviceBuffer::filled("sixteen floats", 16, 0.0f32);
+    let p = buf.ptr();
+    let fault = launch(LaunchConfig { grid: (2, 1), threads: 32, smem_bytes: 0 }, move || unsafe {
+        // Four threads read the four vectors; block 1 one past them.
+        if lane() < 4 {
+            load_readonly((p as *const Vec16).add(lane() as usize + 4 * block_x() as usize));
+        }
+    })
+    .unwrap_err();
+    assert_eq!(fault.block, (1, 0));
+    assert!(fault.what.contains("outside every buffer") && fault.what.contains("sixteen floats"), "{fault}");
+}
+
+#[test]
+fn a_shared_access_past_the_launch_bytes_is_a_fault() {
+    let fault =
+        launch(one_block(32, 1024), || unsafe { store_shared_u32x4(dynamic_smem_addr() + 64 * lane(), [0; 4]) })
+            .unwrap_err();
+    assert!(fault.what.contains("outside the launch's 1024 bytes"), "{fault}");
+}
+
+#[test]
+fn an_asynchronous_copy_lands_only_when_its_thread_waits() {
+    let src = DeviceBuffer::from_slice("source", &[7u32; 4 * 32]);
+    let out = DeviceBuffer::filled("out", 2 * 32, 0u32);
+    let (s, o) = (src.ptr(), out.ptr());
+    launch(one_block(32, 512), move || unsafe {
+        let dst = dynamic_smem_addr() + 16 * lane();
+        copy_async(dst, (s as *const Vec16).add(lane() as usize));
+        commit_async_copies();
+        let before = load_shared_u32(dst);
+        wait_async_copies(0);
+        let after = load_shared_u32(dst);
+        let row = (o as *mut u32).add(2 * lane() as usize);
+        *row = before;
+        *row.add(1) = after;
+    })
+    .unwrap();
+    // Shared memory starts as 0xFF bytes: the early read sees them, the late one the copy.
+    assert!(out.to_vec().chunks(2).all(|p| p == [u32::MAX, 7]));
+}

@@ -1,0 +1,180 @@
+//! The portable MLA kernel and its merge, run by the CPU emulator from their own source,
+//! against the f64 reference: shuffled pages of sizes 1, 7, 64, 100 and one larger than the
+//! sequences, empty and one-token requests, 16, 64 and 128 heads, split row tiles merged by the
+//! second kernel, causal multi-token queries, f16 and bf16 queries over 16-bit and 8-bit
+//! caches, poisoned outputs. The launches' parameters are the host plan's own (`mla_split`,
+//! `mla_params`). Small shapes: every thread of every block is emulated.
+use ferrinfer::internals::abi::{
+    mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, SplitScratch, MLA_CKV_DIM, MLA_MERGE_THREADS,
+    MLA_ROWS, MLA_THREADS,
+};
+use ferrinfer::internals::{mla_params, MlaAddresses};
+use ferrinfer::{bf16, f16, mla_split, reference, E4m3, E5m2, KvDType, MlaCacheShape, MlaOptions, PageTable};
+use ferrinfer_emu::gpu::fp8::{self, KvElem};
+use ferrinfer_emu::gpu::half::{self, Half};
+use ferrinfer_emu::{launch, mla, DeviceBuffer, LaunchConfig};
+use ferrinfer_tests::compare::expect_attention_close;
+use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use rand::Rng;
+
+const CKV: usize = MlaCacheShape::CKV_DIM;
+const KPE: usize = MlaCacheShape::KPE_DIM;
+
+struct Case {
+    /// (qo_len, kv_len) per request.
+    lens: Vec<(usize, usize)>,
+    page_size: usize,
+    heads: usize,
+    causal: bool,
+    /// Multiprocessors the plan fills: few make it split long requests' row tiles.
+    sms: usize,
+    /// Whether the plan must split row tiles (checked, so that the merge is exercised).
+    splits: bool,
+}
+
+fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
+    Case { lens: kv_lens.iter().map(|&kv| (1, kv)).collect(), page_size, heads, causal: false, sms: 1, splits: false }
+}
+
+/// Stored values about ±1 / scale, so that an 8-bit cache's values mean about ±1.
+const FP8_SCALE: f32 = 0.0625 * 1.1;
+
+/// Runs `case` with queries of `T` (kernel type `H`) over a cache of `C` (kernel type `K`) on
+/// the emulator and compares with the reference.
+fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(case: &Case, seed: u64) {
+    let mut r = rng(seed);
+    let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = MlaCacheShape { num_pages: pages_needed(&kv_lens, case.page_size) + 3, page_size: case.page_size };
+    let table: PageTable = random_table(&mut r, &kv_lens, case.page_size, shape.num_pages);
+    let scale = if C::DTYPE.is_fp8() { FP8_SCALE } else { 1.0 };
+    let mut values =
+        |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect() };
+    let (ckv, kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    let mut qo_indptr = vec![0u32];
+    for &(qo, _) in &case.lens {
+        qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
+    }
+    let rows = *qo_indptr.last().unwrap() as usize * case.heads;
+    let q_nope: Vec<T> = random_values(&mut r, rows * CKV);
+    let q_pe: Vec<T> = random_values(&mut r, rows * KPE);
+    let kv_dtype = (T::DTYPE != C::DTYPE).then_some(C::DTYPE);
+    let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: case.causal, kv_dtype };
+    let split = mla_split(&shape, case.heads, &qo_indptr, &table, options, case.sms, 1).expect("a valid batch");
+    assert_eq!(!split.merge_tiles.is_empty(), case.splits, "whether the plan splits row tiles");
+
+    let b_ckv = DeviceBuffer::from_slice("ckv pool", &ckv);
+    let b_kpe = DeviceBuffer::from_slice("kpe pool", &kpe);
+    let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
+    let b_work = DeviceBuffer::from_slice("work items", &split.work);
+    let b_tiles = DeviceBuffer::from_slice("merge tiles", &split.merge_tiles);
+    let b_q_nope = DeviceBuffer::from_slice("q_nope", &q_nope);
+    let b_q_pe = DeviceBuffer::from_slice("q_pe", &q_pe);
+    let b_out = DeviceBuffer::filled("out", rows * CKV, poison::<T>());
+    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let partial_rows = split.slots * MLA_ROWS as usize;
+    let b_partial = DeviceBuffer::filled("partial out", partial_rows * MLA_CKV_DIM as usize, f32::NAN);
+    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows, f32::NAN);
+    let addresses = MlaAddresses {
+        q_nope: b_q_nope.ptr(),
+        q_pe: b_q_pe.ptr(),
+        ckv: b_ckv.ptr(),
+        kpe: b_kpe.ptr(),
+        kv_indices: b_indices.ptr(),
+        work: b_work.ptr(),
+        merge_tiles: b_tiles.ptr(),
+        out: b_out.ptr(),
+        lse: b_lse.ptr(),
+        split: SplitScratch { merge_counters: 0, partial_out: b_partial.ptr(), partial_lse: b_partial_lse.ptr() },
+    };
+    let (params, merge_params): (MlaParams, MlaMergeParams) =
+        mla_params(&shape, case.heads, &options, scale, &addresses);
+
+    let cfg = LaunchConfig {
+        grid: (split.work.len() as u32, 1),
+        threads: MLA_THREADS,
+        smem_bytes: mla_smem_bytes(<K as KvElem>::BYTES),
+    };
+    // SAFETY (emulated): the parameters address the buffers above, as the plan's would.
+    launch(cfg, move || unsafe { mla::mla::<H, K>(&params) }).unwrap_or_else(|f| panic!("MLA kernel: {f}"));
+    if !split.merge_tiles.is_empty() {
+        let cfg = LaunchConfig {
+            grid: (split.merge_tiles.len() as u32, MLA_ROWS),
+            threads: MLA_MERGE_THREADS,
+            smem_bytes: mla_merge_smem_bytes(),
+        };
+        // SAFETY: as above.
+        launch(cfg, move || unsafe { mla::mla_merge::<H>(&merge_params) })
+            .unwrap_or_else(|f| panic!("MLA merge kernel: {f}"));
+    }
+
+    let (want, want_lse) =
+        reference::mla_scaled(&shape, &ckv, &kpe, scale, &table, &qo_indptr, &q_nope, &q_pe, case.heads, &options);
+    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, case.heads, CKV, "token")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn mla_decode_page_size_1_heads_16_f16() {
+    run::<f16, f16, half::F16, half::F16>(&decode(&[0, 1, 7, 33, 100], 1, 16), 1);
+}
+
+#[test]
+fn mla_decode_page_size_7_heads_64_bf16() {
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&decode(&[65, 0, 1, 40], 7, 64), 2);
+}
+
+#[test]
+fn mla_decode_page_size_100_heads_128_f16() {
+    run::<f16, f16, half::F16, half::F16>(&decode(&[130, 3], 100, 128), 3);
+}
+
+#[test]
+fn mla_decode_page_size_513_longer_than_the_sequences_heads_16_bf16() {
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&decode(&[3, 1, 200], 513, 16), 4);
+}
+
+#[test]
+fn mla_decode_split_and_merged_page_size_64_heads_64_f16() {
+    let case = Case { sms: 8, splits: true, ..decode(&[1000, 5], 64, 64) };
+    run::<f16, f16, half::F16, half::F16>(&case, 5);
+}
+
+#[test]
+fn mla_decode_split_and_merged_page_size_7_heads_16_bf16() {
+    let case = Case { sms: 4, splits: true, ..decode(&[700], 7, 16) };
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 6);
+}
+
+#[test]
+fn mla_causal_multi_token_page_size_7_heads_16_f16() {
+    let case = Case { lens: vec![(1, 1), (6, 50), (3, 3), (0, 20), (5, 70)], causal: true, ..decode(&[], 7, 16) };
+    run::<f16, f16, half::F16, half::F16>(&case, 7);
+}
+
+#[test]
+fn mla_decode_e4m3_cache_page_size_7_heads_16_f16() {
+    run::<f16, E4m3, half::F16, fp8::E4m3>(&decode(&[0, 1, 45, 90], 7, 16), 8);
+}
+
+#[test]
+fn mla_decode_e5m2_cache_split_page_size_1_heads_64_bf16() {
+    let case = Case { sms: 4, splits: true, ..decode(&[600], 1, 64) };
+    run::<bf16, E5m2, half::Bf16, fp8::E5m2>(&case, 9);
+}
+
+#[test]
+fn mla_decode_split_and_merged_heads_128_page_size_64_bf16() {
+    let case = Case { sms: 8, splits: true, ..decode(&[2048, 1], 64, 128) };
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 10);
+}
+
+#[test]
+fn mla_causal_multi_token_page_size_64_heads_128_bf16() {
+    let case = Case { lens: vec![(3, 200), (1, 1), (2, 64)], causal: true, ..decode(&[], 64, 128) };
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 11);
+}
+
+#[test]
+fn mla_decode_e4m3_cache_page_size_100_heads_128_bf16() {
+    run::<bf16, E4m3, half::Bf16, fp8::E4m3>(&decode(&[300, 0, 7], 100, 128), 12);
+}
