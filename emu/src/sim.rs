@@ -5,12 +5,15 @@
 //! addressed by a 32-bit window address as on the GPU.
 //!
 //! What it checks that a GPU would not tell: a warp collective reached by only some lanes or
-//! by lanes at different collectives, a block barrier reached while threads have exited, a
-//! deadlock, shared-memory accesses outside the launch's bytes or misaligned, global accesses
-//! through the checked helpers outside every buffer, and (by guard pages) any access just
-//! past a buffer's or the shared memory's end. Asynchronous copies land when their thread
-//! waits for them, not before, and shared memory starts as 0xFF bytes (NaN in f16, bf16 and
-//! f32), so a read that a missing wait or barrier leaves stale shows up in the results.
+//! by lanes at different collectives, a deadlock (a barrier some threads never reach, an
+//! mbarrier phase that never completes), shared-memory accesses outside the launch's bytes or
+//! misaligned, global accesses through the checked helpers outside every buffer, mbarriers used
+//! before their initialisation, and (by guard pages) any access just past a buffer's or the
+//! shared memory's end. Asynchronous copies land when their thread waits for them, not
+//! before; copies tied to an mbarrier arrival land only when no thread can go on without them;
+//! shared memory starts as 0xFF bytes (NaN in f16, bf16 and f32): a read that a missing wait or
+//! barrier leaves stale shows up in the results. `wgmma` runs when issued (its reads of shared
+//! memory happen then; the GPU may read later).
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -56,6 +59,11 @@ pub(crate) enum Op {
         a: [u32; 4],
         b: [u32; 2],
         bf16: bool,
+    },
+    /// `mbarrier.try_wait.parity` until it succeeds: a wait of this thread alone.
+    MbarrierWait {
+        bar: u32,
+        parity: u32,
     },
 }
 
@@ -128,6 +136,17 @@ pub(crate) struct Block {
     smem: *mut u8,
     smem_bytes: u32,
     copies: RefCell<Vec<AsyncCopies>>,
+    mbarriers: RefCell<std::collections::HashMap<u32, Mbarrier>>,
+    /// Copies whose completion a thread tied to an mbarrier arrival (`cp.async.mbarrier.arrive`):
+    /// they land, and arrive, only when nothing else can run (as late as the GPU may).
+    tracked: RefCell<Vec<(u32, Vec<AsyncCopy>, u32)>>,
+}
+
+/// An mbarrier's state: arrivals a phase, arrivals still missing in this phase, phases done.
+struct Mbarrier {
+    count: u32,
+    pending: u32,
+    phase: u32,
 }
 
 thread_local! {
@@ -195,25 +214,83 @@ impl Block {
         mine.committed.push(group);
     }
 
-    /// Performs this thread's committed groups but the newest `pending`.
+    /// Performs this thread's committed groups but the newest `pending` (and first any copies it
+    /// tied to an mbarrier, which a `wait_group` waits for too).
     pub(crate) fn wait_copies(&self, pending: u32) {
+        self.land_tracked(Some(thread()));
         let mut all = self.copies.borrow_mut();
         let mine = &mut all[thread() as usize];
         let land = mine.committed.len().saturating_sub(pending as usize);
-        for group in mine.committed.drain(..land) {
-            for c in group {
-                let dst = self.shared(c.dst, 16, 16);
-                // SAFETY: `dst` is 16 checked bytes of shared memory; a valid source was checked
-                // against the buffers when the copy was issued.
-                unsafe {
-                    if c.valid {
-                        std::ptr::copy_nonoverlapping(c.src as *const u8, dst, 16);
-                    } else {
-                        std::ptr::write_bytes(dst, 0, 16);
-                    }
+        let groups: Vec<AsyncCopy> = mine.committed.drain(..land).flatten().collect();
+        drop(all);
+        self.land(groups);
+    }
+}
+
+impl Block {
+    fn land(&self, copies: Vec<AsyncCopy>) {
+        for c in copies {
+            let dst = self.shared(c.dst, 16, 16);
+            // SAFETY: `dst` is 16 checked bytes of shared memory; a valid source was checked
+            // against the buffers when the copy was issued.
+            unsafe {
+                if c.valid {
+                    std::ptr::copy_nonoverlapping(c.src as *const u8, dst, 16);
+                } else {
+                    std::ptr::write_bytes(dst, 0, 16);
                 }
             }
         }
+    }
+
+    pub(crate) fn mbarrier_init(&self, bar: u32, count: u32) {
+        self.shared(bar, 8, 8);
+        assert!(count > 0, "mbarrier at {bar:#x} initialised for 0 arrivals");
+        self.mbarriers.borrow_mut().insert(bar, Mbarrier { count, pending: count, phase: 0 });
+    }
+
+    pub(crate) fn mbarrier_arrive(&self, bar: u32) {
+        let mut all = self.mbarriers.borrow_mut();
+        let b = all.get_mut(&bar).unwrap_or_else(|| panic!("arrival on mbarrier {bar:#x}, never initialised"));
+        b.pending -= 1;
+        if b.pending == 0 {
+            b.phase += 1;
+            b.pending = b.count;
+        }
+    }
+
+    /// Ties this thread's copies so far to an arrival on `bar` once they land.
+    pub(crate) fn mbarrier_arrive_on_copies(&self, bar: u32) {
+        assert!(self.mbarriers.borrow().contains_key(&bar), "copies tied to mbarrier {bar:#x}, never initialised");
+        let mut all = self.copies.borrow_mut();
+        let mine = &mut all[thread() as usize];
+        let mut copies: Vec<AsyncCopy> = mine.committed.drain(..).flatten().collect();
+        copies.append(&mut mine.open);
+        self.tracked.borrow_mut().push((thread(), copies, bar));
+    }
+
+    /// Whether the phase of parity `parity` of the mbarrier at `bar` has completed (the phase
+    /// before the first counts as completed, as on the GPU).
+    pub(crate) fn mbarrier_phase_done(&self, bar: u32, parity: u32) -> bool {
+        let all = self.mbarriers.borrow();
+        let b = all.get(&bar).unwrap_or_else(|| panic!("wait on mbarrier {bar:#x}, never initialised"));
+        b.phase % 2 != parity % 2
+    }
+
+    /// Lands the tracked copies (of `thread`, or all) and makes their arrivals; whether any.
+    fn land_tracked(&self, thread: Option<u32>) -> bool {
+        let batches: Vec<(u32, Vec<AsyncCopy>, u32)> = {
+            let mut tracked = self.tracked.borrow_mut();
+            let (mine, rest) = tracked.drain(..).partition(|(t, _, _)| thread.is_none_or(|want| want == *t));
+            *tracked = rest;
+            mine
+        };
+        let any = !batches.is_empty();
+        for (_, copies, bar) in batches {
+            self.land(copies);
+            self.mbarrier_arrive(bar);
+        }
+        any
     }
 }
 
@@ -376,6 +453,8 @@ fn run_block(
         smem: smem.payload,
         smem_bytes: cfg.smem_bytes,
         copies: RefCell::new((0..cfg.threads).map(|_| AsyncCopies::default()).collect()),
+        mbarriers: RefCell::new(std::collections::HashMap::new()),
+        tracked: RefCell::new(Vec::new()),
     });
     BLOCK.with(|b| b.set(&*block));
     let fault = |thread: Option<u32>, what: String| Fault { block: index, thread, what };
@@ -427,7 +506,9 @@ fn run_block(
             let ops: Vec<Option<Op>> = state[lanes.clone()]
                 .iter()
                 .map(|s| match s {
-                    ThreadState::Waiting(op) if !matches!(op, Op::Barrier { .. }) => Some(*op),
+                    ThreadState::Waiting(op) if !matches!(op, Op::Barrier { .. } | Op::MbarrierWait { .. }) => {
+                        Some(*op)
+                    }
                     _ => None,
                 })
                 .collect();
@@ -444,6 +525,18 @@ fn run_block(
                 }
                 released = true;
             }
+        }
+        for s in state.iter_mut() {
+            if let ThreadState::Waiting(Op::MbarrierWait { bar, parity }) = *s {
+                if block.mbarrier_phase_done(bar, parity) {
+                    *s = ThreadState::Ready(Reply::None);
+                    released = true;
+                }
+            }
+        }
+        // Nothing else can run: copies tied to mbarriers land now, as late as they may.
+        if !released && !state.iter().any(|s| matches!(s, ThreadState::Ready(_))) && block.land_tracked(None) {
+            continue;
         }
         if !released && !state.iter().any(|s| matches!(s, ThreadState::Ready(_))) {
             let exited = state.iter().filter(|s| matches!(s, ThreadState::Done)).count();
@@ -613,6 +706,6 @@ fn warp_collective(block: &Block, ops: &[Op]) -> Result<Vec<Reply>, String> {
                 })
                 .collect()
         }
-        Op::Barrier { .. } => return Err("a barrier among warp collectives".into()),
+        Op::Barrier { .. } | Op::MbarrierWait { .. } => return Err("a barrier among warp collectives".into()),
     })
 }

@@ -187,3 +187,48 @@ fn an_asynchronous_copy_lands_only_when_its_thread_waits() {
     // Shared memory starts as 0xFF bytes: the early read sees them, the late one the copy.
     assert!(out.to_vec().chunks(2).all(|p| p == [u32::MAX, 7]));
 }
+
+#[test]
+fn copies_tied_to_an_mbarrier_land_only_for_the_waiter_of_its_phase() {
+    use ferrinfer_emu::gpu::hopper::{mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait};
+    let src = DeviceBuffer::from_slice("source", &[5u32; 4 * 32]);
+    let out = DeviceBuffer::filled("out", 2 * 32, 0u32);
+    let (s, o) = (src.ptr(), out.ptr());
+    launch(one_block(64, 1024), move || unsafe {
+        let base = dynamic_smem_addr();
+        let bar = base + 1016;
+        if thread_x() == 0 {
+            mbarrier_init(bar, 32);
+        }
+        sync_threads();
+        if warp() == 0 {
+            // The producer: a copy each, tied to the barrier (expected count 32: no extra arrival).
+            copy_async(base + 16 * lane(), (s as *const Vec16).add(lane() as usize));
+            mbarrier_arrive_on_async_copies(bar);
+        } else {
+            // The consumer: before waiting it sees shared memory's initial bytes; after, the copy.
+            let row = (o as *mut u32).add(2 * lane() as usize);
+            *row = load_shared_u32(base + 16 * lane());
+            mbarrier_wait(bar, 0);
+            *row.add(1) = load_shared_u32(base + 16 * lane());
+        }
+    })
+    .unwrap();
+    assert!(out.to_vec().chunks(2).all(|p| p == [u32::MAX, 5]));
+}
+
+#[test]
+fn an_mbarrier_phase_that_never_completes_is_a_deadlock() {
+    use ferrinfer_emu::gpu::hopper::{mbarrier_arrive, mbarrier_init, mbarrier_wait};
+    let fault = launch(one_block(32, 1024), || unsafe {
+        let bar = dynamic_smem_addr();
+        if lane() == 0 {
+            mbarrier_init(bar, 33);
+        }
+        sync_threads();
+        mbarrier_arrive(bar);
+        mbarrier_wait(bar, 0);
+    })
+    .unwrap_err();
+    assert!(fault.what.contains("deadlock"), "{fault}");
+}

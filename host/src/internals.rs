@@ -4,8 +4,10 @@
 pub use crate::attention::decode::{decode_split, DecodeSplit};
 pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{
-    persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_split, PrefillSplit,
+    persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, PrefillKernel,
+    PrefillSplit,
 };
+pub use crate::plan::Addresses;
 pub use crate::runtime::abi;
 pub use crate::runtime::abi::{DecodeWorkItem, PrefillWorkItem, NO_PARTIAL};
 pub use crate::runtime::kernels::prefill_block_rows;

@@ -243,12 +243,11 @@ pub unsafe fn prefill_hopper<
             // Two calls, not one closure testing `ping_pong`: that form, the same after constant
             // folding, made ptxas spill 12 bytes more in the ping-pong kernels.
             if ping_pong {
-                let load_next = #[inline(always)]
-                || {
+                let load_next = crate::inline_always!(|| {
                     if !last {
                         load_queries::<HEAD_DIM>(p, &unit(at + 1, 0), q_smem, tid);
                     }
-                };
+                });
                 consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p, &this, q_smem, ring, last, load_next, tid,
                 );
@@ -606,8 +605,7 @@ unsafe fn consume<
     // S = Q·Kᵀ of `tile` (its stage landed), issued, not waited for.
     // Only the first `live` n-fragments (the tile's first `8 live` keys: the rows of a K-major
     // operand, so the same descriptor) are computed; `live` is a constant at each call.
-    let issue_s = #[inline(always)]
-    |s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
+    let issue_s = crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
         let k_tile = ring.k_stage((base + tile) % STAGES);
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
@@ -617,26 +615,27 @@ unsafe fn consume<
             on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));
         });
         wgmma_commit();
-    };
+    });
     // Waits for S's first `live` n-fragments (as `issue_s` wrote them: the others' registers
     // hold the tile before's logits and stay out of the `wgmma` pipeline).
     let wait_s =
-        #[inline(always)]
-        |s: &mut [[f32; 4]; S_FRAGS], live: usize| on_live!(s, live, |prefix| wgmma_wait_frags::<0, _>(prefix));
-    let land = #[inline(always)]
-    |tile: u32| {
+        crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS], live: usize| on_live!(
+            s,
+            live,
+            |prefix| wgmma_wait_frags::<0, _>(prefix)
+        ));
+    let land = crate::inline_always!(|tile: u32| {
         mbarrier_wait(ring.full((base + tile) % STAGES), ((base + tile) / STAGES) % 2);
         fence_proxy_async();
-    };
+    });
     // The softmax of `tile`'s S (O rescaled in place when a row's maximum moved far enough):
     // P, ready for P·V.
-    let softmax = #[inline(always)]
-    |s: &mut [[f32; 4]; S_FRAGS],
-                   state: &mut RowState,
-                   o: &mut [[f32; 4]; O_FRAGS],
-                   tile: u32,
-                   masked: bool,
-                   live: usize| {
+    let softmax = crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS],
+                                         state: &mut RowState,
+                                         o: &mut [[f32; 4]; O_FRAGS],
+                                         tile: u32,
+                                         masked: bool,
+                                         live: usize| {
         // Fragments past `live` are left alone (they hold no logits of this tile).
         let first_key = work.kv_start + tile * TILE;
         let factor = on_live!(s, live, |prefix| scale.apply(prefix));
@@ -654,20 +653,20 @@ unsafe fn consume<
                 }
             });
         })
-    };
+    });
     // O += P·V of `tile`, issued, not waited for: 16 keys a step; V's k-step is two 8-row
     // groups (1 KiB apart), its 64-dim slabs a whole slab apart.
     // (Keys past the first `8 live` have zero probabilities: their steps are skipped.)
-    let issue_pv = #[inline(always)]
-    |o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32, live: usize| {
-        wgmma_fence();
-        let v_tile = ring.v_stage((base + tile) % STAGES);
-        crate::unroll_to!(kb < live.min(S_FRAGS) / 2, {
-            let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
-            H::mma_rs(o, probs[kb], vd);
+    let issue_pv =
+        crate::inline_always!(|o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32, live: usize| {
+            wgmma_fence();
+            let v_tile = ring.v_stage((base + tile) % STAGES);
+            crate::unroll_to!(kb < live.min(S_FRAGS) / 2, {
+                let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
+                H::mma_rs(o, probs[kb], vd);
+            });
+            wgmma_commit();
         });
-        wgmma_commit();
-    };
     // `last` and `live` below are constants at each call of a step (`wgmma`s of several widths
     // under one branch ptxas cannot prove uniform make it serialise them all); `masked` only
     // chooses whether the softmax masks, outside any `wgmma`'s flight.
@@ -684,41 +683,43 @@ unsafe fn consume<
         let (my_turn, other_turn) = (BARRIER_TURN + warpgroup, BARRIER_TURN + 1 - warpgroup);
         let mut s = [[0.0f32; 4]; S_FRAGS];
         // A phase of S alone: the unit's first tile's, or its halved last one's.
-        let s_alone = #[inline(always)]
-        |s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
+        let s_alone = crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
             land(tile);
             named_barrier(my_turn, 2 * 128);
             wgmma_fence();
             issue_s(s, tile, live);
             named_barrier_arrive(other_turn, 2 * 128);
             wait_s(s, live);
-        };
+        });
         // Tile `tile`'s softmax (its first `live` n-fragments; the mask where `masked`) and
         // P·V, with the next tile's S unless `last`.
-        let mut step =
-            #[inline(always)]
-            |s: &mut [[f32; 4]; S_FRAGS], tile: u32, masked: bool, last: bool, live: usize, queries: bool| {
-                let probs = softmax(s, &mut state, &mut o, tile, masked, live);
-                if !last {
-                    land(tile + 1);
-                }
-                named_barrier(my_turn, 2 * 128);
-                issue_pv(&mut o, &probs, tile, live);
-                if !last {
-                    issue_s(s, tile + 1, S_FRAGS);
-                }
-                named_barrier_arrive(other_turn, 2 * 128);
-                // The unit's last S has read this warpgroup's Q rows (`queries`, in its last step):
-                // the next unit's come in while P·V and the output finish.
-                if last && queries {
-                    load_next();
-                }
-                wgmma_wait_frags::<0, O_FRAGS>(&mut o);
-                if !last {
-                    wgmma_wait_frags::<0, S_FRAGS>(s);
-                }
-                mbarrier_arrive(ring.empty((base + tile) % STAGES));
-            };
+        let mut step = crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS],
+                                              tile: u32,
+                                              masked: bool,
+                                              last: bool,
+                                              live: usize,
+                                              queries: bool| {
+            let probs = softmax(s, &mut state, &mut o, tile, masked, live);
+            if !last {
+                land(tile + 1);
+            }
+            named_barrier(my_turn, 2 * 128);
+            issue_pv(&mut o, &probs, tile, live);
+            if !last {
+                issue_s(s, tile + 1, S_FRAGS);
+            }
+            named_barrier_arrive(other_turn, 2 * 128);
+            // The unit's last S has read this warpgroup's Q rows (`queries`, in its last step):
+            // the next unit's come in while P·V and the output finish.
+            if last && queries {
+                load_next();
+            }
+            wgmma_wait_frags::<0, O_FRAGS>(&mut o);
+            if !last {
+                wgmma_wait_frags::<0, S_FRAGS>(s);
+            }
+            mbarrier_arrive(ring.empty((base + tile) % STAGES));
+        });
         // A unit whose last tile no row sees past half of (`last_live`) runs it apart, in two
         // phases of its own (S alone, then softmax and P·V) at half width, after the tiles
         // before it as a unit of one tile fewer: one phase more, for both warpgroups alike
@@ -756,8 +757,7 @@ unsafe fn consume<
         // At head_dim 256 the 128 O accumulators leave no registers for the next tile's S
         // beside this one's P (ping-pong spilled and ran 35% slower): each warpgroup runs its
         // tiles one after the other, S, softmax, P·V, and the two only overlap by chance.
-        let mut step = #[inline(always)]
-        |tile: u32, masked: bool| {
+        let mut step = crate::inline_always!(|tile: u32, masked: bool| {
             land(tile);
             let mut s = [[0.0f32; 4]; S_FRAGS];
             wgmma_fence();
@@ -767,7 +767,7 @@ unsafe fn consume<
             issue_pv(&mut o, &probs, tile, S_FRAGS);
             wgmma_wait_frags::<0, O_FRAGS>(&mut o);
             mbarrier_arrive(ring.empty((base + tile) % STAGES));
-        };
+        });
         let mut tile = 0;
         while tile < tiles {
             if visibility.masks(work.kv_start + tile * TILE) {

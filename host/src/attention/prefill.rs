@@ -617,25 +617,41 @@ impl AttentionLaunch for PrefillWork {
         self.blocks as u32
     }
     fn params(&self, ops: &Addresses, parts: &[u64], split: SplitScratch) -> PrefillParams {
-        PrefillParams {
-            q: ops.q,
-            cache: paged_cache_params(&self.shape, ops.k, ops.v, parts[0]),
-            work: parts[1],
-            schedule: parts[2],
-            out: ops.out,
-            lse: ops.lse,
-            sinks: ops.sinks,
-            split,
-            num_qo_heads: self.num_qo_heads as u32,
-            num_kv_heads: self.shape.num_kv_heads as u32,
-            group_size: FastDiv::new(self.group_size as u32),
-            sm_scale: self.sm_scale * ops.scales.k,
-            v_scale: ops.scales.v,
-            kv_head_scales: ops.head_scales,
-            logits_soft_cap: self.options.logits_soft_cap,
-            window_left: self.options.window_left,
-            causal: self.options.causal as u32,
-        }
+        let planned = (self.num_qo_heads, self.group_size, self.sm_scale);
+        prefill_params(&self.shape, planned, &self.options, ops, parts, split)
+    }
+}
+
+/// The parameter block of a prefill launch over a cache of `shape` with `(num_qo_heads,
+/// group_size, sm_scale)` as planned ([`PrefillSplit`]), operands at `ops`, and the page
+/// table's indices, the work items and the persistent schedule at `parts`: what a plan's run
+/// passes (and, through `internals`, what the CPU emulator's launches pass).
+pub fn prefill_params(
+    shape: &CacheShape,
+    (num_qo_heads, group_size, sm_scale): (usize, usize, f32),
+    options: &PrefillOptions,
+    ops: &Addresses,
+    parts: &[u64],
+    split: SplitScratch,
+) -> PrefillParams {
+    PrefillParams {
+        q: ops.q,
+        cache: paged_cache_params(shape, ops.k, ops.v, parts[0]),
+        work: parts[1],
+        schedule: parts[2],
+        out: ops.out,
+        lse: ops.lse,
+        sinks: ops.sinks,
+        split,
+        num_qo_heads: num_qo_heads as u32,
+        num_kv_heads: shape.num_kv_heads as u32,
+        group_size: FastDiv::new(group_size as u32),
+        sm_scale: sm_scale * ops.scales.k,
+        v_scale: ops.scales.v,
+        kv_head_scales: ops.head_scales,
+        logits_soft_cap: options.logits_soft_cap,
+        window_left: options.window_left,
+        causal: options.causal as u32,
     }
 }
 

@@ -62,10 +62,14 @@ impl ScratchLayout {
 
 /// Device addresses of an attention launch's operands.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Addresses {
+pub struct Addresses {
+    /// Queries.
     pub q: u64,
+    /// The cache layer's K pool.
     pub k: u64,
+    /// The cache layer's V pool.
     pub v: u64,
+    /// Output rows.
     pub out: u64,
     /// 0 when no LSE is wanted.
     pub lse: u64,
