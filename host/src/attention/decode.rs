@@ -252,22 +252,39 @@ impl AttentionLaunch for DecodeWork {
         self.grid.0 * self.grid.1 * self.grid.2
     }
     fn params(&self, ops: &Addresses, parts: &[u64], split: SplitScratch) -> DecodeParams {
-        DecodeParams {
-            q: ops.q,
-            cache: paged_cache_params(&self.shape, ops.k, ops.v, parts[0]),
-            work: parts[1],
-            out: ops.out,
-            lse: ops.lse,
-            sinks: ops.sinks,
-            split,
-            num_qo_heads: self.num_qo_heads as u32,
-            num_items: self.grid.0,
-            group_size: self.group_size as u32,
-            sm_scale: self.sm_scale * ops.scales.k,
-            logits_soft_cap: self.logits_soft_cap,
-            v_scale: ops.scales.v,
-            kv_head_scales: ops.head_scales,
-        }
+        let planned = (self.num_qo_heads, self.group_size, self.sm_scale, self.grid.0);
+        decode_params(&self.shape, planned, self.logits_soft_cap, ops, parts, split)
+    }
+}
+
+/// The parameter block of a decode launch over a cache of `shape` with `(num_qo_heads,
+/// group_size, sm_scale, work items)` as planned ([`DecodeSplit`]), operands at `ops`, and the
+/// page table's indices and the work items at `parts`: what a plan's run passes (and, through
+/// `internals`, what the CPU emulator's launches pass). The grid is the items × KV heads × row
+/// tiles, flat.
+pub fn decode_params(
+    shape: &CacheShape,
+    (num_qo_heads, group_size, sm_scale, num_items): (usize, usize, f32, u32),
+    logits_soft_cap: f32,
+    ops: &Addresses,
+    parts: &[u64],
+    split: SplitScratch,
+) -> DecodeParams {
+    DecodeParams {
+        q: ops.q,
+        cache: paged_cache_params(shape, ops.k, ops.v, parts[0]),
+        work: parts[1],
+        out: ops.out,
+        lse: ops.lse,
+        sinks: ops.sinks,
+        split,
+        num_qo_heads: num_qo_heads as u32,
+        num_items,
+        group_size: group_size as u32,
+        sm_scale: sm_scale * ops.scales.k,
+        logits_soft_cap,
+        v_scale: ops.scales.v,
+        kv_head_scales: ops.head_scales,
     }
 }
 

@@ -1,0 +1,162 @@
+//! The batch decode kernel (tensor cores, its cp.async ring, split requests merged by the last
+//! part) on the emulator against the f64 reference, from the host plan's own parameters
+//! (`decode_split`, `decode_params`). The kernel passes its GPU tests, so these cases also
+//! check the emulator's `ldmatrix`, `mma.sync`, shuffles, byte permutes and asynchronous
+//! copies: odd page sizes on shuffled pages, empty and one-token requests, GQA groups of 1, 5
+//! and 8, head dims 64, 96 and 128, a window and a soft cap, an e4m3 cache with scales.
+use ferrinfer::internals::abi::{
+    decode_dense_stages, decode_smem_bytes, decode_stages, decode_threads, DecodeParams, SplitScratch,
+};
+use ferrinfer::internals::{decode_params, decode_split, Addresses};
+use ferrinfer::{bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable};
+use ferrinfer_emu::gpu::fp8::{self, KvElem};
+use ferrinfer_emu::gpu::half;
+use ferrinfer_emu::{decode, launch, DeviceBuffer, LaunchConfig};
+use ferrinfer_tests::compare::expect_attention_close;
+use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use rand::Rng;
+
+struct Case {
+    kv_lens: Vec<usize>,
+    page_size: usize,
+    qo_heads: usize,
+    kv_heads: usize,
+    layout: KvLayout,
+    options: DecodeOptions,
+    /// The GPU's multiprocessors as the planner sees them: many split long requests.
+    sms: usize,
+    splits: bool,
+}
+
+fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -> Case {
+    Case {
+        kv_lens: kv_lens.to_vec(),
+        page_size,
+        qo_heads,
+        kv_heads,
+        layout: KvLayout::Nhd,
+        options: DecodeOptions::default(),
+        sms: 1,
+        splits: false,
+    }
+}
+
+/// The kernel for head_dim `$dim` (the constants of `entries.rs`).
+macro_rules! kernel {
+    ($half:ty, $kv:ty, $dim:literal) => {
+        |p: &DecodeParams| unsafe {
+            decode::decode::<
+                $half,
+                $kv,
+                $dim,
+                { decode_threads($dim) },
+                { decode_stages($dim, <$kv as KvElem>::BYTES) },
+                { decode_dense_stages($dim, <$kv as KvElem>::BYTES) },
+            >(p)
+        }
+    };
+}
+
+/// An 8-bit cache's scales: stored values about ±1 / scale mean about ±1.
+const FP8_SCALES: KvScales = KvScales { k: 0.07, v: 0.05 };
+
+fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(&DecodeParams)) {
+    let mut r = rng(seed);
+    let shape = CacheShape {
+        num_pages: pages_needed(&c.kv_lens, c.page_size) + 2,
+        page_size: c.page_size,
+        num_kv_heads: c.kv_heads,
+        head_dim,
+        layout: c.layout,
+    };
+    let table: PageTable = random_table(&mut r, &c.kv_lens, c.page_size, shape.num_pages);
+    let scales = if C::DTYPE.is_fp8() { FP8_SCALES } else { KvScales::default() };
+    let mut values = |n: usize, scale: f32| -> Vec<C> {
+        (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect()
+    };
+    let (k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
+    let rows = c.kv_lens.len() * c.qo_heads;
+    let q: Vec<T> = random_values(&mut r, rows * head_dim);
+    let options = DecodeOptions { kv_dtype: (C::DTYPE != T::DTYPE).then_some(C::DTYPE), ..c.options };
+    let split = decode_split(&shape, c.qo_heads, &table, options, c.sms, 1).expect("a valid batch");
+    assert_eq!(split.split_requests > 0, c.splits, "whether the plan splits requests");
+
+    let b_k = DeviceBuffer::from_slice("k pool", &k);
+    let b_v = DeviceBuffer::from_slice("v pool", &v);
+    let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
+    let b_work = DeviceBuffer::from_slice("work items", &split.work);
+    let b_q = DeviceBuffer::from_slice("q", &q);
+    let b_out = DeviceBuffer::filled("out", rows * head_dim, poison::<T>());
+    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let counters = split.split_requests * c.kv_heads * split.row_tiles;
+    let partial_rows = split.slots * c.qo_heads;
+    let b_counters = DeviceBuffer::filled("merge counters", counters.max(1), 0u32);
+    let b_partial = DeviceBuffer::filled("partial out", (partial_rows * head_dim).max(1), f32::NAN);
+    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN);
+    let ops = Addresses {
+        q: b_q.ptr(),
+        k: b_k.ptr(),
+        v: b_v.ptr(),
+        out: b_out.ptr(),
+        lse: b_lse.ptr(),
+        sinks: 0,
+        scales,
+        head_scales: 0,
+    };
+    let scratch = SplitScratch {
+        merge_counters: b_counters.ptr(),
+        partial_out: b_partial.ptr(),
+        partial_lse: b_partial_lse.ptr(),
+    };
+    let planned = (c.qo_heads, split.group_size, split.sm_scale, split.work.len() as u32);
+    let params =
+        decode_params(&shape, planned, options.logits_soft_cap, &ops, &[b_indices.ptr(), b_work.ptr()], scratch);
+    let blocks = split.work.len() * c.kv_heads * split.row_tiles;
+    let dim = head_dim as u32;
+    let cfg = LaunchConfig {
+        grid: (blocks as u32, 1),
+        threads: decode_threads(dim),
+        smem_bytes: decode_smem_bytes(dim, C::DTYPE.size_bytes() as u32),
+    };
+    launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("decode kernel: {f}"));
+    // The merge counters are back at zero for the next launch.
+    assert!(b_counters.to_vec().iter().all(|&n| n == 0), "merge counters left non-zero");
+
+    let (want, want_lse) = reference::decode_scaled(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options);
+    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn decode_page_size_7_group_5_f16() {
+    run::<f16, f16>(&case(&[0, 1, 20, 150], 7, 10, 2), 128, 1, kernel!(half::F16, half::F16, 128));
+}
+
+#[test]
+fn decode_page_size_1_group_1_hnd_bf16() {
+    let c = Case { layout: KvLayout::Hnd, ..case(&[33, 2, 64], 1, 4, 4) };
+    run::<bf16, bf16>(&c, 64, 2, kernel!(half::Bf16, half::Bf16, 64));
+}
+
+#[test]
+fn decode_page_size_100_group_8_head_dim_96_f16() {
+    run::<f16, f16>(&case(&[250, 3], 100, 8, 1), 96, 3, kernel!(half::F16, half::F16, 96));
+}
+
+#[test]
+fn decode_split_requests_merged_page_size_3_group_4_f16() {
+    let c = Case { sms: 132, splits: true, ..case(&[2000, 5], 3, 8, 2) };
+    run::<f16, f16>(&c, 128, 4, kernel!(half::F16, half::F16, 128));
+}
+
+#[test]
+fn decode_window_and_soft_cap_page_size_16_group_4_bf16() {
+    let options = DecodeOptions { window_left: 40, logits_soft_cap: 30.0, ..DecodeOptions::default() };
+    let c = Case { options, ..case(&[300, 17, 0], 16, 8, 2) };
+    run::<bf16, bf16>(&c, 128, 5, kernel!(half::Bf16, half::Bf16, 128));
+}
+
+#[test]
+fn decode_e4m3_cache_page_size_7_group_4_f16() {
+    run::<f16, E4m3>(&case(&[0, 1, 90, 200], 7, 8, 2), 128, 6, kernel!(half::F16, fp8::E4m3, 128));
+}

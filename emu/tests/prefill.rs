@@ -1,0 +1,244 @@
+//! Batch prefill on the emulator against the f64 reference: the portable kernel (`mma.sync`,
+//! 64- and 128-row blocks) and the Hopper one (`wgmma`, a producer warpgroup, mbarriers,
+//! ping-pong consumers). Both pass their tests on H200s, so these cases check the emulator as
+//! much as the kernels (for Hopper: the descriptors' swizzled addressing, the accumulator and
+//! register-operand layouts, the mbarrier phases). The parameters are the host plan's own
+//! (`prefill_split`, `persistent_schedule`, `prefill_params`): odd page sizes on shuffled pages,
+//! partly full last pages, empty and one-token requests, causal and not, several units a
+//! persistent block, split keys merged.
+use ferrinfer::internals::abi::{
+    hopper_prefill_byte_stages, hopper_prefill_smem_bytes, hopper_prefill_stages, hopper_prefill_tile_tokens,
+    prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, SplitScratch, HOPPER_PREFILL_THREADS,
+};
+use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, Addresses, PrefillKernel};
+use ferrinfer::{f16, reference, CacheShape, KvLayout, KvScales, PageTable, PrefillOptions};
+use ferrinfer_emu::gpu::half::F16;
+use ferrinfer_emu::{launch, prefill, prefill_hopper, DeviceBuffer, LaunchConfig};
+use ferrinfer_tests::compare::expect_attention_close;
+use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+
+struct Case {
+    /// (qo_len, kv_len) per request.
+    lens: Vec<(usize, usize)>,
+    page_size: usize,
+    head_dim: usize,
+    causal: bool,
+    /// The GPU's multiprocessors as the planner sees them: the capacity it splits long tiles to
+    /// fill, and the Hopper kernel's persistent blocks.
+    sms: usize,
+    /// Whether the plan must split row tiles.
+    splits: bool,
+    kernel: PrefillKernel,
+}
+
+const QO_HEADS: usize = 8;
+const KV_HEADS: usize = 2;
+
+/// The portable kernel of `$rows`-row blocks for head_dim `$dim` over an f16 cache (the
+/// constants of `entries.rs`).
+macro_rules! portable_f16 {
+    ($dim:literal, $rows:literal) => {
+        |p: &PrefillParams| unsafe {
+            prefill::prefill::<
+                F16,
+                F16,
+                $dim,
+                $dim,
+                { $rows / 64 },
+                { prefill_threads($dim) },
+                { prefill_stages($dim, $rows / 64) },
+                false,
+            >(p)
+        }
+    };
+}
+
+/// The Hopper kernel for head_dim `$dim` over an f16 cache (the constants of `entries.rs`).
+macro_rules! hopper_f16 {
+    ($dim:literal) => {
+        |p: &PrefillParams| unsafe {
+            prefill_hopper::prefill_hopper::<
+                F16,
+                F16,
+                $dim,
+                { hopper_prefill_tile_tokens($dim, 2) },
+                { hopper_prefill_stages($dim, 2) },
+                { hopper_prefill_byte_stages($dim, 2) },
+                { hopper_prefill_tile_tokens($dim, 2) as usize / 8 },
+                { hopper_prefill_tile_tokens($dim, 2) as usize / 16 },
+                { $dim / 8 },
+            >(p)
+        }
+    };
+}
+
+fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
+    let mut r = rng(seed);
+    let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = CacheShape {
+        num_pages: pages_needed(&kv_lens, case.page_size) + 2,
+        page_size: case.page_size,
+        num_kv_heads: KV_HEADS,
+        head_dim: case.head_dim,
+        layout: KvLayout::Nhd,
+    };
+    let table: PageTable = random_table(&mut r, &kv_lens, case.page_size, shape.num_pages);
+    let (k, v): (Vec<f16>, Vec<f16>) =
+        (random_values(&mut r, shape.pool_elems()), random_values(&mut r, shape.pool_elems()));
+    let mut qo_indptr = vec![0u32];
+    for &(qo, _) in &case.lens {
+        qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
+    }
+    let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
+    let q: Vec<f16> = random_values(&mut r, rows * case.head_dim);
+    let options = PrefillOptions { causal: case.causal, ..PrefillOptions::DEFAULT };
+    let split =
+        prefill_split(&shape, QO_HEADS, &qo_indptr, &table, options, case.kernel, case.sms, 1).expect("a valid batch");
+    assert_eq!(split.split_tiles > 0, case.splits, "whether the plan splits row tiles");
+    let (schedule, blocks) = match case.kernel {
+        PrefillKernel::Hopper => {
+            let tile_tokens = hopper_prefill_tile_tokens(case.head_dim as u32, 2);
+            persistent_schedule(&split.work, KV_HEADS, tile_tokens, case.sms)
+        }
+        PrefillKernel::Portable { .. } => (vec![0], split.work.len() * KV_HEADS),
+    };
+
+    let b_k = DeviceBuffer::from_slice("k pool", &k);
+    let b_v = DeviceBuffer::from_slice("v pool", &v);
+    let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
+    let b_work = DeviceBuffer::from_slice("work items", &split.work);
+    let b_schedule = DeviceBuffer::from_slice("schedule", &schedule);
+    let b_q = DeviceBuffer::from_slice("q", &q);
+    let b_out = DeviceBuffer::filled("out", rows * case.head_dim, poison::<f16>());
+    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let partial_rows = split.slots * KV_HEADS * case.kernel.block_rows() as usize;
+    let b_counters = DeviceBuffer::filled("merge counters", (split.split_tiles * KV_HEADS).max(1), 0u32);
+    let b_partial = DeviceBuffer::filled("partial out", (partial_rows * case.head_dim).max(1), f32::NAN);
+    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN);
+    let ops = Addresses {
+        q: b_q.ptr(),
+        k: b_k.ptr(),
+        v: b_v.ptr(),
+        out: b_out.ptr(),
+        lse: b_lse.ptr(),
+        sinks: 0,
+        scales: KvScales::default(),
+        head_scales: 0,
+    };
+    let scratch = SplitScratch {
+        merge_counters: b_counters.ptr(),
+        partial_out: b_partial.ptr(),
+        partial_lse: b_partial_lse.ptr(),
+    };
+    let params = prefill_params(
+        &shape,
+        (QO_HEADS, split.group_size, split.sm_scale),
+        &options,
+        &ops,
+        &[b_indices.ptr(), b_work.ptr(), b_schedule.ptr()],
+        scratch,
+    );
+    let dim = case.head_dim as u32;
+    let (threads, smem_bytes) = match case.kernel {
+        PrefillKernel::Hopper => (HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(dim, 2)),
+        PrefillKernel::Portable { block_rows } => {
+            (prefill_threads(dim), prefill_smem_bytes(dim, dim, block_rows / 64, 2))
+        }
+    };
+    let cfg = LaunchConfig { grid: (blocks as u32, 1), threads, smem_bytes };
+    launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("{:?} prefill: {f}", case.kernel));
+    assert!(b_counters.to_vec().iter().all(|&n| n == 0), "merge counters left non-zero");
+
+    let (want, want_lse) = reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, QO_HEADS, &options);
+    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, case.head_dim, "token")
+        .unwrap_or_else(|e| panic!("{:?} prefill: {e}", case.kernel));
+}
+
+#[test]
+fn prefill_hopper_causal_page_size_3_head_dim_64_f16() {
+    let case = Case {
+        lens: vec![(40, 40), (0, 5), (1, 1), (70, 130)],
+        page_size: 3,
+        head_dim: 64,
+        causal: true,
+        sms: 4,
+        splits: false,
+        kernel: PrefillKernel::Hopper,
+    };
+    run(&case, 1, hopper_f16!(64));
+}
+
+#[test]
+fn prefill_hopper_page_size_48_head_dim_128_f16() {
+    let case = Case {
+        lens: vec![(33, 100), (17, 17)],
+        page_size: 48,
+        head_dim: 128,
+        causal: false,
+        sms: 2,
+        splits: false,
+        kernel: PrefillKernel::Hopper,
+    };
+    run(&case, 2, hopper_f16!(128));
+}
+
+#[test]
+fn prefill_hopper_causal_one_unit_a_block_page_size_1_head_dim_128_f16() {
+    let case = Case {
+        lens: vec![(20, 90), (9, 9)],
+        page_size: 1,
+        head_dim: 128,
+        causal: true,
+        sms: 64,
+        splits: false,
+        kernel: PrefillKernel::Hopper,
+    };
+    run(&case, 3, hopper_f16!(128));
+}
+
+#[test]
+fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
+    let case = Case {
+        lens: vec![(16, 1500)],
+        page_size: 7,
+        head_dim: 64,
+        causal: true,
+        sms: 16,
+        splits: true,
+        kernel: PrefillKernel::Hopper,
+    };
+    run(&case, 4, hopper_f16!(64));
+}
+
+const fn portable(block_rows: u32) -> PrefillKernel {
+    PrefillKernel::Portable { block_rows }
+}
+
+#[test]
+fn prefill_causal_page_size_3_head_dim_64_rows_64_f16() {
+    let lens = vec![(40, 40), (0, 5), (1, 1), (70, 130)];
+    let case = Case { lens, page_size: 3, head_dim: 64, causal: true, sms: 1, splits: false, kernel: portable(64) };
+    run(&case, 5, portable_f16!(64, 64));
+}
+
+#[test]
+fn prefill_page_size_257_head_dim_128_rows_128_f16() {
+    let lens = vec![(100, 300), (30, 30)];
+    let case =
+        Case { lens, page_size: 257, head_dim: 128, causal: false, sms: 1, splits: false, kernel: portable(128) };
+    run(&case, 6, portable_f16!(128, 128));
+}
+
+#[test]
+fn prefill_split_keys_merged_page_size_1_head_dim_128_rows_64_f16() {
+    let case = Case {
+        lens: vec![(8, 900)],
+        page_size: 1,
+        head_dim: 128,
+        causal: true,
+        sms: 32,
+        splits: true,
+        kernel: portable(64),
+    };
+    run(&case, 7, portable_f16!(128, 64));
+}
