@@ -31,6 +31,9 @@ pub mod merge;
 #[path = "../../kernels-gpu/src/mla.rs"]
 pub mod mla;
 #[allow(clippy::all)]
+#[path = "../../kernels-gpu/src/page_copy.rs"]
+pub mod page_copy;
+#[allow(clippy::all)]
 #[path = "../../kernels-gpu/src/paged_tile.rs"]
 pub mod paged_tile;
 #[allow(clippy::all)]

@@ -7,6 +7,7 @@ pub use crate::attention::prefill::{
     persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, PrefillKernel,
     PrefillSplit,
 };
+pub use crate::ops::page_copy::{append_row_offsets, copy_params, KPE_OFFSET_SHIFT};
 pub use crate::plan::Addresses;
 pub use crate::runtime::abi;
 pub use crate::runtime::abi::{DecodeWorkItem, PrefillWorkItem, NO_PARTIAL};

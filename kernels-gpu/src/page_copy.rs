@@ -20,8 +20,9 @@ use crate::gpu::mem::{load_readonly, store, Vec16};
 /// Vectors in flight per thread (the fp8 copies' `unroll!` lists match it).
 const UNROLL: u32 = 4;
 
+/// A 16-bit copy between pages and ragged rows (`TO_PAGES`: scatter).
 #[inline(always)]
-unsafe fn paged_copy<const TO_PAGES: bool>(p: &PagedCopyParams) {
+pub unsafe fn paged_copy<const TO_PAGES: bool>(p: &PagedCopyParams) {
     let (pages, ragged) = if block_y() == 0 {
         (p.k_pages as *mut Vec16, p.k_ragged as *mut Vec16)
     } else {
@@ -59,13 +60,17 @@ unsafe fn paged_copy<const TO_PAGES: bool>(p: &PagedCopyParams) {
     }
 }
 
+// The entry points exist on the GPU only (the CPU emulator calls `paged_copy`).
+
 /// Paged K/V → ragged K/V. Grid: `(ceil(total_rows / rows_per_block), 2)`.
+#[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn paged_kv_gather(p: PagedCopyParams) {
     paged_copy::<false>(&p)
 }
 
 /// Ragged K/V → paged K/V (scatter, and append). Grid: `(ceil(total_rows / rows_per_block), 2)`.
+#[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn paged_kv_scatter(p: PagedCopyParams) {
     paged_copy::<true>(&p)

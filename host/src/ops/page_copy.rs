@@ -94,6 +94,52 @@ impl Direction {
     }
 }
 
+/// The parameter block and grid of a copy of `total_rows` ragged rows to (`scatter`) or from a
+/// pool of `pool`'s shape holding `C` (its row offsets `offset_shift` narrower than the
+/// planned ones: an MLA kpe pool), `pools` of them (K and V: 2; `blockIdx.y`): what a plan's
+/// launch passes (and, through `internals`, what the CPU emulator's launches pass). The
+/// kernels run `THREADS` threads and `rows_per_block × 8` bytes of shared memory.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_params<C: KvDType>(
+    (pool, offset_shift): (&CacheShape, u32),
+    scatter: bool,
+    total_rows: u32,
+    pools: u32,
+    [k_pages, v_pages, k_ragged, v_ragged]: [u64; 4],
+    row_offsets: u64,
+    scales: KvScales,
+    head_scales: u64,
+) -> (PagedCopyParams, (u32, u32)) {
+    // Vectors of the pool: sixteen values of an 8-bit cache (two ragged vectors each).
+    let layout = pool.token_layout(C::DTYPE);
+    let row_vecs = pool.num_kv_heads as u32 * layout.head_vecs.divisor;
+    let rows_per_block = rows_per_block(total_rows, row_vecs);
+    // Quantising multiplies by the reciprocal (`E4m3::quantise`), dequantising by the scale.
+    let factor = |scale: f32| if scatter { 1.0 / scale } else { scale };
+    let params = PagedCopyParams {
+        k_pages,
+        v_pages,
+        k_ragged,
+        v_ragged,
+        row_offsets,
+        vec_shift: (16 / C::DTYPE.size_bytes()).trailing_zeros() + offset_shift,
+        layout,
+        row_vecs: FastDiv::new(row_vecs),
+        total_rows,
+        rows_per_block,
+        k_factor: factor(scales.k),
+        v_factor: factor(scales.v),
+        kv_head_scales: head_scales,
+    };
+    (params, (total_rows.div_ceil(rows_per_block), pools))
+}
+
+/// The row offsets of an append ([`ScatterPlan::append`], [`MlaAppendPlan`]): validated, each
+/// appended row's element offset in a pool of `shape`.
+pub fn append_row_offsets(shape: &CacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Vec<u64>> {
+    Ok(row_offsets(shape, table, &append_first_positions(shape, table, append_indptr)?))
+}
+
 /// What gather and scatter plans share: where each ragged row's token lives in the pool.
 struct CopyPlan {
     core: PlanCore,
@@ -183,32 +229,18 @@ impl CopyPlan {
         if self.total_rows == 0 {
             return Ok(());
         }
-        let [k_pages, v_pages, k_ragged, v_ragged] = buffers;
-        // Vectors of the pool: sixteen values of an 8-bit cache (two ragged vectors each).
-        let layout = pool.token_layout(C::DTYPE);
-        let row_vecs = pool.num_kv_heads as u32 * layout.head_vecs.divisor;
-        let rows_per_block = rows_per_block(self.total_rows, row_vecs);
-        // Quantising multiplies by the reciprocal (`E4m3::quantise`), dequantising by the scale.
-        let factor = |scale: f32| match self.direction {
-            Direction::Gather => scale,
-            Direction::Scatter => 1.0 / scale,
-        };
-        let params = PagedCopyParams {
-            k_pages,
-            v_pages,
-            k_ragged,
-            v_ragged,
+        let scatter = matches!(self.direction, Direction::Scatter);
+        let (params, grid) = copy_params::<C>(
+            (pool, offset_shift),
+            scatter,
+            self.total_rows,
+            self.pools,
+            buffers,
             row_offsets,
-            vec_shift: (16 / C::DTYPE.size_bytes()).trailing_zeros() + offset_shift,
-            layout,
-            row_vecs: FastDiv::new(row_vecs),
-            total_rows: self.total_rows,
-            rows_per_block,
-            k_factor: factor(scales.k),
-            v_factor: factor(scales.v),
-            kv_head_scales: head_scales,
-        };
-        let cfg = launch_config((self.total_rows.div_ceil(rows_per_block), self.pools), THREADS, rows_per_block * 8);
+            scales,
+            head_scales,
+        );
+        let cfg = launch_config(grid, THREADS, params.rows_per_block * 8);
         let device = self.core.device();
         // SAFETY: the table was validated against this shape (and, for writes, found disjoint)
         // when planning, so every row offset lies inside a pool; the caller vouches for the
@@ -421,7 +453,7 @@ pub struct MlaAppendPlan {
 }
 
 /// log2 of how much shorter a kpe row is than a ckv row (512 / 64).
-const KPE_OFFSET_SHIFT: u32 = (MlaCacheShape::CKV_DIM / MlaCacheShape::KPE_DIM).trailing_zeros();
+pub const KPE_OFFSET_SHIFT: u32 = (MlaCacheShape::CKV_DIM / MlaCacheShape::KPE_DIM).trailing_zeros();
 const _: () = assert!(MlaCacheShape::KPE_DIM << KPE_OFFSET_SHIFT == MlaCacheShape::CKV_DIM);
 
 impl MlaAppendPlan {
