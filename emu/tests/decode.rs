@@ -25,7 +25,8 @@ struct Case {
     options: DecodeOptions,
     /// The GPU's multiprocessors as the planner sees them: many split long requests.
     sms: usize,
-    splits: bool,
+    /// Whether the plan must split requests (checked when given).
+    splits: Option<bool>,
 }
 
 fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -> Case {
@@ -37,7 +38,7 @@ fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -
         layout: KvLayout::Nhd,
         options: DecodeOptions::default(),
         sms: 1,
-        splits: false,
+        splits: Some(false),
     }
 }
 
@@ -79,7 +80,9 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let q: Vec<T> = random_values(&mut r, rows * head_dim);
     let options = DecodeOptions { kv_dtype: (C::DTYPE != T::DTYPE).then_some(C::DTYPE), ..c.options };
     let split = decode_split(&shape, c.qo_heads, &table, options, c.sms, 1).expect("a valid batch");
-    assert_eq!(split.split_requests > 0, c.splits, "whether the plan splits requests");
+    if let Some(splits) = c.splits {
+        assert_eq!(split.split_requests > 0, splits, "whether the plan splits requests");
+    }
 
     let b_k = DeviceBuffer::from_slice("k pool", &k);
     let b_v = DeviceBuffer::from_slice("v pool", &v);
@@ -145,7 +148,7 @@ fn decode_page_size_100_group_8_head_dim_96_f16() {
 
 #[test]
 fn decode_split_requests_merged_page_size_3_group_4_f16() {
-    let c = Case { sms: 132, splits: true, ..case(&[2000, 5], 3, 8, 2) };
+    let c = Case { sms: 132, splits: Some(true), ..case(&[2000, 5], 3, 8, 2) };
     run::<f16, f16>(&c, 128, 4, kernel!(half::F16, half::F16, 128));
 }
 
@@ -159,4 +162,36 @@ fn decode_window_and_soft_cap_page_size_16_group_4_bf16() {
 #[test]
 fn decode_e4m3_cache_page_size_7_group_4_f16() {
     run::<f16, E4m3>(&case(&[0, 1, 90, 200], 7, 8, 2), 128, 6, kernel!(half::F16, fp8::E4m3, 128));
+}
+
+/// Random batches: page sizes, lengths (empty and one-token among them), GQA groups, layouts,
+/// windows and soft caps, split or not, drawn from a fixed seed.
+#[test]
+fn decode_random_batches_f16() {
+    let mut r = rng(1000);
+    for seed in 0..12 {
+        let page_size = [1, 2, 3, 5, 7, 16, 33, 100][r.random_range(0..8)];
+        let kv_heads = r.random_range(1..=2);
+        let group = [1, 3, 4, 5, 8][r.random_range(0..5)];
+        let batch = r.random_range(1..=4);
+        let kv_lens: Vec<usize> = (0..batch).map(|_| [0, 1, r.random_range(2..400)][r.random_range(0..3)]).collect();
+        let options = DecodeOptions {
+            window_left: if r.random_bool(0.3) { r.random_range(0..100) } else { -1 },
+            logits_soft_cap: if r.random_bool(0.3) { 20.0 } else { 0.0 },
+            ..DecodeOptions::default()
+        };
+        let layout = if r.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd };
+        let c = Case {
+            layout,
+            options,
+            sms: [1, 8, 132][r.random_range(0..3)],
+            splits: None,
+            ..case(&kv_lens, page_size, kv_heads * group, kv_heads)
+        };
+        if r.random_bool(0.5) {
+            run::<f16, f16>(&c, 64, seed, kernel!(half::F16, half::F16, 64));
+        } else {
+            run::<f16, f16>(&c, 128, seed, kernel!(half::F16, half::F16, 128));
+        }
+    }
 }

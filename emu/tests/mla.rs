@@ -28,12 +28,20 @@ struct Case {
     causal: bool,
     /// Multiprocessors the plan fills: few make it split long requests' row tiles.
     sms: usize,
-    /// Whether the plan must split row tiles (checked, so that the merge is exercised).
-    splits: bool,
+    /// Whether the plan must split row tiles (checked when given, so that the merge is
+    /// exercised).
+    splits: Option<bool>,
 }
 
 fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
-    Case { lens: kv_lens.iter().map(|&kv| (1, kv)).collect(), page_size, heads, causal: false, sms: 1, splits: false }
+    Case {
+        lens: kv_lens.iter().map(|&kv| (1, kv)).collect(),
+        page_size,
+        heads,
+        causal: false,
+        sms: 1,
+        splits: Some(false),
+    }
 }
 
 /// Stored values about ±1 / scale, so that an 8-bit cache's values mean about ±1.
@@ -60,7 +68,9 @@ fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(
     let kv_dtype = (T::DTYPE != C::DTYPE).then_some(C::DTYPE);
     let options = MlaOptions { sm_scale: 1.0 / 192f32.sqrt(), causal: case.causal, kv_dtype };
     let split = mla_split(&shape, case.heads, &qo_indptr, &table, options, case.sms, 1).expect("a valid batch");
-    assert_eq!(!split.merge_tiles.is_empty(), case.splits, "whether the plan splits row tiles");
+    if let Some(splits) = case.splits {
+        assert_eq!(!split.merge_tiles.is_empty(), splits, "whether the plan splits row tiles");
+    }
 
     let b_ckv = DeviceBuffer::from_slice("ckv pool", &ckv);
     let b_kpe = DeviceBuffer::from_slice("kpe pool", &kpe);
@@ -135,13 +145,13 @@ fn mla_decode_page_size_513_longer_than_the_sequences_heads_16_bf16() {
 
 #[test]
 fn mla_decode_split_and_merged_page_size_64_heads_64_f16() {
-    let case = Case { sms: 8, splits: true, ..decode(&[1000, 5], 64, 64) };
+    let case = Case { sms: 8, splits: Some(true), ..decode(&[1000, 5], 64, 64) };
     run::<f16, f16, half::F16, half::F16>(&case, 5);
 }
 
 #[test]
 fn mla_decode_split_and_merged_page_size_7_heads_16_bf16() {
-    let case = Case { sms: 4, splits: true, ..decode(&[700], 7, 16) };
+    let case = Case { sms: 4, splits: Some(true), ..decode(&[700], 7, 16) };
     run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 6);
 }
 
@@ -158,13 +168,13 @@ fn mla_decode_e4m3_cache_page_size_7_heads_16_f16() {
 
 #[test]
 fn mla_decode_e5m2_cache_split_page_size_1_heads_64_bf16() {
-    let case = Case { sms: 4, splits: true, ..decode(&[600], 1, 64) };
+    let case = Case { sms: 4, splits: Some(true), ..decode(&[600], 1, 64) };
     run::<bf16, E5m2, half::Bf16, fp8::E5m2>(&case, 9);
 }
 
 #[test]
 fn mla_decode_split_and_merged_heads_128_page_size_64_bf16() {
-    let case = Case { sms: 8, splits: true, ..decode(&[2048, 1], 64, 128) };
+    let case = Case { sms: 8, splits: Some(true), ..decode(&[2048, 1], 64, 128) };
     run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 10);
 }
 
@@ -177,4 +187,25 @@ fn mla_causal_multi_token_page_size_64_heads_128_bf16() {
 #[test]
 fn mla_decode_e4m3_cache_page_size_100_heads_128_bf16() {
     run::<bf16, E4m3, half::Bf16, fp8::E4m3>(&decode(&[300, 0, 7], 100, 128), 12);
+}
+
+/// Random batches: page sizes, head counts, decode or causal multi-token queries, lengths
+/// (empty and one-token among them), split or not, drawn from a fixed seed.
+#[test]
+fn mla_random_batches_bf16() {
+    let mut r = rng(3000);
+    for seed in 0..6 {
+        let page_size = [1, 3, 7, 16, 64, 100][r.random_range(0..6)];
+        let heads = [16, 32, 64, 128][r.random_range(0..4)];
+        let causal = r.random_bool(0.5);
+        let lens: Vec<(usize, usize)> = (0..r.random_range(1..=3))
+            .map(|_| {
+                let kv = [0, 1, r.random_range(2..600)][r.random_range(0..3)];
+                let qo = if causal { r.random_range(0..=kv.min(4)) } else { 1 };
+                (qo, kv)
+            })
+            .collect();
+        let case = Case { lens, page_size, heads, causal, sms: [1, 8, 64][r.random_range(0..3)], splits: None };
+        run::<bf16, bf16, half::Bf16, half::Bf16>(&case, seed);
+    }
 }

@@ -16,6 +16,7 @@ use ferrinfer_emu::gpu::half::F16;
 use ferrinfer_emu::{launch, prefill, prefill_hopper, DeviceBuffer, LaunchConfig};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use rand::Rng;
 
 struct Case {
     /// (qo_len, kv_len) per request.
@@ -26,8 +27,8 @@ struct Case {
     /// The GPU's multiprocessors as the planner sees them: the capacity it splits long tiles to
     /// fill, and the Hopper kernel's persistent blocks.
     sms: usize,
-    /// Whether the plan must split row tiles.
-    splits: bool,
+    /// Whether the plan must split row tiles (checked when given).
+    splits: Option<bool>,
     kernel: PrefillKernel,
 }
 
@@ -94,7 +95,9 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let options = PrefillOptions { causal: case.causal, ..PrefillOptions::DEFAULT };
     let split =
         prefill_split(&shape, QO_HEADS, &qo_indptr, &table, options, case.kernel, case.sms, 1).expect("a valid batch");
-    assert_eq!(split.split_tiles > 0, case.splits, "whether the plan splits row tiles");
+    if let Some(splits) = case.splits {
+        assert_eq!(split.split_tiles > 0, splits, "whether the plan splits row tiles");
+    }
     let (schedule, blocks) = match case.kernel {
         PrefillKernel::Hopper => {
             let tile_tokens = hopper_prefill_tile_tokens(case.head_dim as u32, 2);
@@ -162,7 +165,7 @@ fn prefill_hopper_causal_page_size_3_head_dim_64_f16() {
         head_dim: 64,
         causal: true,
         sms: 4,
-        splits: false,
+        splits: Some(false),
         kernel: PrefillKernel::Hopper,
     };
     run(&case, 1, hopper_f16!(64));
@@ -176,7 +179,7 @@ fn prefill_hopper_page_size_48_head_dim_128_f16() {
         head_dim: 128,
         causal: false,
         sms: 2,
-        splits: false,
+        splits: Some(false),
         kernel: PrefillKernel::Hopper,
     };
     run(&case, 2, hopper_f16!(128));
@@ -190,7 +193,7 @@ fn prefill_hopper_causal_one_unit_a_block_page_size_1_head_dim_128_f16() {
         head_dim: 128,
         causal: true,
         sms: 64,
-        splits: false,
+        splits: Some(false),
         kernel: PrefillKernel::Hopper,
     };
     run(&case, 3, hopper_f16!(128));
@@ -204,7 +207,7 @@ fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
         head_dim: 64,
         causal: true,
         sms: 16,
-        splits: true,
+        splits: Some(true),
         kernel: PrefillKernel::Hopper,
     };
     run(&case, 4, hopper_f16!(64));
@@ -217,7 +220,8 @@ const fn portable(block_rows: u32) -> PrefillKernel {
 #[test]
 fn prefill_causal_page_size_3_head_dim_64_rows_64_f16() {
     let lens = vec![(40, 40), (0, 5), (1, 1), (70, 130)];
-    let case = Case { lens, page_size: 3, head_dim: 64, causal: true, sms: 1, splits: false, kernel: portable(64) };
+    let case =
+        Case { lens, page_size: 3, head_dim: 64, causal: true, sms: 1, splits: Some(false), kernel: portable(64) };
     run(&case, 5, portable_f16!(64, 64));
 }
 
@@ -225,7 +229,7 @@ fn prefill_causal_page_size_3_head_dim_64_rows_64_f16() {
 fn prefill_page_size_257_head_dim_128_rows_128_f16() {
     let lens = vec![(100, 300), (30, 30)];
     let case =
-        Case { lens, page_size: 257, head_dim: 128, causal: false, sms: 1, splits: false, kernel: portable(128) };
+        Case { lens, page_size: 257, head_dim: 128, causal: false, sms: 1, splits: Some(false), kernel: portable(128) };
     run(&case, 6, portable_f16!(128, 128));
 }
 
@@ -237,8 +241,38 @@ fn prefill_split_keys_merged_page_size_1_head_dim_128_rows_64_f16() {
         head_dim: 128,
         causal: true,
         sms: 32,
-        splits: true,
+        splits: Some(true),
         kernel: portable(64),
     };
     run(&case, 7, portable_f16!(128, 64));
+}
+
+/// Random batches on each kernel: page sizes, query and key lengths (empty and one-token among
+/// them), causal or not, split or not, drawn from a fixed seed.
+#[test]
+fn prefill_random_batches_f16() {
+    let mut r = rng(2000);
+    for seed in 0..9 {
+        let page_size = [1, 2, 3, 5, 7, 16, 33, 100][r.random_range(0..8)];
+        let causal = r.random_bool(0.5);
+        let lens: Vec<(usize, usize)> = (0..r.random_range(1..=3))
+            .map(|_| {
+                let kv = [0, 1, r.random_range(2..300)][r.random_range(0..3)];
+                let qo = if causal { r.random_range(0..=kv.min(90)) } else { r.random_range(0..90) };
+                (qo, kv)
+            })
+            .collect();
+        let (head_dim, sms) = ([64, 128][r.random_range(0..2)], [1, 4, 32][r.random_range(0..3)]);
+        let kernel = [PrefillKernel::Hopper, portable(64), portable(128)][seed as usize % 3];
+        let case = Case { lens, page_size, head_dim, causal, sms, splits: None, kernel };
+        let f: fn(&PrefillParams) = match (kernel, head_dim) {
+            (PrefillKernel::Hopper, 64) => hopper_f16!(64),
+            (PrefillKernel::Hopper, _) => hopper_f16!(128),
+            (PrefillKernel::Portable { block_rows: 64 }, 64) => portable_f16!(64, 64),
+            (PrefillKernel::Portable { block_rows: 64 }, _) => portable_f16!(128, 64),
+            (_, 64) => portable_f16!(64, 128),
+            _ => portable_f16!(128, 128),
+        };
+        run(&case, seed, f);
+    }
 }
