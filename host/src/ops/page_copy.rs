@@ -151,16 +151,9 @@ struct CopyPlan {
 }
 
 impl CopyPlan {
-    /// Sequence `i` copies its positions `first_pos[i]..kv_len(i)`, in order, to or from the
-    /// next ragged rows. `table` is already validated for `shape`.
-    fn new(
-        device: &Device,
-        shape: &CacheShape,
-        table: &PageTable,
-        first_pos: &[usize],
-        direction: Direction,
-    ) -> Result<Self> {
-        let row_offsets = row_offsets(shape, table, first_pos);
+    /// Ragged row `r` copies to or from the pool's element offset `row_offsets[r]` (of a
+    /// validated table: [`row_offsets`], [`append_row_offsets`]).
+    fn new(device: &Device, shape: &CacheShape, row_offsets: Vec<u64>, direction: Direction) -> Result<Self> {
         let mut core = PlanCore::new(device)?;
         core.replan(&[as_bytes(&row_offsets)], ScratchLayout::default())?;
         Ok(CopyPlan { core, shape: *shape, total_rows: row_offsets.len() as u32, direction, pools: 2 })
@@ -291,7 +284,8 @@ impl GatherPlan {
     /// Validates `table` against `shape` and uploads where each of the batch's tokens lies in the pool.
     pub fn new(device: &Device, shape: &CacheShape, table: &PageTable) -> Result<Self> {
         table.validate(shape.page_size, shape.num_pages)?;
-        Ok(GatherPlan(CopyPlan::new(device, shape, table, &vec![0; table.batch_size()], Direction::Gather)?))
+        let offsets = row_offsets(shape, table, &vec![0; table.batch_size()]);
+        Ok(GatherPlan(CopyPlan::new(device, shape, offsets, Direction::Gather)?))
     }
 
     /// Elements of each ragged output: `total tokens × num_kv_heads × head_dim`.
@@ -359,7 +353,8 @@ impl ScatterPlan {
         table.validate(shape.page_size, shape.num_pages)?;
         let first_pos = vec![0; table.batch_size()];
         table.validate_disjoint_writes(shape.page_size, &first_pos)?;
-        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos, Direction::Scatter)?))
+        let offsets = row_offsets(shape, table, &first_pos);
+        Ok(ScatterPlan(CopyPlan::new(device, shape, offsets, Direction::Scatter)?))
     }
 
     /// FlashInfer's `append_paged_kv_cache`: sequence `i` appends rows
@@ -367,8 +362,8 @@ impl ScatterPlan {
     /// describes the sequences after the append (pages already reserved), so the new tokens
     /// take positions `kv_len(i) − append_len(i)..kv_len(i)`.
     pub fn append(device: &Device, shape: &CacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
-        let first_pos = append_first_positions(shape, table, append_indptr)?;
-        Ok(ScatterPlan(CopyPlan::new(device, shape, table, &first_pos, Direction::Scatter)?))
+        let offsets = append_row_offsets(shape, table, append_indptr)?;
+        Ok(ScatterPlan(CopyPlan::new(device, shape, offsets, Direction::Scatter)?))
     }
 
     /// Elements of each ragged input: `tokens written × num_kv_heads × head_dim`.
@@ -460,8 +455,8 @@ impl MlaAppendPlan {
     /// Validates the append against `shape` and uploads where each new token goes.
     pub fn new(device: &Device, shape: &MlaCacheShape, table: &PageTable, append_indptr: &[u32]) -> Result<Self> {
         shape.validate()?;
-        let first_pos = append_first_positions(&shape.ckv(), table, append_indptr)?;
-        let plan = CopyPlan { pools: 1, ..CopyPlan::new(device, &shape.ckv(), table, &first_pos, Direction::Scatter)? };
+        let offsets = append_row_offsets(&shape.ckv(), table, append_indptr)?;
+        let plan = CopyPlan { pools: 1, ..CopyPlan::new(device, &shape.ckv(), offsets, Direction::Scatter)? };
         Ok(MlaAppendPlan { shape: *shape, plan })
     }
 
