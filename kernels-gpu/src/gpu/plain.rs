@@ -1,6 +1,6 @@
 //! Helpers written in plain Rust over the PTX primitives of the other modules: the unrolling
-//! and inlining macros, the fragment-load pipeline and the warp reductions. The CPU emulator (`emu/`)
-//! compiles this file and the kernels against its own primitives.
+//! and inlining macros, the fragment-load pipeline and the warp reductions. The CPU emulator
+//! (`emu/`) compiles this file and the kernels against its own primitives.
 use super::warp::shfl_xor_f32;
 
 /// Repeats `$body` once per listed index, `$i` bound to each as a `usize` constant. Loops over
@@ -53,6 +53,8 @@ macro_rules! unroll_to {
 #[inline(always)]
 #[allow(unused_assignments)] // the last step's `next` (its load is guarded out)
 pub fn pipelined<F: Copy>(n: usize, mut load: impl FnMut(usize) -> F, mut compute: impl FnMut(usize, F)) {
+    // Compiled out of the PTX (release); the emulator's test builds check it.
+    debug_assert!(n <= 32, "pipelined covers 32 steps only");
     let mut next = load(0);
     crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                          16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
