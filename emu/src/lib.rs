@@ -19,6 +19,11 @@ pub use ferrinfer::internals::abi;
 pub mod gpu;
 pub mod sim;
 
+// The kernels' instantiations (`decode_instance!`, `prefill_instance!`,
+// `prefill_hopper_instance!`): the same constant parameters as the PTX's entry points.
+#[path = "../../kernels-gpu/src/instances.rs"]
+mod instances;
+
 // The kernels' own files are linted as kernels (for nvptx, where some of clippy's host advice
 // does not apply, and unrolled code trips its range checks): not here.
 #[allow(clippy::all)]
@@ -47,3 +52,36 @@ pub mod prefill_hopper;
 pub mod softmax;
 
 pub use sim::{launch, DeviceBuffer, Fault, LaunchConfig};
+
+/// A launch's split-KV scratch ([`abi::SplitScratch`]): merge counters (zero, as between
+/// launches) and partial rows of `dim` f32 with their LSEs (NaN: a partial a kernel reads
+/// before writing poisons its result).
+pub struct SplitBuffers {
+    counters: DeviceBuffer<u32>,
+    partial_out: DeviceBuffer<f32>,
+    partial_lse: DeviceBuffer<f32>,
+}
+
+impl SplitBuffers {
+    pub fn new(counters: usize, partial_rows: usize, dim: usize) -> Self {
+        SplitBuffers {
+            counters: DeviceBuffer::filled("merge counters", counters.max(1), 0),
+            partial_out: DeviceBuffer::filled("partial out", (partial_rows * dim).max(1), f32::NAN),
+            partial_lse: DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN),
+        }
+    }
+
+    /// The addresses a parameter block takes.
+    pub fn scratch(&self) -> abi::SplitScratch {
+        abi::SplitScratch {
+            merge_counters: self.counters.ptr(),
+            partial_out: self.partial_out.ptr(),
+            partial_lse: self.partial_lse.ptr(),
+        }
+    }
+
+    /// Whether every merge counter is back at zero (the kernels' promise to the next launch).
+    pub fn counters_are_zero(&self) -> bool {
+        self.counters.to_vec().iter().all(|&n| n == 0)
+    }
+}

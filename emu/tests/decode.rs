@@ -4,14 +4,12 @@
 //! check the emulator's `ldmatrix`, `mma.sync`, shuffles, byte permutes and asynchronous
 //! copies: odd page sizes on shuffled pages, empty and one-token requests, GQA groups of 1, 5
 //! and 8, head dims 64, 96 and 128, a window and a soft cap, an e4m3 cache with scales.
-use ferrinfer::internals::abi::{
-    decode_dense_stages, decode_smem_bytes, decode_stages, decode_threads, DecodeParams, SplitScratch,
-};
+use ferrinfer::internals::abi::{decode_smem_bytes, decode_threads, DecodeParams};
 use ferrinfer::internals::{decode_params, decode_split, Addresses};
 use ferrinfer::{bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable};
-use ferrinfer_emu::gpu::fp8::{self, KvElem};
+use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half;
-use ferrinfer_emu::{decode, launch, DeviceBuffer, LaunchConfig};
+use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
 use rand::Rng;
@@ -42,19 +40,10 @@ fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -
     }
 }
 
-/// The kernel for head_dim `$dim` (the constants of `entries.rs`).
+/// The kernel for head_dim `$dim`, as the PTX's entry point instantiates it.
 macro_rules! kernel {
     ($half:ty, $kv:ty, $dim:literal) => {
-        |p: &DecodeParams| unsafe {
-            decode::decode::<
-                $half,
-                $kv,
-                $dim,
-                { decode_threads($dim) },
-                { decode_stages($dim, <$kv as KvElem>::BYTES) },
-                { decode_dense_stages($dim, <$kv as KvElem>::BYTES) },
-            >(p)
-        }
+        |p: &DecodeParams| unsafe { ferrinfer_emu::decode_instance!($half, $kv, $dim, p) }
     };
 }
 
@@ -93,9 +82,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
     let counters = split.split_requests * c.kv_heads * split.row_tiles;
     let partial_rows = split.slots * c.qo_heads;
-    let b_counters = DeviceBuffer::filled("merge counters", counters.max(1), 0u32);
-    let b_partial = DeviceBuffer::filled("partial out", (partial_rows * head_dim).max(1), f32::NAN);
-    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN);
+    let scratch_buffers = SplitBuffers::new(counters, partial_rows, head_dim);
     let ops = Addresses {
         q: b_q.ptr(),
         k: b_k.ptr(),
@@ -106,11 +93,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
         scales,
         head_scales: 0,
     };
-    let scratch = SplitScratch {
-        merge_counters: b_counters.ptr(),
-        partial_out: b_partial.ptr(),
-        partial_lse: b_partial_lse.ptr(),
-    };
+    let scratch = scratch_buffers.scratch();
     let planned = (c.qo_heads, split.group_size, split.sm_scale, split.work.len() as u32);
     let params =
         decode_params(&shape, planned, options.logits_soft_cap, &ops, &[b_indices.ptr(), b_work.ptr()], scratch);
@@ -123,7 +106,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     };
     launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("decode kernel: {f}"));
     // The merge counters are back at zero for the next launch.
-    assert!(b_counters.to_vec().iter().all(|&n| n == 0), "merge counters left non-zero");
+    assert!(scratch_buffers.counters_are_zero(), "merge counters left non-zero");
 
     let (want, want_lse) = reference::decode_scaled(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options);
     expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")

@@ -5,14 +5,14 @@
 //! caches, poisoned outputs. The launches' parameters are the host plan's own (`mla_split`,
 //! `mla_params`). Small shapes: every thread of every block is emulated.
 use ferrinfer::internals::abi::{
-    mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, SplitScratch, MLA_CKV_DIM, MLA_MERGE_THREADS,
-    MLA_ROWS, MLA_THREADS,
+    mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM, MLA_MERGE_THREADS, MLA_ROWS,
+    MLA_THREADS,
 };
 use ferrinfer::internals::{mla_params, MlaAddresses};
 use ferrinfer::{bf16, f16, mla_split, reference, E4m3, E5m2, KvDType, MlaCacheShape, MlaOptions, PageTable};
 use ferrinfer_emu::gpu::fp8::{self, KvElem};
 use ferrinfer_emu::gpu::half::{self, Half};
-use ferrinfer_emu::{launch, mla, DeviceBuffer, LaunchConfig};
+use ferrinfer_emu::{launch, mla, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
 use rand::Rng;
@@ -82,8 +82,7 @@ fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(
     let b_out = DeviceBuffer::filled("out", rows * CKV, poison::<T>());
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
     let partial_rows = split.slots * MLA_ROWS as usize;
-    let b_partial = DeviceBuffer::filled("partial out", partial_rows * MLA_CKV_DIM as usize, f32::NAN);
-    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows, f32::NAN);
+    let scratch_buffers = SplitBuffers::new(0, partial_rows, MLA_CKV_DIM as usize);
     let addresses = MlaAddresses {
         q_nope: b_q_nope.ptr(),
         q_pe: b_q_pe.ptr(),
@@ -94,7 +93,7 @@ fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(
         merge_tiles: b_tiles.ptr(),
         out: b_out.ptr(),
         lse: b_lse.ptr(),
-        split: SplitScratch { merge_counters: 0, partial_out: b_partial.ptr(), partial_lse: b_partial_lse.ptr() },
+        split: scratch_buffers.scratch(),
     };
     let (params, merge_params): (MlaParams, MlaMergeParams) =
         mla_params(&shape, case.heads, &options, scale, &addresses);

@@ -7,13 +7,13 @@
 //! partly full last pages, empty and one-token requests, causal and not, several units a
 //! persistent block, split keys merged.
 use ferrinfer::internals::abi::{
-    hopper_prefill_byte_stages, hopper_prefill_smem_bytes, hopper_prefill_stages, hopper_prefill_tile_tokens,
-    prefill_smem_bytes, prefill_stages, prefill_threads, PrefillParams, SplitScratch, HOPPER_PREFILL_THREADS,
+    hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads, PrefillParams,
+    HOPPER_PREFILL_THREADS,
 };
 use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, Addresses, PrefillKernel};
 use ferrinfer::{f16, reference, CacheShape, KvLayout, KvScales, PageTable, PrefillOptions};
 use ferrinfer_emu::gpu::half::F16;
-use ferrinfer_emu::{launch, prefill, prefill_hopper, DeviceBuffer, LaunchConfig};
+use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
 use rand::Rng;
@@ -35,41 +35,19 @@ struct Case {
 const QO_HEADS: usize = 8;
 const KV_HEADS: usize = 2;
 
-/// The portable kernel of `$rows`-row blocks for head_dim `$dim` over an f16 cache (the
-/// constants of `entries.rs`).
+/// The portable kernel of `$rows`-row blocks for head_dim `$dim` over an f16 cache, as the
+/// PTX's entry point instantiates it.
 macro_rules! portable_f16 {
     ($dim:literal, $rows:literal) => {
-        |p: &PrefillParams| unsafe {
-            prefill::prefill::<
-                F16,
-                F16,
-                $dim,
-                $dim,
-                { $rows / 64 },
-                { prefill_threads($dim) },
-                { prefill_stages($dim, $rows / 64) },
-                false,
-            >(p)
-        }
+        |p: &PrefillParams| unsafe { ferrinfer_emu::prefill_instance!(F16, F16, $dim, $dim, $rows, false, p) }
     };
 }
 
-/// The Hopper kernel for head_dim `$dim` over an f16 cache (the constants of `entries.rs`).
+/// The Hopper kernel for head_dim `$dim` over an f16 cache, as the PTX's entry point
+/// instantiates it.
 macro_rules! hopper_f16 {
     ($dim:literal) => {
-        |p: &PrefillParams| unsafe {
-            prefill_hopper::prefill_hopper::<
-                F16,
-                F16,
-                $dim,
-                { hopper_prefill_tile_tokens($dim, 2) },
-                { hopper_prefill_stages($dim, 2) },
-                { hopper_prefill_byte_stages($dim, 2) },
-                { hopper_prefill_tile_tokens($dim, 2) as usize / 8 },
-                { hopper_prefill_tile_tokens($dim, 2) as usize / 16 },
-                { $dim / 8 },
-            >(p)
-        }
+        |p: &PrefillParams| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, F16, $dim, p) }
     };
 }
 
@@ -115,9 +93,7 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let b_out = DeviceBuffer::filled("out", rows * case.head_dim, poison::<f16>());
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
     let partial_rows = split.slots * KV_HEADS * case.kernel.block_rows() as usize;
-    let b_counters = DeviceBuffer::filled("merge counters", (split.split_tiles * KV_HEADS).max(1), 0u32);
-    let b_partial = DeviceBuffer::filled("partial out", (partial_rows * case.head_dim).max(1), f32::NAN);
-    let b_partial_lse = DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN);
+    let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, partial_rows, case.head_dim);
     let ops = Addresses {
         q: b_q.ptr(),
         k: b_k.ptr(),
@@ -128,11 +104,7 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         scales: KvScales::default(),
         head_scales: 0,
     };
-    let scratch = SplitScratch {
-        merge_counters: b_counters.ptr(),
-        partial_out: b_partial.ptr(),
-        partial_lse: b_partial_lse.ptr(),
-    };
+    let scratch = scratch_buffers.scratch();
     let params = prefill_params(
         &shape,
         (QO_HEADS, split.group_size, split.sm_scale),
@@ -150,7 +122,7 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     };
     let cfg = LaunchConfig { grid: (blocks as u32, 1), threads, smem_bytes };
     launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("{:?} prefill: {f}", case.kernel));
-    assert!(b_counters.to_vec().iter().all(|&n| n == 0), "merge counters left non-zero");
+    assert!(scratch_buffers.counters_are_zero(), "merge counters left non-zero");
 
     let (want, want_lse) = reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, QO_HEADS, &options);
     expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, case.head_dim, "token")

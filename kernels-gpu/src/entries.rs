@@ -1,15 +1,15 @@
 //! Every entry point of the module with variants, generated from the one variant table in
 //! `abi` (`kernel_variants!`), which the host's function table is generated from too. Each is
-//! a thin `extern "ptx-kernel"` shim over its algorithm's generic kernel, named by
-//! `entry_name!`; the kernels without variants are written by name in their own files.
+//! a thin `extern "ptx-kernel"` shim over its algorithm's generic kernel (instantiated by the
+//! macros of `instances.rs` where it has constant parameters), named by `entry_name!`; the
+//! kernels without variants are written by name in their own files.
 //!
 //! The `sm_90a` module holds the Hopper kernels (`prefill_hopper`) and nothing else; the
 //! `sm_80` and `sm_90` modules hold all the others.
 #[allow(unused_imports)]
 use crate::abi::{
-    decode_dense_stages, decode_stages, decode_threads, hopper_prefill_byte_stages, hopper_prefill_stages,
-    hopper_prefill_tile_tokens, prefill_stages, prefill_threads, DecodeParams, MergeStatesParams, MlaMergeParams,
-    MlaParams, PagedCopyParams, PrefillParams, RopeParams, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
+    DecodeParams, MergeStatesParams, MlaMergeParams, MlaParams, PagedCopyParams, PrefillParams, RopeParams, ROPE_GPTJ,
+    ROPE_NEOX, ROPE_NEOX_SCALAR,
 };
 #[allow(unused_imports)]
 use crate::gpu::fp8::{E4m3, E5m2, KvElem};
@@ -21,14 +21,7 @@ macro_rules! entry {
         const _: () = {
             #[export_name = entry_name!(decode $dtype $kvname $dim)]
             unsafe extern "ptx-kernel" fn entry(p: DecodeParams) {
-                crate::decode::decode::<
-                    $half,
-                    $kv,
-                    $dim,
-                    { decode_threads($dim) },
-                    { decode_stages($dim, <$kv as KvElem>::BYTES) },
-                    { decode_dense_stages($dim, <$kv as KvElem>::BYTES) },
-                >(&p)
+                crate::decode_instance!($half, $kv, $dim, &p)
             }
         };
     };
@@ -37,16 +30,7 @@ macro_rules! entry {
         const _: () = {
             #[export_name = entry_name!(prefill $dtype $kvname $dim $rows)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
-                crate::prefill::prefill::<
-                    $half,
-                    $kv,
-                    $dim,
-                    $dim,
-                    { $rows / 64 },
-                    { prefill_threads($dim) },
-                    { prefill_stages($dim, $rows / 64) },
-                    false,
-                >(&p)
+                crate::prefill_instance!($half, $kv, $dim, $dim, $rows, false, &p)
             }
         };
     };
@@ -55,16 +39,7 @@ macro_rules! entry {
         const _: () = {
             #[export_name = entry_name!(prefill_masked $dtype $kvname $dim)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
-                crate::prefill::prefill::<
-                    $half,
-                    $kv,
-                    $dim,
-                    $dim,
-                    1,
-                    { prefill_threads($dim) },
-                    { prefill_stages($dim, 1) },
-                    true,
-                >(&p)
+                crate::prefill_instance!($half, $kv, $dim, $dim, 64, true, &p)
             }
         };
     };
@@ -73,16 +48,7 @@ macro_rules! entry {
         const _: () = {
             #[export_name = entry_name!(prefill_qk_vo $dtype $qk $vo $rows)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
-                crate::prefill::prefill::<
-                    $half,
-                    $half,
-                    $qk,
-                    $vo,
-                    { $rows / 64 },
-                    { prefill_threads($vo) },
-                    { prefill_stages($qk, $rows / 64) },
-                    false,
-                >(&p)
+                crate::prefill_instance!($half, $half, $qk, $vo, $rows, false, &p)
             }
         };
     };
@@ -91,17 +57,7 @@ macro_rules! entry {
         const _: () = {
             #[export_name = entry_name!(prefill_hopper $dtype $kvname $dim)]
             unsafe extern "ptx-kernel" fn entry(p: PrefillParams) {
-                crate::prefill_hopper::prefill_hopper::<
-                    $half,
-                    $kv,
-                    $dim,
-                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) },
-                    { hopper_prefill_stages($dim, <$kv as KvElem>::BYTES) },
-                    { hopper_prefill_byte_stages($dim, <$kv as KvElem>::BYTES) },
-                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) as usize / 8 },
-                    { hopper_prefill_tile_tokens($dim, <$kv as KvElem>::BYTES) as usize / 16 },
-                    { $dim / 8 },
-                >(&p)
+                crate::prefill_hopper_instance!($half, $kv, $dim, &p)
             }
         };
     };

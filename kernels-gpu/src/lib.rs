@@ -16,6 +16,8 @@ pub mod abi;
 
 pub mod decode;
 mod entries;
+#[macro_use]
+mod instances;
 #[cfg(not(target_feature = "sm_90a"))]
 pub mod helper_check;
 pub mod merge;
