@@ -3,7 +3,8 @@
 //! (`decode_split`, `decode_params`). The kernel passes its GPU tests, so these cases also
 //! check the emulator's `ldmatrix`, `mma.sync`, shuffles, byte permutes and asynchronous
 //! copies: odd page sizes on shuffled pages, empty and one-token requests, GQA groups of 1, 5
-//! and 8, head dims 64, 96 and 128, a window and a soft cap, an e4m3 cache with scales.
+//! and 8, head dims 64, 96 and 128, a window and a soft cap, attention sinks, an e4m3 cache with
+//! scales, random batches.
 use ferrinfer::internals::abi::{decode_smem_bytes, decode_threads, DecodeParams};
 use ferrinfer::internals::{decode_params, decode_split, Addresses};
 use ferrinfer::{bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable};
@@ -11,7 +12,7 @@ use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half;
 use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
-use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
 use rand::Rng;
 
 struct Case {
@@ -25,6 +26,8 @@ struct Case {
     sms: usize,
     /// Whether the plan must split requests (checked when given).
     splits: Option<bool>,
+    /// Attention sinks (one logit a query head).
+    sinks: bool,
 }
 
 fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -> Case {
@@ -37,6 +40,7 @@ fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -
         options: DecodeOptions::default(),
         sms: 1,
         splits: Some(false),
+        sinks: false,
     }
 }
 
@@ -67,6 +71,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let (k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
     let rows = c.kv_lens.len() * c.qo_heads;
     let q: Vec<T> = random_values(&mut r, rows * head_dim);
+    let sinks = c.sinks.then(|| random_sinks(&mut r, c.qo_heads));
     let options = DecodeOptions { kv_dtype: (C::DTYPE != T::DTYPE).then_some(C::DTYPE), ..c.options };
     let split = decode_split(&shape, c.qo_heads, &table, options, c.sms, 1).expect("a valid batch");
     if let Some(splits) = c.splits {
@@ -80,6 +85,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let b_q = DeviceBuffer::from_slice("q", &q);
     let b_out = DeviceBuffer::filled("out", rows * head_dim, poison::<T>());
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let b_sinks = sinks.as_ref().map(|s| DeviceBuffer::from_slice("sinks", s));
     let counters = split.split_requests * c.kv_heads * split.row_tiles;
     let partial_rows = split.slots * c.qo_heads;
     let scratch_buffers = SplitBuffers::new(counters, partial_rows, head_dim);
@@ -89,7 +95,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
         v: b_v.ptr(),
         out: b_out.ptr(),
         lse: b_lse.ptr(),
-        sinks: 0,
+        sinks: b_sinks.as_ref().map_or(0, |b| b.ptr()),
         scales,
         head_scales: 0,
     };
@@ -108,7 +114,8 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     // The merge counters are back at zero for the next launch.
     assert!(scratch_buffers.counters_are_zero(), "merge counters left non-zero");
 
-    let (want, want_lse) = reference::decode_scaled(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options);
+    let (want, want_lse) =
+        reference::decode_with_sinks(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options, sinks.as_deref());
     expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")
         .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -169,6 +176,7 @@ fn decode_random_batches_f16() {
             options,
             sms: [1, 8, 132][r.random_range(0..3)],
             splits: None,
+            sinks: r.random_bool(0.3),
             ..case(&kv_lens, page_size, kv_heads * group, kv_heads)
         };
         if r.random_bool(0.5) {
@@ -177,4 +185,11 @@ fn decode_random_batches_f16() {
             run::<f16, f16>(&c, 128, seed, kernel!(half::F16, half::F16, 128));
         }
     }
+}
+
+#[test]
+fn decode_with_sinks_and_window_split_page_size_5_group_4_bf16() {
+    let options = DecodeOptions { window_left: 100, ..DecodeOptions::default() };
+    let c = Case { options, sinks: true, sms: 132, splits: Some(true), ..case(&[0, 1, 1500], 5, 8, 2) };
+    run::<bf16, bf16>(&c, 128, 7, kernel!(half::Bf16, half::Bf16, 128));
 }

@@ -5,17 +5,19 @@
 //! register-operand layouts, the mbarrier phases). The parameters are the host plan's own
 //! (`prefill_split`, `persistent_schedule`, `prefill_params`): odd page sizes on shuffled pages,
 //! partly full last pages, empty and one-token requests, causal and not, several units a
-//! persistent block, split keys merged.
+//! persistent block, split keys merged, attention sinks, an e4m3 cache (the Hopper producer's
+//! widening), random batches.
 use ferrinfer::internals::abi::{
     hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads, PrefillParams,
     HOPPER_PREFILL_THREADS,
 };
 use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, Addresses, PrefillKernel};
-use ferrinfer::{f16, reference, CacheShape, KvLayout, KvScales, PageTable, PrefillOptions};
+use ferrinfer::{f16, reference, CacheShape, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions};
+use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half::F16;
 use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
-use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
 use rand::Rng;
 
 struct Case {
@@ -30,6 +32,8 @@ struct Case {
     /// Whether the plan must split row tiles (checked when given).
     splits: Option<bool>,
     kernel: PrefillKernel,
+    /// Attention sinks (one logit a query head).
+    sinks: bool,
 }
 
 const QO_HEADS: usize = 8;
@@ -51,7 +55,11 @@ macro_rules! hopper_f16 {
     };
 }
 
-fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
+/// An 8-bit cache's scales: stored values about ±1 / scale mean about ±1.
+const FP8_SCALES: KvScales = KvScales { k: 0.07, v: 0.05 };
+
+/// Runs `case` with f16 queries over a cache of `C` on `kernel` and compares with the reference.
+fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let mut r = rng(seed);
     let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
     let shape = CacheShape {
@@ -62,15 +70,21 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         layout: KvLayout::Nhd,
     };
     let table: PageTable = random_table(&mut r, &kv_lens, case.page_size, shape.num_pages);
-    let (k, v): (Vec<f16>, Vec<f16>) =
-        (random_values(&mut r, shape.pool_elems()), random_values(&mut r, shape.pool_elems()));
+    let scales = if C::DTYPE.is_fp8() { FP8_SCALES } else { KvScales::default() };
+    let mut values = |n: usize, scale: f32| -> Vec<C> {
+        (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect()
+    };
+    let (k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
     let mut qo_indptr = vec![0u32];
     for &(qo, _) in &case.lens {
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
     }
     let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
     let q: Vec<f16> = random_values(&mut r, rows * case.head_dim);
-    let options = PrefillOptions { causal: case.causal, ..PrefillOptions::DEFAULT };
+    let sinks = case.sinks.then(|| random_sinks(&mut r, QO_HEADS));
+    let kv_dtype = C::DTYPE.is_fp8().then_some(C::DTYPE);
+    let options = PrefillOptions { causal: case.causal, kv_dtype, ..PrefillOptions::DEFAULT };
+    let kv_bytes = C::DTYPE.size_bytes() as u32;
     let split =
         prefill_split(&shape, QO_HEADS, &qo_indptr, &table, options, case.kernel, case.sms, 1).expect("a valid batch");
     if let Some(splits) = case.splits {
@@ -78,7 +92,7 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     }
     let (schedule, blocks) = match case.kernel {
         PrefillKernel::Hopper => {
-            let tile_tokens = hopper_prefill_tile_tokens(case.head_dim as u32, 2);
+            let tile_tokens = hopper_prefill_tile_tokens(case.head_dim as u32, kv_bytes);
             persistent_schedule(&split.work, KV_HEADS, tile_tokens, case.sms)
         }
         PrefillKernel::Portable { .. } => (vec![0], split.work.len() * KV_HEADS),
@@ -92,6 +106,7 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let b_q = DeviceBuffer::from_slice("q", &q);
     let b_out = DeviceBuffer::filled("out", rows * case.head_dim, poison::<f16>());
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let b_sinks = sinks.as_ref().map(|s| DeviceBuffer::from_slice("sinks", s));
     let partial_rows = split.slots * KV_HEADS * case.kernel.block_rows() as usize;
     let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, partial_rows, case.head_dim);
     let ops = Addresses {
@@ -100,8 +115,8 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         v: b_v.ptr(),
         out: b_out.ptr(),
         lse: b_lse.ptr(),
-        sinks: 0,
-        scales: KvScales::default(),
+        sinks: b_sinks.as_ref().map_or(0, |b| b.ptr()),
+        scales,
         head_scales: 0,
     };
     let scratch = scratch_buffers.scratch();
@@ -115,16 +130,27 @@ fn run(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     );
     let dim = case.head_dim as u32;
     let (threads, smem_bytes) = match case.kernel {
-        PrefillKernel::Hopper => (HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(dim, 2)),
+        PrefillKernel::Hopper => (HOPPER_PREFILL_THREADS, hopper_prefill_smem_bytes(dim, kv_bytes)),
         PrefillKernel::Portable { block_rows } => {
-            (prefill_threads(dim), prefill_smem_bytes(dim, dim, block_rows / 64, 2))
+            (prefill_threads(dim), prefill_smem_bytes(dim, dim, block_rows / 64, kv_bytes))
         }
     };
     let cfg = LaunchConfig { grid: (blocks as u32, 1), threads, smem_bytes };
     launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("{:?} prefill: {f}", case.kernel));
     assert!(scratch_buffers.counters_are_zero(), "merge counters left non-zero");
 
-    let (want, want_lse) = reference::prefill(&shape, &k, &v, &table, &qo_indptr, &q, QO_HEADS, &options);
+    let (want, want_lse) = reference::prefill_with_sinks(
+        &shape,
+        &k,
+        &v,
+        scales,
+        &table,
+        &qo_indptr,
+        &q,
+        QO_HEADS,
+        &options,
+        sinks.as_deref(),
+    );
     expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, case.head_dim, "token")
         .unwrap_or_else(|e| panic!("{:?} prefill: {e}", case.kernel));
 }
@@ -139,8 +165,9 @@ fn prefill_hopper_causal_page_size_3_head_dim_64_f16() {
         sms: 4,
         splits: Some(false),
         kernel: PrefillKernel::Hopper,
+        sinks: false,
     };
-    run(&case, 1, hopper_f16!(64));
+    run::<f16>(&case, 1, hopper_f16!(64));
 }
 
 #[test]
@@ -153,8 +180,9 @@ fn prefill_hopper_page_size_48_head_dim_128_f16() {
         sms: 2,
         splits: Some(false),
         kernel: PrefillKernel::Hopper,
+        sinks: false,
     };
-    run(&case, 2, hopper_f16!(128));
+    run::<f16>(&case, 2, hopper_f16!(128));
 }
 
 #[test]
@@ -167,8 +195,9 @@ fn prefill_hopper_causal_one_unit_a_block_page_size_1_head_dim_128_f16() {
         sms: 64,
         splits: Some(false),
         kernel: PrefillKernel::Hopper,
+        sinks: false,
     };
-    run(&case, 3, hopper_f16!(128));
+    run::<f16>(&case, 3, hopper_f16!(128));
 }
 
 #[test]
@@ -181,8 +210,9 @@ fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
         sms: 16,
         splits: Some(true),
         kernel: PrefillKernel::Hopper,
+        sinks: false,
     };
-    run(&case, 4, hopper_f16!(64));
+    run::<f16>(&case, 4, hopper_f16!(64));
 }
 
 const fn portable(block_rows: u32) -> PrefillKernel {
@@ -192,17 +222,33 @@ const fn portable(block_rows: u32) -> PrefillKernel {
 #[test]
 fn prefill_causal_page_size_3_head_dim_64_rows_64_f16() {
     let lens = vec![(40, 40), (0, 5), (1, 1), (70, 130)];
-    let case =
-        Case { lens, page_size: 3, head_dim: 64, causal: true, sms: 1, splits: Some(false), kernel: portable(64) };
-    run(&case, 5, portable_f16!(64, 64));
+    let case = Case {
+        lens,
+        page_size: 3,
+        head_dim: 64,
+        causal: true,
+        sms: 1,
+        splits: Some(false),
+        kernel: portable(64),
+        sinks: false,
+    };
+    run::<f16>(&case, 5, portable_f16!(64, 64));
 }
 
 #[test]
 fn prefill_page_size_257_head_dim_128_rows_128_f16() {
     let lens = vec![(100, 300), (30, 30)];
-    let case =
-        Case { lens, page_size: 257, head_dim: 128, causal: false, sms: 1, splits: Some(false), kernel: portable(128) };
-    run(&case, 6, portable_f16!(128, 128));
+    let case = Case {
+        lens,
+        page_size: 257,
+        head_dim: 128,
+        causal: false,
+        sms: 1,
+        splits: Some(false),
+        kernel: portable(128),
+        sinks: false,
+    };
+    run::<f16>(&case, 6, portable_f16!(128, 128));
 }
 
 #[test]
@@ -215,8 +261,9 @@ fn prefill_split_keys_merged_page_size_1_head_dim_128_rows_64_f16() {
         sms: 32,
         splits: Some(true),
         kernel: portable(64),
+        sinks: false,
     };
-    run(&case, 7, portable_f16!(128, 64));
+    run::<f16>(&case, 7, portable_f16!(128, 64));
 }
 
 /// Random batches on each kernel: page sizes, query and key lengths (empty and one-token among
@@ -236,7 +283,7 @@ fn prefill_random_batches_f16() {
             .collect();
         let (head_dim, sms) = ([64, 128][r.random_range(0..2)], [1, 4, 32][r.random_range(0..3)]);
         let kernel = [PrefillKernel::Hopper, portable(64), portable(128)][seed as usize % 3];
-        let case = Case { lens, page_size, head_dim, causal, sms, splits: None, kernel };
+        let case = Case { lens, page_size, head_dim, causal, sms, splits: None, kernel, sinks: r.random_bool(0.3) };
         let f: fn(&PrefillParams) = match (kernel, head_dim) {
             (PrefillKernel::Hopper, 64) => hopper_f16!(64),
             (PrefillKernel::Hopper, _) => hopper_f16!(128),
@@ -245,6 +292,37 @@ fn prefill_random_batches_f16() {
             (_, 64) => portable_f16!(64, 128),
             _ => portable_f16!(128, 128),
         };
-        run(&case, seed, f);
+        run::<f16>(&case, seed, f);
     }
+}
+
+#[test]
+fn prefill_hopper_e4m3_causal_page_size_7_head_dim_128_f16() {
+    let case = Case {
+        lens: vec![(50, 150), (1, 1), (0, 9)],
+        page_size: 7,
+        head_dim: 128,
+        causal: true,
+        sms: 3,
+        splits: Some(false),
+        kernel: PrefillKernel::Hopper,
+        sinks: false,
+    };
+    run::<E4m3>(&case, 8, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
+}
+
+#[test]
+fn prefill_with_sinks_causal_page_size_16_head_dim_64_rows_64_f16() {
+    let lens = vec![(30, 80), (1, 1), (0, 4)];
+    let case = Case {
+        lens,
+        page_size: 16,
+        head_dim: 64,
+        causal: true,
+        sms: 1,
+        splits: Some(false),
+        kernel: portable(64),
+        sinks: true,
+    };
+    run::<f16>(&case, 9, portable_f16!(64, 64));
 }
