@@ -6,13 +6,15 @@
 //! (`prefill_split`, `persistent_schedule`, `prefill_params`): odd page sizes on shuffled pages,
 //! partly full last pages, empty and one-token requests, causal and not, several units a
 //! persistent block, split keys merged, attention sinks, an e4m3 cache (the Hopper producer's
-//! widening), random batches.
+//! widening), custom masks with fully masked rows (pages 1, 7, 48), random batches.
 use ferrinfer::internals::abi::{
     hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads, PrefillParams,
     HOPPER_PREFILL_THREADS,
 };
-use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, Addresses, PrefillKernel};
-use ferrinfer::{f16, reference, CacheShape, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions};
+use ferrinfer::internals::{
+    persistent_schedule, prefill_params, prefill_split, prefill_work_bytes, Addresses, PrefillKernel,
+};
+use ferrinfer::{f16, reference, CacheShape, CustomMask, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions};
 use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half::F16;
 use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
@@ -325,4 +327,90 @@ fn prefill_with_sinks_causal_page_size_16_head_dim_64_rows_64_f16() {
         sinks: true,
     };
     run::<f16>(&case, 9, portable_f16!(64, 64));
+}
+
+/// A custom mask (random, with fully masked rows) on the 64-row kernel that reads one, against
+/// the reference; the mask laid out after the work items as the plan uploads it.
+fn masked(lens: Vec<(usize, usize)>, page_size: usize, seed: u64) {
+    let mut r = rng(seed);
+    let kv_lens: Vec<usize> = lens.iter().map(|&(_, kv)| kv).collect();
+    let shape = CacheShape {
+        num_pages: pages_needed(&kv_lens, page_size) + 2,
+        page_size,
+        num_kv_heads: KV_HEADS,
+        head_dim: 64,
+        layout: KvLayout::Nhd,
+    };
+    let table: PageTable = random_table(&mut r, &kv_lens, page_size, shape.num_pages);
+    let (k, v): (Vec<f16>, Vec<f16>) =
+        (random_values(&mut r, shape.pool_elems()), random_values(&mut r, shape.pool_elems()));
+    let mut qo_indptr = vec![0u32];
+    for &(qo, _) in &lens {
+        qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
+    }
+    let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
+    let q: Vec<f16> = random_values(&mut r, rows * 64);
+    // Every fifth query row masked whole (zeros and an LSE of −∞ for it); the others keep about
+    // two keys in three.
+    let mut mask = Vec::new();
+    for &(qo, kv) in &lens {
+        for j in 0..qo {
+            mask.extend((0..kv).map(|_| j % 5 != 4 && r.random_bool(0.66)));
+        }
+    }
+    let options = PrefillOptions::DEFAULT;
+    let mut split = prefill_split(&shape, QO_HEADS, &qo_indptr, &table, options, portable(64), 1, 1).unwrap();
+    let flat = CustomMask::Flat(&mask);
+    let work_part = prefill_work_bytes(&mut split.work, Some(&flat), &qo_indptr, &table.kv_lens(page_size))
+        .unwrap()
+        .expect("a masked plan's work part");
+
+    let b_k = DeviceBuffer::from_slice("k pool", &k);
+    let b_v = DeviceBuffer::from_slice("v pool", &v);
+    let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
+    let b_work = DeviceBuffer::from_slice("work items and mask", &work_part);
+    let b_q = DeviceBuffer::from_slice("q", &q);
+    let b_out = DeviceBuffer::filled("out", rows * 64, poison::<f16>());
+    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, split.slots * KV_HEADS * 64, 64);
+    let ops = Addresses {
+        q: b_q.ptr(),
+        k: b_k.ptr(),
+        v: b_v.ptr(),
+        out: b_out.ptr(),
+        lse: b_lse.ptr(),
+        sinks: 0,
+        scales: KvScales::default(),
+        head_scales: 0,
+    };
+    let parts = [b_indices.ptr(), b_work.ptr(), 0];
+    let planned = (QO_HEADS, split.group_size, split.sm_scale);
+    let params = prefill_params(&shape, planned, &options, &ops, &parts, scratch_buffers.scratch());
+    let blocks = split.work.len() * KV_HEADS;
+    let cfg = LaunchConfig {
+        grid: (blocks as u32, 1),
+        threads: prefill_threads(64),
+        smem_bytes: prefill_smem_bytes(64, 64, 1, 2),
+    };
+    launch(cfg, move || unsafe { ferrinfer_emu::prefill_instance!(F16, F16, 64, 64, 64, true, &params) })
+        .unwrap_or_else(|f| panic!("masked prefill: {f}"));
+
+    let (want, want_lse) = reference::prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, QO_HEADS, &mask, &options);
+    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, 64, "token")
+        .unwrap_or_else(|e| panic!("masked prefill: {e}"));
+}
+
+#[test]
+fn prefill_custom_mask_page_size_1_f16() {
+    masked(vec![(9, 20), (1, 1), (0, 3)], 1, 10);
+}
+
+#[test]
+fn prefill_custom_mask_page_size_7_f16() {
+    masked(vec![(20, 70), (5, 5)], 7, 11);
+}
+
+#[test]
+fn prefill_custom_mask_page_size_48_f16() {
+    masked(vec![(16, 100), (3, 49)], 48, 12);
 }

@@ -4,8 +4,8 @@
 pub use crate::attention::decode::{decode_params, decode_split, DecodeSplit};
 pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{
-    persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, PrefillKernel,
-    PrefillSplit,
+    persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, prefill_work_bytes,
+    PrefillKernel, PrefillSplit,
 };
 pub use crate::ops::page_copy::{append_row_offsets, copy_params, KPE_OFFSET_SHIFT};
 pub use crate::plan::Addresses;

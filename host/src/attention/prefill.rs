@@ -178,6 +178,28 @@ impl CustomMask<'_> {
 /// Sets each work item's `mask_word` to its request's first mask word (`words[request]`) past
 /// `first_word`, where the mask starts. Items exist only for requests with queries, and such a
 /// request is the last whose `qo_indptr` entry is at most its first query token.
+/// The work part of a prefill plan with a custom mask: its work items, then the mask packed
+/// right after them (each item told where its request's bits start, by their offset in 32-bit
+/// words from the first item); `None` without a mask (the items alone are the part). The batch
+/// (`qo_indptr`, `kv_lens`) is already valid; the mask is checked against it here.
+pub fn prefill_work_bytes(
+    work: &mut [PrefillWorkItem],
+    mask: Option<&CustomMask>,
+    qo_indptr: &[u32],
+    kv_lens: &[usize],
+) -> Result<Option<Vec<u8>>> {
+    let Some(mask) = mask else { return Ok(None) };
+    let (packed, words) = mask.packed_for(qo_indptr, kv_lens)?;
+    let first_word = std::mem::size_of_val(work) / 4;
+    let last_word = first_word + packed.len() / 4;
+    if last_word > u32::MAX as usize {
+        let what = "custom mask and work items (32-bit words)";
+        return Err(Error::TooLarge { what, value: last_word, max: u32::MAX as usize });
+    }
+    set_mask_words(work, qo_indptr, &words, first_word as u32);
+    Ok(Some([as_bytes(work), &packed].concat()))
+}
+
 fn set_mask_words(work: &mut [PrefillWorkItem], qo_indptr: &[u32], words: &[u32], first_word: u32) {
     for item in work {
         let request = qo_indptr.partition_point(|&q| q <= item.q_start) - 1;
@@ -870,22 +892,9 @@ impl BatchPrefillPlan {
             // Partial outputs are rows of values.
             head_dim: head_dim_vo,
         };
-        // The batch is valid (planned above), so the mask can be checked against it. It goes
-        // right after the work items, which find it by their offset from the first.
-        let work_part: std::borrow::Cow<[u8]> = match mask {
-            Some(mask) => {
-                let (packed, words) = mask.packed_for(qo_indptr, &table.kv_lens(shape.page_size))?;
-                let first_word = std::mem::size_of_val(&work[..]) / 4;
-                let last_word = first_word + packed.len() / 4;
-                if last_word > u32::MAX as usize {
-                    let what = "custom mask and work items (32-bit words)";
-                    return Err(Error::TooLarge { what, value: last_word, max: u32::MAX as usize });
-                }
-                set_mask_words(&mut work, qo_indptr, &words, first_word as u32);
-                [as_bytes(&work), &packed].concat().into()
-            }
-            None => as_bytes(&work).into(),
-        };
+        // The batch is valid (planned above), so the mask can be checked against it.
+        let masked = prefill_work_bytes(&mut work, mask.as_ref(), qo_indptr, &table.kv_lens(shape.page_size))?;
+        let work_part: &[u8] = masked.as_deref().unwrap_or(as_bytes(&work));
         let (schedule, blocks) = match kernel {
             PrefillKernel::Hopper => {
                 let tile_tokens = hopper_prefill_tile_tokens(shape.head_dim as u32, kv_dtype.size_bytes() as u32);
@@ -893,7 +902,7 @@ impl BatchPrefillPlan {
             }
             PrefillKernel::Portable { .. } => (Vec::new(), work.len() * shape.num_kv_heads),
         };
-        self.core.replan(&[as_bytes(&table.kv_indices), &work_part, as_bytes(&schedule)], scratch)?;
+        self.core.replan(&[as_bytes(&table.kv_indices), work_part, as_bytes(&schedule)], scratch)?;
         self.work = PrefillWork {
             shape: *shape,
             num_qo_heads,
