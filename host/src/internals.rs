@@ -2,6 +2,7 @@
 //! planners' work splits as plain data, the kernel ABI's work items, the read-stream probe and
 //! the device-helper self-test. Not part of the supported API.
 pub use crate::attention::decode::{decode_params, decode_split, DecodeSplit};
+pub use crate::attention::merge::{merge_states_blocks, merge_states_params};
 pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{
     persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, prefill_work_bytes,

@@ -140,8 +140,23 @@ pub fn merge_states<T: KvDType>(
     let ((v, _g0), (s, _g1)) = (v.device_ptr(stream), s.device_ptr(stream));
     let (out, _g2) = v_out.device_ptr_mut(stream);
     let (s_out, _g3) = optional_ptr_mut(stream, s_out);
+    let params = merge_states_params(shape, num_states, tokens, [v, s, out, s_out]);
+    // SAFETY: every buffer was checked against the shape and lives until after the launch.
+    unsafe { launch::<T>(device, stream, &params) }
+}
+
+/// The parameter block of [`merge_states`] over `tokens` tokens of `num_states` states in one
+/// buffer each (`v` `[tokens][num_states][heads][head_dim]`, `s` `[tokens][num_states][heads]`)
+/// into `out` and `s_out` (0 for none): what its launch passes (and, through `internals`, what
+/// the CPU emulator's launch passes).
+pub fn merge_states_params(
+    shape: StateShape,
+    num_states: usize,
+    tokens: usize,
+    [v, s, out, s_out]: [u64; 4],
+) -> MergeStatesParams {
     let (row, heads) = ((shape.heads * shape.head_dim) as i64, shape.heads as i64);
-    let params = MergeStatesParams {
+    MergeStatesParams {
         v,
         s,
         v_out: out,
@@ -154,9 +169,13 @@ pub fn merge_states<T: KvDType>(
         heads: shape.heads as u32,
         num_states: num_states as u32,
         head_dim: shape.head_dim as u32,
-    };
-    // SAFETY: every buffer was checked against the shape and lives until after the launch.
-    unsafe { launch::<T>(device, stream, &params) }
+    }
+}
+
+/// Blocks of a merge-states launch over `params` (of `MERGE_THREADS` threads, no shared memory).
+pub fn merge_states_blocks(params: &MergeStatesParams) -> u32 {
+    let rows_per_block = MERGE_THREADS / 32 * merge_rows_per_warp(params.head_dim);
+    (params.tokens * params.heads).div_ceil(rows_per_block)
 }
 
 /// Two separate buffers as states 0 and 1 of one view: state 1 sits `b − a` bytes after
@@ -213,7 +232,6 @@ unsafe fn launch<T: KvDType>(device: &Device, stream: &CudaStream, params: &Merg
     if rows == 0 {
         return Ok(());
     }
-    let rows_per_block = MERGE_THREADS / 32 * merge_rows_per_warp(params.head_dim);
-    let cfg = launch_config((rows.div_ceil(rows_per_block), 1), MERGE_THREADS, 0);
+    let cfg = launch_config((merge_states_blocks(params), 1), MERGE_THREADS, 0);
     device.launch(&kernel.function, cfg, LaunchStream::Cudarc(stream), params, "merging attention states")
 }
