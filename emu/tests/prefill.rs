@@ -38,6 +38,11 @@ struct Case {
     sinks: bool,
 }
 
+/// A case on one kernel without splits or sinks, planned for one multiprocessor.
+fn case(lens: Vec<(usize, usize)>, page_size: usize, head_dim: usize, causal: bool, kernel: PrefillKernel) -> Case {
+    Case { lens, page_size, head_dim, causal, sms: 1, splits: Some(false), kernel, sinks: false }
+}
+
 const QO_HEADS: usize = 8;
 const KV_HEADS: usize = 2;
 
@@ -159,61 +164,25 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
 
 #[test]
 fn prefill_hopper_causal_page_size_3_head_dim_64_f16() {
-    let case = Case {
-        lens: vec![(40, 40), (0, 5), (1, 1), (70, 130)],
-        page_size: 3,
-        head_dim: 64,
-        causal: true,
-        sms: 4,
-        splits: Some(false),
-        kernel: PrefillKernel::Hopper,
-        sinks: false,
-    };
+    let case = Case { sms: 4, ..case(vec![(40, 40), (0, 5), (1, 1), (70, 130)], 3, 64, true, PrefillKernel::Hopper) };
     run::<f16>(&case, 1, hopper_f16!(64));
 }
 
 #[test]
 fn prefill_hopper_page_size_48_head_dim_128_f16() {
-    let case = Case {
-        lens: vec![(33, 100), (17, 17)],
-        page_size: 48,
-        head_dim: 128,
-        causal: false,
-        sms: 2,
-        splits: Some(false),
-        kernel: PrefillKernel::Hopper,
-        sinks: false,
-    };
+    let case = Case { sms: 2, ..case(vec![(33, 100), (17, 17)], 48, 128, false, PrefillKernel::Hopper) };
     run::<f16>(&case, 2, hopper_f16!(128));
 }
 
 #[test]
 fn prefill_hopper_causal_one_unit_a_block_page_size_1_head_dim_128_f16() {
-    let case = Case {
-        lens: vec![(20, 90), (9, 9)],
-        page_size: 1,
-        head_dim: 128,
-        causal: true,
-        sms: 64,
-        splits: Some(false),
-        kernel: PrefillKernel::Hopper,
-        sinks: false,
-    };
+    let case = Case { sms: 64, ..case(vec![(20, 90), (9, 9)], 1, 128, true, PrefillKernel::Hopper) };
     run::<f16>(&case, 3, hopper_f16!(128));
 }
 
 #[test]
 fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
-    let case = Case {
-        lens: vec![(16, 1500)],
-        page_size: 7,
-        head_dim: 64,
-        causal: true,
-        sms: 16,
-        splits: Some(true),
-        kernel: PrefillKernel::Hopper,
-        sinks: false,
-    };
+    let case = Case { sms: 16, splits: Some(true), ..case(vec![(16, 1500)], 7, 64, true, PrefillKernel::Hopper) };
     run::<f16>(&case, 4, hopper_f16!(64));
 }
 
@@ -224,47 +193,20 @@ const fn portable(block_rows: u32) -> PrefillKernel {
 #[test]
 fn prefill_causal_page_size_3_head_dim_64_rows_64_f16() {
     let lens = vec![(40, 40), (0, 5), (1, 1), (70, 130)];
-    let case = Case {
-        lens,
-        page_size: 3,
-        head_dim: 64,
-        causal: true,
-        sms: 1,
-        splits: Some(false),
-        kernel: portable(64),
-        sinks: false,
-    };
+    let case = case(lens, 3, 64, true, portable(64));
     run::<f16>(&case, 5, portable_f16!(64, 64));
 }
 
 #[test]
 fn prefill_page_size_257_head_dim_128_rows_128_f16() {
     let lens = vec![(100, 300), (30, 30)];
-    let case = Case {
-        lens,
-        page_size: 257,
-        head_dim: 128,
-        causal: false,
-        sms: 1,
-        splits: Some(false),
-        kernel: portable(128),
-        sinks: false,
-    };
+    let case = case(lens, 257, 128, false, portable(128));
     run::<f16>(&case, 6, portable_f16!(128, 128));
 }
 
 #[test]
 fn prefill_split_keys_merged_page_size_1_head_dim_128_rows_64_f16() {
-    let case = Case {
-        lens: vec![(8, 900)],
-        page_size: 1,
-        head_dim: 128,
-        causal: true,
-        sms: 32,
-        splits: Some(true),
-        kernel: portable(64),
-        sinks: false,
-    };
+    let case = Case { sms: 32, splits: Some(true), ..case(vec![(8, 900)], 1, 128, true, portable(64)) };
     run::<f16>(&case, 7, portable_f16!(128, 64));
 }
 
@@ -300,32 +242,14 @@ fn prefill_random_batches_f16() {
 
 #[test]
 fn prefill_hopper_e4m3_causal_page_size_7_head_dim_128_f16() {
-    let case = Case {
-        lens: vec![(50, 150), (1, 1), (0, 9)],
-        page_size: 7,
-        head_dim: 128,
-        causal: true,
-        sms: 3,
-        splits: Some(false),
-        kernel: PrefillKernel::Hopper,
-        sinks: false,
-    };
+    let case = Case { sms: 3, ..case(vec![(50, 150), (1, 1), (0, 9)], 7, 128, true, PrefillKernel::Hopper) };
     run::<E4m3>(&case, 8, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
 }
 
 #[test]
 fn prefill_with_sinks_causal_page_size_16_head_dim_64_rows_64_f16() {
     let lens = vec![(30, 80), (1, 1), (0, 4)];
-    let case = Case {
-        lens,
-        page_size: 16,
-        head_dim: 64,
-        causal: true,
-        sms: 1,
-        splits: Some(false),
-        kernel: portable(64),
-        sinks: true,
-    };
+    let case = Case { sinks: true, ..case(lens, 16, 64, true, portable(64)) };
     run::<f16>(&case, 9, portable_f16!(64, 64));
 }
 

@@ -38,16 +38,6 @@ const KPE: u32 = MLA_KPE_DIM;
 /// Output dims of a warp: half a row.
 const WARP_DIMS: u32 = CKV / 2;
 
-/// Repeats `$body` for each of a warp's 32 output tiles of 8 dims (`acc[n / 2][n % 2]`, dims
-/// `8n..` of its 256), `$n` bound to the tile, unrolled (`unroll_to!` covers 16 only).
-macro_rules! each_out_tile {
-    ($n:ident, $body:block) => {
-        const { assert!(WARP_DIMS / 8 == 32) };
-        crate::unroll!($n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                              16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] $body)
-    };
-}
-
 /// Shared-memory offsets from the block's base over a cache of `kv_bytes`-byte elements: the
 /// query tiles, the rings, an 8-bit cache's widened tiles, the row table, P and the pairs' row
 /// statistics (`[q_pe, ckv ring, kpe ring, widened tiles, table, P, statistics]`).
@@ -62,6 +52,8 @@ const fn layout(kv_bytes: u32) -> [u32; 7] {
 }
 
 const _: () = {
+    // `unroll_32!` walks a warp's output tiles.
+    assert!(WARP_DIMS / 8 == 32);
     let mut kv_bytes = 1;
     while kv_bytes <= 2 {
         let [q_pe, ckv_ring, kpe_ring, wide, _, _, stats] = layout(kv_bytes);
@@ -220,7 +212,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
                 [own[0].max(other[0]), own[1].max(other[1])]
             },
             |h, rescale| {
-                each_out_tile!(n, {
+                crate::unroll_32!(n, {
                     acc[n / 2][n % 2][2 * h] *= rescale;
                     acc[n / 2][n % 2][2 * h + 1] *= rescale;
                 });
@@ -266,7 +258,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
             if split {
                 let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;
                 let dst = (a.split.partial_out as *mut f32).add(prow * CKV as usize + first_dim);
-                each_out_tile!(n, {
+                crate::unroll_32!(n, {
                     *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
                     *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
                 });
@@ -276,7 +268,7 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
             } else {
                 let out_row = (work.q_start * heads + row) as usize;
                 let out = (a.out as *mut u32).add((out_row * CKV as usize + first_dim) / 2);
-                each_out_tile!(n, {
+                crate::unroll_32!(n, {
                     *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
                 });
                 if a.lse != 0 && t == 0 && half == 0 {

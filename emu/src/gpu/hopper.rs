@@ -14,13 +14,7 @@ use super::index::{lane, warp};
 use super::warp::shfl_idx_u32;
 use crate::sim::{block, collective, Op};
 
-/// As the GPU's (the same encoding, decoded below).
-pub fn smem_descriptor(addr: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
-    ((addr as u64 & 0x3_FFFF) >> 4)
-        | (((leading_bytes as u64 >> 4) & 0x3FFF) << 16)
-        | (((stride_bytes as u64 >> 4) & 0x3FFF) << 32)
-        | (1u64 << 62)
-}
+pub use super::plain::smem_descriptor;
 
 /// A descriptor's start address, leading and stride byte offsets.
 fn decode(desc: u64) -> (u32, u32, u32) {

@@ -17,18 +17,7 @@
 //! wait and places no use before it.
 use core::arch::asm;
 
-/// A shared-memory matrix descriptor for `wgmma`, 128-byte swizzle: the operand starts at
-/// shared address `addr`; `leading_bytes` and `stride_bytes` step between 8 × 128-byte swizzle
-/// atoms (PTX ISA "Matrix Descriptor Format": K-major operands step their rows' 8-row groups by
-/// the stride and ignore the leading offset; MN-major ones step along MN by the leading offset
-/// and along K by the stride).
-#[inline(always)]
-pub fn smem_descriptor(addr: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
-    ((addr as u64 & 0x3_FFFF) >> 4)
-        | (((leading_bytes as u64 >> 4) & 0x3FFF) << 16)
-        | (((stride_bytes as u64 >> 4) & 0x3FFF) << 32)
-        | (1u64 << 62)
-}
+pub use super::plain::smem_descriptor;
 
 /// Orders this thread's earlier register and shared-memory accesses before the warpgroup's
 /// next `wgmma` (needed before the first `wgmma` that reads registers written since).

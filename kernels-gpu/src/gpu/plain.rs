@@ -1,5 +1,5 @@
 //! Helpers written in plain Rust over the PTX primitives of the other modules: the unrolling
-//! and inlining macros, the fragment-load pipeline and the warp reductions. The CPU emulator
+//! and inlining macros, the fragment-load pipeline, `wgmma` descriptors and the warp reductions. The CPU emulator
 //! (`emu/`) compiles this file and the kernels against its own primitives.
 use super::warp::shfl_xor_f32;
 
@@ -11,6 +11,16 @@ macro_rules! unroll {
     ($i:ident in [$($n:literal),*] $body:block) => {{
         $( { #[allow(non_upper_case_globals)] const $i: usize = $n; $body } )*
     }};
+}
+
+/// [`unroll!`] over `0..32`: the 32 n-tiles of 8 columns of a 256-wide accumulator row (MLA's
+/// output halves), past `unroll_to!`'s 16.
+#[macro_export]
+macro_rules! unroll_32 {
+    ($i:ident, $body:block) => {
+        $crate::unroll!($i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                              16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] $body)
+    };
 }
 
 /// `#[inline(always)] $closure` on the GPU (LLVM might not inline a closure called in several
@@ -66,6 +76,19 @@ pub fn pipelined<F: Copy>(n: usize, mut load: impl FnMut(usize) -> F, mut comput
             compute(i, current);
         }
     });
+}
+
+/// A shared-memory matrix descriptor for `wgmma`, 128-byte swizzle: the operand starts at
+/// shared address `addr`; `leading_bytes` and `stride_bytes` step between 8 × 128-byte swizzle
+/// atoms (PTX ISA "Matrix Descriptor Format": K-major operands step their rows' 8-row groups by
+/// the stride and ignore the leading offset; MN-major ones step along MN by the leading offset
+/// and along K by the stride). Plain bits, shared with the emulator, which decodes them.
+#[inline(always)]
+pub fn smem_descriptor(addr: u32, leading_bytes: u32, stride_bytes: u32) -> u64 {
+    ((addr as u64 & 0x3_FFFF) >> 4)
+        | (((leading_bytes as u64 >> 4) & 0x3FFF) << 16)
+        | (((stride_bytes as u64 >> 4) & 0x3FFF) << 32)
+        | (1u64 << 62)
 }
 
 /// Sum over the warp; every lane gets the result.
