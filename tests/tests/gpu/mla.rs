@@ -245,7 +245,13 @@ pub fn tests() -> Vec<GpuTest> {
         Ok(())
     }));
 
-    t.push(GpuTest::new("mla_run_replays_from_a_cuda_graph_split_and_not_f16", |d| {
+    t.push(GpuTest::new("mla_run_replays_from_a_cuda_graph_split_and_not_f16", |_| {
+        // A device of its own: the capture must not take in other tests' work on the shared
+        // device's stream, and graph capture needs cudarc's cross-stream event tracking off.
+        let dev = Device::new(0)?;
+        // SAFETY: this context object is used by this test alone, on one stream.
+        unsafe { dev.context().disable_event_tracking() };
+        let d = &dev;
         for kv_lens in [vec![20000], vec![300; 64]] {
             let mut r = rng(9);
             let (cache, _, table) = random_mla_cache::<f16>(d, &mut r, &kv_lens, 16)?;
