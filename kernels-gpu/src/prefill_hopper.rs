@@ -35,8 +35,9 @@
 //! `j − 1`'s P·V within a warpgroup, together with persistent blocks that strode over the units
 //! (block `b` took units `b`, `b + grid`, …; before ping-pong): 9–13% slower on the H200.
 use crate::abi::{
-    hopper_prefill_bars_offset, hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem, HOPPER_CONSUMER_REGISTERS,
-    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_PRODUCER_THREADS, NO_PARTIAL,
+    hopper_prefill_bars_offset, hopper_prefill_ping_pong, hopper_prefill_smem_bytes, PrefillParams, PrefillWorkItem,
+    HOPPER_CONSUMER_REGISTERS, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS,
+    HOPPER_PRODUCER_THREADS, NO_PARTIAL,
 };
 use crate::gpu::fp8::KvElem;
 use crate::gpu::hopper::{
@@ -225,7 +226,11 @@ pub unsafe fn prefill_hopper<
         // The ping-pong turns (see `consume`) run on through the block's units: the second
         // warpgroup gives the first its first turn here, and the first takes the second's last
         // handover at the end of its last unit, so the counts balance.
+        // The ABI's rule (`hopper_prefill_ping_pong`, the planner's too), written here and in
+        // `consume` as `O_FRAGS <= 16`: as a `const` block it moved code of the head_dim 256
+        // kernel.
         let ping_pong = O_FRAGS <= 16;
+        const { assert!(hopper_prefill_ping_pong(HEAD_DIM) == (O_FRAGS <= 16)) };
         let warpgroup = tid / 128 - 1;
         if ping_pong && warpgroup == 1 {
             named_barrier_arrive(BARRIER_TURN, 2 * 128);

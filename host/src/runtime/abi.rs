@@ -645,6 +645,13 @@ pub const fn hopper_prefill_tile_tokens(head_dim: u32, kv_bytes: u32) -> u32 {
     }
 }
 
+/// Whether the Hopper prefill's two consumer warpgroups take turns at the tensor cores
+/// (ping-pong), which at head_dim 256 the 128 O accumulators a thread leave no registers for;
+/// with it, a unit whose last tile no row sees past half of runs that tile at half width.
+pub const fn hopper_prefill_ping_pong(head_dim: u32) -> bool {
+    head_dim <= 128
+}
+
 /// Stages of the Hopper prefill ring (16-bit K/V tiles, what the consumers read): as many as
 /// the 227 KiB of shared memory hold beside Q, and beside the byte stages of an 8-bit cache.
 pub const fn hopper_prefill_stages(head_dim: u32, kv_bytes: u32) -> u32 {
