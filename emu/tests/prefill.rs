@@ -8,8 +8,8 @@
 //! persistent block, split keys merged, attention sinks, an e4m3 cache (the Hopper producer's
 //! widening), custom masks with fully masked rows (pages 1, 7, 48), random batches.
 use ferrinfer::internals::abi::{
-    hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes, prefill_threads, PrefillParams,
-    HOPPER_PREFILL_THREADS,
+    hopper_prefill_ping_pong, hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes,
+    prefill_threads, PrefillParams, HOPPER_PREFILL_THREADS,
 };
 use ferrinfer::internals::{
     persistent_schedule, prefill_params, prefill_split, prefill_work_bytes, Addresses, PrefillKernel,
@@ -99,8 +99,9 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     }
     let (schedule, blocks) = match case.kernel {
         PrefillKernel::Hopper => {
-            let tile_tokens = hopper_prefill_tile_tokens(case.head_dim as u32, kv_bytes);
-            persistent_schedule(&split.work, KV_HEADS, tile_tokens, case.sms)
+            let (head_dim, tile_tokens) =
+                (case.head_dim as u32, hopper_prefill_tile_tokens(case.head_dim as u32, kv_bytes));
+            persistent_schedule(&split.work, KV_HEADS, tile_tokens, hopper_prefill_ping_pong(head_dim), case.sms)
         }
         PrefillKernel::Portable { .. } => (vec![0], split.work.len() * KV_HEADS),
     };
