@@ -36,6 +36,9 @@ pub mod merge;
 #[path = "../../kernels-gpu/src/mla.rs"]
 pub mod mla;
 #[allow(clippy::all)]
+#[path = "../../kernels-gpu/src/mla_hopper.rs"]
+pub mod mla_hopper;
+#[allow(clippy::all)]
 #[path = "../../kernels-gpu/src/page_copy.rs"]
 pub mod page_copy;
 #[allow(clippy::all)]

@@ -1,18 +1,20 @@
-//! The portable MLA kernel and its merge, run by the CPU emulator from their own source,
+//! The MLA kernels (portable, and for 16-bit caches the Hopper one) and their merge, run by the
+//! CPU emulator from their own source,
 //! against the f64 reference: shuffled pages of sizes 1, 7, 64, 100 and one larger than the
 //! sequences, empty and one-token requests, 16, 64 and 128 heads, split row tiles merged by the
 //! second kernel, causal multi-token queries, f16 and bf16 queries over 16-bit and 8-bit
 //! caches, poisoned outputs. The launches' parameters are the host plan's own (`mla_split`,
 //! `mla_params`). Small shapes: every thread of every block is emulated.
 use ferrinfer::internals::abi::{
-    mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM, MLA_MERGE_THREADS, MLA_ROWS,
-    MLA_THREADS,
+    mla_hopper_smem_bytes, mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM,
+    MLA_HOPPER_THREADS, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS,
 };
 use ferrinfer::internals::{mla_params, MlaAddresses};
 use ferrinfer::{bf16, f16, mla_split, reference, E4m3, E5m2, KvDType, MlaCacheShape, MlaOptions, PageTable};
 use ferrinfer_emu::gpu::fp8::{self, KvElem};
-use ferrinfer_emu::gpu::half::{self, Half};
-use ferrinfer_emu::{launch, mla, DeviceBuffer, LaunchConfig, SplitBuffers};
+use ferrinfer_emu::gpu::half;
+use ferrinfer_emu::gpu::hopper::Wgmma;
+use ferrinfer_emu::{launch, mla, mla_hopper, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
 use rand::Rng;
@@ -48,8 +50,20 @@ fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
 const FP8_SCALE: f32 = 0.0625 * 1.1;
 
 /// Runs `case` with queries of `T` (kernel type `H`) over a cache of `C` (kernel type `K`) on
-/// the emulator and compares with the reference.
-fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(case: &Case, seed: u64) {
+/// the emulator and compares with the reference: on the portable kernel, and for a 16-bit
+/// cache on the Hopper one as well (the same work items, partials and merge).
+fn run<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'static>(case: &Case, seed: u64) {
+    run_on::<T, C, H, K>(case, seed, false);
+    if T::DTYPE == C::DTYPE {
+        run_on::<T, C, H, K>(case, seed, true);
+    }
+}
+
+fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'static>(
+    case: &Case,
+    seed: u64,
+    hopper: bool,
+) {
     let mut r = rng(seed);
     let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
     let shape = MlaCacheShape { num_pages: pages_needed(&kv_lens, case.page_size) + 3, page_size: case.page_size };
@@ -98,13 +112,17 @@ fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(
     let (params, merge_params): (MlaParams, MlaMergeParams) =
         mla_params(&shape, case.heads, &options, scale, &addresses);
 
-    let cfg = LaunchConfig {
-        grid: (split.work.len() as u32, 1),
-        threads: MLA_THREADS,
-        smem_bytes: mla_smem_bytes(<K as KvElem>::BYTES),
-    };
+    let grid = (split.work.len() as u32, 1);
     // SAFETY (emulated): the parameters address the buffers above, as the plan's would.
-    launch(cfg, move || unsafe { mla::mla::<H, K>(&params) }).unwrap_or_else(|f| panic!("MLA kernel: {f}"));
+    let launched = if hopper {
+        let cfg = LaunchConfig { grid, threads: MLA_HOPPER_THREADS, smem_bytes: mla_hopper_smem_bytes() };
+        launch(cfg, move || unsafe { mla_hopper::mla_hopper::<H>(&params) })
+    } else {
+        let cfg = LaunchConfig { grid, threads: MLA_THREADS, smem_bytes: mla_smem_bytes(<K as KvElem>::BYTES) };
+        launch(cfg, move || unsafe { mla::mla::<H, K>(&params) })
+    };
+    let kernel = if hopper { "Hopper MLA kernel" } else { "MLA kernel" };
+    launched.unwrap_or_else(|f| panic!("{kernel}: {f}"));
     if !split.merge_tiles.is_empty() {
         let cfg = LaunchConfig {
             grid: (split.merge_tiles.len() as u32, MLA_ROWS),
@@ -119,7 +137,7 @@ fn run<T: KvDType, C: KvDType, H: Half + KvElem + 'static, K: KvElem + 'static>(
     let (want, want_lse) =
         reference::mla_scaled(&shape, &ckv, &kpe, scale, &table, &qo_indptr, &q_nope, &q_pe, case.heads, &options);
     expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, case.heads, CKV, "token")
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
 }
 
 #[test]

@@ -79,6 +79,15 @@ macro_rules! entry {
             }
         };
     };
+    (mla_hopper $half:ident $dtype:ident) => {
+        #[cfg(target_feature = "sm_90a")]
+        const _: () = {
+            #[export_name = entry_name!(mla_hopper $dtype)]
+            unsafe extern "ptx-kernel" fn entry(p: MlaParams) {
+                crate::mla_hopper::mla_hopper::<$half>(&p)
+            }
+        };
+    };
     (mla_merge $half:ident $dtype:ident) => {
         #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {

@@ -23,6 +23,7 @@ pub mod helper_check;
 pub mod merge;
 #[cfg(not(target_feature = "sm_90a"))]
 pub mod mla;
+pub mod mla_hopper;
 #[cfg(not(target_feature = "sm_90a"))]
 pub mod page_copy;
 pub mod paged_tile;

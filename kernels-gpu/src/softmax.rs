@@ -204,6 +204,24 @@ impl RowState {
     }
 }
 
+impl RowState {
+    /// Moves the state to reference maxima `m` that another warp's [`update_rescaling`]
+    /// (Self::update_rescaling) reached from this state's (so `m ≥ self.m`; MLA's warpgroups
+    /// taking turns at the tiles): the sums, and through `rescale_rows(h, factor)` the output
+    /// of row `g + 8h`, by `2^(self.m − m)` where they differ (0 from a state without keys).
+    #[inline(always)]
+    pub fn adopt_max(&mut self, m: [f32; 2], mut rescale_rows: impl FnMut(usize, f32)) {
+        crate::unroll!(h in [0, 1] {
+            if m[h] != self.m[h] {
+                let rescale = exp2(self.m[h] - m[h]);
+                self.sums[h] *= rescale;
+                rescale_rows(h, rescale);
+                self.m[h] = m[h];
+            }
+        });
+    }
+}
+
 /// The base-2 sink logit of query head `head` from `sinks` (`*const f32` of natural-log logits,
 /// `DecodeParams::sinks`), or −∞ (no sink) when `sinks` is 0.
 #[inline(always)]

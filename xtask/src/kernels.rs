@@ -76,6 +76,9 @@ fn launch_bounds() -> Vec<(&'static str, u32)> {
         (prefill_hopper $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal) => {
             bounds.push((entry_name!(prefill_hopper $dtype $kvname $dim), crate::abi::HOPPER_PREFILL_THREADS))
         };
+        (mla_hopper $half:ident $dtype:ident) => {
+            bounds.push((entry_name!(mla_hopper $dtype), crate::abi::MLA_HOPPER_THREADS))
+        };
         ($($other:tt)*) => {};
     }
     kernel_variants!(each);

@@ -253,7 +253,11 @@ impl BatchMlaPlan {
         if C::DTYPE != planned {
             return Err(Error::KvDTypeMismatch { planned: planned.name(), got: C::DTYPE.name() });
         }
-        let (attention, merge) = device.kernels().mla(T::DTYPE, C::DTYPE)?;
+        let (portable, merge) = device.kernels().mla(T::DTYPE, C::DTYPE)?;
+        // On Hopper (compute capability 9.0) a 16-bit cache takes the `wgmma` kernel: same
+        // parameters, work items and partials.
+        let hopper = if C::DTYPE == T::DTYPE { device.mla_hopper(T::DTYPE) } else { None };
+        let attention = hopper.unwrap_or(portable);
         let rows = self.lse_elems();
         check_lengths(&[
             ("q_nope", q_nope.len(), self.q_nope_elems()),

@@ -761,6 +761,32 @@ pub const fn mla_widened_bytes(kv_bytes: u32) -> u32 {
     }
 }
 
+/// MLA on Hopper (only in the `sm_90a` module, 16-bit caches): the parameters, work items and
+/// partials of [`MlaParams`], [`MLA_ROWS`] rows a block, keys in [`MLA_HOPPER_TILE_TOKENS`]-key
+/// tiles of all 576 dims (nine 64-dim slabs: the ckv rows' eight, then the kpe row's) through a
+/// two-stage ring that a producer warpgroup fills by `cp.async` through the page table. The two
+/// consumer warpgroups own halves of O (256 dims each, 128 f32 a thread) and take turns at the
+/// tiles: warpgroup `c` computes S of the tiles `t ≡ c (mod 2)` (`wgmma` m64n64, Q and K from
+/// shared memory), its softmax, and hands the tile's P and reference maximum to the other
+/// through shared memory; both multiply each tile's P into their half of O (`wgmma` m64n256, P
+/// from registers, the ckv slabs as V). [`mla_hopper_smem_bytes`] of shared memory.
+pub const MLA_HOPPER_TILE_TOKENS: u32 = 64;
+/// Threads of a Hopper MLA block: the producer warpgroup, then two consumer warpgroups.
+pub const MLA_HOPPER_THREADS: u32 = 384;
+
+/// Dynamic shared memory of a Hopper MLA block: Q (64 rows × 576 dims), two K stages (64 keys ×
+/// 576), the P handed over (64 × 64 f16), the reference maxima handed over and the row sums
+/// traded at the end (f32 a row, three), the producer's row tables (two stages × 64 keys) and
+/// the ring's four mbarriers.
+pub const fn mla_hopper_smem_bytes() -> u32 {
+    let dims = MLA_CKV_DIM + MLA_KPE_DIM;
+    (MLA_ROWS + 2 * MLA_HOPPER_TILE_TOKENS) * dims * 2
+        + MLA_ROWS * MLA_HOPPER_TILE_TOKENS * 2
+        + 3 * MLA_ROWS * 4
+        + 2 * MLA_HOPPER_TILE_TOKENS * 4
+        + 4 * 8
+}
+
 /// The merge of split MLA row tiles: block `(x, y)` merges row `y` of split tile `x`, whose
 /// first part's work item is entry `x` of `tiles`; part `i`'s partial row is
 /// `(first_slot + i) · MLA_ROWS + row` of `split`. Writes the output row and its LSE.
@@ -995,8 +1021,9 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 /// - `each!(prefill_hopper $Half $dtype $Kv $kv $head_dim)` (the `sm_90a` module's only
 ///   kernels),
 /// - `each!(merge_states $Half $dtype)`,
-/// - `each!(mla $Half $dtype $Kv $kv)` and `each!(mla_merge $Half $dtype)` (multi-head latent
-///   attention over a latent cache of `$Kv`, and the merge of its split row tiles: [`MlaParams`]),
+/// - `each!(mla $Half $dtype $Kv $kv)`, `each!(mla_hopper $Half $dtype)` (the `sm_90a` module's,
+///   16-bit caches) and `each!(mla_merge $Half $dtype)` (multi-head latent attention over a
+///   latent cache of `$Kv`, and the merge of its split row tiles: [`MlaParams`]),
 /// - `each!(rope $Half $dtype $mode)` (`neox`, `neox_scalar` or `gptj`: [`rope_mode`]),
 /// - `each!(paged_copy_fp8 $direction $Half $dtype $Kv $kv)` (`gather` or `scatter` between an
 ///   8-bit cache and 16-bit ragged K/V),
@@ -1040,6 +1067,7 @@ macro_rules! kernel_variants {
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims $hopper_fp8_dims);
             $each!(merge_states $half $dtype);
             $each!(mla $half $dtype $half same);
+            $each!(mla_hopper $half $dtype);
             $each!(mla_merge $half $dtype);
             $each!(rope $half $dtype neox);
             $each!(rope $half $dtype neox_scalar);
@@ -1114,6 +1142,9 @@ macro_rules! entry_name {
     };
     (mla_merge $dtype:ident) => {
         concat!("mla_merge_", stringify!($dtype))
+    };
+    (mla_hopper $dtype:ident) => {
+        concat!("mla_hopper_", stringify!($dtype))
     };
     (rope $dtype:ident $mode:ident) => {
         concat!("rope_", stringify!($dtype), "_", stringify!($mode))
@@ -1227,6 +1258,9 @@ macro_rules! assert_variant {
         const _: () = assert!(mla_smem_bytes(kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
     };
     (mla_merge $half:ident $dtype:ident) => {};
+    (mla_hopper $half:ident $dtype:ident) => {
+        const _: () = assert!(mla_hopper_smem_bytes() <= HOPPER_MAX_BLOCK_SMEM_BYTES);
+    };
     (rope $half:ident $dtype:ident $mode:ident) => {};
     (paged_copy_fp8 $direction:ident $half:ident $dtype:ident $kv:ident $kvname:ident) => {};
     (single $name:ident) => {};

@@ -204,6 +204,12 @@ impl Device {
         self.inner.kernels.prefill_hopper(dtype, kv_dtype, head_dim).filter(|_| self.arch_specific)
     }
 
+    /// The Hopper MLA kernel for `dtype` queries over a 16-bit cache of the same type, when
+    /// this handle may use it.
+    pub(crate) fn mla_hopper(&self, dtype: super::dtype::DType) -> Option<&super::kernels::Kernel> {
+        self.inner.kernels.mla_hopper(dtype).filter(|_| self.arch_specific)
+    }
+
     /// The ring of pinned host buffers uploads go through.
     pub(crate) fn staging(&self) -> &Mutex<StagingRing> {
         &self.inner.staging

@@ -9,9 +9,10 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule};
 
 use super::abi::{
-    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, mla_merge_smem_bytes, mla_smem_bytes,
-    prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS, MLA_CKV_DIM,
-    MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
+    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, mla_hopper_smem_bytes, mla_merge_smem_bytes,
+    mla_smem_bytes, prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS,
+    MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, ROPE_GPTJ, ROPE_NEOX,
+    ROPE_NEOX_SCALAR, ROPE_THREADS,
 };
 use super::dtype::DType;
 use crate::error::{Error, Result};
@@ -27,6 +28,8 @@ pub(crate) enum Family {
     /// Multi-head latent attention, and the merge of its split row tiles.
     Mla,
     MlaMerge,
+    /// MLA on Hopper's `wgmma` (the `sm_90a` module only; 16-bit caches).
+    MlaHopper,
     /// Gather from an 8-bit cache into 16-bit ragged K/V (dequantising).
     GatherFp8,
     /// Scatter (and append) 16-bit ragged K/V into an 8-bit cache (quantising).
@@ -78,6 +81,7 @@ impl Variant {
             Family::MergeStates => Some((MERGE_THREADS, 0)),
             Family::Mla => Some((MLA_THREADS, mla_smem_bytes(self.kv_bytes()))),
             Family::MlaMerge => Some((MLA_MERGE_THREADS, mla_merge_smem_bytes())),
+            Family::MlaHopper => Some((MLA_HOPPER_THREADS, mla_hopper_smem_bytes())),
             Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,
         }
@@ -86,7 +90,7 @@ impl Variant {
     /// Whether the variant lives in the architecture-specific module (`ptx_targets!`'s
     /// `exactly` line) rather than the portable one.
     pub fn is_arch_specific(&self) -> bool {
-        self.family == Family::PrefillHopper
+        matches!(self.family, Family::PrefillHopper | Family::MlaHopper)
     }
 }
 
@@ -189,6 +193,19 @@ pub(crate) fn variants() -> &'static [Variant] {
                     family: Family::Mla,
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
+                    head_dim: MLA_CKV_DIM + MLA_KPE_DIM,
+                    head_dim_vo: MLA_CKV_DIM,
+                    rows: MLA_ROWS,
+                    mode: 0,
+                    custom_mask: false,
+                })
+            };
+            (mla_hopper $half:ident $dtype:ident) => {
+                table.push(Variant {
+                    name: entry_name!(mla_hopper $dtype),
+                    family: Family::MlaHopper,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: dtype(stringify!($dtype)),
                     head_dim: MLA_CKV_DIM + MLA_KPE_DIM,
                     head_dim_vo: MLA_CKV_DIM,
                     rows: MLA_ROWS,
@@ -470,6 +487,12 @@ impl Kernels {
                 dtype: kv_dtype.name(),
             })?;
         Ok((attention, merge))
+    }
+
+    /// The Hopper MLA kernel for queries and cache of `dtype`, where the GPU runs the `sm_90a`
+    /// module.
+    pub fn mla_hopper(&self, dtype: DType) -> Option<&Kernel> {
+        self.find(|v| v.family == Family::MlaHopper && v.dtype == Some(dtype))
     }
 
     /// The RoPE kernel for rows of `dtype` and pairing `mode` (`abi::rope_mode`).

@@ -3,7 +3,9 @@
 //! 32768 on shuffled pages, decode and causal multi-token queries, split row tiles and their
 //! merge, f16 and bf16, e4m3 and e5m2 latent caches with a scale, poisoned outputs; the MLA
 //! append (quantising into 8-bit caches) against the reference append; the checks of a run.
-//! Error bounds: `ferrinfer_tests::compare`.
+//! The 16-bit cases run twice: on the device as opened (on an H100 or H200, the `wgmma`
+//! kernel) and, as `…_portable`, on `Device::with_portable_kernels`. Error bounds:
+//! `ferrinfer_tests::compare`.
 use ferrinfer::{
     bf16, f16, reference, BatchMlaPlan, CacheShape, Device, E4m3, E5m2, Error, KvDType, KvLayout, MlaAppendPlan,
     MlaCacheShape, MlaKvCache, MlaLayerPools, MlaOptions, PageTable,
@@ -123,6 +125,11 @@ fn add<T: KvDType, C: KvDType>(t: &mut Vec<GpuTest>, name: &str, case: Case, spl
         true => format!("{name}_{}", T::DTYPE.name()),
         false => format!("{name}_{}_{}", C::DTYPE.name(), T::DTYPE.name()),
     };
+    // 16-bit caches take the `wgmma` kernel on Hopper: run them on the portable one too.
+    if T::DTYPE == C::DTYPE {
+        let (portable_name, portable_case) = (format!("{name}_portable"), case.clone());
+        t.push(GpuTest::new(portable_name, move |d| mla_case::<T, C>(&d.with_portable_kernels(), &portable_case)));
+    }
     t.push(GpuTest::new(name, move |d| {
         if let Some(want) = split {
             ensure!(splits(d, &case)? == want, "the plan {} split row tiles", if want { "does not" } else { "does" });

@@ -22,8 +22,8 @@ const KPE: usize = MlaCacheShape::KPE_DIM;
 const CHECKED_HEADS: usize = 8;
 
 pub fn header(b: &Bench) {
-    b.print("| kernel | page_size | batch | kv_len | heads | median us | GB/s | % read | TFLOP/s | blocks | merged tiles | check |");
-    b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    b.print("| kernel | page_size | batch | kv_len | heads | median us | GB/s | % read | TFLOP/s | blocks | merged tiles | path | check |");
+    b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
 }
 
 /// Measures one decode row; the second field counts the checked output elements that missed.
@@ -88,8 +88,11 @@ pub fn mla_decode<T: KvDType, C: KvDType>(
     let flops = (batch * num_heads * kv_len * 2 * (CKV + KPE + CKV)) as f64;
     let tflops = flops / us / 1e6;
     let launch = plan.launch_shape();
+    // As `BatchMlaPlan::run` chooses: Hopper's `wgmma` kernel for a 16-bit cache where this
+    // handle may use it (not with `--portable`).
+    let path = if T::DTYPE == C::DTYPE && dev.arch_specific_ptx() == Some("sm_90a") { "wgmma" } else { "mma.sync" };
     b.print(&format!(
-        "| {} | {page_size} | {batch} | {kv_len} | {num_heads} | {us:.1} | {gbs:.0} | {:.1} | {tflops:.0} | {} | {} | {check} |",
+        "| {} | {page_size} | {batch} | {kv_len} | {num_heads} | {us:.1} | {gbs:.0} | {:.1} | {tflops:.0} | {} | {} | {path} | {check} |",
         crate::decode::label::<T, C>("mla decode"),
         100.0 * gbs / b.read_gbs,
         launch.0,
@@ -98,6 +101,6 @@ pub fn mla_decode<T: KvDType, C: KvDType>(
     let row = json!({"kernel": "mla_decode", "dtype": T::DTYPE.name(), "kv_dtype": C::DTYPE.name(), "page_size": page_size, "batch": batch,
                      "kv_len": kv_len, "heads": num_heads, "median_us": us, "bytes": bytes, "gbs": gbs,
                      "pct_read": 100.0 * gbs / b.read_gbs, "flops": flops, "tflops": tflops, "blocks": launch.0,
-                     "merged_tiles": launch.1, "sampled_elements_wrong": wrong});
+                     "merged_tiles": launch.1, "path": path, "sampled_elements_wrong": wrong});
     Ok((row, wrong))
 }

@@ -1,0 +1,355 @@
+//! MLA on Hopper (sm_90a, 16-bit latent caches): the semantics of `mla` (`abi::MlaParams`) on
+//! `wgmma`, for the 128-head rows that are compute-bound (`abi::MLA_HOPPER_TILE_TOKENS`).
+//!
+//! A block is three warpgroups over 64 packed query rows. The producer resolves each 64-key
+//! tile's tokens through the page table (one key a thread, into a row table in shared memory)
+//! and gathers their ckv rows (eight 64-dim slabs) and kpe rows (a ninth) with `cp.async` into
+//! one of two stages, arriving on the stage's "full" mbarrier as the copies land. `wgmma` reads
+//! its A operand from shared memory afresh for every instruction, so S wants 64-key tiles (at
+//! m64n64 Q's and K's bytes balance the tensor work) and a 64 × 512 O takes two warpgroups'
+//! registers: consumer warpgroup `c` owns O's dims `256 c..` and the S of the tiles
+//! `t ≡ c (mod 2)`. For its tile the owner computes S = Q·Kᵀ over all 576 dims, the online
+//! softmax (`softmax::RowState`, from the reference maximum the other warpgroup handed over
+//! with the tile before), and hands the tile's P fragments and new reference maximum to the
+//! other warpgroup through shared memory (named barriers `HANDOFF + t mod 2`: the owner arrives,
+//! the other waits); each warpgroup then adds the tile's P · V into its half of O, V being the
+//! stage's first eight slabs (the ckv rows) read MN-major. While one warpgroup runs its tile's
+//! softmax, the other's P · V of the tile before runs on the tensor cores.
+//!
+//! A handed-over value is read and rewritten at the same place by the same thread of the other
+//! warpgroup (each thread's P fragments, each quad's maxima), so one buffer serves every tile:
+//! a warpgroup writes tile `t + 1`'s hand-over only after reading tile `t`'s.
+use crate::abi::{
+    mla_hopper_smem_bytes, MlaParams, PrefillWorkItem, HOPPER_PRODUCER_THREADS, MLA_CKV_DIM, MLA_HOPPER_THREADS,
+    MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
+};
+use crate::gpu::hopper::{
+    claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
+    named_barrier, named_barrier_arrive, release_registers, smem_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_wait_frags, Wgmma,
+};
+use crate::gpu::index::{block_x, thread_x};
+use crate::gpu::mem::Vec16;
+use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
+use crate::gpu::sync::{sync_threads, sync_warp};
+use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
+use crate::gpu::warp::any;
+use crate::softmax::{finish_row, LogitScale, RowState};
+
+const TILE: u32 = MLA_HOPPER_TILE_TOKENS;
+const CKV: u32 = MLA_CKV_DIM;
+const KPE: u32 = MLA_KPE_DIM;
+/// 16-byte chunks of a token's row: 64 of ckv, then 8 of kpe.
+const CHUNKS: u32 = (CKV + KPE) / 8;
+const SLAB_ROW_BYTES: u32 = 128;
+/// Bytes of a 64-row slab, and of a 64-row tile of nine slabs (Q, or a K stage).
+const SLAB_BYTES: u32 = 64 * SLAB_ROW_BYTES;
+const TILE_BYTES: u32 = CHUNKS / 8 * SLAB_BYTES;
+const CONSUMER_THREADS: u32 = MLA_HOPPER_THREADS - HOPPER_PRODUCER_THREADS;
+/// Named barriers: 0 is `bar.sync`'s; the consumers share 1, the hand-overs alternate 2 and 3,
+/// the producer has 4.
+const BARRIER_CONSUMERS: u32 = 1;
+const BARRIER_HANDOFF: u32 = 2;
+const BARRIER_PRODUCER: u32 = 4;
+/// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): the producer
+/// only resolves keys and issues copies; a consumer holds O's half (128 f32), S (32) and P.
+/// 128 · 24 + 256 · 240 fits the SM's 64 Ki registers for the one block.
+const PRODUCER_REGISTERS: u32 = 24;
+const CONSUMER_REGISTERS: u32 = 240;
+const _: () = assert!(HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= 65536);
+
+/// Shared-memory offsets: Q, the two K stages, the P hand-over, the maxima hand-over, the two
+/// warpgroups' row sums, the producer's row tables (a stage each), the mbarriers (full 0, 1,
+/// empty 0, 1).
+const K_STAGES: u32 = TILE_BYTES;
+const P_HANDOFF: u32 = K_STAGES + 2 * TILE_BYTES;
+const M_HANDOFF: u32 = P_HANDOFF + MLA_ROWS * TILE * 2;
+const ROW_SUMS: u32 = M_HANDOFF + MLA_ROWS * 4;
+const ROW_TABLES: u32 = ROW_SUMS + 2 * MLA_ROWS * 4;
+const BARS: u32 = ROW_TABLES + 2 * TILE * 4;
+const _: () = {
+    assert!(BARS + 4 * 8 == mla_hopper_smem_bytes());
+    assert!(TILE == 64 && MLA_ROWS == 64 && MLA_HOPPER_THREADS == 3 * 128 && CHUNKS == 72);
+};
+
+/// Byte offset of 16-byte chunk `chunk` of row `row` in a 64-row tile of 64-dim slabs with the
+/// 128-byte swizzle (`wgmma`'s layout; `prefill_hopper`'s `slab_offset` at 64 rows).
+#[inline(always)]
+fn slab_offset(row: u32, chunk: u32) -> u32 {
+    (chunk / 8) * SLAB_BYTES + row * SLAB_ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16)
+}
+
+/// The kernel (module documentation). Grid: one block per work item.
+#[inline(always)]
+pub unsafe fn mla_hopper<H: Wgmma>(p: &MlaParams) {
+    let a = &p.attention;
+    let tid = thread_x();
+    let work = *(a.work as *const PrefillWorkItem).add(block_x() as usize);
+    let smem = dynamic_smem_addr();
+    let tiles = (work.kv_end - work.kv_start).div_ceil(TILE);
+    if tid == 0 {
+        crate::unroll!(stage in [0, 1] {
+            mbarrier_init(full(smem, stage as u32), HOPPER_PRODUCER_THREADS);
+            mbarrier_init(empty(smem, stage as u32), CONSUMER_THREADS);
+        });
+    }
+    sync_threads();
+    if tid < HOPPER_PRODUCER_THREADS {
+        release_registers::<PRODUCER_REGISTERS>();
+        produce(a.cache.kv_indices, a.cache.page_size, a.cache.k_pages, a.cache.v_pages, &work, tiles, smem, tid);
+        // Leave only once this thread's copies have landed.
+        wait_async_copies(0);
+    } else {
+        claim_registers::<CONSUMER_REGISTERS>();
+        consume::<H>(p, &work, tiles, smem, tid);
+    }
+}
+
+/// The producer warpgroup: every tile of the item into stage `tile % 2`, round `tile / 2`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn produce(
+    kv_indices: u64,
+    page_size: crate::abi::FastDiv,
+    ckv: u64,
+    kpe: u64,
+    work: &PrefillWorkItem,
+    tiles: u32,
+    smem: u32,
+    tid: u32,
+) {
+    let pages = (kv_indices as *const u32).add(work.pages as usize);
+    // Keys past the item's end copy its last key again: their logits are masked.
+    let last = work.kv_end.max(work.kv_start + 1) - 1;
+    let mut tile = 0;
+    while tile < tiles {
+        let stage = tile % 2;
+        let table = smem + ROW_TABLES + stage * TILE * 4;
+        // One key a thread of the first 64: its token's row in the pools (page · page_size +
+        // slot), loaded while the stage drains.
+        let row = if tid < TILE {
+            let position = (work.kv_start + tile * TILE + tid).min(last);
+            let (page, slot) = page_size.divmod(position);
+            *pages.add(page as usize) * page_size.divisor + slot
+        } else {
+            0
+        };
+        if tile >= 2 {
+            mbarrier_wait(empty(smem, stage), (tile / 2 + 1) % 2);
+        }
+        if tid < TILE {
+            store_shared_u32(table + 4 * tid, row);
+        }
+        // Every producer thread is past its copies of the tile before (which read the other
+        // table) and this table is written.
+        named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
+        let dst = smem + K_STAGES + stage * TILE_BYTES;
+        let mut i = tid;
+        while i < TILE * CHUNKS {
+            let (key, chunk) = (i / CHUNKS, i % CHUNKS);
+            let row = load_shared_u32(table + 4 * key) as usize;
+            let src = if chunk < CKV / 8 {
+                (ckv as *const Vec16).add(row * (CKV / 8) as usize + chunk as usize)
+            } else {
+                (kpe as *const Vec16).add(row * (KPE / 8) as usize + (chunk - CKV / 8) as usize)
+            };
+            copy_async(dst + slab_offset(key, chunk), src);
+            i += HOPPER_PRODUCER_THREADS;
+        }
+        mbarrier_arrive_on_async_copies(full(smem, stage));
+        tile += 1;
+    }
+}
+
+/// The "full" and "empty" mbarriers of `stage`.
+#[inline(always)]
+fn full(smem: u32, stage: u32) -> u32 {
+    smem + BARS + 8 * stage
+}
+#[inline(always)]
+fn empty(smem: u32, stage: u32) -> u32 {
+    smem + BARS + 8 * (2 + stage)
+}
+
+/// A consumer warpgroup (module documentation), then its half of the output.
+#[inline(always)]
+unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, smem: u32, tid: u32) {
+    let a = &p.attention;
+    let ctid = tid - HOPPER_PRODUCER_THREADS;
+    let warpgroup = ctid / 128;
+    let (warp, lane) = ((ctid / 32) % 4, tid % 32);
+    let t = lane % 4;
+    let heads = a.group_size.divisor;
+    let rows = work.qo_len * heads;
+
+    // The block's 64 query rows, shared by both warpgroups: each copies half.
+    let mut i = ctid;
+    while i < MLA_ROWS * CHUNKS {
+        let (row, chunk) = (i / CHUNKS, i % CHUNKS);
+        let packed = work.first_row + row;
+        let valid = packed < rows;
+        let q_row = if valid { (work.q_start * heads + packed) as usize } else { 0 };
+        let src = if chunk < CKV / 8 {
+            (a.q as *const Vec16).add(q_row * (CKV / 8) as usize + chunk as usize)
+        } else {
+            (p.q_pe as *const Vec16).add(q_row * (KPE / 8) as usize + (chunk - CKV / 8) as usize)
+        };
+        copy_async_or_zero(smem + slab_offset(row, chunk), src, valid);
+        i += CONSUMER_THREADS;
+    }
+    crate::gpu::tensor::commit_async_copies();
+    wait_async_copies(0);
+    fence_proxy_async();
+    named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS);
+
+    // The thread's rows g and g + 8 within the block.
+    let my_row = 16 * warp + lane / 4;
+    // The last key each of the thread's two rows sees (MLA has no window: every key before it
+    // too): its causal position, and the item's last key; and the block's first row's, below
+    // which no row of the block masks. (Three registers: the prefill kernels' `Visibility`
+    // held through the tile loop made ptxas spill here.)
+    let (end, diag) = (work.kv_end, work.kv_len.saturating_sub(work.qo_len));
+    let last_seen = |row: u32| {
+        let causal = if a.causal != 0 { diag + a.group_size.div(row) } else { u32::MAX };
+        causal.min(end.max(1) - 1)
+    };
+    let my_last = [0, 8].map(|h| last_seen(work.first_row + my_row + h));
+    let block_last = last_seen(work.first_row);
+    let scale = LogitScale::new(a.sm_scale, 0.0);
+    let mut state = RowState::new();
+    let mut o = [[0.0f32; 4]; 32];
+    let p_slot = |kb: u32| smem + P_HANDOFF + ((warp * 4 + kb) * 32 + lane) * 16;
+    let land = |tile: u32| {
+        mbarrier_wait(full(smem, tile % 2), (tile / 2) % 2);
+        fence_proxy_async();
+    };
+    // O += P · V of `tile` for this warpgroup's 256 dims: four k-steps of 16 keys, V's slabs
+    // `4 · warpgroup..` of the tile's stage, MN-major (its 8-row groups 1 KiB apart).
+    let issue_pv = |o: &mut [[f32; 4]; 32], probs: &[[u32; 4]; 4], tile: u32| {
+        wgmma_fence();
+        let v = smem + K_STAGES + (tile % 2) * TILE_BYTES + 4 * warpgroup * SLAB_BYTES;
+        crate::unroll!(kb in [0, 1, 2, 3] {
+            H::mma_rs(o, probs[kb], smem_descriptor(v + kb as u32 * 2048, SLAB_BYTES, 1024));
+        });
+        wgmma_commit();
+    };
+
+    let mut tile = 0;
+    while tile < tiles {
+        if tile % 2 == warpgroup {
+            // This warpgroup's tile: S over all 576 dims (nine slabs, four k-steps each).
+            land(tile);
+            let k = smem + K_STAGES + (tile % 2) * TILE_BYTES;
+            let mut s = [[0.0f32; 4]; 8];
+            wgmma_fence();
+            // 36 k-steps: past `unroll_to!`'s 16, and nothing indexes registers by the step.
+            for kk in 0..CHUNKS / 2 {
+                let (slab, step) = (kk / 4, (kk % 4) * 32);
+                let qd = smem_descriptor(smem + slab * SLAB_BYTES + step, 16, 1024);
+                let kd = smem_descriptor(k + slab * SLAB_BYTES + step, 16, 1024);
+                H::mma_ss(&mut s, qd, kd, (kk > 0) as u32);
+            }
+            wgmma_commit();
+            wgmma_wait_frags::<0, 8>(&mut s);
+            let first_key = work.kv_start + tile * TILE;
+            let factor = scale.apply(&mut s);
+            // Keys past a row's last are masked: only in tiles past the block's first row's last
+            // key (a suffix of the item's tiles).
+            if first_key + TILE - 1 > block_last {
+                crate::unroll_to!(n < 8, {
+                    crate::unroll!(c in [0, 1, 2, 3] {
+                        if first_key + 8 * n as u32 + 2 * t + (c % 2) as u32 > my_last[c / 2] {
+                            s[n][c] = f32::NEG_INFINITY;
+                        }
+                    });
+                });
+            }
+            let probs = state.update_rescaling::<H, 8, 4>(&s, 8, factor, |h, rescale| {
+                crate::unroll_32!(n, {
+                    o[n][2 * h] *= rescale;
+                    o[n][2 * h + 1] *= rescale;
+                });
+            });
+            // Hand the tile over: the reference maxima (a quad's first lane writes its rows; the
+            // warp's lanes are past their reads of the last hand-over) and P.
+            sync_warp();
+            if t == 0 {
+                store_shared_u32(smem + M_HANDOFF + 4 * my_row, state.m[0].to_bits());
+                store_shared_u32(smem + M_HANDOFF + 4 * (my_row + 8), state.m[1].to_bits());
+            }
+            crate::unroll!(kb in [0, 1, 2, 3] {
+                store_shared_u32x4(p_slot(kb as u32), probs[kb]);
+            });
+            named_barrier_arrive(BARRIER_HANDOFF + tile % 2, CONSUMER_THREADS);
+            issue_pv(&mut o, &probs, tile);
+            // Retired at once and the stage handed back: the producer refills it while the
+            // other warpgroup runs the next tile (arriving only at that tile's hand-over, as
+            // before, left the refill's whole latency between two tiles).
+            wgmma_wait_frags::<0, 32>(&mut o);
+            mbarrier_arrive(empty(smem, tile % 2));
+        } else {
+            // The other warpgroup's tile: its maxima and P, then this warpgroup's half of P · V.
+            named_barrier(BARRIER_HANDOFF + tile % 2, CONSUMER_THREADS);
+            // The tile has landed (its owner waited for it; this wait returns at once, and the
+            // stage cannot be refilled before this warpgroup arrives on "empty").
+            land(tile);
+            let m = [0, 8].map(|h| f32::from_bits(load_shared_u32(smem + M_HANDOFF + 4 * (my_row + h))));
+            let probs = [0, 1, 2, 3].map(|kb| load_shared_u32x4(p_slot(kb)));
+            // Move O and the sums to the other's reference maximum, where it moved.
+            if any(m[0] != state.m[0] || m[1] != state.m[1]) {
+                state.adopt_max(m, |h, rescale| {
+                    crate::unroll_32!(n, {
+                        o[n][2 * h] *= rescale;
+                        o[n][2 * h + 1] *= rescale;
+                    });
+                });
+            }
+            issue_pv(&mut o, &probs, tile);
+            // Waited for at once: P's registers, which the `wgmma` reads until it retires, are
+            // free again before the next tile's S (kept in flight, they made ptxas spill).
+            wgmma_wait_frags::<0, 32>(&mut o);
+            mbarrier_arrive(empty(smem, tile % 2));
+        }
+        tile += 1;
+    }
+
+    // Each warpgroup summed the probabilities of its own tiles, relative to the common
+    // reference maximum: trade the row sums.
+    let own = [state.row_sum(0), state.row_sum(1)];
+    let sums = smem + ROW_SUMS + warpgroup * MLA_ROWS * 4;
+    let other_sums = smem + ROW_SUMS + (1 - warpgroup) * MLA_ROWS * 4;
+    if t == 0 {
+        store_shared_u32(sums + 4 * my_row, own[0].to_bits());
+        store_shared_u32(sums + 4 * (my_row + 8), own[1].to_bits());
+    }
+    named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS);
+    let other = [0, 8].map(|h| f32::from_bits(load_shared_u32(other_sums + 4 * (my_row + h))));
+    let split = work.slot != NO_PARTIAL;
+    crate::unroll!(h in [0, 1] {
+        let row = work.first_row + my_row + 8 * h as u32;
+        if row < rows {
+            let (inv, lse) = finish_row(state.m[h], own[h] + other[h], f32::NEG_INFINITY);
+            let first_dim = (256 * warpgroup + 2 * t) as usize;
+            if split {
+                let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;
+                let dst = (a.split.partial_out as *mut f32).add(prow * CKV as usize + first_dim);
+                crate::unroll_32!(n, {
+                    *dst.add(8 * n) = o[n][2 * h] * inv;
+                    *dst.add(8 * n + 1) = o[n][2 * h + 1] * inv;
+                });
+                if t == 0 && warpgroup == 0 {
+                    *(a.split.partial_lse as *mut f32).add(prow) = lse;
+                }
+            } else {
+                let out_row = (work.q_start * heads + row) as usize;
+                let out = (a.out as *mut u32).add((out_row * CKV as usize + first_dim) / 2);
+                crate::unroll_32!(n, {
+                    *out.add(4 * n) = H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+                });
+                if a.lse != 0 && t == 0 && warpgroup == 0 {
+                    *(a.lse as *mut f32).add(out_row) = lse;
+                }
+            }
+        }
+    });
+}
