@@ -386,8 +386,9 @@ fn hopper_unit_cost(w: &PrefillWorkItem, tile_tokens: u32, halves: bool) -> u64 
 /// each to the block with the least work so far (FlashInfer's Hopper planner does the same).
 /// Each block runs its units longest first. (Evening out the deal afterwards by moves and swaps
 /// between the most and the least loaded blocks was tried: it doubled the planning time and
-/// took the longest block from 1.3% to 1.0% above the mean at 8 × 1024.) A split item's last part merges in the ring's shared memory, so with
-/// split items every unit gets a block of its own. Returns the schedule and its blocks.
+/// took the longest block from 1.3% to 1.0% above the mean at 8 × 1024.) A split item's last
+/// part merges in the ring's shared memory, so with split items every unit gets a block of its
+/// own. Returns the schedule and its blocks.
 pub fn persistent_schedule(
     work: &[PrefillWorkItem],
     num_kv_heads: usize,
