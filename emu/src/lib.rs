@@ -88,3 +88,40 @@ impl SplitBuffers {
         self.counters.to_vec().iter().all(|&n| n == 0)
     }
 }
+
+/// An attention launch's own buffers: its queries, its output rows (poisoned: an element the
+/// kernel leaves unwritten fails the comparison), its LSE (NaN) and, optionally, the query
+/// heads' sinks; [`addresses`](Self::addresses) makes the plan's `Addresses` of them and the
+/// cache's pools.
+pub struct AttentionIo<T: Copy> {
+    pub q: DeviceBuffer<T>,
+    pub out: DeviceBuffer<T>,
+    pub lse: DeviceBuffer<f32>,
+    pub sinks: Option<DeviceBuffer<f32>>,
+}
+
+impl<T: Copy> AttentionIo<T> {
+    /// `rows` output rows of `dim` elements filled with `poison`.
+    pub fn new(q: &[T], rows: usize, dim: usize, poison: T, sinks: Option<&[f32]>) -> Self {
+        AttentionIo {
+            q: DeviceBuffer::from_slice("q", q),
+            out: DeviceBuffer::filled("out", rows * dim, poison),
+            lse: DeviceBuffer::filled("lse", rows, f32::NAN),
+            sinks: sinks.map(|s| DeviceBuffer::from_slice("sinks", s)),
+        }
+    }
+
+    /// The addresses a launch takes, over pools `k` and `v` with `scales` (no per-KV-head ones).
+    pub fn addresses(&self, k: u64, v: u64, scales: ferrinfer::KvScales) -> ferrinfer::internals::Addresses {
+        ferrinfer::internals::Addresses {
+            q: self.q.ptr(),
+            k,
+            v,
+            out: self.out.ptr(),
+            lse: self.lse.ptr(),
+            sinks: self.sinks.as_ref().map_or(0, |b| b.ptr()),
+            scales,
+            head_scales: 0,
+        }
+    }
+}

@@ -6,11 +6,11 @@
 //! and 8, head dims 64, 96 and 128, a window and a soft cap, attention sinks, an e4m3 cache with
 //! scales, random batches.
 use ferrinfer::internals::abi::{decode_smem_bytes, decode_threads, DecodeParams};
-use ferrinfer::internals::{decode_params, decode_split, Addresses};
+use ferrinfer::internals::{decode_params, decode_split};
 use ferrinfer::{bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable};
 use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half;
-use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
+use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
 use rand::Rng;
@@ -82,23 +82,11 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let b_v = DeviceBuffer::from_slice("v pool", &v);
     let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
     let b_work = DeviceBuffer::from_slice("work items", &split.work);
-    let b_q = DeviceBuffer::from_slice("q", &q);
-    let b_out = DeviceBuffer::filled("out", rows * head_dim, poison::<T>());
-    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
-    let b_sinks = sinks.as_ref().map(|s| DeviceBuffer::from_slice("sinks", s));
+    let io = AttentionIo::new(&q, rows, head_dim, poison::<T>(), sinks.as_deref());
     let counters = split.split_requests * c.kv_heads * split.row_tiles;
     let partial_rows = split.slots * c.qo_heads;
     let scratch_buffers = SplitBuffers::new(counters, partial_rows, head_dim);
-    let ops = Addresses {
-        q: b_q.ptr(),
-        k: b_k.ptr(),
-        v: b_v.ptr(),
-        out: b_out.ptr(),
-        lse: b_lse.ptr(),
-        sinks: b_sinks.as_ref().map_or(0, |b| b.ptr()),
-        scales,
-        head_scales: 0,
-    };
+    let ops = io.addresses(b_k.ptr(), b_v.ptr(), scales);
     let scratch = scratch_buffers.scratch();
     let planned = (c.qo_heads, split.group_size, split.sm_scale, split.work.len() as u32);
     let params =
@@ -116,7 +104,7 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
 
     let (want, want_lse) =
         reference::decode_with_sinks(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options, sinks.as_deref());
-    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")
+    expect_attention_close(&io.out.to_vec(), &want, &io.lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")
         .unwrap_or_else(|e| panic!("{e}"));
 }
 

@@ -11,13 +11,11 @@ use ferrinfer::internals::abi::{
     hopper_prefill_ping_pong, hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes,
     prefill_threads, PrefillParams, HOPPER_PREFILL_THREADS,
 };
-use ferrinfer::internals::{
-    persistent_schedule, prefill_params, prefill_split, prefill_work_bytes, Addresses, PrefillKernel,
-};
+use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, prefill_work_bytes, PrefillKernel};
 use ferrinfer::{f16, reference, CacheShape, CustomMask, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions};
 use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half::F16;
-use ferrinfer_emu::{launch, DeviceBuffer, LaunchConfig, SplitBuffers};
+use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
 use rand::Rng;
@@ -111,22 +109,10 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
     let b_work = DeviceBuffer::from_slice("work items", &split.work);
     let b_schedule = DeviceBuffer::from_slice("schedule", &schedule);
-    let b_q = DeviceBuffer::from_slice("q", &q);
-    let b_out = DeviceBuffer::filled("out", rows * case.head_dim, poison::<f16>());
-    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
-    let b_sinks = sinks.as_ref().map(|s| DeviceBuffer::from_slice("sinks", s));
+    let io = AttentionIo::new(&q, rows, case.head_dim, poison::<f16>(), sinks.as_deref());
     let partial_rows = split.slots * KV_HEADS * case.kernel.block_rows() as usize;
     let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, partial_rows, case.head_dim);
-    let ops = Addresses {
-        q: b_q.ptr(),
-        k: b_k.ptr(),
-        v: b_v.ptr(),
-        out: b_out.ptr(),
-        lse: b_lse.ptr(),
-        sinks: b_sinks.as_ref().map_or(0, |b| b.ptr()),
-        scales,
-        head_scales: 0,
-    };
+    let ops = io.addresses(b_k.ptr(), b_v.ptr(), scales);
     let scratch = scratch_buffers.scratch();
     let params = prefill_params(
         &shape,
@@ -159,7 +145,7 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         &options,
         sinks.as_deref(),
     );
-    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, case.head_dim, "token")
+    expect_attention_close(&io.out.to_vec(), &want, &io.lse.to_vec(), &want_lse, QO_HEADS, case.head_dim, "token")
         .unwrap_or_else(|e| panic!("{:?} prefill: {e}", case.kernel));
 }
 
@@ -294,20 +280,9 @@ fn masked(lens: Vec<(usize, usize)>, page_size: usize, seed: u64) {
     let b_v = DeviceBuffer::from_slice("v pool", &v);
     let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
     let b_work = DeviceBuffer::from_slice("work items and mask", &work_part);
-    let b_q = DeviceBuffer::from_slice("q", &q);
-    let b_out = DeviceBuffer::filled("out", rows * 64, poison::<f16>());
-    let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
+    let io = AttentionIo::new(&q, rows, 64, poison::<f16>(), None);
     let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, split.slots * KV_HEADS * 64, 64);
-    let ops = Addresses {
-        q: b_q.ptr(),
-        k: b_k.ptr(),
-        v: b_v.ptr(),
-        out: b_out.ptr(),
-        lse: b_lse.ptr(),
-        sinks: 0,
-        scales: KvScales::default(),
-        head_scales: 0,
-    };
+    let ops = io.addresses(b_k.ptr(), b_v.ptr(), KvScales::default());
     let parts = [b_indices.ptr(), b_work.ptr(), 0];
     let planned = (QO_HEADS, split.group_size, split.sm_scale);
     let params = prefill_params(&shape, planned, &options, &ops, &parts, scratch_buffers.scratch());
@@ -321,7 +296,7 @@ fn masked(lens: Vec<(usize, usize)>, page_size: usize, seed: u64) {
         .unwrap_or_else(|f| panic!("masked prefill: {f}"));
 
     let (want, want_lse) = reference::prefill_masked(&shape, &k, &v, &table, &qo_indptr, &q, QO_HEADS, &mask, &options);
-    expect_attention_close(&b_out.to_vec(), &want, &b_lse.to_vec(), &want_lse, QO_HEADS, 64, "token")
+    expect_attention_close(&io.out.to_vec(), &want, &io.lse.to_vec(), &want_lse, QO_HEADS, 64, "token")
         .unwrap_or_else(|e| panic!("masked prefill: {e}"));
 }
 
