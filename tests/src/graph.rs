@@ -3,6 +3,18 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream};
 use ferrinfer::{f16, Device};
 
+/// A device handle of its own for a test that captures a CUDA graph (the test device the other
+/// tests share will not do: a capture on its stream takes in their work there, and both fail
+/// with `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`), with cudarc's cross-stream event tracking off,
+/// as graph capture needs. Use it on its one stream (`Device::stream`) only.
+pub fn capture_device() -> ferrinfer::Result<Device> {
+    let dev = Device::new(0)?;
+    // SAFETY: a context object of its own, used by the one test that opened it, on one stream
+    // (the contract above).
+    unsafe { dev.context().disable_event_tracking() };
+    Ok(dev)
+}
+
 /// Runs `run` into one output directly and, captured in a CUDA graph replayed three times,
 /// into another; errors unless the two are identical. `dev` must have cudarc's cross-stream
 /// event tracking off (graph capture needs it).

@@ -5,7 +5,7 @@ use ferrinfer::{
     f16, reference, CacheShape, CascadeDecodePlan, DecodeOptions, Device, KvLayout, KvScales, SeqId, SequenceAllocator,
 };
 use ferrinfer_tests::ensure;
-use ferrinfer_tests::graph::expect_graph_replay_matches;
+use ferrinfer_tests::graph::{capture_device, expect_graph_replay_matches};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{random_cache, random_sinks, random_values, rng};
 use rand::Rng;
@@ -119,10 +119,8 @@ pub fn tests() -> Vec<GpuTest> {
 /// Captures `run` (both levels, the side stream's fork and join, the merge) in a CUDA graph
 /// and replays it: the same output as a direct run, bit for bit.
 fn cascade_replays_from_a_cuda_graph(_: &Device) -> TestResult {
-    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
-    let dev = Device::new(0)?;
-    // SAFETY: this context object is used by this test alone.
-    unsafe { dev.context().disable_event_tracking() };
+    // A device of its own (`capture_device` says why).
+    let dev = capture_device()?;
     let mut r = rng(9);
     let shape = CacheShape { num_pages: 800, page_size: 16, num_kv_heads: 2, head_dim: 128, layout: KvLayout::Nhd };
     let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;

@@ -8,7 +8,7 @@ use ferrinfer::{
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
-use ferrinfer_tests::graph::expect_graph_replay_matches;
+use ferrinfer_tests::graph::{capture_device, expect_graph_replay_matches};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{poison, random_cache, random_sinks, random_table, random_values, rng, shape_for};
 
@@ -155,10 +155,8 @@ fn case_tests() -> Vec<GpuTest> {
 
 /// Captures `run` in a CUDA graph and replays it: the same output as a direct run, bit for bit.
 fn decode_replays_from_a_cuda_graph(_: &Device) -> TestResult {
-    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
-    let dev = Device::new(0)?;
-    // SAFETY: this context object is used by this test alone, on one stream.
-    unsafe { dev.context().disable_event_tracking() };
+    // A device of its own (`capture_device` says why).
+    let dev = capture_device()?;
     let c = Case::new(&[5000, 7, 300], 16);
     let mut r = rng(3);
     let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);

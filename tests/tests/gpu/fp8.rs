@@ -17,7 +17,7 @@ use ferrinfer::{
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
-use ferrinfer_tests::graph::expect_graph_replay_after;
+use ferrinfer_tests::graph::{capture_device, expect_graph_replay_after};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{expect_bitwise_eq, poison, random_table, random_values, rng, shape_for};
 use rand::Rng;
@@ -881,10 +881,8 @@ fn fp8_head_scales_set_read_back_and_cleared(dev: &Device) -> TestResult {
 /// head scales: the replays read the new ones (bit for bit a direct run's after the change),
 /// and so does the direct run, against the reference with them.
 fn fp8_head_scales_set_after_a_graph_capture_are_read_by_its_replays(_: &Device) -> TestResult {
-    // A device of its own: graph capture needs cudarc's cross-stream event tracking off.
-    let dev = Device::new(0)?;
-    // SAFETY: this context object is used by this test alone, on one stream.
-    unsafe { dev.context().disable_event_tracking() };
+    // A device of its own (`capture_device` says why).
+    let dev = capture_device()?;
     let c = Case::new(&[5000, 7, 300], 16).with_head_scales(4);
     let mut r = rng(c.seed);
     let shape = shape_for(&c.kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);

@@ -12,7 +12,7 @@ use ferrinfer::{
 };
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
-use ferrinfer_tests::graph::expect_graph_replay_matches;
+use ferrinfer_tests::graph::{capture_device, expect_graph_replay_matches};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{expect_bitwise_eq, pages_needed, poison, random_table, random_values, rng};
 use rand::Rng;
@@ -253,11 +253,8 @@ pub fn tests() -> Vec<GpuTest> {
     }));
 
     t.push(GpuTest::new("mla_run_replays_from_a_cuda_graph_split_and_not_f16", |_| {
-        // A device of its own: the capture must not take in other tests' work on the shared
-        // device's stream, and graph capture needs cudarc's cross-stream event tracking off.
-        let dev = Device::new(0)?;
-        // SAFETY: this context object is used by this test alone, on one stream.
-        unsafe { dev.context().disable_event_tracking() };
+        // A device of its own (`capture_device` says why).
+        let dev = capture_device()?;
         let d = &dev;
         for kv_lens in [vec![20000], vec![300; 64]] {
             let mut r = rng(9);
