@@ -1,18 +1,17 @@
 //! `cargo xtask gpu-bundle`: the GPU tests, the benchmark, the soak and the examples, built in release
 //! mode, with a run script, in one folder that runs on a GPU machine with an NVIDIA driver and no
-//! Rust toolchain. Every executable embeds the PTX (host/ptx/, through `include_str!`): the
-//! folder needs no separate copy of it.
+//! Rust toolchain. Every executable embeds the kernels (host/ptx/: the PTX and its cubins): the
+//! folder needs no separate copy of them.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::workspace_root;
 
 const RUN_SCRIPT: &str = include_str!("bundle_run.sh");
-/// About 195 MiB now: five executables of 38-42 MiB, each mostly the three embedded PTX modules
-/// (37 MB since head dims 80 and 96 and the custom-mask kernels, more with MLA's; about 9 MiB
-/// xz-compressed for the whole bundle); the limit leaves room for some growth before it asks for
-/// a look.
-const MAX_BUNDLE_BYTES: u64 = 256 << 20;
+/// About 258 MiB now: five executables of 51-53 MiB, each mostly the three embedded PTX modules
+/// (39 MB since MLA's kernels) and their cubins (13 MB; about 11 MiB xz-compressed for the
+/// whole bundle); the limit leaves room for some growth before it asks for a look.
+const MAX_BUNDLE_BYTES: u64 = 320 << 20;
 /// The host crate's examples, each run on the GPU machine as `bundle/NAME`.
 const EXAMPLES: [&str; 2] = ["serving_loop", "tensor_parallel"];
 

@@ -31,14 +31,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compile kernels-gpu to PTX for every target, assemble it with ptxas and write host/ptx/.
+    /// Compile kernels-gpu to PTX for every target, assemble it with ptxas and write host/ptx/
+    /// (the PTX and its cubins).
     BuildKernels {
         /// Rebuild into a scratch folder and compare with the committed PTX: any difference fails
         /// when built by the toolchain the PTX records; with another, it is reported only.
         #[arg(long)]
         check: bool,
     },
-    /// Assemble the committed PTX with ptxas and print each kernel's resources.
+    /// Assemble the committed PTX with ptxas, print each kernel's resources and write its
+    /// cubins beside it (host/ptx/*.cubin, cubins.txt).
     Ptxas,
     /// Build the GPU tests and benchmark (release) into a folder that runs on a GPU machine.
     GpuBundle {

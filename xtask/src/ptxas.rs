@@ -159,15 +159,75 @@ pub fn assemble(files: &[(String, PathBuf)]) -> crate::Result<Vec<(String, Kerne
     }
 }
 
+/// Assembles the committed PTX, prints the resource table and writes its cubins beside it
+/// ([`install_cubins`]).
 pub fn assemble_committed() -> crate::Result<Vec<(String, KernelResources)>> {
     let dir = workspace_root().join("host/ptx");
     let files: Vec<_> = TARGETS.iter().map(|(arch, file)| (arch.to_string(), dir.join(file))).collect();
-    assemble(&files)
+    let kernels = assemble(&files)?;
+    install_cubins(&files)?;
+    Ok(kernels)
+}
+
+/// The list of the committed cubins: `<cubin file> <SHA-256 of the PTX it was assembled from>`
+/// per line, after a comment naming the ptxas.
+pub const CUBIN_LIST: &str = "host/ptx/cubins.txt";
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies the cubins [`assemble`] just made of `files` (PTX under `host/ptx/`) to
+/// `host/ptx/<file>.cubin`, which the host loads instead of having the driver compile the PTX,
+/// and lists them with their PTX's hash in [`CUBIN_LIST`] (`cargo test` checks the list
+/// against the committed PTX).
+pub fn install_cubins(files: &[(String, PathBuf)]) -> crate::Result {
+    let root = workspace_root();
+    let ptxas = find_or_install()?;
+    let version = Command::new(&ptxas).arg("--version").output().map_err(|e| format!("running ptxas: {e}"))?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    // "Cuda compilation tools, release 12.9, V12.9.86"
+    let version = version.lines().find(|l| l.contains("release")).unwrap_or_default().trim().to_string();
+    let mut list = format!(
+        "# SASS assembled by `cargo xtask build-kernels` (ptxas: {version}) from each PTX file: cubin, SHA-256 of the PTX\n"
+    );
+    for (arch, ptx) in files {
+        let name = ptx.file_name().and_then(|n| n.to_str()).ok_or("PTX file name")?;
+        let cubin = root.join("host/ptx").join(format!("{name}.cubin"));
+        std::fs::copy(tools_dir().join(format!("{arch}.cubin")), &cubin)
+            .map_err(|e| format!("{}: {e}", cubin.display()))?;
+        let bytes = std::fs::read(ptx).map_err(|e| format!("{}: {e}", ptx.display()))?;
+        list += &format!("{name}.cubin {}\n", sha256_hex(&bytes));
+    }
+    std::fs::write(root.join(CUBIN_LIST), list).map_err(|e| format!("{CUBIN_LIST}: {e}"))?;
+    eprintln!("wrote the cubins and {CUBIN_LIST}");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn committed_cubins_are_assembled_from_the_committed_ptx() {
+        let root = workspace_root();
+        let list = std::fs::read_to_string(root.join(CUBIN_LIST)).expect(CUBIN_LIST);
+        let listed: Vec<(&str, &str)> =
+            list.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(' ')).collect();
+        for (_, file) in TARGETS {
+            let ptx = std::fs::read(root.join("host/ptx").join(file)).expect("committed PTX");
+            let cubin = format!("{file}.cubin");
+            assert!(root.join("host/ptx").join(&cubin).exists(), "host/ptx/{cubin} missing: run `cargo xtask ptxas`");
+            assert_eq!(
+                listed.iter().find(|(name, _)| *name == cubin).map(|(_, hash)| *hash),
+                Some(sha256_hex(&ptx).as_str()),
+                "host/ptx/{cubin} was not assembled from the committed host/ptx/{file}: run `cargo xtask ptxas` \
+                 (or build-kernels) and commit host/ptx/"
+            );
+        }
+    }
 
     #[test]
     fn a_called_function_does_not_hide_the_kernel_stack_frame() {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUstream};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
@@ -46,9 +46,35 @@ struct Inner {
     ptx_arch: &'static str,
     /// The architecture-specific module loaded beside it (`"sm_90a"` on compute capability 9.0).
     specific_arch: Option<&'static str>,
+    /// Whether every module came from its prebuilt SASS rather than the driver's compile of its PTX.
+    prebuilt: bool,
     multiprocessors: usize,
     kernels: Kernels,
     staging: Mutex<StagingRing>,
+}
+
+/// Set to `1`, the kernels are compiled from their PTX by the driver even where a prebuilt cubin
+/// would run (to compare the two, or to rule the cubin out).
+const FROM_PTX_VAR: &str = "FERRINFER_KERNELS_FROM_PTX";
+
+/// Loads `module` into `ctx`: its cubin where the GPU runs it and the driver accepts it, else
+/// its PTX. Returns the module and whether it came from the cubin.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    module: &ptx::PtxModule,
+    (major, minor): (i32, i32),
+    from_ptx: bool,
+    context: &'static str,
+) -> Result<(Arc<CudaModule>, bool)> {
+    if !from_ptx && module.cubin_runs_on(major, minor) {
+        // A driver older than the cubin's ptxas refuses it (a load error, not a sticky one):
+        // the PTX then serves.
+        if let Ok(loaded) = ctx.load_module(Ptx::from_binary(module.cubin.to_vec())) {
+            return Ok((loaded, true));
+        }
+    }
+    let loaded = ctx.load_module(Ptx::from_src(module.ptx)).map_err(Error::driver(context))?;
+    Ok((loaded, false))
 }
 
 impl Device {
@@ -79,13 +105,19 @@ impl Device {
             minor,
         })?;
         let ptx_arch = module.arch;
-        let module = ctx.load_module(Ptx::from_src(module.ptx)).map_err(Error::driver("loading the PTX module"))?;
+        let from_ptx = std::env::var_os(FROM_PTX_VAR).is_some_and(|v| v == "1");
+        let (module, mut prebuilt) = load_module(&ctx, module, (major, minor), from_ptx, "loading the kernel module")?;
         let specific = ptx::specific_to(major, minor);
         let specific_arch = specific.map(|m| m.arch);
-        let specific = specific
-            .map(|m| ctx.load_module(Ptx::from_src(m.ptx)))
-            .transpose()
-            .map_err(Error::driver("loading the architecture-specific PTX module"))?;
+        let specific = match specific {
+            Some(m) => {
+                let (module, sass) =
+                    load_module(&ctx, m, (major, minor), from_ptx, "loading the architecture-specific kernel module")?;
+                prebuilt &= sass;
+                Some(module)
+            }
+            None => None,
+        };
         let kernels = Kernels::load(&module, specific.as_ref())?;
         let multiprocessors = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -101,6 +133,7 @@ impl Device {
                 compute_capability: (major, minor),
                 ptx_arch,
                 specific_arch,
+                prebuilt,
                 multiprocessors,
                 kernels,
                 staging: Mutex::new(StagingRing::default()),
@@ -122,6 +155,14 @@ impl Device {
     /// The architecture of the PTX module loaded for this GPU (e.g. `"sm_90"`).
     pub fn ptx_arch(&self) -> &'static str {
         self.inner.ptx_arch
+    }
+
+    /// Whether the kernels were loaded as the SASS prebuilt for this GPU (`host/ptx/*.cubin`),
+    /// not compiled from PTX by the driver (a minute or more on a Hopper host, at every start
+    /// its cache misses). False on GPUs no cubin runs on, where the driver refused the cubin
+    /// (one older than the `ptxas` that made it), or with `FERRINFER_KERNELS_FROM_PTX=1`.
+    pub fn kernels_prebuilt(&self) -> bool {
+        self.inner.prebuilt
     }
 
     /// The architecture-specific module loaded beside [`ptx_arch`](Self::ptx_arch)'s (`"sm_90a"`,

@@ -1,5 +1,9 @@
 //! The kernels, prebuilt by `cargo xtask build-kernels` and embedded so that building this
-//! crate needs no kernel toolchain: one module per line of the ABI's `ptx_targets!` table.
+//! crate needs no kernel toolchain: one module per line of the ABI's `ptx_targets!` table, each
+//! as PTX and as the SASS `ptxas` assembled from that PTX (`<file>.cubin`, listed with the PTX's
+//! hash in `host/ptx/cubins.txt`). The driver's own compile of a module's PTX takes a minute or
+//! more on a Hopper host and its cache does not keep it reliably, so a GPU that runs the SASS
+//! gets the SASS; other GPUs (and drivers older than the `ptxas` that made it) get the PTX.
 
 /// How a module relates to the compute capability it names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +25,21 @@ pub(crate) struct PtxModule {
     pub compute_capability: (i32, i32),
     pub loaded: Loaded,
     pub ptx: &'static str,
+    /// `ptx` assembled for `arch` exactly.
+    pub cubin: &'static [u8],
+}
+
+impl PtxModule {
+    /// Whether the cubin runs on compute capability `major.minor`: SASS runs on its own major
+    /// version from its minor up (sm_80's on 8.6 and 8.9), architecture-specific SASS
+    /// (`Exactly`: sm_90a) only on its own capability, neither on a later major version.
+    pub(crate) fn cubin_runs_on(&self, major: i32, minor: i32) -> bool {
+        let (m, n) = self.compute_capability;
+        match self.loaded {
+            Loaded::From => major == m && minor >= n,
+            Loaded::Exactly => (major, minor) == (m, n),
+        }
+    }
 }
 
 macro_rules! modules {
@@ -34,6 +53,7 @@ macro_rules! modules {
             compute_capability: ($major, $minor),
             loaded: modules!(@loaded $kind),
             ptx: include_str!(concat!("../../ptx/", $file)),
+            cubin: include_bytes!(concat!("../../ptx/", $file, ".cubin")),
         }),*];
     };
 }
@@ -64,6 +84,24 @@ mod tests {
         assert_eq!(for_compute_capability(8, 9).map(|m| m.arch), Some("sm_80"));
         assert_eq!(for_compute_capability(9, 0).map(|m| m.arch), Some("sm_90"));
         assert_eq!(for_compute_capability(10, 0).map(|m| m.arch), Some("sm_90"));
+    }
+
+    #[test]
+    fn a_cubin_runs_only_where_its_sass_does() {
+        let module = |arch| MODULES.iter().find(|m| m.arch == arch).unwrap();
+        let runs = |arch, cc: (i32, i32)| module(arch).cubin_runs_on(cc.0, cc.1);
+        assert!(runs("sm_80", (8, 0)) && runs("sm_80", (8, 6)) && runs("sm_80", (8, 9)));
+        assert!(!runs("sm_80", (9, 0)) && !runs("sm_80", (7, 5)));
+        assert!(runs("sm_90", (9, 0)) && !runs("sm_90", (10, 0)) && !runs("sm_90", (12, 0)));
+        assert!(runs("sm_90a", (9, 0)) && !runs("sm_90a", (9, 1)) && !runs("sm_90a", (10, 0)));
+    }
+
+    #[test]
+    fn every_module_has_its_cubin() {
+        for m in MODULES {
+            // An ELF image, as `cuModuleLoadData` takes it.
+            assert_eq!(&m.cubin[..4], b"\x7fELF", "{}.cubin", m.file);
+        }
     }
 
     #[test]

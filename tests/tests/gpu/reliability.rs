@@ -1,6 +1,7 @@
 //! Failure and concurrency: running out of device memory is an error with context that leaves
 //! the device, caches and allocator usable; one `Device` driven from several threads, each on
-//! its own stream, gives the same results as serial use.
+//! its own stream, gives the same results as serial use; the kernels load as prebuilt SASS, not
+//! through the driver's minute-long compile of their PTX.
 use ferrinfer::{
     f16, BatchDecodePlan, CacheShape, DecodeOptions, Device, Error, KvLayout, PagedKvCache, SequenceAllocator,
 };
@@ -61,8 +62,25 @@ fn threads_on_their_own_streams_match_serial_use(dev: &Device) -> TestResult {
     Ok(())
 }
 
+/// Ampere, Ada and Hopper run the committed cubins: a driver that refused them would fall back to
+/// the PTX silently, and every process would start a minute or more later.
+fn kernels_load_as_prebuilt_sass_on_ampere_ada_and_hopper(dev: &Device) -> TestResult {
+    let (major, minor) = dev.compute_capability();
+    if matches!(major, 8 | 9) && std::env::var_os("FERRINFER_KERNELS_FROM_PTX").is_none() {
+        ensure!(
+            dev.kernels_prebuilt(),
+            "compute capability {major}.{minor}: the kernels were compiled from PTX, not loaded from host/ptx/*.cubin"
+        );
+    }
+    Ok(())
+}
+
 pub fn tests() -> Vec<GpuTest> {
     vec![
+        GpuTest::new(
+            "kernels_load_as_prebuilt_sass_on_ampere_ada_and_hopper",
+            kernels_load_as_prebuilt_sass_on_ampere_ada_and_hopper,
+        ),
         GpuTest::new(
             "out_of_memory_is_an_error_and_everything_stays_usable",
             out_of_memory_is_an_error_and_everything_stays_usable,

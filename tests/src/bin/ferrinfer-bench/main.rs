@@ -272,9 +272,11 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
         dev
     };
     let kernels = match dev.arch_specific_ptx() {
-        Some(arch) => format!("PTX {} + {arch}", dev.ptx_arch()),
-        None => format!("PTX {}", dev.ptx_arch()),
+        Some(arch) => format!("{} + {arch}", dev.ptx_arch()),
+        None => dev.ptx_arch().to_string(),
     };
+    let kernels =
+        if dev.kernels_prebuilt() { format!("{kernels} SASS, prebuilt") } else { format!("PTX {kernels}, JIT") };
     println!("GPU: {} (compute capability {:?}; {kernels})", dev.name(), dev.compute_capability());
     let mut timer = Timer::new(dev, args.runs)?;
     // The ceiling: a 1 GiB device-to-device copy, counting bytes read plus written.
