@@ -69,6 +69,7 @@ const ROW_TABLES: u32 = ROW_SUMS + 2 * MLA_ROWS * 4;
 const BARS: u32 = ROW_TABLES + 2 * TILE * 4;
 const _: () = {
     assert!(BARS + 4 * 8 == mla_hopper_smem_bytes());
+    assert!(HOPPER_PRODUCER_THREADS == 8 * 16 && KPE / 8 == 8);
     assert!(TILE == 64 && MLA_ROWS == 64 && MLA_HOPPER_THREADS == 3 * 128 && CHUNKS == 72);
 };
 
@@ -143,19 +144,23 @@ unsafe fn produce(
         // Every producer thread is past its copies of the tile before (which read the other
         // table) and this table is written.
         named_barrier(BARRIER_PRODUCER, HOPPER_PRODUCER_THREADS);
+        // Thread `tid` copies chunk `tid % 8` of each 128-byte line of keys `tid / 8 + 16 k`
+        // (k < 4): their eight ckv lines and their kpe line, 36 copies at fixed offsets from
+        // four row offsets read up front (a warp: four whole lines a copy). The swizzle's chunk
+        // is the same for all four keys (they are 16 apart).
         let dst = smem + K_STAGES + stage * TILE_BYTES;
-        let mut i = tid;
-        while i < TILE * CHUNKS {
-            let (key, chunk) = (i / CHUNKS, i % CHUNKS);
-            let row = load_shared_u32(table + 4 * key) as usize;
-            let src = if chunk < CKV / 8 {
-                (ckv as *const Vec16).add(row * (CKV / 8) as usize + chunk as usize)
-            } else {
-                (kpe as *const Vec16).add(row * (KPE / 8) as usize + (chunk - CKV / 8) as usize)
-            };
-            copy_async(dst + slab_offset(key, chunk), src);
-            i += HOPPER_PRODUCER_THREADS;
-        }
+        let (chunk, first_key) = (tid % 8, tid / 8);
+        let line = first_key * SLAB_ROW_BYTES + ((chunk ^ (first_key % 8)) * 16);
+        let rows = [0u32, 1, 2, 3].map(|k| load_shared_u32(table + 4 * (first_key + 16 * k)) as usize);
+        crate::unroll!(k in [0, 1, 2, 3] {
+            let at = dst + line + 16 * k as u32 * SLAB_ROW_BYTES;
+            let ckv_row = (ckv as *const Vec16).add(rows[k] * (CKV / 8) as usize + chunk as usize);
+            crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                copy_async(at + j as u32 * SLAB_BYTES, ckv_row.add(8 * j));
+            });
+            let kpe_row = (kpe as *const Vec16).add(rows[k] * (KPE / 8) as usize + chunk as usize);
+            copy_async(at + 8 * SLAB_BYTES, kpe_row);
+        });
         mbarrier_arrive_on_async_copies(full(smem, stage));
         tile += 1;
     }
