@@ -158,8 +158,8 @@ impl Device {
     }
 
     /// Whether the kernels were loaded as the SASS prebuilt for this GPU (`host/ptx/*.cubin`),
-    /// not compiled from PTX by the driver (a minute or more on a Hopper host, at every start
-    /// its cache misses). False on GPUs no cubin runs on, where the driver refused the cubin
+    /// not compiled from PTX by the driver (26–70 s a process on an H200 whenever the
+    /// driver's cache missed). False on GPUs no cubin runs on, where the driver refused the cubin
     /// (one older than the `ptxas` that made it), or with `FERRINFER_KERNELS_FROM_PTX=1`.
     pub fn kernels_prebuilt(&self) -> bool {
         self.inner.prebuilt

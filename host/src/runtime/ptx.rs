@@ -1,8 +1,8 @@
 //! The kernels, prebuilt by `cargo xtask build-kernels` and embedded so that building this
 //! crate needs no kernel toolchain: one module per line of the ABI's `ptx_targets!` table, each
 //! as PTX and as the SASS `ptxas` assembled from that PTX (`<file>.cubin`, listed with the PTX's
-//! hash in `host/ptx/cubins.txt`). The driver's own compile of a module's PTX takes a minute or
-//! more on a Hopper host and its cache does not keep it reliably, so a GPU that runs the SASS
+//! hash in `host/ptx/cubins.txt`). The driver's own compile of the modules' PTX took 26–70 s a
+//! process on an H200 and its cache did not always keep it, so a GPU that runs the SASS
 //! gets the SASS; other GPUs (and drivers older than the `ptxas` that made it) get the PTX.
 
 /// How a module relates to the compute capability it names.

@@ -1,7 +1,7 @@
 //! Failure and concurrency: running out of device memory is an error with context that leaves
 //! the device, caches and allocator usable; one `Device` driven from several threads, each on
 //! its own stream, gives the same results as serial use; the kernels load as prebuilt SASS, not
-//! through the driver's minute-long compile of their PTX.
+//! through the driver's half-minute-or-longer compile of their PTX.
 use ferrinfer::{
     f16, BatchDecodePlan, CacheShape, DecodeOptions, Device, Error, KvLayout, PagedKvCache, SequenceAllocator,
 };
@@ -63,7 +63,7 @@ fn threads_on_their_own_streams_match_serial_use(dev: &Device) -> TestResult {
 }
 
 /// Ampere, Ada and Hopper run the committed cubins: a driver that refused them would fall back to
-/// the PTX silently, and every process would start a minute or more later.
+/// the PTX silently, and a process would start half a minute or more later.
 fn kernels_load_as_prebuilt_sass_on_ampere_ada_and_hopper(dev: &Device) -> TestResult {
     let (major, minor) = dev.compute_capability();
     if matches!(major, 8 | 9) && std::env::var_os("FERRINFER_KERNELS_FROM_PTX").is_none() {
