@@ -202,9 +202,7 @@ impl RowState {
         });
         probs
     }
-}
 
-impl RowState {
     /// Moves the state to reference maxima `m` that another warp's [`update_rescaling`]
     /// (Self::update_rescaling) reached from this state's (so `m ≥ self.m`; MLA's warpgroups
     /// taking turns at the tiles): the sums, and through `rescale_rows(h, factor)` the output
