@@ -131,7 +131,7 @@ pub fn build(check: bool) -> crate::Result {
     // Assembled whatever the toolchain: a compile or ptxas failure fails the check.
     ptxas::assemble(&written)?;
     if !check {
-        ptxas::install_cubins(&written)?;
+        ptxas::install_compressed(&written)?;
         eprintln!("wrote {}", ptx_dir.display());
         return Ok(());
     }

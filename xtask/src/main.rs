@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Compile kernels-gpu to PTX for every target, assemble it with ptxas and write host/ptx/
-    /// (the PTX and its cubins).
+    /// (the PTX, and what the host embeds: the PTX and its cubins zstd-compressed).
     BuildKernels {
         /// Rebuild into a scratch folder and compare with the committed PTX: any difference fails
         /// when built by the toolchain the PTX records; with another, it is reported only.
@@ -40,7 +40,7 @@ enum Cmd {
         check: bool,
     },
     /// Assemble the committed PTX with ptxas, print each kernel's resources and write its
-    /// cubins beside it (host/ptx/*.cubin, cubins.txt).
+    /// compressed copy and cubins beside it (host/ptx/*.zst, cubins.txt).
     Ptxas,
     /// Build the GPU tests and benchmark (release) into a folder that runs on a GPU machine.
     GpuBundle {

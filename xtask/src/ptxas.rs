@@ -159,13 +159,13 @@ pub fn assemble(files: &[(String, PathBuf)]) -> crate::Result<Vec<(String, Kerne
     }
 }
 
-/// Assembles the committed PTX, prints the resource table and writes its cubins beside it
-/// ([`install_cubins`]).
+/// Assembles the committed PTX, prints the resource table and writes its compressed copy and
+/// cubins beside it ([`install_compressed`]).
 pub fn assemble_committed() -> crate::Result<Vec<(String, KernelResources)>> {
     let dir = workspace_root().join("host/ptx");
     let files: Vec<_> = TARGETS.iter().map(|(arch, file)| (arch.to_string(), dir.join(file))).collect();
     let kernels = assemble(&files)?;
-    install_cubins(&files)?;
+    install_compressed(&files)?;
     Ok(kernels)
 }
 
@@ -179,11 +179,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Copies the cubins [`assemble`] just made of `files` (PTX under `host/ptx/`) to
-/// `host/ptx/<file>.cubin`, which the host loads instead of having the driver compile the PTX,
-/// and lists them with their PTX's hash in [`CUBIN_LIST`] (`cargo test` checks the list
-/// against the committed PTX).
-pub fn install_cubins(files: &[(String, PathBuf)]) -> crate::Result {
+/// zstd level of the committed kernels: the highest, since they are compressed once and read
+/// often (level 19 packs the 52 MB of PTX and cubins into 3.3 MB; gzip, the packaged crate's own
+/// compression, only into 9.6).
+const ZSTD_LEVEL: i32 = 19;
+
+/// The compressed copy the host embeds of PTX file `file`, and of its cubin.
+pub fn compressed_names(file: &str) -> (String, String) {
+    (format!("{file}.zst"), format!("{file}.cubin.zst"))
+}
+
+/// Writes what the host embeds of `files` (PTX under `host/ptx/`, just assembled by
+/// [`assemble`]): each PTX and its cubin zstd-compressed (`host/ptx/<file>.zst`,
+/// `<file>.cubin.zst`; the host loads the cubin instead of having the driver compile the PTX),
+/// and the list of the cubins with their PTX's hash ([`CUBIN_LIST`]; `cargo test` checks both
+/// against the committed PTX). The PTX itself stays in `host/ptx/` uncompressed, to be read and
+/// compared.
+pub fn install_compressed(files: &[(String, PathBuf)]) -> crate::Result {
     let root = workspace_root();
     let ptxas = find_or_install()?;
     let version = Command::new(&ptxas).arg("--version").output().map_err(|e| format!("running ptxas: {e}"))?;
@@ -193,16 +205,25 @@ pub fn install_cubins(files: &[(String, PathBuf)]) -> crate::Result {
     let mut list = format!(
         "# SASS assembled by `cargo xtask build-kernels` (ptxas: {version}) from each PTX file: cubin, SHA-256 of the PTX\n"
     );
+    let dir = root.join("host/ptx");
+    let write_compressed = |bytes: &[u8], name: &str| -> crate::Result {
+        let packed = zstd::encode_all(bytes, ZSTD_LEVEL).map_err(|e| format!("compressing {name}: {e}"))?;
+        std::fs::write(dir.join(name), packed).map_err(|e| format!("host/ptx/{name}: {e}"))
+    };
     for (arch, ptx) in files {
         let name = ptx.file_name().and_then(|n| n.to_str()).ok_or("PTX file name")?;
-        let cubin = root.join("host/ptx").join(format!("{name}.cubin"));
-        std::fs::copy(tools_dir().join(format!("{arch}.cubin")), &cubin)
-            .map_err(|e| format!("{}: {e}", cubin.display()))?;
+        let (ptx_zst, cubin_zst) = compressed_names(name);
+        let cubin_path = tools_dir().join(format!("{arch}.cubin"));
+        let cubin = std::fs::read(&cubin_path).map_err(|e| format!("{}: {e}", cubin_path.display()))?;
         let bytes = std::fs::read(ptx).map_err(|e| format!("{}: {e}", ptx.display()))?;
-        list += &format!("{name}.cubin {}\n", sha256_hex(&bytes));
+        write_compressed(&bytes, &ptx_zst)?;
+        write_compressed(&cubin, &cubin_zst)?;
+        list += &format!("{cubin_zst} {}\n", sha256_hex(&bytes));
+        // The uncompressed cubin of the layout before (not embedded any more).
+        let _ = std::fs::remove_file(dir.join(format!("{name}.cubin")));
     }
     std::fs::write(root.join(CUBIN_LIST), list).map_err(|e| format!("{CUBIN_LIST}: {e}"))?;
-    eprintln!("wrote the cubins and {CUBIN_LIST}");
+    eprintln!("wrote the compressed PTX and cubins and {CUBIN_LIST}");
     Ok(())
 }
 
@@ -211,20 +232,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn committed_cubins_are_assembled_from_the_committed_ptx() {
+    fn committed_kernels_are_the_committed_ptx_and_its_cubins_compressed() {
         let root = workspace_root();
+        let dir = root.join("host/ptx");
         let list = std::fs::read_to_string(root.join(CUBIN_LIST)).expect(CUBIN_LIST);
         let listed: Vec<(&str, &str)> =
             list.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(' ')).collect();
+        let remake = "run `cargo xtask ptxas` (or build-kernels) and commit host/ptx/";
+        let unpack = |name: &str| {
+            let packed = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("host/ptx/{name}: {e}: {remake}"));
+            zstd::decode_all(&packed[..]).unwrap_or_else(|e| panic!("host/ptx/{name} is not zstd: {e}"))
+        };
         for (_, file) in TARGETS {
-            let ptx = std::fs::read(root.join("host/ptx").join(file)).expect("committed PTX");
-            let cubin = format!("{file}.cubin");
-            assert!(root.join("host/ptx").join(&cubin).exists(), "host/ptx/{cubin} missing: run `cargo xtask ptxas`");
+            let ptx = std::fs::read(dir.join(file)).expect("committed PTX");
+            let (ptx_zst, cubin_zst) = compressed_names(file);
+            assert!(unpack(&ptx_zst) == ptx, "host/ptx/{ptx_zst} is not host/ptx/{file}: {remake}");
+            assert_eq!(&unpack(&cubin_zst)[..4], b"\x7fELF", "host/ptx/{cubin_zst}");
             assert_eq!(
-                listed.iter().find(|(name, _)| *name == cubin).map(|(_, hash)| *hash),
+                listed.iter().find(|(name, _)| *name == cubin_zst).map(|(_, hash)| *hash),
                 Some(sha256_hex(&ptx).as_str()),
-                "host/ptx/{cubin} was not assembled from the committed host/ptx/{file}: run `cargo xtask ptxas` \
-                 (or build-kernels) and commit host/ptx/"
+                "host/ptx/{cubin_zst} was not assembled from the committed host/ptx/{file}: {remake}"
             );
         }
     }

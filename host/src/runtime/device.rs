@@ -69,11 +69,11 @@ fn load_module(
     if !from_ptx && module.cubin_runs_on(major, minor) {
         // A driver older than the cubin's ptxas refuses it (a load error, not a sticky one):
         // the PTX then serves.
-        if let Ok(loaded) = ctx.load_module(Ptx::from_binary(module.cubin.to_vec())) {
+        if let Ok(loaded) = ctx.load_module(Ptx::from_binary(module.cubin())) {
             return Ok((loaded, true));
         }
     }
-    let loaded = ctx.load_module(Ptx::from_src(module.ptx)).map_err(Error::driver(context))?;
+    let loaded = ctx.load_module(Ptx::from_src(module.ptx())).map_err(Error::driver(context))?;
     Ok((loaded, false))
 }
 
@@ -157,7 +157,7 @@ impl Device {
         self.inner.ptx_arch
     }
 
-    /// Whether the kernels were loaded as the SASS prebuilt for this GPU (`host/ptx/*.cubin`),
+    /// Whether the kernels were loaded as the SASS prebuilt for this GPU (`host/ptx/*.cubin.zst`),
     /// not compiled from PTX by the driver (26–70 s a process on an H200 whenever the
     /// driver's cache missed). False on GPUs no cubin runs on, where the driver refused the cubin
     /// (one older than the `ptxas` that made it), or with `FERRINFER_KERNELS_FROM_PTX=1`.

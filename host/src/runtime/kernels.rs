@@ -526,7 +526,8 @@ mod tests {
     #[test]
     fn every_variant_is_an_entry_of_each_of_its_committed_modules_and_nothing_else_is() {
         for module in MODULES {
-            let found = entries(module.ptx);
+            let ptx = module.ptx();
+            let found = entries(&ptx);
             let specific = module.loaded == Loaded::Exactly;
             let of_module = |v: &&Variant| v.is_arch_specific() == specific;
             for v in variants().iter().filter(of_module) {

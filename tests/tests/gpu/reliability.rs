@@ -69,7 +69,7 @@ fn kernels_load_as_prebuilt_sass_on_ampere_ada_and_hopper(dev: &Device) -> TestR
     if matches!(major, 8 | 9) && std::env::var_os("FERRINFER_KERNELS_FROM_PTX").is_none() {
         ensure!(
             dev.kernels_prebuilt(),
-            "compute capability {major}.{minor}: the kernels were compiled from PTX, not loaded from host/ptx/*.cubin"
+            "compute capability {major}.{minor}: the kernels were compiled from PTX, not loaded from the cubins (host/ptx/*.cubin.zst)"
         );
     }
     Ok(())
