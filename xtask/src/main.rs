@@ -14,6 +14,7 @@ mod fuzz;
 mod kernels;
 mod ptx_diff;
 mod ptxas;
+mod sass;
 mod source_hash;
 mod toolchain;
 
@@ -42,6 +43,15 @@ enum Cmd {
     /// Assemble the committed PTX with ptxas, print each kernel's resources and write its
     /// compressed copy and cubins beside it (host/ptx/*.zst, cubins.txt).
     Ptxas,
+    /// Disassemble the committed cubins' kernels whose name contains FILTER (no GPU needed):
+    /// listings in target/sass/, a summary line each (instructions, spills, store widths,
+    /// HGMMAs, barriers). cuobjdump and nvdisasm come from PyPI.
+    Sass {
+        filter: String,
+        /// Only this module's architecture (sm_80, sm_90, sm_90a).
+        #[arg(long)]
+        arch: Option<String>,
+    },
     /// Build the GPU tests and benchmark (release) into a folder that runs on a GPU machine.
     GpuBundle {
         #[arg(long, default_value = "bundle")]
@@ -127,6 +137,7 @@ fn main() -> ExitCode {
     report(match cli.command {
         Cmd::BuildKernels { check } => kernels::build(check),
         Cmd::Ptxas => ptxas::assemble_committed().map(|_| ()),
+        Cmd::Sass { filter, arch } => sass::sass(&filter, arch.as_deref()),
         Cmd::GpuBundle { out } => bundle::build(&out),
         Cmd::GpuTest { sanitize, filter } => gpu_test(sanitize, filter),
         Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
