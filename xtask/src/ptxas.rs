@@ -239,9 +239,15 @@ mod tests {
         let listed: Vec<(&str, &str)> =
             list.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(' ')).collect();
         let remake = "run `cargo xtask ptxas` (or build-kernels) and commit host/ptx/";
+        // Unpacked by libzstd, and by ruzstd (the host's decoder) to the same bytes.
         let unpack = |name: &str| {
             let packed = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("host/ptx/{name}: {e}: {remake}"));
-            zstd::decode_all(&packed[..]).unwrap_or_else(|e| panic!("host/ptx/{name} is not zstd: {e}"))
+            let bytes = zstd::decode_all(&packed[..]).unwrap_or_else(|e| panic!("host/ptx/{name} is not zstd: {e}"));
+            let mut host = Vec::new();
+            std::io::Read::read_to_end(&mut ruzstd::decoding::StreamingDecoder::new(&packed[..]).unwrap(), &mut host)
+                .unwrap_or_else(|e| panic!("ruzstd on host/ptx/{name}: {e}"));
+            assert!(host == bytes, "ruzstd unpacks host/ptx/{name} to other bytes than libzstd");
+            bytes
         };
         for (_, file) in TARGETS {
             let ptx = std::fs::read(dir.join(file)).expect("committed PTX");
