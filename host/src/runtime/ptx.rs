@@ -38,24 +38,24 @@ pub(crate) struct PtxModule {
 /// Unpacks an embedded zstd frame. The frames are fixed when the crate is built and each is
 /// unpacked by this crate's tests (`every_module_unpacks_to_its_ptx_and_cubin`), so this cannot
 /// fail on a build whose tests passed.
-fn unpack(packed: &'static [u8], what: &str) -> Vec<u8> {
+fn unpack(packed: &'static [u8], file: &str, what: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
     ruzstd::decoding::StreamingDecoder::new(packed)
         .map_err(|e| e.to_string())
         .and_then(|mut d| d.read_to_end(&mut bytes).map_err(|e| e.to_string()))
-        .unwrap_or_else(|e| panic!("the embedded {what} does not unpack: {e}"));
+        .unwrap_or_else(|e| panic!("the embedded {what} of {file} does not unpack: {e}"));
     bytes
 }
 
 impl PtxModule {
     /// The module's PTX text.
     pub(crate) fn ptx(&self) -> String {
-        String::from_utf8(unpack(self.ptx_zst, self.file)).expect("the embedded PTX is ASCII")
+        String::from_utf8(unpack(self.ptx_zst, self.file, "PTX")).expect("the embedded PTX is ASCII")
     }
 
     /// The module's cubin (an ELF image, as `cuModuleLoadData` takes it).
     pub(crate) fn cubin(&self) -> Vec<u8> {
-        unpack(self.cubin_zst, self.file)
+        unpack(self.cubin_zst, self.file, "cubin")
     }
 
     /// Whether the cubin runs on compute capability `major.minor`: SASS runs on its own major
