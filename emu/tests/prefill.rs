@@ -5,8 +5,9 @@
 //! register-operand layouts, the mbarrier phases). The parameters are the host plan's own
 //! (`prefill_split`, `persistent_schedule`, `prefill_params`): odd page sizes on shuffled pages,
 //! partly full last pages, empty and one-token requests, causal and not, several units a
-//! persistent block, split keys merged, attention sinks, an e4m3 cache (the Hopper producer's
-//! widening), custom masks with fully masked rows (pages 1, 7, 48), random batches.
+//! persistent block, split keys merged, draft tokens (speculative decoding) on the Hopper kernel,
+//! attention sinks, an e4m3 cache (the Hopper producer's widening), custom masks with fully
+//! masked rows (pages 1, 7, 48), random batches.
 use ferrinfer::internals::abi::{
     hopper_prefill_ping_pong, hopper_prefill_smem_bytes, hopper_prefill_tile_tokens, prefill_smem_bytes,
     prefill_threads, PrefillParams, HOPPER_PREFILL_THREADS,
@@ -171,6 +172,24 @@ fn prefill_hopper_causal_one_unit_a_block_page_size_1_head_dim_128_f16() {
 fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
     let case = Case { sms: 16, splits: Some(true), ..case(vec![(16, 1500)], 7, 64, true, PrefillKernel::Hopper) };
     run::<f16>(&case, 4, hopper_f16!(64));
+}
+
+/// Speculative decoding on the Hopper kernel (`Device::with_hopper_prefill`): 1 to 8 draft
+/// tokens at the end of each request's keys (group 4: 4 to 32 rows of a 128-row unit), several
+/// units a block, keys on and off the 128-key tile.
+#[test]
+fn prefill_hopper_draft_tokens_causal_page_size_7_head_dim_128_f16() {
+    let lens = vec![(2, 300), (4, 129), (8, 1000), (1, 64), (3, 3), (5, 128)];
+    let case = Case { sms: 5, ..case(lens, 7, 128, true, PrefillKernel::Hopper) };
+    run::<f16>(&case, 10, hopper_f16!(128));
+}
+
+/// Draft tokens of one request over many keys, split across blocks and merged.
+#[test]
+fn prefill_hopper_draft_tokens_split_keys_merged_page_size_1_head_dim_64_f16() {
+    let case =
+        Case { sms: 24, splits: Some(true), ..case(vec![(4, 2000), (2, 37)], 1, 64, true, PrefillKernel::Hopper) };
+    run::<f16>(&case, 11, hopper_f16!(64));
 }
 
 const fn portable(block_rows: u32) -> PrefillKernel {

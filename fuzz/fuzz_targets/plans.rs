@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
 use ferrinfer::internals::{
-    decode_split, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split, PrefillWorkItem,
-    NO_PARTIAL,
+    decode_split, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split, HopperPrefill,
+    PrefillWorkItem, NO_PARTIAL,
 };
 use ferrinfer::{
     mla_split, CacheShape, DecodeOptions, KvLayout, MlaCacheShape, MlaOptions, PageTable, PrefillKernel, PrefillOptions,
@@ -129,7 +129,7 @@ fuzz_target!(|input: Input| {
             .map(|kernel| prefill_split(&shape, heads, &qo_indptr, &table, prefill, kernel, sms, per_sm))
             .collect()
     } else {
-        [false, true]
+        [HopperPrefill::Never, HopperPrefill::LongQueries, HopperPrefill::Always]
             .map(|hopper| plan_prefill_split(&shape, heads, &qo_indptr, &table, prefill, hopper, sms, |_| per_sm))
             .into()
     };

@@ -6,7 +6,7 @@ pub use crate::attention::merge::{merge_states_blocks, merge_states_params};
 pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{
     persistent_schedule, plan_prefill_split, preferred_block_rows, prefill_params, prefill_split, prefill_work_bytes,
-    PrefillKernel, PrefillSplit,
+    HopperPrefill, PrefillKernel, PrefillSplit,
 };
 pub use crate::ops::page_copy::{append_row_offsets, copy_params, KPE_OFFSET_SHIFT};
 pub use crate::plan::Addresses;

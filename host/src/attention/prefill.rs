@@ -445,6 +445,18 @@ pub struct PrefillSplit {
     pub sm_scale: f32,
 }
 
+/// Which batches a plan may give the Hopper (`wgmma`) kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopperPrefill {
+    /// None: the GPU has no Hopper kernel for the batch's types and head_dim, or the device
+    /// handle keeps to the portable kernels (`Device::with_portable_kernels`).
+    Never,
+    /// Batches of long queries ([`long_queries`]): the plan's own choice.
+    LongQueries,
+    /// Every batch it can run, whatever its queries' length (`Device::with_hopper_prefill`).
+    Always,
+}
+
 /// Whether a batch's requests average more than 64 packed query rows: then each K/V row a
 /// block loads serves 128 rows, where shorter requests would mostly fill a 128-row block with
 /// padding.
@@ -553,8 +565,9 @@ fn check_prefill_head_dims(head_dim: usize, options: &PrefillOptions) -> Result<
     }
 }
 
-/// The split `plan` uploads. With `hopper` (the GPU runs the Hopper kernel), batches of long
-/// queries ([`long_queries`]) take it, split or not. Otherwise the portable kernel at the
+/// The split `plan` uploads. Where `hopper` allows the Hopper kernel, batches of long queries
+/// ([`long_queries`]), or with [`HopperPrefill::Always`] every batch, take it, split or not
+/// (values as wide as the keys only). Otherwise the portable kernel at the
 /// preferred block height, unless that height leaves the batch too few row tiles to fill the
 /// GPU: a split tile's last part merges all its parts' rows alone, after the others, so when
 /// keys must be split the shortest blocks win (more tiles, fewer parts each, smaller merges:
@@ -566,14 +579,19 @@ pub fn plan_prefill_split(
     qo_indptr: &[u32],
     table: &PageTable,
     options: PrefillOptions,
-    hopper: bool,
+    hopper: HopperPrefill,
     sms: usize,
     blocks_per_sm: impl Fn(PrefillKernel) -> usize,
 ) -> Result<PrefillSplit> {
     let split_on =
         |kernel| prefill_split(shape, num_qo_heads, qo_indptr, table, options, kernel, sms, blocks_per_sm(kernel));
     let head_dim_vo = options.vo_dim(shape.head_dim);
-    if hopper && head_dim_vo == shape.head_dim && long_queries(num_qo_heads, shape.num_kv_heads, qo_indptr) {
+    let take_hopper = match hopper {
+        HopperPrefill::Never => false,
+        HopperPrefill::LongQueries => long_queries(num_qo_heads, shape.num_kv_heads, qo_indptr),
+        HopperPrefill::Always => true,
+    };
+    if take_hopper && head_dim_vo == shape.head_dim {
         return split_on(PrefillKernel::Hopper);
     }
     let heights: Vec<u32> = if head_dim_vo == shape.head_dim {
@@ -881,7 +899,11 @@ impl BatchPrefillPlan {
         // query types alike, so f16 stands for them.
         let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
         let q_dtype = if kv_dtype.is_fp8() { DType::F16 } else { kv_dtype };
-        let hopper = device.prefill_hopper(q_dtype, kv_dtype, shape.head_dim).is_some();
+        let hopper = match device.prefill_hopper(q_dtype, kv_dtype, shape.head_dim) {
+            None => HopperPrefill::Never,
+            Some(_) if device.hopper_prefill_always() => HopperPrefill::Always,
+            Some(_) => HopperPrefill::LongQueries,
+        };
         let head_dim_vo = options.vo_dim(shape.head_dim);
         let blocks_per_sm = |kernel| {
             match kernel {
@@ -1161,8 +1183,17 @@ mod tests {
         // non-causal. 128-row tiles (2 per KV head) would need 16 parts each to fill 132 SMs.
         let shape = CacheShape { num_pages: 512, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
         let table = PageTable { kv_indptr: vec![0, 512], kv_indices: (0..512).collect(), kv_last_page_len: vec![16] };
-        let split =
-            plan_prefill_split(&shape, 32, &[0, 64], &table, PrefillOptions::default(), false, 132, |_| 2).unwrap();
+        let split = plan_prefill_split(
+            &shape,
+            32,
+            &[0, 64],
+            &table,
+            PrefillOptions::default(),
+            HopperPrefill::Never,
+            132,
+            |_| 2,
+        )
+        .unwrap();
         assert_eq!(split.kernel, PrefillKernel::Portable { block_rows: 64 });
         assert!(
             split.split_tiles == 4 && split.work.len() <= 33,
@@ -1179,7 +1210,7 @@ mod tests {
         };
         let qo: Vec<u32> = (0..=8).map(|i| i * 1024).collect();
         let causal = PrefillOptions { causal: true, ..Default::default() };
-        let split = plan_prefill_split(&shape, 32, &qo, &table, causal, false, 132, |_| 2).unwrap();
+        let split = plan_prefill_split(&shape, 32, &qo, &table, causal, HopperPrefill::Never, 132, |_| 2).unwrap();
         assert_eq!((split.kernel, split.split_tiles), (PrefillKernel::Portable { block_rows: 128 }, 0));
     }
 
@@ -1191,14 +1222,41 @@ mod tests {
             plan_prefill_split(&shape, 32, qo, &table, PrefillOptions::default(), hopper, 132, |_| 1).unwrap()
         };
         // 64 queries over 8192 keys, group 4: 256 rows, two 128-row tiles split over many parts.
-        let split = plan(&[0, 64], true);
+        let split = plan(&[0, 64], HopperPrefill::LongQueries);
         assert_eq!(split.kernel, PrefillKernel::Hopper);
         assert!(
             split.split_tiles > 0 && split.work.iter().all(|w| (w.kv_end - w.kv_start) % 64 == 0 || w.kv_end == 8192)
         );
-        assert_eq!(plan(&[0, 64], false).kernel, PrefillKernel::Portable { block_rows: 64 });
-        // 16 queries, group 4: 64 rows, not more: the portable kernel's 64-row blocks.
-        assert_eq!(plan(&[0, 16], true).kernel, PrefillKernel::Portable { block_rows: 64 });
+        assert_eq!(plan(&[0, 64], HopperPrefill::Never).kernel, PrefillKernel::Portable { block_rows: 64 });
+        // 16 queries, group 4: 64 rows, not more: the portable kernel's 64-row blocks, unless
+        // the handle asks for the Hopper kernel everywhere.
+        assert_eq!(plan(&[0, 16], HopperPrefill::LongQueries).kernel, PrefillKernel::Portable { block_rows: 64 });
+        let split = plan(&[0, 16], HopperPrefill::Always);
+        assert_eq!(split.kernel, PrefillKernel::Hopper);
+        assert!(split.split_tiles > 0, "one 64-row tile over 8192 keys is split to fill the GPU");
+    }
+
+    #[test]
+    fn draft_tokens_take_the_hopper_kernel_only_where_the_handle_asks() {
+        // Speculative decoding: 64 requests of 4 draft tokens at the end of 4096 keys, group 4
+        // (16 rows a request).
+        let shape =
+            CacheShape { num_pages: 64 * 256, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+        let table = PageTable {
+            kv_indptr: (0..=64).map(|i| i * 256).collect(),
+            kv_indices: (0..64 * 256).collect(),
+            kv_last_page_len: vec![16; 64],
+        };
+        let qo: Vec<u32> = (0..=64).map(|i| i * 4).collect();
+        let causal = PrefillOptions { causal: true, ..Default::default() };
+        let plan = |hopper| plan_prefill_split(&shape, 32, &qo, &table, causal, hopper, 132, |_| 1).unwrap();
+        assert_eq!(plan(HopperPrefill::LongQueries).kernel, PrefillKernel::Portable { block_rows: 64 });
+        let split = plan(HopperPrefill::Always);
+        assert_eq!(split.kernel, PrefillKernel::Hopper);
+        // One item a request, each its 16 rows over the request's 4096 keys (the causal diagonal
+        // at the end): 512 units for 132 blocks, unsplit.
+        assert_eq!((split.work.len(), split.split_tiles), (64, 0));
+        assert!(split.work.iter().all(|w| w.qo_len == 4 && w.kv_end - w.kv_start == 4096));
     }
 
     /// The blocks' unit lists of a persistent schedule, checked to cover `units` once each.
@@ -1223,7 +1281,7 @@ mod tests {
         };
         let qo: Vec<u32> = (0..=8).map(|r| r * 1024).collect();
         let opts = PrefillOptions { causal: true, ..Default::default() };
-        let split = plan_prefill_split(&shape, 32, &qo, &table, opts, true, 132, |_| 1).unwrap();
+        let split = plan_prefill_split(&shape, 32, &qo, &table, opts, HopperPrefill::LongQueries, 132, |_| 1).unwrap();
         assert_eq!((split.kernel, split.split_tiles), (PrefillKernel::Hopper, 0));
         let units = split.work.len() * 8;
         let (schedule, blocks) = persistent_schedule(&split.work, 8, 128, true, 132);

@@ -36,6 +36,9 @@ pub struct Device {
     /// Whether plans may use the architecture-specific kernels (see
     /// [`with_portable_kernels`](Self::with_portable_kernels)).
     arch_specific: bool,
+    /// Whether prefill plans take the Hopper kernel for every batch it runs (see
+    /// [`with_hopper_prefill`](Self::with_hopper_prefill)).
+    hopper_prefill_always: bool,
 }
 
 struct Inner {
@@ -139,6 +142,7 @@ impl Device {
                 staging: Mutex::new(StagingRing::default()),
             }),
             arch_specific: true,
+            hopper_prefill_always: false,
         })
     }
 
@@ -175,7 +179,25 @@ impl Device {
     /// (the `sm_80`/`sm_90` module's): on an H100 or H200, prefill on `mma.sync` instead of
     /// `wgmma`. For comparing the two paths; plans made with it keep to it.
     pub fn with_portable_kernels(&self) -> Device {
-        Device { inner: self.inner.clone(), arch_specific: false }
+        Device { inner: self.inner.clone(), arch_specific: false, hopper_prefill_always: false }
+    }
+
+    /// A handle on the same GPU, context and stream whose prefill plans (cascade's shared level
+    /// included) take the Hopper (`wgmma`) kernel for every batch it can run, whatever its
+    /// queries' length: FlashInfer's `backend="fa3"`. Plans made otherwise keep it for batches
+    /// of long queries (more than 64 query rows a request and KV head on average) and give
+    /// short ones, such as a few draft tokens a request in speculative decoding, the portable
+    /// kernel's 64-row blocks. Where the GPU has no Hopper kernel for a batch (another
+    /// architecture, a head_dim or cache type it lacks, a custom mask, narrower values) plans
+    /// take the portable one as before. For comparing the two paths; plans made with it keep to it.
+    pub fn with_hopper_prefill(&self) -> Device {
+        Device { inner: self.inner.clone(), arch_specific: true, hopper_prefill_always: true }
+    }
+
+    /// Whether prefill plans take the Hopper kernel for every batch it runs
+    /// ([`with_hopper_prefill`](Self::with_hopper_prefill)).
+    pub(crate) fn hopper_prefill_always(&self) -> bool {
+        self.hopper_prefill_always
     }
 
     /// The CUDA context the kernels are loaded in.

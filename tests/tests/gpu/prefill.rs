@@ -233,6 +233,21 @@ fn add_hopper<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
     }));
 }
 
+/// `case` (draft tokens: a few queries a request) as `name` on `Device::with_hopper_prefill`,
+/// checked to take the Hopper kernel where the GPU runs it (the plan alone gives such batches
+/// the portable kernel: checked too).
+fn add_draft_tokens<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    tests.push(GpuTest::new(name, move |d| {
+        let forced = d.with_hopper_prefill();
+        if d.arch_specific_ptx() == Some("sm_90a") {
+            let (own, hopper) = (planned(d, &case)?.1, planned(&forced, &case)?.1);
+            ensure!(own != PrefillKernel::Hopper, "the plan's own choice for draft tokens: {own:?}");
+            ensure!(hopper == PrefillKernel::Hopper, "planned {hopper:?} on `with_hopper_prefill`");
+        }
+        prefill_case::<T>(&forced, &case)
+    }));
+}
+
 fn hopper_tests() -> Vec<GpuTest> {
     let mut t = Vec::new();
     // Key counts on and off the 128-key tile: whole tiles, one past, one short, a tile and a
@@ -336,6 +351,27 @@ fn hopper_tests() -> Vec<GpuTest> {
     let window = PrefillOptions { window_left: 40, logits_soft_cap: 30.0, ..CAUSAL };
     let c = Case { options: window, sinks: true, seed: 38, ..Case::new(&many_short_requests(38), 5) };
     add_persistent::<f16>(&mut t, "prefill_hopper_persistent_sinks_window_40_soft_cap_page_size_5_f16".into(), c);
+    // Speculative decoding on `Device::with_hopper_prefill`: 1 to 8 draft tokens at the end of
+    // each request's keys (4 to 64 of a unit's 128 rows), which the plan alone gives the
+    // portable kernel; keys on and off the tile, pages 1, 7 and 16, groups 4, 5 and 8; a batch
+    // too small for the GPU, whose keys are split.
+    let drafts = [(2, 300), (4, 129), (8, 1000), (1, 64), (3, 3), (5, 128), (6, 2100), (7, 257)];
+    for (ps, group) in [(1usize, 4usize), (7, 5), (16, 8)] {
+        let c = Case { group, seed: 60 + ps as u64, ..Case::new(&drafts, ps) };
+        add_draft_tokens::<f16>(&mut t, format!("prefill_hopper_draft_tokens_page_size_{ps}_group_{group}_f16"), c);
+    }
+    let c = Case { layout: KvLayout::Hnd, head_dim: 64, seed: 67, ..Case::new(&drafts, 3) };
+    add_draft_tokens::<bf16>(&mut t, "prefill_hopper_draft_tokens_page_size_3_head_dim_64_hnd_bf16".into(), c);
+    t.push(GpuTest::new("prefill_hopper_draft_tokens_of_two_requests_split_their_keys_f16", |d| {
+        let c = Case { seed: 68, ..Case::new(&[(4, 20000), (2, 9000)], 16) };
+        let d = d.with_hopper_prefill();
+        let (split, kernel) = planned(&d, &c)?;
+        ensure!(split > 0, "the case should split");
+        if d.arch_specific_ptx() == Some("sm_90a") {
+            ensure!(kernel == PrefillKernel::Hopper, "planned {kernel:?}");
+        }
+        prefill_case::<f16>(&d, &c)
+    }));
     // One long request among short ones, too few row tiles for the GPU: split keys, merged by
     // the consumer warpgroups of the last part.
     t.push(GpuTest::new("prefill_hopper_one_long_request_splits_its_keys_f16", |d| {

@@ -14,6 +14,7 @@ mod prefill;
 mod prefill_mask;
 mod rope;
 mod sampled;
+mod speculative;
 mod tensor_parallel;
 mod timing;
 
@@ -99,6 +100,15 @@ struct Args {
     /// MLA page sizes.
     #[arg(long, value_delimiter = ',', default_values_t = vec![64, 1])]
     mla_page_sizes: Vec<usize>,
+    /// Speculative-decoding batches (`--kernels spec`).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![16, 64, 256])]
+    spec_batches: Vec<usize>,
+    /// Draft tokens a request (`--kernels spec`).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![2, 4, 8])]
+    spec_drafts: Vec<usize>,
+    /// Keys a request, the draft tokens' included (`--kernels spec`).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4096, 32768])]
+    spec_kv_lens: Vec<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -160,6 +170,12 @@ enum Kernel {
     /// (also on one GPU with it, for its overhead).
     #[value(name = "tensor-parallel", alias = "tensor_parallel")]
     TensorParallel,
+    /// Speculative decoding (issue 20): `--spec-batches` × `--spec-drafts` draft tokens at the
+    /// end of `--spec-kv-lens` keys, causal, 4 query heads a KV head, at each page size: the
+    /// plan's own kernel, the portable one, the Hopper one (where the GPU has it) and one-token
+    /// decode as the floor.
+    #[value(name = "spec", alias = "speculative")]
+    Speculative,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -238,6 +254,28 @@ impl Args {
             for &ps in &self.page_sizes {
                 for &len in &self.prefill_lens {
                     rows.extend(self.dtypes.iter().map(|&dtype| (dtype, ps, len, mask == Mask::Causal)));
+                }
+            }
+        }
+        rows
+    }
+
+    /// Speculative-decoding rows: (dtype, page_size, batch, draft, kv_len), skipping K and V
+    /// over 40 GB.
+    fn spec_rows(&self) -> Vec<(Dtype, usize, usize, usize, usize)> {
+        if !self.kernels.contains(&Kernel::Speculative) {
+            return Vec::new();
+        }
+        let mut rows = Vec::new();
+        for &ps in &self.page_sizes {
+            for &batch in &self.spec_batches {
+                for &kv_len in &self.spec_kv_lens {
+                    if 2 * batch * kv_len * self.kv_heads * self.head_dim * 2 > 40_000_000_000 {
+                        continue;
+                    }
+                    for &draft in self.spec_drafts.iter().filter(|&&d| d >= 1 && d <= kv_len) {
+                        rows.extend(self.dtypes.iter().map(|&dtype| (dtype, ps, batch, draft, kv_len)));
+                    }
                 }
             }
         }
@@ -323,7 +361,9 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     } else {
         Vec::new()
     };
+    let spec_rows = args.spec_rows();
     let total = mla_rows.len()
+        + spec_rows.len()
         + gather_sizes.len()
         + mask_rows.len()
         + appends.len() * append_sizes.len()
@@ -393,6 +433,20 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
             (Dtype::Bf16, KvDtype::E5m2) => prefill::prefill::<bf16, E5m2>(&mut b, n, len, ps, 4, causal)?,
         };
         results.push(row);
+        wrong += row_wrong;
+        b.progress.inc(1);
+    }
+    if !spec_rows.is_empty() {
+        b.print("");
+        speculative::header(&b);
+    }
+    for &(dtype, ps, batch, draft, kv_len) in &spec_rows {
+        b.progress.set_message(format!("speculative decoding {batch} × {draft} over {kv_len}, page_size {ps}"));
+        let (rows, row_wrong) = match dtype {
+            Dtype::F16 => speculative::speculative::<f16>(&mut b, batch, draft, kv_len, ps, 4)?,
+            Dtype::Bf16 => speculative::speculative::<bf16>(&mut b, batch, draft, kv_len, ps, 4)?,
+        };
+        results.extend(rows);
         wrong += row_wrong;
         b.progress.inc(1);
     }
@@ -513,7 +567,7 @@ fn run_gpu(dev: &Device, args: &Args) -> BoxResult<Vec<serde_json::Value>> {
     if ropes > 0 {
         println!("RoPE: the first 64 tokens of every row within 1 f16 ulp + 6e-6 of the f64 reference; fused and unfused appends wrote identical pools.");
     }
-    if decode_rows.len() + prefill_rows.len() + mask_rows.len() + mla_rows.len() > 0 {
+    if decode_rows.len() + prefill_rows.len() + mask_rows.len() + mla_rows.len() + spec_rows.len() > 0 {
         let (atol, rtol) = ferrinfer_tests::compare::tolerance(ferrinfer::DType::F16);
         println!("Decode, prefill and MLA: sampled requests of every row checked against the f64 CPU reference (|error| ≤ {atol} + {rtol}·|expected|): {}.",
                  if wrong == 0 { "all matched".to_string() } else { format!("{wrong} elements WRONG") });
