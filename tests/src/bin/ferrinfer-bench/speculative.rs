@@ -105,13 +105,13 @@ pub fn speculative<T: KvDType>(
     let q_last = dev.upload(&last_tokens)?;
     let mut out = dev.alloc_zeros::<T>(decode.qo_elems())?;
     let us = b.timer.median_us(|| decode.run(dev.stream(), &q_last, &c.cache, 0, &mut out, None))?;
-    let got = dev.download(&out)?;
-    let wrong: usize = sampled
-        .iter()
-        .zip(&want)
-        .filter(|((_, token), _)| *token == draft - 1)
-        .map(|(&(r, _), want)| count_wrong(&got[r * row_elems..(r + 1) * row_elems], want))
-        .sum();
+    // Sampled elements of `got` (a row a query, `row_of(request, token)`) that miss the
+    // reference, over the (request, token) pairs that `keep`.
+    let wrong_in = |got: &[T], keep: &dyn Fn(usize) -> bool, row_of: &dyn Fn(usize, usize) -> usize| -> usize {
+        let pairs = sampled.iter().zip(&want).filter(|((_, token), _)| keep(*token));
+        pairs.map(|(&(r, token), want)| count_wrong(&got[row_of(r, token) * row_elems..][..row_elems], want)).sum()
+    };
+    let wrong = wrong_in(&dev.download(&out)?, &|token| token == draft - 1, &|r, _| r);
     let ((items, kv_heads, tiles), _) = decode.launch_shape();
     report(b, "spec: decode, last token", us, (items * kv_heads * tiles) as usize, "decode".into(), wrong);
 
@@ -124,15 +124,7 @@ pub fn speculative<T: KvDType>(
         let mut plan = BatchPrefillPlan::new(&on, &c.shape, heads, &qo_indptr, &c.table, options)?;
         let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
         let us = b.timer.median_us(|| plan.run(dev.stream(), &q, &c.cache, 0, &mut out, None))?;
-        let got = dev.download(&out)?;
-        let wrong: usize = sampled
-            .iter()
-            .zip(&want)
-            .map(|(&(r, token), want)| {
-                let at = (r * draft + token) * row_elems;
-                count_wrong(&got[at..at + row_elems], want)
-            })
-            .sum();
+        let wrong = wrong_in(&dev.download(&out)?, &|_| true, &|r, token| r * draft + token);
         report(b, variant, us, plan.num_blocks(), path_name(plan.kernel()), wrong);
     }
     Ok((rows, wrong_total))
