@@ -4,10 +4,13 @@
 //! check the emulator's `ldmatrix`, `mma.sync`, shuffles, byte permutes and asynchronous
 //! copies: odd page sizes on shuffled pages, empty and one-token requests, GQA groups of 1, 5
 //! and 8, head dims 64, 96 and 128, a window and a soft cap, attention sinks, an e4m3 cache with
-//! scales, random batches.
+//! scales, random batches; and the multi-token kernel (`decode_multi_*`: speculative decoding's
+//! draft tokens, causal or not) against the f64 prefill reference.
 use ferrinfer::internals::abi::{decode_smem_bytes, decode_threads, DecodeParams};
-use ferrinfer::internals::{decode_params, decode_split};
-use ferrinfer::{bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable};
+use ferrinfer::internals::{decode_params, decode_split_tokens};
+use ferrinfer::{
+    bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions,
+};
 use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half;
 use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffers};
@@ -28,6 +31,10 @@ struct Case {
     splits: Option<bool>,
     /// Attention sinks (one logit a query head).
     sinks: bool,
+    /// Query tokens a request (the multi-token kernel above 1), and whether each sees only
+    /// the keys up to its position.
+    tokens: usize,
+    causal: bool,
 }
 
 fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -> Case {
@@ -41,6 +48,8 @@ fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -
         sms: 1,
         splits: Some(false),
         sinks: false,
+        tokens: 1,
+        causal: false,
     }
 }
 
@@ -48,6 +57,13 @@ fn case(kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -
 macro_rules! kernel {
     ($half:ty, $kv:ty, $dim:literal) => {
         |p: &DecodeParams| unsafe { ferrinfer_emu::decode_instance!($half, $kv, $dim, p) }
+    };
+}
+
+/// The multi-token kernel for head_dim `$dim`, as the PTX's entry point instantiates it.
+macro_rules! multi_kernel {
+    ($half:ty, $dim:literal) => {
+        |p: &DecodeParams| unsafe { ferrinfer_emu::decode_multi_instance!($half, $dim, p) }
     };
 }
 
@@ -69,11 +85,11 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
         (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect()
     };
     let (k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
-    let rows = c.kv_lens.len() * c.qo_heads;
+    let rows = c.kv_lens.len() * c.tokens * c.qo_heads;
     let q: Vec<T> = random_values(&mut r, rows * head_dim);
     let sinks = c.sinks.then(|| random_sinks(&mut r, c.qo_heads));
     let options = DecodeOptions { kv_dtype: (C::DTYPE != T::DTYPE).then_some(C::DTYPE), ..c.options };
-    let split = decode_split(&shape, c.qo_heads, &table, options, c.sms, 1).expect("a valid batch");
+    let split = decode_split_tokens(&shape, c.qo_heads, &table, options, c.tokens, c.sms, 1).expect("a valid batch");
     if let Some(splits) = c.splits {
         assert_eq!(split.split_requests > 0, splits, "whether the plan splits requests");
     }
@@ -84,13 +100,14 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let b_work = DeviceBuffer::from_slice("work items", &split.work);
     let io = AttentionIo::new(&q, rows, head_dim, poison::<T>(), sinks.as_deref());
     let counters = split.split_requests * c.kv_heads * split.row_tiles;
-    let partial_rows = split.slots * c.qo_heads;
+    let partial_rows = split.slots * c.tokens * c.qo_heads;
     let scratch_buffers = SplitBuffers::new(counters, partial_rows, head_dim);
     let ops = io.addresses(b_k.ptr(), b_v.ptr(), scales);
     let scratch = scratch_buffers.scratch();
     let planned = (c.qo_heads, split.group_size, split.sm_scale, split.work.len() as u32);
-    let params =
-        decode_params(&shape, planned, options.logits_soft_cap, &ops, &[b_indices.ptr(), b_work.ptr()], scratch);
+    let draft = (c.tokens, c.causal);
+    let parts = [b_indices.ptr(), b_work.ptr()];
+    let params = decode_params(&shape, planned, draft, options.logits_soft_cap, &ops, &parts, scratch);
     let blocks = split.work.len() * c.kv_heads * split.row_tiles;
     let dim = head_dim as u32;
     let cfg = LaunchConfig {
@@ -102,8 +119,20 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     // The merge counters are back at zero for the next launch.
     assert!(scratch_buffers.counters_are_zero(), "merge counters left non-zero");
 
-    let (want, want_lse) =
-        reference::decode_with_sinks(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options, sinks.as_deref());
+    let (want, want_lse) = if c.tokens == 1 {
+        reference::decode_with_sinks(&shape, &k, &v, scales, &table, &q, c.qo_heads, &options, sinks.as_deref())
+    } else {
+        // Draft tokens are a prefill of `tokens` queries a request at the end of its keys.
+        let qo_indptr: Vec<u32> = (0..=c.kv_lens.len()).map(|i| (i * c.tokens) as u32).collect();
+        let prefill = PrefillOptions {
+            causal: c.causal,
+            sm_scale: options.sm_scale,
+            logits_soft_cap: options.logits_soft_cap,
+            ..PrefillOptions::DEFAULT
+        };
+        let sinks = sinks.as_deref();
+        reference::prefill_with_sinks(&shape, &k, &v, scales, &table, &qo_indptr, &q, c.qo_heads, &prefill, sinks)
+    };
     expect_attention_close(&io.out.to_vec(), &want, &io.lse.to_vec(), &want_lse, c.qo_heads, head_dim, "request")
         .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -180,4 +209,68 @@ fn decode_with_sinks_and_window_split_page_size_5_group_4_bf16() {
     let options = DecodeOptions { window_left: 100, ..DecodeOptions::default() };
     let c = Case { options, sinks: true, sms: 132, splits: Some(true), ..case(&[0, 1, 1500], 5, 8, 2) };
     run::<bf16, bf16>(&c, 128, 7, kernel!(half::Bf16, half::Bf16, 128));
+}
+
+/// `tokens` causal draft tokens a request (`Case::tokens`), on the multi-token kernel.
+fn drafts(tokens: usize, kv_lens: &[usize], page_size: usize, qo_heads: usize, kv_heads: usize) -> Case {
+    Case { tokens, causal: true, ..case(kv_lens, page_size, qo_heads, kv_heads) }
+}
+
+#[test]
+fn decode_4_draft_tokens_causal_page_size_7_group_4_f16() {
+    let c = drafts(4, &[4, 5, 70, 131], 7, 8, 2);
+    run::<f16, f16>(&c, 128, 20, multi_kernel!(half::F16, 128));
+}
+
+#[test]
+fn decode_2_draft_tokens_page_size_1_group_8_hnd_bf16() {
+    let c = Case { layout: KvLayout::Hnd, ..drafts(2, &[2, 64, 65], 1, 8, 1) };
+    run::<bf16, bf16>(&c, 64, 21, multi_kernel!(half::Bf16, 64));
+}
+
+#[test]
+fn decode_3_draft_tokens_split_with_sinks_page_size_3_group_5_f16() {
+    let c = Case { sinks: true, sms: 132, splits: Some(true), ..drafts(3, &[1500, 3], 3, 10, 2) };
+    run::<f16, f16>(&c, 128, 22, multi_kernel!(half::F16, 128));
+}
+
+#[test]
+fn decode_16_tokens_not_causal_soft_cap_head_dim_96_page_size_100_f16() {
+    let options = DecodeOptions { logits_soft_cap: 30.0, ..DecodeOptions::default() };
+    let c = Case { options, causal: false, ..drafts(16, &[0, 7, 250], 100, 2, 2) };
+    run::<f16, f16>(&c, 96, 23, multi_kernel!(half::F16, 96));
+}
+
+#[test]
+fn decode_8_draft_tokens_two_row_tiles_split_head_dim_256_bf16() {
+    let c = Case { sms: 64, splits: Some(true), ..drafts(8, &[900], 16, 4, 1) };
+    run::<bf16, bf16>(&c, 256, 24, multi_kernel!(half::Bf16, 256));
+}
+
+/// Random batches of draft tokens: tokens 2–8, page sizes, GQA groups, layouts, soft caps,
+/// sinks, split or not, causal or not, drawn from a fixed seed.
+#[test]
+fn decode_draft_tokens_random_batches_f16() {
+    let mut r = rng(2000);
+    for seed in 0..8 {
+        let tokens = r.random_range(2..=8);
+        let page_size = [1, 2, 3, 7, 16, 33, 100][r.random_range(0..7)];
+        let kv_heads = r.random_range(1..=2);
+        let group = [1, 2, 4, 5][r.random_range(0..4)];
+        let batch = r.random_range(1..=3);
+        let kv_lens: Vec<usize> =
+            (0..batch).map(|_| tokens + [0, 1, r.random_range(2..300)][r.random_range(0..3)]).collect();
+        let options =
+            DecodeOptions { logits_soft_cap: if r.random_bool(0.3) { 20.0 } else { 0.0 }, ..DecodeOptions::default() };
+        let c = Case {
+            layout: if r.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd },
+            options,
+            sms: [1, 8, 132][r.random_range(0..3)],
+            splits: None,
+            sinks: r.random_bool(0.3),
+            causal: r.random_bool(0.7),
+            ..drafts(tokens, &kv_lens, page_size, kv_heads * group, kv_heads)
+        };
+        run::<f16, f16>(&c, 64, 100 + seed, multi_kernel!(half::F16, 64));
+    }
 }

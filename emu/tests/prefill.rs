@@ -103,6 +103,7 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
             persistent_schedule(&split.work, KV_HEADS, tile_tokens, hopper_prefill_ping_pong(head_dim), case.sms)
         }
         PrefillKernel::Portable { .. } => (vec![0], split.work.len() * KV_HEADS),
+        PrefillKernel::Decode => unreachable!("draft tokens on the decode kernel are tests/decode.rs's"),
     };
 
     let b_k = DeviceBuffer::from_slice("k pool", &k);
@@ -129,6 +130,7 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         PrefillKernel::Portable { block_rows } => {
             (prefill_threads(dim), prefill_smem_bytes(dim, dim, block_rows / 64, kv_bytes))
         }
+        PrefillKernel::Decode => unreachable!("draft tokens on the decode kernel are tests/decode.rs's"),
     };
     let cfg = LaunchConfig { grid: (blocks as u32, 1), threads, smem_bytes };
     launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("{:?} prefill: {f}", case.kernel));

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
 use ferrinfer::internals::{
-    decode_split, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split, HopperPrefill,
-    PrefillWorkItem, NO_PARTIAL,
+    decode_split, decode_split_tokens, persistent_schedule, plan_prefill_split, prefill_block_rows, prefill_split,
+    HopperPrefill, PrefillWorkItem, MAX_DECODE_TOKENS, NO_PARTIAL,
 };
 use ferrinfer::{
     mla_split, CacheShape, DecodeOptions, KvLayout, MlaCacheShape, MlaOptions, PageTable, PrefillKernel, PrefillOptions,
@@ -93,6 +93,15 @@ fuzz_target!(|input: Input| {
     let (sms, per_sm) = (input.sms as usize, input.blocks_per_sm as usize % 4 + 1);
 
     let decode = DecodeOptions { window_left, ..Default::default() };
+    // One query token a request (decode), and a few (draft tokens: causal ones need the last
+    // `tokens − 1` keys of a split request in its last part).
+    let tokens = input.spare_pages as usize % MAX_DECODE_TOKENS + 1;
+    if let Ok(split) = decode_split_tokens(&shape, heads, &table, decode, tokens, sms, per_sm) {
+        assert_eq!(split.row_tiles, (tokens * split.group_size).div_ceil(16));
+        for w in split.work.iter().filter(|w| w.parts > 1 && w.slot == w.first_slot + w.parts - 1) {
+            assert!(w.start as usize + tokens - 1 <= w.end as usize, "a split request's last part is too short");
+        }
+    }
     if let Ok(split) = decode_split(&shape, heads, &table, decode, sms, per_sm) {
         let heads_blocks = (shape.num_kv_heads * split.row_tiles) as u32;
         let mut by_request: BTreeMap<u32, Vec<_>> = BTreeMap::new();

@@ -1,7 +1,7 @@
 //! Internals for ferrinfer's own tests, benchmark and fuzz targets (feature `internals`): the
 //! planners' work splits as plain data, the kernel ABI's work items, the read-stream probe and
 //! the device-helper self-test. Not part of the supported API.
-pub use crate::attention::decode::{decode_params, decode_split, DecodeSplit};
+pub use crate::attention::decode::{decode_params, decode_split, decode_split_tokens, DecodeSplit, MAX_DECODE_TOKENS};
 pub use crate::attention::merge::{merge_states_blocks, merge_states_params};
 pub use crate::attention::mla::{mla_params, MlaAddresses};
 pub use crate::attention::prefill::{

@@ -53,6 +53,22 @@ fn mask_end(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, end: u32) {
     }
 }
 
+/// [`mask_end`] with an end for each of a lane's two rows (g: `ends[0]`, g + 8: `ends[1]`):
+/// causal draft tokens, each of which sees the keys up to its own position. Uniform test first:
+/// only the tiles that reach the earliest end pay.
+#[inline(always)]
+fn mask_row_ends(s: &mut [[f32; 4]; 2], first_key: u32, t: u32, ends: [u32; 2]) {
+    if first_key + WARP_TOKENS > ends[0].min(ends[1]) {
+        crate::unroll!(n in [0, 1] {
+            crate::unroll!(c in [0, 1, 2, 3] {
+                if first_key + 8 * n as u32 + 2 * t + (c % 2) as u32 >= ends[c / 2] {
+                    s[n][c] = f32::NEG_INFINITY;
+                }
+            });
+        });
+    }
+}
+
 /// Logical position (in the query's shared rows: the mma k order) of physical head dim `d` over
 /// an 8-bit cache. K's B fragment pairs (k 2t, 2t + 1) and (k 2t + 8, 2t + 9) of k-step
 /// 4c + j are physical dims 64c + 16t + 4j + {0, 1} and + {2, 3}, so one 16-byte load of a key
@@ -126,6 +142,35 @@ unsafe fn fp8_accumulate<H: Half, K: KvElem, const LANE_DIMS: u32>(
     });
 }
 
+/// Row `row` of row tile `row_tile` of KV head `kv_head` in a block of draft tokens (packed
+/// rows `token · group + head`): its row among the request's `tokens × num_qo_heads` query rows,
+/// and its query head.
+#[inline(always)]
+fn draft_row(p: &DecodeParams, row_tile: u32, kv_head: u32, row: u32) -> (u32, u32) {
+    let packed = row_tile * DECODE_ROWS + row;
+    let (token, head) = (packed / p.group_size, packed % p.group_size);
+    let head = kv_head * p.group_size + head;
+    (token * p.num_qo_heads + head, head)
+}
+
+/// The key ends of a lane's rows g and g + 8 in a block of draft tokens: causal token `i` of
+/// `n` sees the keys below `end − (n − 1 − i)`. Those lie in the request's last part only (plans
+/// keep at least its last `n` keys there), so earlier parts, non-causal blocks and padding rows
+/// keep the item's `end`.
+#[inline(always)]
+fn draft_row_ends(p: &DecodeParams, work: &DecodeWorkItem, row_tile: u32, tokens: u32, g: u32) -> [u32; 2] {
+    let last_part = work.slot == NO_PARTIAL || work.slot + 1 == work.first_slot + work.parts;
+    let row_end = |row: u32| {
+        let token = ((row_tile * DECODE_ROWS + row) / p.group_size).min(tokens - 1);
+        work.end - (tokens - 1 - token)
+    };
+    if p.causal != 0 && last_part {
+        [row_end(g), row_end(g + 8)]
+    } else {
+        [work.end, work.end]
+    }
+}
+
 #[inline(always)]
 pub unsafe fn decode<
     H: Half,
@@ -134,12 +179,15 @@ pub unsafe fn decode<
     const THREADS: u32,
     const STAGES: u32,
     const DENSE: bool,
+    const MULTI: bool,
 >(
     p: &DecodeParams,
 ) {
     const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
     const { assert!(DENSE == decode_dense_stages(HEAD_DIM, K::BYTES)) };
     const { assert!(K::BYTES == 2 || HEAD_DIM % 64 == 0) };
+    // Several query tokens a request: 16-bit caches (their query rows load as they are).
+    const { assert!(!MULTI || K::BYTES == 2) };
     let smem_bytes = const { decode_smem_bytes(HEAD_DIM, K::BYTES) };
     let out_dims = const {
         if HEAD_DIM < DECODE_WARP_DIMS {
@@ -157,14 +205,18 @@ pub unsafe fn decode<
     // Blocks are numbered with the KV head fastest, so a request's heads run side by side and
     // read its pages together (in NHD a token's heads are adjacent): measured 1–2% faster at
     // batch 256 than the work item fastest, the same elsewhere.
-    let row_tiles = p.group_size.div_ceil(DECODE_ROWS);
+    // With `MULTI`, a request's `tokens_per_request` query tokens share its KV head's blocks:
+    // packed row `token · group + head` (as prefill packs them), row tiles of 16 of those.
+    let tokens = if MULTI { p.tokens_per_request } else { 1 };
+    let row_tiles = (tokens * p.group_size).div_ceil(DECODE_ROWS);
     let heads_blocks = (p.num_qo_heads / p.group_size) * row_tiles;
     let (item, head_block) = (block_x() / heads_blocks, block_x() % heads_blocks);
     let (kv_head, row_tile) = (head_block / row_tiles, head_block % row_tiles);
     let work = *(p.work as *const DecodeWorkItem).add(item as usize);
     let (request, start, end) = (work.request, work.start, work.end);
     let first_head = kv_head * p.group_size + row_tile * DECODE_ROWS;
-    let rows = (p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS);
+    let rows = (tokens * p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS);
+    let request_rows = tokens * p.num_qo_heads;
 
     let smem = dynamic_smem_addr();
     let q_smem = smem;
@@ -183,7 +235,16 @@ pub unsafe fn decode<
         while i < DECODE_ROWS * chunks {
             let (row, chunk) = (i / chunks, i % chunks);
             let valid = row < rows;
-            let src = if valid { ((request * p.num_qo_heads + first_head + row) * chunks + chunk) as usize } else { 0 };
+            // (One token: the expression as before draft tokens, so that decode's code stays.)
+            let src = if valid {
+                if MULTI {
+                    ((request * request_rows + draft_row(p, row_tile, kv_head, row).0) * chunks + chunk) as usize
+                } else {
+                    ((request * p.num_qo_heads + first_head + row) * chunks + chunk) as usize
+                }
+            } else {
+                0
+            };
             copy_async_or_zero(q_smem + swizzled::<HEAD_DIM>(row, chunk), q.add(src), valid);
             i += THREADS;
         }
@@ -222,6 +283,8 @@ pub unsafe fn decode<
     let mut state = RowState::new();
     let mut acc = [[[0.0f32; 4]; 2]; 16];
     let warp_row = key_warp * WARP_TOKENS;
+    // Draft tokens: each row's own key end (`draft_row_ends`).
+    let row_ends = if MULTI { draft_row_ends(p, &work, row_tile, tokens, g) } else { [end, end] };
     // A lane's output dims over an 8-bit cache: 16 apart (8 at head_dim 64, `fp8_accumulate`).
     let lane_dims = out_dims / 8;
     if K::BYTES == 1 {
@@ -270,7 +333,11 @@ pub unsafe fn decode<
                 },
             );
             let factor = scale.apply(&mut s);
-            mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
+            if MULTI {
+                mask_row_ends(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, row_ends);
+            } else {
+                mask_end(&mut s, start + tile * DECODE_TILE_TOKENS + warp_row, t, end);
+            }
             let [probs] = state.update::<H, 2, 1>(&s, factor, &mut acc, out_dims / 8);
             // O += P·V: V's B fragments come transposed from its row-major [key][dim] tile.
             pipelined(
@@ -347,18 +414,30 @@ pub unsafe fn decode<
             }
         }
         // A split request's sink waits for the merge (partials are sink-free).
-        let sink = if work.slot == NO_PARTIAL { sink_logit(p.sinks, first_head + row) } else { f32::NEG_INFINITY };
+        let sink = if work.slot == NO_PARTIAL {
+            sink_logit(p.sinks, if MULTI { draft_row(p, row_tile, kv_head, row).1 } else { first_head + row })
+        } else {
+            f32::NEG_INFINITY
+        };
         let (inv, lse) = finish_row(m_ref, d_all, sink);
         // V's dequantisation scales go with the normalisation: partials and merges are linear.
         let inv = if K::BYTES == 1 { inv * (p.v_scale * v_head) } else { inv * p.v_scale };
         for e in &mut o {
             *e *= inv;
         }
-        let out_row = (request * p.num_qo_heads + first_head + row) as usize;
+        let out_row = if MULTI {
+            (request * request_rows + draft_row(p, row_tile, kv_head, row).0) as usize
+        } else {
+            (request * p.num_qo_heads + first_head + row) as usize
+        };
         if work.slot == NO_PARTIAL {
             store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse);
         } else {
-            let prow = (work.slot * p.num_qo_heads + first_head + row) as usize;
+            let prow = if MULTI {
+                (work.slot * request_rows + draft_row(p, row_tile, kv_head, row).0) as usize
+            } else {
+                (work.slot * p.num_qo_heads + first_head + row) as usize
+            };
             store_partial::<HEAD_DIM>(&p.split, prow, chunk, &o, lse);
         }
         i += THREADS;
@@ -373,10 +452,24 @@ pub unsafe fn decode<
     if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
         return;
     }
-    let partial_row = |part: u32, row: u32| ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize;
+    let partial_row = |part: u32, row: u32| {
+        if MULTI {
+            ((work.first_slot + part) * request_rows + draft_row(p, row_tile, kv_head, row).0) as usize
+        } else {
+            ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize
+        }
+    };
     merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
-        let out_row = (work.request * p.num_qo_heads + first_head + row) as usize;
-        let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, first_head + row));
+        let out_row = if MULTI {
+            (work.request * request_rows + draft_row(p, row_tile, kv_head, row).0) as usize
+        } else {
+            (work.request * p.num_qo_heads + first_head + row) as usize
+        };
+        let (o, lse) = fold_sink(
+            o,
+            lse,
+            sink_logit(p.sinks, if MULTI { draft_row(p, row_tile, kv_head, row).1 } else { first_head + row }),
+        );
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row, chunk, &o, lse)
     });
 }

@@ -25,6 +25,15 @@ macro_rules! entry {
             }
         };
     };
+    (decode_multi $half:ident $dtype:ident $dim:literal) => {
+        #[cfg(not(target_feature = "sm_90a"))]
+        const _: () = {
+            #[export_name = entry_name!(decode_multi $dtype $dim)]
+            unsafe extern "ptx-kernel" fn entry(p: DecodeParams) {
+                crate::decode_multi_instance!($half, $dim, &p)
+            }
+        };
+    };
     (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
         #[cfg(not(target_feature = "sm_90a"))]
         const _: () = {

@@ -14,6 +14,24 @@ macro_rules! decode_instance {
             { $crate::abi::decode_threads($dim) },
             { $crate::abi::decode_stages($dim, <$kv as $crate::gpu::fp8::KvElem>::BYTES) },
             { $crate::abi::decode_dense_stages($dim, <$kv as $crate::gpu::fp8::KvElem>::BYTES) },
+            false,
+        >($params)
+    };
+}
+
+/// `decode::decode` with several query tokens a request (`decode_multi_*`), over a cache of the
+/// queries' own type `$half`.
+#[macro_export]
+macro_rules! decode_multi_instance {
+    ($half:ty, $dim:literal, $params:expr) => {
+        $crate::decode::decode::<
+            $half,
+            $half,
+            $dim,
+            { $crate::abi::decode_threads($dim) },
+            { $crate::abi::decode_stages($dim, 2) },
+            { $crate::abi::decode_dense_stages($dim, 2) },
+            true,
         >($params)
     };
 }

@@ -144,6 +144,7 @@ pub struct DecodeSplit {
 /// worked out without a GPU for a device of `sms` multiprocessors holding `blocks_per_sm` decode
 /// blocks each: the validation and every work item (for plans, and for fuzzing the planner
 /// against a bounds model).
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub fn decode_split(
     shape: &CacheShape,
     num_qo_heads: usize,
@@ -152,11 +153,34 @@ pub fn decode_split(
     sms: usize,
     blocks_per_sm: usize,
 ) -> Result<DecodeSplit> {
+    decode_split_tokens(shape, num_qo_heads, table, options, 1, sms, blocks_per_sm)
+}
+
+/// Most query tokens a request [`decode_split_tokens`] plans: a split request's last part
+/// (half a tile at least) then holds every key a causal draft token does not see.
+pub const MAX_DECODE_TOKENS: usize = DECODE_TILE_TOKENS as usize / 2;
+
+/// [`decode_split`] for `tokens` query tokens a request (speculative decoding's draft tokens,
+/// `1..=`[`MAX_DECODE_TOKENS`]): a KV head's `tokens × group` packed rows in row tiles of 16.
+/// A split request's parts are at least half a tile, so the keys that causal draft tokens do
+/// not all see (its last `tokens − 1`) lie in its last part, where the kernel masks them.
+pub fn decode_split_tokens(
+    shape: &CacheShape,
+    num_qo_heads: usize,
+    table: &PageTable,
+    options: DecodeOptions,
+    tokens: usize,
+    sms: usize,
+    blocks_per_sm: usize,
+) -> Result<DecodeSplit> {
     let (group_size, sm_scale) = check_head_dim(shape.head_dim).and_then(|_| {
         check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)
     })?;
+    if !(1..=MAX_DECODE_TOKENS).contains(&tokens) {
+        return Err(Error::TooLarge { what: "decode query tokens a request", value: tokens, max: MAX_DECODE_TOKENS });
+    }
     table.validate(shape.page_size, shape.num_pages)?;
-    let row_tiles = group_size.div_ceil(DECODE_ROWS as usize);
+    let row_tiles = (tokens * group_size).div_ceil(DECODE_ROWS as usize);
 
     // Each request's key range, then the split: enough items to fill the SMs (`decode_chunk`).
     let ranges: Vec<(usize, usize)> = table
@@ -210,10 +234,14 @@ pub fn decode_split(
     Ok(DecodeSplit { work, slots: slots as usize, split_requests, group_size, row_tiles, sm_scale })
 }
 
-/// What a decode launch needs besides its operands (the plan's host side).
-struct DecodeWork {
+/// What a decode launch needs besides its operands (the plan's host side; a prefill plan of
+/// draft tokens runs one too).
+pub(crate) struct DecodeWork {
     shape: CacheShape,
     batch_size: usize,
+    /// Query tokens a request, and whether each sees only the keys up to its position.
+    tokens: usize,
+    causal: bool,
     num_qo_heads: usize,
     group_size: usize,
     sm_scale: f32,
@@ -222,7 +250,6 @@ struct DecodeWork {
     /// Blocks: work items × KV heads × row tiles (16 query heads each).
     grid: (u32, u32, u32),
     /// Requests split across several work items.
-    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     split_requests: usize,
 }
 
@@ -231,7 +258,7 @@ impl AttentionLaunch for DecodeWork {
     const WHAT: &'static str = "decode attention";
 
     fn rows(&self) -> usize {
-        self.batch_size * self.num_qo_heads
+        self.batch_size * self.tokens * self.num_qo_heads
     }
     fn num_qo_heads(&self) -> usize {
         self.num_qo_heads
@@ -243,7 +270,11 @@ impl AttentionLaunch for DecodeWork {
         self.shape.pool_elems()
     }
     fn kernel<'k>(&self, kernels: &'k Kernels, dtype: DType, kv_dtype: DType) -> Result<&'k Kernel> {
-        kernels.decode(dtype, kv_dtype, self.shape.head_dim)
+        if self.tokens > 1 {
+            kernels.decode_multi_token(dtype, kv_dtype, self.shape.head_dim)
+        } else {
+            kernels.decode(dtype, kv_dtype, self.shape.head_dim)
+        }
     }
     fn kv_dtype(&self) -> Option<DType> {
         self.kv_dtype
@@ -253,18 +284,69 @@ impl AttentionLaunch for DecodeWork {
     }
     fn params(&self, ops: &Addresses, parts: &[u64], split: SplitScratch) -> DecodeParams {
         let planned = (self.num_qo_heads, self.group_size, self.sm_scale, self.grid.0);
-        decode_params(&self.shape, planned, self.logits_soft_cap, ops, parts, split)
+        let draft = (self.tokens, self.causal);
+        decode_params(&self.shape, planned, draft, self.logits_soft_cap, ops, parts, split)
+    }
+}
+
+impl DecodeWork {
+    /// Plans decode of `tokens` query tokens a request (`causal`: each sees the keys up to its
+    /// position) on `device`: the launch, its work items and its scratch.
+    pub(crate) fn plan(
+        device: &Device,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        table: &PageTable,
+        options: DecodeOptions,
+        (tokens, causal): (usize, bool),
+    ) -> Result<(Self, Vec<DecodeWorkItem>, ScratchLayout)> {
+        let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
+        let blocks_per_sm =
+            device.kernels().decode(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
+        let sms = device.multiprocessor_count();
+        let DecodeSplit { work, slots, split_requests, group_size, row_tiles, sm_scale } =
+            decode_split_tokens(shape, num_qo_heads, table, options, tokens, sms, blocks_per_sm)?;
+        let scratch = ScratchLayout {
+            counters: split_requests * shape.num_kv_heads * row_tiles,
+            partial_rows: slots * tokens * num_qo_heads,
+            head_dim: shape.head_dim,
+        };
+        let launch = DecodeWork {
+            shape: *shape,
+            batch_size: table.batch_size(),
+            tokens,
+            causal,
+            num_qo_heads,
+            group_size,
+            sm_scale,
+            logits_soft_cap: options.logits_soft_cap,
+            kv_dtype: options.kv_dtype,
+            grid: (work.len() as u32, shape.num_kv_heads as u32, row_tiles as u32),
+            split_requests,
+        };
+        Ok((launch, work, scratch))
+    }
+
+    /// Blocks of the launch (work items × KV heads × row tiles).
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.blocks() as usize
+    }
+
+    /// Requests split across several work items.
+    pub(crate) fn split_requests(&self) -> usize {
+        self.split_requests
     }
 }
 
 /// The parameter block of a decode launch over a cache of `shape` with `(num_qo_heads,
-/// group_size, sm_scale, work items)` as planned ([`DecodeSplit`]), operands at `ops`, and the
-/// page table's indices and the work items at `parts`: what a plan's run passes (and, through
-/// `internals`, what the CPU emulator's launches pass). The grid is the items × KV heads × row
-/// tiles, flat.
+/// group_size, sm_scale, work items)` as planned ([`DecodeSplit`]) for `(tokens, causal)`
+/// query tokens a request, operands at `ops`, and the page table's indices and the work items
+/// at `parts`: what a plan's run passes (and, through `internals`, what the CPU emulator's
+/// launches pass). The grid is the items × KV heads × row tiles, flat.
 pub fn decode_params(
     shape: &CacheShape,
     (num_qo_heads, group_size, sm_scale, num_items): (usize, usize, f32, u32),
+    (tokens, causal): (usize, bool),
     logits_soft_cap: f32,
     ops: &Addresses,
     parts: &[u64],
@@ -285,6 +367,8 @@ pub fn decode_params(
         logits_soft_cap,
         v_scale: ops.scales.v,
         kv_head_scales: ops.head_scales,
+        tokens_per_request: tokens as u32,
+        causal: causal as u32,
     }
 }
 
@@ -301,6 +385,8 @@ impl BatchDecodePlan {
         let empty = DecodeWork {
             shape: *shape,
             batch_size: 0,
+            tokens: 1,
+            causal: false,
             num_qo_heads,
             group_size: 1,
             sm_scale: 1.0,
@@ -325,29 +411,10 @@ impl BatchDecodePlan {
         table: &PageTable,
         options: DecodeOptions,
     ) -> Result<()> {
-        let device = self.core.device();
-        let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
-        let blocks_per_sm =
-            device.kernels().decode(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
-        let DecodeSplit { work, slots, split_requests, group_size, row_tiles, sm_scale } =
-            decode_split(shape, num_qo_heads, table, options, device.multiprocessor_count(), blocks_per_sm)?;
-        let scratch = ScratchLayout {
-            counters: split_requests * shape.num_kv_heads * row_tiles,
-            partial_rows: slots * num_qo_heads,
-            head_dim: shape.head_dim,
-        };
+        let (launch, work, scratch) =
+            DecodeWork::plan(self.core.device(), shape, num_qo_heads, table, options, (1, false))?;
         self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
-        self.work = DecodeWork {
-            shape: *shape,
-            batch_size: table.batch_size(),
-            num_qo_heads,
-            group_size,
-            sm_scale,
-            logits_soft_cap: options.logits_soft_cap,
-            kv_dtype: options.kv_dtype,
-            grid: (work.len() as u32, shape.num_kv_heads as u32, row_tiles as u32),
-            split_requests,
-        };
+        self.work = launch;
         Ok(())
     }
 

@@ -18,6 +18,7 @@
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
+use super::decode::{DecodeOptions, DecodeWork};
 use super::{check_head_dim, check_heads_and_options, split_chunk};
 use crate::cache::layout::{CacheShape, KvLayout, MAX_INDEX};
 use crate::cache::page_table::{validate_indptr, PageTable};
@@ -26,8 +27,8 @@ use crate::error::{Error, Result};
 use crate::plan::{as_bytes, paged_cache_params, Addresses, AttentionLaunch, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
     hopper_prefill_bars_offset, hopper_prefill_ping_pong, hopper_prefill_tile_tokens, prefill_smem_bytes,
-    prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, HOPPER_PREFILL_ROWS,
-    HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_THREADS, NO_PARTIAL, PREFILL_TILE_TOKENS,
+    prefill_threads, FastDiv, PrefillParams, PrefillWorkItem, SplitScratch, DECODE_ROWS, DECODE_TILE_TOKENS,
+    HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_THREADS, NO_PARTIAL, PREFILL_TILE_TOKENS,
 };
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{DType, KvDType};
@@ -218,6 +219,20 @@ pub enum PrefillKernel {
     /// Hopper's `wgmma` with a producer warpgroup and two consumer warpgroups (compute
     /// capability 9.0 only), blocks of 128 packed query rows.
     Hopper,
+    /// The decode kernel (every GPU), for a batch of draft tokens: every request with the same
+    /// few query tokens, a KV head's `tokens × group` packed rows in one 16-row tile
+    /// ([`BatchPrefillPlan`] says when).
+    Decode,
+}
+
+impl std::fmt::Display for PrefillKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefillKernel::Portable { block_rows } => write!(f, "portable {block_rows}"),
+            PrefillKernel::Hopper => write!(f, "hopper"),
+            PrefillKernel::Decode => write!(f, "decode"),
+        }
+    }
 }
 
 impl PrefillKernel {
@@ -226,6 +241,7 @@ impl PrefillKernel {
         match self {
             PrefillKernel::Portable { block_rows } => block_rows,
             PrefillKernel::Hopper => HOPPER_PREFILL_ROWS,
+            PrefillKernel::Decode => DECODE_ROWS,
         }
     }
 
@@ -233,6 +249,7 @@ impl PrefillKernel {
     fn tile_tokens(self, head_dim: u32) -> u32 {
         match self {
             PrefillKernel::Portable { .. } => PREFILL_TILE_TOKENS,
+            PrefillKernel::Decode => DECODE_TILE_TOKENS,
             // The 16-bit cache's tile, a multiple of the 8-bit one's.
             PrefillKernel::Hopper => hopper_prefill_tile_tokens(head_dim, 2),
         }
@@ -254,6 +271,8 @@ impl PrefillKernel {
                 hopper_prefill_bars_offset(head_dim, 1).min(hopper_prefill_bars_offset(head_dim, 2)) / 4
                     - 8 * (HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS)
             }
+            // Planned by decode's own split (`decode_split_tokens`), never by prefill's.
+            PrefillKernel::Decode => return 1,
         };
         words as usize / self.block_rows() as usize - 1
     }
@@ -286,6 +305,44 @@ impl PrefillKernel {
 pub struct BatchPrefillPlan {
     core: PlanCore,
     work: PrefillWork,
+    /// A batch of draft tokens planned on the decode kernel ([`PrefillKernel::Decode`]); `work`
+    /// then describes the batch for the plan's accessors.
+    decode: Option<DecodeWork>,
+}
+
+/// The query tokens a request of a batch that runs on the decode kernel, or `None` for the
+/// prefill kernels (a valid batch; `group` query heads a KV head). Speculative decoding
+/// verifies the same few draft tokens for every request: their `tokens × group` packed rows fit
+/// one 16-row tile of decode's `mma`, which reads each K/V byte once for them, where a 64- or
+/// 128-row prefill block computes mostly padding beside the same bytes. Only what decode
+/// computes: no custom mask, window or narrower values; over an 8-bit cache one token a
+/// request; on a handle that picks its kernels ([`Device::with_portable_kernels`] and
+/// [`Device::with_hopper_prefill`] keep to theirs).
+fn decode_tokens(
+    device: &Device,
+    shape: &CacheShape,
+    group: usize,
+    qo_indptr: &[u32],
+    options: &PrefillOptions,
+    masked: bool,
+    kv_elems: usize,
+) -> Option<usize> {
+    let tokens = qo_indptr.get(1)?.checked_sub(qo_indptr[0])? as usize;
+    let uniform = qo_indptr.windows(2).all(|w| w[1].wrapping_sub(w[0]) as usize == tokens);
+    let computes = !masked && options.window_left < 0 && options.vo_dim(shape.head_dim) == shape.head_dim;
+    if !(uniform && computes && device.chooses_prefill_kernel() && kv_elems == shape.pool_elems()) {
+        return None;
+    }
+    if tokens == 0 || tokens * group > DECODE_ROWS as usize {
+        return None;
+    }
+    let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
+    let kernel = if tokens == 1 {
+        device.kernels().decode(if kv_dtype.is_fp8() { DType::F16 } else { kv_dtype }, kv_dtype, shape.head_dim)
+    } else {
+        device.kernels().decode_multi_token(kv_dtype, kv_dtype, shape.head_dim)
+    };
+    kernel.is_ok().then_some(tokens)
 }
 
 /// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
@@ -673,6 +730,7 @@ impl AttentionLaunch for PrefillWork {
             PrefillKernel::Hopper => kernels
                 .prefill_hopper(dtype, kv_dtype, self.shape.head_dim)
                 .ok_or(Error::UnsupportedDType { what: "prefill attention on Hopper", dtype: dtype.name() }),
+            PrefillKernel::Decode => unreachable!("a plan on the decode kernel launches its `DecodeWork`"),
         }
     }
     fn blocks(&self) -> u32 {
@@ -720,7 +778,11 @@ pub fn prefill_params(
 impl BatchPrefillPlan {
     /// A plan on `device` with no work yet, for the constructors to replan.
     fn unplanned(device: &Device, shape: &CacheShape, num_qo_heads: usize) -> Result<Self> {
-        Ok(BatchPrefillPlan { core: PlanCore::new(device)?, work: PrefillWork::empty(shape, num_qo_heads) })
+        Ok(BatchPrefillPlan {
+            core: PlanCore::new(device)?,
+            work: PrefillWork::empty(shape, num_qo_heads),
+            decode: None,
+        })
     }
 
     /// Plans prefill for the batch in `table` over a cache of `shape`: request `i`'s query
@@ -892,6 +954,11 @@ impl BatchPrefillPlan {
         if mask.is_some() && options.vo_dim(shape.head_dim) != shape.head_dim {
             return Err(Error::BadOption { what: "a custom mask with head_dim_vo other than head_dim" });
         }
+        if let Some(tokens) =
+            self.decode_route(shape, num_qo_heads, qo_indptr, table, mask.is_some(), &options, kv_elems)?
+        {
+            return self.replan_decode(shape, num_qo_heads, table, options, tokens, kv_elems);
+        }
         let device = self.core.device();
         let kernels = device.kernels();
         // The kernels of a 16-bit cache take queries of its own type, so its type stands for
@@ -914,6 +981,7 @@ impl BatchPrefillPlan {
                     kernels.prefill(DType::F16, kv_dtype, shape.head_dim, block_rows).ok()
                 }
                 PrefillKernel::Hopper => device.prefill_hopper(q_dtype, kv_dtype, shape.head_dim),
+                PrefillKernel::Decode => None,
             }
             .map_or(1, |k| k.blocks_per_sm)
         };
@@ -946,9 +1014,10 @@ impl BatchPrefillPlan {
                 let halves = hopper_prefill_ping_pong(head_dim);
                 persistent_schedule(&work, shape.num_kv_heads, tile_tokens, halves, sms * blocks_per_sm(kernel))
             }
-            PrefillKernel::Portable { .. } => (Vec::new(), work.len() * shape.num_kv_heads),
+            PrefillKernel::Portable { .. } | PrefillKernel::Decode => (Vec::new(), work.len() * shape.num_kv_heads),
         };
         self.core.replan(&[as_bytes(&table.kv_indices), work_part, as_bytes(&schedule)], scratch)?;
+        self.decode = None;
         self.work = PrefillWork {
             shape: *shape,
             num_qo_heads,
@@ -962,6 +1031,68 @@ impl BatchPrefillPlan {
             split_tiles,
             custom_mask: mask.is_some(),
         };
+        Ok(())
+    }
+
+    /// Validates the batch as the prefill kernels would, then says whether it runs on the
+    /// decode kernel ([`decode_tokens`]) and with how many query tokens a request.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_route(
+        &self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        qo_indptr: &[u32],
+        table: &PageTable,
+        masked: bool,
+        options: &PrefillOptions,
+        kv_elems: usize,
+    ) -> Result<Option<usize>> {
+        check_prefill_head_dims(shape.head_dim, options)?;
+        let (group, _) = check_heads_and_options(
+            shape,
+            num_qo_heads,
+            options.sm_scale,
+            options.logits_soft_cap,
+            options.window_left,
+        )?;
+        table.validate(shape.page_size, shape.num_pages)?;
+        check_queries(table, shape.page_size, qo_indptr, num_qo_heads, options.causal || options.window_left >= 0)?;
+        Ok(decode_tokens(self.core.device(), shape, group, qo_indptr, options, masked, kv_elems))
+    }
+
+    /// Plans a batch of `tokens` query tokens a request on the decode kernel.
+    fn replan_decode(
+        &mut self,
+        shape: &CacheShape,
+        num_qo_heads: usize,
+        table: &PageTable,
+        options: PrefillOptions,
+        tokens: usize,
+        kv_elems: usize,
+    ) -> Result<()> {
+        let decode_options = DecodeOptions {
+            sm_scale: options.sm_scale,
+            logits_soft_cap: options.logits_soft_cap,
+            window_left: -1,
+            kv_dtype: options.kv_dtype,
+        };
+        let (launch, work, scratch) =
+            DecodeWork::plan(self.core.device(), shape, num_qo_heads, table, decode_options, (tokens, options.causal))?;
+        self.core.replan(&[as_bytes(&table.kv_indices), as_bytes(&work)], scratch)?;
+        self.work = PrefillWork {
+            shape: *shape,
+            num_qo_heads,
+            total_q: table.batch_size() * tokens,
+            options,
+            sm_scale: 0.0,
+            group_size: num_qo_heads / shape.num_kv_heads,
+            kernel: PrefillKernel::Decode,
+            blocks: launch.num_blocks(),
+            kv_elems,
+            split_tiles: launch.split_requests(),
+            custom_mask: false,
+        };
+        self.decode = Some(launch);
         Ok(())
     }
 
@@ -1034,7 +1165,10 @@ impl BatchPrefillPlan {
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
         let (k, v, dequant) = cache.pools_for(self.core.device(), &self.work.shape, layer)?;
-        self.core.run_attention(&self.work, stream, q, k, v, dequant, sinks, out, lse)
+        match &self.decode {
+            Some(decode) => self.core.run_attention(decode, stream, q, k, v, dequant, sinks, out, lse),
+            None => self.core.run_attention(&self.work, stream, q, k, v, dequant, sinks, out, lse),
+        }
     }
 
     /// [`run`](Self::run) for a [`ragged`](Self::ragged) plan: `k` and `v` hold the batch's
@@ -1064,7 +1198,10 @@ impl BatchPrefillPlan {
         out: &mut impl DevicePtrMut<T>,
         lse: Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<()> {
-        self.core.run_attention(&self.work, stream, q, k, v, Default::default(), sinks, out, lse)
+        match &self.decode {
+            Some(decode) => self.core.run_attention(decode, stream, q, k, v, Default::default(), sinks, out, lse),
+            None => self.core.run_attention(&self.work, stream, q, k, v, Default::default(), sinks, out, lse),
+        }
     }
 
     /// [`run`](Self::run) for stacks not on cudarc: `q` and `out` as in `run`, `k` and `v` one
@@ -1087,7 +1224,10 @@ impl BatchPrefillPlan {
         out: RawSlice<T>,
         lse: Option<RawSlice<f32>>,
     ) -> Result<()> {
-        self.core.run_attention_raw(&self.work, stream, q, k, v, out, lse)
+        match &self.decode {
+            Some(decode) => self.core.run_attention_raw(decode, stream, q, k, v, out, lse),
+            None => self.core.run_attention_raw(&self.work, stream, q, k, v, out, lse),
+        }
     }
 }
 

@@ -317,6 +317,13 @@ pub struct DecodeParams {
     /// `sm_scale` and V's into `v_scale`; the 16-bit kernels ignore it. (Last in the block, so
     /// that the other fields keep their offsets.)
     pub kv_head_scales: u64,
+    /// Query tokens a request (`decode_multi_*` kernels; 1 for the others, which ignore it):
+    /// `q`, `out` and `lse` hold `[batch][tokens][num_qo_heads]` rows, and a block's rows are
+    /// a KV head's packed `token · group_size + head` rows (speculative decoding's draft tokens).
+    pub tokens_per_request: u32,
+    /// Whether draft token `i` of `n` sees only the keys below `kv_len − (n − 1 − i)` (prefill's
+    /// causal mask; `decode_multi_*` only).
+    pub causal: u32,
 }
 
 /// One decode block's share of a request, resolved by `plan` (two 16-byte loads).
@@ -1013,6 +1020,8 @@ pub fn rope_angle(position: f32, freq: [f32; 2], fma: impl Fn(f32, f32, f32) -> 
 ///
 /// `kernel_variants!(each)` calls the macro `each` once per entry point, as one of
 /// - `each!(decode $Half $dtype $Kv $kv $head_dim)`,
+/// - `each!(decode_multi $Half $dtype $head_dim)` (decode of several query tokens a request,
+///   over 16-bit caches: [`DecodeParams::tokens_per_request`]),
 /// - `each!(prefill $Half $dtype $Kv $kv $head_dim $rows)` (blocks of `$rows` packed query rows),
 /// - `each!(prefill_masked $Half $dtype $Kv $kv $head_dim)` (64-row blocks that read a custom
 ///   mask: `PrefillWorkItem::mask_word`),
@@ -1062,6 +1071,8 @@ macro_rules! kernel_variants {
         $(
             kernel_variants!(@dims $each $half $dtype $half same $dims);
             kernel_variants!(@dims $each $half $dtype $half same $portable_dims);
+            kernel_variants!(@multi $each $half $dtype $dims);
+            kernel_variants!(@multi $each $half $dtype $portable_dims);
             kernel_variants!(@qk_vo $each $half $dtype $qk_vo);
             kernel_variants!(@hopper $each $half $dtype $half same $dims);
             kernel_variants!(@fp8 $each $half $dtype $fp8s $dims $hopper_fp8_dims);
@@ -1082,6 +1093,9 @@ macro_rules! kernel_variants {
             $each!(paged_copy_fp8 scatter $half $dtype $kv $kvname);
             $each!(mla $half $dtype $kv $kvname);
         )*
+    };
+    (@multi $each:ident $half:ident $dtype:ident [$([$dim:literal : $($rows:literal)*])*]) => {
+        $( $each!(decode_multi $half $dtype $dim); )*
     };
     (@qk_vo $each:ident $half:ident $dtype:ident [$([$qk:literal $vo:literal : $($rows:literal)*])*]) => {
         $( $( $each!(prefill_qk_vo $half $dtype $qk $vo $rows); )* )*
@@ -1109,6 +1123,9 @@ macro_rules! entry_name {
     };
     (decode $dtype:ident $kv:ident $dim:literal) => {
         concat!("decode_", stringify!($dtype), "_", stringify!($kv), "_", stringify!($dim))
+    };
+    (decode_multi $dtype:ident $dim:literal) => {
+        concat!("decode_multi_", stringify!($dtype), "_", stringify!($dim))
     };
     (prefill $dtype:ident same $dim:literal $rows:literal) => {
         concat!("prefill_", stringify!($dtype), "_", stringify!($dim), "_rows", stringify!($rows))
@@ -1221,6 +1238,9 @@ macro_rules! assert_variant {
             // An 8-bit cache's K fragments come in 64-dim groups (`decode.rs`).
             assert!(kv_bytes!($kvname) == 2 || $dim % 64 == 0);
         };
+    };
+    (decode_multi $half:ident $dtype:ident $dim:literal) => {
+        assert_variant!(decode $half $dtype $half same $dim);
     };
     (prefill $half:ident $dtype:ident $kv:ident $kvname:ident $dim:literal $rows:literal) => {
         const _: () = {

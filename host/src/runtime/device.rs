@@ -200,6 +200,13 @@ impl Device {
         self.hopper_prefill_always
     }
 
+    /// Whether this handle's prefill plans pick their kernel (a plain handle), rather than keep
+    /// to the one the handle asked for ([`with_portable_kernels`](Self::with_portable_kernels),
+    /// [`with_hopper_prefill`](Self::with_hopper_prefill)).
+    pub(crate) fn chooses_prefill_kernel(&self) -> bool {
+        self.arch_specific && !self.hopper_prefill_always
+    }
+
     /// The CUDA context the kernels are loaded in.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx

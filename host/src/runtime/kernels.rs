@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Family {
     Decode,
+    /// Decode with several query tokens a request (speculative decoding's draft tokens; 16-bit
+    /// caches): `DecodeParams::tokens_per_request`.
+    DecodeMultiToken,
     Prefill,
     /// Batch prefill on Hopper's `wgmma` (the `sm_90a` module only).
     PrefillHopper,
@@ -70,7 +73,9 @@ impl Variant {
     /// their variant (the attention kernels); `None` for kernels whose callers choose it.
     fn geometry(&self) -> Option<(u32, u32)> {
         match self.family {
-            Family::Decode => Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim, self.kv_bytes()))),
+            Family::Decode | Family::DecodeMultiToken => {
+                Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim, self.kv_bytes())))
+            }
             Family::Prefill => Some((
                 prefill_threads(self.head_dim_vo),
                 prefill_smem_bytes(self.head_dim, self.head_dim_vo, self.rows / 64, self.kv_bytes()),
@@ -115,6 +120,19 @@ pub(crate) fn variants() -> &'static [Variant] {
                     family: Family::Decode,
                     dtype: dtype(stringify!($dtype)),
                     kv_dtype: kv(stringify!($kvname), stringify!($dtype)),
+                    head_dim: $dim,
+                    head_dim_vo: $dim,
+                    rows: 0,
+                    mode: 0,
+                    custom_mask: false,
+                })
+            };
+            (decode_multi $half:ident $dtype:ident $dim:literal) => {
+                table.push(Variant {
+                    name: entry_name!(decode_multi $dtype $dim),
+                    family: Family::DecodeMultiToken,
+                    dtype: dtype(stringify!($dtype)),
+                    kv_dtype: dtype(stringify!($dtype)),
                     head_dim: $dim,
                     head_dim_vo: $dim,
                     rows: 0,
@@ -379,6 +397,13 @@ impl Kernels {
     /// The decode kernel for queries of `dtype` over a cache of `kv_dtype`, and `head_dim`.
     pub fn decode(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Result<&Kernel> {
         self.attention(Family::Decode, dtype, kv_dtype, head_dim, 0, false, "decode attention")
+    }
+
+    /// The decode kernel for several query tokens a request (speculative decoding), for queries
+    /// of `dtype` over a cache of `kv_dtype` (16-bit caches of the queries' own type only), and
+    /// `head_dim`.
+    pub fn decode_multi_token(&self, dtype: DType, kv_dtype: DType, head_dim: usize) -> Result<&Kernel> {
+        self.attention(Family::DecodeMultiToken, dtype, kv_dtype, head_dim, 0, false, "decode of several query tokens")
     }
 
     /// The prefill kernel for queries of `dtype` over a cache of `kv_dtype`, `head_dim` and

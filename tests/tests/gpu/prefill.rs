@@ -647,9 +647,111 @@ fn validation_tests() -> Vec<GpuTest> {
     ]
 }
 
+/// `requests` requests of `tokens` draft tokens each at the end of keys drawn from `kv_lens`
+/// (each at least `tokens`, as causal needs).
+fn drafts(requests: usize, tokens: usize, kv_lens: &[usize]) -> Vec<(usize, usize)> {
+    (0..requests).map(|i| (tokens, kv_lens[i % kv_lens.len()].max(tokens))).collect()
+}
+
+/// `case` as `name` on the device as opened, checked to plan the decode kernel (every GPU), and
+/// as `name_portable` on the portable prefill kernel (checked not to).
+fn add_decode_route<T: KvDType>(tests: &mut Vec<GpuTest>, name: String, case: Case) {
+    let portable = case.clone();
+    tests.push(GpuTest::new(name.clone(), move |d| {
+        let kernel = planned(d, &case)?.1;
+        ensure!(kernel == PrefillKernel::Decode, "planned {kernel:?} for draft tokens");
+        prefill_case::<T>(d, &case)
+    }));
+    tests.push(GpuTest::new(format!("{name}_portable"), move |d| {
+        let d = d.with_portable_kernels();
+        let kernel = planned(&d, &portable)?.1;
+        ensure!(kernel != PrefillKernel::Decode, "planned {kernel:?} on `with_portable_kernels`");
+        prefill_case::<T>(&d, &portable)
+    }));
+}
+
+/// Speculative decoding's batches (every request the same few draft tokens, `tokens × group`
+/// ≤ 16 rows a KV head) on the decode kernel: causal or not, odd page sizes, keys on and off
+/// the 64-key tile and fewer than a tile, groups 1–16, head dims 64–256, sinks, soft cap, split
+/// keys, ragged K/V, a CUDA graph; and the batches that must stay on the prefill kernels.
+fn decode_route_tests() -> Vec<GpuTest> {
+    let mut t = Vec::new();
+    let kv = [4, 5, 64, 65, 300, 1000, 129];
+    for ps in [1usize, 7, 16, 513] {
+        let c = Case { seed: 500 + ps as u64, ..Case::new(&drafts(9, 4, &kv), ps) };
+        add_decode_route::<f16>(&mut t, format!("prefill_draft_4_tokens_page_size_{ps}_group_4_f16"), c);
+    }
+    let c = Case { group: 8, head_dim: 64, layout: KvLayout::Hnd, seed: 510, ..Case::new(&drafts(5, 2, &kv), 3) };
+    add_decode_route::<bf16>(&mut t, "prefill_draft_2_tokens_page_size_3_group_8_head_dim_64_hnd_bf16".into(), c);
+    let c = Case { group: 16, head_dim: 256, seed: 511, ..Case::new(&drafts(6, 1, &kv), 48) };
+    add_decode_route::<f16>(&mut t, "prefill_one_token_page_size_48_group_16_head_dim_256_f16".into(), c);
+    let c = Case { group: 5, sinks: true, seed: 512, ..Case::new(&drafts(7, 3, &kv), 7) };
+    add_decode_route::<f16>(&mut t, "prefill_draft_3_tokens_group_5_with_sinks_page_size_7_f16".into(), c);
+    let full_capped = PrefillOptions { causal: false, logits_soft_cap: 30.0, ..CAUSAL };
+    let c = Case {
+        group: 2,
+        head_dim: 96,
+        options: full_capped,
+        seed: 513,
+        ..Case::new(&[(8, 0), (8, 3), (8, 100), (8, 777)], 100)
+    };
+    add_decode_route::<bf16>(&mut t, "prefill_full_8_tokens_soft_cap_head_dim_96_page_size_100_bf16".into(), c);
+    let c = Case { group: 1, head_dim: 80, seed: 514, ..Case::new(&drafts(4, 16, &kv), 16) };
+    add_decode_route::<f16>(&mut t, "prefill_draft_16_tokens_group_1_head_dim_80_page_size_16_f16".into(), c);
+    // Two requests of 4 draft tokens over 20000 and 9000 keys: too few blocks for the GPU, so
+    // their keys are split, the causal mask applied in each request's last part only.
+    t.push(GpuTest::new("prefill_draft_4_tokens_of_two_requests_split_their_keys_f16", |d| {
+        let c = Case { seed: 515, ..Case::new(&[(4, 20000), (4, 9000)], 16) };
+        let (split, kernel) = planned(d, &c)?;
+        ensure!(kernel == PrefillKernel::Decode && split > 0, "planned {kernel:?} with {split} split requests");
+        prefill_case::<f16>(d, &c)
+    }));
+    t.push(GpuTest::new("prefill_ragged_draft_4_tokens_group_4_f16", move |d| {
+        let c = Case { seed: 516, ..Case::new(&drafts(6, 4, &kv), 1) };
+        let plan = BatchPrefillPlan::ragged(d, c.num_kv_heads, c.head_dim, 8, &c.qo_indptr(), &c.kv_indptr(), CAUSAL)?;
+        ensure!(plan.kernel() == PrefillKernel::Decode, "planned {:?}", plan.kernel());
+        ragged_case::<f16>(d, &c)
+    }));
+    // Not decode's: different query counts, a window, more than 16 rows a KV head, an 8-bit
+    // cache with several tokens (checked in fp8.rs), a handle that asks for a kernel.
+    t.push(GpuTest::new("prefill_batches_decode_does_not_compute_stay_on_prefill_kernels", move |d| {
+        let window = PrefillOptions { window_left: 100, ..CAUSAL };
+        let cases = [
+            Case::new(&[(4, 300), (3, 300)], 16),
+            Case { options: window, ..Case::new(&drafts(4, 4, &kv), 16) },
+            Case::new(&drafts(4, 5, &kv), 16),
+            Case { group: 8, ..Case::new(&drafts(4, 3, &kv), 16) },
+        ];
+        for c in &cases {
+            let kernel = planned(d, c)?.1;
+            ensure!(kernel != PrefillKernel::Decode, "planned {kernel:?} for {:?}", c.lens);
+        }
+        let c = Case::new(&drafts(4, 4, &kv), 16);
+        let kernel = planned(&d.with_hopper_prefill(), &c)?.1;
+        ensure!(kernel != PrefillKernel::Decode, "planned {kernel:?} on `with_hopper_prefill`");
+        Ok(())
+    }));
+    t.push(GpuTest::new("prefill_draft_tokens_replay_from_a_cuda_graph", |_| {
+        let dev = capture_device()?;
+        let c = Case::new(&[(4, 20000), (4, 9000), (4, 10)], 16);
+        let mut r = rng(4);
+        let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
+        let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
+        let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
+        let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
+        let heads = c.num_kv_heads * c.group;
+        let mut plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
+        ensure!(plan.kernel() == PrefillKernel::Decode, "planned {:?}", plan.kernel());
+        let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
+        expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
+    }));
+    t
+}
+
 pub fn tests() -> Vec<GpuTest> {
     let mut t = case_tests();
     t.extend(hopper_tests());
+    t.extend(decode_route_tests());
     t.push(GpuTest::new("prefill_replays_from_a_cuda_graph", prefill_replays_from_a_cuda_graph));
     t.extend(validation_tests());
     t

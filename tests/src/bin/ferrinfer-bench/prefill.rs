@@ -2,7 +2,7 @@
 //! `batch · 4 · qo_len · kv_len · num_qo_heads · head_dim` (halved when causal). Pools repeat
 //! one random block as in decode; each row checks the first two and the last two query tokens
 //! of its first and last request against the f64 reference (`sampled`).
-use ferrinfer::{reference, BatchPrefillPlan, KvDType, KvScales, PrefillKernel, PrefillOptions};
+use ferrinfer::{reference, BatchPrefillPlan, KvDType, KvScales, PrefillOptions};
 use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
@@ -66,10 +66,7 @@ pub fn prefill<T: KvDType, C: KvDType>(
     let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
     let flops = (batch * 4 * len * len * heads * s.head_dim / if causal { 2 } else { 1 }) as f64;
     let tflops = flops / us / 1e6;
-    let path = match plan.kernel() {
-        PrefillKernel::Hopper => "hopper".to_string(),
-        PrefillKernel::Portable { block_rows } => format!("portable {block_rows}"),
-    };
+    let path = plan.kernel().to_string();
     let (mask, kernel) = if causal { ("causal", "prefill") } else { ("full", "prefill_full") };
     b.print(&format!(
         "| {} | {page_size} | {batch} | {len} | {group} | {us:.1} | {tflops:.1} | {} | {path} | {check} |",

@@ -6,7 +6,7 @@
 //! `bench/flashinfer/prefill_mask.py` repeats exactly, so FlashInfer runs the same mask; both
 //! print the number of kept entries. Each row checks the first two and the last two draft
 //! tokens of its first and last request against the f64 reference (`sampled`).
-use ferrinfer::{reference, BatchPrefillPlan, CustomMask, KvDType, PrefillKernel, PrefillOptions};
+use ferrinfer::{reference, BatchPrefillPlan, CustomMask, KvDType, PrefillOptions};
 use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
@@ -112,10 +112,7 @@ pub fn prefill_mask<T: KvDType>(
     let check = if wrong == 0 { "ok".to_string() } else { format!("{wrong} WRONG") };
     let flops = (batch * 4 * qo_len * kv_len * heads * s.head_dim) as f64;
     let tflops = flops / us / 1e6;
-    let path = match plan.kernel() {
-        PrefillKernel::Hopper => "hopper".to_string(),
-        PrefillKernel::Portable { block_rows } => format!("portable {block_rows}"),
-    };
+    let path = plan.kernel().to_string();
     b.print(&format!(
         "| {} | {page_size} | {batch} | {qo_len} | {kv_len} | {group} | {us:.1} | {tflops:.1} | {} | {path} | {check} |",
         crate::decode::label::<T, T>("prefill (tree mask)"),

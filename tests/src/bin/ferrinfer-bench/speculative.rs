@@ -7,9 +7,7 @@
 //! The first and last draft token of the first and last request are checked in every variant
 //! against the f64 reference, computed once a row (in parallel: at 32768 keys it takes seconds
 //! a token).
-use ferrinfer::{
-    reference, BatchDecodePlan, BatchPrefillPlan, Device, KvDType, KvScales, PrefillKernel, PrefillOptions,
-};
+use ferrinfer::{reference, BatchDecodePlan, BatchPrefillPlan, Device, KvDType, KvScales, PrefillOptions};
 use ferrinfer_tests::workload::{random_values, rng};
 use serde_json::{json, Value};
 
@@ -20,14 +18,6 @@ use crate::timing::BoxResult;
 pub fn header(b: &Bench) {
     b.print("| kernel | page_size | batch | draft | kv_len | KV MB | median us | KV GB/s | % read stream | blocks | path | check |");
     b.print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
-}
-
-/// The prefill kernel's name as the rows print it.
-fn path_name(kernel: PrefillKernel) -> String {
-    match kernel {
-        PrefillKernel::Hopper => "hopper".to_string(),
-        PrefillKernel::Portable { block_rows } => format!("portable {block_rows}"),
-    }
 }
 
 /// Measures one row (every variant); the second field counts the sampled output elements that
@@ -125,7 +115,7 @@ pub fn speculative<T: KvDType>(
         let mut out = dev.alloc_zeros::<T>(plan.qo_elems())?;
         let us = b.timer.median_us(|| plan.run(dev.stream(), &q, &c.cache, 0, &mut out, None))?;
         let wrong = wrong_in(&dev.download(&out)?, &|_| true, &|r, token| r * draft + token);
-        report(b, variant, us, plan.num_blocks(), path_name(plan.kernel()), wrong);
+        report(b, variant, us, plan.num_blocks(), plan.kernel().to_string(), wrong);
     }
     Ok((rows, wrong_total))
 }
