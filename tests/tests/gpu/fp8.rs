@@ -430,10 +430,12 @@ struct Planned {
     hopper: bool,
     /// On the Hopper kernel, fewer persistent blocks than units (row tiles × KV heads).
     persistent: bool,
+    /// Whether the plan runs the decode kernel (draft tokens: `PrefillKernel::Decode`).
+    decode: Option<bool>,
 }
 
 impl Planned {
-    const ANY: Planned = Planned { rows: None, split: None, hopper: false, persistent: false };
+    const ANY: Planned = Planned { rows: None, split: None, hopper: false, persistent: false, decode: None };
     const HOPPER: Planned = Planned { hopper: true, ..Planned::ANY };
 
     fn rows(rows: u32, split: Option<bool>) -> Planned {
@@ -499,6 +501,14 @@ fn prefill_case_masked<T: KvDType, C: KvDType>(
         let blocks = plan.num_blocks();
         ensure!(!planned.persistent || blocks < units, "{blocks} blocks for {units} units");
     }
+    if let Some(decode) = planned.decode {
+        let kernel = plan.kernel();
+        ensure!((kernel == PrefillKernel::Decode) == decode, "planned {kernel:?}; the case wants decode = {decode}");
+    }
+    if let Some(decode) = planned.decode {
+        let kernel = plan.kernel();
+        ensure!((kernel == PrefillKernel::Decode) == decode, "planned {kernel:?}; the case wants decode = {decode}");
+    }
     set_heads(dev, &mut cache, 0, c.head_scales.then_some(&hs))?;
     let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
     let mut lse = dev.upload(&vec![f32::NAN; total_q * heads])?;
@@ -559,6 +569,20 @@ fn prefill_tests() -> Vec<GpuTest> {
     let wide = Case { head_dim: 256, group: 3, ..Case::new(&[500, 64, 9], 7).with_head_scales(3) };
     t.push(GpuTest::new("prefill_e4m3_head_scales_head_dim_256_window_40_soft_cap_20_bf16", move |d| {
         prefill_case::<bf16, E4m3>(d, &wide, &[200, 64, 9], both, Planned::ANY)
+    }));
+    // One token a request over an 8-bit cache runs on decode itself; several stay on the
+    // prefill kernels (`decode_multi_*` reads 16-bit caches only).
+    let one = Case { group: 4, ..Case::new(&[300, 1, 0, 77, 1000], 7).with_head_scales(2) };
+    let one_e5m2 = Case { layout: KvLayout::Hnd, ..one.clone() };
+    t.push(GpuTest::new("prefill_one_token_e4m3_head_scales_on_decode_page_size_7_group_4_f16", move |d| {
+        let planned = Planned { decode: Some(true), ..Planned::ANY };
+        prefill_case::<f16, E4m3>(d, &one, &[1; 5], causal, planned)
+    }));
+    t.push(GpuTest::new("prefill_draft_4_tokens_e5m2_stay_on_prefill_page_size_7_group_4_hnd_bf16", move |d| {
+        let planned = Planned { decode: Some(false), ..Planned::ANY };
+        let mut c = one_e5m2.clone();
+        c.kv_lens = vec![300, 4, 4, 77, 1000];
+        prefill_case::<bf16, E5m2>(d, &c, &[4; 5], causal, planned)
     }));
     t.push(GpuTest::new("prefill_masked_e4m3_head_scales_page_size_3_group_4_f16", move |d| {
         prefill_case_masked::<f16, E4m3>(d, &short, &[40, 1, 0, 20, 130], full, Planned::rows(64, None), true)
