@@ -574,20 +574,27 @@ fn case_tests() -> Vec<GpuTest> {
     t
 }
 
-/// Captures `run` in a CUDA graph and replays it: the same output as a direct run, bit for bit.
-fn prefill_replays_from_a_cuda_graph(_: &Device) -> TestResult {
+/// Captures `c`'s `run` in a CUDA graph and replays it: the same output as a direct run, bit
+/// for bit; planned on `kernel` where given.
+fn graph_replay_case(c: &Case, seed: u64, kernel: Option<PrefillKernel>) -> TestResult {
     // A device of its own (`capture_device` says why).
     let dev = capture_device()?;
-    let c = Case::new(&[(500, 700), (7, 300)], 16);
-    let mut r = rng(3);
+    let mut r = rng(seed);
     let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
     let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
     let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
     let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
     let heads = c.num_kv_heads * c.group;
     let mut plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
+    if let Some(kernel) = kernel {
+        ensure!(plan.kernel() == kernel, "planned {:?}, the case wants {kernel:?}", plan.kernel());
+    }
     let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
     expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
+}
+
+fn prefill_replays_from_a_cuda_graph(_: &Device) -> TestResult {
+    graph_replay_case(&Case::new(&[(500, 700), (7, 300)], 16), 3, None)
 }
 
 fn validation_tests() -> Vec<GpuTest> {
@@ -732,18 +739,8 @@ fn decode_route_tests() -> Vec<GpuTest> {
         Ok(())
     }));
     t.push(GpuTest::new("prefill_draft_tokens_replay_from_a_cuda_graph", |_| {
-        let dev = capture_device()?;
         let c = Case::new(&[(4, 20000), (4, 9000), (4, 10)], 16);
-        let mut r = rng(4);
-        let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
-        let shape = shape_for(&kv_lens, c.page_size, c.num_kv_heads, c.head_dim, c.layout);
-        let table = random_table(&mut r, &kv_lens, c.page_size, shape.num_pages);
-        let (cache, _) = random_cache::<f16>(&dev, &mut r, shape, 1)?;
-        let heads = c.num_kv_heads * c.group;
-        let mut plan = BatchPrefillPlan::new(&dev, &shape, heads, &c.qo_indptr(), &table, c.options)?;
-        ensure!(plan.kernel() == PrefillKernel::Decode, "planned {:?}", plan.kernel());
-        let q = dev.upload(&random_values::<f16>(&mut r, plan.qo_elems()))?;
-        expect_graph_replay_matches(&dev, plan.qo_elems(), |stream, out| plan.run(stream, &q, &cache, 0, out, None))
+        graph_replay_case(&c, 4, Some(PrefillKernel::Decode))
     }));
     t
 }
