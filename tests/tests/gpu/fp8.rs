@@ -572,7 +572,7 @@ fn prefill_tests() -> Vec<GpuTest> {
     }));
     // One token a request over an 8-bit cache runs on decode itself; several stay on the
     // prefill kernels (`decode_multi_*` reads 16-bit caches only).
-    let one = Case { group: 4, ..Case::new(&[300, 1, 0, 77, 1000], 7).with_head_scales(2) };
+    let one = Case { group: 4, ..Case::new(&[300, 1, 2, 77, 1000], 7).with_head_scales(2) };
     let one_e5m2 = Case { layout: KvLayout::Hnd, ..one.clone() };
     t.push(GpuTest::new("prefill_one_token_e4m3_head_scales_on_decode_page_size_7_group_4_f16", move |d| {
         let planned = Planned { decode: Some(true), ..Planned::ANY };
