@@ -310,16 +310,15 @@ pub struct BatchPrefillPlan {
     decode: Option<DecodeWork>,
 }
 
-/// The query tokens a request of a batch that runs on the decode kernel, or `None` for the
+/// The query tokens a request of a batch whose shape decode computes, or `None` for the
 /// prefill kernels (a valid batch; `group` query heads a KV head). Speculative decoding
 /// verifies the same few draft tokens for every request: their `tokens × group` packed rows fit
 /// one 16-row tile of decode's `mma`, which reads each K/V byte once for them, where a 64- or
-/// 128-row prefill block computes mostly padding beside the same bytes. Only what decode
-/// computes: no custom mask, window or narrower values; over an 8-bit cache one token a
-/// request; on a handle that picks its kernels ([`Device::with_portable_kernels`] and
-/// [`Device::with_hopper_prefill`] keep to theirs).
-fn decode_tokens(
-    device: &Device,
+/// 128-row prefill block computes mostly padding beside the same bytes (measured: the decode
+/// kernel at one-token decode's time, 1–3% ahead of both prefill kernels; docs/perf.md). Only
+/// what decode computes: the same count for every request, no custom mask, window or narrower
+/// values, K/V as the cache's pools (or ragged rows) lay them out.
+fn draft_tokens(
     shape: &CacheShape,
     group: usize,
     qo_indptr: &[u32],
@@ -330,10 +329,24 @@ fn decode_tokens(
     let tokens = qo_indptr.get(1)?.checked_sub(qo_indptr[0])? as usize;
     let uniform = qo_indptr.windows(2).all(|w| w[1].wrapping_sub(w[0]) as usize == tokens);
     let computes = !masked && options.window_left < 0 && options.vo_dim(shape.head_dim) == shape.head_dim;
-    if !(uniform && computes && device.chooses_prefill_kernel() && kv_elems == shape.pool_elems()) {
-        return None;
-    }
-    if tokens == 0 || tokens * group > DECODE_ROWS as usize {
+    let fits = tokens >= 1 && tokens * group <= DECODE_ROWS as usize;
+    (uniform && computes && fits && kv_elems == shape.pool_elems()).then_some(tokens)
+}
+
+/// [`draft_tokens`] where `device` runs them on decode: a handle that picks its kernels
+/// ([`Device::with_portable_kernels`] and [`Device::with_hopper_prefill`] keep to theirs), with
+/// a decode kernel for the cache's type (over an 8-bit cache, one token a request).
+fn decode_tokens(
+    device: &Device,
+    shape: &CacheShape,
+    group: usize,
+    qo_indptr: &[u32],
+    options: &PrefillOptions,
+    masked: bool,
+    kv_elems: usize,
+) -> Option<usize> {
+    let tokens = draft_tokens(shape, group, qo_indptr, options, masked, kv_elems)?;
+    if !device.chooses_prefill_kernel() {
         return None;
     }
     let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
@@ -1397,6 +1410,29 @@ mod tests {
         // at the end): 512 units for 132 blocks, unsplit.
         assert_eq!((split.work.len(), split.split_tiles), (64, 0));
         assert!(split.work.iter().all(|w| w.qo_len == 4 && w.kv_end - w.kv_start == 4096));
+    }
+
+    #[test]
+    fn the_same_few_draft_tokens_a_request_have_the_shape_decode_computes() {
+        let shape = CacheShape { num_pages: 100, page_size: 16, num_kv_heads: 8, head_dim: 128, layout: KvLayout::Nhd };
+        let pool = shape.pool_elems();
+        let causal = PrefillOptions::CAUSAL;
+        let drafts =
+            |qo: &[u32], group, options: &PrefillOptions| draft_tokens(&shape, group, qo, options, false, pool);
+        // 4 tokens a request at group 4: 16 rows a KV head, one tile.
+        assert_eq!(drafts(&[0, 4, 8, 12], 4, &causal), Some(4));
+        assert_eq!(drafts(&[0, 1, 2], 16, &causal), Some(1));
+        assert_eq!(drafts(&[0, 16], 1, &PrefillOptions::DEFAULT), Some(16));
+        // More than 16 rows, different counts, requests without queries, an empty batch.
+        assert_eq!(drafts(&[0, 5, 10], 4, &causal), None);
+        assert_eq!(drafts(&[0, 4, 7], 4, &causal), None);
+        assert_eq!(drafts(&[0, 0, 0], 4, &causal), None);
+        assert_eq!(drafts(&[0], 4, &causal), None);
+        // A window, a mask, narrower values, K/V that are not the plan's pools.
+        assert_eq!(drafts(&[0, 2, 4], 4, &PrefillOptions { window_left: 100, ..causal }), None);
+        assert_eq!(draft_tokens(&shape, 4, &[0, 2, 4], &causal, true, pool), None);
+        assert_eq!(drafts(&[0, 2, 4], 4, &PrefillOptions { head_dim_vo: Some(64), ..causal }), None);
+        assert_eq!(draft_tokens(&shape, 4, &[0, 2, 4], &causal, false, pool - 1), None);
     }
 
     /// The blocks' unit lists of a persistent schedule, checked to cover `units` once each.
