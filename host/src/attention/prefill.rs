@@ -1047,8 +1047,9 @@ impl BatchPrefillPlan {
         Ok(())
     }
 
-    /// Validates the batch as the prefill kernels would, then says whether it runs on the
-    /// decode kernel ([`decode_tokens`]) and with how many query tokens a request.
+    /// Whether the batch runs on the decode kernel ([`decode_tokens`]) and with how many query
+    /// tokens a request; such a batch is validated here as the prefill kernels' would be (others
+    /// are left to their planner, so that their validation is not done twice).
     #[allow(clippy::too_many_arguments)]
     fn decode_route(
         &self,
@@ -1060,6 +1061,11 @@ impl BatchPrefillPlan {
         options: &PrefillOptions,
         kv_elems: usize,
     ) -> Result<Option<usize>> {
+        // The shape first, on the group the heads would give (checked below).
+        let group = num_qo_heads / shape.num_kv_heads.max(1);
+        if draft_tokens(shape, group.max(1), qo_indptr, options, masked, kv_elems).is_none() {
+            return Ok(None);
+        }
         check_prefill_head_dims(shape.head_dim, options)?;
         let (group, _) = check_heads_and_options(
             shape,
