@@ -311,7 +311,7 @@ pub struct BatchPrefillPlan {
 }
 
 /// The query tokens a request of a batch whose shape decode computes, or `None` for the
-/// prefill kernels (a valid batch; `group` query heads a KV head). Speculative decoding
+/// prefill kernels, from its shape alone (`group` query heads a KV head). Speculative decoding
 /// verifies the same few draft tokens for every request: their `tokens × group` packed rows fit
 /// one 16-row tile of decode's `mma`, which reads each K/V byte once for them, where a 64- or
 /// 128-row prefill block computes mostly padding beside the same bytes (measured: the decode
@@ -333,29 +333,18 @@ fn draft_tokens(
     (uniform && computes && fits && kv_elems == shape.pool_elems()).then_some(tokens)
 }
 
-/// [`draft_tokens`] where `device` runs them on decode: a handle that picks its kernels
-/// ([`Device::with_portable_kernels`] and [`Device::with_hopper_prefill`] keep to theirs), with
-/// a decode kernel for the cache's type (over an 8-bit cache, one token a request).
-fn decode_tokens(
-    device: &Device,
-    shape: &CacheShape,
-    group: usize,
-    qo_indptr: &[u32],
-    options: &PrefillOptions,
-    masked: bool,
-    kv_elems: usize,
-) -> Option<usize> {
-    let tokens = draft_tokens(shape, group, qo_indptr, options, masked, kv_elems)?;
-    if !device.chooses_prefill_kernel() {
-        return None;
-    }
+/// Whether `device` runs `tokens` draft tokens a request ([`draft_tokens`]) on decode: a
+/// handle that picks its kernels ([`Device::with_portable_kernels`] and
+/// [`Device::with_hopper_prefill`] keep to theirs), with a decode kernel for the cache's type
+/// (over an 8-bit cache, one token a request).
+fn decode_runs_drafts(device: &Device, shape: &CacheShape, tokens: usize, options: &PrefillOptions) -> bool {
     let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
     let kernel = if tokens == 1 {
         device.kernels().decode(if kv_dtype.is_fp8() { DType::F16 } else { kv_dtype }, kv_dtype, shape.head_dim)
     } else {
         device.kernels().decode_multi_token(kv_dtype, kv_dtype, shape.head_dim)
     };
-    kernel.is_ok().then_some(tokens)
+    device.chooses_prefill_kernel() && kernel.is_ok()
 }
 
 /// The row tiles of a batch: each request's packed rows (`token · group + head`) in runs of
@@ -1047,9 +1036,10 @@ impl BatchPrefillPlan {
         Ok(())
     }
 
-    /// Whether the batch runs on the decode kernel ([`decode_tokens`]) and with how many query
-    /// tokens a request; such a batch is validated here as the prefill kernels' would be (others
-    /// are left to their planner, so that their validation is not done twice).
+    /// Whether the batch runs on the decode kernel ([`draft_tokens`], [`decode_runs_drafts`])
+    /// and with how many query tokens a request; such a batch is validated here as the prefill
+    /// kernels' would be (others are left to their planner, so that their validation is not
+    /// done twice).
     #[allow(clippy::too_many_arguments)]
     fn decode_route(
         &self,
@@ -1062,21 +1052,15 @@ impl BatchPrefillPlan {
         kv_elems: usize,
     ) -> Result<Option<usize>> {
         // The shape first, on the group the heads would give (checked below).
-        let group = num_qo_heads / shape.num_kv_heads.max(1);
-        if draft_tokens(shape, group.max(1), qo_indptr, options, masked, kv_elems).is_none() {
+        let group = (num_qo_heads / shape.num_kv_heads.max(1)).max(1);
+        let Some(tokens) = draft_tokens(shape, group, qo_indptr, options, masked, kv_elems) else {
             return Ok(None);
-        }
+        };
         check_prefill_head_dims(shape.head_dim, options)?;
-        let (group, _) = check_heads_and_options(
-            shape,
-            num_qo_heads,
-            options.sm_scale,
-            options.logits_soft_cap,
-            options.window_left,
-        )?;
+        check_heads_and_options(shape, num_qo_heads, options.sm_scale, options.logits_soft_cap, options.window_left)?;
         table.validate(shape.page_size, shape.num_pages)?;
         check_queries(table, shape.page_size, qo_indptr, num_qo_heads, options.causal || options.window_left >= 0)?;
-        Ok(decode_tokens(self.core.device(), shape, group, qo_indptr, options, masked, kv_elems))
+        Ok(decode_runs_drafts(self.core.device(), shape, tokens, options).then_some(tokens))
     }
 
     /// Plans a batch of `tokens` query tokens a request on the decode kernel.
