@@ -6,7 +6,7 @@
 //! and 8, head dims 64, 96 and 128, a window and a soft cap, attention sinks, an e4m3 cache with
 //! scales, random batches; and the multi-token kernel (`decode_multi_*`: speculative decoding's
 //! draft tokens, causal or not) against the f64 prefill reference.
-use ferrinfer::internals::abi::{decode_smem_bytes, decode_threads, DecodeParams};
+use ferrinfer::internals::abi::{decode_block_smem_bytes, decode_block_threads, decode_heads_per_block, DecodeParams};
 use ferrinfer::internals::{decode_params, decode_split_tokens};
 use ferrinfer::{
     bf16, f16, reference, CacheShape, DecodeOptions, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions,
@@ -108,12 +108,13 @@ fn run<T: KvDType, C: KvDType>(c: &Case, head_dim: usize, seed: u64, kernel: fn(
     let draft = (c.tokens, c.causal);
     let parts = [b_indices.ptr(), b_work.ptr()];
     let params = decode_params(&shape, planned, draft, options.logits_soft_cap, &ops, &parts, scratch);
-    let blocks = split.work.len() * c.kv_heads * split.row_tiles;
-    let dim = head_dim as u32;
+    let (dim, kv_bytes) = (head_dim as u32, C::DTYPE.size_bytes() as u32);
+    let head_blocks = c.kv_heads.div_ceil(decode_heads_per_block(dim, kv_bytes) as usize);
+    let blocks = split.work.len() * head_blocks * split.row_tiles;
     let cfg = LaunchConfig {
         grid: (blocks as u32, 1),
-        threads: decode_threads(dim),
-        smem_bytes: decode_smem_bytes(dim, C::DTYPE.size_bytes() as u32),
+        threads: decode_block_threads(dim, kv_bytes),
+        smem_bytes: decode_block_smem_bytes(dim, kv_bytes),
     };
     launch(cfg, move || kernel(&params)).unwrap_or_else(|f| panic!("decode kernel: {f}"));
     // The merge counters are back at zero for the next launch.
@@ -151,6 +152,27 @@ fn decode_page_size_1_group_1_hnd_bf16() {
 #[test]
 fn decode_page_size_100_group_8_head_dim_96_f16() {
     run::<f16, f16>(&case(&[250, 3], 100, 8, 1), 96, 3, kernel!(half::F16, half::F16, 96));
+}
+
+// Head_dim 96: a block takes two KV heads (`decode_heads_per_block`); an odd count leaves the
+// last block's second head past the cache, which must write nothing.
+#[test]
+fn decode_head_dim_96_kv_heads_3_split_page_size_1_group_4_bf16() {
+    let c = Case { sms: 132, splits: Some(true), ..case(&[1500, 2, 0, 70], 1, 12, 3) };
+    run::<bf16, bf16>(&c, 96, 30, kernel!(half::Bf16, half::Bf16, 96));
+}
+
+#[test]
+fn decode_head_dim_96_kv_heads_4_hnd_sinks_window_page_size_7_group_2_f16() {
+    let options = DecodeOptions { window_left: 60, logits_soft_cap: 20.0, ..DecodeOptions::default() };
+    let c = Case { options, layout: KvLayout::Hnd, sinks: true, ..case(&[130, 1, 64, 65], 7, 8, 4) };
+    run::<f16, f16>(&c, 96, 31, kernel!(half::F16, half::F16, 96));
+}
+
+#[test]
+fn decode_head_dim_96_kv_heads_5_split_with_sinks_page_size_48_group_3_f16() {
+    let c = Case { sms: 132, splits: Some(true), sinks: true, ..case(&[900, 33], 48, 15, 5) };
+    run::<f16, f16>(&c, 96, 32, kernel!(half::F16, half::F16, 96));
 }
 
 #[test]
@@ -239,6 +261,12 @@ fn decode_16_tokens_not_causal_soft_cap_head_dim_96_page_size_100_f16() {
     let options = DecodeOptions { logits_soft_cap: 30.0, ..DecodeOptions::default() };
     let c = Case { options, causal: false, ..drafts(16, &[0, 7, 250], 100, 2, 2) };
     run::<f16, f16>(&c, 96, 23, multi_kernel!(half::F16, 96));
+}
+
+#[test]
+fn decode_3_draft_tokens_split_head_dim_96_kv_heads_3_page_size_5_bf16() {
+    let c = Case { sms: 132, splits: Some(true), ..drafts(3, &[1200, 9], 5, 12, 3) };
+    run::<bf16, bf16>(&c, 96, 33, multi_kernel!(half::Bf16, 96));
 }
 
 #[test]

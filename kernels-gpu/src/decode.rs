@@ -3,7 +3,10 @@
 //! table with a run-time `page_size`.
 //!
 //! A block takes one KV head and up to 16 of its group's query heads as the rows of m16n8k16
-//! tiles, so every K/V byte is read from memory once per block whatever the group size. Keys
+//! tiles, so every K/V byte is read from memory once per block whatever the group size. At
+//! head_dim 96 (16-bit) a block is two such blocks side by side, for adjacent KV heads, whose
+//! shared ring copies a token's rows of both: 384 contiguous bytes in NHD, three whole 128-byte
+//! lines, where one head's 192 bytes leave every other line split between two blocks. Keys
 //! stream in 64-token tiles through a ring of shared-memory stages filled by `cp.async`, a few
 //! tiles ahead of the math: bytes in flight, not arithmetic, set decode's speed. Each of the
 //! four warps takes 16 keys of a tile (S = Q·Kᵀ, online softmax, O += P·V, all in registers);
@@ -17,12 +20,14 @@
 //! lane's output dims are 16 apart (8 at head_dim 64), un-permuted when O is parked for the
 //! merge. See [`fp8_scores`] and [`fp8_accumulate`].
 use crate::abi::{
-    decode_dense_stages, decode_o_stride, decode_smem_bytes, decode_stage_dim, decode_stages, decode_threads, tile_dim,
-    DecodeParams, DecodeWorkItem, DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
+    decode_block_threads, decode_dense_stages, decode_head_smem_stride, decode_heads_per_block, decode_o_stride,
+    decode_smem_bytes, decode_stage_dim, decode_stages, decode_threads, tile_dim, DecodeParams, DecodeWorkItem,
+    DECODE_KEY_WARPS, DECODE_ROWS, DECODE_TILE_TOKENS, DECODE_WARP_DIMS, NO_PARTIAL,
 };
 use crate::gpu::convert::permute_bytes;
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
+use crate::gpu::hopper::named_barrier;
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::math::exp2;
 use crate::gpu::mem::{load_readonly, Vec16};
@@ -31,9 +36,36 @@ use crate::gpu::shared::{
 };
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
-use crate::merge::{last_to_finish, merge, store_output, store_partial, Block};
+use crate::merge::{last_to_finish, merge, store_output, store_partial, Team};
 use crate::paged_tile::{fp8_swizzled, kv_head_scale, swizzled, KvRing, LaneAddr, PagedKv};
 use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
+
+/// The threads of one KV head of a decode block over a cache of `K` at `HEAD_DIM`
+/// ([`decode_heads_per_block`]): [`decode_threads`] of them, in their head's region of shared
+/// memory. One head a block: the whole block; two: each head's threads their own named barrier
+/// (1 and 2).
+struct HeadTeam<K: KvElem, const HEAD_DIM: u32>(core::marker::PhantomData<K>);
+
+impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
+    const THREADS: u32 = decode_threads(HEAD_DIM);
+    #[inline(always)]
+    fn thread() -> u32 {
+        thread_x() % Self::THREADS
+    }
+    #[inline(always)]
+    fn sync() {
+        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+            sync_threads()
+        } else {
+            named_barrier(1 + thread_x() / Self::THREADS, Self::THREADS)
+        }
+    }
+    #[inline(always)]
+    fn smem() -> *mut f32 {
+        let head_smem = (thread_x() / Self::THREADS) * decode_head_smem_stride(HEAD_DIM, K::BYTES);
+        dynamic_smem::<u8>().wrapping_add(head_smem as usize).cast()
+    }
+}
 
 /// Keys of a tile each warp takes.
 const WARP_TOKENS: u32 = DECODE_TILE_TOKENS / DECODE_KEY_WARPS;
@@ -183,7 +215,7 @@ pub unsafe fn decode<
 >(
     p: &DecodeParams,
 ) {
-    const { assert!(THREADS == decode_threads(HEAD_DIM) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
+    const { assert!(THREADS == decode_block_threads(HEAD_DIM, K::BYTES) && STAGES == decode_stages(HEAD_DIM, K::BYTES)) };
     const { assert!(DENSE == decode_dense_stages(HEAD_DIM, K::BYTES)) };
     const { assert!(K::BYTES == 2 || HEAD_DIM % 64 == 0) };
     // Several query tokens a request: 16-bit caches (their query rows load as they are).
@@ -197,7 +229,14 @@ pub unsafe fn decode<
         }
     };
     let chunks = HEAD_DIM / 8;
-    let tid = thread_x();
+    // A block of two KV heads (`decode_heads_per_block`) is two of one head's blocks side by
+    // side: thread `tid` of head `group`'s threads, in that head's region of shared memory
+    // (`head_smem` bytes in), sharing one K/V ring that copies both heads' rows.
+    let heads = const { decode_heads_per_block(HEAD_DIM, K::BYTES) };
+    let head_threads = const { decode_threads(HEAD_DIM) };
+    let head_smem_stride = const { decode_head_smem_stride(HEAD_DIM, K::BYTES) };
+    let (block_tid, tid) = (thread_x(), thread_x() % head_threads);
+    let group = block_tid / head_threads;
     let (warp, lane) = (tid / 32, tid % 32);
     // Warp `warp` takes keys `16 · key_warp..` of each tile and output dims `dim_base..+ out_dims`.
     let (key_warp, dim_base) = (warp % DECODE_KEY_WARPS, (warp / DECODE_KEY_WARPS) * out_dims);
@@ -209,16 +248,22 @@ pub unsafe fn decode<
     // packed row `token · group + head` (as prefill packs them), row tiles of 16 of those.
     let tokens = if MULTI { p.tokens_per_request } else { 1 };
     let row_tiles = (tokens * p.group_size).div_ceil(DECODE_ROWS);
-    let heads_blocks = (p.num_qo_heads / p.group_size) * row_tiles;
+    let num_kv_heads = p.num_qo_heads / p.group_size;
+    let heads_blocks = num_kv_heads.div_ceil(heads) * row_tiles;
     let (item, head_block) = (block_x() / heads_blocks, block_x() % heads_blocks);
-    let (kv_head, row_tile) = (head_block / row_tiles, head_block % row_tiles);
+    let (first_kv_head, row_tile) = ((head_block / row_tiles) * heads, head_block % row_tiles);
+    let kv_head = first_kv_head + group;
+    // The second head of a block past the cache's last (an odd count) computes on whatever its
+    // stages hold and writes nothing: no query rows, no output, no merge.
+    let head_exists = kv_head < num_kv_heads;
     let work = *(p.work as *const DecodeWorkItem).add(item as usize);
     let (request, start, end) = (work.request, work.start, work.end);
     let first_head = kv_head * p.group_size + row_tile * DECODE_ROWS;
-    let rows = (tokens * p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS);
+    let rows = if head_exists { (tokens * p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS) } else { 0 };
     let request_rows = tokens * p.num_qo_heads;
 
-    let smem = dynamic_smem_addr();
+    let head_smem = group * head_smem_stride;
+    let smem = dynamic_smem_addr() + head_smem;
     let q_smem = smem;
     // Shared rows are `tile_dim` wide (the next power of two: 128 for head dims 80 and 96).
     let stage_dim = const { tile_dim(HEAD_DIM) };
@@ -246,13 +291,22 @@ pub unsafe fn decode<
                 0
             };
             copy_async_or_zero(q_smem + swizzled::<HEAD_DIM>(row, chunk), q.add(src), valid);
-            i += THREADS;
+            i += head_threads;
         }
     }
 
-    let kv = PagedKv::new(&p.cache, work.pages, kv_head);
+    // The ring lives in the first head's region and copies every head's rows into its own.
+    let mut kv = PagedKv::new(&p.cache, work.pages, first_kv_head);
+    kv.second_head = heads > 1 && first_kv_head + 1 < num_kv_heads;
     let mut ring = KvRing::<H, K, HEAD_DIM, HEAD_DIM, DECODE_TILE_TOKENS, THREADS, STAGES, false, DENSE>::start(
-        kv, start, end, tid, k_smem, v_smem, table_smem, 0,
+        kv,
+        start,
+        end,
+        block_tid,
+        k_smem - head_smem,
+        v_smem - head_smem,
+        table_smem - head_smem,
+        0,
     );
     if K::BYTES == 1 {
         // Over an 8-bit cache the query rows go in permuted (`fp8_q_position`), a pair of dims
@@ -267,7 +321,7 @@ pub unsafe fn decode<
                 let at = fp8_q_position(8 * chunk + 2 * u as u32);
                 store_shared_u32(q_smem + swizzled::<HEAD_DIM>(row, at / 8) + (at % 8) * 2, v[u]);
             });
-            i += THREADS;
+            i += head_threads;
         }
     }
 
@@ -291,6 +345,7 @@ pub unsafe fn decode<
         for tile in 0..ring.tiles() {
             // One barrier per tile: the fragments come from the byte stages themselves.
             let (k_tile, v_tile) = ring.wait(tile);
+            let (k_tile, v_tile) = (k_tile + head_smem, v_tile + head_smem);
             let lane = thread_x_here() % 32;
             let (g, t) = (lane / 4, lane % 4);
             let q_lane = q_smem + swizzled::<HEAD_DIM>(lane % 16, lane / 16);
@@ -313,6 +368,7 @@ pub unsafe fn decode<
     } else {
         for tile in 0..ring.tiles() {
             let (k_tile, v_tile) = ring.wait(tile);
+            let (k_tile, v_tile) = (k_tile + head_smem, v_tile + head_smem);
 
             // Fragment addresses: each lane's first, then one xor per step along the row (see
             // `swizzled`; the stages are multiples of a row from a 1 KiB-aligned base).
@@ -358,8 +414,9 @@ pub unsafe fn decode<
     // (over an 8-bit cache, by 4 floats per 32 dims as well: `decode_o_stride`).
     let o_stride = decode_o_stride(HEAD_DIM, K::BYTES) as usize;
     let o_col = crate::inline_always!(|dim: usize| if K::BYTES == 2 { dim } else { dim + 4 * (dim / 32) });
-    let o_smem = dynamic_smem::<f32>().add((DECODE_ROWS * stage_dim * 2 / 4) as usize);
-    let stats = dynamic_smem::<f32>().add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
+    let head_base = dynamic_smem::<f32>().add((head_smem / 4) as usize);
+    let o_smem = head_base.add((DECODE_ROWS * stage_dim * 2 / 4) as usize);
+    let stats = head_base.add((smem_bytes / 4) as usize - (DECODE_KEY_WARPS * DECODE_ROWS * 2) as usize);
     let my_rows = [(key_warp * DECODE_ROWS + g) as usize, (key_warp * DECODE_ROWS + g + 8) as usize];
     crate::unroll!(h in [0, 1] {
         let d_row = state.row_sum(h);
@@ -377,7 +434,7 @@ pub unsafe fn decode<
         } else {
             // acc[n][2h + e] is dim dim_base + lane_dims · (2t + e) + n: four n-tiles make four
             // adjacent dims, one 16-byte store.
-            let o_addr = dynamic_smem_addr() + DECODE_ROWS * stage_dim * 2;
+            let o_addr = smem + DECODE_ROWS * stage_dim * 2;
             crate::unroll!(e in [0, 1] {
                 crate::unroll!(quad in [0, 1, 2, 3] {
                     if quad < lane_dims as usize / 4 {
@@ -440,16 +497,16 @@ pub unsafe fn decode<
             };
             store_partial::<HEAD_DIM>(&p.split, prow, chunk, &o, lse);
         }
-        i += THREADS;
+        i += head_threads;
     }
-    if work.slot == NO_PARTIAL {
+    if work.slot == NO_PARTIAL || !head_exists {
         return;
     }
     // Split request: the last of its items to get here (for this KV head and row tile) merges
     // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
-    let last_flag = dynamic_smem::<u32>().add((smem_bytes / 4 - 1) as usize);
-    let counter = (p.split.merge_counters as *mut u32).add((work.counters + head_block) as usize);
-    if !last_to_finish::<Block<THREADS>>(counter, work.parts, last_flag) {
+    let last_flag = head_base.cast::<u32>().add((smem_bytes / 4 - 1) as usize);
+    let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head * row_tiles + row_tile) as usize);
+    if !last_to_finish::<HeadTeam<K, HEAD_DIM>>(counter, work.parts, last_flag) {
         return;
     }
     let partial_row = |part: u32, row: u32| {
@@ -459,7 +516,7 @@ pub unsafe fn decode<
             ((work.first_slot + part) * p.num_qo_heads + first_head + row) as usize
         }
     };
-    merge::<Block<THREADS>, HEAD_DIM>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
+    merge::<HeadTeam<K, HEAD_DIM>, HEAD_DIM>(&p.split, work.parts, rows, partial_row, |row, chunk, o, lse| {
         let out_row = if MULTI {
             (work.request * request_rows + draft_row(p, row_tile, kv_head, row).0) as usize
         } else {

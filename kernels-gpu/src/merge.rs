@@ -20,6 +20,12 @@ pub trait Team {
     fn thread() -> u32;
     /// A barrier of the team's threads.
     fn sync();
+    /// The start of the team's own shared memory (a merge's staging): the block's, unless
+    /// several teams share the block.
+    #[inline(always)]
+    fn smem() -> *mut f32 {
+        dynamic_smem()
+    }
 }
 
 /// Every thread of the block.
@@ -115,7 +121,7 @@ pub unsafe fn merge<T: Team, const HEAD_DIM: u32>(
 ) {
     let (tid, chunks) = (T::thread(), HEAD_DIM / 8);
     let threads = T::THREADS;
-    let sums = dynamic_smem::<f32>();
+    let sums = T::smem();
     let weights = sums.add(8 * threads as usize);
     let row_lse = weights.add((parts * rows) as usize);
     let mut i = tid;

@@ -21,7 +21,7 @@
 //! layout a 16-bit stage has (`swizzled`), so its fragment loads and mma are the same code for
 //! every cache type. Decode's ring hands out the byte stages themselves, swizzled for its
 //! fragment loads ([`fp8_swizzled`]), and converts bytes straight into mma fragments.
-use crate::abi::{kv_table_slots, tile_dim, FastDiv, KvHeadScale, PagedCacheParams};
+use crate::abi::{decode_head_smem_stride, kv_table_slots, tile_dim, FastDiv, KvHeadScale, PagedCacheParams};
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::shared::{load_shared_u32, load_shared_u32x2, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
@@ -175,6 +175,11 @@ pub struct PagedKv {
     pub slot_stride: u32,
     /// Offset of the KV head within a token's slot.
     pub head_offset: u32,
+    /// Elements from one KV head's row to the next's (adjacent in NHD).
+    pub head_stride: u32,
+    /// Whether a ring of two heads (`DENSE`) copies the second (the next KV head) as well: not
+    /// past the cache's last head.
+    pub second_head: bool,
 }
 
 impl PagedKv {
@@ -190,6 +195,8 @@ impl PagedKv {
             page_elems: cache.page_elems,
             slot_stride: cache.slot_stride,
             head_offset: kv_head * cache.head_stride,
+            head_stride: cache.head_stride,
+            second_head: true,
         }
     }
 }
@@ -210,7 +217,10 @@ impl PagedKv {
 /// `wide_smem` (K, then V); without, it returns the byte stages, laid out by [`fp8_swizzled`].
 /// A 16-bit `K` ignores `WIDEN_8BIT`.
 ///
-/// With `DENSE` (16-bit, 96 dims: decode) the stages' rows are [`dense_swizzled`] 192-byte rows.
+/// With `DENSE` (16-bit, 96 dims: decode) the stages' rows are [`dense_swizzled`] 192-byte rows,
+/// and the ring copies two KV heads, `kv`'s and the next (unless `kv.second_head` is false), a
+/// warp a token's pair of rows (384 bytes, contiguous in NHD): the second head's stages are
+/// [`decode_head_smem_stride`] bytes after the first's (`abi::decode_heads_per_block`).
 ///
 /// K rows have `HEAD_DIM` elements, V rows `V_DIM` (at most as many: DeepSeek-style prefill's
 /// 192 and 128, MLA's 512 and 64; both count the same head rows); the threads of a K row's first
@@ -239,7 +249,7 @@ pub struct KvRing<
     /// The widened K tile, the V tile after it (8-bit caches only).
     wide_smem: u32,
     /// This thread's first row of a tile (it copies rows `row + j · PASS_ROWS`), and the pools
-    /// advanced by its 16-byte chunk of a row.
+    /// advanced by its 16-byte chunk of a row (and by its head's offset, `DENSE`).
     row: u32,
     k_chunk: *const u8,
     v_chunk: *const u8,
@@ -277,7 +287,11 @@ impl<
     const V_ROW_BYTES: u32 = V_DIM * K::BYTES;
     const V_TILE_BYTES: u32 = TILE_TOKENS * if DENSE { Self::V_ROW_BYTES } else { tile_dim(V_DIM) * K::BYTES };
     const V_FILLED_CHUNKS: u32 = Self::V_ROW_BYTES / 16;
-    const PASS_ROWS: u32 = THREADS / Self::CHUNKS;
+    /// KV heads the ring copies (`DENSE`: two, their rows' chunks side by side in a warp), and
+    /// the bytes from one head's stages to the next's.
+    const HEADS: u32 = if DENSE { 2 } else { 1 };
+    const HEAD_SMEM: u32 = if DENSE { decode_head_smem_stride(HEAD_DIM, K::BYTES) } else { 0 };
+    const PASS_ROWS: u32 = THREADS / (Self::CHUNKS * Self::HEADS);
     /// Rows per thread and tile: 2, or a multiple of 4 up to 16.
     const PASSES: u32 = TILE_TOKENS / Self::PASS_ROWS;
     const SLOTS: u32 = kv_table_slots(STAGES);
@@ -311,7 +325,9 @@ impl<
             assert!(V_DIM <= HEAD_DIM && (K::BYTES == 2 || V_DIM == HEAD_DIM || WIDEN_8BIT));
             assert!(!DENSE || (K::BYTES == 2 && V_DIM == HEAD_DIM && HEAD_DIM == 96));
         };
-        let chunk_bytes = (thread % Self::CHUNKS) as usize * 16;
+        // The second head's rows follow the first's by `head_stride` elements in the pool.
+        let head = (thread / Self::CHUNKS) % Self::HEADS;
+        let chunk_bytes = (thread % Self::CHUNKS) as usize * 16 + (head * kv.head_stride * K::BYTES) as usize;
         let mut ring = KvRing {
             _types: core::marker::PhantomData,
             kv,
@@ -322,7 +338,7 @@ impl<
             v_smem,
             table_smem,
             wide_smem,
-            row: thread / Self::CHUNKS,
+            row: thread / (Self::CHUNKS * Self::HEADS),
             k_chunk: kv.k_pages.add(chunk_bytes),
             v_chunk: kv.v_pages.add(chunk_bytes),
             head_row: kv.head_offset / HEAD_DIM,
@@ -406,9 +422,15 @@ impl<
     /// with the tiles.
     #[inline(always)]
     unsafe fn issue(&self, tile: u32) {
-        let chunk = crate::gpu::index::thread_x_here() % Self::CHUNKS;
-        if tile < self.tiles && (Self::FILLED_CHUNKS == Self::CHUNKS || chunk < Self::FILLED_CHUNKS) {
-            let (k_dst, v_dst) = (self.k_smem + Self::stage_offset(tile), self.v_smem + Self::v_stage_offset(tile));
+        let thread = crate::gpu::index::thread_x_here();
+        let (chunk, head) = (thread % Self::CHUNKS, (thread / Self::CHUNKS) % Self::HEADS);
+        let head_copies = head == 0 || self.kv.second_head;
+        if tile < self.tiles && (Self::FILLED_CHUNKS == Self::CHUNKS || chunk < Self::FILLED_CHUNKS) && head_copies {
+            let head_smem = head * Self::HEAD_SMEM;
+            let (k_dst, v_dst) = (
+                self.k_smem + head_smem + Self::stage_offset(tile),
+                self.v_smem + head_smem + Self::v_stage_offset(tile),
+            );
             // All of this thread's rows first: a copy writes shared memory, so a table read
             // after it would wait for it.
             let mut rows = [0u32; 16];

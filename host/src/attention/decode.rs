@@ -14,8 +14,8 @@ use crate::cache::paged::PagedKvCache;
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, paged_cache_params, Addresses, AttentionLaunch, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
-    decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, SplitScratch, DECODE_ROWS, DECODE_TILE_TOKENS,
-    NO_PARTIAL,
+    decode_heads_per_block, decode_smem_bytes, decode_threads, DecodeParams, DecodeWorkItem, SplitScratch, DECODE_ROWS,
+    DECODE_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{DType, KvDType};
@@ -142,7 +142,7 @@ pub struct DecodeSplit {
 
 /// The work split for a decode batch over a cache of `shape` with `num_qo_heads` query heads,
 /// worked out without a GPU for a device of `sms` multiprocessors holding `blocks_per_sm` decode
-/// blocks each: the validation and every work item (for plans, and for fuzzing the planner
+/// blocks of one KV head each (a block of two heads counts twice): the validation and every work item (for plans, and for fuzzing the planner
 /// against a bounds model).
 #[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub fn decode_split(
@@ -301,8 +301,10 @@ impl DecodeWork {
         (tokens, causal): (usize, bool),
     ) -> Result<(Self, Vec<DecodeWorkItem>, ScratchLayout)> {
         let kv_dtype = options.kv_dtype.unwrap_or(DType::F16);
-        let blocks_per_sm =
-            device.kernels().decode(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
+        // The planner counts one-head blocks: a block of two heads fills two of its slots.
+        let heads_per_block = decode_heads_per_block(shape.head_dim as u32, kv_dtype.size_bytes() as u32) as usize;
+        let blocks_per_sm = heads_per_block
+            * device.kernels().decode(DType::F16, kv_dtype, shape.head_dim).map_or(1, |k| k.blocks_per_sm);
         let sms = device.multiprocessor_count();
         let DecodeSplit { work, slots, split_requests, group_size, row_tiles, sm_scale } =
             decode_split_tokens(shape, num_qo_heads, table, options, tokens, sms, blocks_per_sm)?;
@@ -321,13 +323,13 @@ impl DecodeWork {
             sm_scale,
             logits_soft_cap: options.logits_soft_cap,
             kv_dtype: options.kv_dtype,
-            grid: (work.len() as u32, shape.num_kv_heads as u32, row_tiles as u32),
+            grid: (work.len() as u32, shape.num_kv_heads.div_ceil(heads_per_block) as u32, row_tiles as u32),
             split_requests,
         };
         Ok((launch, work, scratch))
     }
 
-    /// Blocks of the launch (work items × KV heads × row tiles).
+    /// Blocks of the launch (work items × blocks of KV heads × row tiles).
     pub(crate) fn num_blocks(&self) -> usize {
         self.blocks() as usize
     }
@@ -342,7 +344,8 @@ impl DecodeWork {
 /// group_size, sm_scale, work items)` as planned ([`DecodeSplit`]) for `(tokens, causal)`
 /// query tokens a request, operands at `ops`, and the page table's indices and the work items
 /// at `parts`: what a plan's run passes (and, through `internals`, what the CPU emulator's
-/// launches pass). The grid is the items × KV heads × row tiles, flat.
+/// launches pass). The grid is the items × blocks of KV heads ([`decode_heads_per_block`]) × row
+/// tiles, flat.
 pub fn decode_params(
     shape: &CacheShape,
     (num_qo_heads, group_size, sm_scale, num_items): (usize, usize, f32, u32),

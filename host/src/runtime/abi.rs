@@ -373,11 +373,13 @@ pub const DECODE_TILE_TOKENS: u32 = 64;
 /// shared memory but not its registers (256 threads at 131–149 registers), so the 4th stage
 /// costs nothing there.
 ///
-/// At head_dim 96 the stages are dense ([`decode_dense_stages`]): four of them, as much in flight
-/// as three of 128 dims, in the same shared memory.
+/// At head_dim 96 the stages are dense ([`decode_dense_stages`]) and a block takes two KV heads
+/// ([`decode_heads_per_block`]): three stages of each, as much in flight a SM as three 128-dim
+/// stages of two one-head blocks.
 pub const fn decode_stages(head_dim: u32, kv_bytes: u32) -> u32 {
     match (head_dim, kv_bytes) {
         (_, 1) => 4,
+        (96, 2) => 3,
         (0..=64, _) | (96, _) => 4,
         (65..=128, _) => 3,
         _ => 2,
@@ -398,6 +400,39 @@ pub const fn tile_dim(head_dim: u32) -> u32 {
 /// hold a quarter fewer bytes in flight than a 128-dim one in the same shared memory.
 pub const fn decode_dense_stages(head_dim: u32, kv_bytes: u32) -> bool {
     head_dim == 96 && kv_bytes == 2
+}
+
+/// KV heads a decode block takes: two adjacent ones where the stages are dense (16-bit, 96
+/// dims), so that a token's copy reads the pair's 384 contiguous bytes (three whole 128-byte
+/// lines in NHD) where one head's 192 share a line with a neighbour's: the lines split between
+/// two blocks cost a tenth of the read bandwidth at page size 1. One otherwise. Each head has
+/// its own [`decode_threads`] threads and its own [`decode_smem_bytes`] region
+/// ([`decode_head_smem_stride`] apart); the K/V ring, in the first, copies both heads' rows.
+pub const fn decode_heads_per_block(head_dim: u32, kv_bytes: u32) -> u32 {
+    if decode_dense_stages(head_dim, kv_bytes) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Bytes from one head's shared-memory region of a decode block to the next's (whole KiB:
+/// the swizzled query tile's alignment).
+pub const fn decode_head_smem_stride(head_dim: u32, kv_bytes: u32) -> u32 {
+    decode_smem_bytes(head_dim, kv_bytes).next_multiple_of(1024)
+}
+
+/// Threads of a decode block: [`decode_threads`] for each of its heads.
+pub const fn decode_block_threads(head_dim: u32, kv_bytes: u32) -> u32 {
+    decode_threads(head_dim) * decode_heads_per_block(head_dim, kv_bytes)
+}
+
+/// Dynamic shared memory of a decode block: one head's [`decode_smem_bytes`], or a region each.
+pub const fn decode_block_smem_bytes(head_dim: u32, kv_bytes: u32) -> u32 {
+    match decode_heads_per_block(head_dim, kv_bytes) {
+        1 => decode_smem_bytes(head_dim, kv_bytes),
+        heads => decode_head_smem_stride(head_dim, kv_bytes) * heads,
+    }
 }
 
 /// Elements a row of decode's K/V stages takes in shared memory.
@@ -1227,7 +1262,7 @@ macro_rules! assert_variant {
         const _: () = {
             // Rows of whole 16-byte vectors and whole k16 mma steps; wider heads in 128-dim warps.
             assert!($dim % 16 == 0 && ($dim <= DECODE_WARP_DIMS || $dim % DECODE_WARP_DIMS == 0));
-            assert!(decode_smem_bytes($dim, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
+            assert!(decode_block_smem_bytes($dim, kv_bytes!($kvname)) <= MAX_BLOCK_SMEM_BYTES);
             // The warps' outputs, parked over the ring at the end, end before the statistics.
             let (q, o_rows) = (DECODE_ROWS * tile_dim($dim) * 2, DECODE_KEY_WARPS * DECODE_ROWS);
             let stats = DECODE_KEY_WARPS * DECODE_ROWS * 2 * 4;

@@ -9,10 +9,10 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule};
 
 use super::abi::{
-    decode_smem_bytes, decode_threads, hopper_prefill_smem_bytes, mla_hopper_smem_bytes, mla_merge_smem_bytes,
-    mla_smem_bytes, prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS,
-    MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, ROPE_GPTJ, ROPE_NEOX,
-    ROPE_NEOX_SCALAR, ROPE_THREADS,
+    decode_block_smem_bytes, decode_block_threads, hopper_prefill_smem_bytes, mla_hopper_smem_bytes,
+    mla_merge_smem_bytes, mla_smem_bytes, prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS,
+    HOPPER_PREFILL_THREADS, MERGE_THREADS, MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS,
+    MLA_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
 };
 use super::dtype::DType;
 use crate::error::{Error, Result};
@@ -73,9 +73,10 @@ impl Variant {
     /// their variant (the attention kernels); `None` for kernels whose callers choose it.
     fn geometry(&self) -> Option<(u32, u32)> {
         match self.family {
-            Family::Decode | Family::DecodeMultiToken => {
-                Some((decode_threads(self.head_dim), decode_smem_bytes(self.head_dim, self.kv_bytes())))
-            }
+            Family::Decode | Family::DecodeMultiToken => Some((
+                decode_block_threads(self.head_dim, self.kv_bytes()),
+                decode_block_smem_bytes(self.head_dim, self.kv_bytes()),
+            )),
             Family::Prefill => Some((
                 prefill_threads(self.head_dim_vo),
                 prefill_smem_bytes(self.head_dim, self.head_dim_vo, self.rows / 64, self.kv_bytes()),

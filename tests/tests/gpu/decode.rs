@@ -104,6 +104,28 @@ fn case_tests() -> Vec<GpuTest> {
         let c = Case { head_dim, options, sinks: true, ..Case::new(&[300, 5, 33000], 3) };
         add::<bf16>(&mut t, format!("decode_sinks_window_soft_cap_split_head_dim_{head_dim}_bf16"), c);
     }
+    // Head_dim 96 blocks take two KV heads: odd counts leave the last block's second head
+    // past the cache (it must write nothing), and split requests merge each head on its own.
+    for (kv_heads, ps, group) in [(1, 1, 8), (3, 1, 4), (5, 7, 3), (8, 16, 4), (3, 513, 2)] {
+        let c = Case {
+            num_kv_heads: kv_heads,
+            group,
+            head_dim: 96,
+            seed: 96 + kv_heads as u64,
+            ..Case::new(&[1, 600, 0, 20000, 65], ps)
+        };
+        add::<f16>(
+            &mut t,
+            format!("decode_head_dim_96_kv_heads_{kv_heads}_page_size_{ps}_group_{group}_f16"),
+            c.clone(),
+        );
+        let c = Case { layout: KvLayout::Hnd, sinks: true, ..c };
+        add::<bf16>(
+            &mut t,
+            format!("decode_head_dim_96_kv_heads_{kv_heads}_page_size_{ps}_group_{group}_hnd_sinks_bf16"),
+            c,
+        );
+    }
     let capped = DecodeOptions { logits_soft_cap: 30.0, sm_scale: Some(0.5), ..Default::default() };
     add::<f16>(&mut t, "decode_soft_cap_30_f16".into(), Case { options: capped, ..Case::new(&[300, 5, 1200], 16) });
     // Maxima that keep rising past the online softmax's rescale margin after the first tile.
