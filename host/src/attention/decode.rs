@@ -142,8 +142,8 @@ pub struct DecodeSplit {
 
 /// The work split for a decode batch over a cache of `shape` with `num_qo_heads` query heads,
 /// worked out without a GPU for a device of `sms` multiprocessors holding `blocks_per_sm` decode
-/// blocks of one KV head each (a block of two heads counts twice): the validation and every work item (for plans, and for fuzzing the planner
-/// against a bounds model).
+/// blocks of one KV head each (a block of two heads counts twice): the validation and every
+/// work item (for plans, and for fuzzing the planner against a bounds model).
 #[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub fn decode_split(
     shape: &CacheShape,
