@@ -50,7 +50,11 @@ impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
     const THREADS: u32 = decode_threads(HEAD_DIM);
     #[inline(always)]
     fn thread() -> u32 {
-        thread_x() % Self::THREADS
+        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+            thread_x()
+        } else {
+            thread_x() % Self::THREADS
+        }
     }
     #[inline(always)]
     fn sync() {
@@ -62,6 +66,9 @@ impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
     }
     #[inline(always)]
     fn smem() -> *mut f32 {
+        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+            return dynamic_smem();
+        }
         let head_smem = (thread_x() / Self::THREADS) * decode_head_smem_stride(HEAD_DIM, K::BYTES);
         dynamic_smem::<u8>().wrapping_add(head_smem as usize).cast()
     }
@@ -235,8 +242,10 @@ pub unsafe fn decode<
     let heads = const { decode_heads_per_block(HEAD_DIM, K::BYTES) };
     let head_threads = const { decode_threads(HEAD_DIM) };
     let head_smem_stride = const { decode_head_smem_stride(HEAD_DIM, K::BYTES) };
-    let (block_tid, tid) = (thread_x(), thread_x() % head_threads);
-    let group = block_tid / head_threads;
+    // (One head a block: no arithmetic, so that the one-head kernels' code stays as it was.)
+    let block_tid = thread_x();
+    let tid = if heads == 1 { block_tid } else { block_tid % head_threads };
+    let group = if heads == 1 { 0 } else { block_tid / head_threads };
     let (warp, lane) = (tid / 32, tid % 32);
     // Warp `warp` takes keys `16 · key_warp..` of each tile and output dims `dim_base..+ out_dims`.
     let (key_warp, dim_base) = (warp % DECODE_KEY_WARPS, (warp / DECODE_KEY_WARPS) * out_dims);
@@ -259,7 +268,8 @@ pub unsafe fn decode<
     let work = *(p.work as *const DecodeWorkItem).add(item as usize);
     let (request, start, end) = (work.request, work.start, work.end);
     let first_head = kv_head * p.group_size + row_tile * DECODE_ROWS;
-    let rows = if head_exists { (tokens * p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS) } else { 0 };
+    let rows =
+        if heads == 1 || head_exists { (tokens * p.group_size - row_tile * DECODE_ROWS).min(DECODE_ROWS) } else { 0 };
     let request_rows = tokens * p.num_qo_heads;
 
     let head_smem = group * head_smem_stride;
@@ -499,13 +509,14 @@ pub unsafe fn decode<
         }
         i += head_threads;
     }
-    if work.slot == NO_PARTIAL || !head_exists {
+    if work.slot == NO_PARTIAL || (heads > 1 && !head_exists) {
         return;
     }
     // Split request: the last of its items to get here (for this KV head and row tile) merges
     // all the parts. The flag lives past the merge's staging; the K/V ring is free by now.
     let last_flag = head_base.cast::<u32>().add((smem_bytes / 4 - 1) as usize);
-    let counter = (p.split.merge_counters as *mut u32).add((work.counters + kv_head * row_tiles + row_tile) as usize);
+    let unit = if heads == 1 { head_block } else { kv_head * row_tiles + row_tile };
+    let counter = (p.split.merge_counters as *mut u32).add((work.counters + unit) as usize);
     if !last_to_finish::<HeadTeam<K, HEAD_DIM>>(counter, work.parts, last_flag) {
         return;
     }

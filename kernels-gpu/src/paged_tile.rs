@@ -326,7 +326,7 @@ impl<
             assert!(!DENSE || (K::BYTES == 2 && V_DIM == HEAD_DIM && HEAD_DIM == 96));
         };
         // The second head's rows follow the first's by `head_stride` elements in the pool.
-        let head = (thread / Self::CHUNKS) % Self::HEADS;
+        let head = if DENSE { (thread / Self::CHUNKS) % Self::HEADS } else { 0 };
         let chunk_bytes = (thread % Self::CHUNKS) as usize * 16 + (head * kv.head_stride * K::BYTES) as usize;
         let mut ring = KvRing {
             _types: core::marker::PhantomData,
@@ -423,7 +423,7 @@ impl<
     #[inline(always)]
     unsafe fn issue(&self, tile: u32) {
         let thread = crate::gpu::index::thread_x_here();
-        let (chunk, head) = (thread % Self::CHUNKS, (thread / Self::CHUNKS) % Self::HEADS);
+        let (chunk, head) = (thread % Self::CHUNKS, if DENSE { (thread / Self::CHUNKS) % Self::HEADS } else { 0 });
         let head_copies = head == 0 || self.kv.second_head;
         if tile < self.tiles && (Self::FILLED_CHUNKS == Self::CHUNKS || chunk < Self::FILLED_CHUNKS) && head_copies {
             let head_smem = head * Self::HEAD_SMEM;
