@@ -46,11 +46,15 @@ use crate::softmax::{finish_row, fold_sink, sink_logit, LogitScale, RowState};
 /// (1 and 2).
 struct HeadTeam<K: KvElem, const HEAD_DIM: u32>(core::marker::PhantomData<K>);
 
+impl<K: KvElem, const HEAD_DIM: u32> HeadTeam<K, HEAD_DIM> {
+    const ONE_HEAD: bool = decode_heads_per_block(HEAD_DIM, K::BYTES) == 1;
+}
+
 impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
     const THREADS: u32 = decode_threads(HEAD_DIM);
     #[inline(always)]
     fn thread() -> u32 {
-        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+        if Self::ONE_HEAD {
             thread_x()
         } else {
             thread_x() % Self::THREADS
@@ -58,7 +62,7 @@ impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
     }
     #[inline(always)]
     fn sync() {
-        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+        if Self::ONE_HEAD {
             sync_threads()
         } else {
             named_barrier(1 + thread_x() / Self::THREADS, Self::THREADS)
@@ -66,7 +70,7 @@ impl<K: KvElem, const HEAD_DIM: u32> Team for HeadTeam<K, HEAD_DIM> {
     }
     #[inline(always)]
     fn smem() -> *mut f32 {
-        if decode_heads_per_block(HEAD_DIM, K::BYTES) == 1 {
+        if Self::ONE_HEAD {
             return dynamic_smem();
         }
         let head_smem = (thread_x() / Self::THREADS) * decode_head_smem_stride(HEAD_DIM, K::BYTES);
