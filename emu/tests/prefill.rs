@@ -35,11 +35,14 @@ struct Case {
     kernel: PrefillKernel,
     /// Attention sinks (one logit a query head).
     sinks: bool,
+    /// Keys grow with their position (key `j`'s K row times `1 + j / 16`), so a row's maximum
+    /// keeps rising from tile to tile past the softmax's rescaling margin.
+    rising_keys: bool,
 }
 
 /// A case on one kernel without splits or sinks, planned for one multiprocessor.
 fn case(lens: Vec<(usize, usize)>, page_size: usize, head_dim: usize, causal: bool, kernel: PrefillKernel) -> Case {
-    Case { lens, page_size, head_dim, causal, sms: 1, splits: Some(false), kernel, sinks: false }
+    Case { lens, page_size, head_dim, causal, sms: 1, splits: Some(false), kernel, sinks: false, rising_keys: false }
 }
 
 const QO_HEADS: usize = 8;
@@ -80,7 +83,18 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let mut values = |n: usize, scale: f32| -> Vec<C> {
         (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect()
     };
-    let (k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
+    let (mut k, v) = (values(shape.pool_elems(), scales.k), values(shape.pool_elems(), scales.v));
+    if case.rising_keys {
+        for (request, &kv_len) in kv_lens.iter().enumerate() {
+            let pages = &table.kv_indices[table.kv_indptr[request] as usize..];
+            for j in 0..kv_len {
+                // NHD: a token's slot holds its KV heads' rows one after the other.
+                let slot = (pages[j / case.page_size] as usize * case.page_size + j % case.page_size) * KV_HEADS;
+                let row = &mut k[slot * case.head_dim..(slot + KV_HEADS) * case.head_dim];
+                row.iter_mut().for_each(|x| *x = C::from_f64(x.to_f64() * (1.0 + j as f64 / 16.0)));
+            }
+        }
+    }
     let mut qo_indptr = vec![0u32];
     for &(qo, _) in &case.lens {
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
@@ -176,6 +190,27 @@ fn prefill_hopper_split_keys_merged_page_size_7_head_dim_64_f16() {
     run::<f16>(&case, 4, hopper_f16!(64));
 }
 
+/// Logits that rise from tile to tile: the softmax's maxima pass their rescaling margin in
+/// the middle of units, not only at a unit's first tile (the path where the Hopper kernel's
+/// probabilities, computed against the old maxima, are thrown away and computed again).
+#[test]
+fn prefill_hopper_rising_logits_page_size_7_head_dim_128_f16() {
+    let case =
+        Case { rising_keys: true, ..case(vec![(40, 700), (3, 300), (0, 5)], 7, 128, true, PrefillKernel::Hopper) };
+    run::<f16>(&case, 12, hopper_f16!(128));
+}
+
+#[test]
+fn prefill_hopper_rising_logits_split_keys_page_size_1_head_dim_64_f16() {
+    let case = Case {
+        rising_keys: true,
+        sms: 8,
+        splits: Some(true),
+        ..case(vec![(17, 1000), (1, 9)], 1, 64, false, PrefillKernel::Hopper)
+    };
+    run::<f16>(&case, 13, hopper_f16!(64));
+}
+
 /// Speculative decoding on the Hopper kernel (`Device::with_hopper_prefill`): 1 to 8 draft
 /// tokens at the end of each request's keys (group 4: 4 to 32 rows of a 128-row unit), several
 /// units a block, keys on and off the 128-key tile.
@@ -235,7 +270,17 @@ fn prefill_random_batches_f16() {
             .collect();
         let (head_dim, sms) = ([64, 128][r.random_range(0..2)], [1, 4, 32][r.random_range(0..3)]);
         let kernel = [PrefillKernel::Hopper, portable(64), portable(128)][seed as usize % 3];
-        let case = Case { lens, page_size, head_dim, causal, sms, splits: None, kernel, sinks: r.random_bool(0.3) };
+        let case = Case {
+            lens,
+            page_size,
+            head_dim,
+            causal,
+            sms,
+            splits: None,
+            kernel,
+            sinks: r.random_bool(0.3),
+            rising_keys: r.random_bool(0.3),
+        };
         let f: fn(&PrefillParams) = match (kernel, head_dim) {
             (PrefillKernel::Hopper, 64) => hopper_f16!(64),
             (PrefillKernel::Hopper, _) => hopper_f16!(128),

@@ -24,16 +24,16 @@ use crate::abi::{
     MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
 };
 use crate::gpu::hopper::{
-    claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
-    named_barrier, named_barrier_arrive, release_registers, smem_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_wait_frags, Wgmma,
+    claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
+    mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive, release_registers, smem_descriptor,
+    wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::sync::{sync_threads, sync_warp};
 use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
-use crate::gpu::warp::any;
+use crate::gpu::warp::{any, shfl_idx_u32};
 use crate::softmax::{finish_row, LogitScale, RowState};
 
 const TILE: u32 = MLA_HOPPER_TILE_TOKENS;
@@ -181,7 +181,9 @@ fn empty(smem: u32, stage: u32) -> u32 {
 unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, smem: u32, tid: u32) {
     let a = &p.attention;
     let ctid = tid - HOPPER_PRODUCER_THREADS;
-    let warpgroup = ctid / 128;
+    // Lane 0's (the same in every lane): ptxas then keeps what derives from it, the `wgmma`
+    // descriptors, in uniform registers (docs/perf.md, twenty-eighth session).
+    let warpgroup = shfl_idx_u32(ctid / 128, 0);
     let (warp, lane) = ((ctid / 32) % 4, tid % 32);
     let t = lane % 4;
     let heads = a.group_size.divisor;
@@ -232,9 +234,10 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
     // `4 · warpgroup..` of the tile's stage, MN-major (its 8-row groups 1 KiB apart).
     let issue_pv = |o: &mut [[f32; 4]; 32], probs: &[[u32; 4]; 4], tile: u32| {
         wgmma_fence();
-        let v = smem + K_STAGES + (tile % 2) * TILE_BYTES + 4 * warpgroup * SLAB_BYTES;
+        let v = smem + K_STAGES + shfl_idx_u32(tile % 2, 0) * TILE_BYTES + 4 * warpgroup * SLAB_BYTES;
+        let v0 = smem_descriptor(v, SLAB_BYTES, 1024);
         crate::unroll!(kb in [0, 1, 2, 3] {
-            H::mma_rs(o, probs[kb], smem_descriptor(v + kb as u32 * 2048, SLAB_BYTES, 1024));
+            H::mma_rs(o, probs[kb], descriptor_plus(v0, kb as u32 * 2048));
         });
         wgmma_commit();
     };
@@ -244,14 +247,15 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
         if tile % 2 == warpgroup {
             // This warpgroup's tile: S over all 576 dims (nine slabs, four k-steps each).
             land(tile);
-            let k = smem + K_STAGES + (tile % 2) * TILE_BYTES;
+            let k = smem + K_STAGES + shfl_idx_u32(tile % 2, 0) * TILE_BYTES;
+            let (q0, k0) = (smem_descriptor(smem, 16, 1024), smem_descriptor(k, 16, 1024));
             let mut s = [[0.0f32; 4]; 8];
             wgmma_fence();
             // 36 k-steps: past `unroll_to!`'s 16, and nothing indexes registers by the step.
             for kk in 0..CHUNKS / 2 {
                 let (slab, step) = (kk / 4, (kk % 4) * 32);
-                let qd = smem_descriptor(smem + slab * SLAB_BYTES + step, 16, 1024);
-                let kd = smem_descriptor(k + slab * SLAB_BYTES + step, 16, 1024);
+                let qd = descriptor_plus(q0, slab * SLAB_BYTES + step);
+                let kd = descriptor_plus(k0, slab * SLAB_BYTES + step);
                 H::mma_ss(&mut s, qd, kd, (kk > 0) as u32);
             }
             wgmma_commit();

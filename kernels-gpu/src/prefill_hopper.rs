@@ -12,7 +12,10 @@
 //! (`softmax::RowState`, whose fragment layout `wgmma` shares), O += P·V by `wgmma` with P from
 //! registers and V MN-major, then an arrival on the stage's "empty" mbarrier. The producer
 //! gives registers up (`setmaxnreg`) so the consumers can hold S, P and O. The two consumer
-//! warpgroups run out of step, so one's softmax overlaps the other's `wgmma`.
+//! warpgroups run out of step, so one's softmax overlaps the other's `wgmma`; that softmax is
+//! then the tile's critical path, so it computes the tile's row maxima only where the running
+//! ones no longer bound the probabilities (`RowState::update_speculating`), and the `wgmma`
+//! descriptors are built in uniform registers beside the `wgmma`s, not in it (`uniform`).
 //!
 //! Over an 8-bit cache (e4m3, e5m2) the producer's copies land in byte stages (half the bytes
 //! of a 16-bit tile) and the producer widens each tile into a ring stage itself, eight values
@@ -41,9 +44,9 @@ use crate::abi::{
 };
 use crate::gpu::fp8::KvElem;
 use crate::gpu::hopper::{
-    claim_registers, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait,
-    named_barrier, named_barrier_arrive, release_registers, smem_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_wait_frags, Wgmma,
+    claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
+    mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive, release_registers, smem_descriptor,
+    wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::mem::{prefetch_l2, store, Vec16};
@@ -520,7 +523,7 @@ unsafe fn consume<
     let chunks = HEAD_DIM / 8;
     let group = p.group_size.divisor;
     let rows = work.qo_len * group;
-    let warpgroup = tid / 128 - 1;
+    let warpgroup = uniform::<O_FRAGS>(tid / 128 - 1);
     let wg_first_row = 64 * warpgroup;
     let lane = tid % 32;
     let t = lane % 4;
@@ -611,11 +614,12 @@ unsafe fn consume<
     // Only the first `live` n-fragments (the tile's first `8 live` keys: the rows of a K-major
     // operand, so the same descriptor) are computed; `live` is a constant at each call.
     let issue_s = crate::inline_always!(|s: &mut [[f32; 4]; S_FRAGS], tile: u32, live: usize| {
-        let k_tile = ring.k_stage((base + tile) % STAGES);
+        let k_tile = ring.k_stage(uniform::<O_FRAGS>((base + tile) % STAGES));
+        let (q0, k0) = (smem_descriptor(q_rows, 16, 1024), smem_descriptor(k_tile, 16, 1024));
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
-            let qd = smem_descriptor(q_rows + slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16, 1024);
-            let kd = smem_descriptor(k_tile + slab * TILE * SLAB_ROW_BYTES + step, 16, 1024);
+            let qd = operand::<O_FRAGS>(q_rows, q0, slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16);
+            let kd = operand::<O_FRAGS>(k_tile, k0, slab * TILE * SLAB_ROW_BYTES + step, 16);
             let accumulate = (kk > 0) as u32;
             on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));
         });
@@ -649,7 +653,7 @@ unsafe fn consume<
         } else if masked {
             visibility.apply_positions(0, s, first_key, t);
         }
-        state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, |h, rescale| {
+        let rescale_o = |h: usize, rescale: f32| {
             crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
                 if n < O_FRAGS {
@@ -657,7 +661,15 @@ unsafe fn consume<
                     o[n][2 * h + 1] *= rescale;
                 }
             });
-        })
+        };
+        // With ping-pong the softmax's latency is the tile's (the other warpgroup's products
+        // wait for it): the tile's maxima are computed only where the reference ones no longer
+        // hold (a unit's first tile, rarely another).
+        if O_FRAGS <= 16 {
+            state.update_speculating::<H, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
+        } else {
+            state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
+        }
     });
     // O += P·V of `tile`, issued, not waited for: 16 keys a step; V's k-step is two 8-row
     // groups (1 KiB apart), its 64-dim slabs a whole slab apart.
@@ -665,9 +677,10 @@ unsafe fn consume<
     let issue_pv =
         crate::inline_always!(|o: &mut [[f32; 4]; O_FRAGS], probs: &[[u32; 4]; P_FRAGS], tile: u32, live: usize| {
             wgmma_fence();
-            let v_tile = ring.v_stage((base + tile) % STAGES);
+            let v_tile = ring.v_stage(uniform::<O_FRAGS>((base + tile) % STAGES));
+            let v0 = smem_descriptor(v_tile, TILE * SLAB_ROW_BYTES, 1024);
             crate::unroll_to!(kb < live.min(S_FRAGS) / 2, {
-                let vd = smem_descriptor(v_tile + kb as u32 * 2048, TILE * SLAB_ROW_BYTES, 1024);
+                let vd = operand::<O_FRAGS>(v_tile, v0, kb as u32 * 2048, TILE * SLAB_ROW_BYTES);
                 H::mma_rs(o, probs[kb], vd);
             });
             wgmma_commit();
@@ -878,6 +891,34 @@ unsafe fn consume<
         let (o, lse) = fold_sink(o, lse, sink_logit(p.sinks, kv_head * group + head));
         store_output::<H, HEAD_DIM>(p.out, p.lse, out_row as usize, chunk, &o, lse)
     });
+}
+
+/// The `wgmma` descriptor of the operand `offset` bytes into the tile at shared address `addr`
+/// (`leading` bytes between its 8 × 128-byte atoms), whose own descriptor is `base`: one
+/// addition to `base`, in uniform registers with [`uniform`]'s stage. At head_dim 256
+/// (`O_FRAGS > 16`) built afresh as before: the addition made that kernel 1.4–2.2% slower
+/// (docs/perf.md, twenty-eighth session).
+#[inline(always)]
+fn operand<const O_FRAGS: usize>(addr: u32, base: u64, offset: u32, leading: u32) -> u64 {
+    if O_FRAGS <= 16 {
+        descriptor_plus(base, offset)
+    } else {
+        smem_descriptor(addr + offset, leading, 1024)
+    }
+}
+
+/// `x`, which is the same in every lane of the warp, as lane 0's: ptxas then knows it is
+/// uniform and keeps what derives from it (the stage's and the Q rows' `wgmma` descriptors) in
+/// uniform registers, computed beside the `wgmma`s, instead of building each descriptor in
+/// ordinary registers and moving it over (docs/perf.md, twenty-eighth session). Not at head_dim
+/// 256 (`O_FRAGS > 16`), where ptxas then spilled.
+#[inline(always)]
+fn uniform<const O_FRAGS: usize>(x: u32) -> u32 {
+    if O_FRAGS <= 16 {
+        shfl_idx_u32(x, 0)
+    } else {
+        x
+    }
 }
 
 /// The first `L` n-fragments of `acc` (a prefix, so the `wgmma` of a narrower tile writes the

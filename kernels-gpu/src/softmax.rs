@@ -5,7 +5,7 @@
 //! (the C layout of `mma.sync`). Logits are base 2 (log2 e folded into the scale), so one
 //! `ex2` per probability; the LSE this yields is base 2, as FlashInfer's.
 use crate::gpu::half::Half;
-use crate::gpu::math::{exp2, fma, log2, rcp};
+use crate::gpu::math::{computed_here, exp2, fma, log2, rcp};
 use crate::gpu::warp::{any, shfl_xor_f32};
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
@@ -203,6 +203,41 @@ impl RowState {
         probs
     }
 
+    /// [`update_rescaling`](Self::update_rescaling) without the tile's maxima where they are not
+    /// needed: the probabilities are computed against the reference maxima the sums already
+    /// have, and kept if none passes 2^[`RESCALE_MARGIN`] (each lane's sum of its own bounds
+    /// them, so one comparison a row and a vote test it). Only otherwise, and for rows without
+    /// a reference yet (a unit's first tile), are the maxima computed (a tree of `max`, two
+    /// shuffles) and everything done as `update_rescaling` does, the probabilities again. Where
+    /// the softmax's latency is the tile's (the Hopper prefill's ping-pong: the other
+    /// warpgroup's products wait for it) this takes the maxima's chain out of nearly every tile.
+    #[inline(always)]
+    pub fn update_speculating<H: Half, const N: usize, const K: usize>(
+        &mut self,
+        s: &[[f32; 4]; N],
+        live: usize,
+        factor: f32,
+        rescale_rows: impl FnMut(usize, f32),
+    ) -> [[u32; 4]; K] {
+        const { assert!(N == 2 * K && N <= 16) };
+        const LIMIT: f32 = 256.0;
+        const { assert!(LIMIT == (1u32 << RESCALE_MARGIN as u32) as f32) };
+        if !any(self.m[0] == f32::NEG_INFINITY || self.m[1] == f32::NEG_INFINITY) {
+            let mut probs = [[0u32; 4]; K];
+            let sums = exponentials::<H, N, K>(s, live, factor, self.m, &mut probs);
+            // Packed here, not after the test (only the path that keeps them uses them): the
+            // 16-bit pairs take half the registers of the f32 values, beside S and O.
+            crate::unroll_to!(kb < K, {
+                probs[kb] = computed_here(probs[kb]);
+            });
+            if !any(sums[0] > LIMIT || sums[1] > LIMIT) {
+                self.sums = [self.sums[0] + sums[0], self.sums[1] + sums[1]];
+                return probs;
+            }
+        }
+        self.update_rescaling::<H, N, K>(s, live, factor, rescale_rows)
+    }
+
     /// Moves the state to reference maxima `m` that another warp's [`update_rescaling`]
     /// (Self::update_rescaling) reached from this state's (so `m ≥ self.m`; MLA's warpgroups
     /// taking turns at the tiles): the sums, and through `rescale_rows(h, factor)` the output
@@ -218,6 +253,30 @@ impl RowState {
             }
         });
     }
+}
+
+/// The probabilities `2^(factor · s − m_ref)` of the first `live` n-fragments of `s` as P's A
+/// fragments in `probs`, and this lane's share of each row's sum of them.
+#[inline(always)]
+fn exponentials<H: Half, const N: usize, const K: usize>(
+    s: &[[f32; 4]; N],
+    live: usize,
+    factor: f32,
+    m_ref: [f32; 2],
+    probs: &mut [[u32; 4]; K],
+) -> [f32; 2] {
+    let mut sums = [0.0f32; 2];
+    crate::unroll!(h in [0, 1] {
+        crate::unroll_to!(kb < live.min(N) / 2, {
+            let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
+            let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
+            sums[h] += (e[0] + e[1]) + (e[2] + e[3]);
+            // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
+            probs[kb][h] = H::pack2(e[0], e[1]);
+            probs[kb][2 + h] = H::pack2(e[2], e[3]);
+        });
+    });
+    sums
 }
 
 /// The base-2 sink logit of query head `head` from `sinks` (`*const f32` of natural-log logits,

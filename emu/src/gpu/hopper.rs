@@ -16,6 +16,11 @@ use crate::sim::{block, collective, Op};
 
 pub use super::plain::smem_descriptor;
 
+/// `desc` with its start address moved on by `bytes` (the kernels' form joins the words in PTX).
+pub fn descriptor_plus(desc: u64, bytes: u32) -> u64 {
+    desc + (bytes >> 4) as u64
+}
+
 /// A descriptor's start address, leading and stride byte offsets.
 fn decode(desc: u64) -> (u32, u32, u32) {
     assert_eq!(desc >> 62, 1, "descriptor {desc:#x}: only the 128-byte swizzle is emulated");

@@ -28,3 +28,7 @@ pub fn sin(x: f32) -> f32 {
 pub fn cos(x: f32) -> f32 {
     x.cos()
 }
+/// `x` (on the GPU an `asm` statement that pins where it is computed).
+pub fn computed_here(x: [u32; 4]) -> [u32; 4] {
+    x
+}

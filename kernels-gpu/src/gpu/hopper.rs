@@ -19,6 +19,23 @@ use core::arch::asm;
 
 pub use super::plain::smem_descriptor;
 
+/// `desc` (from [`smem_descriptor`]) with its start address moved on by `bytes`, a multiple of
+/// 16 that keeps it inside shared memory (below 256 KiB, so the 14-bit field does not carry):
+/// one 32-bit addition, where a descriptor built afresh takes a shift, a mask and an or before
+/// each `wgmma`. The words are joined in `asm` so that LLVM cannot fold the offset and the
+/// constant high word into a 64-bit addition (two instructions with the carry).
+#[inline(always)]
+pub fn descriptor_plus(desc: u64, bytes: u32) -> u64 {
+    let (lo, hi) = ((desc as u32).wrapping_add(bytes >> 4), (desc >> 32) as u32);
+    let d: u64;
+    // SAFETY: a register move.
+    unsafe {
+        asm!("mov.b64 {d}, {{{lo}, {hi}}};", d = out(reg64) d, lo = in(reg32) lo, hi = in(reg32) hi,
+             options(pure, nomem, nostack, preserves_flags))
+    }
+    d
+}
+
 /// Orders this thread's earlier register and shared-memory accesses before the warpgroup's
 /// next `wgmma` (needed before the first `wgmma` that reads registers written since).
 #[inline(always)]

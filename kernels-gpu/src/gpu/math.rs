@@ -69,3 +69,18 @@ pub fn cos(x: f32) -> f32 {
     unsafe { asm!("cos.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
     r
 }
+
+/// `x` unchanged, through an `asm` statement with effects: the compiler computes `x` before
+/// this point and cannot sink that computation past a branch that alone uses it (the Hopper
+/// prefill's probabilities, packed before the test that keeps them:
+/// `softmax::RowState::update_speculating`).
+#[inline(always)]
+pub fn computed_here(x: [u32; 4]) -> [u32; 4] {
+    let [mut a, mut b, mut c, mut d] = x;
+    // SAFETY: an empty statement; the operands only tie the values to it.
+    unsafe {
+        asm!("// computed here: {a} {b} {c} {d}", a = inout(reg32) a, b = inout(reg32) b, c = inout(reg32) c,
+             d = inout(reg32) d, options(nomem, nostack, preserves_flags))
+    }
+    [a, b, c, d]
+}
