@@ -33,6 +33,9 @@ struct Case {
     /// Whether the plan must split row tiles (checked when given, so that the merge is
     /// exercised).
     splits: Option<bool>,
+    /// Keys grow with their position (key `j`'s rotary part times `1 + j / 16`), so a row's
+    /// maximum keeps rising from tile to tile past the softmax's rescaling margin.
+    rising_keys: bool,
 }
 
 fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
@@ -43,6 +46,7 @@ fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
         causal: false,
         sms: 1,
         splits: Some(false),
+        rising_keys: false,
     }
 }
 
@@ -71,7 +75,17 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
     let scale = if C::DTYPE.is_fp8() { FP8_SCALE } else { 1.0 };
     let mut values =
         |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect() };
-    let (ckv, kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    let (ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    if case.rising_keys {
+        for (request, &kv_len) in kv_lens.iter().enumerate() {
+            let pages = &table.kv_indices[table.kv_indptr[request] as usize..];
+            for j in 0..kv_len {
+                let slot = pages[j / case.page_size] as usize * case.page_size + j % case.page_size;
+                let row = &mut kpe[slot * KPE..(slot + 1) * KPE];
+                row.iter_mut().for_each(|x| *x = C::from_f64(x.to_f64() * (1.0 + j as f64 / 16.0)));
+            }
+        }
+    }
     let mut qo_indptr = vec![0u32];
     for &(qo, _) in &case.lens {
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
@@ -166,6 +180,21 @@ fn mla_decode_split_and_merged_page_size_64_heads_64_f16() {
     run::<f16, f16, half::F16, half::F16>(&case, 5);
 }
 
+/// Logits that rise from tile to tile: the softmax's maxima pass their rescaling margin in the
+/// middle of a request (the Hopper kernel then computes a tile's probabilities again against
+/// the new maxima, and the other warpgroup adopts them).
+#[test]
+fn mla_decode_rising_logits_page_size_7_heads_16_f16() {
+    let case = Case { rising_keys: true, ..decode(&[600, 130, 1], 7, 16) };
+    run::<f16, f16, half::F16, half::F16>(&case, 9);
+}
+
+#[test]
+fn mla_decode_rising_logits_split_and_merged_page_size_64_heads_64_bf16() {
+    let case = Case { rising_keys: true, sms: 8, splits: Some(true), ..decode(&[1000, 5], 64, 64) };
+    run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 10);
+}
+
 #[test]
 fn mla_decode_split_and_merged_page_size_7_heads_16_bf16() {
     let case = Case { sms: 4, splits: Some(true), ..decode(&[700], 7, 16) };
@@ -222,7 +251,8 @@ fn mla_random_batches_bf16() {
                 (qo, kv)
             })
             .collect();
-        let case = Case { lens, page_size, heads, causal, sms: [1, 8, 64][r.random_range(0..3)], splits: None };
+        let sms = [1, 8, 64][r.random_range(0..3)];
+        let case = Case { lens, page_size, heads, causal, sms, splits: None, rising_keys: r.random_bool(0.3) };
         run::<bf16, bf16, half::Bf16, half::Bf16>(&case, seed);
     }
 }

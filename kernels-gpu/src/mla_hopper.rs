@@ -273,7 +273,10 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
                     });
                 });
             }
-            let probs = state.update_rescaling::<H, 8, 4>(&s, 8, factor, |h, rescale| {
+            // The other warpgroup waits for this softmax (its P · V half and its own next S
+            // follow the hand-over): the tile's maxima only where the reference ones no longer
+            // hold (2% faster on the long rows, docs/perf.md, twenty-eighth session).
+            let probs = state.update_speculating::<H, 8, 4>(&s, 8, factor, |h, rescale| {
                 crate::unroll_32!(n, {
                     o[n][2 * h] *= rescale;
                     o[n][2 * h + 1] *= rescale;
