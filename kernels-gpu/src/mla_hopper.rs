@@ -33,7 +33,7 @@ use crate::gpu::mem::Vec16;
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::sync::{sync_threads, sync_warp};
 use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
-use crate::gpu::warp::{any, shfl_idx_u32};
+use crate::gpu::warp::{any, warp_uniform};
 use crate::softmax::{finish_row, LogitScale, RowState};
 
 const TILE: u32 = MLA_HOPPER_TILE_TOKENS;
@@ -181,9 +181,8 @@ fn empty(smem: u32, stage: u32) -> u32 {
 unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, smem: u32, tid: u32) {
     let a = &p.attention;
     let ctid = tid - HOPPER_PRODUCER_THREADS;
-    // Lane 0's (the same in every lane): ptxas then keeps what derives from it, the `wgmma`
-    // descriptors, in uniform registers (docs/perf.md, twenty-eighth session).
-    let warpgroup = shfl_idx_u32(ctid / 128, 0);
+    // Warp-uniform, as the tile's stage below: the `wgmma` descriptors then live in uniform registers.
+    let warpgroup = warp_uniform(ctid / 128);
     let (warp, lane) = ((ctid / 32) % 4, tid % 32);
     let t = lane % 4;
     let heads = a.group_size.divisor;
@@ -234,7 +233,7 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
     // `4 · warpgroup..` of the tile's stage, MN-major (its 8-row groups 1 KiB apart).
     let issue_pv = |o: &mut [[f32; 4]; 32], probs: &[[u32; 4]; 4], tile: u32| {
         wgmma_fence();
-        let v = smem + K_STAGES + shfl_idx_u32(tile % 2, 0) * TILE_BYTES + 4 * warpgroup * SLAB_BYTES;
+        let v = smem + K_STAGES + warp_uniform(tile % 2) * TILE_BYTES + 4 * warpgroup * SLAB_BYTES;
         let v0 = smem_descriptor(v, SLAB_BYTES, 1024);
         crate::unroll!(kb in [0, 1, 2, 3] {
             H::mma_rs(o, probs[kb], descriptor_plus(v0, kb as u32 * 2048));
@@ -247,7 +246,7 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
         if tile % 2 == warpgroup {
             // This warpgroup's tile: S over all 576 dims (nine slabs, four k-steps each).
             land(tile);
-            let k = smem + K_STAGES + shfl_idx_u32(tile % 2, 0) * TILE_BYTES;
+            let k = smem + K_STAGES + warp_uniform(tile % 2) * TILE_BYTES;
             let (q0, k0) = (smem_descriptor(smem, 16, 1024), smem_descriptor(k, 16, 1024));
             let mut s = [[0.0f32; 4]; 8];
             wgmma_fence();

@@ -53,7 +53,7 @@ use crate::gpu::mem::{prefetch_l2, store, Vec16};
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr, load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
-use crate::gpu::warp::shfl_idx_u32;
+use crate::gpu::warp::{shfl_idx_u32, warp_uniform};
 use crate::merge::{last_to_finish, merge, store_output, Team};
 use crate::paged_tile::{kv_head_scale, widen_tile, PagedKv};
 use crate::prefill::Visibility;
@@ -907,15 +907,12 @@ fn operand<const O_FRAGS: usize>(addr: u32, base: u64, offset: u32, leading: u32
     }
 }
 
-/// `x`, which is the same in every lane of the warp, as lane 0's: ptxas then knows it is
-/// uniform and keeps what derives from it (the stage's and the Q rows' `wgmma` descriptors) in
-/// uniform registers, computed beside the `wgmma`s, instead of building each descriptor in
-/// ordinary registers and moving it over (docs/perf.md, twenty-eighth session). Not at head_dim
-/// 256 (`O_FRAGS > 16`), where ptxas then spilled.
+/// [`warp_uniform`] (the stage's and the Q rows' `wgmma` descriptors then live in uniform
+/// registers), but not at head_dim 256 (`O_FRAGS > 16`), where ptxas then spilled.
 #[inline(always)]
 fn uniform<const O_FRAGS: usize>(x: u32) -> u32 {
     if O_FRAGS <= 16 {
-        shfl_idx_u32(x, 0)
+        warp_uniform(x)
     } else {
         x
     }

@@ -22,6 +22,11 @@ pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {
     word(collective(Op::ShuffleIdx { value: x, src }))
 }
 
+/// `x` as lane 0's (on the GPU a hint that it is warp-uniform).
+pub fn warp_uniform(x: u32) -> u32 {
+    shfl_idx_u32(x, 0)
+}
+
 pub fn any(pred: bool) -> bool {
     word(collective(Op::Vote { pred })) != 0
 }

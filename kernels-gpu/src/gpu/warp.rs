@@ -42,6 +42,15 @@ pub fn shfl_idx_u32(x: u32, src: u32) -> u32 {
     r
 }
 
+/// `x`, the same in every lane of the warp, as lane 0's: ptxas then knows it is warp-uniform
+/// and keeps what derives from it in uniform registers (the `wgmma` descriptors of the Hopper
+/// kernels, built beside the `wgmma`s instead of in ordinary registers and moved over; CUTLASS
+/// broadcasts its warp index for the same reason; docs/perf.md, twenty-eighth session).
+#[inline(always)]
+pub fn warp_uniform(x: u32) -> u32 {
+    shfl_idx_u32(x, 0)
+}
+
 /// Whether `pred` holds on any lane (every lane gets the same answer).
 #[inline(always)]
 pub fn any(pred: bool) -> bool {
