@@ -299,6 +299,21 @@ fn prefill_hopper_e4m3_causal_page_size_7_head_dim_128_f16() {
     run::<E4m3>(&case, 8, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
 }
 
+/// The widening producer over one-token pages, several units a block (its loads of a unit's
+/// first tiles follow the last unit's), keys on and off the tile, a one-key request.
+#[test]
+fn prefill_hopper_e4m3_causal_page_size_1_head_dim_64_f16() {
+    let lens = vec![(40, 300), (3, 3), (1, 1), (70, 130), (0, 5), (9, 64)];
+    let case = Case { sms: 2, ..case(lens, 1, 64, true, PrefillKernel::Hopper) };
+    run::<E4m3>(&case, 14, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 64, p) });
+}
+
+#[test]
+fn prefill_hopper_e4m3_split_keys_merged_page_size_3_head_dim_128_f16() {
+    let case = Case { sms: 16, splits: Some(true), ..case(vec![(16, 1500)], 3, 128, false, PrefillKernel::Hopper) };
+    run::<E4m3>(&case, 15, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
+}
+
 #[test]
 fn prefill_with_sinks_causal_page_size_16_head_dim_64_rows_64_f16() {
     let lens = vec![(30, 80), (1, 1), (0, 4)];
