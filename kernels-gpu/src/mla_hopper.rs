@@ -29,8 +29,10 @@ use crate::gpu::hopper::{
     wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x};
-use crate::gpu::mem::Vec16;
-use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
+use crate::gpu::mem::{store, Vec16};
+use crate::gpu::shared::{
+    dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x2, store_shared_u32x4,
+};
 use crate::gpu::sync::{sync_threads, sync_warp};
 use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::{any, warp_uniform};
@@ -335,32 +337,66 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
     }
     named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS);
     let other = [0, 8].map(|h| f32::from_bits(load_shared_u32(other_sums + 4 * (my_row + h))));
+    // The rows leave through the K stages, free now (each warpgroup retired its last `wgmma`
+    // before the barrier above), as whole rows in 16-byte stores: a fragment's scattered
+    // 4-byte stores were 128 a thread for a split tile's f32 partials, queued in the load/store
+    // unit at the very end of the block (docs/perf.md, twenty-fourth session).
+    let staged = smem + K_STAGES;
     let split = work.slot != NO_PARTIAL;
+    let valid_rows = rows.saturating_sub(work.first_row).min(MLA_ROWS);
     crate::unroll!(h in [0, 1] {
-        let row = work.first_row + my_row + 8 * h as u32;
-        if row < rows {
-            let (inv, lse) = finish_row(state.m[h], own[h] + other[h], f32::NEG_INFINITY);
-            let first_dim = (256 * warpgroup + 2 * t) as usize;
+        let row = my_row + 8 * h as u32;
+        let (inv, lse) = finish_row(state.m[h], own[h] + other[h], f32::NEG_INFINITY);
+        let first_dim = 256 * warpgroup + 2 * t;
+        if split {
+            let at = staged + row * PARTIAL_ROW_STRIDE + 4 * first_dim;
+            crate::unroll_32!(n, {
+                store_shared_u32x2(at + 32 * n as u32, [(o[n][2 * h] * inv).to_bits(), (o[n][2 * h + 1] * inv).to_bits()]);
+            });
+        } else {
+            let at = staged + row * OUT_ROW_STRIDE + 2 * first_dim;
+            crate::unroll_32!(n, {
+                store_shared_u32(at + 16 * n as u32, H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv));
+            });
+        }
+        if row < valid_rows && t == 0 && warpgroup == 0 {
             if split {
-                let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;
-                let dst = (a.split.partial_out as *mut f32).add(prow * CKV as usize + first_dim);
-                crate::unroll_32!(n, {
-                    *dst.add(8 * n) = o[n][2 * h] * inv;
-                    *dst.add(8 * n + 1) = o[n][2 * h + 1] * inv;
-                });
-                if t == 0 && warpgroup == 0 {
-                    *(a.split.partial_lse as *mut f32).add(prow) = lse;
-                }
-            } else {
-                let out_row = (work.q_start * heads + row) as usize;
-                let out = (a.out as *mut u32).add((out_row * CKV as usize + first_dim) / 2);
-                crate::unroll_32!(n, {
-                    *out.add(4 * n) = H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-                });
-                if a.lse != 0 && t == 0 && warpgroup == 0 {
-                    *(a.lse as *mut f32).add(out_row) = lse;
-                }
+                *(a.split.partial_lse as *mut f32).add((work.slot * MLA_ROWS + row) as usize) = lse;
+            } else if a.lse != 0 {
+                *(a.lse as *mut f32).add((work.q_start * heads + work.first_row + row) as usize) = lse;
             }
         }
     });
+    named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS);
+    if split {
+        let dst = (a.split.partial_out as *mut Vec16).add((work.slot * MLA_ROWS) as usize * (CKV / 4) as usize);
+        copy_rows_out::<{ CKV / 4 }, PARTIAL_ROW_STRIDE>(staged, dst, valid_rows, ctid);
+    } else {
+        let dst = (a.out as *mut Vec16).add((work.q_start * heads + work.first_row) as usize * (CKV / 8) as usize);
+        copy_rows_out::<{ CKV / 8 }, OUT_ROW_STRIDE>(staged, dst, valid_rows, ctid);
+    }
+}
+
+/// Staged rows of the output in the K stages: a 16-bit output row 16 bytes past a multiple of
+/// 128, an f32 partial row 32, so that a warp's fragment stores (eight rows, four threads a row;
+/// 8-byte stores go in half warps of four rows) fall on distinct banks.
+const OUT_ROW_STRIDE: u32 = CKV * 2 + 16;
+const PARTIAL_ROW_STRIDE: u32 = CKV * 4 + 32;
+const _: () = assert!(MLA_ROWS * PARTIAL_ROW_STRIDE <= 2 * TILE_BYTES);
+
+/// Copies the first `rows` staged rows (`CHUNKS_A_ROW` 16-byte chunks each, `STRIDE` bytes apart
+/// from `staged`) to consecutive rows at `dst`, the consumer threads taking consecutive chunks.
+#[inline(always)]
+unsafe fn copy_rows_out<const CHUNKS_A_ROW: u32, const STRIDE: u32>(
+    staged: u32,
+    dst: *mut Vec16,
+    rows: u32,
+    ctid: u32,
+) {
+    let mut i = ctid;
+    while i < rows * CHUNKS_A_ROW {
+        let (row, chunk) = (i / CHUNKS_A_ROW, i % CHUNKS_A_ROW);
+        store(dst.add(i as usize), Vec16(load_shared_u32x4(staged + row * STRIDE + 16 * chunk)));
+        i += CONSUMER_THREADS;
+    }
 }
