@@ -57,8 +57,8 @@ pub mod softmax;
 pub use sim::{launch, DeviceBuffer, Fault, LaunchConfig};
 
 /// A launch's split-KV scratch ([`abi::SplitScratch`]): merge counters (zero, as between
-/// launches) and partial rows of `dim` f32 with their LSEs (NaN: a partial a kernel reads
-/// before writing poisons its result).
+/// launches) and partial rows of `dim` f32 (or `2 · dim` 16-bit values) with their LSEs (NaN:
+/// a partial a kernel reads before writing poisons its result).
 pub struct SplitBuffers {
     counters: DeviceBuffer<u32>,
     partial_out: DeviceBuffer<f32>,
@@ -69,7 +69,8 @@ impl SplitBuffers {
     pub fn new(counters: usize, partial_rows: usize, dim: usize) -> Self {
         SplitBuffers {
             counters: DeviceBuffer::filled("merge counters", counters.max(1), 0),
-            partial_out: DeviceBuffer::filled("partial out", (partial_rows * dim).max(1), f32::NAN),
+            // All ones: NaN as f32, and as each 16-bit half of one.
+            partial_out: DeviceBuffer::filled("partial out", (partial_rows * dim).max(1), f32::from_bits(u32::MAX)),
             partial_lse: DeviceBuffer::filled("partial lse", partial_rows.max(1), f32::NAN),
         }
     }

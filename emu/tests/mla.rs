@@ -6,8 +6,8 @@
 //! caches, poisoned outputs. The launches' parameters are the host plan's own (`mla_split`,
 //! `mla_params`). Small shapes: every thread of every block is emulated.
 use ferrinfer::internals::abi::{
-    mla_hopper_smem_bytes, mla_merge_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM,
-    MLA_HOPPER_THREADS, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS,
+    mla_hopper_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_MERGE_ROWS,
+    MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS,
 };
 use ferrinfer::internals::{mla_params, MlaAddresses};
 use ferrinfer::{bf16, f16, mla_split, reference, E4m3, E5m2, KvDType, MlaCacheShape, MlaOptions, PageTable};
@@ -110,7 +110,8 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
     let b_out = DeviceBuffer::filled("out", rows * CKV, poison::<T>());
     let b_lse = DeviceBuffer::filled("lse", rows, f32::NAN);
     let partial_rows = split.slots * MLA_ROWS as usize;
-    let scratch_buffers = SplitBuffers::new(0, partial_rows, MLA_CKV_DIM as usize);
+    // 16-bit partial rows: half a row of f32.
+    let scratch_buffers = SplitBuffers::new(0, partial_rows, MLA_CKV_DIM as usize / 2);
     let addresses = MlaAddresses {
         q_nope: b_q_nope.ptr(),
         q_pe: b_q_pe.ptr(),
@@ -139,9 +140,9 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
     launched.unwrap_or_else(|f| panic!("{kernel}: {f}"));
     if !split.merge_tiles.is_empty() {
         let cfg = LaunchConfig {
-            grid: (split.merge_tiles.len() as u32, MLA_ROWS),
+            grid: (split.merge_tiles.len() as u32, MLA_ROWS / MLA_MERGE_ROWS),
             threads: MLA_MERGE_THREADS,
-            smem_bytes: mla_merge_smem_bytes(),
+            smem_bytes: 0,
         };
         // SAFETY: as above.
         launch(cfg, move || unsafe { mla::mla_merge::<H>(&merge_params) })
@@ -199,6 +200,14 @@ fn mla_decode_rising_logits_split_and_merged_page_size_64_heads_64_bf16() {
 fn mla_decode_split_and_merged_page_size_7_heads_16_bf16() {
     let case = Case { sms: 4, splits: Some(true), ..decode(&[700], 7, 16) };
     run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 6);
+}
+
+/// Row tiles split in 13 and in 2 parts: the merge takes the first tile's parts eight at a
+/// time, rescaling its running sums between the groups.
+#[test]
+fn mla_decode_split_in_many_and_in_few_parts_page_size_7_heads_16_f16() {
+    let case = Case { sms: 16, splits: Some(true), rising_keys: true, ..decode(&[2000, 300], 7, 16) };
+    run::<f16, f16, half::F16, half::F16>(&case, 13);
 }
 
 #[test]

@@ -14,21 +14,24 @@
 //! barrier of the pair; at the end they add their row sums the same way. V is the ckv tile
 //! itself: each key is read from memory once for both products.
 //!
-//! Split row tiles (long keys, few requests) write f32 partials that `mla_merge` combines, a
-//! block per row: a tile's parts hold 64 × 512 floats each, too much for one block to merge
-//! after the others as prefill's last part does.
+//! Split row tiles (long keys, few requests) write 16-bit partials that `mla_merge` combines, a
+//! thread per 8 dims of a row: a tile's parts hold 64 × 512 values each, too much for one block
+//! to merge after the others as prefill's last part does (measured in the Hopper kernel: a
+//! four-part tile's last part took as long as the merge kernel, an eight-part one 12 µs
+//! longer; docs/perf.md, thirtieth session).
 use crate::abi::{
     kv_table_bytes, mla_smem_bytes, mla_widened_bytes, MlaMergeParams, MlaParams, PrefillWorkItem, MLA_CKV_DIM,
-    MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_STAGES, MLA_THREADS, MLA_TILE_TOKENS, NO_PARTIAL,
+    MLA_KPE_DIM, MLA_MERGE_ROWS, MLA_ROWS, MLA_STAGES, MLA_THREADS, MLA_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::gpu::fp8::KvElem;
 use crate::gpu::half::Half;
 use crate::gpu::hopper::named_barrier;
 use crate::gpu::index::{block_x, block_y, thread_x};
-use crate::gpu::mem::Vec16;
+use crate::gpu::math::{exp2, log2};
+use crate::gpu::mem::{load_l2, load_l2_f32, Vec16};
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
-use crate::merge::{merge, store_output, Block};
+use crate::merge::store_output;
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::prefill::Visibility;
 use crate::softmax::{finish_row, LogitScale, RowState};
@@ -255,45 +258,86 @@ pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
             // An 8-bit cache's scale (1 for a 16-bit one) goes with the normalisation.
             let inv = inv * a.v_scale;
             let first_dim = (WARP_DIMS * half + 2 * t) as usize;
-            if split {
+            // A split tile's partial rows are 16-bit too (`mla_merge`), at its slot's rows.
+            let (dst, dst_row, lse_at) = if split {
                 let prow = (work.slot * MLA_ROWS + row - work.first_row) as usize;
-                let dst = (a.split.partial_out as *mut f32).add(prow * CKV as usize + first_dim);
-                crate::unroll_32!(n, {
-                    *dst.add(8 * n) = acc[n / 2][n % 2][2 * h] * inv;
-                    *dst.add(8 * n + 1) = acc[n / 2][n % 2][2 * h + 1] * inv;
-                });
-                if t == 0 && half == 0 {
-                    *(a.split.partial_lse as *mut f32).add(prow) = lse;
-                }
+                (a.split.partial_out, prow, a.split.partial_lse)
             } else {
-                let out_row = (work.q_start * heads + row) as usize;
-                let out = (a.out as *mut u32).add((out_row * CKV as usize + first_dim) / 2);
-                crate::unroll_32!(n, {
-                    *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
-                });
-                if a.lse != 0 && t == 0 && half == 0 {
-                    *(a.lse as *mut f32).add(out_row) = lse;
-                }
+                (a.out, (work.q_start * heads + row) as usize, a.lse)
+            };
+            let out = (dst as *mut u32).add((dst_row * CKV as usize + first_dim) / 2);
+            crate::unroll_32!(n, {
+                *out.add(4 * n) = H::pack2(acc[n / 2][n % 2][2 * h] * inv, acc[n / 2][n % 2][2 * h + 1] * inv);
+            });
+            if lse_at != 0 && t == 0 && half == 0 {
+                *(lse_at as *mut f32).add(dst_row) = lse;
             }
         }
     });
 }
 
-/// Merges row `blockIdx.y` of split MLA row tile `blockIdx.x` (`abi::MlaMergeParams`). Grid:
-/// (split tiles, `MLA_ROWS`); rows past the request leave at once (the whole block).
+/// Merges the split MLA row tiles (`abi::MlaMergeParams`): thread `t` of block `(x, y)` takes
+/// 8-dim slice `t mod 64` of row `MLA_MERGE_ROWS · y + t / 64` of split tile `x`; rows past
+/// the request leave at once. No shared memory and no barrier: each thread loads the LSEs and
+/// its slices of [`MERGE_PARTS_AT_ONCE`] parts together, so that one memory round trip serves
+/// a tile of that many parts (the merge of a 16-request decode batch, whose partials were just
+/// written, waited on a chain of dependent loads before: docs/perf.md, thirtieth session), and
+/// merges further groups of parts into the running state as the online softmax does.
 #[inline(always)]
 pub unsafe fn mla_merge<H: Half>(p: &MlaMergeParams) {
     let tile = *(p.tiles as *const PrefillWorkItem).add(block_x() as usize);
-    let row = block_y();
+    const SLICES: u32 = CKV / 8;
+    let (row, slice) = (block_y() * MLA_MERGE_ROWS + thread_x() / SLICES, thread_x() % SLICES);
     if tile.first_row + row >= tile.qo_len * p.heads {
         return;
     }
+    let partial_row = |part: u32| ((tile.first_slot + part) * MLA_ROWS + row) as usize;
+    let (mut m, mut total, mut o) = (f32::NEG_INFINITY, 0.0f32, [0.0f32; 8]);
+    let mut first = 0;
+    while first < tile.parts {
+        let n = (tile.parts - first).min(MERGE_PARTS_AT_ONCE as u32) as usize;
+        let mut s = [f32::NEG_INFINITY; MERGE_PARTS_AT_ONCE];
+        let mut v = [Vec16::default(); MERGE_PARTS_AT_ONCE];
+        crate::unroll!(k in [0, 1, 2, 3, 4, 5, 6, 7] {
+            if k < n {
+                let prow = partial_row(first + k as u32);
+                s[k] = load_l2_f32((p.split.partial_lse as *const f32).add(prow));
+                v[k] = load_l2((p.split.partial_out as *const Vec16).add(prow * SLICES as usize + slice as usize));
+            }
+        });
+        let mut new_m = m;
+        crate::unroll!(k in [0, 1, 2, 3, 4, 5, 6, 7] {
+            new_m = new_m.max(s[k]);
+        });
+        // Weights against a finite reference (0 while no part has keys: every weight is then 0).
+        let m_ref = if new_m == f32::NEG_INFINITY { 0.0 } else { new_m };
+        let rescale = exp2(m - m_ref);
+        total *= rescale;
+        for x in o.iter_mut() {
+            *x *= rescale;
+        }
+        crate::unroll!(k in [0, 1, 2, 3, 4, 5, 6, 7] {
+            if k < n {
+                let w = exp2(s[k] - m_ref);
+                total += w;
+                for e in 0..4 {
+                    o[2 * e] += w * H::to_f32(v[k].0[e] as u16);
+                    o[2 * e + 1] += w * H::to_f32((v[k].0[e] >> 16) as u16);
+                }
+            }
+        });
+        m = new_m;
+        first += MERGE_PARTS_AT_ONCE as u32;
+    }
+    // Some part had keys (a total above 0) only with a finite maximum.
+    let (inv, lse) = if total > 0.0 { (1.0 / total, m + log2(total)) } else { (0.0, f32::NEG_INFINITY) };
+    for x in o.iter_mut() {
+        *x *= inv;
+    }
     let out_row = (tile.q_start * p.heads + tile.first_row + row) as usize;
-    merge::<Block<MLA_MERGE_THREADS>, CKV>(
-        &p.split,
-        tile.parts,
-        1,
-        |part, _| ((tile.first_slot + part) * MLA_ROWS + row) as usize,
-        |_, chunk, o, lse| store_output::<H, CKV>(p.out, p.lse, out_row, chunk, o, lse),
-    );
+    store_output::<H, CKV>(p.out, p.lse, out_row, slice, &o, lse);
 }
+
+/// Parts whose partials a merge thread loads at once (the unrolled loops walk eight).
+const MERGE_PARTS_AT_ONCE: usize = 8;
+const _: () = assert!(MERGE_PARTS_AT_ONCE == 8);

@@ -19,6 +19,10 @@
 //! A handed-over value is read and rewritten at the same place by the same thread of the other
 //! warpgroup (each thread's P fragments, each quad's maxima), so one buffer serves every tile:
 //! a warpgroup writes tile `t + 1`'s hand-over only after reading tile `t`'s.
+//!
+//! At the end the finished rows leave through the K stages, free by then: each thread stages
+//! its fragments, and the block's rows go out in 16-byte stores of whole rows. A split tile's
+//! partial rows are 16-bit like its output (FlashInfer's too), merged by `mla::mla_merge`.
 use crate::abi::{
     mla_hopper_smem_bytes, MlaParams, PrefillWorkItem, HOPPER_PRODUCER_THREADS, MLA_CKV_DIM, MLA_HOPPER_THREADS,
     MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
@@ -30,9 +34,7 @@ use crate::gpu::hopper::{
 };
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::mem::{store, Vec16};
-use crate::gpu::shared::{
-    dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x2, store_shared_u32x4,
-};
+use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::sync::{sync_threads, sync_warp};
 use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::{any, warp_uniform};
@@ -339,26 +341,19 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
     let other = [0, 8].map(|h| f32::from_bits(load_shared_u32(other_sums + 4 * (my_row + h))));
     // The rows leave through the K stages, free now (each warpgroup retired its last `wgmma`
     // before the barrier above), as whole rows in 16-byte stores: a fragment's scattered
-    // 4-byte stores were 128 a thread for a split tile's f32 partials, queued in the load/store
-    // unit at the very end of the block (docs/perf.md, twenty-fourth session).
+    // 4-byte stores were 64 a thread (128 for f32 partials), queued in the load/store unit at
+    // the very end of the block (docs/perf.md, twenty-fourth session). A split tile's partial
+    // rows are the output's 16-bit type as FlashInfer's (half the bytes to write and merge).
     let staged = smem + K_STAGES;
     let split = work.slot != NO_PARTIAL;
     let valid_rows = rows.saturating_sub(work.first_row).min(MLA_ROWS);
     crate::unroll!(h in [0, 1] {
         let row = my_row + 8 * h as u32;
         let (inv, lse) = finish_row(state.m[h], own[h] + other[h], f32::NEG_INFINITY);
-        let first_dim = 256 * warpgroup + 2 * t;
-        if split {
-            let at = staged + row * PARTIAL_ROW_STRIDE + 4 * first_dim;
-            crate::unroll_32!(n, {
-                store_shared_u32x2(at + 32 * n as u32, [(o[n][2 * h] * inv).to_bits(), (o[n][2 * h + 1] * inv).to_bits()]);
-            });
-        } else {
-            let at = staged + row * OUT_ROW_STRIDE + 2 * first_dim;
-            crate::unroll_32!(n, {
-                store_shared_u32(at + 16 * n as u32, H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv));
-            });
-        }
+        let at = staged + row * OUT_ROW_STRIDE + 2 * (256 * warpgroup + 2 * t);
+        crate::unroll_32!(n, {
+            store_shared_u32(at + 16 * n as u32, H::pack2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv));
+        });
         if row < valid_rows && t == 0 && warpgroup == 0 {
             if split {
                 *(a.split.partial_lse as *mut f32).add((work.slot * MLA_ROWS + row) as usize) = lse;
@@ -369,34 +364,32 @@ unsafe fn consume<H: Wgmma>(p: &MlaParams, work: &PrefillWorkItem, tiles: u32, s
     });
     named_barrier(BARRIER_CONSUMERS, CONSUMER_THREADS);
     if split {
-        let dst = (a.split.partial_out as *mut Vec16).add((work.slot * MLA_ROWS) as usize * (CKV / 4) as usize);
-        copy_rows_out::<{ CKV / 4 }, PARTIAL_ROW_STRIDE>(staged, dst, valid_rows, ctid);
+        copy_rows_out(
+            staged,
+            (a.split.partial_out as *mut Vec16).add((work.slot * MLA_ROWS * (CKV / 8)) as usize),
+            valid_rows,
+            ctid,
+        );
     } else {
-        let dst = (a.out as *mut Vec16).add((work.q_start * heads + work.first_row) as usize * (CKV / 8) as usize);
-        copy_rows_out::<{ CKV / 8 }, OUT_ROW_STRIDE>(staged, dst, valid_rows, ctid);
+        let first = (work.q_start * heads + work.first_row) as usize;
+        copy_rows_out(staged, (a.out as *mut Vec16).add(first * (CKV / 8) as usize), valid_rows, ctid);
     }
 }
 
-/// Staged rows of the output in the K stages: a 16-bit output row 16 bytes past a multiple of
-/// 128, an f32 partial row 32, so that a warp's fragment stores (eight rows, four threads a row;
-/// 8-byte stores go in half warps of four rows) fall on distinct banks.
-const OUT_ROW_STRIDE: u32 = CKV * 2 + 16;
-const PARTIAL_ROW_STRIDE: u32 = CKV * 4 + 32;
-const _: () = assert!(MLA_ROWS * PARTIAL_ROW_STRIDE <= 2 * TILE_BYTES);
-
-/// Copies the first `rows` staged rows (`CHUNKS_A_ROW` 16-byte chunks each, `STRIDE` bytes apart
-/// from `staged`) to consecutive rows at `dst`, the consumer threads taking consecutive chunks.
+/// Copies the first `rows` staged rows (`OUT_ROW_STRIDE` bytes apart from `staged`) to
+/// consecutive rows at `dst`, the consumer threads taking consecutive 16-byte chunks.
 #[inline(always)]
-unsafe fn copy_rows_out<const CHUNKS_A_ROW: u32, const STRIDE: u32>(
-    staged: u32,
-    dst: *mut Vec16,
-    rows: u32,
-    ctid: u32,
-) {
+unsafe fn copy_rows_out(staged: u32, dst: *mut Vec16, rows: u32, ctid: u32) {
     let mut i = ctid;
-    while i < rows * CHUNKS_A_ROW {
-        let (row, chunk) = (i / CHUNKS_A_ROW, i % CHUNKS_A_ROW);
-        store(dst.add(i as usize), Vec16(load_shared_u32x4(staged + row * STRIDE + 16 * chunk)));
+    while i < rows * (CKV / 8) {
+        let (row, chunk) = (i / (CKV / 8), i % (CKV / 8));
+        store(dst.add(i as usize), Vec16(load_shared_u32x4(staged + row * OUT_ROW_STRIDE + 16 * chunk)));
         i += CONSUMER_THREADS;
     }
 }
+
+/// Staged output rows (or a split tile's partial rows, also 16-bit) in the K stages: 16 bytes
+/// past a multiple of 128 apart, so that a warp's fragment stores (eight rows, four threads a
+/// row) fall on distinct banks.
+const OUT_ROW_STRIDE: u32 = CKV * 2 + 16;
+const _: () = assert!(MLA_ROWS * OUT_ROW_STRIDE <= 2 * TILE_BYTES);

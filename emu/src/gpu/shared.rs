@@ -38,8 +38,3 @@ pub unsafe fn load_shared_u32(addr: u32) -> u32 {
 pub unsafe fn store_shared_u32x4(addr: u32, v: [u32; 4]) {
     *(words::<4>(addr) as *mut [u32; 4]) = v;
 }
-/// # Safety
-/// As [`load_shared_u32x4`].
-pub unsafe fn store_shared_u32x2(addr: u32, v: [u32; 2]) {
-    *(words::<2>(addr) as *mut [u32; 2]) = v;
-}

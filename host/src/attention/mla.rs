@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::plan::{as_bytes, check_lengths, paged_cache_params, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
     FastDiv, MlaMergeParams, MlaParams, PrefillParams, PrefillWorkItem, SplitScratch, MLA_CKV_DIM, MLA_KPE_DIM,
-    MLA_MAX_PARTS, MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
+    MLA_MAX_PARTS, MLA_MERGE_ROWS, MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::runtime::device::{launch_config, Device, LaunchStream};
 use crate::runtime::dtype::{DType, KvDType};
@@ -50,7 +50,7 @@ pub struct MlaSplit {
     pub work: Vec<PrefillWorkItem>,
     /// Each split row tile's first part: one merge per tile.
     pub merge_tiles: Vec<PrefillWorkItem>,
-    /// Partial slots of split row tiles (each `MLA_ROWS` rows of 512 f32).
+    /// Partial slots of split row tiles (each `MLA_ROWS` rows of 512 16-bit values).
     pub slots: usize,
     /// Query tokens of the batch.
     pub total_q: usize,
@@ -175,7 +175,8 @@ impl BatchMlaPlan {
         let scratch = ScratchLayout {
             counters: 0,
             partial_rows: split.slots * MLA_ROWS as usize,
-            head_dim: MLA_CKV_DIM as usize,
+            // 16-bit partial rows: half a row of f32.
+            head_dim: MLA_CKV_DIM as usize / 2,
         };
         let parts = [as_bytes(&table.kv_indices), as_bytes(&split.work), as_bytes(&split.merge_tiles)];
         self.core.replan(&parts, scratch)?;
@@ -315,7 +316,7 @@ impl BatchMlaPlan {
         if work.merge_tiles == 0 {
             return Ok(());
         }
-        let cfg = launch_config((work.merge_tiles, MLA_ROWS), merge.threads, merge.smem_bytes);
+        let cfg = launch_config((work.merge_tiles, MLA_ROWS / MLA_MERGE_ROWS), merge.threads, merge.smem_bytes);
         // SAFETY: as above: the merge reads the partials the first launch wrote (stream order)
         // at the slots of the uploaded tiles, and writes the rows of those tiles.
         unsafe {

@@ -753,9 +753,10 @@ pub const HOPPER_MAX_BLOCK_SMEM_BYTES: u32 = 227 * 1024;
 /// A block's eight warps split both products: warp `w` computes S for rows `16 (w mod 4)..`
 /// and keys `16 (w / 4)..` of each [`MLA_TILE_TOKENS`]-key tile (the two warps of a row range
 /// share their row maxima and P through shared memory), and O for the same rows and output dims
-/// `256 (w / 4)..`. A split row tile's parts write f32 partials (`[slot][MLA_ROWS][512]`) that
-/// the merge kernel ([`MlaMergeParams`]) combines: with 512 dims a row, one block merging a
-/// whole tile would take longer than the parts.
+/// `256 (w / 4)..`. A split row tile's parts write partials in the queries' 16-bit type
+/// (`[slot][MLA_ROWS][512]`, as FlashInfer's; their LSEs f32) that the merge kernel
+/// ([`MlaMergeParams`]) combines: with 512 dims a row, one block merging a whole tile would
+/// take longer than the parts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct MlaParams {
@@ -829,9 +830,10 @@ pub const fn mla_hopper_smem_bytes() -> u32 {
         + 4 * 8
 }
 
-/// The merge of split MLA row tiles: block `(x, y)` merges row `y` of split tile `x`, whose
-/// first part's work item is entry `x` of `tiles`; part `i`'s partial row is
-/// `(first_slot + i) · MLA_ROWS + row` of `split`. Writes the output row and its LSE.
+/// The merge of split MLA row tiles: block `(x, y)` merges rows `MLA_MERGE_ROWS · y..` of split
+/// tile `x`, whose first part's work item is entry `x` of `tiles`; part `i`'s partial row is
+/// `(first_slot + i) · MLA_ROWS + row` of `split` (16-bit, the output's type). Writes the
+/// output rows and their LSEs. A thread an 8-dim slice of a row; no shared memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct MlaMergeParams {
@@ -847,15 +849,14 @@ pub struct MlaMergeParams {
     pub heads: u32,
 }
 
-/// Threads of an MLA merge block: 64 slices of a row, each summed over the parts by two threads.
+/// Threads of an MLA merge block: the 64 8-dim slices of [`MLA_MERGE_ROWS`] rows.
 pub const MLA_MERGE_THREADS: u32 = 128;
-/// Parts an MLA row tile's keys are split into at most (the merge stages a weight per part).
+/// Rows of a split tile an MLA merge block merges: a grid of (split tiles, `MLA_ROWS /
+/// MLA_MERGE_ROWS`) blocks.
+pub const MLA_MERGE_ROWS: u32 = MLA_MERGE_THREADS / (MLA_CKV_DIM / 8);
+const _: () = assert!(MLA_ROWS.is_multiple_of(MLA_MERGE_ROWS));
+/// Parts an MLA row tile's keys are split into at most.
 pub const MLA_MAX_PARTS: u32 = 256;
-
-/// Dynamic shared memory of an MLA merge block: the threads' sums, a weight per part, the LSE.
-pub const fn mla_merge_smem_bytes() -> u32 {
-    (8 * MLA_MERGE_THREADS + MLA_MAX_PARTS + 1) * 4
-}
 
 /// Merging attention states (FlashInfer's `merge_state(s)`): for each of `rows` (token, head)
 /// rows, `num_states` partial outputs `v_k` with base-2 LSEs `s_k` become

@@ -9,10 +9,10 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule};
 
 use super::abi::{
-    decode_block_smem_bytes, decode_block_threads, hopper_prefill_smem_bytes, mla_hopper_smem_bytes,
-    mla_merge_smem_bytes, mla_smem_bytes, prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS,
-    HOPPER_PREFILL_THREADS, MERGE_THREADS, MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS,
-    MLA_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR, ROPE_THREADS,
+    decode_block_smem_bytes, decode_block_threads, hopper_prefill_smem_bytes, mla_hopper_smem_bytes, mla_smem_bytes,
+    prefill_smem_bytes, prefill_threads, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, MERGE_THREADS, MLA_CKV_DIM,
+    MLA_HOPPER_THREADS, MLA_KPE_DIM, MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, ROPE_GPTJ, ROPE_NEOX, ROPE_NEOX_SCALAR,
+    ROPE_THREADS,
 };
 use super::dtype::DType;
 use crate::error::{Error, Result};
@@ -86,7 +86,7 @@ impl Variant {
             }
             Family::MergeStates => Some((MERGE_THREADS, 0)),
             Family::Mla => Some((MLA_THREADS, mla_smem_bytes(self.kv_bytes()))),
-            Family::MlaMerge => Some((MLA_MERGE_THREADS, mla_merge_smem_bytes())),
+            Family::MlaMerge => Some((MLA_MERGE_THREADS, 0)),
             Family::MlaHopper => Some((MLA_HOPPER_THREADS, mla_hopper_smem_bytes())),
             Family::Rope => Some((ROPE_THREADS, 0)),
             Family::Single | Family::GatherFp8 | Family::ScatterFp8 => None,

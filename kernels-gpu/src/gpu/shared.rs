@@ -81,13 +81,3 @@ pub unsafe fn store_shared_u32x4(addr: u32, v: [u32; 4]) {
     asm!("st.shared.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};", p = in(reg32) addr, a = in(reg32) v[0],
          b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3], options(nostack, preserves_flags));
 }
-
-/// Writes two `u32` to shared-window address `addr`.
-///
-/// # Safety
-/// `addr` is an 8-byte aligned address within the launch's shared memory.
-#[inline(always)]
-pub unsafe fn store_shared_u32x2(addr: u32, v: [u32; 2]) {
-    asm!("st.shared.v2.u32 [{p}], {{{a}, {b}}};", p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1],
-         options(nostack, preserves_flags));
-}

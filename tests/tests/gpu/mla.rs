@@ -198,6 +198,15 @@ pub fn tests() -> Vec<GpuTest> {
         Some(true),
     );
     add::<f16, f16>(&mut t, "mla_decode_split_page_size_7_heads_16", Case::decode(&[8192, 4097], 7, 16), Some(true));
+    // A decode batch of 16 over 700 to 2950 keys: its row tiles split in a few parts each
+    // (one group of the merge's loads).
+    let sixteen: Vec<usize> = (0..16).map(|i| 700 + 150 * i).collect();
+    add::<bf16, bf16>(
+        &mut t,
+        "mla_decode_batch_16_split_in_few_parts_page_size_64_heads_128",
+        Case::decode(&sixteen, 64, 128),
+        Some(true),
+    );
     // Several query tokens a request (speculative decoding, chunked prefill), causal: 16 heads
     // pack four tokens in a block, 128 heads take two blocks a token.
     let multi = vec![(1, 1), (6, 50), (3, 3), (0, 20), (17, 400)];
