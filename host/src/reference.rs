@@ -172,25 +172,40 @@ fn attend<T: KvDType, C: KvDType>(
             let dot: f64 = (0..dim)
                 .map(|d| q[d].to_f64() * k_pool[shape.element_index(page, slot, kv_head, d)].to_f64() * k_scale)
                 .sum();
-            let s = sm_scale * dot;
-            if cap > 0.0 {
-                cap * (s / cap).tanh()
-            } else {
-                s
-            }
+            soft_cap(sm_scale * dot, cap)
         })
         .collect();
-    // A sink is a key of value zero: in the maximum and the sum, not in the weighted values.
+    softmax_values(&logits, sink, dim, out, |key, d| {
+        let (page, slot) = slots[key];
+        v_pool[shape.element_index(page, slot, kv_head, d)].to_f64() * v_scale
+    })
+}
+
+/// `cap · tanh(s / cap)`, or `s` without a cap (`cap ≤ 0`).
+fn soft_cap(s: f64, cap: f64) -> f64 {
+    if cap > 0.0 {
+        cap * (s / cap).tanh()
+    } else {
+        s
+    }
+}
+
+/// The softmax of `logits` (and of `sink`, a key of value zero: in the maximum and the sum, not
+/// in the weighted values) applied to the keys' values, `value(key, d)` for `dims` dims,
+/// appended to `out`; returns the base-2 LSE. Without keys (and sink): zeros and −∞.
+fn softmax_values(
+    logits: &[f64],
+    sink: Option<f64>,
+    dims: usize,
+    out: &mut Vec<f64>,
+    value: impl Fn(usize, usize) -> f64,
+) -> f64 {
     let sink = sink.filter(|&s| s > f64::NEG_INFINITY);
     let max = logits.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
     let total: f64 = weights.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
-    for d in 0..dim {
-        let acc: f64 = weights
-            .iter()
-            .zip(slots)
-            .map(|(w, &(page, slot))| w * v_pool[shape.element_index(page, slot, kv_head, d)].to_f64() * v_scale)
-            .sum();
+    for d in 0..dims {
+        let acc: f64 = weights.iter().enumerate().map(|(key, w)| w * value(key, d)).sum();
         out.push(if total > 0.0 { acc / total } else { 0.0 });
     }
     if total > 0.0 {
@@ -338,14 +353,7 @@ pub fn mla_scaled<T: KvDType, C: KvDType>(
                         options.sm_scale as f64 * (dot(&qn, c) + dot(&qp, p))
                     })
                     .collect();
-                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for d in 0..ckv_dim {
-                    let acc: f64 = weights.iter().zip(&keys).map(|(w, (c, _))| w * c[d]).sum();
-                    out.push(if total > 0.0 { acc / total } else { 0.0 });
-                }
-                lse.push(if total > 0.0 { (max + total.ln()) * std::f64::consts::LOG2_E } else { f64::NEG_INFINITY });
+                lse.push(softmax_values(&logits, None, ckv_dim, &mut out, |key, d| keys[key].0[d]));
             }
         }
     }
@@ -461,23 +469,11 @@ pub fn prefill_ragged_qk_vo<T: KvDType>(
                 let logits: Vec<f64> = (lo..hi)
                     .map(|key| {
                         let kh = &k[row(key) * head_dim_qk..][..head_dim_qk];
-                        let s = sm_scale * qh.iter().zip(kh).map(|(a, b)| a.to_f64() * b.to_f64()).sum::<f64>();
-                        if cap > 0.0 {
-                            cap * (s / cap).tanh()
-                        } else {
-                            s
-                        }
+                        soft_cap(sm_scale * qh.iter().zip(kh).map(|(a, b)| a.to_f64() * b.to_f64()).sum::<f64>(), cap)
                     })
                     .collect();
-                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = logits.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for d in 0..head_dim_vo {
-                    let acc: f64 =
-                        weights.iter().zip(lo..hi).map(|(w, key)| w * v[row(key) * head_dim_vo + d].to_f64()).sum();
-                    out.push(if total > 0.0 { acc / total } else { 0.0 });
-                }
-                lse.push(if total > 0.0 { (max + total.ln()) * std::f64::consts::LOG2_E } else { f64::NEG_INFINITY });
+                let value = |key: usize, d: usize| v[row(lo + key) * head_dim_vo + d].to_f64();
+                lse.push(softmax_values(&logits, None, head_dim_vo, &mut out, value));
             }
         }
     }
