@@ -314,6 +314,24 @@ fn prefill_hopper_e4m3_split_keys_merged_page_size_3_head_dim_128_f16() {
     run::<E4m3>(&case, 15, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
 }
 
+/// Over an 8-bit cache, logits that rise from tile to tile (the re-computed probabilities'
+/// path), several units a block whose tiles follow each other through the ring, pages of 100
+/// keys, keys on and off the tile, a one-key and an empty request.
+#[test]
+fn prefill_hopper_e4m3_rising_logits_several_units_page_size_100_head_dim_128_f16() {
+    let lens = vec![(70, 520), (1, 1), (33, 33), (0, 7), (5, 260)];
+    let case = Case { rising_keys: true, sms: 2, ..case(lens, 100, 128, true, PrefillKernel::Hopper) };
+    run::<E4m3>(&case, 16, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
+}
+
+/// Over an 8-bit cache with attention sinks, a page larger than every sequence, full attention.
+#[test]
+fn prefill_hopper_e4m3_sinks_page_size_513_head_dim_128_f16() {
+    let lens = vec![(20, 300), (2, 129), (1, 1)];
+    let case = Case { sinks: true, ..case(lens, 513, 128, false, PrefillKernel::Hopper) };
+    run::<E4m3>(&case, 17, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
+}
+
 #[test]
 fn prefill_with_sinks_causal_page_size_16_head_dim_64_rows_64_f16() {
     let lens = vec![(30, 80), (1, 1), (0, 4)];
