@@ -329,7 +329,7 @@ fn weights(s: &mut [f32; FAST_STATES as usize], n: usize, lse: &mut f32) -> [f32
 
 /// `o += w · v` for the 8 halves of `v`.
 #[inline(always)]
-fn accumulate<H: Half>(o: &mut [f32; 8], w: f32, v: &Vec16) {
+pub(crate) fn accumulate<H: Half>(o: &mut [f32; 8], w: f32, v: &Vec16) {
     for e in 0..4 {
         o[2 * e] += w * H::to_f32(v.0[e] as u16);
         o[2 * e + 1] += w * H::to_f32((v.0[e] >> 16) as u16);

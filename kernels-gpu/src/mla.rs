@@ -31,7 +31,7 @@ use crate::gpu::math::{exp2, log2};
 use crate::gpu::mem::{load_l2, load_l2_f32, Vec16};
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
-use crate::merge::store_output;
+use crate::merge::{accumulate, store_output};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
 use crate::prefill::Visibility;
 use crate::softmax::{finish_row, LogitScale, RowState};
@@ -320,10 +320,7 @@ pub unsafe fn mla_merge<H: Half>(p: &MlaMergeParams) {
             if k < n {
                 let w = exp2(s[k] - m_ref);
                 total += w;
-                for e in 0..4 {
-                    o[2 * e] += w * H::to_f32(v[k].0[e] as u16);
-                    o[2 * e + 1] += w * H::to_f32((v[k].0[e] >> 16) as u16);
-                }
+                accumulate::<H>(&mut o, w, &v[k]);
             }
         });
         m = new_m;
