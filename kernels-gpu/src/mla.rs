@@ -30,6 +30,7 @@ use crate::gpu::index::{block_x, block_y, thread_x};
 use crate::gpu::math::{exp2, log2};
 use crate::gpu::mem::{load_l2, load_l2_f32, Vec16};
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
+use crate::gpu::sync::{allow_dependent_grids, wait_for_prerequisite_grids};
 use crate::gpu::tensor::{copy_async_or_zero, load_matrix_x4, load_matrix_x4_trans, pipelined};
 use crate::merge::{accumulate, store_output};
 use crate::paged_tile::{swizzled, KvRing, PagedKv};
@@ -74,6 +75,9 @@ const _: () = {
 /// The MLA kernel (module documentation). Grid: one block per work item.
 #[inline(always)]
 pub unsafe fn mla<H: Half + KvElem, K: KvElem>(p: &MlaParams) {
+    // The merge of split tiles may become resident as this grid's blocks leave (it waits for
+    // the whole grid before reading a partial).
+    allow_dependent_grids();
     let a = &p.attention;
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
@@ -288,6 +292,11 @@ pub unsafe fn mla_merge<H: Half>(p: &MlaMergeParams) {
     let tile = *(p.tiles as *const PrefillWorkItem).add(block_x() as usize);
     const SLICES: u32 = CKV / 8;
     let (row, slice) = (block_y() * MLA_MERGE_ROWS + thread_x() / SLICES, thread_x() % SLICES);
+    // Launched programmatically dependent on the attention (sm_90+): its partials are complete
+    // and visible only past this wait. Every thread waits, rows or not, so this grid never
+    // completes before the attention's: what the stream runs next (an ordinary launch, which
+    // waits for this grid only) sees the attention's writes too.
+    wait_for_prerequisite_grids();
     if tile.first_row + row >= tile.qo_len * p.heads {
         return;
     }

@@ -35,7 +35,7 @@ use crate::gpu::hopper::{
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::mem::{store, Vec16};
 use crate::gpu::shared::{dynamic_smem_addr, load_shared_u32, load_shared_u32x4, store_shared_u32, store_shared_u32x4};
-use crate::gpu::sync::{sync_threads, sync_warp};
+use crate::gpu::sync::{allow_dependent_grids, sync_threads, sync_warp};
 use crate::gpu::tensor::{copy_async, copy_async_or_zero, wait_async_copies};
 use crate::gpu::warp::{any, warp_uniform};
 use crate::softmax::{finish_row, LogitScale, RowState};
@@ -87,6 +87,9 @@ fn slab_offset(row: u32, chunk: u32) -> u32 {
 /// The kernel (module documentation). Grid: one block per work item.
 #[inline(always)]
 pub unsafe fn mla_hopper<H: Wgmma>(p: &MlaParams) {
+    // The merge of split tiles may become resident as this grid's blocks leave (it waits for
+    // the whole grid before reading a partial).
+    allow_dependent_grids();
     let a = &p.attention;
     let tid = thread_x();
     let work = *(a.work as *const PrefillWorkItem).add(block_x() as usize);

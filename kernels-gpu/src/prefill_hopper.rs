@@ -52,7 +52,7 @@ use crate::gpu::index::{block_x, thread_x, thread_x_here};
 use crate::gpu::mem::{prefetch_l2, store, Vec16};
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr, load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
-use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, wait_async_copies};
+use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, load_matrix_x4, wait_async_copies};
 use crate::gpu::warp::{shfl_idx_u32, warp_uniform};
 use crate::merge::{last_to_finish, merge, store_output, Team};
 use crate::paged_tile::{kv_head_scale, widen_tile, PagedKv};
@@ -554,6 +554,19 @@ unsafe fn consume<
     wait_async_copies(0);
     fence_proxy_async();
     named_barrier(BARRIER_WARPGROUP + warpgroup, 128);
+    // Over an 8-bit cache S takes Q from registers (`wgmma`'s A operand, loaded once a unit):
+    // the widened tiles are half as long as f16's at head_dim 128, so Q from shared memory
+    // would be read twice as often a key, beside the widening's own shared-memory traffic.
+    let q_in_registers = K::BYTES == 1 && O_FRAGS <= 16;
+    let mut q_frags = [[0u32; 4]; 16];
+    if q_in_registers {
+        // `ldmatrix.x4` lane l names row l % 16 of its warp's 16 and the k-step's 8-dim half
+        // l / 16: the four matrices come back in the A fragment's register order.
+        let row = wg_first_row + 16 * ((tid / 32) % 4) + lane % 16;
+        crate::unroll_to!(kk < HEAD_DIM / 16, {
+            q_frags[kk] = load_matrix_x4(q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, 2 * kk as u32 + lane / 16));
+        });
+    }
 
     let diag = work.kv_len.saturating_sub(work.qo_len);
     let end = work.kv_end;
@@ -618,10 +631,14 @@ unsafe fn consume<
         let (q0, k0) = (smem_descriptor(q_rows, 16, 1024), smem_descriptor(k_tile, 16, 1024));
         crate::unroll_to!(kk < HEAD_DIM / 16, {
             let (slab, step) = (kk as u32 / 4, (kk as u32 % 4) * 32);
-            let qd = operand::<O_FRAGS>(q_rows, q0, slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16);
             let kd = operand::<O_FRAGS>(k_tile, k0, slab * TILE * SLAB_ROW_BYTES + step, 16);
             let accumulate = (kk > 0) as u32;
-            on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));
+            if q_in_registers {
+                on_live!(s, live, |prefix| H::mma_rk(prefix, q_frags[kk], kd, accumulate));
+            } else {
+                let qd = operand::<O_FRAGS>(q_rows, q0, slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16);
+                on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));
+            }
         });
         wgmma_commit();
     });

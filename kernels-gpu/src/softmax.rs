@@ -188,18 +188,8 @@ impl RowState {
             });
             self.m = m_new;
         }
-        let m_ref = finite(self.m);
         let mut probs = [[0u32; 4]; K];
-        crate::unroll!(h in [0, 1] {
-            crate::unroll_to!(kb < live.min(N) / 2, {
-                let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));
-                let e = [p(s[2 * kb][2 * h]), p(s[2 * kb][2 * h + 1]), p(s[2 * kb + 1][2 * h]), p(s[2 * kb + 1][2 * h + 1])];
-                self.sums[h] += (e[0] + e[1]) + (e[2] + e[3]);
-                // A fragment of P: (row g + 8h, keys 2t, 2t + 1) of each 8-key half.
-                probs[kb][h] = H::pack2(e[0], e[1]);
-                probs[kb][2 + h] = H::pack2(e[2], e[3]);
-            });
-        });
+        self.sums = exponentials::<H, N, K>(s, live, factor, finite(self.m), self.sums, &mut probs);
         probs
     }
 
@@ -224,7 +214,7 @@ impl RowState {
         const { assert!(LIMIT == (1u32 << RESCALE_MARGIN as u32) as f32) };
         if !any(self.m[0] == f32::NEG_INFINITY || self.m[1] == f32::NEG_INFINITY) {
             let mut probs = [[0u32; 4]; K];
-            let sums = exponentials::<H, N, K>(s, live, factor, self.m, &mut probs);
+            let sums = exponentials::<H, N, K>(s, live, factor, self.m, [0.0; 2], &mut probs);
             // Packed here, not after the test (only the path that keeps them uses them): the
             // 16-bit pairs take half the registers of the f32 values, beside S and O.
             crate::unroll_to!(kb < K, {
@@ -256,16 +246,16 @@ impl RowState {
 }
 
 /// The probabilities `2^(factor · s − m_ref)` of the first `live` n-fragments of `s` as P's A
-/// fragments in `probs`, and this lane's share of each row's sum of them.
+/// fragments in `probs`, and `sums` plus this lane's share of each row's sum of them.
 #[inline(always)]
 fn exponentials<H: Half, const N: usize, const K: usize>(
     s: &[[f32; 4]; N],
     live: usize,
     factor: f32,
     m_ref: [f32; 2],
+    mut sums: [f32; 2],
     probs: &mut [[u32; 4]; K],
 ) -> [f32; 2] {
-    let mut sums = [0.0f32; 2];
     crate::unroll!(h in [0, 1] {
         crate::unroll_to!(kb < live.min(N) / 2, {
             let p = |x: f32| exp2(fma(x, factor, -m_ref[h]));

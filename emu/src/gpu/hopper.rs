@@ -97,6 +97,9 @@ pub trait Wgmma: Half {
     /// # Safety
     /// As the GPU's.
     unsafe fn mma_rs<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64);
+    /// # Safety
+    /// As the GPU's.
+    unsafe fn mma_rk<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64, accumulate: u32);
 }
 
 macro_rules! impl_wgmma {
@@ -117,6 +120,18 @@ macro_rules! impl_wgmma {
                     true,
                     |r, k| value(rows[(r - 16 * w) as usize][k as usize]),
                     |k, n| value(mn_major(b, k, n)),
+                );
+            }
+            unsafe fn mma_rk<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64, accumulate: u32) {
+                assert!(matches!(N, 4 | 8 | 16), "no wgmma m64n{}k16 with A from registers, B K-major", 8 * N);
+                let value = |bits: u16| <$half>::to_f32(bits);
+                let rows = gather_a(a);
+                let w = warp() % 4;
+                product(
+                    acc,
+                    accumulate != 0,
+                    |r, k| value(rows[(r - 16 * w) as usize][k as usize]),
+                    |k, n| value(k_major(b, n, k)),
                 );
             }
         }

@@ -356,6 +356,59 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Whether this device's kernels may be launched programmatically dependent on the kernel
+    /// before them ([`launch_dependent`](Self::launch_dependent)): the sm_90 module's kernels
+    /// wait for their prerequisites (`griddepcontrol.wait`); the sm_80 module's do not.
+    pub(crate) fn programmatic_launches(&self) -> bool {
+        self.inner.ptx_arch != "sm_80"
+    }
+
+    /// As [`launch`](Self::launch), with programmatic stream serialization (CUDA's programmatic
+    /// dependent launch): the grid may be scheduled while the kernel before it on the stream
+    /// finishes, so its launch overlaps that kernel's last blocks.
+    ///
+    /// # Safety
+    /// As [`launch`](Self::launch); and [`programmatic_launches`](Self::programmatic_launches)
+    /// holds and `function` waits for its prerequisite grids before it reads anything they
+    /// write (or writes anything they read).
+    pub(crate) unsafe fn launch_dependent<P: DeviceRepr>(
+        &self,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        stream: LaunchStream,
+        params: &P,
+        what: &'static str,
+    ) -> Result<()> {
+        let stream = match stream {
+            LaunchStream::Cudarc(s) => s.cu_stream(),
+            LaunchStream::Raw(s) => s,
+        };
+        self.inner.ctx.bind_to_thread().map_err(Error::driver(what))?;
+        // SAFETY: an all-zero attribute is a valid C value; its id and value are set next.
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: the caller's contract; `config`, `attribute` and `args` outlive the call.
+        sys::cuLaunchKernelEx(&config, function.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
+            .result()
+            .map_err(Error::driver(what))
+    }
+}
+
 /// Grid and block of a launch, with dynamic shared memory.
 pub(crate) fn launch_config(grid: (u32, u32), block: u32, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes }

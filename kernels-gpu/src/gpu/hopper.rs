@@ -120,22 +120,50 @@ macro_rules! wgmma_rs {
     };
 }
 
+/// `$name`: `acc (+)= A · B` for a 64 × `$n` tile, k = 16, `$ty` inputs, A from registers and B
+/// K-major in shared memory (the S product with the queries held in registers).
+macro_rules! wgmma_rk {
+    ($name:ident, $n:literal, $ty:literal, [$first:literal $($i:literal)*]) => {
+        #[doc = concat!("`acc (+)= A · B` for a 64 × ", $n, " tile, k = 16, ", $ty, " inputs: A (64 × 16) from registers (each \
+                         warp's 16 rows in the m16n8k16 A layout), B (16 × ", $n, ") K-major in shared memory; \
+                         `accumulate == 0` overwrites `acc`.")]
+        ///
+        /// # Safety
+        /// As the shared-memory form.
+        #[inline(always)]
+        pub unsafe fn $name(acc: &mut [f32; $n / 2], a: [u32; 4], b: u64, accumulate: u32) {
+            asm!(concat!("{{ .reg .pred p; setp.ne.b32 p, {sc}, 0; ",
+                         "wgmma.mma_async.sync.aligned.m64n", $n, "k16.f32.", $ty, ".", $ty,
+                         " {{{", stringify!($first), "}", $(", {", stringify!($i), "}",)*
+                         "}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, 0; }}"),
+                 inout(reg32) acc[$first], $(inout(reg32) acc[$i],)*
+                 a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+                 db = in(reg64) b, sc = in(reg32) accumulate, options(nostack, preserves_flags));
+        }
+    };
+}
+
 /// Every form of one tile width `$n`, for both element types, from its accumulator list.
 macro_rules! wgmma_width {
-    ($n:literal, $acc:tt; ss: $($ss:ident $sst:literal),*; rs: $($rs:ident $rst:literal),*) => {
+    ($n:literal, $acc:tt; ss: $($ss:ident $sst:literal),*; rs: $($rs:ident $rst:literal),*;
+     rk: $($rk:ident $rkt:literal),*) => {
         $( wgmma_ss!($ss, $n, $sst, $acc); )*
         $( wgmma_rs!($rs, $n, $rst, $acc); )*
+        $( wgmma_rk!($rk, $n, $rkt, $acc); )*
     };
 }
 
 wgmma_width!(32, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15];
-             ss: wgmma_ss_n32_f16 "f16", wgmma_ss_n32_bf16 "bf16"; rs: );
+             ss: wgmma_ss_n32_f16 "f16", wgmma_ss_n32_bf16 "bf16"; rs: ;
+             rk: wgmma_rk_n32_f16 "f16", wgmma_rk_n32_bf16 "bf16");
 wgmma_width!(64, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31];
-             ss: wgmma_ss_n64_f16 "f16", wgmma_ss_n64_bf16 "bf16"; rs: wgmma_rs_n64_f16 "f16", wgmma_rs_n64_bf16 "bf16");
+             ss: wgmma_ss_n64_f16 "f16", wgmma_ss_n64_bf16 "bf16"; rs: wgmma_rs_n64_f16 "f16", wgmma_rs_n64_bf16 "bf16";
+             rk: wgmma_rk_n64_f16 "f16", wgmma_rk_n64_bf16 "bf16");
 wgmma_width!(128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63];
-             ss: wgmma_ss_n128_f16 "f16", wgmma_ss_n128_bf16 "bf16"; rs: wgmma_rs_n128_f16 "f16", wgmma_rs_n128_bf16 "bf16");
+             ss: wgmma_ss_n128_f16 "f16", wgmma_ss_n128_bf16 "bf16"; rs: wgmma_rs_n128_f16 "f16", wgmma_rs_n128_bf16 "bf16";
+             rk: wgmma_rk_n128_f16 "f16", wgmma_rk_n128_bf16 "bf16");
 wgmma_width!(256, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127];
-             ss: ; rs: wgmma_rs_n256_f16 "f16", wgmma_rs_n256_bf16 "bf16");
+             ss: ; rs: wgmma_rs_n256_f16 "f16", wgmma_rs_n256_bf16 "bf16"; rk: );
 
 /// The `wgmma` forms an element type has: `N` is the accumulator tile's n-fragments (8
 /// columns each, 4 f32 per thread), so `N = 8` is a 64 × 64 tile, 16 a 64 × 128 and 32 a
@@ -152,6 +180,11 @@ pub trait Wgmma: crate::gpu::half::Half {
     /// # Safety
     /// As [`wgmma_rs_n64_f16`].
     unsafe fn mma_rs<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64);
+    /// `acc (+)= A · B`, A from registers, B K-major in shared memory (see [`wgmma_rk_n64_f16`]).
+    ///
+    /// # Safety
+    /// As [`wgmma_rk_n64_f16`].
+    unsafe fn mma_rk<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64, accumulate: u32);
 }
 
 /// `acc` viewed as the flat `[f32; M]` of the `wgmma` functions; `M = 4N` (the callers' match
@@ -165,7 +198,8 @@ unsafe fn flat<const N: usize, const M: usize>(acc: &mut [[f32; 4]; N]) -> &mut 
 }
 
 macro_rules! impl_wgmma {
-    ($half:ty, $ss32:ident, $ss64:ident, $ss128:ident, $rs64:ident, $rs128:ident, $rs256:ident) => {
+    ($half:ty, $ss32:ident, $ss64:ident, $ss128:ident, $rs64:ident, $rs128:ident, $rs256:ident,
+     $rk32:ident, $rk64:ident, $rk128:ident) => {
         impl Wgmma for $half {
             #[inline(always)]
             unsafe fn mma_ss<const N: usize>(acc: &mut [[f32; 4]; N], a: u64, b: u64, accumulate: u32) {
@@ -185,6 +219,15 @@ macro_rules! impl_wgmma {
                     _ => crate::gpu::trap(),
                 }
             }
+            #[inline(always)]
+            unsafe fn mma_rk<const N: usize>(acc: &mut [[f32; 4]; N], a: [u32; 4], b: u64, accumulate: u32) {
+                match N {
+                    4 => $rk32(flat::<N, 16>(acc), a, b, accumulate),
+                    8 => $rk64(flat::<N, 32>(acc), a, b, accumulate),
+                    16 => $rk128(flat::<N, 64>(acc), a, b, accumulate),
+                    _ => crate::gpu::trap(),
+                }
+            }
         }
     };
 }
@@ -195,7 +238,10 @@ impl_wgmma!(
     wgmma_ss_n128_f16,
     wgmma_rs_n64_f16,
     wgmma_rs_n128_f16,
-    wgmma_rs_n256_f16
+    wgmma_rs_n256_f16,
+    wgmma_rk_n32_f16,
+    wgmma_rk_n64_f16,
+    wgmma_rk_n128_f16
 );
 impl_wgmma!(
     crate::gpu::half::Bf16,
@@ -204,7 +250,10 @@ impl_wgmma!(
     wgmma_ss_n128_bf16,
     wgmma_rs_n64_bf16,
     wgmma_rs_n128_bf16,
-    wgmma_rs_n256_bf16
+    wgmma_rs_n256_bf16,
+    wgmma_rk_n32_bf16,
+    wgmma_rk_n64_bf16,
+    wgmma_rk_n128_bf16
 );
 
 /// [`wgmma_wait`] on accumulators held as n-fragments.

@@ -40,3 +40,28 @@ pub unsafe fn atomic_add(counter: *mut u32, value: u32) -> u32 {
                      v = in(reg32) value, options(nostack, preserves_flags));
     old
 }
+
+/// `griddepcontrol.wait`: waits until the grids this one depends on programmatically (a launch
+/// with programmatic stream serialization) have completed and their writes are visible; returns
+/// at once without such a dependency. Nothing before sm_90, where the host never launches so.
+#[inline(always)]
+pub fn wait_for_prerequisite_grids() {
+    #[cfg(target_feature = "sm_90")]
+    // SAFETY: a wait on the launch's dependencies; no operands. Not `nomem`: memory accesses
+    // stay on their side of it.
+    unsafe {
+        core::arch::asm!("griddepcontrol.wait;", options(nostack, preserves_flags))
+    }
+}
+
+/// `griddepcontrol.launch_dependents`: this block no longer holds back a grid launched after
+/// this one with programmatic stream serialization (its blocks may become resident and wait in
+/// [`wait_for_prerequisite_grids`]). Nothing before sm_90.
+#[inline(always)]
+pub fn allow_dependent_grids() {
+    #[cfg(target_feature = "sm_90")]
+    // SAFETY: a scheduling hint without operands.
+    unsafe {
+        core::arch::asm!("griddepcontrol.launch_dependents;", options(nostack, preserves_flags))
+    }
+}
