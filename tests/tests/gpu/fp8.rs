@@ -940,8 +940,88 @@ fn fp8_head_scales_set_after_a_graph_capture_are_read_by_its_replays(_: &Device)
     Ok(expect_attention_close(&out, &want, &lse, &want_lse, heads, c.head_dim, "request")?)
 }
 
+/// One key whose V row holds every code of the type (two KV heads of 128 dims, a group of 4):
+/// every query's output is that row's values, exactly (the probability is 1), so the kernels'
+/// widening of each code is checked bit for bit on the GPU (NaN as NaN). `skip`ped codes read as
+/// zero: E5M2's ±∞, which the masked padding keys of a tile (copies of the last key, with
+/// probability 0) turn into NaN where the reference has ±∞ (the quantisers never store ∞).
+fn every_code_read_exactly<T: KvDType, C: KvDType>(
+    dev: &Device,
+    code: fn(u8) -> C,
+    skip: fn(u8) -> bool,
+    decode: bool,
+) -> TestResult {
+    let (head_dim, kv_heads, group) = (128, 2, 4);
+    let shape = shape_for(&[1], 16, kv_heads, head_dim, KvLayout::Nhd);
+    let table = random_table(&mut rng(7), &[1], 16, shape.num_pages);
+    let head_stride = shape.strides().1;
+    let code_at = |head: usize, dim: usize| {
+        let c = (head * head_dim + dim) as u8;
+        if skip(c) {
+            0
+        } else {
+            c
+        }
+    };
+    let v: Vec<C> = (0..shape.pool_elems()).map(|i| code(code_at(i / head_stride % kv_heads, i % head_dim))).collect();
+    let k = vec![code(0); v.len()];
+    let mut cache = PagedKvCache::from_layers(shape, vec![LayerPools::new(dev.upload(&k)?, dev.upload(&v)?)])?;
+    cache.set_scales(0, KvScales { k: 1.0, v: 1.0 })?;
+    let heads = kv_heads * group;
+    let tokens = if decode { 1 } else { 70 };
+    let q: Vec<T> = random_values(&mut rng(8), tokens * heads * head_dim);
+    let mut out = dev.upload(&vec![poison::<T>(); q.len()])?;
+    if decode {
+        let options = DecodeOptions { kv_dtype: Some(C::DTYPE), ..Default::default() };
+        let mut plan = BatchDecodePlan::new(dev, &shape, heads, &table, options)?;
+        plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, None)?;
+    } else {
+        let options = PrefillOptions { kv_dtype: Some(C::DTYPE), ..Default::default() };
+        let mut plan = BatchPrefillPlan::new(dev, &shape, heads, &[0, tokens as u32], &table, options)?;
+        plan.run(dev.stream(), &dev.upload(&q)?, &cache, 0, &mut out, None)?;
+    }
+    let out = dev.download(&out)?;
+    for (i, got) in out.iter().enumerate() {
+        let (head, dim) = (i / head_dim % heads, i % head_dim);
+        let c = code_at(head / group, dim);
+        let want = T::from_f64(code(c).to_f64());
+        let (g, w) = (got.to_f64(), want.to_f64());
+        ensure!(
+            (g.is_nan() && w.is_nan()) || got == &want,
+            "code {c:#04x} (query head {head}, dim {dim}): read {g}, want {w}"
+        );
+    }
+    Ok(())
+}
+
+/// [`every_code_read_exactly`] for both types, both query types, decode and prefill (Hopper's
+/// kernel where it runs, and the portable one).
+fn exact_widening_tests() -> Vec<GpuTest> {
+    fn add<T: KvDType, C: KvDType>(t: &mut Vec<GpuTest>, name: &str, code: fn(u8) -> C, skip: fn(u8) -> bool) {
+        let q = T::DTYPE.name();
+        t.push(GpuTest::new(format!("decode_reads_every_{name}_code_exactly_{q}"), move |d| {
+            every_code_read_exactly::<T, C>(d, code, skip, true)
+        }));
+        t.push(GpuTest::new(format!("prefill_reads_every_{name}_code_exactly_{q}"), move |d| {
+            every_code_read_exactly::<T, C>(d, code, skip, false)
+        }));
+        t.push(GpuTest::new(format!("prefill_reads_every_{name}_code_exactly_{q}_portable"), move |d| {
+            every_code_read_exactly::<T, C>(&d.with_portable_kernels(), code, skip, false)
+        }));
+    }
+    let none: fn(u8) -> bool = |_| false;
+    let infinities: fn(u8) -> bool = |c| c & 0x7F == 0x7C;
+    let mut t = Vec::new();
+    add::<f16, E4m3>(&mut t, "e4m3", E4m3, none);
+    add::<bf16, E4m3>(&mut t, "e4m3", E4m3, none);
+    add::<f16, E5m2>(&mut t, "e5m2", E5m2, infinities);
+    add::<bf16, E5m2>(&mut t, "e5m2", E5m2, infinities);
+    t
+}
+
 pub fn tests() -> Vec<GpuTest> {
     let mut t = copy_tests();
+    t.extend(exact_widening_tests());
     t.extend(decode_tests());
     t.extend(prefill_tests());
     t.extend(hopper_prefill_tests());
