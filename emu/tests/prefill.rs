@@ -13,9 +13,11 @@ use ferrinfer::internals::abi::{
     prefill_threads, PrefillParams, HOPPER_PREFILL_THREADS,
 };
 use ferrinfer::internals::{persistent_schedule, prefill_params, prefill_split, prefill_work_bytes, PrefillKernel};
-use ferrinfer::{f16, reference, CacheShape, CustomMask, E4m3, KvDType, KvLayout, KvScales, PageTable, PrefillOptions};
+use ferrinfer::{
+    bf16, f16, reference, CacheShape, CustomMask, E4m3, E5m2, KvDType, KvLayout, KvScales, PageTable, PrefillOptions,
+};
 use ferrinfer_emu::gpu::fp8;
-use ferrinfer_emu::gpu::half::F16;
+use ferrinfer_emu::gpu::half::{Bf16, F16};
 use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
@@ -69,6 +71,11 @@ const FP8_SCALES: KvScales = KvScales { k: 0.07, v: 0.05 };
 
 /// Runs `case` with f16 queries over a cache of `C` on `kernel` and compares with the reference.
 fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
+    run_queries::<f16, C>(case, seed, kernel)
+}
+
+/// [`run`] with queries (and output) of `T`.
+fn run_queries<T: KvDType, C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let mut r = rng(seed);
     let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
     let shape = CacheShape {
@@ -100,7 +107,7 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
     }
     let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
-    let q: Vec<f16> = random_values(&mut r, rows * case.head_dim);
+    let q: Vec<T> = random_values(&mut r, rows * case.head_dim);
     let sinks = case.sinks.then(|| random_sinks(&mut r, QO_HEADS));
     let kv_dtype = C::DTYPE.is_fp8().then_some(C::DTYPE);
     let options = PrefillOptions { causal: case.causal, kv_dtype, ..PrefillOptions::DEFAULT };
@@ -125,7 +132,7 @@ fn run<C: KvDType>(case: &Case, seed: u64, kernel: fn(&PrefillParams)) {
     let b_indices = DeviceBuffer::from_slice("kv_indices", &table.kv_indices);
     let b_work = DeviceBuffer::from_slice("work items", &split.work);
     let b_schedule = DeviceBuffer::from_slice("schedule", &schedule);
-    let io = AttentionIo::new(&q, rows, case.head_dim, poison::<f16>(), sinks.as_deref());
+    let io = AttentionIo::new(&q, rows, case.head_dim, poison::<T>(), sinks.as_deref());
     let partial_rows = split.slots * KV_HEADS * case.kernel.block_rows() as usize;
     let scratch_buffers = SplitBuffers::new(split.split_tiles * KV_HEADS, partial_rows, case.head_dim);
     let ops = io.addresses(b_k.ptr(), b_v.ptr(), scales);
@@ -322,6 +329,26 @@ fn prefill_hopper_e4m3_rising_logits_several_units_page_size_100_head_dim_128_f1
     let lens = vec![(70, 520), (1, 1), (33, 33), (0, 7), (5, 260)];
     let case = Case { rising_keys: true, sms: 2, ..case(lens, 100, 128, true, PrefillKernel::Hopper) };
     run::<E4m3>(&case, 16, |p| unsafe { ferrinfer_emu::prefill_hopper_instance!(F16, fp8::E4m3, 128, p) });
+}
+
+/// bf16 queries over an 8-bit cache: split keys merged, logits rising from tile to tile, several
+/// units a block, keys on and off the tile.
+#[test]
+fn prefill_hopper_e4m3_rising_logits_split_keys_page_size_7_head_dim_128_bf16() {
+    let lens = vec![(40, 900), (1, 1), (17, 130)];
+    let case = Case { rising_keys: true, sms: 4, ..case(lens, 7, 128, true, PrefillKernel::Hopper) };
+    run_queries::<bf16, E4m3>(&case, 18, |p| unsafe {
+        ferrinfer_emu::prefill_hopper_instance!(Bf16, fp8::E4m3, 128, p)
+    });
+}
+
+#[test]
+fn prefill_hopper_e5m2_causal_page_size_1_head_dim_64_bf16() {
+    let lens = vec![(40, 300), (3, 3), (70, 130), (0, 5)];
+    let case = Case { sms: 2, ..case(lens, 1, 64, true, PrefillKernel::Hopper) };
+    run_queries::<bf16, E5m2>(&case, 19, |p| unsafe {
+        ferrinfer_emu::prefill_hopper_instance!(Bf16, fp8::E5m2, 64, p)
+    });
 }
 
 /// Over an 8-bit cache with attention sinks, a page larger than every sequence, full attention.
