@@ -317,17 +317,13 @@ impl BatchMlaPlan {
             return Ok(());
         }
         let cfg = launch_config((work.merge_tiles, MLA_ROWS / MLA_MERGE_ROWS), merge.threads, merge.smem_bytes);
-        let what = "merging split MLA rows";
         // SAFETY: as above: the merge reads the partials the first launch wrote (stream order,
         // or on sm_90 a programmatic dependency: `mla_merge` waits for the attention grid
         // before its first read of a partial) at the slots of the uploaded tiles, and writes
         // the rows of those tiles.
         unsafe {
-            if device.programmatic_launches() {
-                device.launch_dependent(&merge.function, cfg, LaunchStream::Cudarc(stream), &merge_params, what)
-            } else {
-                device.launch(&merge.function, cfg, LaunchStream::Cudarc(stream), &merge_params, what)
-            }
+            let what = "merging split MLA rows";
+            device.launch_dependent(&merge.function, cfg, LaunchStream::Cudarc(stream), &merge_params, what)
         }
     }
 }

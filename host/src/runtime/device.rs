@@ -360,18 +360,19 @@ impl Device {
     /// Whether this device's kernels may be launched programmatically dependent on the kernel
     /// before them ([`launch_dependent`](Self::launch_dependent)): the sm_90 module's kernels
     /// wait for their prerequisites (`griddepcontrol.wait`); the sm_80 module's do not.
-    pub(crate) fn programmatic_launches(&self) -> bool {
+    fn programmatic_launches(&self) -> bool {
         self.inner.ptx_arch != "sm_80"
     }
 
     /// As [`launch`](Self::launch), with programmatic stream serialization (CUDA's programmatic
-    /// dependent launch): the grid may be scheduled while the kernel before it on the stream
-    /// finishes, so its launch overlaps that kernel's last blocks.
+    /// dependent launch) where this device's kernels wait for their prerequisites
+    /// ([`programmatic_launches`](Self::programmatic_launches)): the grid may be scheduled while
+    /// the kernel before it on the stream finishes, so its launch overlaps that kernel's last
+    /// blocks. Elsewhere an ordinary launch.
     ///
     /// # Safety
-    /// As [`launch`](Self::launch); and [`programmatic_launches`](Self::programmatic_launches)
-    /// holds and `function` waits for its prerequisite grids before it reads anything they
-    /// write (or writes anything they read).
+    /// As [`launch`](Self::launch); and `function` waits for its prerequisite grids before it
+    /// reads anything they write (or writes anything they read).
     pub(crate) unsafe fn launch_dependent<P: DeviceRepr>(
         &self,
         function: &CudaFunction,
@@ -380,6 +381,10 @@ impl Device {
         params: &P,
         what: &'static str,
     ) -> Result<()> {
+        if !self.programmatic_launches() {
+            // SAFETY: the caller's contract, which includes `launch`'s.
+            return self.launch(function, cfg, stream, params, what);
+        }
         let stream = match stream {
             LaunchStream::Cudarc(s) => s.cu_stream(),
             LaunchStream::Raw(s) => s,
