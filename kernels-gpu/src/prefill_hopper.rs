@@ -43,6 +43,7 @@ use crate::abi::{
     HOPPER_PRODUCER_THREADS, NO_PARTIAL,
 };
 use crate::gpu::fp8::KvElem;
+use crate::gpu::half::F16;
 use crate::gpu::hopper::{
     claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
     mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive, release_registers, smem_descriptor,
@@ -167,6 +168,32 @@ pub unsafe fn prefill_hopper<
 >(
     p: &PrefillParams,
 ) {
+    // Over an 8-bit cache P · V runs in f16 whatever the queries' type: V widens to f16 in one
+    // conversion a pair (to bf16 it takes three more, through f32, on the producer's critical
+    // path), and P's probabilities are finer in f16 than in bf16. Only S takes the queries' type.
+    if K::BYTES == 1 {
+        prefill_hopper_with::<H, F16, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p)
+    } else {
+        prefill_hopper_with::<H, H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p)
+    }
+}
+
+/// [`prefill_hopper`] with P · V in `PV` (S in `H`, the queries' and output's type).
+#[inline(always)]
+unsafe fn prefill_hopper_with<
+    H: Wgmma,
+    PV: Wgmma,
+    K: KvElem,
+    const HEAD_DIM: u32,
+    const TILE: u32,
+    const STAGES: u32,
+    const BYTE_STAGES: u32,
+    const S_FRAGS: usize,
+    const P_FRAGS: usize,
+    const O_FRAGS: usize,
+>(
+    p: &PrefillParams,
+) {
     const {
         assert!(S_FRAGS == TILE as usize / 8 && P_FRAGS == TILE as usize / 16 && O_FRAGS == HEAD_DIM as usize / 8);
         assert!(TILE % 64 == 0 && HEAD_DIM % 64 == 0 && HEAD_DIM <= 256);
@@ -217,7 +244,7 @@ pub unsafe fn prefill_hopper<
             if K::BYTES == 2 {
                 produce::<HEAD_DIM, TILE, STAGES>(p, &unit, ring, tid);
             } else {
-                produce_widening::<H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
+                produce_widening::<H, PV, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
             }
             (at, base) = (at + 1, base + unit.tiles);
         }
@@ -256,11 +283,11 @@ pub unsafe fn prefill_hopper<
                         load_queries::<HEAD_DIM>(p, &unit(at + 1, 0), q_smem, tid);
                     }
                 });
-                consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, PV, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p, &this, q_smem, ring, last, load_next, tid,
                 );
             } else {
-                consume::<H, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, PV, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p,
                     &this,
                     q_smem,
@@ -410,7 +437,7 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
     ring: Ring<HEAD_DIM, TILE, STAGES>,
     tid: u32,
 ) {
-    let gather = TileGather::<crate::gpu::half::F16, HEAD_DIM, TILE>::new(p, &unit.work, unit.kv_head, tid);
+    let gather = TileGather::<F16, HEAD_DIM, TILE>::new(p, &unit.work, unit.kv_head, tid);
     let mut tile = 0;
     while tile < unit.tiles {
         let n = unit.base + tile;
@@ -433,6 +460,7 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
 #[inline(always)]
 unsafe fn produce_widening<
     H: Wgmma,
+    PV: Wgmma,
     K: KvElem,
     const HEAD_DIM: u32,
     const TILE: u32,
@@ -488,7 +516,7 @@ unsafe fn produce_widening<
         let place = |r: u32, c: u32| slab_offset(TILE, r, c);
         let (k_src, v_src) = (ring.k_bytes + byte_stage(tile), ring.v_bytes + byte_stage(tile));
         widen_tile::<H, K, HEAD_DIM, TILE, HOPPER_PRODUCER_THREADS>(k_src, ring.k_stage(stage), place, tid);
-        widen_tile::<H, K, HEAD_DIM, TILE, HOPPER_PRODUCER_THREADS>(v_src, ring.v_stage(stage), place, tid);
+        widen_tile::<PV, K, HEAD_DIM, TILE, HOPPER_PRODUCER_THREADS>(v_src, ring.v_stage(stage), place, tid);
         // The widened rows are plain shared stores, which `wgmma` (the async proxy) reads.
         fence_proxy_async();
         mbarrier_arrive(ring.full(stage));
@@ -503,6 +531,7 @@ unsafe fn produce_widening<
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<
     H: Wgmma,
+    PV: Wgmma,
     K: KvElem,
     const HEAD_DIM: u32,
     const TILE: u32,
@@ -683,9 +712,9 @@ unsafe fn consume<
         // wait for it): the tile's maxima are computed only where the reference ones no longer
         // hold (a unit's first tile, rarely another).
         if O_FRAGS <= 16 {
-            state.update_speculating::<H, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
+            state.update_speculating::<PV, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
         } else {
-            state.update_rescaling::<H, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
+            state.update_rescaling::<PV, S_FRAGS, P_FRAGS>(s, live, factor, rescale_o)
         }
     });
     // O += P·V of `tile`, issued, not waited for: 16 keys a step; V's k-step is two 8-row
@@ -698,7 +727,7 @@ unsafe fn consume<
             let v0 = smem_descriptor(v_tile, TILE * SLAB_ROW_BYTES, 1024);
             crate::unroll_to!(kb < live.min(S_FRAGS) / 2, {
                 let vd = operand::<O_FRAGS>(v_tile, v0, kb as u32 * 2048, TILE * SLAB_ROW_BYTES);
-                H::mma_rs(o, probs[kb], vd);
+                PV::mma_rs(o, probs[kb], vd);
             });
             wgmma_commit();
         });
