@@ -196,6 +196,16 @@ fn mla_decode_rising_logits_split_and_merged_page_size_64_heads_64_bf16() {
     run::<bf16, bf16, half::Bf16, half::Bf16>(&case, 10);
 }
 
+/// One to four 64-key tiles, the last holding one key or full, so that either warpgroup of the
+/// Hopper kernel has the last tile (and on a kernel taking tiles in pairs, a pair's second tile
+/// holds one key or is missing); with rising logits the maxima move in either warpgroup's tiles.
+#[test]
+fn mla_decode_one_to_four_tiles_page_size_64_heads_128_f16() {
+    let lens = [64, 65, 128, 129, 192, 200, 256];
+    run::<f16, f16, half::F16, half::F16>(&decode(&lens, 64, 128), 14);
+    run::<f16, f16, half::F16, half::F16>(&Case { rising_keys: true, ..decode(&lens, 64, 128) }, 15);
+}
+
 #[test]
 fn mla_decode_split_and_merged_page_size_7_heads_16_bf16() {
     let case = Case { sms: 4, splits: Some(true), ..decode(&[700], 7, 16) };
