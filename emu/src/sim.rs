@@ -6,7 +6,8 @@
 //!
 //! What it checks that a GPU would not tell: a warp collective reached by only some lanes or
 //! by lanes at different collectives, a deadlock (a barrier some threads never reach, an
-//! mbarrier phase that never completes), shared-memory accesses outside the launch's bytes or
+//! mbarrier phase that never completes, `setmaxnreg.inc` asking for registers the block's pool
+//! will never hold), shared-memory accesses outside the launch's bytes or
 //! misaligned, global accesses through the checked helpers outside every buffer, mbarriers used
 //! before their initialisation, and (by guard pages) any access just past a buffer's or the
 //! shared memory's end. Asynchronous copies land when their thread waits for them, not
@@ -64,6 +65,11 @@ pub(crate) enum Op {
     MbarrierWait {
         bar: u32,
         parity: u32,
+    },
+    /// `setmaxnreg.inc` until the block's pool holds `regs` a thread for it: a wait of this
+    /// thread alone.
+    RegisterClaim {
+        regs: u32,
     },
 }
 
@@ -140,6 +146,16 @@ pub(crate) struct Block {
     /// Copies whose completion a thread tied to an mbarrier arrival (`cp.async.mbarrier.arrive`):
     /// they land, and arrive, only when nothing else can run (as late as the GPU may).
     tracked: RefCell<Vec<(u32, Vec<AsyncCopy>, u32)>>,
+    /// Registers each thread holds, and those free in the block's pool (`setmaxnreg`): a block
+    /// starts with what its entry was given, [`entry_registers`] a thread, none free.
+    registers: RefCell<(Vec<u32>, u32)>,
+}
+
+/// Registers a thread of a block of `threads` starts with where the kernel uses as many as it
+/// may (ptxas: 64 Ki over the block's threads, in steps of 8, at most 255): the block's pool,
+/// which `setmaxnreg` only redistributes.
+pub(crate) fn entry_registers(threads: u32) -> u32 {
+    (65536 / threads).min(255) / 8 * 8
 }
 
 /// An mbarrier's state: arrivals a phase, arrivals still missing in this phase, phases done.
@@ -241,6 +257,28 @@ impl Block {
                 }
             }
         }
+    }
+
+    /// `setmaxnreg.dec` to `regs`: the thread's registers past them go back to the pool.
+    pub(crate) fn release_registers(&self, regs: u32) {
+        let mut r = self.registers.borrow_mut();
+        let held = r.0[thread() as usize];
+        assert!(regs <= held && regs % 8 == 0, "setmaxnreg.dec to {regs} registers from {held}");
+        r.0[thread() as usize] = regs;
+        r.1 += held - regs;
+    }
+
+    /// `setmaxnreg.inc` to `regs`: takes the registers from the pool if it holds them.
+    pub(crate) fn claim_registers(&self, regs: u32) -> bool {
+        let mut r = self.registers.borrow_mut();
+        let held = r.0[thread() as usize];
+        assert!(regs >= held && regs % 8 == 0 && regs <= 256, "setmaxnreg.inc to {regs} registers from {held}");
+        if r.1 < regs - held {
+            return false;
+        }
+        r.0[thread() as usize] = regs;
+        r.1 -= regs - held;
+        true
     }
 
     pub(crate) fn mbarrier_init(&self, bar: u32, count: u32) {
@@ -455,6 +493,7 @@ fn run_block(
         copies: RefCell::new((0..cfg.threads).map(|_| AsyncCopies::default()).collect()),
         mbarriers: RefCell::new(std::collections::HashMap::new()),
         tracked: RefCell::new(Vec::new()),
+        registers: RefCell::new((vec![entry_registers(cfg.threads); cfg.threads as usize], 0)),
     });
     BLOCK.with(|b| b.set(&*block));
     let fault = |thread: Option<u32>, what: String| Fault { block: index, thread, what };
@@ -506,7 +545,9 @@ fn run_block(
             let ops: Vec<Option<Op>> = state[lanes.clone()]
                 .iter()
                 .map(|s| match s {
-                    ThreadState::Waiting(op) if !matches!(op, Op::Barrier { .. } | Op::MbarrierWait { .. }) => {
+                    ThreadState::Waiting(op)
+                        if !matches!(op, Op::Barrier { .. } | Op::MbarrierWait { .. } | Op::RegisterClaim { .. }) =>
+                    {
                         Some(*op)
                     }
                     _ => None,
@@ -529,6 +570,17 @@ fn run_block(
         for s in state.iter_mut() {
             if let ThreadState::Waiting(Op::MbarrierWait { bar, parity }) = *s {
                 if block.mbarrier_phase_done(bar, parity) {
+                    *s = ThreadState::Ready(Reply::None);
+                    released = true;
+                }
+            }
+        }
+        // A thread waiting for registers retries its claim when it next runs: released when
+        // the pool holds them now (its claim cannot fail then).
+        let free = block.registers.borrow().1;
+        for (t, s) in state.iter_mut().enumerate() {
+            if let ThreadState::Waiting(Op::RegisterClaim { regs }) = *s {
+                if free >= regs.saturating_sub(block.registers.borrow().0[t]) {
                     *s = ThreadState::Ready(Reply::None);
                     released = true;
                 }
@@ -706,6 +758,8 @@ fn warp_collective(block: &Block, ops: &[Op]) -> Result<Vec<Reply>, String> {
                 })
                 .collect()
         }
-        Op::Barrier { .. } | Op::MbarrierWait { .. } => return Err("a barrier among warp collectives".into()),
+        Op::Barrier { .. } | Op::MbarrierWait { .. } | Op::RegisterClaim { .. } => {
+            return Err("a barrier among warp collectives".into())
+        }
     })
 }

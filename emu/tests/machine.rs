@@ -232,3 +232,29 @@ fn an_mbarrier_phase_that_never_completes_is_a_deadlock() {
     .unwrap_err();
     assert!(fault.what.contains("deadlock"), "{fault}");
 }
+
+/// `setmaxnreg` only moves registers within the block's pool (168 a thread at 384 threads):
+/// consumers may take what a producer warpgroup gave back, and waiting for more never ends
+/// (the thirty-fourth session's MLA build asked 128 · 32 + 256 · 240 = 64 Ki and hung).
+#[test]
+fn claiming_registers_past_the_blocks_pool_is_a_deadlock() {
+    use ferrinfer_emu::gpu::hopper::{claim_registers, release_registers};
+    // The producer warpgroup first or last: consumers that ask before it gives back wait.
+    let split = |over: bool, producer: u32| {
+        launch(one_block(384, 0), move || {
+            if thread_x() / 128 == producer {
+                if over {
+                    release_registers::<32>();
+                } else {
+                    release_registers::<24>();
+                }
+            } else {
+                claim_registers::<240>();
+            }
+        })
+    };
+    split(false, 0).unwrap();
+    split(false, 2).unwrap();
+    let fault = split(true, 0).unwrap_err();
+    assert!(fault.what.contains("deadlock") && fault.what.contains("RegisterClaim"), "{fault}");
+}

@@ -2,8 +2,9 @@
 //! `wgmma` computed when issued (each thread its own accumulators, reading the operands'
 //! shared memory through the descriptors and the 128-byte swizzle; an A operand from
 //! registers gathered from the warp's quad by shuffles), mbarriers with phases (copies tied to
-//! one land as late as they may, see `sim`), named barriers; register reallocation and the
-//! proxy fence have nothing to do here.
+//! one land as late as they may, see `sim`), named barriers, register reallocation against
+//! the block's pool (a claim the pool can never meet is a deadlock, as on the GPU); the proxy
+//! fence has nothing to do here.
 //!
 //! Operand addressing (PTX ISA, "Matrix Descriptor Format", 128-byte swizzle): a K-major
 //! operand's element (row `r`, k) sits at `start + (r / 8) · stride + (r % 8) · 128 + 2k`; an
@@ -163,8 +164,17 @@ pub unsafe fn mbarrier_wait(bar: u32, parity: u32) {
     }
 }
 
-pub fn release_registers<const REGS: u32>() {}
-pub fn claim_registers<const REGS: u32>() {}
+/// `setmaxnreg.dec`: this thread's registers go back to the block's pool.
+pub fn release_registers<const REGS: u32>() {
+    block().release_registers(REGS);
+}
+/// `setmaxnreg.inc`: waits until the block's pool holds the registers asked for (the GPU waits
+/// forever when it never will: a deadlock here).
+pub fn claim_registers<const REGS: u32>() {
+    while !block().claim_registers(REGS) {
+        collective(Op::RegisterClaim { regs: REGS });
+    }
+}
 
 pub fn named_barrier(id: u32, threads: u32) {
     collective(Op::Barrier { id, threads, wait: true });
