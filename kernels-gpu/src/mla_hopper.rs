@@ -57,10 +57,17 @@ const BARRIER_HANDOFF: u32 = 2;
 const BARRIER_PRODUCER: u32 = 4;
 /// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): the producer
 /// only resolves keys and issues copies; a consumer holds O's half (128 f32), S (32) and P.
-/// 128 · 24 + 256 · 240 fits the SM's 64 Ki registers for the one block.
+/// 128 · 24 + 256 · 240 is the block's whole pool (below).
 const PRODUCER_REGISTERS: u32 = 24;
 const CONSUMER_REGISTERS: u32 = 240;
-const _: () = assert!(HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= 65536);
+// `setmaxnreg.inc` waits until the registers it asks for are free in the block's own pool, the
+// entry's 168 a thread (64 Ki over 384 threads, in steps of 8) plus what the producer gave
+// back: asking for more never returns (`abi::HOPPER_CONSUMER_REGISTERS` says the same; the
+// emulator deadlocks on it).
+const _: () = {
+    let entry = 65536 / MLA_HOPPER_THREADS / 8 * 8;
+    assert!(HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= MLA_HOPPER_THREADS * entry);
+};
 
 /// Shared-memory offsets: Q, the two K stages, the P hand-over, the maxima hand-over, the two
 /// warpgroups' row sums, the producer's row tables (a stage each), the mbarriers (full 0, 1,
