@@ -263,7 +263,7 @@ impl Block {
     pub(crate) fn release_registers(&self, regs: u32) {
         let mut r = self.registers.borrow_mut();
         let held = r.0[thread() as usize];
-        assert!(regs <= held && regs % 8 == 0, "setmaxnreg.dec to {regs} registers from {held}");
+        assert!(regs <= held && regs.is_multiple_of(8), "setmaxnreg.dec to {regs} registers from {held}");
         r.0[thread() as usize] = regs;
         r.1 += held - regs;
     }
@@ -272,7 +272,10 @@ impl Block {
     pub(crate) fn claim_registers(&self, regs: u32) -> bool {
         let mut r = self.registers.borrow_mut();
         let held = r.0[thread() as usize];
-        assert!(regs >= held && regs % 8 == 0 && regs <= 256, "setmaxnreg.inc to {regs} registers from {held}");
+        assert!(
+            regs >= held && regs.is_multiple_of(8) && regs <= 256,
+            "setmaxnreg.inc to {regs} registers from {held}"
+        );
         if r.1 < regs - held {
             return false;
         }

@@ -66,7 +66,10 @@ const CONSUMER_REGISTERS: u32 = 240;
 // emulator deadlocks on it).
 const _: () = {
     let entry = 65536 / MLA_HOPPER_THREADS / 8 * 8;
-    assert!(HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= MLA_HOPPER_THREADS * entry);
+    assert!(
+        HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS
+            <= MLA_HOPPER_THREADS * entry
+    );
 };
 
 /// Shared-memory offsets: Q, the two K stages, the P hand-over, the maxima hand-over, the two

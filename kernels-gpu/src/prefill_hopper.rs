@@ -43,8 +43,8 @@ use crate::abi::{
     HOPPER_CONSUMER_REGISTERS, HOPPER_PREFILL_ROWS, HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS,
     HOPPER_PRODUCER_THREADS, NO_PARTIAL,
 };
-use crate::gpu::fp8::KvElem;
-use crate::gpu::half::F16;
+use crate::gpu::fp8::{E4m3, E5m2, KvElem};
+use crate::gpu::half::{Bf16, F16};
 use crate::gpu::hopper::{
     claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
     mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive, release_registers, smem_descriptor,
@@ -152,39 +152,33 @@ struct Unit {
     tiles: u32,
 }
 
+/// The 16-bit type P · V runs in, for queries of `H` over a cache of `Self`: the queries' own
+/// over a 16-bit cache, f16 over an 8-bit one whatever the queries' type (V widens to f16 in
+/// one conversion a pair, to bf16 it takes three more, through f32, on the producer's critical
+/// path; and P's probabilities are finer in f16 than in bf16). S takes the queries' type.
+pub trait ProductHalf<H: Wgmma> {
+    type Pv: Wgmma;
+}
+impl<H: Wgmma> ProductHalf<H> for F16 {
+    type Pv = H;
+}
+impl<H: Wgmma> ProductHalf<H> for Bf16 {
+    type Pv = H;
+}
+impl<H: Wgmma> ProductHalf<H> for E4m3 {
+    type Pv = F16;
+}
+impl<H: Wgmma> ProductHalf<H> for E5m2 {
+    type Pv = F16;
+}
+
 /// The kernel: `S_FRAGS = TILE / 8` n-fragments of S, `P_FRAGS = TILE / 16` A fragments of P,
 /// `O_FRAGS = HEAD_DIM / 8` n-fragments of O (stable Rust cannot size arrays by expressions of
 /// const parameters; the entry passes them and this checks them).
 #[inline(always)]
 pub unsafe fn prefill_hopper<
     H: Wgmma,
-    K: KvElem,
-    const HEAD_DIM: u32,
-    const TILE: u32,
-    const STAGES: u32,
-    const BYTE_STAGES: u32,
-    const S_FRAGS: usize,
-    const P_FRAGS: usize,
-    const O_FRAGS: usize,
->(
-    p: &PrefillParams,
-) {
-    // Over an 8-bit cache P · V runs in f16 whatever the queries' type: V widens to f16 in one
-    // conversion a pair (to bf16 it takes three more, through f32, on the producer's critical
-    // path), and P's probabilities are finer in f16 than in bf16. Only S takes the queries' type.
-    if K::BYTES == 1 {
-        prefill_hopper_with::<H, F16, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p)
-    } else {
-        prefill_hopper_with::<H, H, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(p)
-    }
-}
-
-/// [`prefill_hopper`] with P · V in `PV` (S in `H`, the queries' and output's type).
-#[inline(always)]
-unsafe fn prefill_hopper_with<
-    H: Wgmma,
-    PV: Wgmma,
-    K: KvElem,
+    K: KvElem + ProductHalf<H>,
     const HEAD_DIM: u32,
     const TILE: u32,
     const STAGES: u32,
@@ -245,7 +239,7 @@ unsafe fn prefill_hopper_with<
             if K::BYTES == 2 {
                 produce::<HEAD_DIM, TILE, STAGES>(p, &unit, ring, tid);
             } else {
-                produce_widening::<H, PV, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
+                produce_widening::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
             }
             (at, base) = (at + 1, base + unit.tiles);
         }
@@ -284,11 +278,11 @@ unsafe fn prefill_hopper_with<
                         load_queries::<HEAD_DIM>(p, &unit(at + 1, 0), q_smem, tid);
                     }
                 });
-                consume::<H, PV, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p, &this, q_smem, ring, last, load_next, tid,
                 );
             } else {
-                consume::<H, PV, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p,
                     &this,
                     q_smem,
@@ -456,8 +450,8 @@ unsafe fn produce<const HEAD_DIM: u32, const TILE: u32, const STAGES: u32>(
 
 /// The producer warpgroup over an 8-bit cache: gathers a unit's tile `n` bytes into byte stage
 /// `n % BYTE_STAGES` (`BYTE_STAGES − 1` tiles in flight ahead), then widens them into the ring
-/// once the consumers have emptied its stage, and signals it full. The consumers read the ring
-/// as over a 16-bit cache.
+/// once the consumers have emptied its stage (K into `H`, V into `PV`), and signals it full.
+/// The consumers read the ring as over a 16-bit cache.
 #[inline(always)]
 unsafe fn produce_widening<
     H: Wgmma,
@@ -526,8 +520,8 @@ unsafe fn produce_widening<
     wait_async_copies(0);
 }
 
-/// A consumer warpgroup: 64 rows, every tile of the ring, then the output (or a partial and
-/// the merge of a split row tile).
+/// A consumer warpgroup: 64 rows, every tile of the ring (S in `H`, P · V in `PV`), then the
+/// output in `H` (or a partial and the merge of a split row tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<
