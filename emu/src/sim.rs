@@ -147,15 +147,8 @@ pub(crate) struct Block {
     /// they land, and arrive, only when nothing else can run (as late as the GPU may).
     tracked: RefCell<Vec<(u32, Vec<AsyncCopy>, u32)>>,
     /// Registers each thread holds, and those free in the block's pool (`setmaxnreg`): a block
-    /// starts with what its entry was given, [`entry_registers`] a thread, none free.
+    /// starts with what its entry was given (`abi::entry_registers` a thread), none free.
     registers: RefCell<(Vec<u32>, u32)>,
-}
-
-/// Registers a thread of a block of `threads` starts with where the kernel uses as many as it
-/// may (ptxas: 64 Ki over the block's threads, in steps of 8, at most 255): the block's pool,
-/// which `setmaxnreg` only redistributes.
-pub(crate) fn entry_registers(threads: u32) -> u32 {
-    (65536 / threads).min(255) / 8 * 8
 }
 
 /// An mbarrier's state: arrivals a phase, arrivals still missing in this phase, phases done.
@@ -496,7 +489,7 @@ fn run_block(
         copies: RefCell::new((0..cfg.threads).map(|_| AsyncCopies::default()).collect()),
         mbarriers: RefCell::new(std::collections::HashMap::new()),
         tracked: RefCell::new(Vec::new()),
-        registers: RefCell::new((vec![entry_registers(cfg.threads); cfg.threads as usize], 0)),
+        registers: RefCell::new((vec![crate::abi::entry_registers(cfg.threads); cfg.threads as usize], 0)),
     });
     BLOCK.with(|b| b.set(&*block));
     let fault = |thread: Option<u32>, what: String| Fault { block: index, thread, what };
@@ -570,25 +563,21 @@ fn run_block(
                 released = true;
             }
         }
-        for s in state.iter_mut() {
-            if let ThreadState::Waiting(Op::MbarrierWait { bar, parity }) = *s {
-                if block.mbarrier_phase_done(bar, parity) {
-                    *s = ThreadState::Ready(Reply::None);
-                    released = true;
-                }
-            }
-        }
-        // A thread waiting for registers retries its claim when it next runs: released when
-        // the pool holds them now (its claim cannot fail then).
-        let free = block.registers.borrow().1;
+        // Waits of a thread alone: released once they can succeed (a thread waiting for
+        // registers claims them when it next runs).
+        let registers = block.registers.borrow();
         for (t, s) in state.iter_mut().enumerate() {
-            if let ThreadState::Waiting(Op::RegisterClaim { regs }) = *s {
-                if free >= regs.saturating_sub(block.registers.borrow().0[t]) {
-                    *s = ThreadState::Ready(Reply::None);
-                    released = true;
-                }
+            let go = match *s {
+                ThreadState::Waiting(Op::MbarrierWait { bar, parity }) => block.mbarrier_phase_done(bar, parity),
+                ThreadState::Waiting(Op::RegisterClaim { regs }) => registers.1 >= regs.saturating_sub(registers.0[t]),
+                _ => false,
+            };
+            if go {
+                *s = ThreadState::Ready(Reply::None);
+                released = true;
             }
         }
+        drop(registers);
         // Nothing else can run: copies tied to mbarriers land now, as late as they may.
         if !released && !state.iter().any(|s| matches!(s, ThreadState::Ready(_))) && block.land_tracked(None) {
             continue;

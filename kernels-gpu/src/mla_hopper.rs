@@ -24,8 +24,8 @@
 //! its fragments, and the block's rows go out in 16-byte stores of whole rows. A split tile's
 //! partial rows are 16-bit like its output (FlashInfer's too), merged by `mla::mla_merge`.
 use crate::abi::{
-    mla_hopper_smem_bytes, MlaParams, PrefillWorkItem, HOPPER_PRODUCER_THREADS, MLA_CKV_DIM, MLA_HOPPER_THREADS,
-    MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
+    mla_hopper_smem_bytes, register_split_fits, MlaParams, PrefillWorkItem, HOPPER_PRODUCER_THREADS, MLA_CKV_DIM,
+    MLA_HOPPER_THREADS, MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
 };
 use crate::gpu::hopper::{
     claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
@@ -57,20 +57,10 @@ const BARRIER_HANDOFF: u32 = 2;
 const BARRIER_PRODUCER: u32 = 4;
 /// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): the producer
 /// only resolves keys and issues copies; a consumer holds O's half (128 f32), S (32) and P.
-/// 128 · 24 + 256 · 240 is the block's whole pool (below).
+/// 128 · 24 + 256 · 240 is the block's whole pool (`abi::register_split_fits`).
 const PRODUCER_REGISTERS: u32 = 24;
 const CONSUMER_REGISTERS: u32 = 240;
-// `setmaxnreg.inc` waits until the registers it asks for are free in the block's own pool, the
-// entry's 168 a thread (64 Ki over 384 threads, in steps of 8) plus what the producer gave
-// back: asking for more never returns (`abi::HOPPER_CONSUMER_REGISTERS` says the same; the
-// emulator deadlocks on it).
-const _: () = {
-    let entry = 65536 / MLA_HOPPER_THREADS / 8 * 8;
-    assert!(
-        HOPPER_PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS
-            <= MLA_HOPPER_THREADS * entry
-    );
-};
+const _: () = assert!(register_split_fits(MLA_HOPPER_THREADS, PRODUCER_REGISTERS, CONSUMER_REGISTERS));
 
 /// Shared-memory offsets: Q, the two K stages, the P hand-over, the maxima hand-over, the two
 /// warpgroups' row sums, the producer's row tables (a stage each), the mbarriers (full 0, 1,

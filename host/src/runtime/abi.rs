@@ -654,7 +654,7 @@ pub const HOPPER_PREFILL_THREADS: u32 = 384;
 /// Threads of the producer warpgroup (the block's first).
 pub const HOPPER_PRODUCER_THREADS: u32 = 128;
 /// Registers a producer thread keeps and a consumer thread takes (`setmaxnreg`): 128 · 56 +
-/// 256 · 224 is exactly the SM's 64 Ki registers for one block. The persistent producer keeps
+/// 256 · 224 is exactly the block's pool ([`register_split_fits`]). The persistent producer keeps
 /// its unit list's place beside a unit's gather state: at 40 the widening producer spilled
 /// 280 bytes, at 56 none, and ptxas spills no more consumer registers at 224 than at 232.
 /// (24 for the producer, and 240 for the consumers at head_dim 256, was tried: the producer
@@ -663,18 +663,26 @@ pub const HOPPER_PRODUCER_THREADS: u32 = 128;
 pub const HOPPER_PRODUCER_REGISTERS: u32 = 56;
 /// See [`HOPPER_PRODUCER_REGISTERS`].
 pub const HOPPER_CONSUMER_REGISTERS: u32 = 224;
-// `setmaxnreg.inc` waits until the registers it asks for are free in the block's own pool,
-// which is what the entry was given (ptxas: 64 Ki over the declared 384 threads, in steps of
-// 8, so 168 a thread) plus what the producer gave back: asking for more never returns (a split
-// of 32 / 240 hung on the H200).
-const _: () = {
-    let entry = 65536 / HOPPER_PREFILL_THREADS / 8 * 8;
-    assert!(
-        HOPPER_PRODUCER_THREADS * HOPPER_PRODUCER_REGISTERS
-            + (HOPPER_PREFILL_THREADS - HOPPER_PRODUCER_THREADS) * HOPPER_CONSUMER_REGISTERS
-            <= HOPPER_PREFILL_THREADS * entry
-    )
-};
+const _: () =
+    assert!(register_split_fits(HOPPER_PREFILL_THREADS, HOPPER_PRODUCER_REGISTERS, HOPPER_CONSUMER_REGISTERS));
+
+/// Registers each thread of a block of `threads` starts with, in a kernel that uses as many as
+/// it may (ptxas: 64 Ki over the declared threads, in steps of 8, at most 255): times
+/// `threads`, the block's pool, which `setmaxnreg` only moves between warpgroups.
+pub const fn entry_registers(threads: u32) -> u32 {
+    let per_thread = 65536 / threads;
+    (if per_thread < 255 { per_thread } else { 255 }) / 8 * 8
+}
+
+/// Whether a producer warpgroup at `producer` registers a thread beside the other warpgroups at
+/// `consumer` fits the pool of a block of `threads`. `setmaxnreg.inc` waits until the registers
+/// it asks for are free in that pool (the entry's plus what the producer gave back): asking for
+/// more never returns (a split of 32 / 240 hung the Hopper prefill on the H200, and the same
+/// split MLA's rounds of two tiles on the H100, thirty-fourth session).
+pub const fn register_split_fits(threads: u32, producer: u32, consumer: u32) -> bool {
+    HOPPER_PRODUCER_THREADS * producer + (threads - HOPPER_PRODUCER_THREADS) * consumer
+        <= threads * entry_registers(threads)
+}
 
 /// Keys per Hopper prefill stage: 128 (S is a 64 × 128 `wgmma` tile) up to head_dim 128, 64
 /// above (the O accumulators of 256 dims take the registers), and 64 over an 8-bit cache at
