@@ -261,17 +261,23 @@ impl Block {
         r.1 += held - regs;
     }
 
+    /// Whether the pool holds what thread `t` lacks of `regs` registers.
+    fn pool_holds(&self, t: u32, regs: u32) -> bool {
+        let r = self.registers.borrow();
+        r.1 >= regs.saturating_sub(r.0[t as usize])
+    }
+
     /// `setmaxnreg.inc` to `regs`: takes the registers from the pool if it holds them.
     pub(crate) fn claim_registers(&self, regs: u32) -> bool {
-        let mut r = self.registers.borrow_mut();
-        let held = r.0[thread() as usize];
+        let held = self.registers.borrow().0[thread() as usize];
         assert!(
             regs >= held && regs.is_multiple_of(8) && regs <= 256,
             "setmaxnreg.inc to {regs} registers from {held}"
         );
-        if r.1 < regs - held {
+        if !self.pool_holds(thread(), regs) {
             return false;
         }
+        let mut r = self.registers.borrow_mut();
         r.0[thread() as usize] = regs;
         r.1 -= regs - held;
         true
@@ -565,11 +571,10 @@ fn run_block(
         }
         // Waits of a thread alone: released once they can succeed (a thread waiting for
         // registers claims them when it next runs).
-        let registers = block.registers.borrow();
         for (t, s) in state.iter_mut().enumerate() {
             let go = match *s {
                 ThreadState::Waiting(Op::MbarrierWait { bar, parity }) => block.mbarrier_phase_done(bar, parity),
-                ThreadState::Waiting(Op::RegisterClaim { regs }) => registers.1 >= regs.saturating_sub(registers.0[t]),
+                ThreadState::Waiting(Op::RegisterClaim { regs }) => block.pool_holds(t as u32, regs),
                 _ => false,
             };
             if go {
@@ -577,7 +582,6 @@ fn run_block(
                 released = true;
             }
         }
-        drop(registers);
         // Nothing else can run: copies tied to mbarriers land now, as late as they may.
         if !released && !state.iter().any(|s| matches!(s, ThreadState::Ready(_))) && block.land_tracked(None) {
             continue;

@@ -21,8 +21,8 @@
 //! of a 16-bit tile) and the producer widens each tile into a ring stage itself, eight values
 //! a thread at a time, before signalling it full (a fence first: `wgmma` reads through the
 //! async proxy). The consumers run the same code as over a 16-bit cache, `wgmma` on 16-bit
-//! tiles: K widened to the queries' type, V to f16 whatever it (P · V in f16, `prefill_hopper`);
-//! queries stay f16/bf16, unlike FlashAttention-3's fp8 path, which quantises them.
+//! tiles: K widened to the queries' type, V to f16 whatever the queries' type (P · V in f16,
+//! `ProductHalf`); queries stay f16/bf16, unlike FlashAttention-3's fp8 path, which quantises them.
 //!
 //! Shared tiles are 64-dim slabs of 128-byte rows with the 128-byte swizzle (16-byte chunk `c`
 //! of row `r` at chunk `c ^ (r % 8)`), the layout `wgmma` descriptors name; every tile starts on
