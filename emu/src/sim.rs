@@ -11,7 +11,8 @@
 //! misaligned, global accesses through the checked helpers outside every buffer, mbarriers used
 //! before their initialisation, and (by guard pages) any access just past a buffer's or the
 //! shared memory's end. Asynchronous copies land when their thread waits for them, not
-//! before; copies tied to an mbarrier arrival land only when no thread can go on without them;
+//! before; copies tied to an mbarrier (`cp.async`'s arrival, a TMA box's transaction bytes)
+//! land only when no thread can go on without them;
 //! shared memory starts as 0xFF bytes (NaN in f16, bf16 and f32): a read that a missing wait or
 //! barrier leaves stale shows up in the results. `wgmma` runs when issued (its reads of shared
 //! memory happen then; the GPU may read later).
@@ -128,6 +129,15 @@ struct AsyncCopy {
     valid: bool,
 }
 
+/// Copies a thread tied to an mbarrier: on landing, an arrival (`tx` 0) or `complete_tx` of
+/// `tx` bytes.
+struct TrackedCopies {
+    thread: u32,
+    copies: Vec<AsyncCopy>,
+    bar: u32,
+    tx: u32,
+}
+
 #[derive(Default)]
 struct AsyncCopies {
     open: Vec<AsyncCopy>,
@@ -143,19 +153,33 @@ pub(crate) struct Block {
     smem_bytes: u32,
     copies: RefCell<Vec<AsyncCopies>>,
     mbarriers: RefCell<std::collections::HashMap<u32, Mbarrier>>,
-    /// Copies whose completion a thread tied to an mbarrier arrival (`cp.async.mbarrier.arrive`):
-    /// they land, and arrive, only when nothing else can run (as late as the GPU may).
-    tracked: RefCell<Vec<(u32, Vec<AsyncCopy>, u32)>>,
+    /// Copies whose completion a thread tied to an mbarrier (`cp.async.mbarrier.arrive`: an
+    /// arrival, transaction bytes 0; a TMA box: its bytes of `complete_tx`): they land, and
+    /// arrive or complete, only when nothing else can run (as late as the GPU may).
+    tracked: RefCell<Vec<TrackedCopies>>,
     /// Registers each thread holds, and those free in the block's pool (`setmaxnreg`): a block
     /// starts with what its entry was given (`abi::entry_registers` a thread), none free.
     registers: RefCell<(Vec<u32>, u32)>,
 }
 
-/// An mbarrier's state: arrivals a phase, arrivals still missing in this phase, phases done.
+/// An mbarrier's state: arrivals a phase, arrivals still missing in this phase, phases done,
+/// transaction bytes expected and not yet completed in this phase (below zero while copies
+/// complete before their `expect_tx`, as the PTX ISA allows).
 struct Mbarrier {
     count: u32,
     pending: u32,
     phase: u32,
+    tx: i64,
+}
+
+impl Mbarrier {
+    /// The phase completes once every arrival is in and every expected byte has landed.
+    fn advance(&mut self) {
+        if self.pending == 0 && self.tx == 0 {
+            self.phase += 1;
+            self.pending = self.count;
+        }
+    }
 }
 
 thread_local! {
@@ -286,17 +310,53 @@ impl Block {
     pub(crate) fn mbarrier_init(&self, bar: u32, count: u32) {
         self.shared(bar, 8, 8);
         assert!(count > 0, "mbarrier at {bar:#x} initialised for 0 arrivals");
-        self.mbarriers.borrow_mut().insert(bar, Mbarrier { count, pending: count, phase: 0 });
+        self.mbarriers.borrow_mut().insert(bar, Mbarrier { count, pending: count, phase: 0, tx: 0 });
+    }
+
+    /// An arrival on `bar` that first expects `tx_bytes` more of transactions in this phase.
+    pub(crate) fn mbarrier_arrive_expect(&self, bar: u32, tx_bytes: u32) {
+        let mut all = self.mbarriers.borrow_mut();
+        let b = all.get_mut(&bar).unwrap_or_else(|| panic!("arrival on mbarrier {bar:#x}, never initialised"));
+        assert!(b.pending > 0, "arrival on mbarrier {bar:#x} past its count");
+        b.tx += tx_bytes as i64;
+        b.pending -= 1;
+        b.advance();
     }
 
     pub(crate) fn mbarrier_arrive(&self, bar: u32) {
+        self.mbarrier_arrive_expect(bar, 0);
+    }
+
+    /// `complete_tx` of `bytes` on `bar` (a TMA box landed).
+    fn mbarrier_complete_tx(&self, bar: u32, bytes: u32) {
         let mut all = self.mbarriers.borrow_mut();
-        let b = all.get_mut(&bar).unwrap_or_else(|| panic!("arrival on mbarrier {bar:#x}, never initialised"));
-        b.pending -= 1;
-        if b.pending == 0 {
-            b.phase += 1;
-            b.pending = b.count;
+        let b = all.get_mut(&bar).unwrap_or_else(|| panic!("transactions on mbarrier {bar:#x}, never initialised"));
+        b.tx -= bytes as i64;
+        b.advance();
+    }
+
+    /// A TMA box (`cp.async.bulk.tensor.2d`, 16-bit elements, the 128-byte swizzle): `rows`
+    /// rows of `row_bytes` (16-byte chunks) from `src(row)` (`None`: out of bounds, zeros)
+    /// into shared memory from `dst` on (128-byte aligned, each row 128 bytes on, the swizzle
+    /// computed from the address as `wgmma` reads it), completing `rows · row_bytes` on `bar`.
+    pub(crate) fn tma_box(&self, dst: u32, rows: u32, row_bytes: u32, src: impl Fn(u32) -> Option<u64>, bar: u32) {
+        assert!(dst.is_multiple_of(128) && row_bytes == 128, "TMA box at {dst:#x} of {row_bytes}-byte rows");
+        assert!(self.mbarriers.borrow().contains_key(&bar), "TMA box on mbarrier {bar:#x}, never initialised");
+        let mut copies = Vec::new();
+        for r in 0..rows {
+            let row = src(r);
+            for c in 0..row_bytes / 16 {
+                let addr = dst + r * 128 + 16 * c;
+                let physical = addr ^ (((addr >> 7) & 7) << 4);
+                self.shared(physical, 16, 16);
+                let from = row.map(|base| base + 16 * c as u64);
+                if let Some(from) = from {
+                    check_global(from, 16, 16, "TMA source");
+                }
+                copies.push(AsyncCopy { dst: physical, src: from.unwrap_or(0), valid: from.is_some() });
+            }
         }
+        self.tracked.borrow_mut().push(TrackedCopies { thread: thread(), copies, bar, tx: rows * row_bytes });
     }
 
     /// Ties this thread's copies so far to an arrival on `bar` once they land.
@@ -306,7 +366,7 @@ impl Block {
         let mine = &mut all[thread() as usize];
         let mut copies: Vec<AsyncCopy> = mine.committed.drain(..).flatten().collect();
         copies.append(&mut mine.open);
-        self.tracked.borrow_mut().push((thread(), copies, bar));
+        self.tracked.borrow_mut().push(TrackedCopies { thread: thread(), copies, bar, tx: 0 });
     }
 
     /// Whether the phase of parity `parity` of the mbarrier at `bar` has completed (the phase
@@ -319,16 +379,19 @@ impl Block {
 
     /// Lands the tracked copies (of `thread`, or all) and makes their arrivals; whether any.
     fn land_tracked(&self, thread: Option<u32>) -> bool {
-        let batches: Vec<(u32, Vec<AsyncCopy>, u32)> = {
+        let batches: Vec<TrackedCopies> = {
             let mut tracked = self.tracked.borrow_mut();
-            let (mine, rest) = tracked.drain(..).partition(|(t, _, _)| thread.is_none_or(|want| want == *t));
+            let (mine, rest) = tracked.drain(..).partition(|c| thread.is_none_or(|want| want == c.thread));
             *tracked = rest;
             mine
         };
         let any = !batches.is_empty();
-        for (_, copies, bar) in batches {
+        for TrackedCopies { copies, bar, tx, .. } in batches {
             self.land(copies);
-            self.mbarrier_arrive(bar);
+            match tx {
+                0 => self.mbarrier_arrive(bar),
+                bytes => self.mbarrier_complete_tx(bar, bytes),
+            }
         }
         any
     }

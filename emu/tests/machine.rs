@@ -217,6 +217,74 @@ fn copies_tied_to_an_mbarrier_land_only_for_the_waiter_of_its_phase() {
     assert!(out.to_vec().chunks(2).all(|p| p == [u32::MAX, 5]));
 }
 
+/// A TMA box lands through the 128-byte swizzle of its shared address (its rows need not start
+/// an 8-row group), rows past the tensor as zeros, and completes its bytes on the mbarrier: the
+/// phase needs both the arrival with `expect_tx` and every byte.
+#[test]
+fn a_tma_box_lands_swizzled_with_zeros_past_the_tensor_and_completes_its_bytes() {
+    use ferrinfer_emu::gpu::hopper::{
+        mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait, tma_load_2d, TensorMap2d,
+    };
+    // A 5-row tensor of 64 u16 a row: element (r, c) = 100 r + c.
+    let tensor: Vec<u16> = (0..5 * 64).map(|i| (100 * (i / 64) + i % 64) as u16).collect();
+    let t = DeviceBuffer::from_slice("tensor", &tensor);
+    let map = TensorMap2d { base: t.ptr(), width: 64, rows: 5, stride: 128, box_rows: 4, ..Default::default() };
+    let m = DeviceBuffer::from_slice("map", &[map]);
+    let out = DeviceBuffer::filled("out", 4 * 64, 0u16);
+    let (m, o) = (m.ptr(), out.ptr());
+    launch(one_block(32, 4096), move || unsafe {
+        let base = dynamic_smem_addr();
+        let bar = base + 4088;
+        if lane() == 0 {
+            mbarrier_init(bar, 1);
+            mbarrier_arrive_expect_tx(bar, 4 * 128);
+            // Rows 2..6 of the tensor into rows 3..7 of a swizzled 1024-byte atom.
+            tma_load_2d(base + 3 * 128, m, 0, 2, bar);
+        }
+        sync_threads();
+        mbarrier_wait(bar, 0);
+        // Element (r, c) of the box at row 3 + r: chunk c / 8 XORed with the row's address bits.
+        for i in [lane(), lane() + 32, lane() + 64, lane() + 96, lane() + 128, lane() + 160, lane() + 192, lane() + 224]
+        {
+            let (r, c) = (i / 64, i % 64);
+            let row = 3 + r;
+            let addr = base + row * 128 + (((c / 8) ^ (row % 8)) * 16) + 2 * (c % 8);
+            let word = load_shared_u32(addr & !3);
+            let v = if addr % 4 == 0 { word & 0xFFFF } else { word >> 16 };
+            *(o as *mut u16).add(i as usize) = v as u16;
+        }
+    })
+    .unwrap();
+    let want: Vec<u16> =
+        (0..4 * 64).map(|i| if i / 64 + 2 < 5 { (100 * (i / 64 + 2) + i % 64) as u16 } else { 0 }).collect();
+    assert_eq!(out.to_vec(), want);
+}
+
+/// A stage armed for more bytes than its boxes bring never completes.
+#[test]
+fn an_mbarrier_expecting_bytes_no_box_brings_is_a_deadlock() {
+    use ferrinfer_emu::gpu::hopper::{
+        mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait, tma_load_2d, TensorMap2d,
+    };
+    let t = DeviceBuffer::from_slice("tensor", &[0u16; 64]);
+    let map = TensorMap2d { base: t.ptr(), width: 64, rows: 1, stride: 128, box_rows: 1, ..Default::default() };
+    let m = DeviceBuffer::from_slice("map", &[map]);
+    let m = m.ptr();
+    let fault = launch(one_block(32, 2048), move || unsafe {
+        let base = dynamic_smem_addr();
+        let bar = base + 2040;
+        if lane() == 0 {
+            mbarrier_init(bar, 1);
+            mbarrier_arrive_expect_tx(bar, 256);
+            tma_load_2d(base, m, 0, 0, bar);
+        }
+        sync_threads();
+        mbarrier_wait(bar, 0);
+    })
+    .unwrap_err();
+    assert!(fault.what.contains("deadlock"), "{fault}");
+}
+
 #[test]
 fn an_mbarrier_phase_that_never_completes_is_a_deadlock() {
     use ferrinfer_emu::gpu::hopper::{mbarrier_arrive, mbarrier_init, mbarrier_wait};

@@ -1,5 +1,6 @@
-//! The MLA kernels (portable, and for 16-bit caches the Hopper one) and their merge, run by the
-//! CPU emulator from their own source,
+//! The MLA kernels (portable, and for 16-bit caches the Hopper one with either producer:
+//! `cp.async` copies and TMA boxes at every page size) and their merge, run by the CPU
+//! emulator from their own source, with NaN in every pool slot that holds no key,
 //! against the f64 reference: shuffled pages of sizes 1, 7, 64, 100 and one larger than the
 //! sequences, empty and one-token requests, 16, 64 and 128 heads, split row tiles merged by the
 //! second kernel, causal multi-token queries, f16 and bf16 queries over 16-bit and 8-bit
@@ -7,13 +8,13 @@
 //! `mla_params`). Small shapes: every thread of every block is emulated.
 use ferrinfer::internals::abi::{
     mla_hopper_smem_bytes, mla_smem_bytes, MlaMergeParams, MlaParams, MLA_CKV_DIM, MLA_HOPPER_THREADS, MLA_MERGE_ROWS,
-    MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS,
+    MLA_MERGE_THREADS, MLA_ROWS, MLA_THREADS, MLA_TMA_MAPS,
 };
 use ferrinfer::internals::{mla_params, MlaAddresses};
 use ferrinfer::{bf16, f16, mla_split, reference, E4m3, E5m2, KvDType, MlaCacheShape, MlaOptions, PageTable};
 use ferrinfer_emu::gpu::fp8::{self, KvElem};
 use ferrinfer_emu::gpu::half;
-use ferrinfer_emu::gpu::hopper::Wgmma;
+use ferrinfer_emu::gpu::hopper::{TensorMap2d, Wgmma};
 use ferrinfer_emu::{launch, mla, mla_hopper, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
@@ -53,20 +54,32 @@ fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Case {
 /// Stored values about ±1 / scale, so that an 8-bit cache's values mean about ±1.
 const FP8_SCALE: f32 = 0.0625 * 1.1;
 
+/// The kernel a case runs on.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kernel {
+    Portable,
+    /// The Hopper kernel, its producer copying with `cp.async`.
+    HopperCopies,
+    /// The Hopper kernel, its producer issuing TMA boxes.
+    HopperTma,
+}
+
 /// Runs `case` with queries of `T` (kernel type `H`) over a cache of `C` (kernel type `K`) on
 /// the emulator and compares with the reference: on the portable kernel, and for a 16-bit
-/// cache on the Hopper one as well (the same work items, partials and merge).
+/// cache on the Hopper one as well, both producers (the same work items, partials and merge).
+/// The pools' slots that hold no key are NaN: they must not reach an output.
 fn run<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'static>(case: &Case, seed: u64) {
-    run_on::<T, C, H, K>(case, seed, false);
+    run_on::<T, C, H, K>(case, seed, Kernel::Portable);
     if T::DTYPE == C::DTYPE {
-        run_on::<T, C, H, K>(case, seed, true);
+        run_on::<T, C, H, K>(case, seed, Kernel::HopperCopies);
+        run_on::<T, C, H, K>(case, seed, Kernel::HopperTma);
     }
 }
 
 fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'static>(
     case: &Case,
     seed: u64,
-    hopper: bool,
+    kernel: Kernel,
 ) {
     let mut r = rng(seed);
     let kv_lens: Vec<usize> = case.lens.iter().map(|&(_, kv)| kv).collect();
@@ -75,7 +88,18 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
     let scale = if C::DTYPE.is_fp8() { FP8_SCALE } else { 1.0 };
     let mut values =
         |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect() };
-    let (ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    let (mut ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    let mut holds_a_key = vec![false; shape.num_pages * case.page_size];
+    for (request, &kv_len) in kv_lens.iter().enumerate() {
+        let pages = &table.kv_indices[table.kv_indptr[request] as usize..];
+        for j in 0..kv_len {
+            holds_a_key[pages[j / case.page_size] as usize * case.page_size + j % case.page_size] = true;
+        }
+    }
+    for (slot, _) in holds_a_key.iter().enumerate().filter(|(_, &held)| !held) {
+        ckv[slot * CKV..(slot + 1) * CKV].fill(poison::<C>());
+        kpe[slot * KPE..(slot + 1) * KPE].fill(poison::<C>());
+    }
     if case.rising_keys {
         for (request, &kv_len) in kv_lens.iter().enumerate() {
             let pages = &table.kv_indices[table.kv_indptr[request] as usize..];
@@ -124,11 +148,34 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
         lse: b_lse.ptr(),
         split: scratch_buffers.scratch(),
     };
-    let (params, merge_params): (MlaParams, MlaMergeParams) =
+    let (mut params, merge_params): (MlaParams, MlaMergeParams) =
         mla_params(&shape, case.heads, &options, scale, &addresses);
+    // The maps the host encodes for the GPU, in the emulator's form: for box heights 64, 32,
+    // .., 1 the ckv pool's, then the kpe pool's.
+    let pool_rows = (shape.num_pages * shape.page_size) as u64;
+    let maps: Vec<TensorMap2d> = (0..7)
+        .flat_map(|i| {
+            let map = |base, width| TensorMap2d {
+                base,
+                width,
+                rows: pool_rows,
+                stride: 2 * width,
+                box_rows: 64 >> i,
+                ..Default::default()
+            };
+            [map(b_ckv.ptr(), CKV as u64), map(b_kpe.ptr(), KPE as u64)]
+        })
+        .collect();
+    assert_eq!(maps.len(), MLA_TMA_MAPS);
+    let b_maps = DeviceBuffer::from_slice("TMA maps", &maps);
+    if kernel == Kernel::HopperTma {
+        params.tensor_maps = b_maps.ptr();
+        params.pool_rows = pool_rows as u32;
+    }
 
     let grid = (split.work.len() as u32, 1);
     // SAFETY (emulated): the parameters address the buffers above, as the plan's would.
+    let hopper = kernel != Kernel::Portable;
     let launched = if hopper {
         let cfg = LaunchConfig { grid, threads: MLA_HOPPER_THREADS, smem_bytes: mla_hopper_smem_bytes() };
         launch(cfg, move || unsafe { mla_hopper::mla_hopper::<H>(&params) })
@@ -136,7 +183,7 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
         let cfg = LaunchConfig { grid, threads: MLA_THREADS, smem_bytes: mla_smem_bytes(<K as KvElem>::BYTES) };
         launch(cfg, move || unsafe { mla::mla::<H, K>(&params) })
     };
-    let kernel = if hopper { "Hopper MLA kernel" } else { "MLA kernel" };
+    let kernel = format!("MLA kernel ({kernel:?})");
     launched.unwrap_or_else(|f| panic!("{kernel}: {f}"));
     if !split.merge_tiles.is_empty() {
         let cfg = LaunchConfig {

@@ -4,7 +4,10 @@
 //! A block is three warpgroups over 64 packed query rows. The producer resolves each 64-key
 //! tile's tokens through the page table (one key a thread, into a row table in shared memory)
 //! and gathers their ckv rows (eight 64-dim slabs) and kpe rows (a ninth) with `cp.async` into
-//! one of two stages, arriving on the stage's "full" mbarrier as the copies land. `wgmma` reads
+//! one of two stages, arriving on the stage's "full" mbarrier as the copies land. Where the
+//! host passes the pools' TMA maps (`MlaParams::tensor_maps`: page sizes of whole tiles, where
+//! a tile is one box a slab) one producer thread issues TMA boxes instead (`produce_tma`),
+//! which land in the same swizzled layout and complete the stage's transaction bytes. `wgmma` reads
 //! its A operand from shared memory afresh for every instruction, so S wants 64-key tiles (at
 //! m64n64 Q's and K's bytes balance the tensor work) and a 64 × 512 O takes two warpgroups'
 //! registers: consumer warpgroup `c` owns O's dims `256 c..` and the S of the tiles
@@ -28,9 +31,9 @@ use crate::abi::{
     MLA_HOPPER_THREADS, MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_ROWS, NO_PARTIAL,
 };
 use crate::gpu::hopper::{
-    claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_on_async_copies,
-    mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive, release_registers, smem_descriptor,
-    wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
+    claim_registers, descriptor_plus, fence_proxy_async, mbarrier_arrive, mbarrier_arrive_expect_tx,
+    mbarrier_arrive_on_async_copies, mbarrier_init, mbarrier_wait, named_barrier, named_barrier_arrive,
+    release_registers, smem_descriptor, tma_load_2d, wgmma_commit, wgmma_fence, wgmma_wait_frags, Wgmma,
 };
 use crate::gpu::index::{block_x, thread_x};
 use crate::gpu::mem::{store, Vec16};
@@ -95,15 +98,23 @@ pub unsafe fn mla_hopper<H: Wgmma>(p: &MlaParams) {
     let work = *(a.work as *const PrefillWorkItem).add(block_x() as usize);
     let smem = dynamic_smem_addr();
     let tiles = (work.kv_end - work.kv_start).div_ceil(TILE);
+    // The pools' TMA maps where the host made them: one producer thread arms each stage.
+    let tma = p.tensor_maps != 0;
     if tid == 0 {
         crate::unroll!(stage in [0, 1] {
-            mbarrier_init(full(smem, stage as u32), HOPPER_PRODUCER_THREADS);
+            mbarrier_init(full(smem, stage as u32), if tma { 1 } else { HOPPER_PRODUCER_THREADS });
             mbarrier_init(empty(smem, stage as u32), CONSUMER_THREADS);
         });
     }
     sync_threads();
     if tid < HOPPER_PRODUCER_THREADS {
         release_registers::<PRODUCER_REGISTERS>();
+        if tma {
+            if tid == 0 {
+                produce_tma(a.cache.kv_indices, a.cache.page_size, p.tensor_maps, p.pool_rows, &work, tiles, smem);
+            }
+            return;
+        }
         produce(a.cache.kv_indices, a.cache.page_size, a.cache.k_pages, a.cache.v_pages, &work, tiles, smem, tid);
         // Leave only once this thread's copies have landed.
         wait_async_copies(0);
@@ -169,6 +180,70 @@ unsafe fn produce(
             copy_async(at + 8 * SLAB_BYTES, kpe_row);
         });
         mbarrier_arrive_on_async_copies(full(smem, stage));
+        tile += 1;
+    }
+}
+
+/// Issues the nine boxes (eight ckv slabs, the kpe slab) of rows `row..row + h` of the pools
+/// (`h` a power of two up to 64) into the tile's rows from `at` on (the first slab's address),
+/// completing on `bar`. Map `2 i` (ckv) and `2 i + 1` (kpe) move boxes of `64 >> i` rows
+/// (`abi::MLA_TMA_MAPS`).
+#[inline(always)]
+unsafe fn tma_rows(maps: u64, at: u32, row: u32, h: u32, bar: u32) {
+    let map = maps + 256 * (6 - (31 - h.leading_zeros())) as u64;
+    crate::unroll!(s in [0, 1, 2, 3, 4, 5, 6, 7] {
+        tma_load_2d(at + s as u32 * SLAB_BYTES, map, 64 * s as u32, row, bar);
+    });
+    tma_load_2d(at + 8 * SLAB_BYTES, map + 128, 0, row, bar);
+}
+
+/// Rows `row..row + len` of the pools into tile rows from `at` on, as boxes of powers of two;
+/// returns where the next row goes.
+#[inline(always)]
+unsafe fn tma_run(maps: u64, mut at: u32, mut row: u32, mut len: u32, bar: u32) -> u32 {
+    while len > 0 {
+        let h = 1u32 << (31 - len.min(TILE).leading_zeros());
+        tma_rows(maps, at, row, h, bar);
+        at += h * SLAB_ROW_BYTES;
+        row += h;
+        len -= h;
+    }
+    at
+}
+
+/// The producer through TMA (`p.tensor_maps`; one thread): each run of a tile's keys in one
+/// page goes as boxes of powers of two (one 64-row box a slab where a tile lies in a page), the
+/// rows past the item's end as boxes wholly below the pools' last row, which TMA fills with
+/// zeros (finite V for the masked keys). The stage's "full" expects the whole tile's bytes.
+#[inline(always)]
+unsafe fn produce_tma(
+    kv_indices: u64,
+    page_size: crate::abi::FastDiv,
+    maps: u64,
+    pool_rows: u32,
+    work: &PrefillWorkItem,
+    tiles: u32,
+    smem: u32,
+) {
+    let pages = (kv_indices as *const u32).add(work.pages as usize);
+    let mut tile = 0;
+    while tile < tiles {
+        let stage = tile % 2;
+        if tile >= 2 {
+            mbarrier_wait(empty(smem, stage), (tile / 2 + 1) % 2);
+        }
+        let bar = full(smem, stage);
+        mbarrier_arrive_expect_tx(bar, TILE_BYTES);
+        let mut key = work.kv_start + tile * TILE;
+        let end = work.kv_end.min(key + TILE);
+        let mut at = smem + K_STAGES + stage * TILE_BYTES;
+        while key < end {
+            let (page, slot) = page_size.divmod(key);
+            let len = (end - key).min(page_size.divisor - slot);
+            at = tma_run(maps, at, *pages.add(page as usize) * page_size.divisor + slot, len, bar);
+            key += len;
+        }
+        tma_run(maps, at, pool_rows, TILE - (end - (work.kv_start + tile * TILE)), bar);
         tile += 1;
     }
 }

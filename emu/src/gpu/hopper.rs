@@ -2,7 +2,8 @@
 //! `wgmma` computed when issued (each thread its own accumulators, reading the operands'
 //! shared memory through the descriptors and the 128-byte swizzle; an A operand from
 //! registers gathered from the warp's quad by shuffles), mbarriers with phases (copies tied to
-//! one land as late as they may, see `sim`), named barriers, register reallocation against
+//! one land as late as they may, see `sim`; transaction bytes for TMA boxes, which land
+//! through the 128-byte swizzle of their shared address), named barriers, register reallocation against
 //! the block's pool (a claim the pool can never meet is a deadlock, as on the GPU); the proxy
 //! fence has nothing to do here.
 //!
@@ -162,6 +163,41 @@ pub unsafe fn mbarrier_wait(bar: u32, parity: u32) {
     while !block().mbarrier_phase_done(bar, parity) {
         collective(Op::MbarrierWait { bar, parity });
     }
+}
+
+/// # Safety
+/// As the GPU's (checked here).
+pub unsafe fn mbarrier_arrive_expect_tx(bar: u32, bytes: u32) {
+    block().mbarrier_arrive_expect(bar, bytes);
+}
+
+/// The emulator's form of a 2-D TMA map (`cuTensorMapEncodeTiled`'s is the driver's own):
+/// 16-bit elements, `width` a row, `rows` rows `stride` bytes apart from `base`, boxes of
+/// `box_rows` rows of 64 elements, the 128-byte swizzle. 128 bytes, as the driver's.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TensorMap2d {
+    pub base: u64,
+    pub width: u64,
+    pub rows: u64,
+    pub stride: u64,
+    pub box_rows: u32,
+    pub _reserved: [u32; 23],
+}
+const _: () = assert!(std::mem::size_of::<TensorMap2d>() == 128);
+
+/// # Safety
+/// `map` is a [`TensorMap2d`] in global memory (checked here, as the box's reads).
+pub unsafe fn tma_load_2d(dst: u32, map: u64, x: u32, y: u32, bar: u32) {
+    crate::sim::check_global(map, 128, 64, "TMA map");
+    let m = *(map as *const TensorMap2d);
+    assert!(x as u64 + 64 <= m.width && x.is_multiple_of(64), "TMA box at column {x} of a {}-wide map", m.width);
+    // Rows at or past `rows` (the coordinate is signed on the GPU) read as zeros.
+    let src = |r: u32| {
+        let row = y as u64 + r as u64;
+        (row < m.rows && (y as i32) >= 0).then(|| m.base + row * m.stride + 2 * x as u64)
+    };
+    block().tma_box(dst, m.box_rows, 128, src, bar);
 }
 
 /// `setmaxnreg.dec`: this thread's registers go back to the block's pool.

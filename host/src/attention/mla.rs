@@ -18,8 +18,8 @@ use crate::cache::page_table::PageTable;
 use crate::error::{Error, Result};
 use crate::plan::{as_bytes, check_lengths, paged_cache_params, PlanCore, ScratchLayout};
 use crate::runtime::abi::{
-    FastDiv, MlaMergeParams, MlaParams, PrefillParams, PrefillWorkItem, SplitScratch, MLA_CKV_DIM, MLA_KPE_DIM,
-    MLA_MAX_PARTS, MLA_MERGE_ROWS, MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
+    FastDiv, MlaMergeParams, MlaParams, PrefillParams, PrefillWorkItem, SplitScratch, MLA_CKV_DIM,
+    MLA_HOPPER_TILE_TOKENS, MLA_KPE_DIM, MLA_MAX_PARTS, MLA_MERGE_ROWS, MLA_ROWS, MLA_TILE_TOKENS, NO_PARTIAL,
 };
 use crate::runtime::device::{launch_config, Device, LaunchStream};
 use crate::runtime::dtype::{DType, KvDType};
@@ -296,11 +296,22 @@ impl BatchMlaPlan {
             lse,
             split,
         };
-        let (params, merge_params) = mla_params(&work.shape, work.num_heads, &work.options, scale, &addresses);
+        let (mut params, merge_params) = mla_params(&work.shape, work.num_heads, &work.options, scale, &addresses);
+        // The Hopper kernel's producer issues TMA boxes where every tile is one box a slab
+        // (page sizes of whole tiles; smaller boxes cost more than `cp.async`, docs/perf.md).
+        let whole_tiles = work.shape.page_size.is_multiple_of(MLA_HOPPER_TILE_TOKENS as usize);
+        let maps = cache.tensor_maps(layer).filter(|_| hopper.is_some() && whole_tiles);
+        let _g7 = maps.as_ref().map(|maps| {
+            let (at, guard) = maps.device_ptr(stream);
+            params.tensor_maps = at;
+            params.pool_rows = (work.shape.num_pages * work.shape.page_size) as u32;
+            guard
+        });
         let cfg = launch_config((work.blocks, 1), attention.threads, attention.smem_bytes);
         // SAFETY: the plan validated its page table against the shape, so the kernel reads the
         // pools only at tokens below `num_pages × page_size` (the pools were checked to have
-        // this shape's lengths and to live in this context); it reads q_nope, q_pe and writes
+        // this shape's lengths and to live in this context; the cache's TMA maps span exactly
+        // its pools, and a box past them reads zeros); it reads q_nope, q_pe and writes
         // out and lse only at the rows its work items name, below `total_q × num_heads` (the
         // checked lengths), and its metadata and scratch inside what the plan uploaded and
         // sized. Every buffer outlives the launch's enqueueing (the guards above).
@@ -384,6 +395,9 @@ pub fn mla_params(
             kv_head_scales: 0,
         },
         q_pe: a.q_pe,
+        tensor_maps: 0,
+        pool_rows: 0,
+        _pad: 0,
     };
     let merge = MlaMergeParams { split: a.split, tiles: a.merge_tiles, out: a.out, lse: a.lse, heads };
     (attention, merge)

@@ -6,15 +6,16 @@
 //! [`SequenceAllocator`](crate::SequenceAllocator) and validation serve it unchanged.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaViewMut};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 
 use super::allocator::PageCopy;
 use super::layout::{CacheShape, KvLayout};
 use super::paged::copy_pages_in_pool;
 use crate::error::{check_lengths, Error, Result};
-use crate::runtime::abi::{MLA_CKV_DIM, MLA_KPE_DIM};
+use crate::runtime::abi::{MLA_CKV_DIM, MLA_KPE_DIM, MLA_TMA_MAPS};
 use crate::runtime::device::Device;
 use crate::runtime::dtype::{check_scale, DType, KvDType};
+use crate::runtime::tma::{self, TENSOR_MAP_BYTES};
 
 /// Dimensions of an MLA cache's pools: `num_pages × page_size` tokens, each a ckv row of
 /// [`CKV_DIM`](Self::CKV_DIM) and a kpe row of [`KPE_DIM`](Self::KPE_DIM) elements. Any page
@@ -136,7 +137,8 @@ impl<T: KvDType> MlaLayerPools<T> {
 /// [`set_scale`](Self::set_scale)), which appends quantise with and attention reads with.
 /// Every pool has exactly the shape's length and lives in one CUDA context, from construction
 /// on; nothing can replace a pool, so a plan that checked the shape and the context launches
-/// only inside the pools.
+/// only inside the pools. On a GPU of compute capability 9 a 16-bit cache also encodes its
+/// pools' TMA maps once, at construction (each spans exactly its pool), for the Hopper kernel.
 ///
 /// ```no_run
 /// use ferrinfer::{bf16, Device, MlaCacheShape, MlaKvCache, SequenceAllocator};
@@ -153,6 +155,41 @@ pub struct MlaKvCache<T: KvDType> {
     /// Each layer's dequantisation scale (1 for a 16-bit cache).
     scales: Vec<f32>,
     ctx: Arc<CudaContext>,
+    /// Each layer's TMA maps of its pools for the Hopper kernel ([`tensor_maps`]), or none.
+    tensor_maps: Option<CudaSlice<u8>>,
+}
+
+/// Bytes of one layer's TMA maps.
+const LAYER_MAP_BYTES: usize = MLA_TMA_MAPS * TENSOR_MAP_BYTES;
+
+/// The TMA maps of every layer's pools (`abi::MlaParams::tensor_maps`: for box heights 64, 32,
+/// .., 1 rows, the ckv pool's, then the kpe pool's), encoded once here so that a run uploads
+/// nothing; for 16-bit caches on a GPU of compute capability 9 (the Hopper kernel's), else
+/// none. A map spans exactly its pool: a box reads nothing outside it.
+fn tensor_maps<T: KvDType>(
+    ctx: &Arc<CudaContext>,
+    shape: &MlaCacheShape,
+    layers: &[MlaLayerPools<T>],
+) -> Result<Option<CudaSlice<u8>>> {
+    let rows = shape.num_pages as u64 * shape.page_size as u64;
+    let major = ctx.compute_capability().map_err(Error::driver("reading the compute capability"))?.0;
+    // TMA coordinates are signed 32-bit; the zero boxes start at the row past the pools.
+    if !matches!(T::DTYPE, DType::F16 | DType::BF16) || major != 9 || rows > (i32::MAX as u64) - 64 {
+        return Ok(None);
+    }
+    let stream = ctx.default_stream();
+    let mut bytes = Vec::with_capacity(layers.len() * LAYER_MAP_BYTES);
+    for layer in layers {
+        let (ckv, _ckv_read) = layer.ckv.device_ptr(&stream);
+        let (kpe, _kpe_read) = layer.kpe.device_ptr(&stream);
+        for i in 0..MLA_TMA_MAPS / 2 {
+            bytes.extend(tma::encode_2d(T::DTYPE, ckv, MLA_CKV_DIM as u64, rows, 64 >> i)?);
+            bytes.extend(tma::encode_2d(T::DTYPE, kpe, MLA_KPE_DIM as u64, rows, 64 >> i)?);
+        }
+    }
+    let maps = stream.clone_htod(&bytes).map_err(Error::driver("copying TMA maps to the device"))?;
+    stream.synchronize().map_err(Error::driver("synchronizing the stream"))?;
+    Ok(Some(maps))
 }
 
 /// The element types an MLA cache holds (those its kernels read).
@@ -179,8 +216,10 @@ impl<T: KvDType> MlaKvCache<T> {
                     device.alloc_zeros(shape.kpe_pool_elems())?,
                 ))
             })
-            .collect::<Result<_>>()?;
-        Ok(MlaKvCache { shape, layers, scales: vec![1.0; num_layers], ctx: device.context().clone() })
+            .collect::<Result<Vec<_>>>()?;
+        let ctx = device.context().clone();
+        let tensor_maps = tensor_maps(&ctx, &shape, &layers)?;
+        Ok(MlaKvCache { shape, layers, scales: vec![1.0; num_layers], ctx, tensor_maps })
     }
 
     /// Wraps existing pools (for example filled by the caller), checking their lengths and that
@@ -200,7 +239,8 @@ impl<T: KvDType> MlaKvCache<T> {
                 }
             }
         }
-        Ok(MlaKvCache { shape, scales: vec![1.0; layers.len()], layers, ctx })
+        let tensor_maps = tensor_maps(&ctx, &shape, &layers)?;
+        Ok(MlaKvCache { shape, scales: vec![1.0; layers.len()], layers, ctx, tensor_maps })
     }
 
     /// Sets layer `layer`'s dequantisation scale (8-bit caches only): stored values `x` of both
@@ -272,6 +312,12 @@ impl<T: KvDType> MlaKvCache<T> {
         let pools = self.layer(layer)?;
         pools.check_lengths(shape)?;
         Ok((&pools.ckv, &pools.kpe, self.scales[layer]))
+    }
+
+    /// Layer `layer`'s TMA maps ([`tensor_maps`]), where the cache has them.
+    pub(crate) fn tensor_maps(&self, layer: usize) -> Option<CudaView<'_, u8>> {
+        let at = layer * LAYER_MAP_BYTES;
+        self.tensor_maps.as_ref().filter(|_| layer < self.layers.len()).map(|m| m.slice(at..at + LAYER_MAP_BYTES))
     }
 
     /// Layer `layer`'s pools to write, for a launch planned for `shape` (as

@@ -772,7 +772,19 @@ pub struct MlaParams {
     pub attention: PrefillParams,
     /// `[total_q][heads][MLA_KPE_DIM]`, the queries' type.
     pub q_pe: u64,
+    /// The layer's TMA maps for the Hopper kernel ([`MLA_TMA_MAPS`] of 128 bytes in global
+    /// memory: for box heights 64, 32, .., 1 rows, the ckv pool's map, then the kpe pool's), or
+    /// 0 for `cp.async` copies.
+    pub tensor_maps: u64,
+    /// Rows of each pool (`num_pages × page_size`, below 2³¹ − 64): the first row a TMA box
+    /// reads as zeros.
+    pub pool_rows: u32,
+    /// Keeps the block a multiple of 8 bytes.
+    pub _pad: u32,
 }
+
+/// TMA maps an MLA layer has for the Hopper kernel: two pools × seven box heights.
+pub const MLA_TMA_MAPS: usize = 14;
 
 /// Elements of the compressed latent (`ckv`) of a token, and of an MLA query's `q_nope` and
 /// output row.

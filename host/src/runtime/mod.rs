@@ -23,6 +23,7 @@ pub(crate) mod raw;
 #[cfg(feature = "internals")]
 pub(crate) mod selftest;
 pub(crate) mod staging;
+pub(crate) mod tma;
 
 use cudarc::driver::DeviceRepr;
 

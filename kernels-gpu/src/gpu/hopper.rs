@@ -327,6 +327,29 @@ pub unsafe fn mbarrier_wait(bar: u32, parity: u32) {
     }
 }
 
+/// An arrival on the mbarrier at `bar` that also expects `bytes` more of asynchronous
+/// transactions (TMA copies completing on it) in its current phase.
+///
+/// # Safety
+/// `bar` is an initialised mbarrier.
+#[inline(always)]
+pub unsafe fn mbarrier_arrive_expect_tx(bar: u32, bytes: u32) {
+    asm!("{{ .reg .b64 state; mbarrier.arrive.expect_tx.shared::cta.b64 state, [{b}], {n}; }}",
+         b = in(reg32) bar, n = in(reg32) bytes, options(nostack, preserves_flags));
+}
+
+/// A TMA copy of the box at element coordinates (`x`, `y`) of the 2-D tensor map at `map`
+/// (global memory) into shared memory at `dst`, completing `bytes` of transactions on `bar`.
+///
+/// # Safety
+/// `map` is a valid tensor map; `dst` holds the box; `bar` expects the bytes.
+#[inline(always)]
+pub unsafe fn tma_load_2d(dst: u32, map: u64, x: u32, y: u32, bar: u32) {
+    asm!("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [{d}], [{m}, {{{x}, {y}}}], [{b}];",
+         d = in(reg32) dst, m = in(reg64) map, x = in(reg32) x, y = in(reg32) y, b = in(reg32) bar,
+         options(nostack, preserves_flags));
+}
+
 /// Gives this warpgroup's registers back, down to `REGS` a thread (producer warpgroups).
 #[inline(always)]
 pub fn release_registers<const REGS: u32>() {

@@ -1,7 +1,9 @@
 //! Multi-head latent attention against the f64 CPU reference: run-time page sizes (1, 7, 64,
 //! 100, a page larger than the sequence), 16, 64 and 128 heads, kv lengths from 0 and 1 to
 //! 32768 on shuffled pages, decode and causal multi-token queries, split row tiles and their
-//! merge, f16 and bf16, e4m3 and e5m2 latent caches with a scale, poisoned outputs; the MLA
+//! merge, f16 and bf16, e4m3 and e5m2 latent caches with a scale, poisoned outputs, NaN in
+//! every pool slot that holds no key (page sizes 64 and 128 take the Hopper kernel's TMA
+//! producer, the others its `cp.async` one); the MLA
 //! append (quantising into 8-bit caches) against the reference append; the checks of a run.
 //! The 16-bit cases run twice: on the device as opened (on an H100 or H200, the `wgmma`
 //! kernel) and, as `…_portable`, on `Device::with_portable_kernels`. Error bounds:
@@ -28,12 +30,15 @@ struct Case {
     heads: usize,
     causal: bool,
     seed: u64,
+    /// The pools' slots that hold no key of a request are NaN (a partly filled last page's
+    /// later slots, unused pages): no kernel may let them reach an output.
+    nan_past_ends: bool,
 }
 
 impl Case {
     fn decode(kv_lens: &[usize], page_size: usize, heads: usize) -> Self {
         let lens = kv_lens.iter().map(|&kv| (1, kv)).collect();
-        Case { lens, page_size, heads, causal: false, seed: (page_size * 131 + heads) as u64 }
+        Case { lens, page_size, heads, causal: false, seed: (page_size * 131 + heads) as u64, nan_past_ends: false }
     }
 
     fn qo_indptr(&self) -> Vec<u32> {
@@ -73,12 +78,26 @@ fn random_mla_cache<C: KvDType>(
     r: &mut impl Rng,
     kv_lens: &[usize],
     page_size: usize,
+    nan_past_ends: bool,
 ) -> Result<(MlaKvCache<C>, (Vec<C>, Vec<C>), PageTable), Box<dyn std::error::Error>> {
     let shape = MlaCacheShape { num_pages: pages_needed(kv_lens, page_size) + 3, page_size };
     let table = random_table(r, kv_lens, page_size, shape.num_pages);
     let scale = scale_of::<C>() as f64;
     let mut values = |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale)).collect() };
-    let (ckv, kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    let (mut ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
+    if nan_past_ends {
+        let mut holds_a_key = vec![false; shape.num_pages * page_size];
+        for (i, &len) in kv_lens.iter().enumerate() {
+            let pages = &table.kv_indices[table.kv_indptr[i] as usize..table.kv_indptr[i + 1] as usize];
+            for key in 0..len {
+                holds_a_key[pages[key / page_size] as usize * page_size + key % page_size] = true;
+            }
+        }
+        for (slot, _) in holds_a_key.iter().enumerate().filter(|(_, &held)| !held) {
+            ckv[slot * CKV..(slot + 1) * CKV].fill(poison::<C>());
+            kpe[slot * KPE..(slot + 1) * KPE].fill(poison::<C>());
+        }
+    }
     let mut cache = MlaKvCache::from_layers(shape, vec![MlaLayerPools::new(dev.upload(&ckv)?, dev.upload(&kpe)?)])?;
     if C::DTYPE.is_fp8() {
         cache.set_scale(0, scale_of::<C>())?;
@@ -89,7 +108,7 @@ fn random_mla_cache<C: KvDType>(
 fn mla_case<T: KvDType, C: KvDType>(dev: &Device, c: &Case) -> TestResult {
     let mut r = rng(c.seed);
     let kv_lens: Vec<usize> = c.lens.iter().map(|&(_, kv)| kv).collect();
-    let (cache, (ckv, kpe), table) = random_mla_cache::<C>(dev, &mut r, &kv_lens, c.page_size)?;
+    let (cache, (ckv, kpe), table) = random_mla_cache::<C>(dev, &mut r, &kv_lens, c.page_size, c.nan_past_ends)?;
     let qo_indptr = c.qo_indptr();
     let rows = *qo_indptr.last().unwrap() as usize * c.heads;
     let q_nope: Vec<T> = random_values(&mut r, rows * CKV);
@@ -145,7 +164,7 @@ fn append_case<T: KvDType, C: KvDType>(dev: &Device, page_size: usize) -> TestRe
     // After the append: lengths 9, 1, 0 and 130; appended 4, 1, 0 and 67 tokens.
     let kv_lens = [9, 1, 0, 130];
     let append_indptr = [0u32, 4, 5, 5, 72];
-    let (mut cache, (mut ckv, mut kpe), table) = random_mla_cache::<C>(dev, &mut r, &kv_lens, page_size)?;
+    let (mut cache, (mut ckv, mut kpe), table) = random_mla_cache::<C>(dev, &mut r, &kv_lens, page_size, false)?;
     let plan = MlaAppendPlan::new(dev, cache.shape(), &table, &append_indptr)?;
     ensure!(plan.ckv_elems() == 72 * CKV && plan.kpe_elems() == 72 * KPE, "ragged element counts");
     let (new_ckv, new_kpe): (Vec<T>, Vec<T>) = (random_values(&mut r, 72 * CKV), random_values(&mut r, 72 * KPE));
@@ -174,6 +193,12 @@ pub fn tests() -> Vec<GpuTest> {
     add::<bf16, bf16>(&mut t, "mla_decode_page_size_7_heads_128", Case::decode(&mixed, 7, 128), None);
     add::<f16, f16>(&mut t, "mla_decode_page_size_64_heads_64", Case::decode(&mixed, 64, 64), None);
     add::<bf16, bf16>(&mut t, "mla_decode_page_size_100_heads_16", Case::decode(&mixed, 100, 16), None);
+    // Slots holding no key are NaN: keys past a request's end must not reach P · V.
+    for (page_size, heads) in [(7, 128), (64, 128), (128, 128), (1, 64), (100, 16)] {
+        let case = Case { nan_past_ends: true, ..Case::decode(&mixed, page_size, heads) };
+        let name = format!("mla_decode_slots_past_the_ends_hold_nan_page_size_{page_size}_heads_{heads}");
+        add::<f16, f16>(&mut t, &name, case, None);
+    }
     // A page larger than every sequence.
     add::<f16, f16>(
         &mut t,
@@ -210,18 +235,20 @@ pub fn tests() -> Vec<GpuTest> {
     // Several query tokens a request (speculative decoding, chunked prefill), causal: 16 heads
     // pack four tokens in a block, 128 heads take two blocks a token.
     let multi = vec![(1, 1), (6, 50), (3, 3), (0, 20), (17, 400)];
-    let causal = |page_size, heads| Case { lens: multi.clone(), page_size, heads, causal: true, seed: 77 };
+    let causal =
+        |page_size, heads| Case { lens: multi.clone(), page_size, heads, causal: true, seed: 77, nan_past_ends: false };
     add::<f16, f16>(&mut t, "mla_causal_multi_token_page_size_7_heads_16", causal(7, 16), None);
     add::<bf16, bf16>(&mut t, "mla_causal_multi_token_page_size_64_heads_128", causal(64, 128), None);
     add::<f16, f16>(&mut t, "mla_causal_multi_token_page_size_1_heads_64", causal(1, 64), None);
     add::<bf16, bf16>(
         &mut t,
         "mla_causal_one_long_chunk_splits_heads_16",
-        Case { lens: vec![(40, 9000)], page_size: 100, heads: 16, causal: true, seed: 3 },
+        Case { lens: vec![(40, 9000)], page_size: 100, heads: 16, causal: true, seed: 3, nan_past_ends: false },
         Some(true),
     );
     // Without causality queries may outnumber keys, and see every key.
-    let full_mask = Case { lens: vec![(5, 2), (2, 70)], page_size: 7, heads: 16, causal: false, seed: 5 };
+    let full_mask =
+        Case { lens: vec![(5, 2), (2, 70)], page_size: 7, heads: 16, causal: false, seed: 5, nan_past_ends: false };
     add::<f16, f16>(&mut t, "mla_non_causal_multi_token_page_size_7_heads_16", full_mask, None);
 
     // 8-bit latent caches with a scale, widened in shared memory: decode, split, causal.
@@ -242,7 +269,7 @@ pub fn tests() -> Vec<GpuTest> {
 
     t.push(GpuTest::new("mla_copy_pages_copies_both_pools_and_refuses_a_page_past_them_bf16", |d| {
         let mut r = rng(11);
-        let (mut cache, (mut ckv, mut kpe), _) = random_mla_cache::<bf16>(d, &mut r, &[20], 7)?;
+        let (mut cache, (mut ckv, mut kpe), _) = random_mla_cache::<bf16>(d, &mut r, &[20], 7, false)?;
         let (pages, ps) = (cache.shape().num_pages, 7);
         cache.copy_pages(
             d.stream(),
@@ -267,7 +294,7 @@ pub fn tests() -> Vec<GpuTest> {
         let d = &dev;
         for kv_lens in [vec![20000], vec![300; 64]] {
             let mut r = rng(9);
-            let (cache, _, table) = random_mla_cache::<f16>(d, &mut r, &kv_lens, 16)?;
+            let (cache, _, table) = random_mla_cache::<f16>(d, &mut r, &kv_lens, 16, false)?;
             let qo: Vec<u32> = (0..=kv_lens.len() as u32).collect();
             let options = MlaOptions { sm_scale: 0.1, causal: false, kv_dtype: None };
             let mut plan = BatchMlaPlan::new(d, cache.shape(), 64, &qo, &table, options)?;
@@ -282,7 +309,7 @@ pub fn tests() -> Vec<GpuTest> {
 
     t.push(GpuTest::new("mla_run_checks_its_buffers_cache_and_layer", |d| {
         let mut r = rng(10);
-        let (cache, _, table) = random_mla_cache::<f16>(d, &mut r, &[100, 5], 7)?;
+        let (cache, _, table) = random_mla_cache::<f16>(d, &mut r, &[100, 5], 7, false)?;
         let options = MlaOptions { sm_scale: 0.1, causal: false, kv_dtype: None };
         let mut plan = BatchMlaPlan::new(d, cache.shape(), 16, &[0, 1, 2], &table, options)?;
         let q_nope = d.alloc_zeros::<f16>(plan.q_nope_elems())?;
@@ -307,7 +334,7 @@ pub fn tests() -> Vec<GpuTest> {
         let e = BatchMlaPlan::new(d, cache.shape(), 16, &[0, 1, 2], &bad, options).err();
         ensure!(e.is_some(), "a page past the pool was planned");
         // A cache of another element type than planned: an error, never a launch.
-        let (mut fp8, _, _) = random_mla_cache::<E4m3>(d, &mut r, &[100, 5], 7)?;
+        let (mut fp8, _, _) = random_mla_cache::<E4m3>(d, &mut r, &[100, 5], 7, false)?;
         let e = plan.run(d.stream(), &q_nope, &q_pe, &fp8, 0, &mut out, None).unwrap_err();
         ensure!(matches!(e, Error::KvDTypeMismatch { planned: "f16", got: "e4m3" }), "an e4m3 cache: {e}");
         // Scales: 8-bit caches only, finite and positive; a refused one changes nothing.
