@@ -250,7 +250,7 @@ fn a_tma_box_lands_swizzled_with_zeros_past_the_tensor_and_completes_its_bytes()
             let row = 3 + r;
             let addr = base + row * 128 + (((c / 8) ^ (row % 8)) * 16) + 2 * (c % 8);
             let word = load_shared_u32(addr & !3);
-            let v = if addr % 4 == 0 { word & 0xFFFF } else { word >> 16 };
+            let v = if addr.is_multiple_of(4) { word & 0xFFFF } else { word >> 16 };
             *(o as *mut u16).add(i as usize) = v as u16;
         }
     })
