@@ -17,7 +17,7 @@ use ferrinfer_emu::gpu::half;
 use ferrinfer_emu::gpu::hopper::{TensorMap2d, Wgmma};
 use ferrinfer_emu::{launch, mla, mla_hopper, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
-use ferrinfer_tests::workload::{pages_needed, poison, random_table, random_values, rng};
+use ferrinfer_tests::workload::{pages_needed, poison, poison_slots_without_keys, random_table, random_values, rng};
 use rand::Rng;
 
 const CKV: usize = MlaCacheShape::CKV_DIM;
@@ -89,17 +89,8 @@ fn run_on<T: KvDType, C: KvDType, H: Wgmma + KvElem + 'static, K: KvElem + 'stat
     let mut values =
         |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale as f64)).collect() };
     let (mut ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
-    let mut holds_a_key = vec![false; shape.num_pages * case.page_size];
-    for (request, &kv_len) in kv_lens.iter().enumerate() {
-        let pages = &table.kv_indices[table.kv_indptr[request] as usize..];
-        for j in 0..kv_len {
-            holds_a_key[pages[j / case.page_size] as usize * case.page_size + j % case.page_size] = true;
-        }
-    }
-    for (slot, _) in holds_a_key.iter().enumerate().filter(|(_, &held)| !held) {
-        ckv[slot * CKV..(slot + 1) * CKV].fill(poison::<C>());
-        kpe[slot * KPE..(slot + 1) * KPE].fill(poison::<C>());
-    }
+    poison_slots_without_keys(&mut ckv, CKV, &table, &kv_lens, case.page_size);
+    poison_slots_without_keys(&mut kpe, KPE, &table, &kv_lens, case.page_size);
     if case.rising_keys {
         for (request, &kv_len) in kv_lens.iter().enumerate() {
             let pages = &table.kv_indices[table.kv_indptr[request] as usize..];

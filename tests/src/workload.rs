@@ -31,6 +31,28 @@ pub fn random_table(rng: &mut impl Rng, kv_lens: &[usize], page_size: usize, num
     table
 }
 
+/// The poison (NaN) in every slot of `pool` (`dim` values a slot, pages of `page_size`) that
+/// holds no key of the sequences of `table` (`kv_lens` long): a partly filled last page's later
+/// slots, unused pages. No kernel may let one reach an output.
+pub fn poison_slots_without_keys<T: KvDType>(
+    pool: &mut [T],
+    dim: usize,
+    table: &PageTable,
+    kv_lens: &[usize],
+    page_size: usize,
+) {
+    let mut holds_a_key = vec![false; pool.len() / dim];
+    for (i, &len) in kv_lens.iter().enumerate() {
+        let pages = &table.kv_indices[table.kv_indptr[i] as usize..table.kv_indptr[i + 1] as usize];
+        for key in 0..len {
+            holds_a_key[pages[key / page_size] as usize * page_size + key % page_size] = true;
+        }
+    }
+    for (slot, _) in holds_a_key.iter().enumerate().filter(|(_, &held)| !held) {
+        pool[slot * dim..(slot + 1) * dim].fill(poison::<T>());
+    }
+}
+
 /// Uniform values in [-1, 1) of any element type.
 pub fn random_values<T: KvDType>(rng: &mut impl Rng, n: usize) -> Vec<T> {
     (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()

@@ -16,7 +16,9 @@ use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::{capture_device, expect_graph_replay_matches};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{expect_bitwise_eq, pages_needed, poison, random_table, random_values, rng};
+use ferrinfer_tests::workload::{
+    expect_bitwise_eq, pages_needed, poison, poison_slots_without_keys, random_table, random_values, rng,
+};
 use rand::Rng;
 
 const CKV: usize = MlaCacheShape::CKV_DIM;
@@ -86,17 +88,8 @@ fn random_mla_cache<C: KvDType>(
     let mut values = |n: usize| -> Vec<C> { (0..n).map(|_| C::from_f64(r.random_range(-1.0..1.0) / scale)).collect() };
     let (mut ckv, mut kpe) = (values(shape.ckv_pool_elems()), values(shape.kpe_pool_elems()));
     if nan_past_ends {
-        let mut holds_a_key = vec![false; shape.num_pages * page_size];
-        for (i, &len) in kv_lens.iter().enumerate() {
-            let pages = &table.kv_indices[table.kv_indptr[i] as usize..table.kv_indptr[i + 1] as usize];
-            for key in 0..len {
-                holds_a_key[pages[key / page_size] as usize * page_size + key % page_size] = true;
-            }
-        }
-        for (slot, _) in holds_a_key.iter().enumerate().filter(|(_, &held)| !held) {
-            ckv[slot * CKV..(slot + 1) * CKV].fill(poison::<C>());
-            kpe[slot * KPE..(slot + 1) * KPE].fill(poison::<C>());
-        }
+        poison_slots_without_keys(&mut ckv, CKV, &table, kv_lens, page_size);
+        poison_slots_without_keys(&mut kpe, KPE, &table, kv_lens, page_size);
     }
     let mut cache = MlaKvCache::from_layers(shape, vec![MlaLayerPools::new(dev.upload(&ckv)?, dev.upload(&kpe)?)])?;
     if C::DTYPE.is_fp8() {
