@@ -40,11 +40,25 @@ struct Case {
     /// Keys grow with their position (key `j`'s K row times `1 + j / 16`), so a row's maximum
     /// keeps rising from tile to tile past the softmax's rescaling margin.
     rising_keys: bool,
+    /// Queries are this many times larger (the logit scale as many times smaller: the same
+    /// logits), to reach past a 16-bit type's range.
+    query_scale: f64,
 }
 
 /// A case on one kernel without splits or sinks, planned for one multiprocessor.
 fn case(lens: Vec<(usize, usize)>, page_size: usize, head_dim: usize, causal: bool, kernel: PrefillKernel) -> Case {
-    Case { lens, page_size, head_dim, causal, sms: 1, splits: Some(false), kernel, sinks: false, rising_keys: false }
+    Case {
+        lens,
+        page_size,
+        head_dim,
+        causal,
+        sms: 1,
+        splits: Some(false),
+        kernel,
+        sinks: false,
+        rising_keys: false,
+        query_scale: 1.0,
+    }
 }
 
 const QO_HEADS: usize = 8;
@@ -107,10 +121,12 @@ fn run_queries<T: KvDType, C: KvDType>(case: &Case, seed: u64, kernel: fn(&Prefi
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
     }
     let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
-    let q: Vec<T> = random_values(&mut r, rows * case.head_dim);
+    let q: Vec<T> =
+        (0..rows * case.head_dim).map(|_| T::from_f64(r.random_range(-1.0..1.0) * case.query_scale)).collect();
     let sinks = case.sinks.then(|| random_sinks(&mut r, QO_HEADS));
     let kv_dtype = C::DTYPE.is_fp8().then_some(C::DTYPE);
-    let options = PrefillOptions { causal: case.causal, kv_dtype, ..PrefillOptions::DEFAULT };
+    let sm_scale = (case.query_scale != 1.0).then(|| (1.0 / (case.head_dim as f64).sqrt() / case.query_scale) as f32);
+    let options = PrefillOptions { causal: case.causal, kv_dtype, sm_scale, ..PrefillOptions::DEFAULT };
     let kv_bytes = C::DTYPE.size_bytes() as u32;
     let split =
         prefill_split(&shape, QO_HEADS, &qo_indptr, &table, options, case.kernel, case.sms, 1).expect("a valid batch");
@@ -287,6 +303,7 @@ fn prefill_random_batches_f16() {
             kernel,
             sinks: r.random_bool(0.3),
             rising_keys: r.random_bool(0.3),
+            query_scale: 1.0,
         };
         let f: fn(&PrefillParams) = match (kernel, head_dim) {
             (PrefillKernel::Hopper, 64) => hopper_f16!(64),
@@ -339,6 +356,28 @@ fn prefill_hopper_e4m3_rising_logits_split_keys_page_size_7_head_dim_128_bf16() 
     let case = Case { rising_keys: true, sms: 4, ..case(lens, 7, 128, true, PrefillKernel::Hopper) };
     run_queries::<bf16, E4m3>(&case, 18, |p| unsafe {
         ferrinfer_emu::prefill_hopper_instance!(Bf16, fp8::E4m3, 128, p)
+    });
+}
+
+/// bf16 queries past f16's range (2^20 times the usual, the logit scale as much smaller), over
+/// an 8-bit cache, where S runs in f16: the Hopper kernel scales each warp's queries by a power
+/// of two first.
+#[test]
+fn prefill_hopper_e4m3_queries_past_f16s_range_page_size_7_head_dim_128_bf16() {
+    let lens = vec![(40, 300), (1, 1), (17, 130)];
+    let case = Case { sms: 2, query_scale: 1048576.0, ..case(lens, 7, 128, true, PrefillKernel::Hopper) };
+    run_queries::<bf16, E4m3>(&case, 20, |p| unsafe {
+        ferrinfer_emu::prefill_hopper_instance!(Bf16, fp8::E4m3, 128, p)
+    });
+}
+
+/// bf16 queries below f16's smallest subnormal (2^-30 times the usual), as above.
+#[test]
+fn prefill_hopper_e5m2_queries_below_f16s_range_page_size_3_head_dim_64_bf16() {
+    let lens = vec![(40, 300), (3, 3), (70, 130)];
+    let case = Case { sms: 2, query_scale: 1.0 / 1073741824.0, ..case(lens, 3, 64, true, PrefillKernel::Hopper) };
+    run_queries::<bf16, E5m2>(&case, 21, |p| unsafe {
+        ferrinfer_emu::prefill_hopper_instance!(Bf16, fp8::E5m2, 64, p)
     });
 }
 

@@ -21,8 +21,9 @@
 //! of a 16-bit tile) and the producer widens each tile into a ring stage itself, eight values
 //! a thread at a time, before signalling it full (a fence first: `wgmma` reads through the
 //! async proxy). The consumers run the same code as over a 16-bit cache, `wgmma` on 16-bit
-//! tiles: K widened to the queries' type, V to f16 whatever the queries' type (P · V in f16,
-//! `ProductHalf`); queries stay f16/bf16, unlike FlashAttention-3's fp8 path, which quantises them.
+//! tiles: K and V widened to f16 whatever the queries' type (S and P · V in f16,
+//! `ProductHalf`; bf16 queries are moved to f16 exactly, after a power-of-two scale a warp that
+//! the logit scale takes back); queries are not quantised, unlike FlashAttention-3's fp8 path.
 //!
 //! Shared tiles are 64-dim slabs of 128-byte rows with the 128-byte swizzle (16-byte chunk `c`
 //! of row `r` at chunk `c ^ (r % 8)`), the layout `wgmma` descriptors name; every tile starts on
@@ -55,7 +56,7 @@ use crate::gpu::mem::{prefetch_l2, store, Vec16};
 use crate::gpu::shared::{dynamic_smem, dynamic_smem_addr, load_shared_u32x4, store_shared_u32};
 use crate::gpu::sync::sync_threads;
 use crate::gpu::tensor::{commit_async_copies, copy_async, copy_async_or_zero, load_matrix_x4, wait_async_copies};
-use crate::gpu::warp::{shfl_idx_u32, warp_uniform};
+use crate::gpu::warp::{shfl_idx_u32, shfl_xor_f32, warp_uniform};
 use crate::merge::{last_to_finish, merge, store_output, Team};
 use crate::paged_tile::{kv_head_scale, widen_tile, PagedKv};
 use crate::prefill::Visibility;
@@ -152,23 +153,30 @@ struct Unit {
     tiles: u32,
 }
 
-/// The 16-bit type P · V runs in, for queries of `H` over a cache of `Self`: the queries' own
-/// over a 16-bit cache, f16 over an 8-bit one whatever the queries' type (V widens to f16 in
-/// one conversion a pair, to bf16 it takes three more, through f32, on the producer's critical
-/// path; and P's probabilities are finer in f16 than in bf16). S takes the queries' type.
+/// The 16-bit types S and P · V run in, for queries of `H` over a cache of `Self`: the queries'
+/// own over a 16-bit cache, f16 over an 8-bit one whatever the queries' type (K and V widen to
+/// f16 in one conversion a pair, to bf16 it takes three more, through f32, on the producer's
+/// critical path; P's probabilities are finer in f16 than in bf16; and bf16 queries, held in
+/// registers over 8-bit caches, go to f16 exactly after a power-of-two scale a warp, which the
+/// logit scale takes back).
 pub trait ProductHalf<H: Wgmma> {
+    type S: Wgmma;
     type Pv: Wgmma;
 }
 impl<H: Wgmma> ProductHalf<H> for F16 {
+    type S = H;
     type Pv = H;
 }
 impl<H: Wgmma> ProductHalf<H> for Bf16 {
+    type S = H;
     type Pv = H;
 }
 impl<H: Wgmma> ProductHalf<H> for E4m3 {
+    type S = F16;
     type Pv = F16;
 }
 impl<H: Wgmma> ProductHalf<H> for E5m2 {
+    type S = F16;
     type Pv = F16;
 }
 
@@ -239,7 +247,7 @@ pub unsafe fn prefill_hopper<
             if K::BYTES == 2 {
                 produce::<HEAD_DIM, TILE, STAGES>(p, &unit, ring, tid);
             } else {
-                produce_widening::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
+                produce_widening::<K::S, K::Pv, K, HEAD_DIM, TILE, STAGES, BYTE_STAGES>(p, &unit, ring, tid);
             }
             (at, base) = (at + 1, base + unit.tiles);
         }
@@ -278,11 +286,11 @@ pub unsafe fn prefill_hopper<
                         load_queries::<HEAD_DIM>(p, &unit(at + 1, 0), q_smem, tid);
                     }
                 });
-                consume::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, K::S, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p, &this, q_smem, ring, last, load_next, tid,
                 );
             } else {
-                consume::<H, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
+                consume::<H, K::S, K::Pv, K, HEAD_DIM, TILE, STAGES, S_FRAGS, P_FRAGS, O_FRAGS>(
                     p,
                     &this,
                     q_smem,
@@ -520,12 +528,48 @@ unsafe fn produce_widening<
     wait_async_copies(0);
 }
 
-/// A consumer warpgroup: 64 rows, every tile of the ring (S in `H`, P · V in `PV`), then the
+/// `2^e` for `e` in `-126..=127`.
+#[inline(always)]
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((127 + e) as u32) << 23)
+}
+
+/// The warp's query fragments (`H`, the first `HEAD_DIM / 16` k-steps) as `S` after scaling by
+/// `2^-e`, `e` chosen from the warp's largest magnitude so that it lands in `[2^14, 2^15)` (f16's
+/// top binade but one, room for rounding up): bf16 values become f16 ones exactly unless they
+/// lie more than 2^28 below the warp's largest. Returns `e` (0 for a warp of zeros or with an
+/// infinite query, which stays infinite; NaN stays NaN).
+#[inline(always)]
+fn requantise_queries<H: Wgmma, S: Wgmma, const HEAD_DIM: u32>(q_frags: &mut [[u32; 4]; 16]) -> i32 {
+    let mut largest = 0.0f32;
+    crate::unroll_to!(kk < HEAD_DIM / 16, {
+        crate::unroll!(r in [0, 1, 2, 3] {
+            let pair = q_frags[kk][r];
+            largest = largest.max(H::to_f32(pair as u16).abs()).max(H::to_f32((pair >> 16) as u16).abs());
+        });
+    });
+    crate::unroll!(mask in [1, 2, 4, 8, 16] {
+        largest = largest.max(shfl_xor_f32(largest, mask as u32));
+    });
+    let binade = ((largest.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let e = if largest > 0.0 && largest.is_finite() { (binade - 14).clamp(-112, 113) } else { 0 };
+    let down = pow2(-e);
+    crate::unroll_to!(kk < HEAD_DIM / 16, {
+        crate::unroll!(r in [0, 1, 2, 3] {
+            let pair = q_frags[kk][r];
+            q_frags[kk][r] = S::pack2(H::to_f32(pair as u16) * down, H::to_f32((pair >> 16) as u16) * down);
+        });
+    });
+    e
+}
+
+/// A consumer warpgroup: 64 rows, every tile of the ring (S in `SQ`, P · V in `PV`), then the
 /// output in `H` (or a partial and the merge of a split row tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<
     H: Wgmma,
+    SQ: Wgmma,
     PV: Wgmma,
     K: KvElem,
     const HEAD_DIM: u32,
@@ -591,6 +635,10 @@ unsafe fn consume<
             q_frags[kk] = load_matrix_x4(q_smem + slab_offset(HOPPER_PREFILL_ROWS, row, 2 * kk as u32 + lane / 16));
         });
     }
+    // Queries of another type than S's (bf16 over an 8-bit cache) go to it scaled by a power
+    // of two, a warp's (its 16 rows are S's): exact wherever the scaled value is normal.
+    let q_exponent =
+        if q_in_registers && H::BF16 != SQ::BF16 { requantise_queries::<H, SQ, HEAD_DIM>(&mut q_frags) } else { 0 };
 
     let diag = work.kv_len.saturating_sub(work.qo_len);
     let end = work.kv_end;
@@ -622,7 +670,7 @@ unsafe fn consume<
     // normalisation); 16-bit kernels have none.
     let sm_scale =
         if K::BYTES == 1 { p.sm_scale * kv_head_scale::<false>(p.kv_head_scales, kv_head) } else { p.sm_scale };
-    let scale = LogitScale::new(sm_scale, p.logits_soft_cap);
+    let scale = LogitScale::new(sm_scale * pow2(q_exponent), p.logits_soft_cap);
     let mut state = RowState::new();
     let mut o = [[0.0f32; 4]; O_FRAGS];
     // Q's descriptor for this warpgroup's rows; k-step `kk` adds its slab and 32 bytes a step.
@@ -658,7 +706,7 @@ unsafe fn consume<
             let kd = operand::<O_FRAGS>(k_tile, k0, slab * TILE * SLAB_ROW_BYTES + step, 16);
             let accumulate = (kk > 0) as u32;
             if q_in_registers {
-                on_live!(s, live, |prefix| H::mma_rk(prefix, q_frags[kk], kd, accumulate));
+                on_live!(s, live, |prefix| SQ::mma_rk(prefix, q_frags[kk], kd, accumulate));
             } else {
                 let qd = operand::<O_FRAGS>(q_rows, q0, slab * HOPPER_PREFILL_ROWS * SLAB_ROW_BYTES + step, 16);
                 on_live!(s, live, |prefix| H::mma_ss(prefix, qd, kd, accumulate));

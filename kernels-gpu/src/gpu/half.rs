@@ -4,6 +4,8 @@ use super::mem::Vec16;
 use super::tensor::{mma_bf16, mma_f16};
 
 pub trait Half {
+    /// Whether this is bf16 (else f16).
+    const BF16: bool;
     fn to_f32(bits: u16) -> f32;
     fn from_f32(x: f32) -> u16;
     /// Two values rounded to nearest even into one register, `lo` in the low half.
@@ -36,6 +38,7 @@ pub struct F16;
 pub struct Bf16;
 
 impl Half for F16 {
+    const BF16: bool = false;
     #[inline(always)]
     fn to_f32(bits: u16) -> f32 {
         f16_to_f32(bits)
@@ -59,6 +62,7 @@ impl Half for F16 {
 }
 
 impl Half for Bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn to_f32(bits: u16) -> f32 {
         bf16_to_f32(bits)

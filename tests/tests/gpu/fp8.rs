@@ -288,6 +288,9 @@ struct Case {
     seed: u64,
     /// Distinct per-KV-head scales ([`HeadScales::distinct`]), set after planning.
     head_scales: bool,
+    /// Prefill's queries are this many times larger and its logit scale as many times smaller
+    /// (the same logits), to reach past f16's range with bf16 queries.
+    query_scale: f64,
 }
 
 impl Case {
@@ -302,6 +305,7 @@ impl Case {
             options: DecodeOptions::default(),
             seed: page_size as u64 + 500,
             head_scales: false,
+            query_scale: 1.0,
         }
     }
 
@@ -475,8 +479,13 @@ fn prefill_case_masked<T: KvDType, C: KvDType>(
         }))
         .collect();
     let total_q = *qo_indptr.last().unwrap() as usize;
-    let q: Vec<T> = random_values(&mut r, total_q * heads * c.head_dim);
-    let options = PrefillOptions { kv_dtype: Some(C::DTYPE), ..options };
+    let q: Vec<T> =
+        (0..total_q * heads * c.head_dim).map(|_| T::from_f64(r.random_range(-1.0..1.0) * c.query_scale)).collect();
+    let sm_scale = match c.query_scale {
+        1.0 => options.sm_scale,
+        scale => Some((1.0 / (c.head_dim as f64).sqrt() / scale) as f32),
+    };
+    let options = PrefillOptions { kv_dtype: Some(C::DTYPE), sm_scale, ..options };
     let mask: Vec<bool> = if masked {
         let entries: usize = qo_lens.iter().zip(&c.kv_lens).map(|(q, k)| q * k).sum();
         (0..entries).map(|_| r.random_bool(0.7)).collect()
@@ -633,6 +642,18 @@ fn hopper_prefill_tests() -> Vec<GpuTest> {
         add_hopper::<bf16, E5m2>(
             &mut t,
             format!("prefill_hopper_e5m2{heads}_causal_page_size_{ps}_group_5_head_dim_64_hnd_bf16"),
+            c,
+            &qo_lens,
+            causal,
+        );
+    }
+    // bf16 queries past f16's range and below its smallest subnormal (the logits as usual): S
+    // runs in f16 over 8-bit caches, after a power-of-two scale a warp.
+    for (scale, what, seed) in [(1048576.0, "past", 1510u64), (1.0 / 1073741824.0, "below", 1511)] {
+        let c = Case { query_scale: scale, seed, ..Case::new(&kv_lens, 7) };
+        add_hopper::<bf16, E4m3>(
+            &mut t,
+            format!("prefill_hopper_e4m3_queries_{what}_f16s_range_causal_page_size_7_bf16"),
             c,
             &qo_lens,
             causal,
