@@ -20,7 +20,9 @@ use ferrinfer_emu::gpu::fp8;
 use ferrinfer_emu::gpu::half::{Bf16, F16};
 use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffers};
 use ferrinfer_tests::compare::expect_attention_close;
-use ferrinfer_tests::workload::{pages_needed, poison, random_sinks, random_table, random_values, rng};
+use ferrinfer_tests::workload::{
+    pages_needed, poison, random_sinks, random_table, random_values, random_values_times, rng,
+};
 use rand::Rng;
 
 struct Case {
@@ -121,8 +123,7 @@ fn run_queries<T: KvDType, C: KvDType>(case: &Case, seed: u64, kernel: fn(&Prefi
         qo_indptr.push(qo_indptr.last().unwrap() + qo as u32);
     }
     let rows = *qo_indptr.last().unwrap() as usize * QO_HEADS;
-    let q: Vec<T> =
-        (0..rows * case.head_dim).map(|_| T::from_f64(r.random_range(-1.0..1.0) * case.query_scale)).collect();
+    let q: Vec<T> = random_values_times(&mut r, rows * case.head_dim, case.query_scale);
     let sinks = case.sinks.then(|| random_sinks(&mut r, QO_HEADS));
     let kv_dtype = C::DTYPE.is_fp8().then_some(C::DTYPE);
     let sm_scale = (case.query_scale != 1.0).then(|| (1.0 / (case.head_dim as f64).sqrt() / case.query_scale) as f32);

@@ -234,16 +234,16 @@ unsafe fn produce_tma(
         }
         let bar = full(smem, stage);
         mbarrier_arrive_expect_tx(bar, TILE_BYTES);
-        let mut key = work.kv_start + tile * TILE;
-        let end = work.kv_end.min(key + TILE);
-        let mut at = smem + K_STAGES + stage * TILE_BYTES;
+        let first = work.kv_start + tile * TILE;
+        let end = work.kv_end.min(first + TILE);
+        let (mut key, mut at) = (first, smem + K_STAGES + stage * TILE_BYTES);
         while key < end {
             let (page, slot) = page_size.divmod(key);
             let len = (end - key).min(page_size.divisor - slot);
             at = tma_run(maps, at, *pages.add(page as usize) * page_size.divisor + slot, len, bar);
             key += len;
         }
-        tma_run(maps, at, pool_rows, TILE - (end - (work.kv_start + tile * TILE)), bar);
+        tma_run(maps, at, pool_rows, TILE - (end - first), bar);
         tile += 1;
     }
 }

@@ -55,7 +55,13 @@ pub fn poison_slots_without_keys<T: KvDType>(
 
 /// Uniform values in [-1, 1) of any element type.
 pub fn random_values<T: KvDType>(rng: &mut impl Rng, n: usize) -> Vec<T> {
-    (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
+    random_values_times(rng, n, 1.0)
+}
+
+/// Uniform values in [-`scale`, `scale`) (the draws of [`random_values`], multiplied), for
+/// inputs past a 16-bit type's range.
+pub fn random_values_times<T: KvDType>(rng: &mut impl Rng, n: usize, scale: f64) -> Vec<T> {
+    (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0) * scale)).collect()
 }
 
 /// A value no random input produces (NaN), written into outputs before a kernel runs so that

@@ -19,7 +19,9 @@ use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::ensure;
 use ferrinfer_tests::graph::{capture_device, expect_graph_replay_after};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
-use ferrinfer_tests::workload::{expect_bitwise_eq, poison, random_table, random_values, rng, shape_for};
+use ferrinfer_tests::workload::{
+    expect_bitwise_eq, poison, random_table, random_values, random_values_times, rng, shape_for,
+};
 use rand::Rng;
 
 /// The scales of the attention tests: stored values up to about ±16 (E4M3) mean values up to
@@ -479,8 +481,7 @@ fn prefill_case_masked<T: KvDType, C: KvDType>(
         }))
         .collect();
     let total_q = *qo_indptr.last().unwrap() as usize;
-    let q: Vec<T> =
-        (0..total_q * heads * c.head_dim).map(|_| T::from_f64(r.random_range(-1.0..1.0) * c.query_scale)).collect();
+    let q: Vec<T> = random_values_times(&mut r, total_q * heads * c.head_dim, c.query_scale);
     let sm_scale = match c.query_scale {
         1.0 => options.sm_scale,
         scale => Some((1.0 / (c.head_dim as f64).sqrt() / scale) as f32),
