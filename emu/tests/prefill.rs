@@ -22,6 +22,7 @@ use ferrinfer_emu::{launch, AttentionIo, DeviceBuffer, LaunchConfig, SplitBuffer
 use ferrinfer_tests::compare::expect_attention_close;
 use ferrinfer_tests::workload::{
     pages_needed, poison, random_sinks, random_table, random_values, random_values_times, rng,
+    sm_scale_for_queries_times,
 };
 use rand::Rng;
 
@@ -126,7 +127,7 @@ fn run_queries<T: KvDType, C: KvDType>(case: &Case, seed: u64, kernel: fn(&Prefi
     let q: Vec<T> = random_values_times(&mut r, rows * case.head_dim, case.query_scale);
     let sinks = case.sinks.then(|| random_sinks(&mut r, QO_HEADS));
     let kv_dtype = C::DTYPE.is_fp8().then_some(C::DTYPE);
-    let sm_scale = (case.query_scale != 1.0).then(|| (1.0 / (case.head_dim as f64).sqrt() / case.query_scale) as f32);
+    let sm_scale = sm_scale_for_queries_times(case.head_dim, case.query_scale);
     let options = PrefillOptions { causal: case.causal, kv_dtype, sm_scale, ..PrefillOptions::DEFAULT };
     let kv_bytes = C::DTYPE.size_bytes() as u32;
     let split =

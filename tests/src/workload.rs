@@ -64,6 +64,13 @@ pub fn random_values_times<T: KvDType>(rng: &mut impl Rng, n: usize, scale: f64)
     (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0) * scale)).collect()
 }
 
+/// The logit scale that makes queries `query_scale` times larger ([`random_values_times`]) give
+/// the usual logits: the default `1/√head_dim` divided by it, or `None` (the default itself)
+/// when `query_scale` is 1.
+pub fn sm_scale_for_queries_times(head_dim: usize, query_scale: f64) -> Option<f32> {
+    (query_scale != 1.0).then(|| (1.0 / (head_dim as f64).sqrt() / query_scale) as f32)
+}
+
 /// A value no random input produces (NaN), written into outputs before a kernel runs so that
 /// an element the kernel skipped cannot match the reference.
 pub fn poison<T: KvDType>() -> T {

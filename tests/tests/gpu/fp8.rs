@@ -21,6 +21,7 @@ use ferrinfer_tests::graph::{capture_device, expect_graph_replay_after};
 use ferrinfer_tests::harness::{GpuTest, TestResult};
 use ferrinfer_tests::workload::{
     expect_bitwise_eq, poison, random_table, random_values, random_values_times, rng, shape_for,
+    sm_scale_for_queries_times,
 };
 use rand::Rng;
 
@@ -482,10 +483,7 @@ fn prefill_case_masked<T: KvDType, C: KvDType>(
         .collect();
     let total_q = *qo_indptr.last().unwrap() as usize;
     let q: Vec<T> = random_values_times(&mut r, total_q * heads * c.head_dim, c.query_scale);
-    let sm_scale = match c.query_scale {
-        1.0 => options.sm_scale,
-        scale => Some((1.0 / (c.head_dim as f64).sqrt() / scale) as f32),
-    };
+    let sm_scale = sm_scale_for_queries_times(c.head_dim, c.query_scale).or(options.sm_scale);
     let options = PrefillOptions { kv_dtype: Some(C::DTYPE), sm_scale, ..options };
     let mask: Vec<bool> = if masked {
         let entries: usize = qo_lens.iter().zip(&c.kv_lens).map(|(q, k)| q * k).sum();
